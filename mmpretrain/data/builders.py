@@ -1,0 +1,20 @@
+"""Bundled datasets, by name: ``mmpretrain data NAME out=DIR``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from mmpretrain.data import digits
+
+BUILDERS: dict[str, Callable[..., Path]] = {"digits": digits.build_digits}
+
+
+def build(name: str, out: str | Path, **kwargs: Any) -> Path:
+    if name not in BUILDERS:
+        raise ValueError(f"no bundled dataset '{name}'; choose one of {sorted(BUILDERS)}")
+    return BUILDERS[name](out, **kwargs)
+
+
+def is_built(root: str | Path) -> bool:
+    return digits.is_built(root)

@@ -1,0 +1,192 @@
+"""The webdataset stream: shards -> samples -> decoded -> preprocessed -> batches.
+
+Training streams are infinite and deterministic: in pass ``p`` every source's shard list is
+shuffled with ``seed + p``, split by rank then by worker, and each worker cycles through its
+passes with a seeded sample-shuffle buffer. An "epoch" is a fixed number of batches per worker, so
+every rank always yields the same number of batches (no DDP hang with uneven shards), and the
+stream resumes across epochs (persistent workers) or from a checkpoint (``start_batch``).
+
+Bad samples (corrupt bytes, missing keys, truncated tars) are skipped and counted: each batch
+carries ``__skipped__``, the number of samples dropped since the previous batch of its worker,
+so the count is exact across workers and ranks once summed by the training module.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+
+from mmpretrain.data.collate import collate
+from mmpretrain.data.decode import decode_sample
+
+
+class SampleError(RuntimeError):
+    pass
+
+
+@dataclass
+class Source:
+    name: str
+    urls: list[str]
+    weight: float = 1.0
+    modalities: list[str] = field(default_factory=list)
+
+
+class SkipCounter:
+    """webdataset handler that counts what it skips, or raises with the shard named."""
+
+    def __init__(self, on_error: str = "skip"):
+        if on_error not in ("skip", "raise"):
+            raise ValueError(f"data.on_error must be 'skip' or 'raise', not '{on_error}'")
+        self.on_error = on_error
+        self.pending = 0
+        self.reasons: Counter[str] = Counter()
+
+    def __call__(self, exn: Exception) -> bool:
+        if self.on_error == "raise":
+            raise SampleError(f"bad sample ({type(exn).__name__}: {exn}); set data.on_error=skip to skip it") from exn
+        self.pending += 1
+        self.reasons[type(exn).__name__] += 1
+        return True
+
+    def take(self) -> int:
+        n, self.pending = self.pending, 0
+        return n
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+class ShardStream(IterableDataset):
+    """Batches of preprocessed samples from one or more weighted sources of shards."""
+
+    def __init__(
+        self,
+        sources: list[Source],
+        preprocess: dict[str, Callable[[Any], torch.Tensor]],
+        batch_size: int,
+        train: bool,
+        batches_per_worker: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        on_error: str = "skip",
+        required: list[str] | None = None,
+        caption_field: str = "caption",
+        start_batch: int = 0,
+    ):
+        self.sources = sources
+        self.preprocess = preprocess
+        self.batch_size = batch_size
+        self.train = train
+        self.batches_per_worker = batches_per_worker
+        self.rank, self.world_size = rank, world_size
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.on_error = on_error
+        self.required = required
+        self.caption_field = caption_field
+        self.start_batch = start_batch
+        self._batches: Iterator[dict] | None = None
+        self.num_workers = 1  # set by the DataModule so __len__ is the per-rank epoch length
+
+    def __len__(self) -> int:
+        if self.batches_per_worker is None:
+            raise TypeError("validation streams have no fixed length")
+        return self.batches_per_worker * max(self.num_workers, 1)
+
+    # -- shards -----------------------------------------------------------------------------
+    def _my_shards(self, urls: list[str], pass_idx: int, worker: int, num_workers: int) -> list[str]:
+        order = list(urls)
+        if self.train:
+            random.Random(self.seed * 7919 + pass_idx).shuffle(order)
+        return order[self.rank :: self.world_size][worker::num_workers]
+
+    def _shard_urls(self, source: Source, worker: int, num_workers: int) -> Iterator[str]:
+        pass_idx = 0
+        while True:
+            mine = self._my_shards(source.urls, pass_idx, worker, num_workers)
+            if not mine and self.train:
+                raise ValueError(
+                    f"source '{source.name}' has {len(source.urls)} shards for {self.world_size} ranks x "
+                    f"{num_workers} workers: every worker needs at least one. Lower data.num_workers or "
+                    f"write more, smaller shards."
+                )
+            yield from ({"url": u} for u in mine)
+            if not self.train:
+                return
+            pass_idx += 1
+
+    # -- samples ----------------------------------------------------------------------------
+    def _samples(self, source: Source, worker: int, num_workers: int, counter: SkipCounter) -> Iterator[dict]:
+        stages = [
+            lambda: self._shard_urls(source, worker, num_workers),
+            wds.tarfile_to_samples(handler=counter),
+        ]
+        if self.train and self.shuffle_buffer > 1:
+            seed = (self.seed * 1_000_003 + self.rank) * 1009 + worker
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=random.Random(seed)))
+        pipeline = wds.DataPipeline(*stages)
+        return iter(pipeline)
+
+    def _process(self, raw: dict, source: Source) -> dict:
+        modalities = source.modalities or [m for m in self.preprocess] + ["cls"]
+        required = self.required if self.required is not None else [m for m in modalities if m != "cls"]
+        sample = decode_sample(raw, modalities, required, caption_field=self.caption_field)
+        for m, fn in self.preprocess.items():
+            if m in sample:
+                sample[m] = fn(sample[m])
+        sample.pop("__url__", None)
+        return sample
+
+    def _batch_stream(self) -> Iterator[dict]:
+        worker, num_workers = _worker()
+        counter = SkipCounter(self.on_error)
+        streams = [self._samples(s, worker, num_workers, counter) for s in self.sources]
+        weights = [s.weight for s in self.sources]
+        mix_rng = random.Random(self.seed * 31 + self.rank * 131 + worker)
+        live = list(range(len(streams)))
+        batch: list[dict] = []
+        while live:
+            i = mix_rng.choices(live, weights=[weights[j] for j in live])[0] if len(live) > 1 else live[0]
+            try:
+                raw = next(streams[i])
+            except StopIteration:
+                live.remove(i)
+                continue
+            try:
+                batch.append(self._process(raw, self.sources[i]))
+            except Exception as exn:  # noqa: BLE001 - every decode/transform failure is a skip
+                counter(SampleError(f"sample '{raw.get('__key__')}' in {raw.get('__url__')}: {exn}"))
+                continue
+            if len(batch) == self.batch_size:
+                yield self._emit(batch, counter)
+                batch = []
+        if batch and not self.train:
+            yield self._emit(batch, counter)
+
+    @staticmethod
+    def _emit(batch: list[dict], counter: SkipCounter) -> dict:
+        out = collate(batch)
+        out["__skipped__"] = torch.tensor(counter.take())
+        return out
+
+    def __iter__(self) -> Iterator[dict]:
+        if not self.train:
+            yield from self._batch_stream()
+            return
+        if self._batches is None:
+            self._batches = self._batch_stream()
+            for _ in range(self.start_batch):  # exact resume: replay this worker's stream
+                next(self._batches)
+        for _ in range(self.batches_per_worker):
+            yield next(self._batches)

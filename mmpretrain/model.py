@@ -1,0 +1,122 @@
+"""ContrastiveModel: one tower per modality, projections to a shared space, learnable temperatures."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmpretrain.towers.base import Tower
+
+INIT_LOGIT_SCALE = math.log(1 / 0.07)
+MAX_LOGIT_SCALE = math.log(100)
+
+
+class ContrastiveModel(nn.Module):
+    """``forward(batch)`` encodes every modality the batch carries.
+
+    Returns ``{"<modality>_features": [B, D] L2-normalised, "logit_scale": exp(log s), ...}``;
+    with per-pair temperatures it returns ``logit_scale_<a>_<b>`` for each pair instead.
+    ``<modality>_mask`` entries of the batch pass through for losses over partial batches.
+    """
+
+    def __init__(
+        self,
+        towers: Mapping[str, Tower],
+        embed_dim: int,
+        temperature_pairs: list[list[str]] | None = None,
+        init_logit_scale: float = INIT_LOGIT_SCALE,
+        max_logit_scale: float = MAX_LOGIT_SCALE,
+    ):
+        super().__init__()
+        for name, tower in towers.items():
+            if tower.modality != name:
+                raise ValueError(f"tower under key '{name}' encodes '{tower.modality}'; key towers by modality")
+        self.towers = nn.ModuleDict(dict(towers))
+        self.embed_dim = embed_dim
+        self.projections = nn.ModuleDict(
+            {
+                m: nn.Identity() if t.has_projection and t.output_dim == embed_dim else nn.Linear(t.output_dim, embed_dim, bias=False)
+                for m, t in self.towers.items()
+            }
+        )
+        # One shared temperature ("logit_scale") or one per modality pair ("a_b").
+        keys = ["_".join(p) for p in temperature_pairs] if temperature_pairs else [""]
+        self.logit_scales = nn.ParameterDict(
+            {k or "shared": nn.Parameter(torch.tensor(float(init_logit_scale))) for k in keys}
+        )
+        self.max_logit_scale = max_logit_scale
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.towers.keys())
+
+    def encode(self, modality: str, x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        if modality not in self.towers:
+            raise KeyError(f"this model has no '{modality}' tower; it has {self.modalities}")
+        z = self.projections[modality](self.towers[modality](x))
+        return F.normalize(z, dim=-1) if normalize else z
+
+    def encode_image(self, x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return self.encode("image", x, normalize)
+
+    def encode_text(self, x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return self.encode("text", x, normalize)
+
+    def encode_audio(self, x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return self.encode("audio", x, normalize)
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for m in self.modalities:
+            if m in batch:
+                out[f"{m}_features"] = self.encode(m, batch[m])
+                if f"{m}_mask" in batch:
+                    out[f"{m}_mask"] = batch[f"{m}_mask"]
+        return out | self.logit_scale_outputs()
+
+    def logit_scale_outputs(self) -> dict[str, torch.Tensor]:
+        return {("logit_scale" if k == "shared" else f"logit_scale_{k}"): p.exp() for k, p in self.logit_scales.items()}
+
+    @torch.no_grad()
+    def clamp_logit_scales(self) -> None:
+        """CLIP clamps log s to [0, ln 100] after every optimiser step."""
+        for p in self.logit_scales.values():
+            p.clamp_(0, self.max_logit_scale)
+
+    def preprocess(self, train: bool) -> dict[str, Any]:
+        """Per-modality callables turning one decoded sample value into a tower input."""
+        return {m: t.preprocess(train) for m, t in self.towers.items()}
+
+    def config(self) -> dict[str, Any]:
+        """Everything needed to rebuild this model without weights (exported as config.json)."""
+        pairs = [k.split("_") for k in self.logit_scales if k != "shared"] or None
+        return {
+            "embed_dim": self.embed_dim,
+            "temperature_pairs": pairs,
+            "max_logit_scale": self.max_logit_scale,
+            "towers": {m: t.config for m, t in self.towers.items()},
+        }
+
+
+def build_model(cfg: Mapping[str, Any]) -> ContrastiveModel:
+    """Build from a model config (``towers: {modality: {_target_: ..., ...}}``, ``embed_dim`` ...)."""
+    from mmpretrain.config import safe_instantiate
+
+    towers = {m: safe_instantiate(tcfg, allowed=("mmpretrain.towers.",)) for m, tcfg in cfg["towers"].items()}
+    embed_dim = cfg.get("embed_dim")
+    if embed_dim is None:  # towers with their own projection (open_clip) fix the shared dim
+        dims = {t.output_dim for t in towers.values() if t.has_projection}
+        if len(dims) != 1:
+            raise ValueError(f"model.embed_dim is null but the towers' projected dims are {dims}; set model.embed_dim")
+        embed_dim = dims.pop()
+    return ContrastiveModel(
+        towers,
+        embed_dim=int(embed_dim),
+        temperature_pairs=[list(p) for p in cfg["temperature_pairs"]] if cfg.get("temperature_pairs") else None,
+        init_logit_scale=float(cfg.get("init_logit_scale", INIT_LOGIT_SCALE)),
+        max_logit_scale=float(cfg.get("max_logit_scale", MAX_LOGIT_SCALE)),
+    )

@@ -1,0 +1,151 @@
+"""Towers backed by open_clip: the image or text half of an open_clip model.
+
+The model is named by open_clip registry name (``ViT-B-32``), by a path to an open_clip
+model-config JSON (bare ``model_cfg`` or a file with a ``model_cfg`` key), or inline as a dict.
+The tower keeps only its half (``visual`` or ``text``) of a ``CustomTextCLIP``, so the state dict
+of the two towers together is exactly open_clip's own, which is what open_clip export relies on.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import open_clip
+import torch
+from open_clip.model import _build_text_tower, _build_vision_tower
+from open_clip.transform import PreprocessCfg
+
+from mmpretrain.towers.base import Tower
+from mmpretrain.towers.timm import unknown_model_error
+
+_PARTS = {"image": "visual", "text": "text"}
+
+
+def resolve_model_cfg(config: str | dict) -> dict[str, Any]:
+    """open_clip model_cfg as a plain dict from a registry name, a JSON path or a dict."""
+    if isinstance(config, dict) or hasattr(config, "items"):
+        cfg = dict(config)
+    elif str(config).endswith(".json") or Path(str(config)).is_file():
+        path = Path(str(config))
+        if not path.is_file():
+            raise FileNotFoundError(f"open_clip model config '{config}' does not exist; give an existing JSON file")
+        cfg = json.loads(path.read_text())
+        cfg = cfg.get("model_cfg", cfg)
+    else:
+        cfg = open_clip.get_model_config(str(config))
+        if cfg is None:
+            raise unknown_model_error(str(config), "open_clip", open_clip.list_models())
+    cfg = _to_plain(copy.deepcopy(cfg))
+    cfg.pop("custom_text", None)
+    if "embed_dim" not in cfg or not ({"vision_cfg", "text_cfg"} & set(cfg)):
+        raise ValueError(f"open_clip model config {config!r} needs embed_dim and vision_cfg/text_cfg")
+    return cfg
+
+
+def _to_plain(obj):
+    if hasattr(obj, "items"):
+        return {str(k): _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) or type(obj).__name__ == "ListConfig":
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def build_tokenizer(model_cfg: dict[str, Any]):
+    text_cfg = model_cfg["text_cfg"]
+    if text_cfg.get("hf_tokenizer_name"):
+        return open_clip.tokenizer.HFTokenizer(
+            text_cfg["hf_tokenizer_name"], context_length=text_cfg.get("context_length", 77)
+        )
+    return open_clip.tokenizer.SimpleTokenizer(context_length=text_cfg.get("context_length", 77))
+
+
+def preprocess_cfg(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    size = model_cfg["vision_cfg"].get("image_size", 224)
+    cfg = PreprocessCfg(size=size)
+    return {k: getattr(cfg, k) for k in cfg.__dataclass_fields__} | dict(model_cfg.get("preprocess_cfg", {}))
+
+
+class _Tokenize:
+    """Picklable single-caption tokenizer (runs in data-loader workers)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, text: str) -> torch.Tensor:
+        return self.tokenizer([text])[0]
+
+
+class OpenClipTower(Tower):
+    has_projection = True
+
+    def __init__(
+        self,
+        modality: str,
+        config: str | dict,
+        pretrained_path: str | None = None,
+        aug: dict[str, Any] | None = None,
+    ):
+        if modality not in _PARTS:
+            raise ValueError(f"open_clip towers are 'image' or 'text', not '{modality}'")
+        model_cfg = resolve_model_cfg(config)
+        super().__init__(
+            dict(_target_=f"{__name__}.OpenClipTower", modality=modality, config=model_cfg, aug=dict(aug or {}))
+        )
+        self.modality = modality
+        self.model_cfg = model_cfg
+        self.part = _PARTS[modality]
+        part_cfg = model_cfg.get(f"{'vision' if modality == 'image' else 'text'}_cfg")
+        if part_cfg is None:
+            raise ValueError(f"open_clip config for the {modality} tower has no {self.part}_cfg")
+        # The same builders CustomTextCLIP uses, for our half only: keys match open_clip's.
+        build = _build_vision_tower if modality == "image" else _build_text_tower
+        setattr(self, self.part, build(model_cfg["embed_dim"], part_cfg, model_cfg.get("quick_gelu", False), None))
+        self.output_dim = model_cfg["embed_dim"]
+        self.aug = dict(aug or {})
+        if pretrained_path:
+            # An open_clip checkpoint of the whole model: keep our half.
+            from mmpretrain.export import read_state_dict, strip_prefixes
+
+            state = strip_prefixes(read_state_dict(pretrained_path))
+            self._load_half(state, pretrained_path)
+
+    def _load_half(self, state: dict[str, torch.Tensor], path: str) -> None:
+        prefix = f"{self.part}."
+        half = {k: v for k, v in state.items() if k.startswith(prefix)}
+        if not half:
+            raise ValueError(f"{path} holds no '{prefix}*' tensors; it is not an open_clip CustomTextCLIP checkpoint")
+        self.load_state_dict(half, strict=True)
+
+    @property
+    def encoder(self) -> torch.nn.Module:
+        return getattr(self, self.part)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+    def preprocess(self, train: bool) -> Callable:
+        if self.modality == "text":
+            return _Tokenize(build_tokenizer(self.model_cfg))
+        pp = preprocess_cfg(self.model_cfg)
+        return open_clip.image_transform(
+            pp["size"],
+            is_train=train,
+            mean=pp["mean"],
+            std=pp["std"],
+            resize_mode=pp["resize_mode"],
+            interpolation=pp["interpolation"],
+            aug_cfg=self.aug if train else None,
+        )
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.encoder.set_grad_checkpointing(enable)
+
+    def lock(self, unlocked_groups: int = 0, freeze_norm_stats: bool = False) -> None:
+        # open_clip's own locking: vision by layer groups, text by transformer layers.
+        if self.modality == "image":
+            self.encoder.lock(unlocked_groups=unlocked_groups, freeze_bn_stats=freeze_norm_stats)
+        else:
+            self.encoder.lock(unlocked_layers=unlocked_groups, freeze_layer_norm=freeze_norm_stats)

@@ -1,0 +1,93 @@
+"""Towers backed by timm: any ``timm.create_model`` name, random init unless a local file is given."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Callable
+
+import timm
+import torch
+from timm.data import create_transform, resolve_data_config
+
+from mmpretrain.towers.base import Tower
+
+
+def unknown_model_error(name: str, library: str, known: list[str]) -> ValueError:
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+    hint = f" Closest names: {', '.join(close)}." if close else ""
+    return ValueError(
+        f"{library} has no model named '{name}'.{hint} "
+        f"Pick a name from {library}'s list (e.g. `python -c \"import {library}; "
+        f"print({library}.list_models('*{name[:4]}*'))\"`) and set it in the tower config."
+    )
+
+
+def load_local_weights(module: torch.nn.Module, path: str, strict: bool = False) -> None:
+    """Load a local weights file (safetensors or a torch file, never unpickled) into ``module``."""
+    from mmpretrain.export import read_state_dict
+
+    state = read_state_dict(path)
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    unexpected = [k for k in unexpected if not k.startswith(("fc.", "head.", "classifier."))]
+    if strict and (missing or unexpected):
+        raise ValueError(f"weights in {path} do not match the tower: missing={missing} unexpected={unexpected}")
+    if len(missing) == len(module.state_dict()):
+        raise ValueError(f"no tensor in {path} matches the tower's parameter names; is it the right file?")
+
+
+class TimmTower(Tower):
+    """An image (or spectrogram) encoder from timm, with timm's own transforms."""
+
+    def __init__(
+        self,
+        model_name: str,
+        modality: str = "image",
+        pretrained_path: str | None = None,
+        img_size: int | None = None,
+        in_chans: int = 3,
+        model_kwargs: dict[str, Any] | None = None,
+        transform: dict[str, Any] | None = None,
+    ):
+        super().__init__(
+            dict(
+                _target_=f"{__name__}.TimmTower",
+                model_name=model_name,
+                modality=modality,
+                img_size=img_size,
+                in_chans=in_chans,
+                model_kwargs=dict(model_kwargs or {}),
+                transform=dict(transform or {}),
+            )
+        )
+        if not timm.is_model(model_name):
+            raise unknown_model_error(model_name, "timm", timm.list_models())
+        # img_size sizes the transforms; ViT-style models also need it in model_kwargs.
+        kwargs = dict(model_kwargs or {})
+        self.modality = modality
+        self.model = timm.create_model(model_name, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs)
+        if pretrained_path:
+            load_local_weights(self.model, pretrained_path)
+        self.output_dim = self.model.num_features
+        size = img_size or self.model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+        self.data_config = resolve_data_config({"input_size": (in_chans, size, size)}, model=self.model)
+        self.transform_kwargs = dict(transform or {})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def preprocess(self, train: bool) -> Callable:
+        kwargs = dict(self.transform_kwargs) if train else {}
+        return create_transform(**self.data_config, is_training=train, **kwargs)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.set_grad_checkpointing(enable)
+
+    def param_groups(self):
+        # timm's group_matcher gives stem / blocks / head in order for every model family.
+        from timm.models import group_parameters
+
+        matcher = self.model.group_matcher(coarse=True)
+        named = dict(self.model.named_parameters())
+        grouped = group_parameters(self.model, matcher, reverse=False)
+        return [[named[n] for n in names] for _, names in sorted(grouped.items())]
+
