@@ -1,0 +1,33 @@
+"""Shared fixtures: the bundled digits shards (built once per session) and config composition."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from mmpretrain.cli import CONF_DIR
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory) -> Path:
+    from mmpretrain.data.digits import build_digits
+
+    return build_digits(tmp_path_factory.mktemp("digits"), image_size=32)
+
+
+def compose_config(config_name: str = "train", overrides: list[str] | None = None, run_dir: Path | None = None) -> DictConfig:
+    """Compose the real configs as the CLI would, with the run directory made explicit."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []))
+    if run_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(run_dir)
+    return cfg

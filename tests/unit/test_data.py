@@ -1,0 +1,89 @@
+import io
+
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from mmpretrain.data import NoShardsError, ShardStream, Source, expand_shards
+from mmpretrain.data.pipeline import SampleError
+
+
+def png_bytes(value=128):
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (value, value, value)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_shard(path, samples):
+    with wds.TarWriter(str(path)) as sink:
+        for s in samples:
+            sink.write(s)
+    return str(path)
+
+
+PREPROCESS = {
+    "image": lambda img: torch.tensor(list(img.getdata())[0], dtype=torch.float32),
+    "text": lambda t: torch.tensor([len(t)]),
+}
+
+
+def good(i):
+    return {"__key__": f"s{i:03d}", "png": png_bytes(i), "txt": f"caption {i}", "cls": str(i % 3)}
+
+
+def test_pattern_matching_nothing_names_the_pattern(tmp_path):
+    with pytest.raises(NoShardsError, match=r"missing-\{000\.\.003\}\.tar"):
+        expand_shards(str(tmp_path / "missing-{000..003}.tar"))
+
+
+def test_brace_and_glob_expansion(tmp_path):
+    for i in range(3):
+        write_shard(tmp_path / f"x-{i:03d}.tar", [good(i)])
+    assert len(expand_shards(str(tmp_path / "x-{000..002}.tar"))) == 3
+    assert len(expand_shards([str(tmp_path / "x-*.tar")])) == 3
+
+
+def test_corrupt_and_incomplete_samples_are_skipped_and_counted(tmp_path):
+    samples = [good(i) for i in range(10)]
+    samples[2]["png"] = b"not a png at all"
+    samples[5]["png"] = png_bytes()[:30]  # truncated file
+    del samples[7]["txt"]  # missing caption
+    url = write_shard(tmp_path / "bad.tar", samples)
+    stream = ShardStream([Source("s", [url])], PREPROCESS, batch_size=4, train=False)
+    batches = list(stream)
+    assert sum(len(b["__key__"]) for b in batches) == 7
+    assert sum(int(b["__skipped__"]) for b in batches) == 3
+    keys = {k for b in batches for k in b["__key__"]}
+    assert keys.isdisjoint({"s002", "s005", "s007"})
+
+
+def test_on_error_raise_names_the_sample_and_shard(tmp_path):
+    samples = [good(0), good(1)]
+    samples[1]["png"] = b"garbage"
+    url = write_shard(tmp_path / "bad.tar", samples)
+    stream = ShardStream([Source("s", [url])], PREPROCESS, batch_size=4, train=False, on_error="raise")
+    with pytest.raises(SampleError, match=r"s001.*bad\.tar"):
+        list(stream)
+
+
+def test_train_stream_has_fixed_length_and_is_deterministic(tmp_path):
+    urls = [write_shard(tmp_path / f"t-{s}.tar", [good(s * 10 + i) for i in range(10)]) for s in range(4)]
+
+    def keys(rank):
+        stream = ShardStream([Source("s", urls)], PREPROCESS, batch_size=4, train=True, batches_per_worker=7,
+                             rank=rank, world_size=2, seed=3, shuffle_buffer=8)
+        return [k for b in stream for k in b["__key__"]]
+
+    k0, k1 = keys(0), keys(1)
+    assert len(k0) == len(k1) == 28  # every rank the same number of batches, cycling its shards
+    assert k0 == keys(0)
+    assert set(k0[:10]).isdisjoint(k1[:10])  # ranks read different shards within a pass
+
+
+def test_too_few_shards_for_ranks_fails_fast(tmp_path):
+    url = write_shard(tmp_path / "one.tar", [good(0)])
+    stream = ShardStream([Source("s", [url])], PREPROCESS, batch_size=1, train=True, batches_per_worker=1,
+                         rank=1, world_size=2)
+    with pytest.raises(ValueError, match="1 shards for 2 ranks"):
+        list(stream)
