@@ -73,3 +73,33 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
         x = x.clone()
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
+
+
+def _exchange(x: torch.Tensor, send_to: int, recv_from: int) -> torch.Tensor:
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    ops = [dist.P2POp(dist.isend, x, send_to), dist.P2POp(dist.irecv, out, recv_from)]
+    for req in dist.batch_isend_irecv(ops):
+        req.wait()
+    return out
+
+
+class _PassToNext(torch.autograd.Function):
+    """Send ``x`` to rank+1, receive rank-1's tensor; backward sends the gradient the other way."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.next, ctx.prev = (rank() + 1) % world_size(), (rank() - 1) % world_size()
+        return _exchange(x, ctx.next, ctx.prev)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        # our output came from prev: its gradient goes back to prev; ours arrives from next
+        return _exchange(grad, ctx.prev, ctx.next)
+
+
+def pass_to_next_rank(x: torch.Tensor) -> torch.Tensor:
+    """Ring step (differentiable): returns the tensor of rank-1. Equal shapes on all ranks."""
+    if world_size() == 1:
+        return x
+    return _PassToNext.apply(x)

@@ -7,6 +7,7 @@ modality pair. The training step sums the terms, so a new objective never edits 
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -50,12 +51,25 @@ class InfoNCE(nn.Module):
     ``<modality>_mask`` only rows holding both modalities enter that pair's loss.
     """
 
-    def __init__(self, pairs: Sequence[Sequence[str]] = (("image", "text"),), weights: Sequence[float] | None = None):
+    def __init__(
+        self,
+        pairs: Sequence[Sequence[str]] = (("image", "text"),),
+        weights: Sequence[float] | None = None,
+        tiled: bool = False,
+        tile_size: int = 2048,
+    ):
         super().__init__()
         self.pairs = [tuple(p) for p in pairs]
         self.weights = list(weights) if weights is not None else [1.0] * len(self.pairs)
         if len(self.weights) != len(self.pairs):
             raise ValueError(f"loss.weights has {len(self.weights)} entries for {len(self.pairs)} pairs")
+        # tiled: same value and gradients, memory linear in the global batch (see tiled_clip_loss)
+        self.tiled, self.tile_size = bool(tiled), int(tile_size)
+
+    def pair_loss(self, fa, fb, logit_scale, gather: bool) -> torch.Tensor:
+        if self.tiled:
+            return tiled_clip_loss(fa, fb, logit_scale, gather, self.tile_size)
+        return clip_loss(fa, fb, logit_scale, gather)
 
     def forward(self, outputs: dict[str, torch.Tensor], gather: bool = True) -> dict[str, torch.Tensor]:
         losses = {}
@@ -64,7 +78,7 @@ class InfoNCE(nn.Module):
             if fa is None or fb is None:
                 continue
             fa, fb = _rows_with_both(outputs, a, b, fa, fb)
-            losses[f"{pair_name(a, b)}_loss"] = w * clip_loss(fa, fb, logit_scale_for(outputs, a, b), gather)
+            losses[f"{pair_name(a, b)}_loss"] = w * self.pair_loss(fa, fb, logit_scale_for(outputs, a, b), gather)
         return losses
 
 
@@ -77,3 +91,139 @@ def _rows_with_both(outputs, a, b, fa, fb):
         if m is not None:
             keep &= m.bool()
     return fa[keep], fb[keep]
+
+
+# -- memory-tiled InfoNCE ------------------------------------------------------------------------
+DEFAULT_TILE = 2048
+
+
+class _TiledCrossEntropy(torch.autograd.Function):
+    """``mean_i CE(scale * q_i @ k.T, offset + i)`` without ever holding more than a tile of logits.
+
+    Forward: an online log-sum-exp over column tiles gives each row's ``lse``; only ``lse``
+    (``[B]``) is saved. Backward recomputes each tile of logits, forms ``softmax - onehot`` from
+    the saved ``lse`` and accumulates ``dq``, ``dk`` and ``dscale`` tile by tile. Peak memory is
+    ``O((B + N) * D + tile²)`` instead of ``O(B * N)``.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, scale, offset: int, tile: int):
+        rows, n = q.shape[0], k.shape[0]
+        lse = torch.empty(rows, dtype=torch.float32, device=q.device)
+        positive = torch.empty(rows, dtype=torch.float32, device=q.device)
+        for r0 in range(0, rows, tile):
+            qr = q[r0 : r0 + tile]
+            run_max = torch.full((qr.shape[0],), -math.inf, dtype=torch.float32, device=q.device)
+            run_sum = torch.zeros(qr.shape[0], dtype=torch.float32, device=q.device)
+            for c0 in range(0, n, tile):
+                logits = (scale * (qr @ k[c0 : c0 + tile].T)).float()
+                new_max = torch.maximum(run_max, logits.max(dim=1).values)
+                run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(logits - new_max[:, None]).sum(dim=1)
+                run_max = new_max
+            lse[r0 : r0 + tile] = run_max + torch.log(run_sum)
+            targets = k[offset + r0 : offset + r0 + qr.shape[0]]
+            positive[r0 : r0 + tile] = (scale * (qr * targets).sum(dim=1)).float()
+        ctx.save_for_backward(q, k, scale, lse)
+        ctx.offset, ctx.tile = offset, tile
+        return (lse - positive).mean()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, scale, lse = ctx.saved_tensors
+        offset, tile = ctx.offset, ctx.tile
+        rows, n = q.shape[0], k.shape[0]
+        dq, dk = torch.zeros_like(q), torch.zeros_like(k)
+        dscale = torch.zeros((), dtype=torch.float32, device=q.device)
+        w = grad_out / rows
+        for r0 in range(0, rows, tile):
+            qr = q[r0 : r0 + tile]
+            r = torch.arange(qr.shape[0], device=q.device)
+            for c0 in range(0, n, tile):
+                kc = k[c0 : c0 + tile]
+                dots = qr @ kc.T
+                g = torch.exp((scale * dots).float() - lse[r0 : r0 + tile, None])  # softmax rows
+                # minus the one-hot of the positives that fall into this column tile
+                cols = offset + r0 + r - c0
+                hit = (cols >= 0) & (cols < kc.shape[0])
+                g[r[hit], cols[hit]] -= 1.0
+                g = (g * w).to(q.dtype)
+                dscale += (g * dots).sum().float()
+                dq[r0 : r0 + tile] += scale * (g @ kc)
+                dk[c0 : c0 + tile] += scale * (g.T @ qr)
+        return dq, dk, dscale.to(scale.dtype).reshape(scale.shape), None, None
+
+
+def tiled_cross_entropy(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, offset: int = 0, tile: int = DEFAULT_TILE):
+    """Exact ``F.cross_entropy(scale * q @ k.T, arange(len(q)) + offset)``, memory-tiled."""
+    if not torch.is_tensor(scale):
+        scale = torch.tensor(float(scale), device=q.device)
+    if offset + q.shape[0] > k.shape[0]:
+        raise ValueError(f"positives {offset}..{offset + q.shape[0]} lie outside the {k.shape[0]} keys")
+    return _TiledCrossEntropy.apply(q, k, scale, int(offset), int(tile))
+
+
+def tiled_clip_loss(a, b, logit_scale, gather: bool = True, tile: int = DEFAULT_TILE) -> torch.Tensor:
+    """:func:`clip_loss` with the same value and gradients, computed tile by tile."""
+    if not gather:
+        all_a, all_b, offset = a, b, 0
+    else:
+        all_a, all_b = distributed.gather_with_grad(a), distributed.gather_with_grad(b)
+        offset = distributed.rank() * a.shape[0]
+    return (tiled_cross_entropy(a, all_b, logit_scale, offset, tile) + tiled_cross_entropy(b, all_a, logit_scale, offset, tile)) / 2
+
+
+# -- SigLIP ---------------------------------------------------------------------------------------
+def _sigmoid_block(a, b, scale, bias, positives: bool) -> torch.Tensor:
+    """Summed ``-log σ(z_ij (scale a_i·b_j + bias))``; z = +1 on the diagonal when ``positives``."""
+    logits = scale * a @ b.T + bias
+    signs = -torch.ones_like(logits)
+    if positives:
+        signs.diagonal().fill_(1.0)
+    return -F.logsigmoid(signs * logits).sum()
+
+
+def siglip_loss(a, b, logit_scale, logit_bias, gather: bool = True) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss of this rank's ``a`` rows against the global ``b``, / local rows.
+
+    Under DDP the ``b`` blocks travel round the ring of ranks (one neighbour exchange per step,
+    differentiable), so no rank ever holds the global logits, nor even all of ``b`` at once
+    beyond what autograd saves. The per-rank losses average (DDP) to the global loss.
+    """
+    loss = _sigmoid_block(a, b, logit_scale, logit_bias, positives=True)
+    if gather:
+        block = b
+        for _ in range(distributed.world_size() - 1):
+            block = distributed.pass_to_next_rank(block)
+            loss = loss + _sigmoid_block(a, block, logit_scale, logit_bias, positives=False)
+    return loss / a.shape[0]
+
+
+class SigLIP(nn.Module):
+    """Sigmoid loss (SigLIP) over configured modality pairs; reads ``logit_bias`` from the model.
+
+    The model must be built with ``model.init_logit_bias`` (``loss=siglip`` sets it to -10 and
+    ``model.init_logit_scale`` to ln 10). Masks select rows as for :class:`InfoNCE`.
+    """
+
+    def __init__(self, pairs: Sequence[Sequence[str]] = (("image", "text"),), weights: Sequence[float] | None = None):
+        super().__init__()
+        self.pairs = [tuple(p) for p in pairs]
+        self.weights = list(weights) if weights is not None else [1.0] * len(self.pairs)
+        if len(self.weights) != len(self.pairs):
+            raise ValueError(f"loss.weights has {len(self.weights)} entries for {len(self.pairs)} pairs")
+
+    def forward(self, outputs: dict[str, torch.Tensor], gather: bool = True) -> dict[str, torch.Tensor]:
+        if "logit_bias" not in outputs:
+            raise KeyError(
+                "SigLIP needs a learnable bias but the model outputs no 'logit_bias'; "
+                "build the model with model.init_logit_bias=-10 (loss=siglip sets it)"
+            )
+        losses = {}
+        for (a, b), w in zip(self.pairs, self.weights):
+            fa, fb = outputs.get(f"{a}_features"), outputs.get(f"{b}_features")
+            if fa is None or fb is None:
+                continue
+            fa, fb = _rows_with_both(outputs, a, b, fa, fb)
+            scale = logit_scale_for(outputs, a, b)
+            losses[f"{pair_name(a, b)}_loss"] = w * siglip_loss(fa, fb, scale, outputs["logit_bias"], gather)
+        return losses

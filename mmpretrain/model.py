@@ -30,6 +30,7 @@ class ContrastiveModel(nn.Module):
         temperature_pairs: list[list[str]] | None = None,
         init_logit_scale: float = INIT_LOGIT_SCALE,
         max_logit_scale: float = MAX_LOGIT_SCALE,
+        init_logit_bias: float | None = None,
     ):
         super().__init__()
         for name, tower in towers.items():
@@ -49,6 +50,8 @@ class ContrastiveModel(nn.Module):
             {k or "shared": nn.Parameter(torch.tensor(float(init_logit_scale))) for k in keys}
         )
         self.max_logit_scale = max_logit_scale
+        # A learnable logit bias for sigmoid losses (SigLIP: -10); None: no bias, as CLIP.
+        self.logit_bias = None if init_logit_bias is None else nn.Parameter(torch.tensor(float(init_logit_bias)))
 
     @property
     def modalities(self) -> list[str]:
@@ -79,7 +82,11 @@ class ContrastiveModel(nn.Module):
         return out | self.logit_scale_outputs()
 
     def logit_scale_outputs(self) -> dict[str, torch.Tensor]:
-        return {("logit_scale" if k == "shared" else f"logit_scale_{k}"): p.exp() for k, p in self.logit_scales.items()}
+        """The loss's scalar parameters: ``logit_scale``(``_<a>_<b>``) and, when built, ``logit_bias``."""
+        out = {("logit_scale" if k == "shared" else f"logit_scale_{k}"): p.exp() for k, p in self.logit_scales.items()}
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias
+        return out
 
     @torch.no_grad()
     def clamp_logit_scales(self) -> None:
@@ -98,6 +105,7 @@ class ContrastiveModel(nn.Module):
             "embed_dim": self.embed_dim,
             "temperature_pairs": pairs,
             "max_logit_scale": self.max_logit_scale,
+            "init_logit_bias": None if self.logit_bias is None else float(self.logit_bias.detach()),
             "towers": {m: t.config for m, t in self.towers.items()},
         }
 
@@ -119,4 +127,5 @@ def build_model(cfg: Mapping[str, Any]) -> ContrastiveModel:
         temperature_pairs=[list(p) for p in cfg["temperature_pairs"]] if cfg.get("temperature_pairs") else None,
         init_logit_scale=float(cfg.get("init_logit_scale", INIT_LOGIT_SCALE)),
         max_logit_scale=float(cfg.get("max_logit_scale", MAX_LOGIT_SCALE)),
+        init_logit_bias=None if cfg.get("init_logit_bias") is None else float(cfg["init_logit_bias"]),
     )
