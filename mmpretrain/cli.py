@@ -41,10 +41,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model = build_model(cfg.model)
     datamodule = ContrastiveDataModule(cfg.data, model.preprocess, seed=cfg.seed)
     loss = _instantiate(cfg.loss)
+    trainer_kwargs, optim = _trainer_and_optim(cfg)
     module = ContrastiveModule(
-        model, loss, _plain(cfg.optim), zeroshot=_zeroshot_prompts(cfg.data), hparams={"model": _plain(cfg.model)}
+        model, loss, optim, zeroshot=_zeroshot_prompts(cfg.data), hparams={"model": _plain(cfg.model)}
     )
-    trainer = L.Trainer(**_plain(cfg.trainer), default_root_dir=str(run_dir),
+    trainer = L.Trainer(**trainer_kwargs, default_root_dir=str(run_dir),
                         logger=_instantiate_all(cfg.get("logger")), callbacks=_instantiate_all(cfg.get("callbacks")))
     trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg, run_dir))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -108,6 +109,21 @@ def _instantiate(cfg: Any) -> Any:
 
 def _instantiate_all(group: Any) -> list:
     return [_instantiate(c) for c in (group or {}).values() if c is not None and c.get("_target_")]
+
+
+def _trainer_and_optim(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Trainer kwargs and optim config, refusing gradient accumulation that changes the objective."""
+    trainer, optim = _plain(cfg.trainer), _plain(cfg.optim)
+    if int(trainer.get("accumulate_grad_batches") or 1) > 1:
+        raise ValueError(
+            "trainer.accumulate_grad_batches>1 changes a contrastive loss (each micro-batch would only see its "
+            "own negatives). For a batch too big for memory set data.batch_size to the full batch and "
+            "optim.grad_cache_chunks=K instead (same gradient as the full batch, memory of one K-th)."
+        )
+    if int(optim.get("grad_cache_chunks") or 1) > 1:
+        # manual optimisation: the module clips itself (Lightning refuses gradient_clip_val then)
+        optim["gradient_clip_val"] = trainer.pop("gradient_clip_val", None)
+    return trainer, optim
 
 
 def _start_run(cfg: DictConfig) -> Path:

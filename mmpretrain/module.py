@@ -11,6 +11,7 @@ import torch
 
 from mmpretrain import distributed
 from mmpretrain.evaluation import class_embeddings, retrieval_metrics, zero_shot_accuracy
+from mmpretrain.gradcache import grad_cache_backward
 from mmpretrain.model import ContrastiveModel
 from mmpretrain.optim import build_optimizer, warmup_cosine
 
@@ -34,13 +35,17 @@ class ContrastiveModule(L.LightningModule):
         self._val: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._last_step_time: float | None = None
         self.skipped_total = 0
+        # optim.grad_cache_chunks=k: the loss of the whole batch, encoded k micro-batches at a time
+        # (feature caching), which needs manual optimisation.
+        self.grad_cache_chunks = int(optim.get("grad_cache_chunks") or 1)
+        self.automatic_optimization = self.grad_cache_chunks <= 1
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return self.model(batch)
 
     # -- training ---------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        losses = self.loss(self.model(batch))
+        losses = self._grad_cache_step(batch) if self.grad_cache_chunks > 1 else self.loss(self.model(batch))
         total = sum(losses.values())
         bs = _batch_size(batch)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=bs)
@@ -60,6 +65,16 @@ class ContrastiveModule(L.LightningModule):
             self.log("train/skipped_samples", float(self.skipped_total), batch_size=bs)
         for k, v in self.model.logit_scales.items():
             self.log(f"train/logit_scale/{k}", v.exp(), batch_size=bs)
+
+    def _grad_cache_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        optimizer.zero_grad()
+        losses = grad_cache_backward(self.model, self.loss, batch, self.grad_cache_chunks, self.manual_backward)
+        if self.optim_cfg.get("gradient_clip_val"):
+            self.clip_gradients(optimizer, gradient_clip_val=float(self.optim_cfg["gradient_clip_val"]), gradient_clip_algorithm="norm")
+        optimizer.step()
+        scheduler.step()
+        return losses
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.model.clamp_logit_scales()

@@ -1,0 +1,54 @@
+"""optim.grad_cache_chunks in the Lightning module: the optimiser sees the full batch's gradient."""
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from mmpretrain.losses import InfoNCE
+from tests.unit.test_gradcache import batch, make_model
+
+
+class CaptureGrads(L.Callback):
+    def __init__(self):
+        self.grads = None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.grads is None:
+            self.grads = {n: p.grad.clone() for n, p in pl_module.model.named_parameters() if p.grad is not None}
+
+
+def first_step_grads(chunks):
+    from mmpretrain.module import ContrastiveModule
+
+    model = make_model()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0  # deterministic, so the reference is one forward of the whole batch
+    optim = {"lr": 1e-3, "weight_decay": 0.1, "grad_cache_chunks": chunks, "gradient_clip_val": None}
+    module = ContrastiveModule(model, InfoNCE(), optim)
+    capture = CaptureGrads()
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[capture], limit_val_batches=0)
+    data = [batch(12)]
+    trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None))
+    return capture.grads, module
+
+
+def test_module_grad_cache_step_gives_the_full_batch_gradient():
+    plain, _ = first_step_grads(1)
+    cached, module = first_step_grads(3)
+    assert not module.automatic_optimization
+    assert set(plain) == set(cached)
+    for name, g in plain.items():
+        assert torch.allclose(cached[name], g, atol=1e-5), name
+
+
+def test_accumulate_grad_batches_with_contrastive_loss_is_refused(tmp_path):
+    from mmpretrain.cli import _trainer_and_optim
+    from tests.conftest import compose_config
+
+    with pytest.raises(ValueError, match="grad_cache_chunks"):
+        _trainer_and_optim(compose_config("train", ["trainer.accumulate_grad_batches=4"]))
+    trainer, optim = _trainer_and_optim(compose_config("train", ["optim.grad_cache_chunks=4"]))
+    assert "gradient_clip_val" not in trainer and optim["gradient_clip_val"] == 1.0
