@@ -32,13 +32,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     from mmpretrain.datamodule import ContrastiveDataModule
     from mmpretrain.export import export
-    from mmpretrain.model import build_model
+    from mmpretrain.model import apply_training_options, build_model
     from mmpretrain.module import ContrastiveModule
 
     run_dir = _start_run(cfg)
     L.seed_everything(cfg.seed, workers=True)
     _ensure_data(cfg.data)
-    model = build_model(cfg.model)
+    model = apply_training_options(build_model(cfg.model), cfg.model)
     datamodule = ContrastiveDataModule(cfg.data, model.preprocess, seed=cfg.seed)
     loss = _instantiate(cfg.loss)
     trainer_kwargs, optim = _trainer_and_optim(cfg)

@@ -110,11 +110,40 @@ class ContrastiveModel(nn.Module):
         }
 
 
+#: Per-tower keys of a model config that configure training, not the architecture (not exported).
+TRAINING_OPTIONS = ("lock", "lr_scale", "grad_checkpointing", "channels_last")
+
+
+def apply_training_options(model: ContrastiveModel, cfg: Mapping[str, Any]) -> ContrastiveModel:
+    """Apply ``towers.<m>.lock`` / ``grad_checkpointing`` / ``channels_last`` of a model config.
+
+    ``lock: {unlocked_groups: N, freeze_norm_stats: bool}`` freezes all but the tower's last N
+    parameter groups (LiT: ``unlocked_groups: 0`` with a pretrained tower). ``lr_scale`` is read
+    by :func:`mmpretrain.optim.build_optimizer`.
+    """
+    for m, tcfg in cfg["towers"].items():
+        tower = model.towers[m]
+        lock = tcfg.get("lock")
+        if lock:
+            unknown = set(lock) - {"unlocked_groups", "freeze_norm_stats"}
+            if unknown:
+                raise ValueError(f"model.towers.{m}.lock has unknown keys {sorted(unknown)}; use unlocked_groups, freeze_norm_stats")
+            tower.lock(int(lock.get("unlocked_groups", 0)), bool(lock.get("freeze_norm_stats", False)))
+        if tcfg.get("grad_checkpointing"):
+            tower.set_grad_checkpointing(True)
+        if tcfg.get("channels_last"):
+            tower.set_channels_last(True)
+    return model
+
+
 def build_model(cfg: Mapping[str, Any]) -> ContrastiveModel:
     """Build from a model config (``towers: {modality: {_target_: ..., ...}}``, ``embed_dim`` ...)."""
     from mmpretrain.config import safe_instantiate
 
-    towers = {m: safe_instantiate(tcfg, allowed=("mmpretrain.towers.",)) for m, tcfg in cfg["towers"].items()}
+    towers = {
+        m: safe_instantiate({k: v for k, v in tcfg.items() if k not in TRAINING_OPTIONS}, allowed=("mmpretrain.towers.",))
+        for m, tcfg in cfg["towers"].items()
+    }
     embed_dim = cfg.get("embed_dim")
     if embed_dim is None:  # towers with their own projection (open_clip) fix the shared dim
         dims = {t.output_dim for t in towers.values() if t.has_projection}

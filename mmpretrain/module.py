@@ -80,7 +80,7 @@ class ContrastiveModule(L.LightningModule):
         self.model.clamp_logit_scales()
 
     def configure_optimizers(self):
-        optimizer = build_optimizer(self.model, self.optim_cfg)
+        optimizer = build_optimizer(self.model, self.optim_cfg, (self.hparams.get("model") or {}).get("towers"))
         total = int(self.trainer.estimated_stepping_batches)
         warmup = int(self.optim_cfg.get("warmup_steps", 0))
         if 0 < warmup < 1:  # a fraction of the run

@@ -9,24 +9,55 @@ import torch
 from torch import nn
 
 
-def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases, norms (all <2-D tensors) and temperatures, as in CLIP."""
-    decay, no_decay = [], []
+def param_groups(
+    named: Iterable[tuple[str, nn.Parameter]], weight_decay: float, lr_scales: dict[int, float] | None = None
+) -> list[dict[str, Any]]:
+    """No weight decay on biases, norms (all <2-D tensors) and temperatures, as in CLIP.
+
+    ``lr_scales`` maps ``id(param)`` to a learning-rate multiplier (per tower, layer decay);
+    parameters sharing (multiplier, decay) share a group whose ``lr_scale`` key records it.
+    Frozen parameters (``requires_grad=False``) are left out.
+    """
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, p in named:
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or "logit_scale" in name or "bias" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+        wd = 0.0 if p.ndim < 2 or "logit_scale" in name or "bias" in name else weight_decay
+        scale = (lr_scales or {}).get(id(p), 1.0)
+        groups.setdefault((scale, wd), []).append(p)
+    return [{"params": ps, "weight_decay": wd, "lr_scale": scale} for (scale, wd), ps in groups.items()]
 
 
-def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
-    groups = param_groups(model.named_parameters(), float(cfg["weight_decay"]))
+def lr_scales(model: nn.Module, towers_cfg: Any = None, layer_decay: float | None = None) -> dict[int, float]:
+    """Learning-rate multipliers: ``towers.<m>.lr_scale`` times ``layer_decay ** depth_from_top``.
+
+    A tower's parameter groups (``Tower.param_groups``: stem, blocks ..., head) get
+    ``layer_decay**(n-1-i)``, so the head trains at the tower's rate and the stem slowest. The
+    tower's projection trains at the tower's rate; temperatures and bias at the base rate.
+    """
+    scales: dict[int, float] = {}
+    for m, tower in getattr(model, "towers", {}).items():
+        tower_scale = float(((towers_cfg or {}).get(m) or {}).get("lr_scale", 1.0) or 1.0)
+        groups = tower.param_groups()
+        for i, group in enumerate(groups):
+            depth = len(groups) - 1 - i
+            for p in group:
+                scales[id(p)] = tower_scale * (float(layer_decay) ** depth if layer_decay else 1.0)
+        for p in model.projections[m].parameters():
+            scales[id(p)] = tower_scale
+    return scales
+
+
+def build_optimizer(model: nn.Module, cfg: Any, towers_cfg: Any = None) -> torch.optim.Optimizer:
+    scales = lr_scales(model, towers_cfg, cfg.get("layer_decay"))
+    groups = param_groups(model.named_parameters(), float(cfg["weight_decay"]), scales)
+    if not groups:
+        raise ValueError("every parameter is frozen (model.towers.*.lock): nothing to train")
+    lr = float(cfg["lr"])
+    for g in groups:
+        g["lr"] = lr * g["lr_scale"]
     betas = tuple(cfg.get("betas", (0.9, 0.98)))
-    return torch.optim.AdamW(groups, lr=float(cfg["lr"]), betas=betas, eps=float(cfg.get("eps", 1e-6)))
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=float(cfg.get("eps", 1e-6)))
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0):

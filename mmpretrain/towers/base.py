@@ -37,6 +37,9 @@ class Tower(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         raise NotImplementedError(f"{type(self).__name__} does not support gradient checkpointing")
 
+    def set_channels_last(self, enable: bool = True) -> None:
+        raise NotImplementedError(f"{type(self).__name__} has no channels_last option (it is for CNN image towers: timm)")
+
     def param_groups(self) -> list[list[nn.Parameter]]:
         """Parameters in groups ordered input -> output (stem, blocks..., head)."""
         return [list(self.parameters())]
@@ -44,7 +47,9 @@ class Tower(nn.Module):
     def lock(self, unlocked_groups: int = 0, freeze_norm_stats: bool = False) -> None:
         """Freeze the tower except its last ``unlocked_groups`` parameter groups."""
         groups = self.param_groups()
-        frozen = groups[: len(groups) - unlocked_groups] if unlocked_groups else groups
+        if unlocked_groups < 0:
+            raise ValueError(f"lock.unlocked_groups must be >= 0, got {unlocked_groups}")
+        frozen = groups[: max(0, len(groups) - unlocked_groups)]
         for group in frozen:
             for p in group:
                 p.requires_grad_(False)

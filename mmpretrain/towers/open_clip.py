@@ -22,6 +22,8 @@ from mmpretrain.towers.base import Tower
 from mmpretrain.towers.timm import unknown_model_error
 
 _PARTS = {"image": "visual", "text": "text"}
+# Parameters after the last transformer block in open_clip's ViT and text transformer.
+_HEAD_PARTS = {"ln_post", "proj", "attn_pool", "ln_final", "text_projection", "text_pool"}
 
 
 def resolve_model_cfg(config: str | dict) -> dict[str, Any]:
@@ -143,9 +145,23 @@ class OpenClipTower(Tower):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.set_grad_checkpointing(enable)
 
-    def lock(self, unlocked_groups: int = 0, freeze_norm_stats: bool = False) -> None:
-        # open_clip's own locking: vision by layer groups, text by transformer layers.
-        if self.modality == "image":
-            self.encoder.lock(unlocked_groups=unlocked_groups, freeze_bn_stats=freeze_norm_stats)
-        else:
-            self.encoder.lock(unlocked_layers=unlocked_groups, freeze_layer_norm=freeze_norm_stats)
+    def param_groups(self) -> list[list[torch.nn.Parameter]]:
+        """Embeddings, one group per transformer block, then the final norm + projection.
+
+        Locking and layer-wise lr decay both use these groups (open_clip's own ``lock`` methods
+        group the two halves differently, and the text one refuses ``freeze_layer_norm=False``).
+        Non-transformer encoders (open_clip's ModifiedResNet, timm trunks) form one group.
+        """
+        blocks = getattr(getattr(self.encoder, "transformer", None), "resblocks", None)
+        if blocks is None:
+            return [list(self.parameters())]
+        in_block = {id(p): i for i, block in enumerate(blocks) for p in block.parameters()}
+        stem, head, per_block = [], [], [[] for _ in blocks]
+        for name, p in self.encoder.named_parameters():
+            if id(p) in in_block:
+                per_block[in_block[id(p)]].append(p)
+            elif name.split(".")[0] in _HEAD_PARTS:
+                head.append(p)
+            else:
+                stem.append(p)
+        return [g for g in [stem, *per_block, head] if g]

@@ -71,8 +71,11 @@ class TimmTower(Tower):
         size = img_size or self.model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
         self.data_config = resolve_data_config({"input_size": (in_chans, size, size)}, model=self.model)
         self.transform_kwargs = dict(transform or {})
+        self.channels_last = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
 
     def preprocess(self, train: bool) -> Callable:
@@ -81,6 +84,11 @@ class TimmTower(Tower):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
+
+    def set_channels_last(self, enable: bool = True) -> None:
+        """NHWC weights and inputs: faster convolutions on GPUs with tensor cores (and oneDNN CPUs)."""
+        self.channels_last = enable
+        self.model.to(memory_format=torch.channels_last if enable else torch.contiguous_format)
 
     def param_groups(self):
         # timm's group_matcher gives stem / blocks / head in order for every model family.
