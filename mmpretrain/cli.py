@@ -39,6 +39,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     _ensure_data(cfg.data)
     model = apply_training_options(build_model(cfg.model), cfg.model)
+    if cfg.get("compile"):
+        for tower in model.towers.values():
+            tower.compile()  # in place: parameter names (checkpoints, export) stay as they are
     datamodule = ContrastiveDataModule(cfg.data, model.preprocess, seed=cfg.seed)
     loss = _instantiate(cfg.loss)
     trainer_kwargs, optim = _trainer_and_optim(cfg)

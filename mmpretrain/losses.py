@@ -108,21 +108,11 @@ class _TiledCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, scale, offset: int, tile: int):
-        rows, n = q.shape[0], k.shape[0]
-        lse = torch.empty(rows, dtype=torch.float32, device=q.device)
-        positive = torch.empty(rows, dtype=torch.float32, device=q.device)
-        for r0 in range(0, rows, tile):
-            qr = q[r0 : r0 + tile]
-            run_max = torch.full((qr.shape[0],), -math.inf, dtype=torch.float32, device=q.device)
-            run_sum = torch.zeros(qr.shape[0], dtype=torch.float32, device=q.device)
-            for c0 in range(0, n, tile):
-                logits = (scale * (qr @ k[c0 : c0 + tile].T)).float()
-                new_max = torch.maximum(run_max, logits.max(dim=1).values)
-                run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(logits - new_max[:, None]).sum(dim=1)
-                run_max = new_max
-            lse[r0 : r0 + tile] = run_max + torch.log(run_sum)
-            targets = k[offset + r0 : offset + r0 + qr.shape[0]]
-            positive[r0 : r0 + tile] = (scale * (qr * targets).sum(dim=1)).float()
+        # float32 throughout, also under bf16 autocast (tiles are small; features are linear)
+        ctx.dtypes = q.dtype, k.dtype, scale.dtype
+        q, k, scale = q.float(), k.float(), scale.float()
+        with torch.autocast(q.device.type, enabled=False):
+            lse, positive = _tiled_lse(q, k, scale, offset, tile)
         ctx.save_for_backward(q, k, scale, lse)
         ctx.offset, ctx.tile = offset, tile
         return (lse - positive).mean()
@@ -130,27 +120,54 @@ class _TiledCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, scale, lse = ctx.saved_tensors
-        offset, tile = ctx.offset, ctx.tile
-        rows, n = q.shape[0], k.shape[0]
-        dq, dk = torch.zeros_like(q), torch.zeros_like(k)
-        dscale = torch.zeros((), dtype=torch.float32, device=q.device)
-        w = grad_out / rows
-        for r0 in range(0, rows, tile):
-            qr = q[r0 : r0 + tile]
-            r = torch.arange(qr.shape[0], device=q.device)
-            for c0 in range(0, n, tile):
-                kc = k[c0 : c0 + tile]
-                dots = qr @ kc.T
-                g = torch.exp((scale * dots).float() - lse[r0 : r0 + tile, None])  # softmax rows
-                # minus the one-hot of the positives that fall into this column tile
-                cols = offset + r0 + r - c0
-                hit = (cols >= 0) & (cols < kc.shape[0])
-                g[r[hit], cols[hit]] -= 1.0
-                g = (g * w).to(q.dtype)
-                dscale += (g * dots).sum().float()
-                dq[r0 : r0 + tile] += scale * (g @ kc)
-                dk[c0 : c0 + tile] += scale * (g.T @ qr)
-        return dq, dk, dscale.to(scale.dtype).reshape(scale.shape), None, None
+        with torch.autocast(q.device.type, enabled=False):
+            dq, dk, dscale = _tiled_grads(q, k, scale, lse, grad_out.float(), ctx.offset, ctx.tile)
+        dq_type, dk_type, scale_type = ctx.dtypes
+        return dq.to(dq_type), dk.to(dk_type), dscale.to(scale_type).reshape(scale.shape), None, None
+
+
+def _tiled_lse(q, k, scale, offset: int, tile: int):
+    """Per-row log-sum-exp of ``scale * q @ k.T`` (online over column tiles) and positive logit."""
+    rows, n = q.shape[0], k.shape[0]
+    lse = torch.empty(rows, dtype=torch.float32, device=q.device)
+    positive = torch.empty(rows, dtype=torch.float32, device=q.device)
+    for r0 in range(0, rows, tile):
+        qr = q[r0 : r0 + tile]
+        run_max = torch.full((qr.shape[0],), -math.inf, dtype=torch.float32, device=q.device)
+        run_sum = torch.zeros(qr.shape[0], dtype=torch.float32, device=q.device)
+        for c0 in range(0, n, tile):
+            logits = scale * (qr @ k[c0 : c0 + tile].T)
+            new_max = torch.maximum(run_max, logits.max(dim=1).values)
+            run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(logits - new_max[:, None]).sum(dim=1)
+            run_max = new_max
+        lse[r0 : r0 + tile] = run_max + torch.log(run_sum)
+        targets = k[offset + r0 : offset + r0 + qr.shape[0]]
+        positive[r0 : r0 + tile] = scale * (qr * targets).sum(dim=1)
+    return lse, positive
+
+
+def _tiled_grads(q, k, scale, lse, grad_out, offset: int, tile: int):
+    """``d mean_i(lse_i - positive_i) / d(q, k, scale)``: tiles of ``softmax - onehot``."""
+    rows, n = q.shape[0], k.shape[0]
+    dq, dk = torch.zeros_like(q), torch.zeros_like(k)
+    dscale = torch.zeros((), dtype=torch.float32, device=q.device)
+    w = grad_out / rows
+    for r0 in range(0, rows, tile):
+        qr = q[r0 : r0 + tile]
+        r = torch.arange(qr.shape[0], device=q.device)
+        for c0 in range(0, n, tile):
+            kc = k[c0 : c0 + tile]
+            dots = qr @ kc.T
+            g = torch.exp(scale * dots - lse[r0 : r0 + tile, None])  # softmax rows
+            # minus the one-hot of the positives that fall into this column tile
+            cols = offset + r0 + r - c0
+            hit = (cols >= 0) & (cols < kc.shape[0])
+            g[r[hit], cols[hit]] -= 1.0
+            g = g * w
+            dscale += (g * dots).sum()
+            dq[r0 : r0 + tile] += scale * (g @ kc)
+            dk[c0 : c0 + tile] += scale * (g.T @ qr)
+    return dq, dk, dscale
 
 
 def tiled_cross_entropy(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, offset: int = 0, tile: int = DEFAULT_TILE):

@@ -18,7 +18,7 @@ class CaptureGrads(L.Callback):
             self.grads = {n: p.grad.clone() for n, p in pl_module.model.named_parameters() if p.grad is not None}
 
 
-def first_step_grads(chunks):
+def first_step_grads(chunks, precision="32-true"):
     from mmpretrain.module import ContrastiveModule
 
     model = make_model()
@@ -28,7 +28,7 @@ def first_step_grads(chunks):
     optim = {"lr": 1e-3, "weight_decay": 0.1, "grad_cache_chunks": chunks, "gradient_clip_val": None}
     module = ContrastiveModule(model, InfoNCE(), optim)
     capture = CaptureGrads()
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", precision=precision, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[capture], limit_val_batches=0)
     data = [batch(12)]
     trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None))
@@ -52,3 +52,15 @@ def test_accumulate_grad_batches_with_contrastive_loss_is_refused(tmp_path):
         _trainer_and_optim(compose_config("train", ["trainer.accumulate_grad_batches=4"]))
     trainer, optim = _trainer_and_optim(compose_config("train", ["optim.grad_cache_chunks=4"]))
     assert "gradient_clip_val" not in trainer and optim["gradient_clip_val"] == 1.0
+
+
+def test_bf16_mixed_precision_gives_the_fp32_gradient_to_bf16_accuracy():
+    fp32, _ = first_step_grads(1)
+    bf16, _ = first_step_grads(1, "bf16-mixed")
+    bf16_cached, _ = first_step_grads(3, "bf16-mixed")
+    for name, g in fp32.items():
+        assert bf16[name].dtype == torch.float32  # master weights stay fp32
+        assert not torch.equal(bf16[name], g) or g.abs().max() == 0  # autocast really ran in bf16
+        for other in (bf16, bf16_cached):
+            cos = torch.nn.functional.cosine_similarity(other[name].flatten(), g.flatten(), dim=0)
+            assert cos > 0.98, (name, cos)

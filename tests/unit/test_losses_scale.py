@@ -100,3 +100,19 @@ def test_infonce_tiled_flag_gives_the_same_terms():
     out = {"image_features": a, "text_features": b, "logit_scale": torch.tensor(14.0)}
     plain, tiled = InfoNCE()(out), InfoNCE(tiled=True, tile_size=4)(out)
     assert torch.allclose(plain["image_text_loss"], tiled["image_text_loss"], atol=1e-6)
+
+
+def test_tiled_loss_under_bf16_autocast_computes_in_float32():
+    a, b = features(20)
+    scale = torch.tensor(14.0, requires_grad=True)
+    want = clip_loss(a, b, scale)
+    ga = torch.autograd.grad(want, [a])[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = tiled_clip_loss(a, b, scale, tile=8)
+        plain_bf16 = clip_loss(a, b, scale)
+    assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(torch.autograd.grad(got, [a])[0], ga, atol=1e-5)
+    assert not torch.allclose(plain_bf16, want, atol=1e-5)  # autocast was really on
+    # bf16 features in: grads come back in bf16, values agree to bf16 precision
+    got16 = tiled_clip_loss(a.bfloat16(), b.bfloat16(), scale, tile=8)
+    assert torch.allclose(got16, want, atol=0.05)
