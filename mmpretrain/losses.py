@@ -128,27 +128,25 @@ class _TiledCrossEntropy(torch.autograd.Function):
 
 def _tiled_lse(q, k, scale, offset: int, tile: int):
     """Per-row log-sum-exp of ``scale * q @ k.T`` (online over column tiles) and positive logit."""
-    rows, n = q.shape[0], k.shape[0]
+    rows, n, s = q.shape[0], k.shape[0], float(scale)
     lse = torch.empty(rows, dtype=torch.float32, device=q.device)
-    positive = torch.empty(rows, dtype=torch.float32, device=q.device)
+    positive = s * (q * k[offset : offset + rows]).sum(dim=1)
     for r0 in range(0, rows, tile):
         qr = q[r0 : r0 + tile]
         run_max = torch.full((qr.shape[0],), -math.inf, dtype=torch.float32, device=q.device)
         run_sum = torch.zeros(qr.shape[0], dtype=torch.float32, device=q.device)
         for c0 in range(0, n, tile):
-            logits = scale * (qr @ k[c0 : c0 + tile].T)
+            logits = (qr @ k[c0 : c0 + tile].T).mul_(s)
             new_max = torch.maximum(run_max, logits.max(dim=1).values)
-            run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(logits - new_max[:, None]).sum(dim=1)
+            run_sum = run_sum * torch.exp(run_max - new_max) + logits.sub_(new_max[:, None]).exp_().sum(dim=1)
             run_max = new_max
         lse[r0 : r0 + tile] = run_max + torch.log(run_sum)
-        targets = k[offset + r0 : offset + r0 + qr.shape[0]]
-        positive[r0 : r0 + tile] = scale * (qr * targets).sum(dim=1)
     return lse, positive
 
 
 def _tiled_grads(q, k, scale, lse, grad_out, offset: int, tile: int):
     """``d mean_i(lse_i - positive_i) / d(q, k, scale)``: tiles of ``softmax - onehot``."""
-    rows, n = q.shape[0], k.shape[0]
+    rows, n, s = q.shape[0], k.shape[0], float(scale)
     dq, dk = torch.zeros_like(q), torch.zeros_like(k)
     dscale = torch.zeros((), dtype=torch.float32, device=q.device)
     w = grad_out / rows
@@ -158,16 +156,81 @@ def _tiled_grads(q, k, scale, lse, grad_out, offset: int, tile: int):
         for c0 in range(0, n, tile):
             kc = k[c0 : c0 + tile]
             dots = qr @ kc.T
-            g = torch.exp(scale * dots - lse[r0 : r0 + tile, None])  # softmax rows
+            g = (dots * s).sub_(lse[r0 : r0 + tile, None]).exp_()  # softmax rows
             # minus the one-hot of the positives that fall into this column tile
             cols = offset + r0 + r - c0
             hit = (cols >= 0) & (cols < kc.shape[0])
             g[r[hit], cols[hit]] -= 1.0
-            g = g * w
-            dscale += (g * dots).sum()
-            dq[r0 : r0 + tile] += scale * (g @ kc)
-            dk[c0 : c0 + tile] += scale * (g.T @ qr)
+            g.mul_(w)
+            dscale += g.flatten() @ dots.flatten()
+            dq[r0 : r0 + tile].addmm_(g, kc, alpha=s)
+            dk[c0 : c0 + tile].addmm_(g.T, qr, alpha=s)
     return dq, dk, dscale
+
+
+class _TiledSymmetricCE(torch.autograd.Function):
+    """Both directions of the single-process CLIP loss from one pass over the tiles.
+
+    ``(CE(s a b^T, i) + CE(s b a^T, i)) / 2``: the second direction's logits are the transpose
+    of the first's, so each tile serves a row log-sum-exp (image->text) and a column one
+    (text->image) at once: half the work of two :class:`_TiledCrossEntropy` calls.
+    """
+
+    @staticmethod
+    def forward(ctx, a, b, scale, tile: int):
+        ctx.dtypes = a.dtype, b.dtype, scale.dtype
+        a, b, scale = a.float(), b.float(), scale.float()
+        with torch.autocast(a.device.type, enabled=False):
+            n, s = a.shape[0], float(scale)
+            row_lse = torch.empty(n, dtype=torch.float32, device=a.device)
+            col_max = torch.full((n,), -math.inf, dtype=torch.float32, device=a.device)
+            col_sum = torch.zeros(n, dtype=torch.float32, device=a.device)
+            for r0 in range(0, n, tile):
+                ar = a[r0 : r0 + tile]
+                run_max = torch.full((ar.shape[0],), -math.inf, dtype=torch.float32, device=a.device)
+                run_sum = torch.zeros(ar.shape[0], dtype=torch.float32, device=a.device)
+                for c0 in range(0, n, tile):
+                    logits = (ar @ b[c0 : c0 + tile].T).mul_(s)
+                    new_row = torch.maximum(run_max, logits.max(dim=1).values)
+                    new_col = torch.maximum(col_max[c0 : c0 + tile], logits.max(dim=0).values)
+                    run_sum = run_sum * torch.exp(run_max - new_row) + torch.exp(logits - new_row[:, None]).sum(dim=1)
+                    col_sum[c0 : c0 + tile] = col_sum[c0 : c0 + tile] * torch.exp(col_max[c0 : c0 + tile] - new_col) + (
+                        logits.sub_(new_col[None, :]).exp_().sum(dim=0)
+                    )
+                    run_max, col_max[c0 : c0 + tile] = new_row, new_col
+                row_lse[r0 : r0 + tile] = run_max + torch.log(run_sum)
+            col_lse = col_max + torch.log(col_sum)
+            positive = s * (a * b).sum(dim=1)
+        ctx.save_for_backward(a, b, scale, row_lse, col_lse)
+        ctx.tile = tile
+        return ((row_lse - positive).mean() + (col_lse - positive).mean()) / 2
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        a, b, scale, row_lse, col_lse = ctx.saved_tensors
+        n, s, tile = a.shape[0], float(scale), ctx.tile
+        with torch.autocast(a.device.type, enabled=False):
+            da, db = torch.zeros_like(a), torch.zeros_like(b)
+            dscale = torch.zeros((), dtype=torch.float32, device=a.device)
+            w = grad_out.float() / (2 * n)
+            for r0 in range(0, n, tile):
+                ar = a[r0 : r0 + tile]
+                r = torch.arange(ar.shape[0], device=a.device)
+                for c0 in range(0, n, tile):
+                    bc = b[c0 : c0 + tile]
+                    dots = ar @ bc.T
+                    logits = dots * s
+                    g = (logits - row_lse[r0 : r0 + tile, None]).exp_()
+                    g += logits.sub_(col_lse[None, c0 : c0 + tile]).exp_()
+                    cols = r0 + r - c0
+                    hit = (cols >= 0) & (cols < bc.shape[0])
+                    g[r[hit], cols[hit]] -= 2.0
+                    g.mul_(w)
+                    dscale += g.flatten() @ dots.flatten()
+                    da[r0 : r0 + tile].addmm_(g, bc, alpha=s)
+                    db[c0 : c0 + tile].addmm_(g.T, ar, alpha=s)
+        a_type, b_type, scale_type = ctx.dtypes
+        return da.to(a_type), db.to(b_type), dscale.to(scale_type).reshape(scale.shape), None
 
 
 def tiled_cross_entropy(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, offset: int = 0, tile: int = DEFAULT_TILE):
@@ -181,11 +244,12 @@ def tiled_cross_entropy(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, o
 
 def tiled_clip_loss(a, b, logit_scale, gather: bool = True, tile: int = DEFAULT_TILE) -> torch.Tensor:
     """:func:`clip_loss` with the same value and gradients, computed tile by tile."""
-    if not gather:
-        all_a, all_b, offset = a, b, 0
-    else:
-        all_a, all_b = distributed.gather_with_grad(a), distributed.gather_with_grad(b)
-        offset = distributed.rank() * a.shape[0]
+    if not gather or distributed.world_size() == 1:
+        if not torch.is_tensor(logit_scale):
+            logit_scale = torch.tensor(float(logit_scale), device=a.device)
+        return _TiledSymmetricCE.apply(a, b, logit_scale, int(tile))
+    all_a, all_b = distributed.gather_with_grad(a), distributed.gather_with_grad(b)
+    offset = distributed.rank() * a.shape[0]
     return (tiled_cross_entropy(a, all_b, logit_scale, offset, tile) + tiled_cross_entropy(b, all_a, logit_scale, offset, tile)) / 2
 
 
