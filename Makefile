@@ -32,6 +32,10 @@ test: install ## the default test suite (fast unit + integration tests)
 test-slow: install ## long end-to-end tests (marked slow)
 	$(VENV)/bin/pytest -q -m slow tests
 
+bench: install ## benchmarks: tiled vs plain InfoNCE memory, throughput of the speed options
+	OMP_NUM_THREADS=2 $(PY) scripts/bench_loss_memory.py
+	OMP_NUM_THREADS=2 $(PY) scripts/bench_speed_options.py
+
 lint: install ## ruff
 	$(VENV)/bin/ruff check mmpretrain tests scripts
 
@@ -41,4 +45,4 @@ format: install ## ruff format
 clean: ## remove runs and caches (keeps .venv)
 	rm -rf runs outputs multirun .pytest_cache
 
-.PHONY: help install demo test test-slow lint format clean
+.PHONY: help install demo test test-slow bench lint format clean

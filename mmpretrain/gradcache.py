@@ -18,7 +18,9 @@ batch's loss (up to float rounding), whatever k is. Batch-norm layers normalise 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from itertools import pairwise
+from typing import Any
 
 import torch
 
@@ -27,10 +29,12 @@ def split_batch(batch: Mapping[str, Any], chunks: int) -> list[dict[str, Any]]:
     """Split every per-sample entry (tensor or list with the batch's length) into ``chunks`` parts."""
     size = _batch_size(batch)
     if size < chunks:
-        raise ValueError(f"a batch of {size} cannot be split into {chunks} grad-cache chunks; lower optim.grad_cache_chunks")
+        raise ValueError(
+            f"a batch of {size} cannot be split into {chunks} grad-cache chunks; lower optim.grad_cache_chunks"
+        )
     bounds = [round(i * size / chunks) for i in range(chunks + 1)]
     parts = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
+    for lo, hi in pairwise(bounds):
         part = {}
         for k, v in batch.items():
             per_sample = (torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == size) or (
@@ -53,7 +57,11 @@ class _RngState:
 
     def __init__(self):
         self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        self.cuda = (
+            torch.cuda.get_rng_state_all()
+            if torch.cuda.is_available() and torch.cuda.is_initialized()
+            else None
+        )
 
     @contextlib.contextmanager
     def replay(self):
@@ -92,7 +100,11 @@ def grad_cache_backward(
     sizes = [_batch_size(mb) for mb in micro]
     # Pass 1 already updated running statistics (BatchNorm) once per micro-batch, as training on
     # micro-batches would; the replay must not update them a second time.
-    buffers = [b for b in model.buffers() if b.is_floating_point() or b.dtype == torch.long] if isinstance(model, torch.nn.Module) else []
+    buffers = (
+        [b for b in model.buffers() if b.is_floating_point() or b.dtype == torch.long]
+        if isinstance(model, torch.nn.Module)
+        else []
+    )
     saved = [b.clone() for b in buffers]
 
     # The full-batch loss on cached (leaf) outputs; its gradient w.r.t. them, nothing else.

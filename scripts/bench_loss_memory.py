@@ -65,15 +65,22 @@ def run_one(method: str, n: int, dim: int, tile: int) -> dict:
     t2 = time.perf_counter()
     peak_kb = _status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
-        "method": method, "n": n, "dim": dim, "loss": loss.item(), "forward_s": t1 - t0, "backward_s": t2 - t1,
-        "extra_mb": (peak_kb - base_kb) / 1024, "inputs_mb": 2 * n * dim * 4 / 2**20, "exact_peak": exact,
+        "method": method,
+        "n": n,
+        "dim": dim,
+        "loss": loss.item(),
+        "forward_s": t1 - t0,
+        "backward_s": t2 - t1,
+        "extra_mb": (peak_kb - base_kb) / 1024,
+        "inputs_mb": 2 * n * dim * 4 / 2**20,
+        "exact_peak": exact,
     }
 
 
 def spawn(method: str, n: int, dim: int, tile: int, timeout: float) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     cmd = [sys.executable, __file__, "--one", method, str(n), "--dim", str(dim), "--tile", str(tile)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False)
     if proc.returncode != 0:
         return {"method": method, "n": n, "dim": dim, "error": proc.stderr.strip().splitlines()[-1:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -84,7 +91,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384, 65536])
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--tile", type=int, default=2048)
-    parser.add_argument("--mem-cap-gb", type=float, default=3.0, help="do not run plain configs predicted above this")
+    parser.add_argument(
+        "--mem-cap-gb", type=float, default=3.0, help="do not run plain configs predicted above this"
+    )
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--json", type=str, default=None, help="also write the rows here")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
@@ -101,8 +110,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 per = bytes_per_logit or 16.0
                 need_gb = per * n * n / 2**30
                 if need_gb > args.mem_cap_gb:
-                    rows.append({"method": method, "n": n, "dim": args.dim, "skipped": f"does not fit (needs ~{need_gb:.1f} GB)"})
-                    print(f"plain  n={n}: does not fit (needs ~{need_gb:.1f} GB > cap {args.mem_cap_gb} GB)", flush=True)
+                    rows.append(
+                        {
+                            "method": method,
+                            "n": n,
+                            "dim": args.dim,
+                            "skipped": f"does not fit (needs ~{need_gb:.1f} GB)",
+                        }
+                    )
+                    print(
+                        f"plain  n={n}: does not fit (needs ~{need_gb:.1f} GB > cap {args.mem_cap_gb} GB)",
+                        flush=True,
+                    )
                     continue
             row = spawn(method, n, args.dim, args.tile, args.timeout)
             if method == "plain" and "extra_mb" in row:
@@ -116,14 +135,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n| loss  | global batch | dim | extra peak memory | forward s | backward s | loss value |")
+    print("\n| loss  | global batch | dim | extra peak memory | forward s | backward s | loss value |")
     print("|-------|-------------:|----:|------------------:|----------:|-----------:|-----------:|")
     for r in rows:
         if "skipped" in r or "error" in r:
-            print(f"| {r['method']:<5} | {r['n']:>12} | {r['dim']:>3} | {r.get('skipped') or r.get('error')} | | | |")
+            print(
+                f"| {r['method']:<5} | {r['n']:>12} | {r['dim']:>3} | {r.get('skipped') or r.get('error')} | | | |"
+            )
         else:
             mem = f"{r['extra_mb']:.0f} MB" if r["extra_mb"] < 1024 else f"{r['extra_mb'] / 1024:.2f} GB"
-            print(f"| {r['method']:<5} | {r['n']:>12} | {r['dim']:>3} | {mem:>17} | {r['forward_s']:>9.1f} | {r['backward_s']:>10.1f} | {r['loss']:.6f} |")
+            print(
+                f"| {r['method']:<5} | {r['n']:>12} | {r['dim']:>3} | {mem:>17} | {r['forward_s']:>9.1f} | {r['backward_s']:>10.1f} | {r['loss']:.6f} |"
+            )
 
 
 if __name__ == "__main__":

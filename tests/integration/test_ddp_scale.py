@@ -30,7 +30,9 @@ class LinearTower(Tower):
 
 def make_model(bias=None, lock_image=False):
     torch.manual_seed(0)
-    model = ContrastiveModel({"image": LinearTower("image", 5), "text": LinearTower("text", 3)}, 4, init_logit_bias=bias)
+    model = ContrastiveModel(
+        {"image": LinearTower("image", 5), "text": LinearTower("text", 3)}, 4, init_logit_bias=bias
+    )
     if lock_image:
         model.towers["image"].lock(0)
     return model
@@ -38,7 +40,10 @@ def make_model(bias=None, lock_image=False):
 
 def global_batch():
     g = torch.Generator().manual_seed(3)
-    return {"image": torch.randn(GLOBAL_BATCH, 5, generator=g), "text": torch.randn(GLOBAL_BATCH, 3, generator=g)}
+    return {
+        "image": torch.randn(GLOBAL_BATCH, 5, generator=g),
+        "text": torch.randn(GLOBAL_BATCH, 3, generator=g),
+    }
 
 
 def local_batch(rank):
@@ -51,8 +56,8 @@ def grads(model):
 
 
 CASES = {
-    "siglip": dict(bias=-10.0, loss=lambda: SigLIP()),
-    "tiled_infonce": dict(bias=None, loss=lambda: InfoNCE(tiled=True, tile_size=3)),
+    "siglip": {"bias": -10.0, "loss": lambda: SigLIP()},
+    "tiled_infonce": {"bias": None, "loss": lambda: InfoNCE(tiled=True, tile_size=3)},
 }
 
 

@@ -15,7 +15,9 @@ class CaptureGrads(L.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if self.grads is None:
-            self.grads = {n: p.grad.clone() for n, p in pl_module.model.named_parameters() if p.grad is not None}
+            self.grads = {
+                n: p.grad.clone() for n, p in pl_module.model.named_parameters() if p.grad is not None
+            }
 
 
 def first_step_grads(chunks, precision="32-true"):
@@ -28,8 +30,17 @@ def first_step_grads(chunks, precision="32-true"):
     optim = {"lr": 1e-3, "weight_decay": 0.1, "grad_cache_chunks": chunks, "gradient_clip_val": None}
     module = ContrastiveModule(model, InfoNCE(), optim)
     capture = CaptureGrads()
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", precision=precision, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[capture], limit_val_batches=0)
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[capture],
+        limit_val_batches=0,
+    )
     data = [batch(12)]
     trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None))
     return capture.grads, module

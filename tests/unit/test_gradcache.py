@@ -24,19 +24,27 @@ class DropoutTower(Tower):
 
 def make_model(bias=None):
     torch.manual_seed(0)
-    return ContrastiveModel({"image": DropoutTower("image", 6), "text": DropoutTower("text", 5)}, 4, init_logit_bias=bias)
+    return ContrastiveModel(
+        {"image": DropoutTower("image", 6), "text": DropoutTower("text", 5)}, 4, init_logit_bias=bias
+    )
 
 
 def batch(n=12):
     g = torch.Generator().manual_seed(1)
-    return {"image": torch.randn(n, 6, generator=g), "text": torch.randn(n, 5, generator=g), "__key__": [str(i) for i in range(n)]}
+    return {
+        "image": torch.randn(n, 6, generator=g),
+        "text": torch.randn(n, 5, generator=g),
+        "__key__": [str(i) for i in range(n)],
+    }
 
 
 def grads_of(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("loss,bias", [(InfoNCE(), None), (SigLIP(), -10.0), (InfoNCE(tiled=True, tile_size=5), None)])
+@pytest.mark.parametrize(
+    "loss,bias", [(InfoNCE(), None), (SigLIP(), -10.0), (InfoNCE(tiled=True, tile_size=5), None)]
+)
 @pytest.mark.parametrize("chunks", [2, 3, 5])
 def test_grad_cache_equals_one_big_batch(loss, bias, chunks):
     big, cached = make_model(bias), make_model(bias)

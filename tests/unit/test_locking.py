@@ -25,7 +25,10 @@ def tiny(overrides=()):
 
 def batch(n=4):
     g = torch.Generator().manual_seed(0)
-    return {"image": torch.randn(n, 3, 32, 32, generator=g), "text": torch.randint(1, 400, (n, 8), generator=g)}
+    return {
+        "image": torch.randn(n, 3, 32, 32, generator=g),
+        "text": torch.randint(1, 400, (n, 8), generator=g),
+    }
 
 
 def train_steps(model, cfg, steps=2):
@@ -53,7 +56,9 @@ def test_locked_tower_with_frozen_norm_stats_does_not_change():
 
 
 def test_unlocked_groups_leave_exactly_the_last_groups_trainable():
-    model, _ = tiny(["model.towers.image.lock={unlocked_groups: 2}", "model.towers.text.lock={unlocked_groups: 1}"])
+    model, _ = tiny(
+        ["model.towers.image.lock={unlocked_groups: 2}", "model.towers.text.lock={unlocked_groups: 1}"]
+    )
     for tower, n in ((model.towers.image, 2), (model.towers.text, 1)):
         groups = tower.param_groups()
         assert len(groups) > n + 1
@@ -91,9 +96,13 @@ def grads(model):
 
 def test_grad_checkpointing_gives_identical_gradients_for_timm_and_open_clip():
     ref, _ = tiny()
-    ckpt, _ = tiny(["model.towers.image.grad_checkpointing=true", "model.towers.text.grad_checkpointing=true"])
+    ckpt, _ = tiny(
+        ["model.towers.image.grad_checkpointing=true", "model.towers.text.grad_checkpointing=true"]
+    )
     ref.train(), ckpt.train()
-    assert ckpt.towers.text.encoder.transformer.grad_checkpointing and ckpt.towers.image.model.grad_checkpointing
+    assert (
+        ckpt.towers.text.encoder.transformer.grad_checkpointing and ckpt.towers.image.model.grad_checkpointing
+    )
     want, got = grads(ref), grads(ckpt)
     assert set(want) == set(got)
     for name, g in want.items():

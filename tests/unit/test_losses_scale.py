@@ -39,7 +39,11 @@ def test_siglip_matches_brute_force_in_value_and_gradients():
 
 
 def test_siglip_module_reads_bias_from_model_outputs_and_explains_when_absent():
-    model_like = {"image_features": features(4)[0], "text_features": features(4)[1], "logit_scale": torch.tensor(10.0)}
+    model_like = {
+        "image_features": features(4)[0],
+        "text_features": features(4)[1],
+        "logit_scale": torch.tensor(10.0),
+    }
     with pytest.raises(KeyError, match="init_logit_bias"):
         SigLIP()(model_like)
     terms = SigLIP()(model_like | {"logit_bias": torch.tensor(-10.0)})
@@ -60,7 +64,9 @@ def test_model_builds_siglip_bias_with_paper_init_and_exports_it():
         def forward(self, x):
             return self.lin(x)
 
-    model = ContrastiveModel({"image": Lin("image"), "text": Lin("text")}, 4, init_logit_scale=math.log(10), init_logit_bias=-10.0)
+    model = ContrastiveModel(
+        {"image": Lin("image"), "text": Lin("text")}, 4, init_logit_scale=math.log(10), init_logit_bias=-10.0
+    )
     out = model({"image": torch.randn(2, 3), "text": torch.randn(2, 3)})
     assert out["logit_bias"].item() == -10.0 and math.isclose(out["logit_scale"].item(), 10.0, rel_tol=1e-6)
     assert out["logit_bias"].requires_grad and "logit_bias" in dict(model.named_parameters())
