@@ -65,6 +65,8 @@ class ContrastiveModule(L.LightningModule):
             self.log("train/skipped_samples", float(self.skipped_total), batch_size=bs)
         for k, v in self.model.logit_scales.items():
             self.log(f"train/logit_scale/{k}", v.exp(), batch_size=bs)
+        if self.model.logit_bias is not None:
+            self.log("train/logit_bias", self.model.logit_bias.detach(), batch_size=bs)
 
     def _grad_cache_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
