@@ -1,5 +1,6 @@
 """The 2-process gloo InfoNCE gradient equals the 1-process gradient of the same global batch."""
 
+import io
 import os
 import socket
 
@@ -45,8 +46,10 @@ def worker(rank, world, port, queue):
         dist.all_reduce(g)
         g /= world
     dist.all_reduce(loss)
-    if rank == 0:
-        queue.put((loss / world, [g.clone() for g in grads]))
+    if rank == 0:  # as bytes: shared-memory tensors die with this process (flaky under load)
+        buf = io.BytesIO()
+        torch.save((loss / world, [g.clone() for g in grads]), buf)
+        queue.put(buf.getvalue())
     dist.destroy_process_group()
 
 
@@ -65,7 +68,7 @@ def test_two_process_gradient_equals_single_process():
     procs = [ctx.Process(target=worker, args=(r, 2, port, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    loss, grads = queue.get(timeout=120)
+    loss, grads = torch.load(io.BytesIO(queue.get(timeout=120)))
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
