@@ -85,13 +85,17 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 
 def export_cmd(cfg: DictConfig) -> Path:
-    from mmpretrain.export import export, model_from_checkpoint
+    from mmpretrain.export import export, export_open_clip, export_torchscript, model_from_checkpoint, run_provenance
 
-    if cfg.format != "mmpretrain":
-        raise ValueError(f"export format '{cfg.format}' is unknown; use format=mmpretrain")
-    model = model_from_checkpoint(cfg.ckpt)
-    out = export(model, cfg.out, extra={"source_checkpoint": str(cfg.ckpt)})
-    print(f"exported {cfg.ckpt} to {out}")
+    writers = {"mmpretrain": None, "open_clip": export_open_clip, "torchscript": export_torchscript}
+    if cfg.format not in writers:
+        raise ValueError(f"export format '{cfg.format}' is unknown; use format=mmpretrain|open_clip|torchscript")
+    model = model_from_checkpoint(cfg.ckpt, _plain(cfg.get("model")))
+    if cfg.format == "mmpretrain":
+        out = export(model, cfg.out, extra={"source_checkpoint": str(cfg.ckpt)} | run_provenance(cfg.ckpt))
+    else:
+        out = writers[cfg.format](model, cfg.out)
+    print(f"exported {cfg.ckpt} to {out} (format={cfg.format})")
     return out
 
 
