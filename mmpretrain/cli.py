@@ -84,6 +84,26 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def finetune(cfg: DictConfig) -> dict[str, float]:
+    import lightning as L
+
+    from mmpretrain import finetune as tasks
+    from mmpretrain.evaluation.zeroshot import read_lines
+    from mmpretrain.export import model_from_checkpoint
+
+    run_dir = _start_run(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    _ensure_data(cfg.data)
+    model = model_from_checkpoint(cfg.pretrained, _plain(cfg.get("model")))
+    classnames_file = (cfg.data.get("val") or {}).get("classnames")
+    classnames = read_lines(classnames_file) if classnames_file and Path(classnames_file).exists() else None
+    metrics = tasks.run(_plain(cfg.task), model, _plain(cfg.data), _plain(cfg.trainer),
+                        run_dir, classnames=classnames, seed=cfg.seed)
+    print(f"{cfg.task.name}: val accuracy {metrics['val/accuracy']:.4f}, macro-F1 {metrics['val/f1_macro']:.4f}")
+    _end_run(run_dir)
+    return metrics
+
+
 def export_cmd(cfg: DictConfig) -> Path:
     from mmpretrain.export import export, export_open_clip, export_torchscript, model_from_checkpoint, run_provenance
 
@@ -175,6 +195,7 @@ def _hydra_command(fn: Callable, config_name: str, returns_metric: bool = False)
 COMMANDS: dict[str, tuple[Callable, str, str]] = {
     "train": (train, "train", "train a contrastive model (Hydra overrides; -m for sweeps)"),
     "eval": (evaluate, "eval", "zero-shot + retrieval of ckpt=PATH on data.val"),
+    "finetune": (finetune, "finetune", "task=linear_probe|full|fusion pretrained=CKPT_OR_DIR: classification"),
     "export": (export_cmd, "export", "ckpt=PATH out=DIR -> model.safetensors + config.json"),
     "data": (data, "build_data", "NAME out=DIR: write a bundled dataset (digits) as shards"),
 }
