@@ -59,8 +59,9 @@ class TowerClassifier(nn.Module):
         groups = tower.param_groups() if layer_decay else [list(tower.parameters())]
         n = len(groups)
         out = [{"params": list(self.head.parameters()), "lr": lr, "name": "head"}]
-        out.append({"params": list(self.model.projections[self.modality].parameters()), "lr": lr * tower_lr_scale,
-                    "name": "projection"})
+        if self.kind == "embedding":  # the projection is used (and trained) only for embedding features
+            out.append({"params": list(self.model.projections[self.modality].parameters()),
+                        "lr": lr * tower_lr_scale, "name": "projection"})
         for i, params in enumerate(groups):
             scale = tower_lr_scale * (layer_decay ** (n - 1 - i) if layer_decay else 1.0)
             out.append({"params": params, "lr": lr * scale, "name": f"tower.{i}"})

@@ -37,6 +37,7 @@ def run(task: dict[str, Any], model: ContrastiveModel, data: dict[str, Any], tra
         datamodule = ContrastiveDataModule(data, lambda train: _preprocess(model, modalities, train), seed=seed)
         fit_kwargs = {"datamodule": datamodule}
         if task["name"] == "full":
+            model.train()  # exported models load in eval mode; fine-tuning trains dropout and norm statistics
             net = TowerClassifier(model, task["modality"], num_classes, kind=task.get("features", "tower"))
             groups = net.param_groups(float(task["lr"]), float(task["tower_lr_scale"]), task.get("layer_decay"))
         else:

@@ -154,6 +154,7 @@ def test_malicious_pickle_checkpoint_is_refused_and_never_runs(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_torchscript_export_matches(oc_model, tmp_path):
     export_cmd_model = oc_model
     from mmpretrain.export import export_torchscript
