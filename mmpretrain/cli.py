@@ -68,16 +68,17 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     run_dir = _start_run(cfg)
     L.seed_everything(cfg.seed)
     _ensure_data(cfg.data)
-    model = model_from_checkpoint(cfg.ckpt)
+    model = model_from_checkpoint(cfg.ckpt, _plain(cfg.get("model")))
     datamodule = ContrastiveDataModule(cfg.data, model.preprocess, seed=cfg.seed)
-    module = ContrastiveModule(model, loss=_InfoNCEForAllPairs(model), optim={}, zeroshot=_zeroshot_prompts(cfg.data))
+    prompts = _zeroshot_prompts({"val": {"classnames": cfg.get("classnames"), "templates": cfg.get("templates")}})
+    module = ContrastiveModule(model, loss=_InfoNCEForAllPairs(model), optim={}, zeroshot=prompts)
     trainer = L.Trainer(**_plain(cfg.trainer) | {"logger": False, "enable_checkpointing": False})
     (metrics,) = trainer.validate(module, datamodule=datamodule, verbose=False)
     for key, value in sorted(metrics.items()):
         if "zeroshot_top1" in key:
             print(f"{key.split('/')[-1]} zero-shot top-1: {value:.4f}")
     for key, value in sorted(metrics.items()):
-        if key.startswith("val/retrieval_R@"):
+        if key.startswith(("val/retrieval_R@", "val/retrieval_mean_rank", "val/retrieval_median_rank")):
             print(f"{key.removeprefix('val/retrieval_')}: {value:.4f}")
     (run_dir / "eval_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     _end_run(run_dir)
@@ -160,10 +161,10 @@ def _zeroshot_prompts(data_cfg: DictConfig) -> dict[str, list[str]] | None:
     from mmpretrain.evaluation.zeroshot import read_lines
 
     val = data_cfg.get("val") or {}
-    if not (val.get("classnames") and Path(val.classnames).exists()):
+    if not (val.get("classnames") and Path(val["classnames"]).exists()):
         return None
-    templates = read_lines(val.templates) if val.get("templates") and Path(val.templates).exists() else ["{}"]
-    return {"classnames": read_lines(val.classnames), "templates": templates}
+    templates = read_lines(val["templates"]) if val.get("templates") and Path(val["templates"]).exists() else ["{}"]
+    return {"classnames": read_lines(val["classnames"]), "templates": templates}
 
 
 def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:

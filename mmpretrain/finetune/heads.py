@@ -133,8 +133,11 @@ class FusionClassifier(nn.Module):
             self.heads = nn.ModuleDict({m: nn.Linear(model.embed_dim, num_classes) for m in self.modalities})
             self.weights = nn.Parameter(torch.zeros(len(self.modalities)))
             return
-        with torch.no_grad():  # token widths per modality, from one example batch
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():  # token widths per modality, from one example
             dims = {m: tower_tokens(model, m, example[m][:1])[0].shape[-1] for m in self.modalities}
+        model.train(was_training)
         self.proj = nn.ModuleDict({m: nn.Linear(dims[m], width) for m in self.modalities})
         self.type_embed = nn.ParameterDict({m: nn.Parameter(torch.zeros(width)) for m in self.modalities})
         if fusion == "early":

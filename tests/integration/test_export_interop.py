@@ -166,3 +166,28 @@ def test_torchscript_export_matches(oc_model, tmp_path):
     img, txt = _embed(oc_model)
     torch.testing.assert_close(torch.jit.load(str(out / "encode_image.pt"))(x), img, atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.jit.load(str(out / "encode_text.pt"))(t), txt, atol=1e-5, rtol=0)
+
+
+def test_eval_reads_prompts_from_files_and_accepts_an_open_clip_directory(oc_model, digits_root, tmp_path):
+    from mmpretrain.cli import evaluate
+    from mmpretrain.data import ShardStream, Source, expand_shards
+    from mmpretrain.evaluation import class_embeddings, zero_shot_accuracy
+
+    out = export_open_clip(oc_model, tmp_path / "oc")
+    names = ["nought", "uno", "deux", "drei", "quattro", "cinco", "sei", "sieben", "huit", "nueve"]
+    (tmp_path / "classes.txt").write_text("\n".join(names) + "\n")
+    (tmp_path / "templates.txt").write_text("digit {}\n{} written by hand\n")
+    metrics = evaluate(compose_config("eval", [
+        f"ckpt={out}", f"data.root={digits_root}", "data.num_workers=0", "data.batch_size=40",
+        "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
+        f"classnames={tmp_path}/classes.txt", f"templates={tmp_path}/templates.txt"], run_dir=tmp_path / "e"))
+    # the same 40 samples scored by hand with those prompts
+    prep = oc_model.preprocess(False)
+    batch = next(iter(ShardStream([Source("v", expand_shards(f"{digits_root}/val/*.tar"))], prep, batch_size=40, train=False)))
+    with torch.no_grad():
+        classes = class_embeddings(names, ["digit {}", "{} written by hand"],
+                                   lambda p: oc_model.encode_text(torch.stack([prep["text"](x) for x in p])))
+        expected = zero_shot_accuracy(oc_model.encode_image(batch["image"]), batch["cls"], classes)
+    assert metrics["val/zeroshot_top1/image_text"] == pytest.approx(expected["top1"])
+    assert metrics["val/zeroshot_top5/image_text"] == pytest.approx(expected["top5"])
+    assert {"val/retrieval_mean_rank/image_to_text", "val/retrieval_median_rank/text_to_image"} <= set(metrics)
