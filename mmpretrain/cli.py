@@ -106,7 +106,13 @@ def finetune(cfg: DictConfig) -> dict[str, float]:
 
 
 def export_cmd(cfg: DictConfig) -> Path:
-    from mmpretrain.export import export, export_open_clip, export_torchscript, model_from_checkpoint, run_provenance
+    from mmpretrain.export import (
+        export,
+        export_open_clip,
+        export_torchscript,
+        model_from_checkpoint,
+        run_provenance,
+    )
 
     writers = {"mmpretrain": None, "open_clip": export_open_clip, "torchscript": export_torchscript}
     if cfg.format not in writers:

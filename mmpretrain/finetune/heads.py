@@ -151,7 +151,7 @@ class FusionClassifier(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, num_classes)
 
-    def train(self, mode: bool = True) -> "FusionClassifier":
+    def train(self, mode: bool = True) -> FusionClassifier:
         super().train(mode)
         if self.freeze_towers:
             self.model.eval()  # frozen towers keep dropout off and norm statistics as loaded

@@ -13,7 +13,13 @@ from PIL import Image
 
 import mmpretrain
 from mmpretrain.cli import export_cmd
-from mmpretrain.export import UnsafeCheckpointError, export, export_open_clip, model_from_checkpoint, open_clip_model_config
+from mmpretrain.export import (
+    UnsafeCheckpointError,
+    export,
+    export_open_clip,
+    model_from_checkpoint,
+    open_clip_model_config,
+)
 from tests.conftest import compose_config
 
 ROOT = Path(__file__).resolve().parents[2]
