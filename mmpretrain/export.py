@@ -274,7 +274,8 @@ def model_card(model: ContrastiveModel, extra: dict[str, Any]) -> str:
     data = train_cfg.get("data") or {}
     sources = ", ".join(f"`{s.get('shards')}`" for s in (data.get("sources") or {}).values() if s) or "not recorded"
     metrics = extra.get("metrics") or {}
-    metric_lines = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()) if isinstance(v, (int, float)))
+    metric_lines = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items())
+                             if isinstance(v, (int, float)) and k.startswith("val/"))
     loss = (train_cfg.get("loss") or {}).get("_target_", "not recorded")
     optim = train_cfg.get("optim") or {}
     trainer = train_cfg.get("trainer") or {}

@@ -52,6 +52,7 @@ def run(task: dict[str, Any], model: ContrastiveModel, data: dict[str, Any], tra
         warmup_steps=float(task.get("warmup_steps", 0.0)), label_smoothing=float(task.get("label_smoothing", 0.0)),
         hparams={"model": model.config(), "task": task, "num_classes": num_classes},
     )
+    module.train()  # Lightning keeps the modes it finds; frozen fusion towers switch themselves to eval here
     fit = L.Trainer(
         **trainer | {"max_epochs": int(task["epochs"]), "max_steps": -1},
         default_root_dir=str(run_dir),

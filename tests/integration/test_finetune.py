@@ -120,3 +120,24 @@ def test_bad_task_inputs_fail_with_clear_messages(digits_root, tmp_path):
     with pytest.raises(ValueError, match="model=openclip model.config="):
         finetune(compose_config("finetune", FAST + [f"pretrained={tmp_path}/exp/model.safetensors",
                                                     f"data.root={digits_root}"], run_dir=tmp_path / "c"))
+
+
+@pytest.mark.slow
+def test_frozen_fusion_towers_keep_their_norm_statistics(digits_root, tmp_path):
+    cfg = compose_config("train", ["model=tiny", "model.towers.text.config.text_cfg.layers=1"])
+    torch.manual_seed(0)
+    model = mmpretrain.create_model(cfg.model)  # timm CNN with BatchNorm, in train mode
+    before = {k: v.clone() for k, v in model.towers.image.state_dict().items() if "running" in k}
+    from mmpretrain.finetune import run
+
+    fcfg = compose_config("finetune", ["task=fusion", "fusion=late", "pretrained=unused", f"data.root={digits_root}",
+                                       "data.num_workers=0", "data.batch_size=32"])
+    task = dict(fcfg.task) | {"epochs": 1, "fusion": "late"}
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.to_container(fcfg.data, resolve=True)
+    trainer = OmegaConf.to_container(fcfg.trainer, resolve=True) | {"limit_train_batches": 2, "limit_val_batches": 1,
+                                                                     "enable_progress_bar": False}
+    run(task, model, data, trainer, tmp_path, classnames=[str(i) for i in range(10)])
+    after = model.towers.image.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
