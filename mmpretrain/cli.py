@@ -72,30 +72,61 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     run_dir = _start_run(cfg)
     L.seed_everything(cfg.seed)
     _ensure_data(cfg.data)
-    model = model_from_checkpoint(cfg.ckpt)
+    model = model_from_checkpoint(cfg.ckpt, _plain(cfg.get("model")))
     datamodule = ContrastiveDataModule(cfg.data, model.preprocess, seed=cfg.seed)
-    module = ContrastiveModule(model, loss=_InfoNCEForAllPairs(model), optim={}, zeroshot=_zeroshot_prompts(cfg.data))
+    prompts = _zeroshot_prompts({"val": {"classnames": cfg.get("classnames"), "templates": cfg.get("templates")}})
+    module = ContrastiveModule(model, loss=_InfoNCEForAllPairs(model), optim={}, zeroshot=prompts)
     trainer = L.Trainer(**_plain(cfg.trainer) | {"logger": False, "enable_checkpointing": False})
     (metrics,) = trainer.validate(module, datamodule=datamodule, verbose=False)
     for key, value in sorted(metrics.items()):
         if "zeroshot_top1" in key:
             print(f"{key.split('/')[-1]} zero-shot top-1: {value:.4f}")
     for key, value in sorted(metrics.items()):
-        if key.startswith("val/retrieval_R@"):
+        if key.startswith(("val/retrieval_R@", "val/retrieval_mean_rank", "val/retrieval_median_rank")):
             print(f"{key.removeprefix('val/retrieval_')}: {value:.4f}")
     (run_dir / "eval_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     _end_run(run_dir)
     return metrics
 
 
-def export_cmd(cfg: DictConfig) -> Path:
-    from mmpretrain.export import export, model_from_checkpoint
+def finetune(cfg: DictConfig) -> dict[str, float]:
+    import lightning as L
 
-    if cfg.format != "mmpretrain":
-        raise ValueError(f"export format '{cfg.format}' is unknown; use format=mmpretrain")
-    model = model_from_checkpoint(cfg.ckpt)
-    out = export(model, cfg.out, extra={"source_checkpoint": str(cfg.ckpt)})
-    print(f"exported {cfg.ckpt} to {out}")
+    from mmpretrain import finetune as tasks
+    from mmpretrain.evaluation.zeroshot import read_lines
+    from mmpretrain.export import model_from_checkpoint
+
+    run_dir = _start_run(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    _ensure_data(cfg.data)
+    model = model_from_checkpoint(cfg.pretrained, _plain(cfg.get("model")))
+    classnames_file = (cfg.data.get("val") or {}).get("classnames")
+    classnames = read_lines(classnames_file) if classnames_file and Path(classnames_file).exists() else None
+    metrics = tasks.run(_plain(cfg.task), model, _plain(cfg.data), _plain(cfg.trainer),
+                        run_dir, classnames=classnames, seed=cfg.seed)
+    print(f"{cfg.task.name}: val accuracy {metrics['val/accuracy']:.4f}, macro-F1 {metrics['val/f1_macro']:.4f}")
+    _end_run(run_dir)
+    return metrics
+
+
+def export_cmd(cfg: DictConfig) -> Path:
+    from mmpretrain.export import (
+        export,
+        export_open_clip,
+        export_torchscript,
+        model_from_checkpoint,
+        run_provenance,
+    )
+
+    writers = {"mmpretrain": None, "open_clip": export_open_clip, "torchscript": export_torchscript}
+    if cfg.format not in writers:
+        raise ValueError(f"export format '{cfg.format}' is unknown; use format=mmpretrain|open_clip|torchscript")
+    model = model_from_checkpoint(cfg.ckpt, _plain(cfg.get("model")))
+    if cfg.format == "mmpretrain":
+        out = export(model, cfg.out, extra={"source_checkpoint": str(cfg.ckpt)} | run_provenance(cfg.ckpt))
+    else:
+        out = writers[cfg.format](model, cfg.out)
+    print(f"exported {cfg.ckpt} to {out} (format={cfg.format})")
     return out
 
 
@@ -155,10 +186,10 @@ def _zeroshot_prompts(data_cfg: DictConfig) -> dict[str, list[str]] | None:
     from mmpretrain.evaluation.zeroshot import read_lines
 
     val = data_cfg.get("val") or {}
-    if not (val.get("classnames") and Path(val.classnames).exists()):
+    if not (val.get("classnames") and Path(val["classnames"]).exists()):
         return None
-    templates = read_lines(val.templates) if val.get("templates") and Path(val.templates).exists() else ["{}"]
-    return {"classnames": read_lines(val.classnames), "templates": templates}
+    templates = read_lines(val["templates"]) if val.get("templates") and Path(val["templates"]).exists() else ["{}"]
+    return {"classnames": read_lines(val["classnames"]), "templates": templates}
 
 
 def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
@@ -190,6 +221,7 @@ def _hydra_command(fn: Callable, config_name: str, returns_metric: bool = False)
 COMMANDS: dict[str, tuple[Callable, str, str]] = {
     "train": (train, "train", "train a contrastive model (Hydra overrides; -m for sweeps)"),
     "eval": (evaluate, "eval", "zero-shot + retrieval of ckpt=PATH on data.val"),
+    "finetune": (finetune, "finetune", "task=linear_probe|full|fusion pretrained=CKPT_OR_DIR: classification"),
     "export": (export_cmd, "export", "ckpt=PATH out=DIR -> model.safetensors + config.json"),
     "data": (data, "build_data", "NAME out=DIR: write a bundled dataset (digits) as shards"),
 }

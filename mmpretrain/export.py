@@ -20,6 +20,7 @@ from mmpretrain.model import ContrastiveModel, build_model
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+PREPROCESS_NAME = "preprocess.json"
 FORMAT_VERSION = 1
 
 
@@ -68,15 +69,25 @@ def strip_prefixes(state: dict[str, torch.Tensor], prefixes=("module.", "_orig_m
     return out
 
 
-def model_from_checkpoint(path: str | Path) -> ContrastiveModel:
-    """Rebuild a ContrastiveModel from an mmpretrain ``.ckpt`` or an exported directory."""
+def model_from_checkpoint(path: str | Path, model_cfg: dict[str, Any] | None = None) -> ContrastiveModel:
+    """Rebuild a ContrastiveModel from an mmpretrain ``.ckpt``, an exported directory (mmpretrain or
+    open_clip layout), or an open_clip checkpoint (``.pt``/``.safetensors``; needs ``model_cfg``, a
+    ``model=openclip`` config naming the open_clip model-config JSON)."""
     path = Path(path)
     if path.is_dir():
+        if not (path / CONFIG_NAME).exists() and (path / OPEN_CLIP_CONFIG).exists():
+            oc = json.loads((path / OPEN_CLIP_CONFIG).read_text())
+            return model_from_open_clip_checkpoint(path / OPEN_CLIP_WEIGHTS, open_clip_model_config(oc["model_cfg"]))
         return load_pretrained(path)
     ckpt = read_checkpoint(path)
     hp = ckpt.get("hyper_parameters") or {}
     if "model" not in hp:
-        raise ValueError(f"{path} has no model config in hyper_parameters; is it an mmpretrain training checkpoint?")
+        if model_cfg:
+            return model_from_open_clip_checkpoint(path, model_cfg)
+        raise ValueError(
+            f"{path} has no model config in hyper_parameters, so it is not an mmpretrain training checkpoint. "
+            f"For an open_clip checkpoint also give its model config: model=openclip model.config=PATH.json"
+        )
     model = build_model(hp["model"])
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     load_into(model, state, str(path))
@@ -112,16 +123,248 @@ def export(model: ContrastiveModel, out: str | Path, extra: dict[str, Any] | Non
     _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
     config = {"format_version": FORMAT_VERSION, "model": model.config(), **(extra or {})}
     _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2, default=str)))
+    settings = json.dumps(preprocess_settings(model), indent=2, default=str)
+    _atomic_write(out / PREPROCESS_NAME, lambda p: Path(p).write_text(settings))
+    card = model_card(model, extra or {})
+    _atomic_write(out / "README.md", lambda p: Path(p).write_text(card))
     return out
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> ContrastiveModel:
-    """Load an exported directory: a ContrastiveModel in eval mode with ``encode_*`` and
-    ``preprocess(train=False)`` (image transforms, tokenizer) ready to use."""
+    """Load an exported directory: a ContrastiveModel in eval mode with ``encode_*`` /
+    ``encode(modality, x)``, ``transforms`` (``{modality: callable}``, eval mode) and ``tokenizer``
+    (one caption -> token ids; None without a text tower)."""
     path = Path(path)
     if not (path / CONFIG_NAME).exists():
-        raise FileNotFoundError(f"{path} is not an exported mmpretrain model (no {CONFIG_NAME}); run `mmpretrain export`")
+        hint = " (it is in open_clip's layout: load it with open_clip 'local-dir:')" if (path / OPEN_CLIP_CONFIG).exists() else ""
+        raise FileNotFoundError(
+            f"{path} is not an exported mmpretrain model (no {CONFIG_NAME}){hint}; run `mmpretrain export`"
+        )
     config = json.loads((path / CONFIG_NAME).read_text())
     model = build_model(config["model"])
     load_into(model, load_file(str(path / WEIGHTS_NAME)), str(path))
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    model.transforms = model.preprocess(train=False)
+    model.tokenizer = model.transforms.get("text")
+    return model
+
+
+# -- open_clip interop ---------------------------------------------------------------------------
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
+# Our keys <-> open_clip CustomTextCLIP keys (the open_clip towers keep open_clip's own sub-keys).
+_OPEN_CLIP_PREFIXES = {"towers.image.": "", "towers.text.": "", "logit_scales.shared": "logit_scale"}
+
+
+def open_clip_model_cfg(model: ContrastiveModel) -> dict[str, Any]:
+    """The one open_clip model_cfg behind every tower, or a clear error if the model is not open_clip-native."""
+    from mmpretrain.towers.open_clip import OpenClipTower
+
+    kinds = {m: type(t).__name__ for m, t in model.towers.items()}
+    if set(model.modalities) != {"image", "text"} or not all(isinstance(t, OpenClipTower) for t in model.towers.values()):
+        raise ValueError(
+            f"format=open_clip needs an image and a text tower both built by open_clip (model=openclip "
+            f"model.config=JSON); this model has {kinds}. Use format=mmpretrain for it."
+        )
+    cfgs = [t.model_cfg for t in model.towers.values()]
+    if cfgs[0] != cfgs[1]:
+        raise ValueError(
+            "format=open_clip needs both towers built from the same open_clip model config; "
+            "these two differ. Use format=mmpretrain."
+        )
+    if set(model.logit_scales) != {"shared"}:
+        raise ValueError("format=open_clip needs one shared temperature (temperature_pairs=null)")
+    return dict(cfgs[0])
+
+
+def to_open_clip_state_dict(model: ContrastiveModel) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in model.state_dict().items():
+        for ours, theirs in _OPEN_CLIP_PREFIXES.items():
+            if k.startswith(ours):
+                out[theirs + k[len(ours):]] = v.detach().contiguous().cpu()
+                break
+        else:
+            raise ValueError(f"tensor '{k}' has no open_clip counterpart")
+    return out
+
+
+def from_open_clip_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An open_clip state dict (trainer checkpoint: ``module.`` prefixes, CLIP or CustomTextCLIP
+    layout) as this package's keys for ``model=openclip``."""
+    from open_clip.model import convert_to_custom_text_state_dict
+
+    state = convert_to_custom_text_state_dict(strip_prefixes(state))
+    out = {}
+    for k, v in state.items():
+        if k.startswith("visual."):
+            out[f"towers.image.{k}"] = v
+        elif k.startswith("text."):
+            out[f"towers.text.{k}"] = v
+        elif k == "logit_scale":
+            out["logit_scales.shared"] = v.reshape(())
+        # logit_bias (SigLIP) and other extras have no counterpart in an InfoNCE model
+    return out
+
+
+def open_clip_model_config(model_cfg: dict[str, Any] | str) -> dict[str, Any]:
+    """The ``model=openclip`` config (both towers from one open_clip model config)."""
+    tower = "mmpretrain.towers.open_clip.OpenClipTower"
+    return {
+        "embed_dim": None,
+        "temperature_pairs": None,
+        "towers": {m: {"_target_": tower, "modality": m, "config": model_cfg} for m in ("image", "text")},
+    }
+
+
+def model_from_open_clip_checkpoint(path: str | Path, model_cfg: dict[str, Any]) -> ContrastiveModel:
+    """An open_clip checkpoint (``.pt`` from open_clip's trainer, or ``.safetensors``) as a
+    ContrastiveModel with open_clip towers built from ``model_cfg`` (a ``model=openclip`` config)."""
+    model = build_model(model_cfg)
+    state = from_open_clip_state_dict(read_state_dict(path))
+    if not state:
+        raise ValueError(f"{path} holds no open_clip tensors (visual.*, text.* or CLIP text keys)")
+    load_into(model, state, str(path))
+    return model
+
+
+def export_open_clip(model: ContrastiveModel, out: str | Path) -> Path:
+    """open_clip's own directory layout: ``open_clip.create_model_and_transforms("local-dir:DIR")``
+    and ``open_clip.get_tokenizer("local-dir:DIR")`` load it without mmpretrain."""
+    from mmpretrain.towers.open_clip import preprocess_cfg
+
+    model_cfg = open_clip_model_cfg(model)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    # custom_text: our text tower is open_clip's TextTransformer under ``text.``, as in CustomTextCLIP.
+    oc_model_cfg = {k: v for k, v in model_cfg.items() if k != "preprocess_cfg"} | {"custom_text": True}
+    config = {"model_cfg": oc_model_cfg, "preprocess_cfg": preprocess_cfg(model_cfg)}
+    state = to_open_clip_state_dict(model)
+    _atomic_write(out / OPEN_CLIP_WEIGHTS, lambda p: save_file(state, p, metadata={"format": "pt"}))
+    _atomic_write(out / OPEN_CLIP_CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+    return out
+
+
+# -- what an export says about itself ------------------------------------------------------------
+def preprocess_settings(model: ContrastiveModel) -> dict[str, Any]:
+    """Per-modality preprocessing (image transform settings, tokenizer) as plain JSON."""
+    from mmpretrain.towers.open_clip import OpenClipTower, build_tokenizer, preprocess_cfg
+
+    out: dict[str, Any] = {}
+    for m, t in model.towers.items():
+        if isinstance(t, OpenClipTower) and m == "text":
+            tok = build_tokenizer(t.model_cfg)
+            out[m] = {"tokenizer": type(tok).__name__, "context_length": tok.context_length,
+                      "library": "open_clip"}
+        elif isinstance(t, OpenClipTower):
+            out[m] = {"library": "open_clip", **preprocess_cfg(t.model_cfg)}
+        elif hasattr(t, "data_config"):
+            out[m] = {"library": "timm", **{k: v for k, v in t.data_config.items()}}
+    return out
+
+
+def model_card(model: ContrastiveModel, extra: dict[str, Any]) -> str:
+    """A short README.md: what the model is, how it was trained, on what, and how well it did."""
+    towers = "\n".join(
+        f"| {m} | `{t.config.get('_target_', type(t).__name__).rsplit('.', 1)[-1]}` | "
+        f"{t.config.get('model_name') or _oc_summary(t)} | {t.output_dim} |"
+        for m, t in model.towers.items()
+    )
+    train_cfg = extra.get("train_config") or {}
+    data = train_cfg.get("data") or {}
+    sources = ", ".join(f"`{s.get('shards')}`" for s in (data.get("sources") or {}).values() if s) or "not recorded"
+    metrics = extra.get("metrics") or {}
+    metric_lines = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items())
+                             if isinstance(v, (int, float)) and k.startswith("val/"))
+    loss = (train_cfg.get("loss") or {}).get("_target_", "not recorded")
+    optim = train_cfg.get("optim") or {}
+    trainer = train_cfg.get("trainer") or {}
+    return f"""# mmpretrain contrastive model
+
+Modalities: {", ".join(model.modalities)} · shared embedding dim {model.embed_dim} · L2-normalised embeddings.
+
+| modality | tower | architecture | tower output dim |
+| --- | --- | --- | --- |
+{towers}
+
+## Use
+
+```python
+import mmpretrain
+model = mmpretrain.load_pretrained("THIS_DIR")
+x = model.transforms["image"](pil_image)[None]          # or model.tokenizer("a caption")[None]
+emb = model.encode("image", x)
+```
+
+Files: `model.safetensors` (weights), `config.json` (model config + provenance),
+`preprocess.json` (transforms and tokenizer settings). Loading never unpickles.
+
+## Training
+
+- source: {extra.get("source_checkpoint", "end of training run")}
+- objective: `{loss}` · optimiser lr {optim.get("lr", "?")}, weight decay {optim.get("weight_decay", "?")}
+- trainer: max_epochs {trainer.get("max_epochs", "?")}, max_steps {trainer.get("max_steps", "?")}, precision {trainer.get("precision", "?")}
+- data: {sources}; val `{(data.get("val") or {}).get("shards", "not recorded")}`
+
+## Metrics (validation, end of training)
+
+| metric | value |
+| --- | --- |
+{metric_lines or "| not recorded | |"}
+"""
+
+
+def _oc_summary(tower) -> str:
+    cfg = getattr(tower, "model_cfg", {})
+    part = cfg.get("vision_cfg" if tower.modality == "image" else "text_cfg", {})
+    return f"open_clip {tower.modality}: layers {part.get('layers')}, width {part.get('width')}"
+
+
+def run_provenance(ckpt: str | Path) -> dict[str, Any]:
+    """Training config and final metrics of the run a checkpoint came from (``<run>/checkpoints/x.ckpt``)."""
+    ckpt = Path(ckpt)
+    out: dict[str, Any] = {}
+    for run in (ckpt.parent.parent, ckpt.parent):
+        if (run / "metrics.json").exists() and "metrics" not in out:
+            out["metrics"] = json.loads((run / "metrics.json").read_text())
+        if (run / "config.yaml").exists() and "train_config" not in out:
+            import yaml
+
+            out["train_config"] = yaml.safe_load((run / "config.yaml").read_text())
+    if ckpt.is_dir() and (ckpt / CONFIG_NAME).exists():
+        prev = json.loads((ckpt / CONFIG_NAME).read_text())
+        out |= {k: prev[k] for k in ("metrics", "train_config") if k in prev}
+    return out
+
+
+# -- TorchScript (optional) -----------------------------------------------------------------------
+class _Encoder(torch.nn.Module):
+    def __init__(self, model: ContrastiveModel, modality: str):
+        super().__init__()
+        self.tower, self.projection = model.towers[modality], model.projections[modality]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(self.projection(self.tower(x)), dim=-1)
+
+
+def export_torchscript(model: ContrastiveModel, out: str | Path) -> Path:
+    """One traced ``encode_<modality>.pt`` per tower (``torch.jit.load``; normalised embeddings).
+
+    Traced with an example of each tower's own preprocessing, so the shapes are fixed except batch.
+    """
+    from PIL import Image
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    prep = model.preprocess(train=False)
+    examples = {"image": lambda: prep["image"](Image.new("RGB", (64, 64)))[None],
+                "text": lambda: prep["text"]("a caption")[None]}
+    for m in model.modalities:
+        if m not in examples:
+            raise ValueError(f"format=torchscript supports image and text towers, not '{m}'")
+        x = torch.cat([examples[m]()] * 2)
+        with torch.no_grad():
+            traced = torch.jit.trace(_Encoder(model, m), x, check_trace=False)
+        traced.save(str(out / f"encode_{m}.pt"))
+    return out

@@ -1,0 +1,8 @@
+"""Downstream tasks on pretrained towers: linear probe, full fine-tuning, multimodal fusion.
+
+``run(task_cfg, model, data_cfg, trainer_cfg, run_dir)`` is the one entry point (``mmpretrain finetune``).
+"""
+
+from mmpretrain.finetune.tasks import run
+
+__all__ = ["run"]
