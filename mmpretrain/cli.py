@@ -216,9 +216,25 @@ def _name_sweep_run(cfg: DictConfig) -> bool:
         return False
     wandb_cfg = (cfg.get("logger") or {}).get("wandb")
     if wandb_cfg is not None:
+        swept = _swept_keys(hc)
+        own = [o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") in swept]
         wandb_cfg.group = wandb_cfg.get("group") or Path(hc.sweep.dir).name
-        wandb_cfg.name = wandb_cfg.get("name") or f"{hc.job.num}:{hc.job.override_dirname}"[:128]
+        wandb_cfg.name = wandb_cfg.get("name") or f"{hc.job.num}: {' '.join(own) or hc.job.override_dirname}"[:128]
     return True
+
+
+def _swept_keys(hc: Any) -> set[str]:
+    """Keys a sweep varies: command-line sweep overrides (a,b / range() / choice()) and the
+    sweeper's search space (hydra.sweeper.params)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys = set((hc.sweeper.get("params") or {}).keys())
+    try:
+        parsed = OverridesParser.create().parse_overrides([a for a in sys.argv[1:] if "=" in a])
+        keys |= {o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()}
+    except Exception:  # noqa: BLE001 - a launcher's own argv (submitit) is not ours to parse
+        pass
+    return keys
 
 
 class SweepCallback(HydraCallback):

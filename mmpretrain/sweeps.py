@@ -54,7 +54,8 @@ class SweepSummary:
 
     def columns(self) -> list[str]:
         keys = {k for r in self.runs for k in r.metrics}
-        rest = sorted(k for k in keys if k != self.metric and k.startswith(HEADLINE))
+        rest = sorted(k for k in keys if k != self.metric and (k.startswith(HEADLINE) or
+                                                                (k.startswith("val/") and k.endswith("loss"))))
         return [self.metric, *rest]
 
 
