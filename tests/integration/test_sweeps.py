@@ -126,7 +126,8 @@ def test_optuna_search_runs_trials_and_stores_the_study_in_the_sweep_dir(digits_
 
     sweep = tmp_path / "search"
     mmpretrain("train", "hparams_search=digits_optuna", "hydra.sweeper.n_trials=4", "hydra.sweeper.sampler.n_startup_trials=2",
-               "logger=csv", "callbacks.plots=null", f"data.root={digits_root}", *TINY, f"hydra.sweep.dir={sweep}")
+               "logger=csv", "callbacks.plots=null", "callbacks.model_checkpoint.save_top_k=0",
+               "callbacks.model_checkpoint.save_last=false", f"data.root={digits_root}", *TINY, f"hydra.sweep.dir={sweep}")
     study = optuna.load_study(study_name="digits_clip", storage=f"sqlite:///{sweep}/optuna.sqlite")
     trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(trials) == 4
