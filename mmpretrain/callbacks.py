@@ -29,14 +29,17 @@ class StepStats(L.Callback):
         self._start: float | None = None
         self._end: float | None = None
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         now = time.perf_counter()
         if self._start is not None and self._end is not None and now > self._start:
             pl_module.log("train/data_wait_frac", (now - self._end) / (now - self._start), batch_size=1)
         self._start = now
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._end = time.perf_counter()
         for key, log_scale in pl_module.model.logit_scales.items():
             pl_module.log(f"train/temperature/{key}", float(torch.exp(-log_scale.detach())), batch_size=1)
@@ -48,7 +51,9 @@ class StepStats(L.Callback):
 class RunPlots(L.Callback):
     """PNGs in ``<run>/<dirname>/`` when training ends (rank 0 only), also logged to wandb."""
 
-    def __init__(self, dirname: str = "plots", max_samples: int = 2000, per_class: int = 8, projection: str = "pca"):
+    def __init__(
+        self, dirname: str = "plots", max_samples: int = 2000, per_class: int = 8, projection: str = "pca"
+    ):
         self.dirname = dirname
         self.max_samples = max_samples
         self.per_class = per_class
@@ -61,7 +66,9 @@ class RunPlots(L.Callback):
         written: list[Path] = []
         for logger in trainer.loggers:
             logger.save()
-        csv_file = next((Path(lg.log_dir) / "metrics.csv" for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
+        csv_file = next(
+            (Path(lg.log_dir) / "metrics.csv" for lg in trainer.loggers if isinstance(lg, CSVLogger)), None
+        )
         if csv_file is not None and csv_file.exists():
             written += plots.plot_curves(plots.read_metrics_csv(csv_file), out)
         written += self._embedding_plots(trainer, pl_module, out)
@@ -91,7 +98,9 @@ class RunPlots(L.Callback):
             for batch in loader:
                 if "cls" not in batch:
                     return []
-                batch = {k: v.to(pl_module.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                batch = {
+                    k: v.to(pl_module.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+                }
                 for m in queries:
                     if m in batch:
                         feats[m].append(model.encode(m, batch[m]).float().cpu())
@@ -101,8 +110,11 @@ class RunPlots(L.Callback):
                     break
             tokenize = model.towers["text"].preprocess(False)
             classes = class_embeddings(
-                prompts["classnames"], prompts["templates"],
-                lambda texts: model.encode_text(torch.stack([tokenize(t) for t in texts]).to(pl_module.device)),
+                prompts["classnames"],
+                prompts["templates"],
+                lambda texts: model.encode_text(
+                    torch.stack([tokenize(t) for t in texts]).to(pl_module.device)
+                ),
             )
         finally:
             model.train(was_training)
@@ -114,7 +126,12 @@ class RunPlots(L.Callback):
                 continue
             x = torch.cat(chunks).numpy()
             names = prompts["classnames"]
-            written.append(plots.plot_similarity(x, y, class_feats, names, out / f"similarity_{m}_text.png",
-                                                 per_class=self.per_class))
-            written.append(plots.plot_projection(x, y, names, out / f"projection_{m}.png", method=self.projection))
+            written.append(
+                plots.plot_similarity(
+                    x, y, class_feats, names, out / f"similarity_{m}_text.png", per_class=self.per_class
+                )
+            )
+            written.append(
+                plots.plot_projection(x, y, names, out / f"projection_{m}.png", method=self.projection)
+            )
         return written

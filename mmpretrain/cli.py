@@ -231,10 +231,9 @@ def _swept_keys(hc: Any) -> set[str]:
     keys = set((hc.sweeper.get("params") or {}).keys())
     try:
         parsed = OverridesParser.create().parse_overrides([a for a in sys.argv[1:] if "=" in a])
-        keys |= {o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()}
     except Exception:  # noqa: BLE001 - a launcher's own argv (submitit) is not ours to parse
-        pass
-    return keys
+        return keys
+    return keys | {o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()}
 
 
 class SweepCallback(HydraCallback):

@@ -24,7 +24,12 @@ CURVES = (
     ("temperature", "temperature 1/s", "temperature", lambda k: k.startswith("train/temperature")),
     ("learning_rate", "learning rate", "lr", lambda k: k.startswith(("lr-", "train/lr"))),
     ("throughput", "samples/s", "samples/s", lambda k: k == "train/samples_per_s"),
-    ("data_wait", "fraction of step time waiting for data", "fraction", lambda k: k == "train/data_wait_frac"),
+    (
+        "data_wait",
+        "fraction of step time waiting for data",
+        "fraction",
+        lambda k: k == "train/data_wait_frac",
+    ),
 )
 
 
@@ -93,12 +98,18 @@ def plot_curves(series: Series, out_dir: str | Path) -> list[Path]:
 
 
 def plot_similarity(
-    features: np.ndarray, labels: np.ndarray, class_features: np.ndarray, classnames: list[str], path: str | Path,
+    features: np.ndarray,
+    labels: np.ndarray,
+    class_features: np.ndarray,
+    classnames: list[str],
+    path: str | Path,
     per_class: int = 8,
 ) -> Path:
     """Cosine similarity of val samples (rows, grouped by true class) vs class prompt embeddings."""
     labels = np.asarray(labels)
-    rows = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(len(classnames))]).astype(int)
+    rows = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(len(classnames))]).astype(
+        int
+    )
     a = _normalize(np.asarray(features)[rows])
     sim = a @ _normalize(np.asarray(class_features)).T
     fig = Figure(figsize=(max(4.0, 0.45 * len(classnames) + 2), 6.0))
@@ -108,10 +119,14 @@ def plot_similarity(
     bounds = np.flatnonzero(np.diff(labels[rows])) + 0.5
     for b in bounds:
         ax.axhline(b, color="white", linewidth=0.5)
-    centres = [rows_of.mean() for c in range(len(classnames)) if (rows_of := np.flatnonzero(labels[rows] == c)).size]
+    centres = [
+        rows_of.mean() for c in range(len(classnames)) if (rows_of := np.flatnonzero(labels[rows] == c)).size
+    ]
     present = [classnames[c] for c in range(len(classnames)) if (labels[rows] == c).any()]
     ax.set_yticks(centres, present, fontsize=7)
-    ax.set(title="val samples vs class prompts (cosine)", xlabel="class prompt", ylabel="val sample (true class)")
+    ax.set(
+        title="val samples vs class prompts (cosine)", xlabel="class prompt", ylabel="val sample (true class)"
+    )
     fig.colorbar(im, ax=ax)
     return _save(fig, Path(path))
 
@@ -126,13 +141,18 @@ def project_2d(features: np.ndarray, method: str = "pca", seed: int = 0) -> np.n
     if method == "tsne":
         from sklearn.manifold import TSNE
 
-        return TSNE(n_components=2, perplexity=min(30.0, max(2.0, (len(x) - 1) / 3)), init="pca",
-                    random_state=seed).fit_transform(x)
+        return TSNE(
+            n_components=2, perplexity=min(30.0, max(2.0, (len(x) - 1) / 3)), init="pca", random_state=seed
+        ).fit_transform(x)
     raise ValueError(f"projection method '{method}' is unknown; use pca or tsne")
 
 
 def plot_projection(
-    features: np.ndarray, labels: np.ndarray, classnames: list[str], path: str | Path, method: str = "pca",
+    features: np.ndarray,
+    labels: np.ndarray,
+    classnames: list[str],
+    path: str | Path,
+    method: str = "pca",
     seed: int = 0,
 ) -> Path:
     """2-D projection of the val embeddings, one colour per class."""
@@ -141,7 +161,9 @@ def plot_projection(
     fig = Figure(figsize=(6.0, 5.0))
     ax = fig.add_subplot()
     cmap = "tab10" if len(classnames) <= 10 else "tab20"
-    points = ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap=cmap, s=8, vmin=0, vmax=max(len(classnames) - 1, 1))
+    points = ax.scatter(
+        xy[:, 0], xy[:, 1], c=labels, cmap=cmap, s=8, vmin=0, vmax=max(len(classnames) - 1, 1)
+    )
     handles, _ = points.legend_elements(num=None)
     names = [classnames[int(c)] for c in np.unique(labels)]
     if len(names) <= 20:

@@ -47,33 +47,46 @@ class SweepSummary:
             for o in run.overrides:
                 key, _, val = o.partition("=")
                 values.setdefault(key, set()).add(val)
-        counts = {k: sum(any(o.partition("=")[0] == k for o in r.overrides) for r in self.runs) for k in values}
+        counts = {
+            k: sum(any(o.partition("=")[0] == k for o in r.overrides) for r in self.runs) for k in values
+        }
         varying = [k for k, v in values.items() if len(v) > 1 or counts[k] < len(self.runs)]
         shared = sorted({o for r in self.runs for o in r.overrides if o.partition("=")[0] not in varying})
         return varying, shared
 
     def columns(self) -> list[str]:
         keys = {k for r in self.runs for k in r.metrics}
-        rest = sorted(k for k in keys if k != self.metric and (k.startswith(HEADLINE) or
-                                                                (k.startswith("val/") and k.endswith("loss"))))
+        rest = sorted(
+            k
+            for k in keys
+            if k != self.metric and (k.startswith(HEADLINE) or (k.startswith("val/") and k.endswith("loss")))
+        )
         return [self.metric, *rest]
 
 
 def find_runs(root: str | Path) -> list[SweepRun]:
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"sweep directory {root} does not exist; pass the directory `mmpretrain train -m` "
-                                f"printed (hydra.sweep.dir, by default runs/train/multirun/<date>_<time>)")
+        raise FileNotFoundError(
+            f"sweep directory {root} does not exist; pass the directory `mmpretrain train -m` "
+            f"printed (hydra.sweep.dir, by default runs/train/multirun/<date>_<time>)"
+        )
     runs = []
-    for overrides_file in sorted(root.rglob(".hydra/overrides.yaml"), key=lambda p: _natural(p.parent.parent, root)):
+    for overrides_file in sorted(
+        root.rglob(".hydra/overrides.yaml"), key=lambda p: _natural(p.parent.parent, root)
+    ):
         run_dir = overrides_file.parent.parent
         overrides = [str(o) for o in (yaml.safe_load(overrides_file.read_text()) or [])]
         metrics_file = run_dir / "metrics.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
-        runs.append(SweepRun(run_dir, overrides, {k: float(v) for k, v in metrics.items()}, metrics_file.exists()))
+        runs.append(
+            SweepRun(run_dir, overrides, {k: float(v) for k, v in metrics.items()}, metrics_file.exists())
+        )
     if not runs:
-        raise FileNotFoundError(f"no run under {root}: a sweep run is a directory with .hydra/overrides.yaml; "
-                                f"is {root} the directory of a `mmpretrain train -m ...` sweep?")
+        raise FileNotFoundError(
+            f"no run under {root}: a sweep run is a directory with .hydra/overrides.yaml; "
+            f"is {root} the directory of a `mmpretrain train -m ...` sweep?"
+        )
     return runs
 
 
@@ -89,8 +102,9 @@ def summarize(root: str | Path, metric: str | None = None, maximize: bool | None
     config = _read_yaml(runs[0].path / ".hydra" / "config.yaml")
     metric = metric or config.get("optimized_metric") or DEFAULT_METRIC
     if maximize is None:
-        direction = ((_read_yaml(runs[0].path / ".hydra" / "hydra.yaml").get("hydra") or {}).get("sweeper") or {}).get(
-            "direction", "maximize")
+        direction = (
+            (_read_yaml(runs[0].path / ".hydra" / "hydra.yaml").get("hydra") or {}).get("sweeper") or {}
+        ).get("direction", "maximize")
         maximize = str(direction).lower().removeprefix("direction.") != "minimize"
     scored = [r for r in runs if r.value(metric) is not None]
     unscored = [r for r in runs if r.value(metric) is None]
@@ -111,7 +125,9 @@ def print_summary(summary: SweepSummary, console: Any = None) -> None:
     console = console or Console(width=None if Console().is_terminal else 200)
     varying, shared = summary.varying_overrides()
     order = "highest" if summary.maximize else "lowest"
-    table = Table(title=f"sweep {summary.root} — {len(summary.runs)} runs, best first ({order} {summary.metric})")
+    table = Table(
+        title=f"sweep {summary.root} — {len(summary.runs)} runs, best first ({order} {summary.metric})"
+    )
     table.add_column("#", justify="right")
     table.add_column("run")
     table.add_column("overrides", overflow="fold")

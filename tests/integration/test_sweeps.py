@@ -33,9 +33,21 @@ TINY = [
 
 
 def mmpretrain(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    proc = subprocess.run([sys.executable, "-m", "mmpretrain.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    env = os.environ | {
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmpretrain.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -47,8 +59,14 @@ def summary_json(sweep: Path) -> dict:
 @pytest.fixture(scope="module")
 def grid(digits_root, tmp_path_factory):
     sweep = tmp_path_factory.mktemp("sweeps") / "grid_sweep"
-    proc = mmpretrain("train", "-m", f"data.root={digits_root}", *TINY, "optim.lr=0.0001,0.001,0.003",
-                      f"hydra.sweep.dir={sweep}")
+    proc = mmpretrain(
+        "train",
+        "-m",
+        f"data.root={digits_root}",
+        *TINY,
+        "optim.lr=0.0001,0.001,0.003",
+        f"hydra.sweep.dir={sweep}",
+    )
     return sweep, proc.stdout
 
 
@@ -83,8 +101,14 @@ def test_each_run_has_its_own_wandb_run_in_the_sweep_group(grid):
 def test_metrics_csv_has_the_run_statistics(grid):
     sweep, _ = grid
     header = (sweep / "0" / "metrics.csv").read_text().splitlines()[0].split(",")
-    for key in ("train/loss", "train/samples_per_s", "train/data_wait_frac", "train/temperature/shared",
-                "train/skipped_samples", "val/zeroshot_top1/image_text"):
+    for key in (
+        "train/loss",
+        "train/samples_per_s",
+        "train/data_wait_frac",
+        "train/temperature/shared",
+        "train/skipped_samples",
+        "val/zeroshot_top1/image_text",
+    ):
         assert key in header, key
     assert any(k.startswith("lr-") for k in header)
 
@@ -101,8 +125,15 @@ def _assert_png(path: Path) -> None:
 def test_plots_are_written_as_non_empty_images(grid):
     sweep, _ = grid
     plots = sweep / "0" / "plots"
-    for name in ("loss", "zeroshot", "retrieval", "temperature", "learning_rate", "similarity_image_text",
-                 "projection_image"):
+    for name in (
+        "loss",
+        "zeroshot",
+        "retrieval",
+        "temperature",
+        "learning_rate",
+        "similarity_image_text",
+        "projection_image",
+    ):
         _assert_png(plots / f"{name}.png")
 
 
@@ -125,9 +156,19 @@ def test_optuna_search_runs_trials_and_stores_the_study_in_the_sweep_dir(digits_
     import optuna
 
     sweep = tmp_path / "search"
-    mmpretrain("train", "hparams_search=digits_optuna", "hydra.sweeper.n_trials=4", "hydra.sweeper.sampler.n_startup_trials=2",
-               "logger=csv", "callbacks.plots=null", "callbacks.model_checkpoint.save_top_k=0",
-               "callbacks.model_checkpoint.save_last=false", f"data.root={digits_root}", *TINY, f"hydra.sweep.dir={sweep}")
+    mmpretrain(
+        "train",
+        "hparams_search=digits_optuna",
+        "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.sampler.n_startup_trials=2",
+        "logger=csv",
+        "callbacks.plots=null",
+        "callbacks.model_checkpoint.save_top_k=0",
+        "callbacks.model_checkpoint.save_last=false",
+        f"data.root={digits_root}",
+        *TINY,
+        f"hydra.sweep.dir={sweep}",
+    )
     study = optuna.load_study(study_name="digits_clip", storage=f"sqlite:///{sweep}/optuna.sqlite")
     trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(trials) == 4
@@ -141,4 +182,6 @@ def test_optuna_search_runs_trials_and_stores_the_study_in_the_sweep_dir(digits_
     assert sorted(by_lr.items()) == sorted((t.params["optim.lr"], t.value) for t in trials)
     values = [r["metrics"]["val/zeroshot_top1/image_text"] for r in summary["runs"]]
     assert values == sorted(values, reverse=True)
-    assert yaml.safe_load((sweep / "optimization_results.yaml").read_text())["best_value"] == pytest.approx(values[0])
+    assert yaml.safe_load((sweep / "optimization_results.yaml").read_text())["best_value"] == pytest.approx(
+        values[0]
+    )

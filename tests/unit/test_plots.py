@@ -30,7 +30,9 @@ def test_read_metrics_csv_keeps_each_metric_with_its_own_steps(tmp_path):
     )
     series = plots.read_metrics_csv(csv)
     assert series["train/loss"][0].tolist() == [0, 1] and series["train/loss"][1].tolist() == [4.0, 3.5]
-    assert series["val/zeroshot_top1/image_text"][0].tolist() == [1] and series["val/zeroshot_top1/image_text"][1].tolist() == [0.25]
+    assert series["val/zeroshot_top1/image_text"][0].tolist() == [1] and series[
+        "val/zeroshot_top1/image_text"
+    ][1].tolist() == [0.25]
     assert "epoch" not in series and "step" not in series
     temps = plots.with_temperature(series)["train/temperature/shared"][1]
     assert temps.tolist() == pytest.approx([1 / 14, 1 / 20, 1 / 25])
@@ -47,9 +49,13 @@ def test_similarity_heatmap_and_projection(tmp_path):
     labels = np.repeat(np.arange(4), 30)
     features = classes[labels] + 0.3 * rng.normal(size=(120, 16))
     names = ["zero", "one", "two", "three"]
-    _assert_non_uniform(plots.plot_similarity(features, labels, classes, names, tmp_path / "sim.png", per_class=5))
+    _assert_non_uniform(
+        plots.plot_similarity(features, labels, classes, names, tmp_path / "sim.png", per_class=5)
+    )
     for method in ("pca", "tsne"):
-        _assert_non_uniform(plots.plot_projection(features, labels, names, tmp_path / f"{method}.png", method=method))
+        _assert_non_uniform(
+            plots.plot_projection(features, labels, names, tmp_path / f"{method}.png", method=method)
+        )
     # the projection keeps well-separated classes apart: each class mean is nearer its own points
     xy = plots.project_2d(features, "pca")
     centres = np.stack([xy[labels == c].mean(0) for c in range(4)])

@@ -17,7 +17,9 @@ from tests.conftest import compose_config
 
 def test_wandb_is_offline_by_default_and_online_with_one_override(tmp_path):
     assert compose_config("train", [], run_dir=tmp_path).logger.wandb.mode == "offline"
-    assert compose_config("train", ["logger.wandb.mode=online"], run_dir=tmp_path).logger.wandb.mode == "online"
+    assert (
+        compose_config("train", ["logger.wandb.mode=online"], run_dir=tmp_path).logger.wandb.mode == "online"
+    )
     callbacks = compose_config("train", [], run_dir=tmp_path).callbacks
     assert callbacks.step_stats._target_ == "mmpretrain.callbacks.StepStats"
     assert callbacks.plots._target_ == "mmpretrain.callbacks.RunPlots"

@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 import yaml
 
 from mmpretrain.cli import main
@@ -17,7 +16,9 @@ def make_run(root, name, overrides, metrics=None, direction=None, metric=KEY):
     (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"optimized_metric": metric}))
     if direction:
-        (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"sweeper": {"direction": direction}}}))
+        (run / ".hydra" / "hydra.yaml").write_text(
+            yaml.safe_dump({"hydra": {"sweeper": {"direction": direction}}})
+        )
     if metrics is not None:
         (run / "metrics.json").write_text(json.dumps(metrics))
     return run
@@ -25,8 +26,12 @@ def make_run(root, name, overrides, metrics=None, direction=None, metric=KEY):
 
 def test_runs_best_first_unfinished_last(tmp_path):
     for i, (lr, acc) in enumerate([(1e-4, 0.2), (1e-3, 0.7), (3e-3, None), (1e-2, 0.5)]):
-        make_run(tmp_path, str(i), [f"optim.lr={lr}", "data.batch_size=16"],
-                 None if acc is None else {KEY: acc, "train/loss": 1.0})
+        make_run(
+            tmp_path,
+            str(i),
+            [f"optim.lr={lr}", "data.batch_size=16"],
+            None if acc is None else {KEY: acc, "train/loss": 1.0},
+        )
     make_run(tmp_path, "10", ["optim.lr=0.1", "data.batch_size=16"], {"train/loss": 9.0})  # no val metric
     s = summarize(tmp_path)
     assert [r.path.name for r in s.runs] == ["1", "3", "0", "2", "10"]

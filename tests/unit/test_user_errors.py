@@ -48,26 +48,38 @@ def test_loss_modality_without_a_tower_fails_before_training(digits_root, tmp_pa
         check_modalities(InfoNCE([["image", "audio"], ["image", "text"]]), ["image", "text"])
     msg = str(err.value)
     assert "no tower of the model encodes [audio]" in msg and "loss.pairs=[[image,text]]" in msg
-    cfg = compose_config("train", [f"data.root={digits_root}", "logger=csv", "loss.pairs=[[image,audio]]", *SMALL_TEXT],
-                         run_dir=tmp_path)
+    cfg = compose_config(
+        "train",
+        [f"data.root={digits_root}", "logger=csv", "loss.pairs=[[image,audio]]", *SMALL_TEXT],
+        run_dir=tmp_path,
+    )
     with pytest.raises(ValueError, match=r"encodes \[audio\].*towers: \[image, text\]"):
         train(cfg)
     assert not (tmp_path / "checkpoints").exists()  # nothing ran
 
 
 def _model(embed_dim, image="resnet10t"):
-    cfg = compose_config("train", [f"model.embed_dim={embed_dim}", f"model.towers.image.model_name={image}", *SMALL_TEXT])
+    cfg = compose_config(
+        "train", [f"model.embed_dim={embed_dim}", f"model.towers.image.model_name={image}", *SMALL_TEXT]
+    )
     from omegaconf import OmegaConf
 
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     return build_model(model_cfg), model_cfg
 
 
-def test_checkpoint_from_another_model_config_says_what_differs_and_what_it_was_trained_with(digits_root, tmp_path):
+def test_checkpoint_from_another_model_config_says_what_differs_and_what_it_was_trained_with(
+    digits_root, tmp_path
+):
     old, old_cfg = _model(64, "resnet14t")
     ckpt = tmp_path / "old.ckpt"
-    torch.save({"state_dict": {f"model.{k}": v for k, v in old.state_dict().items()},
-                "hyper_parameters": {"model": old_cfg}}, ckpt)
+    torch.save(
+        {
+            "state_dict": {f"model.{k}": v for k, v in old.state_dict().items()},
+            "hyper_parameters": {"model": old_cfg},
+        },
+        ckpt,
+    )
     new, _ = _model(128)
     with pytest.raises(CheckpointMismatchError) as err:
         check_checkpoint_matches(new, ckpt)
@@ -83,8 +95,11 @@ def test_checkpoint_from_another_model_config_says_what_differs_and_what_it_was_
     assert "It was trained with model config embed_dim=64, towers {image: TimmTower(resnet14t)" in msg
     assert "use the model config it was trained with" in msg
     # resuming a run with it fails the same way before any training
-    cfg = compose_config("train", [f"data.root={digits_root}", "logger=csv", f"ckpt_path={ckpt}", *SMALL_TEXT],
-                         run_dir=tmp_path / "run")
+    cfg = compose_config(
+        "train",
+        [f"data.root={digits_root}", "logger=csv", f"ckpt_path={ckpt}", *SMALL_TEXT],
+        run_dir=tmp_path / "run",
+    )
     with pytest.raises(CheckpointMismatchError, match="resnet14t"):
         train(cfg)
     # and a matching state dict loads exactly
