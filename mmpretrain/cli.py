@@ -55,8 +55,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
                         logger=loggers, callbacks=_instantiate_all(cfg.get("callbacks")))
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    finally:
-        _finish_wandb(loggers)  # each run of a sweep (one process) gets its own wandb run
+    except BaseException:
+        _finish_wandb(loggers, exit_code=1)
+        raise
+    _finish_wandb(loggers)  # each run of a sweep (one process) gets its own wandb run
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["skipped_samples"] = float(module.skipped_total)
     if trainer.is_global_zero:
@@ -172,10 +174,10 @@ def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
     return cfg.ckpt_path
 
 
-def _finish_wandb(loggers: list) -> None:
+def _finish_wandb(loggers: list, exit_code: int = 0) -> None:
     for logger in loggers:
         if type(logger).__name__ == "WandbLogger" and getattr(logger, "_experiment", None) is not None:
-            logger.experiment.finish()
+            logger.experiment.finish(exit_code=exit_code)
 
 
 def _InfoNCEForAllPairs(model):

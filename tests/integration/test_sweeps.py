@@ -152,6 +152,7 @@ def test_sweep_summary_lists_every_run_best_first(grid):
     assert "3 runs, best first" in train_stdout  # printed at the end of the multirun too
 
 
+@pytest.mark.slow  # ~25 s alone, ~50 s on the shared 2-core machine; the grid above covers the CLI sweep path
 def test_optuna_search_runs_trials_and_stores_the_study_in_the_sweep_dir(digits_root, tmp_path):
     import optuna
 
