@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
-from mmpretrain.callbacks import StepStats
+from mmpretrain.monitor import StepStats
 from mmpretrain.cli import CONF_DIR
 from tests.conftest import compose_config
 
@@ -21,8 +21,8 @@ def test_wandb_is_offline_by_default_and_online_with_one_override(tmp_path):
         compose_config("train", ["logger.wandb.mode=online"], run_dir=tmp_path).logger.wandb.mode == "online"
     )
     callbacks = compose_config("train", [], run_dir=tmp_path).callbacks
-    assert callbacks.step_stats._target_ == "mmpretrain.callbacks.StepStats"
-    assert callbacks.plots._target_ == "mmpretrain.callbacks.RunPlots"
+    assert callbacks.step_stats._target_ == "mmpretrain.monitor.StepStats"
+    assert callbacks.plots._target_ == "mmpretrain.monitor.RunPlots"
 
 
 def _hydra_cfg(overrides):

@@ -1,4 +1,4 @@
-"""Lightning callbacks for the user's view of a run: step statistics and PNG plots.
+"""Lightning callbacks for what a user sees of a run: step statistics and PNG plots.
 
 ``StepStats`` logs what the module does not: the fraction of each step spent waiting for data and
 the temperature(s). ``RunPlots`` draws ``<run>/plots/*.png`` at the end of training (and logs
