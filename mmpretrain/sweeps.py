@@ -135,7 +135,7 @@ def print_summary(summary: SweepSummary, console: Any = None) -> None:
     for key in columns:
         table.add_column(key, justify="right", overflow="fold")
     for i, run in enumerate(summary.runs, 1):
-        shown = " ".join(o for o in run.overrides if o.partition("=")[0] in varying) or "-"
+        shown = " ".join(_short(o) for o in run.overrides if o.partition("=")[0] in varying) or "-"
         cells = [_fmt(run.metrics.get(k)) for k in columns]
         if not run.finished:
             cells[0] = "no metrics.json"
@@ -145,6 +145,16 @@ def print_summary(summary: SweepSummary, console: Any = None) -> None:
         console.print(f"common to every run: {' '.join(shared)}")
     if summary.best_params is not None:
         console.print(f"optuna best params: {summary.best_params}")
+
+
+def _short(override: str) -> str:
+    """``optim.lr=0.0012520653814999472`` -> ``optim.lr=0.001252`` (Optuna's samples are long)."""
+    key, sep, value = override.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        return override
+    return f"{key}{sep}{number:.4g}" if len(value) > 8 and "." in value else override
 
 
 def _fmt(v: float | None) -> str:
