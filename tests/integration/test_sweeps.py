@@ -138,6 +138,11 @@ def test_plots_are_written_as_non_empty_images(grid):
         "projection_image",
     ):
         _assert_png(plots / f"{name}.png")
+    logged = {
+        p.name.split("_")[0]
+        for p in (sweep / "0" / "wandb").glob("offline-run-*/files/media/images/plots/*.png")
+    }
+    assert {"loss", "zeroshot", "similarity", "projection"} <= logged  # also logged to wandb as images
 
 
 def test_sweep_summary_lists_every_run_best_first(grid):
