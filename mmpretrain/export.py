@@ -174,5 +174,5 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Con
         raise FileNotFoundError(f"{path} is not an exported mmpretrain model (no {CONFIG_NAME}); run `mmpretrain export`")
     config = json.loads((path / CONFIG_NAME).read_text())
     model = build_model(config["model"])
-    load_into(model, load_file(str(path / WEIGHTS_NAME)), str(path), trained_with=config["model"])
+    load_into(model, load_file(str(path / WEIGHTS_NAME)), str(path))
     return model.to(device).eval()
