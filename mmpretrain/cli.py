@@ -41,24 +41,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     _ensure_data(cfg.data)
     model = build_model(cfg.model)
+    datamodule = ContrastiveDataModule(cfg.data, model.preprocess, seed=cfg.seed)
     loss = _instantiate(cfg.loss)
     check_modalities(loss, model.modalities)
     ckpt_path = _resume_path(cfg, run_dir)
-    if ckpt_path:
+    if ckpt_path:  # a checkpoint of another model config fails here, with what differs
         check_checkpoint_matches(model, ckpt_path)
-    datamodule = ContrastiveDataModule(cfg.data, model.preprocess, seed=cfg.seed)
     module = ContrastiveModule(
         model, loss, _plain(cfg.optim), zeroshot=_zeroshot_prompts(cfg.data), hparams={"model": _plain(cfg.model)}
     )
-    loggers = _instantiate_all(cfg.get("logger"))
     trainer = L.Trainer(**_plain(cfg.trainer), default_root_dir=str(run_dir),
-                        logger=loggers, callbacks=_instantiate_all(cfg.get("callbacks")))
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    except BaseException:
-        _finish_wandb(loggers, exit_code=1)
-        raise
-    _finish_wandb(loggers)  # each run of a sweep (one process) gets its own wandb run
+                        logger=_instantiate_all(cfg.get("logger")), callbacks=_instantiate_all(cfg.get("callbacks")))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["skipped_samples"] = float(module.skipped_total)
     if trainer.is_global_zero:
@@ -172,12 +166,6 @@ def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
         last = run_dir / "checkpoints" / "last.ckpt"
         return str(last) if last.exists() else None
     return cfg.ckpt_path
-
-
-def _finish_wandb(loggers: list, exit_code: int = 0) -> None:
-    for logger in loggers:
-        if type(logger).__name__ == "WandbLogger" and getattr(logger, "_experiment", None) is not None:
-            logger.experiment.finish(exit_code=exit_code)
 
 
 def _InfoNCEForAllPairs(model):

@@ -1,6 +1,6 @@
 """Lightning callbacks for what a user sees of a run: step statistics and PNG plots.
 
-``StepStats`` logs what the module does not: the fraction of each step spent waiting for data and
+``WandbLogger`` closes its wandb run at the end of fit. ``StepStats`` logs what the module does not: the fraction of each step spent waiting for data and
 the temperature(s). ``RunPlots`` draws ``<run>/plots/*.png`` at the end of training (and logs
 them to wandb): curves from ``metrics.csv``, a similarity heatmap of val samples vs class prompts
 and a 2-D projection of the val embeddings. The drawing itself is :mod:`mmpretrain.plots`.
@@ -14,10 +14,24 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from mmpretrain import plots
 from mmpretrain.evaluation import class_embeddings
+
+
+class WandbLogger(_LightningWandbLogger):
+    """Lightning's WandbLogger that also closes its wandb run when fit ends (marked failed when
+    training raised), so each run of a sweep in one process gets its own wandb run."""
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        super().finalize(status)
+        if self._experiment is not None and status in ("success", "failed"):
+            self._experiment.finish(exit_code=0 if status == "success" else 1)
+            self._experiment = None
 
 
 class StepStats(L.Callback):
@@ -73,7 +87,7 @@ class RunPlots(L.Callback):
             written += plots.plot_curves(plots.read_metrics_csv(csv_file), out)
         written += self._embedding_plots(trainer, pl_module, out)
         for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
+            if isinstance(logger, _LightningWandbLogger):
                 for path in written:
                     logger.log_image(key=f"plots/{path.stem}", images=[str(path)])
         if written:
