@@ -179,11 +179,11 @@ def _InfoNCEForAllPairs(model):
 def _hydra_command(fn: Callable, config_name: str, returns_metric: bool = False) -> Callable[[], Any]:
     @hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")
     def wrapper(cfg: DictConfig):
-        in_sweep = _name_sweep_run(cfg)
+        scored = _name_sweep_run(cfg)
         result = fn(cfg)
         if returns_metric:  # what a sweeper optimises
             value = result.get(cfg.get("optimized_metric"))
-            if value is None and in_sweep:
+            if value is None and scored:
                 raise ValueError(
                     f"this run logged no '{cfg.optimized_metric}' (the sweep's optimized_metric), so the sweeper "
                     f"cannot score it; logged: {sorted(result)}. Make validation run before training ends "
@@ -197,7 +197,8 @@ def _hydra_command(fn: Callable, config_name: str, returns_metric: bool = False)
 
 def _name_sweep_run(cfg: DictConfig) -> bool:
     """In a multirun, put each run's wandb run in a group named after the sweep directory (unless
-    logger.wandb.group is set) and name it by its job number and overrides. True in a multirun."""
+    logger.wandb.group is set) and name it by its job number and overrides. True when a sweeper
+    scores the runs (a search, not a grid)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -210,7 +211,7 @@ def _name_sweep_run(cfg: DictConfig) -> bool:
         own = [o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") in swept]
         wandb_cfg.group = wandb_cfg.get("group") or Path(hc.sweep.dir).name
         wandb_cfg.name = wandb_cfg.get("name") or f"{hc.job.num}: {' '.join(own) or hc.job.override_dirname}"[:128]
-    return True
+    return "BasicSweeper" not in str(hc.sweeper.get("_target_", ""))
 
 
 def _swept_keys(hc: Any) -> set[str]:

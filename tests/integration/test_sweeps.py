@@ -34,7 +34,7 @@ TINY = [
 ]
 
 
-def mmpretrain(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def mmpretrain(*args: str, timeout: int = 300, ok: bool = True) -> subprocess.CompletedProcess:
     env = os.environ | {
         "PYTHONPATH": str(ROOT),
         "OMP_NUM_THREADS": "1",
@@ -50,7 +50,7 @@ def mmpretrain(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
         timeout=timeout,
         check=False,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (proc.returncode == 0) == ok, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
@@ -192,3 +192,22 @@ def test_optuna_search_runs_trials_and_stores_the_study_in_the_sweep_dir(digits_
     assert yaml.safe_load((sweep / "optimization_results.yaml").read_text())["best_value"] == pytest.approx(
         values[0]
     )
+
+
+@pytest.mark.slow
+def test_a_search_trial_that_never_validated_says_how_to_fix_it(digits_root, tmp_path):
+    no_val = [a for a in TINY if not a.startswith("trainer.val_check_interval")]
+    args = [f"data.root={digits_root}", *no_val, "logger=csv", "callbacks.plots=null"]
+    # a grid does not need the metric: it completes
+    mmpretrain("train", "-m", *args, "optim.lr=0.001", f"hydra.sweep.dir={tmp_path / 'grid'}")
+    proc = mmpretrain(
+        "train",
+        "hparams_search=digits_optuna",
+        "hydra.sweeper.n_trials=1",
+        *args,
+        f"hydra.sweep.dir={tmp_path / 'search'}",
+        ok=False,
+    )
+    out = proc.stdout + proc.stderr
+    assert "logged no 'val/zeroshot_top1/image_text' (the sweep's optimized_metric)" in out
+    assert "trainer.val_check_interval=N" in out
