@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import hydra
+from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = str(Path(os.environ.get("MMPRETRAIN_CONF_DIR", Path(__file__).resolve().parent.parent / "conf")))
@@ -31,7 +32,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     import lightning as L
 
     from mmpretrain.datamodule import ContrastiveDataModule
-    from mmpretrain.export import export
+    from mmpretrain.export import check_checkpoint_matches, export
+    from mmpretrain.losses import check_modalities
     from mmpretrain.model import apply_training_options, build_model
     from mmpretrain.module import ContrastiveModule
 
@@ -44,13 +46,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
             tower.compile()  # in place: parameter names (checkpoints, export) stay as they are
     datamodule = ContrastiveDataModule(cfg.data, model.preprocess, seed=cfg.seed)
     loss = _instantiate(cfg.loss)
+    check_modalities(loss, model.modalities)
+    ckpt_path = _resume_path(cfg, run_dir)
+    if ckpt_path:  # a checkpoint of another model config fails here, with what differs
+        check_checkpoint_matches(model, ckpt_path)
     trainer_kwargs, optim = _trainer_and_optim(cfg)
     module = ContrastiveModule(
         model, loss, optim, zeroshot=_zeroshot_prompts(cfg.data), hparams={"model": _plain(cfg.model)}
     )
     trainer = L.Trainer(**trainer_kwargs, default_root_dir=str(run_dir),
                         logger=_instantiate_all(cfg.get("logger")), callbacks=_instantiate_all(cfg.get("callbacks")))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg, run_dir))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["skipped_samples"] = float(module.skipped_total)
     if trainer.is_global_zero:
@@ -128,6 +134,19 @@ def export_cmd(cfg: DictConfig) -> Path:
         out = writers[cfg.format](model, cfg.out)
     print(f"exported {cfg.ckpt} to {out} (format={cfg.format})")
     return out
+
+
+def sweep_summary(sweep_dir: str | Path, metric: str | None = None, minimize: bool = False, as_json: bool = False):
+    """Print every run of a sweep directory (overrides + final metrics), best first."""
+    from mmpretrain.sweeps import print_summary, summarize
+
+    summary = summarize(sweep_dir, metric=metric, maximize=False if minimize else None)
+    if as_json:
+        print(json.dumps({"metric": summary.metric, "maximize": summary.maximize, "runs": [
+            {"path": str(r.path), "overrides": r.overrides, "metrics": r.metrics} for r in summary.runs]}, indent=2))
+    else:
+        print_summary(summary)
+    return summary
 
 
 # -- wiring helpers --------------------------------------------------------------------------
@@ -210,12 +229,83 @@ def _InfoNCEForAllPairs(model):
 def _hydra_command(fn: Callable, config_name: str, returns_metric: bool = False) -> Callable[[], Any]:
     @hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")
     def wrapper(cfg: DictConfig):
+        scored = _name_sweep_run(cfg)
         result = fn(cfg)
         if returns_metric:  # what a sweeper optimises
-            return result.get(cfg.get("optimized_metric"))
+            value = result.get(cfg.get("optimized_metric"))
+            if value is None and scored:
+                raise ValueError(
+                    f"this run logged no '{cfg.optimized_metric}' (the sweep's optimized_metric), so the sweeper "
+                    f"cannot score it; logged: {sorted(result)}. Make validation run before training ends "
+                    f"(e.g. trainer.val_check_interval=N with N <= trainer.max_steps) or set optimized_metric=KEY."
+                )
+            return value
         return None
 
     return wrapper
+
+
+def _name_sweep_run(cfg: DictConfig) -> bool:
+    """In a multirun, put each run's wandb run in a group named after the sweep directory (unless
+    logger.wandb.group is set) and name it by its job number and overrides. True when a sweeper
+    scores the runs (a search, not a grid)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return False
+    wandb_cfg = (cfg.get("logger") or {}).get("wandb")
+    if wandb_cfg is not None:
+        swept = _swept_keys(hc)
+        own = [o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") in swept]
+        wandb_cfg.group = wandb_cfg.get("group") or Path(hc.sweep.dir).name
+        wandb_cfg.name = wandb_cfg.get("name") or f"{hc.job.num}: {' '.join(own) or hc.job.override_dirname}"[:128]
+    return "BasicSweeper" not in str(hc.sweeper.get("_target_", ""))
+
+
+def _swept_keys(hc: Any) -> set[str]:
+    """Keys a sweep varies: command-line sweep overrides (a,b / range() / choice()) and the
+    sweeper's search space (hydra.sweeper.params)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys = set((hc.sweeper.get("params") or {}).keys())
+    try:
+        parsed = OverridesParser.create().parse_overrides([a for a in sys.argv[1:] if "=" in a])
+    except Exception:  # noqa: BLE001 - a launcher's own argv (submitit) is not ours to parse
+        return keys
+    return keys | {o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()}
+
+
+class SweepCallback(HydraCallback):
+    """Hydra callback (conf/hydra/default.yaml): create the sweep directory before the sweeper
+    starts (Optuna's sqlite storage lives in it) and print the sweep summary when it ends."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            sweep_summary(config.hydra.sweep.dir, metric=config.get("optimized_metric"))
+        except FileNotFoundError as e:  # e.g. every job of a SLURM sweep is still queued
+            print(f"no summary yet: {e}")
+
+
+def _sweep_summary_main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="mmpretrain sweep-summary", description=sweep_summary.__doc__)
+    parser.add_argument("dir", help="the sweep directory (hydra.sweep.dir, printed by `mmpretrain train -m`)")
+    parser.add_argument("--metric", help="metric to rank by (default: the runs' optimized_metric)")
+    parser.add_argument("--minimize", action="store_true", help="lower is better")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    try:
+        sweep_summary(args.dir, metric=args.metric, minimize=args.minimize, as_json=args.json)
+    except FileNotFoundError as e:
+        print(f"mmpretrain sweep-summary: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 COMMANDS: dict[str, tuple[Callable, str, str]] = {
@@ -227,9 +317,16 @@ COMMANDS: dict[str, tuple[Callable, str, str]] = {
 }
 
 
+# Commands that are not Hydra apps: name -> (main(argv) -> exit code, help).
+PLAIN_COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "sweep-summary": (_sweep_summary_main, "DIR: table of every run of a sweep (overrides, final metrics), best first"),
+}
+
+
 def usage() -> str:
     lines = ["usage: mmpretrain <command> [hydra overrides]   (mmpretrain <command> --help lists config groups)", ""]
     lines += [f"  {name:<14} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += [f"  {name:<14} {help_}" for name, (_, help_) in PLAIN_COMMANDS.items()]
     return "\n".join(lines)
 
 
@@ -239,6 +336,8 @@ def main(argv: list[str] | None = None) -> Any:
         print(usage())
         return 0
     command, rest = argv[0], argv[1:]
+    if command in PLAIN_COMMANDS:
+        return PLAIN_COMMANDS[command][0](rest)
     if command not in COMMANDS:
         print(f"mmpretrain: unknown command '{command}'\n\n{usage()}", file=sys.stderr)
         return 2

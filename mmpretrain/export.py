@@ -90,18 +90,69 @@ def model_from_checkpoint(path: str | Path, model_cfg: dict[str, Any] | None = N
         )
     model = build_model(hp["model"])
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    load_into(model, state, str(path))
+    load_into(model, state, str(path), trained_with=hp["model"])
     return model
 
 
-def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{source} does not match this model config: {len(missing)} missing tensors "
-            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}). "
-            f"Was it trained with another model= config?"
-        )
+class CheckpointMismatchError(ValueError):
+    pass
+
+
+def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
+              trained_with: dict[str, Any] | None = None) -> None:
+    """``load_state_dict`` that, on any key or shape mismatch, says what differs and what to do."""
+    error = mismatch_error(model.state_dict(), state, source, trained_with)
+    if error is not None:
+        raise error
+    model.load_state_dict(state, strict=True)
+
+
+def check_checkpoint_matches(model: torch.nn.Module, path: str | Path) -> None:
+    """Before resuming from a Lightning checkpoint: its ``model.*`` tensors must fit ``model``."""
+    ckpt = read_checkpoint(path)
+    state = {k.removeprefix("model."): v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("model.")}
+    error = mismatch_error(model.state_dict(), state, str(path), (ckpt.get("hyper_parameters") or {}).get("model"))
+    if error is not None:
+        raise error
+
+
+def mismatch_error(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source: str,
+                   trained_with: dict[str, Any] | None = None) -> CheckpointMismatchError | None:
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [f"{k} {tuple(found[k].shape)} vs {tuple(expected[k].shape)}"
+              for k in expected if k in found and found[k].shape != expected[k].shape]
+    if not (missing or unexpected or shapes):
+        return None
+    origin = f" It was trained with {describe_model_config(trained_with)}." if trained_with else ""
+    return CheckpointMismatchError(
+        f"{source} was saved from another model config than the one configured now: "
+        f"{len(missing)} tensors of the model are missing from it{_some(missing)}, "
+        f"{len(unexpected)} of its tensors are not in the model{_some(unexpected)}, "
+        f"{len(shapes)} have another shape{_some(shapes)}.{origin} "
+        f"Fix: use the model config it was trained with (the run's config.yaml; e.g. the same model= and "
+        f"model.* overrides), or, to start another architecture from its weights, give the towers "
+        f"pretrained_path= (or fine-tune from an export) instead of resuming with ckpt_path=."
+    )
+
+
+def _some(keys: list[str], n: int = 3) -> str:
+    return f" (e.g. {', '.join(keys[:n])}{', ...' if len(keys) > n else ''})" if keys else ""
+
+
+def describe_model_config(cfg: dict[str, Any]) -> str:
+    """One line naming a model config: embed_dim and each tower's class and architecture."""
+    towers = []
+    for modality, tower in (cfg.get("towers") or {}).items():
+        kind = str(tower.get("_target_", "?")).rsplit(".", 1)[-1]
+        arch = tower.get("model_name")
+        if arch is None and isinstance(tower.get("config"), dict):
+            part = tower["config"].get("vision_cfg" if modality == "image" else "text_cfg") or {}
+            arch = ", ".join(f"{k}={part[k]}" for k in ("width", "layers", "patch_size") if k in part)
+        elif arch is None:
+            arch = tower.get("config")
+        towers.append(f"{modality}: {kind}({arch})")
+    return f"model config embed_dim={cfg.get('embed_dim')}, towers {{{'; '.join(towers)}}}"
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -82,6 +82,26 @@ class InfoNCE(nn.Module):
         return losses
 
 
+def check_modalities(loss: nn.Module, modalities: Sequence[str]) -> None:
+    """Fail before training when the loss couples a modality that no tower encodes."""
+    pairs = [tuple(p) for p in getattr(loss, "pairs", None) or []]
+    missing = sorted({m for p in pairs for m in p} - set(modalities))
+    if missing:
+        mods = list(modalities)
+        usable = [f"[{a},{b}]" for i, a in enumerate(mods) for b in mods[i + 1 :]]
+        raise ValueError(
+            f"the loss ({type(loss).__name__}) couples the pairs {_names(pairs)}, but no tower of the model "
+            f"encodes {_names(missing)} (the model's towers: {_names(mods)}). Fix: add a tower for "
+            f"{', '.join(missing)} to the model config (model.towers.{missing[0]} with modality: {missing[0]}, "
+            f"or a model= preset that has one), or restrict the loss to the towers you have, "
+            f"e.g. loss.pairs=[{usable[0] if usable else '[a,b]'}]."
+        )
+
+
+def _names(items) -> str:
+    return "[" + ", ".join(_names(i) if isinstance(i, (list, tuple)) else str(i) for i in items) + "]"
+
+
 def _rows_with_both(outputs, a, b, fa, fb):
     mask_a, mask_b = outputs.get(f"{a}_mask"), outputs.get(f"{b}_mask")
     if mask_a is None and mask_b is None:

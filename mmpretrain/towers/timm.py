@@ -15,10 +15,14 @@ from mmpretrain.towers.base import Tower
 def unknown_model_error(name: str, library: str, known: list[str]) -> ValueError:
     close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
     hint = f" Closest names: {', '.join(close)}." if close else ""
+    if library == "timm":
+        pattern, key, where = f"'*{name[:4]}*'", "model_name", "NAME"
+    else:  # open_clip: a registry name or a model-config JSON
+        pattern, key, where = "", "config", "NAME (or a path to an open_clip model-config JSON)"
     return ValueError(
         f"{library} has no model named '{name}'.{hint} "
-        f"Pick a name from {library}'s list (e.g. `python -c \"import {library}; "
-        f"print({library}.list_models('*{name[:4]}*'))\"`) and set it in the tower config."
+        f"Pick a name from {library}'s list (`python -c \"import {library}; print({library}.list_models({pattern}))\"`) "
+        f"and set it as model.towers.<modality>.{key}={where}."
     )
 
 

@@ -1,0 +1,151 @@
+"""Lightning callbacks for what a user sees of a run: step statistics and PNG plots.
+
+``WandbLogger`` closes its wandb run at the end of fit. ``StepStats`` logs what the module does not: the fraction of each step spent waiting for data and
+the temperature(s). ``RunPlots`` draws ``<run>/plots/*.png`` at the end of training (and logs
+them to wandb): curves from ``metrics.csv``, a similarity heatmap of val samples vs class prompts
+and a 2-D projection of the val embeddings. The drawing itself is :mod:`mmpretrain.plots`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from mmpretrain import plots
+from mmpretrain.evaluation import class_embeddings
+
+
+class WandbLogger(_LightningWandbLogger):
+    """Lightning's WandbLogger that also closes its wandb run when fit ends (marked failed when
+    training raised), so each run of a sweep in one process gets its own wandb run."""
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        super().finalize(status)
+        if self._experiment is not None and status in ("success", "failed"):
+            self._experiment.finish(exit_code=0 if status == "success" else 1)
+            self._experiment = None
+
+
+class StepStats(L.Callback):
+    """``train/data_wait_frac``: time from the end of one batch to the start of the next (the
+    loader's wait, as seen by the loop) over the whole start-to-start step time; and
+    ``train/temperature/<k>`` = 1 / exp(log s). Intervals that span a validation are not counted."""
+
+    def __init__(self) -> None:
+        self._start: float | None = None
+        self._end: float | None = None
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        now = time.perf_counter()
+        if self._start is not None and self._end is not None and now > self._start:
+            pl_module.log("train/data_wait_frac", (now - self._end) / (now - self._start), batch_size=1)
+        self._start = now
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._end = time.perf_counter()
+        for key, log_scale in pl_module.model.logit_scales.items():
+            pl_module.log(f"train/temperature/{key}", float(torch.exp(-log_scale.detach())), batch_size=1)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = self._end = None
+
+
+class RunPlots(L.Callback):
+    """PNGs in ``<run>/<dirname>/`` when training ends (rank 0 only), also logged to wandb."""
+
+    def __init__(
+        self, dirname: str = "plots", max_samples: int = 2000, per_class: int = 8, projection: str = "pca"
+    ):
+        self.dirname = dirname
+        self.max_samples = max_samples
+        self.per_class = per_class
+        self.projection = projection
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        out = Path(trainer.default_root_dir) / self.dirname
+        written: list[Path] = []
+        for logger in trainer.loggers:
+            logger.save()
+        csv_file = next(
+            (Path(lg.log_dir) / "metrics.csv" for lg in trainer.loggers if isinstance(lg, CSVLogger)), None
+        )
+        if csv_file is not None and csv_file.exists():
+            written += plots.plot_curves(plots.read_metrics_csv(csv_file), out)
+        written += self._embedding_plots(trainer, pl_module, out)
+        for logger in trainer.loggers:
+            if isinstance(logger, _LightningWandbLogger):
+                for path in written:
+                    logger.log_image(key=f"plots/{path.stem}", images=[str(path)])
+        if written:
+            pl_module.print(f"plots: {out}")
+
+    @torch.no_grad()
+    def _embedding_plots(self, trainer: L.Trainer, pl_module: L.LightningModule, out: Path) -> list[Path]:
+        model, prompts = pl_module.model, getattr(pl_module, "zeroshot", None)
+        datamodule = trainer.datamodule
+        if datamodule is None or not prompts or "text" not in model.modalities:
+            return []
+        loader = datamodule.val_dataloader()
+        if isinstance(loader, list) and not loader:
+            return []
+        queries = [m for m in model.modalities if m != "text"]
+        feats: dict[str, list[torch.Tensor]] = {m: [] for m in queries}
+        labels: list[torch.Tensor] = []
+        was_training = model.training
+        model.eval()
+        try:
+            seen = 0
+            for batch in loader:
+                if "cls" not in batch:
+                    return []
+                batch = {
+                    k: v.to(pl_module.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+                }
+                for m in queries:
+                    if m in batch:
+                        feats[m].append(model.encode(m, batch[m]).float().cpu())
+                labels.append(batch["cls"].cpu())
+                seen += len(batch["cls"])
+                if seen >= self.max_samples:
+                    break
+            tokenize = model.towers["text"].preprocess(False)
+            classes = class_embeddings(
+                prompts["classnames"],
+                prompts["templates"],
+                lambda texts: model.encode_text(
+                    torch.stack([tokenize(t) for t in texts]).to(pl_module.device)
+                ),
+            )
+        finally:
+            model.train(was_training)
+        y = torch.cat(labels).numpy()
+        class_feats = classes.float().cpu().numpy()
+        written = []
+        for m, chunks in feats.items():
+            if not chunks:
+                continue
+            x = torch.cat(chunks).numpy()
+            names = prompts["classnames"]
+            written.append(
+                plots.plot_similarity(
+                    x, y, class_feats, names, out / f"similarity_{m}_text.png", per_class=self.per_class
+                )
+            )
+            written.append(
+                plots.plot_projection(x, y, names, out / f"projection_{m}.png", method=self.projection)
+            )
+        return written

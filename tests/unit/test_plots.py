@@ -1,0 +1,65 @@
+"""plots.py on synthetic inputs: curves from a CSVLogger-style file, heatmap, projection."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmpretrain import plots
+
+
+def _pixels(path):
+    assert path.exists() and path.stat().st_size > 0
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        return np.asarray(im.convert("RGB"))
+
+
+def _assert_non_uniform(path):
+    px = _pixels(path)
+    assert len(np.unique(px.astype(np.int64) @ np.array([1 << 16, 1 << 8, 1]))) > 10
+
+
+def test_read_metrics_csv_keeps_each_metric_with_its_own_steps(tmp_path):
+    csv = tmp_path / "metrics.csv"
+    csv.write_text(
+        "epoch,lr-AdamW,step,train/logit_scale/shared,train/loss,val/zeroshot_top1/image_text\n"
+        "0,0.001,0,14.0,4.0,\n"
+        "0,0.002,1,20.0,3.5,\n"
+        "0,,1,,,0.25\n"
+        "0,0.003,2,25.0,nan,\n"
+    )
+    series = plots.read_metrics_csv(csv)
+    assert series["train/loss"][0].tolist() == [0, 1] and series["train/loss"][1].tolist() == [4.0, 3.5]
+    assert series["val/zeroshot_top1/image_text"][0].tolist() == [1] and series[
+        "val/zeroshot_top1/image_text"
+    ][1].tolist() == [0.25]
+    assert "epoch" not in series and "step" not in series
+    temps = plots.with_temperature(series)["train/temperature/shared"][1]
+    assert temps.tolist() == pytest.approx([1 / 14, 1 / 20, 1 / 25])
+
+    written = plots.plot_curves(series, tmp_path / "plots")
+    assert sorted(p.stem for p in written) == ["learning_rate", "loss", "temperature", "zeroshot"]
+    for path in written:
+        _assert_non_uniform(path)
+
+
+def test_similarity_heatmap_and_projection(tmp_path):
+    rng = np.random.default_rng(0)
+    classes = rng.normal(size=(4, 16))
+    labels = np.repeat(np.arange(4), 30)
+    features = classes[labels] + 0.3 * rng.normal(size=(120, 16))
+    names = ["zero", "one", "two", "three"]
+    _assert_non_uniform(
+        plots.plot_similarity(features, labels, classes, names, tmp_path / "sim.png", per_class=5)
+    )
+    for method in ("pca", "tsne"):
+        _assert_non_uniform(
+            plots.plot_projection(features, labels, names, tmp_path / f"{method}.png", method=method)
+        )
+    # the projection keeps well-separated classes apart: each class mean is nearer its own points
+    xy = plots.project_2d(features, "pca")
+    centres = np.stack([xy[labels == c].mean(0) for c in range(4)])
+    nearest = np.linalg.norm(xy[:, None] - centres[None], axis=-1).argmin(1)
+    assert (nearest == labels).mean() > 0.9
+    with pytest.raises(ValueError, match="use pca or tsne"):
+        plots.project_2d(features, "umap")

@@ -1,0 +1,74 @@
+"""Logging and sweep configs compose; StepStats measures the data-wait fraction and temperature."""
+
+import math
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import get_class
+from omegaconf import OmegaConf
+
+from mmpretrain.monitor import StepStats
+from mmpretrain.cli import CONF_DIR
+from tests.conftest import compose_config
+
+
+def test_wandb_is_offline_by_default_and_online_with_one_override(tmp_path):
+    assert compose_config("train", [], run_dir=tmp_path).logger.wandb.mode == "offline"
+    assert (
+        compose_config("train", ["logger.wandb.mode=online"], run_dir=tmp_path).logger.wandb.mode == "online"
+    )
+    callbacks = compose_config("train", [], run_dir=tmp_path).callbacks
+    assert callbacks.step_stats._target_ == "mmpretrain.monitor.StepStats"
+    assert callbacks.plots._target_ == "mmpretrain.monitor.RunPlots"
+
+
+def _hydra_cfg(overrides):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("train", overrides, return_hydra_config=True)
+
+
+def test_optuna_search_config_states_trials_space_and_storage_in_the_sweep_dir():
+    cfg = _hydra_cfg(["hparams_search=digits_optuna", "hydra.sweep.dir=/sweeps/s1"])
+    sweeper = cfg.hydra.sweeper
+    assert get_class(sweeper._target_).__name__ == "OptunaSweeper"
+    assert sweeper.direction == "maximize" and sweeper.n_trials >= 4
+    assert sweeper.storage == "sqlite:////sweeps/s1/optuna.sqlite"
+    assert set(sweeper.params) >= {"optim.lr", "model.embed_dim"}
+    assert cfg.optimized_metric == "val/zeroshot_top1/image_text"
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+
+
+def test_slurm_launcher_config_composes():
+    cfg = _hydra_cfg(["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.sweep.dir=/sweeps/s2"])
+    launcher = cfg.hydra.launcher
+    assert get_class(launcher._target_).__name__ == "SlurmLauncher"
+    assert launcher.partition == "gpu" and launcher.submitit_folder == "/sweeps/s2/.submitit/%j"
+    OmegaConf.to_container(launcher, resolve=True)
+
+
+class _Recorder:
+    def __init__(self):
+        self.logged = {}
+        self.model = SimpleNamespace(logit_scales={"shared": torch.tensor(math.log(20.0))})
+
+    def log(self, key, value, **kwargs):
+        self.logged.setdefault(key, []).append(float(value))
+
+
+def test_step_stats_data_wait_fraction_and_temperature():
+    stats, module = StepStats(), _Recorder()
+    stats.on_train_batch_start(None, module, {}, 0)
+    time.sleep(0.06)  # "compute"
+    stats.on_train_batch_end(None, module, None, {}, 0)
+    time.sleep(0.02)  # waiting for the next batch
+    stats.on_train_batch_start(None, module, {}, 1)
+    (frac,) = module.logged["train/data_wait_frac"]
+    assert frac == pytest.approx(0.02 / 0.08, abs=0.08)
+    assert module.logged["train/temperature/shared"] == [pytest.approx(0.05)]
+    stats.on_train_batch_end(None, module, None, {}, 1)
+    stats.on_validation_start(None, module)  # the interval spanning validation is not counted
+    stats.on_train_batch_start(None, module, {}, 2)
+    assert len(module.logged["train/data_wait_frac"]) == 1
