@@ -15,9 +15,9 @@ CONFIG = {
     "embed_dim": 16,
     "temperature_pairs": [["image", "text"], ["audio", "text"]],
     "towers": {
-        "image": {"_target_": "mmpretrain.towers.timm.TimmTower", "model_name": "resnet10t", "img_size": 32},
+        "image": {"_target_": "mmpretrain.towers.timm.TimmTower", "model_name": "test_resnet", "img_size": 32},
         "text": {"_target_": "mmpretrain.towers.open_clip.OpenClipTower", "modality": "text", "config": TEXT},
-        "audio": {"_target_": "mmpretrain.towers.audio.AudioTower", "model_name": "resnet10t", "clip_seconds": 0.5,
+        "audio": {"_target_": "mmpretrain.towers.audio.AudioTower", "model_name": "test_resnet", "clip_seconds": 0.5,
                   "frontend": {"n_mels": 32, "hop_length": 256, "top_db": 80.0},
                   "spec_augment": {"freq_masks": 1, "freq_width": 4}},
     },

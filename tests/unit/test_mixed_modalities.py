@@ -63,8 +63,8 @@ def test_model_encodes_only_present_rows():
     from mmpretrain.model import build_model
 
     model = build_model({"embed_dim": 8, "towers": {
-        "image": {"_target_": "mmpretrain.towers.timm.TimmTower", "model_name": "resnet10t", "img_size": 32},
-        "audio": {"_target_": "mmpretrain.towers.audio.AudioTower", "model_name": "resnet10t", "clip_seconds": 0.25,
+        "image": {"_target_": "mmpretrain.towers.timm.TimmTower", "model_name": "test_resnet", "img_size": 32},
+        "audio": {"_target_": "mmpretrain.towers.audio.AudioTower", "model_name": "test_resnet", "clip_seconds": 0.25,
                   "frontend": {"n_mels": 16, "hop_length": 256}}}}).eval()
     x = torch.randn(4, 3, 32, 32)
     mask = torch.tensor([True, False, True, True])

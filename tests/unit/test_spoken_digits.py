@@ -19,6 +19,7 @@ def test_missing_espeak_says_how_to_install(monkeypatch, tmp_path):
     assert not (tmp_path / "sd").exists()
 
 
+@pytest.mark.slow
 def test_cli_without_espeak_fails_with_the_install_hint(tmp_path):
     import os
 
