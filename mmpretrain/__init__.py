@@ -27,6 +27,7 @@ def list_towers() -> dict[str, str]:
     return {
         "timm": "mmpretrain.towers.timm.TimmTower",
         "open_clip": "mmpretrain.towers.open_clip.OpenClipTower",
+        "audio": "mmpretrain.towers.audio.AudioTower",
     }
 
 

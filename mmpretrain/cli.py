@@ -192,13 +192,17 @@ def _end_run(run_dir: Path) -> None:
 
 
 def _ensure_data(data_cfg: DictConfig) -> None:
-    """Build the bundled dataset named by ``data.build`` when its root is empty."""
-    if data_cfg.get("build"):
-        from mmpretrain.data.builders import build, is_built
+    """Build the bundled dataset(s) named by ``data.build`` when missing: a name (built into
+    ``data.root``) or a mapping ``{name: root}`` (a data config mixing several bundled sets)."""
+    wanted = data_cfg.get("build")
+    if not wanted:
+        return
+    from mmpretrain.data.builders import build, is_built
 
-        if not is_built(data_cfg.root):
-            print(f"building bundled '{data_cfg.build}' data in {data_cfg.root}")
-            build(data_cfg.build, data_cfg.root)
+    for name, root in (wanted.items() if isinstance(wanted, DictConfig) else [(wanted, data_cfg.root)]):
+        if not is_built(root):
+            print(f"building bundled '{name}' data in {root}")
+            build(name, root)
 
 
 def _zeroshot_prompts(data_cfg: DictConfig) -> dict[str, list[str]] | None:
@@ -313,7 +317,7 @@ COMMANDS: dict[str, tuple[Callable, str, str]] = {
     "eval": (evaluate, "eval", "zero-shot + retrieval of ckpt=PATH on data.val"),
     "finetune": (finetune, "finetune", "task=linear_probe|full|fusion pretrained=CKPT_OR_DIR: classification"),
     "export": (export_cmd, "export", "ckpt=PATH out=DIR -> model.safetensors + config.json"),
-    "data": (data, "build_data", "NAME out=DIR: write a bundled dataset (digits) as shards"),
+    "data": (data, "build_data", "NAME out=DIR: write a bundled dataset (digits, spoken-digits) as shards"),
 }
 
 

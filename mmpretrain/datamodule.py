@@ -48,6 +48,7 @@ class ContrastiveDataModule(L.LightningDataModule):
             world_size=world,
             seed=self.seed,
             on_error=self.cfg.get("on_error", "skip"),
+            on_missing=self.cfg.get("on_missing", "skip"),
             caption_field=self.cfg.get("caption_field", "caption"),
             batch_size=int(self.cfg["batch_size"]),
         )
@@ -78,7 +79,8 @@ class ContrastiveDataModule(L.LightningDataModule):
         if not self.val_urls:
             return []
         workers = min(int(self.cfg.get("num_workers", 0)), len(self.val_urls))
-        stream = ShardStream([Source("val", self.val_urls)], self.preprocess(False), train=False, **self._common())
+        val = Source("val", self.val_urls, modalities=list(self.cfg["val"].get("modalities") or []))
+        stream = ShardStream([val], self.preprocess(False), train=False, **self._common())
         return self._loader(stream, workers, persistent=False)
 
     @staticmethod

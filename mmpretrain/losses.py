@@ -25,21 +25,53 @@ def logit_scale_for(outputs: dict[str, torch.Tensor], a: str, b: str) -> torch.T
     return outputs.get(f"logit_scale_{pair_name(a, b)}", outputs.get("logit_scale"))
 
 
-def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, gather: bool = True) -> torch.Tensor:
+def clip_loss(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    logit_scale: torch.Tensor,
+    gather: bool = True,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Symmetric InfoNCE of CLIP for this rank's rows against the global batch.
 
     ``a``/``b`` are this rank's L2-normalised features ``[B, D]``; under DDP they are gathered
     with gradient and the local rows use labels offset by rank, which makes the summed gradient
     over ranks equal to the single-process gradient of the global batch.
+
+    ``valid`` ``[B]`` (bool) marks the rows that carry both modalities. Invalid rows are neither
+    queries nor candidates: their columns are masked out of every softmax and their rows out of
+    the sum, and the sum is divided by the *global* number of valid rows (times the world size,
+    which DDP's gradient averaging divides out again). Shapes stay equal on every rank, so the
+    result equals the unmasked loss over only the valid samples of the global batch.
     """
-    if not gather:
-        all_a, all_b, offset = a, b, 0
-    else:
+    world = distributed.world_size() if gather else 1
+    if valid is None and world == 1:
+        return _clip_loss_all_valid(a, b, logit_scale)
+    if valid is None:  # every rank takes the same (masked) path, so the collectives match
+        valid = torch.ones(a.shape[0], dtype=torch.bool, device=a.device)
+    valid = valid.bool()
+    if world > 1:
         all_a, all_b = distributed.gather_with_grad(a), distributed.gather_with_grad(b)
+        all_valid = distributed.all_gather_variable(valid.to(torch.uint8)).bool()
         offset = distributed.rank() * a.shape[0]
+    else:
+        all_a, all_b, all_valid, offset = a, b, valid, 0
     labels = torch.arange(a.shape[0], device=a.device) + offset
-    logits_ab = logit_scale * a @ all_b.T
-    logits_ba = logit_scale * b @ all_a.T
+    labels = labels.masked_fill(~valid, -100)
+    n_valid = all_valid.sum()
+    total = 0.0
+    for q, keys in ((a, all_b), (b, all_a)):
+        logits = logit_scale * q @ keys.T
+        # A finite fill (not -inf) keeps rows with no valid column NaN-free in the backward pass.
+        logits = logits.masked_fill(~all_valid[None, :], torch.finfo(logits.dtype).min)
+        total = total + F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+    return total * world / (2 * n_valid.clamp(min=1))
+
+
+def _clip_loss_all_valid(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    labels = torch.arange(a.shape[0], device=a.device)
+    logits_ab = logit_scale * a @ b.T
+    logits_ba = logit_scale * b @ a.T
     return (F.cross_entropy(logits_ab, labels) + F.cross_entropy(logits_ba, labels)) / 2
 
 
@@ -66,10 +98,15 @@ class InfoNCE(nn.Module):
         # tiled: same value and gradients, memory linear in the global batch (see tiled_clip_loss)
         self.tiled, self.tile_size = bool(tiled), int(tile_size)
 
-    def pair_loss(self, fa, fb, logit_scale, gather: bool) -> torch.Tensor:
+    def pair_loss(self, fa, fb, logit_scale, gather: bool, valid: torch.Tensor | None = None) -> torch.Tensor:
         if self.tiled:
+            if valid is not None:
+                raise ValueError(
+                    "loss.tiled=true does not support partial-pair batches (a <modality>_mask in the batch); "
+                    "use data.on_missing=skip, or loss.tiled=false which masks absent rows exactly"
+                )
             return tiled_clip_loss(fa, fb, logit_scale, gather, self.tile_size)
-        return clip_loss(fa, fb, logit_scale, gather)
+        return clip_loss(fa, fb, logit_scale, gather, valid)
 
     def forward(self, outputs: dict[str, torch.Tensor], gather: bool = True) -> dict[str, torch.Tensor]:
         losses = {}
@@ -77,8 +114,8 @@ class InfoNCE(nn.Module):
             fa, fb = outputs.get(f"{a}_features"), outputs.get(f"{b}_features")
             if fa is None or fb is None:
                 continue
-            fa, fb = _rows_with_both(outputs, a, b, fa, fb)
-            losses[f"{pair_name(a, b)}_loss"] = w * self.pair_loss(fa, fb, logit_scale_for(outputs, a, b), gather)
+            valid = rows_with_both(outputs, a, b)
+            losses[f"{pair_name(a, b)}_loss"] = w * self.pair_loss(fa, fb, logit_scale_for(outputs, a, b), gather, valid)
         return losses
 
 
@@ -102,15 +139,25 @@ def _names(items) -> str:
     return "[" + ", ".join(_names(i) if isinstance(i, (list, tuple)) else str(i) for i in items) + "]"
 
 
+def rows_with_both(outputs: dict[str, torch.Tensor], a: str, b: str) -> torch.Tensor | None:
+    """``[B]`` bool: rows carrying both modalities (from ``<m>_mask``), or None when all do."""
+    masks = [outputs[f"{m}_mask"].bool() for m in (a, b) if outputs.get(f"{m}_mask") is not None]
+    if not masks:
+        return None
+    return masks[0] & masks[1] if len(masks) == 2 else masks[0]
+
+
 def _rows_with_both(outputs, a, b, fa, fb):
-    mask_a, mask_b = outputs.get(f"{a}_mask"), outputs.get(f"{b}_mask")
-    if mask_a is None and mask_b is None:
+    """Filter to the rows carrying both modalities (single process only: shapes change)."""
+    valid = rows_with_both(outputs, a, b)
+    if valid is None:
         return fa, fb
-    keep = torch.ones(fa.shape[0], dtype=torch.bool, device=fa.device)
-    for m in (mask_a, mask_b):
-        if m is not None:
-            keep &= m.bool()
-    return fa[keep], fb[keep]
+    if distributed.world_size() > 1:
+        raise ValueError(
+            "SigLIP over partial-pair batches (data.on_missing=partial) is not supported under DDP; "
+            "use data.on_missing=skip, or loss=infonce which masks absent rows exactly"
+        )
+    return fa[valid], fb[valid]
 
 
 # -- memory-tiled InfoNCE ------------------------------------------------------------------------

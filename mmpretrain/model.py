@@ -75,11 +75,25 @@ class ContrastiveModel(nn.Module):
     def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for m in self.modalities:
-            if m in batch:
+            if m not in batch:
+                continue
+            mask = batch.get(f"{m}_mask")
+            if mask is None:
                 out[f"{m}_features"] = self.encode(m, batch[m])
-                if f"{m}_mask" in batch:
-                    out[f"{m}_mask"] = batch[f"{m}_mask"]
+                continue
+            out[f"{m}_mask"] = mask
+            out[f"{m}_features"] = self._encode_present(m, batch[m], mask.to(batch[m].device).bool())
         return out | self.logit_scale_outputs()
+
+    def _encode_present(self, m: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Encode only the rows that carry modality ``m`` (zero-filled rows would skew BatchNorm);
+        absent rows get zero features, which losses and metrics leave out by the mask. With fewer
+        than 2 present rows the whole batch is encoded, so every tower still runs on every step
+        (DDP needs a gradient for every parameter on every rank)."""
+        if int(mask.sum()) < 2:
+            return self.encode(m, x) * mask[:, None]
+        z = self.encode(m, x[mask])
+        return z.new_zeros(x.shape[0], z.shape[1]).index_put((mask.nonzero().squeeze(1),), z)
 
     def logit_scale_outputs(self) -> dict[str, torch.Tensor]:
         """The loss's scalar parameters: ``logit_scale``(``_<a>_<b>``) and, when built, ``logit_bias``."""

@@ -10,7 +10,13 @@ import lightning as L
 import torch
 
 from mmpretrain import distributed
-from mmpretrain.evaluation import class_embeddings, retrieval_metrics, zero_shot_accuracy
+from mmpretrain.evaluation import (
+    class_embeddings,
+    class_prototypes,
+    class_retrieval_metrics,
+    retrieval_metrics,
+    zero_shot_accuracy,
+)
 from mmpretrain.gradcache import grad_cache_backward
 from mmpretrain.model import ContrastiveModel
 from mmpretrain.optim import build_optimizer, warmup_cosine
@@ -96,7 +102,10 @@ class ContrastiveModule(L.LightningModule):
         out = self.model(batch)
         for m in self.model.modalities:
             if f"{m}_features" in out:
-                self._val[m].append(out[f"{m}_features"].float())
+                feats = out[f"{m}_features"].float()
+                self._val[m].append(feats)
+                mask = batch.get(f"{m}_mask")
+                self._val[f"{m}_mask"].append(mask if mask is not None else feats.new_ones(feats.shape[0], dtype=torch.bool))
         if "cls" in batch:
             self._val["cls"].append(batch["cls"])
 
@@ -110,26 +119,62 @@ class ContrastiveModule(L.LightningModule):
 
     @torch.no_grad()
     def validation_metrics(self, local: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Retrieval and zero-shot for every pair of modalities present, trained together or not.
+
+        For each pair (a, b), over the rows that carry both: instance retrieval
+        ``val/retrieval_R@k/a_to_b`` (row i of a pairs with row i of b) and, with labels,
+        class retrieval ``val/retrieval_class_R@k/a_to_b``, ``val/retrieval_class_mAP/a_to_b``
+        (relevant = same class). Zero-shot ``val/zeroshot_top1/q_c`` classifies modality q by
+        class prototypes of modality c: prompt embeddings when c is text, otherwise the mean
+        embedding of each class among the val set's c samples.
+        """
         # Gather every rank's share so metrics cover the whole val set (identical on all ranks).
         emb = {k: distributed.all_gather_variable(v) for k, v in local.items()}
         labels = emb.pop("cls", None)
-        metrics: dict[str, float] = {}
         mods = [m for m in self.model.modalities if m in emb]
+        masks = {m: emb.pop(f"{m}_mask").bool() if f"{m}_mask" in emb else None for m in mods}
+        masks = {m: mk if mk is not None else torch.ones(len(emb[m]), dtype=torch.bool, device=emb[m].device)
+                 for m, mk in masks.items()}
+        labelled = labels >= 0 if labels is not None else None
+        metrics: dict[str, float] = {}
         for i, a in enumerate(mods):
             for b in mods[i + 1 :]:
-                scores = retrieval_metrics(emb[a], emb[b], a, b)
+                both = masks[a] & masks[b]
+                if not both.any():
+                    continue
+                ea, eb = emb[a][both], emb[b][both]
+                scores = retrieval_metrics(ea, eb, a, b)
+                if labels is not None and labelled[both].all():
+                    scores |= class_retrieval_metrics(ea, eb, labels[both], labels[both], a, b)
                 metrics.update({f"val/retrieval_{k}": v for k, v in scores.items()})
                 # Loss over the whole val set as one batch (no gathering: embeddings are global).
-                outputs = {f"{a}_features": emb[a], f"{b}_features": emb[b]} | self.model.logit_scale_outputs()
+                outputs = {f"{a}_features": ea, f"{b}_features": eb} | self.model.logit_scale_outputs()
                 for name, value in self.loss(outputs, gather=False).items():
                     metrics[f"val/{name}"] = value.item()
-        if labels is not None and self.zeroshot and "text" in self.model.modalities:
-            classes = class_embeddings(self.zeroshot["classnames"], self.zeroshot["templates"], self._encode_prompts)
-            for m in mods:
-                if m != "text":
-                    acc = zero_shot_accuracy(emb[m], labels, classes)
-                    metrics[f"val/zeroshot_top1/{m}_text"] = acc["top1"]
-                    metrics[f"val/zeroshot_top5/{m}_text"] = acc["top5"]
+        if labels is not None:
+            metrics |= self._zero_shot(emb, masks, labels, labelled, mods)
+        return metrics
+
+    def _zero_shot(self, emb, masks, labels, labelled, mods) -> dict[str, float]:
+        num_classes = len(self.zeroshot["classnames"]) if self.zeroshot else int(labels.max().item()) + 1
+        metrics: dict[str, float] = {}
+        for c in mods:
+            if c == "text":
+                if not self.zeroshot:
+                    continue
+                classes = class_embeddings(self.zeroshot["classnames"], self.zeroshot["templates"], self._encode_prompts)
+            else:
+                rows = masks[c] & labelled
+                if not rows.any():
+                    continue
+                classes = class_prototypes(emb[c][rows], labels[rows], num_classes)
+            for q in mods:
+                rows = masks[q] & labelled
+                if q == c or (q == "text" and c != "text") or not rows.any():
+                    continue
+                acc = zero_shot_accuracy(emb[q][rows], labels[rows], classes.to(emb[q].dtype))
+                metrics[f"val/zeroshot_top1/{q}_{c}"] = acc["top1"]
+                metrics[f"val/zeroshot_top5/{q}_{c}"] = acc["top5"]
         return metrics
 
     def _encode_prompts(self, prompts: list[str]) -> torch.Tensor:

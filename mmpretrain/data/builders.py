@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from mmpretrain.data import digits
+from mmpretrain.data import digits, spoken_digits
 
-BUILDERS: dict[str, Callable[..., Path]] = {"digits": digits.build_digits}
+BUILDERS: dict[str, Callable[..., Path]] = {
+    "digits": digits.build_digits,
+    "spoken-digits": spoken_digits.build_spoken_digits,
+}
 
 
 def build(name: str, out: str | Path, **kwargs: Any) -> Path:

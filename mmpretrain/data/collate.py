@@ -7,14 +7,20 @@ from typing import Any
 import torch
 
 
-def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack each key; where only some samples carry it, fill with zeros and add ``<key>_mask``."""
-    keys = list(dict.fromkeys(k for s in samples for k in s))
+def collate(samples: list[dict[str, Any]], fill: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Stack each key; where only some samples carry it, fill with zeros and add ``<key>_mask``.
+
+    ``fill`` maps keys every batch must carry to an example tensor: a key no sample of this batch
+    has is then all zeros with an all-False mask, so every batch (and every DDP rank) has the
+    same keys and runs the same towers.
+    """
+    fill = fill or {}
+    keys = list(dict.fromkeys([*(k for s in samples for k in s), *fill]))
     out: dict[str, Any] = {}
     for key in keys:
         values = [s.get(key) for s in samples]
         present = [v is not None for v in values]
-        first = next(v for v in values if v is not None)
+        first = next((v for v in values if v is not None), fill.get(key))
         if isinstance(first, torch.Tensor):
             values = [v if v is not None else torch.zeros_like(first) for v in values]
             out[key] = torch.stack(values)

@@ -11,6 +11,7 @@ import io
 import json
 from typing import Any, Callable
 
+import numpy as np
 from PIL import Image
 
 
@@ -34,6 +35,27 @@ def decode_text(data: bytes, ext: str, caption_field: str = "caption") -> str:
     return data.decode("utf-8").strip()
 
 
+def decode_audio(data: bytes, ext: str) -> tuple[np.ndarray, int]:
+    """``(waveform [T, C] float32, sample_rate)`` via soundfile (libsndfile): flac, wav, mp3.
+
+    mp3 needs libsndfile >= 1.1 (bundled with the soundfile >= 0.12 wheels); an older system
+    library fails here with a message saying so instead of an opaque format error.
+    """
+    import soundfile as sf
+
+    if ext == "mp3" and "MP3" not in sf.available_formats():
+        raise UnsupportedAudioError(
+            f"this libsndfile ({sf.__libsndfile_version__}) cannot decode mp3: install soundfile>=0.12 "
+            f"(its wheels bundle libsndfile>=1.1 with mp3) or convert the audio to flac/wav"
+        )
+    wave, sample_rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    return wave, int(sample_rate)
+
+
+class UnsupportedAudioError(RuntimeError):
+    pass
+
+
 def decode_cls(data: bytes) -> int:
     return int(data.decode("ascii").strip())
 
@@ -42,12 +64,25 @@ def decode_cls(data: bytes) -> int:
 DECODERS: dict[str, tuple[tuple[str, ...], Callable[..., Any]]] = {
     "image": (("jpg", "jpeg", "png", "webp"), lambda b, ext, **_: decode_image(b)),
     "text": (("txt", "json"), lambda b, ext, caption_field="caption", **_: decode_text(b, ext, caption_field)),
+    "audio": (("flac", "wav", "mp3"), lambda b, ext, **_: decode_audio(b, ext)),
     "cls": (("cls",), lambda b, ext, **_: decode_cls(b)),
 }
 
+#: modality -> a decoded value standing for "absent": its preprocessed tensor (zeroed) fills the
+#: rows of a batch whose sample lacks the modality, so every batch carries the same keys.
+BLANKS: dict[str, Callable[[], Any]] = {
+    "image": lambda: Image.new("RGB", (8, 8)),
+    "text": lambda: "",
+    "audio": lambda: (np.zeros((160, 1), dtype=np.float32), 16000),
+}
 
-def register_decoder(modality: str, extensions: tuple[str, ...], fn: Callable[..., Any]) -> None:
+
+def register_decoder(
+    modality: str, extensions: tuple[str, ...], fn: Callable[..., Any], blank: Callable[[], Any] | None = None
+) -> None:
     DECODERS[modality] = (extensions, fn)
+    if blank is not None:
+        BLANKS[modality] = blank
 
 
 def find_key(sample: dict[str, Any], extensions: tuple[str, ...]) -> str | None:

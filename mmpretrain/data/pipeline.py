@@ -6,6 +6,12 @@ passes with a seeded sample-shuffle buffer. An "epoch" is a fixed number of batc
 every rank always yields the same number of batches (no DDP hang with uneven shards), and the
 stream resumes across epochs (persistent workers) or from a checkpoint (``start_batch``).
 
+Sources may carry different modality subsets (``Source.modalities``; e.g. image-text shards mixed
+with audio-text shards). Every batch carries every modality of the stream: rows whose sample
+lacks one are zeros with ``<modality>_mask`` False, and the loss leaves them out. A sample missing
+a modality its source declares is skipped and counted (``on_missing="skip"``) or kept with that
+modality masked (``on_missing="partial"``).
+
 Bad samples (corrupt bytes, missing keys, truncated tars) are skipped and counted: each batch
 carries ``__skipped__``, the number of samples dropped since the previous batch of its worker,
 so the count is exact across workers and ranks once summed by the training module.
@@ -23,7 +29,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mmpretrain.data.collate import collate
-from mmpretrain.data.decode import decode_sample
+from mmpretrain.data.decode import BLANKS, decode_sample
 
 
 class SampleError(RuntimeError):
@@ -83,6 +89,7 @@ class ShardStream(IterableDataset):
         required: list[str] | None = None,
         caption_field: str = "caption",
         start_batch: int = 0,
+        on_missing: str = "skip",
     ):
         self.sources = sources
         self.preprocess = preprocess
@@ -96,6 +103,10 @@ class ShardStream(IterableDataset):
         self.required = required
         self.caption_field = caption_field
         self.start_batch = start_batch
+        if on_missing not in ("skip", "partial"):
+            raise ValueError(f"data.on_missing must be 'skip' or 'partial', not '{on_missing}'")
+        self.on_missing = on_missing
+        self._fill: dict[str, torch.Tensor] | None = None
         self._batches: Iterator[dict] | None = None
         self.num_workers = 1  # set by the DataModule so __len__ is the per-rank epoch length
 
@@ -138,15 +149,32 @@ class ShardStream(IterableDataset):
         pipeline = wds.DataPipeline(*stages)
         return iter(pipeline)
 
+    def _modalities(self, source: Source) -> list[str]:
+        return source.modalities or [m for m in self.preprocess] + ["cls"]
+
     def _process(self, raw: dict, source: Source) -> dict:
-        modalities = source.modalities or [m for m in self.preprocess] + ["cls"]
-        required = self.required if self.required is not None else [m for m in modalities if m != "cls"]
+        modalities = self._modalities(source)
+        if self.required is not None:
+            required = self.required
+        elif self.on_missing == "partial":
+            required = []
+        else:
+            required = [m for m in modalities if m != "cls"]
         sample = decode_sample(raw, modalities, required, caption_field=self.caption_field)
         for m, fn in self.preprocess.items():
             if m in sample:
                 sample[m] = fn(sample[m])
+        if not any(m in sample for m in self.preprocess):
+            raise SampleError(f"sample '{raw.get('__key__')}' in {raw.get('__url__')} has none of {sorted(self.preprocess)}")
         sample.pop("__url__", None)
         return sample
+
+    def fill_values(self) -> dict[str, torch.Tensor]:
+        """A zero tensor per modality this stream can yield (what absent rows are filled with)."""
+        if self._fill is None:
+            wanted = dict.fromkeys(m for s in self.sources for m in self._modalities(s) if m in self.preprocess)
+            self._fill = {m: torch.zeros_like(self.preprocess[m](BLANKS[m]())) for m in wanted if m in BLANKS}
+        return self._fill
 
     def _batch_stream(self) -> Iterator[dict]:
         worker, num_workers = _worker()
@@ -174,9 +202,8 @@ class ShardStream(IterableDataset):
         if batch and not self.train:
             yield self._emit(batch, counter)
 
-    @staticmethod
-    def _emit(batch: list[dict], counter: SkipCounter) -> dict:
-        out = collate(batch)
+    def _emit(self, batch: list[dict], counter: SkipCounter) -> dict:
+        out = collate(batch, self.fill_values())
         out["__skipped__"] = torch.tensor(counter.take())
         return out
 

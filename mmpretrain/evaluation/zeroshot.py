@@ -33,3 +33,15 @@ def zero_shot_accuracy(
     ranked = logits.argsort(dim=1, descending=True)
     hits = ranked == labels.view(-1, 1)
     return {f"top{k}": hits[:, : min(k, classes.shape[0])].any(1).float().mean().item() for k in topk}
+
+
+def class_prototypes(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[C, D]`` normalised mean of each class's normalised embeddings (zeros for an absent class).
+
+    Zero-shot across two non-text modalities: e.g. audio queries classified by the nearest image
+    class prototype. The prototypes use the labels of the *other* modality's embeddings only.
+    """
+    emb = F.normalize(embeddings, dim=-1)
+    sums = torch.zeros(num_classes, emb.shape[1], dtype=emb.dtype, device=emb.device)
+    sums.index_add_(0, labels.long(), emb)
+    return F.normalize(sums, dim=-1)
