@@ -30,6 +30,7 @@ def data(cfg: DictConfig) -> Path:
 def train(cfg: DictConfig) -> dict[str, float]:
     import lightning as L
 
+    from mmpretrain.callbacks import AtomicCheckpointIO
     from mmpretrain.datamodule import ContrastiveDataModule
     from mmpretrain.export import export
     from mmpretrain.model import build_model
@@ -44,7 +45,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module = ContrastiveModule(
         model, loss, _plain(cfg.optim), zeroshot=_zeroshot_prompts(cfg.data), hparams={"model": _plain(cfg.model)}
     )
-    trainer = L.Trainer(**_plain(cfg.trainer), default_root_dir=str(run_dir),
+    trainer = L.Trainer(**_plain(cfg.trainer), default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()],
                         logger=_instantiate_all(cfg.get("logger")), callbacks=_instantiate_all(cfg.get("callbacks")))
     trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_path(cfg, run_dir))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -143,10 +144,17 @@ def _zeroshot_prompts(data_cfg: DictConfig) -> dict[str, list[str]] | None:
 
 
 def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
-    if cfg.ckpt_path == "auto":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.exists() else None
-    return cfg.ckpt_path
+    """``resume=auto`` (or ``ckpt_path=auto``): the newest complete checkpoint of the run, if any."""
+    from mmpretrain.callbacks import newest_complete_checkpoint
+
+    choice = cfg.get("resume") or cfg.get("ckpt_path")
+    if choice == "auto":
+        found = newest_complete_checkpoint(run_dir / "checkpoints")
+        print(f"resume=auto: {'resuming from ' + str(found) if found else 'no checkpoint yet, starting fresh'}")
+        return str(found) if found else None
+    if choice and not Path(choice).exists():
+        raise FileNotFoundError(f"resume checkpoint {choice} does not exist (resume=auto picks the newest of the run)")
+    return choice
 
 
 def _InfoNCEForAllPairs(model):
