@@ -21,6 +21,8 @@ so the count is exact across workers and ranks once summed by the training modul
 from __future__ import annotations
 
 import random
+import re
+import tarfile
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -55,10 +57,18 @@ class SkipCounter:
         self.on_error = on_error
         self.pending = 0
         self.reasons: Counter[str] = Counter()
+        self._tar_error: str | None = None
 
     def __call__(self, exn: Exception) -> bool:
         if self.on_error == "raise":
             raise SampleError(f"bad sample ({type(exn).__name__}: {exn}); set data.on_error=skip to skip it") from exn
+        # webdataset reports one truncated tar twice (its member iterator, then its shard expander,
+        # with the shard's url as the last argument): count the truncation once.
+        url = _tar_error_url(exn)
+        if url is not None and url == self._tar_error:
+            self._tar_error = None
+            return True
+        self._tar_error = url
         self.pending += 1
         self.reasons[type(exn).__name__] += 1
         return True
@@ -66,6 +76,15 @@ class SkipCounter:
     def take(self) -> int:
         n, self.pending = self.pending, 0
         return n
+
+
+def _tar_error_url(exn: Exception) -> str | None:
+    if not isinstance(exn, tarfile.TarError):
+        return None
+    if exn.args and isinstance(exn.args[-1], str) and len(exn.args) > 1:
+        return exn.args[-1]
+    found = re.search(r"name='([^']+)'", str(exn))
+    return found.group(1) if found else None
 
 
 def check_shard_counts(sources: list[Source], world_size: int, num_workers: int, shard_policy: str) -> None:
