@@ -196,12 +196,16 @@ def main(argv: list[str] | None = None) -> Any:
         print(usage())
         return 0
     command, rest = argv[0], argv[1:]
+    if command not in COMMANDS and os.environ.get("MMPRETRAIN_COMMAND") in COMMANDS:
+        # A DDP process Lightning started by re-running our module with sys.argv[1:] (the overrides).
+        command, rest = os.environ["MMPRETRAIN_COMMAND"], argv
     if command not in COMMANDS:
         print(f"mmpretrain: unknown command '{command}'\n\n{usage()}", file=sys.stderr)
         return 2
     fn, config_name, _ = COMMANDS[command]
     if command == "data" and rest and "=" not in rest[0] and not rest[0].startswith("-"):
         rest[0] = f"name={rest[0]}"  # `mmpretrain data digits out=DIR`
+    os.environ["MMPRETRAIN_COMMAND"] = command  # inherited by the DDP processes Lightning launches
     sys.argv = [f"mmpretrain {command}", *rest]
     return _hydra_command(fn, config_name, returns_metric=command == "train")()
 

@@ -146,7 +146,10 @@ def test_ddp_two_processes_match_single_process_and_validate_on_the_whole_val_se
     keys = [k for k in single if k.startswith("val/")]
     assert "val/zeroshot_top1/image_text" in keys and "val/retrieval_R@1/image_to_text" in keys
     for k in keys:
-        assert ddp_metrics[k] == pytest.approx(single[k], abs=1e-5), k
+        # Many digits captions are identical, so their similarities tie exactly; a different order of the
+        # val set (gathered from 2 ranks) changes matmul rounding and can flip such ties by one rank.
+        tol = dict(rel=1e-3) if "rank/" in k else dict(abs=1e-5)
+        assert ddp_metrics[k] == pytest.approx(single[k], **tol), k
 
 
 def test_two_torchrun_nodes_on_loopback_match_single_process(digits_root, tmp_path):
@@ -333,8 +336,9 @@ def test_nan_on_one_rank_is_skipped_by_all_ranks_then_stops_after_k(digits_root,
     weights = read_state_dict(run / "checkpoints" / "last.ckpt")
     assert all(torch.isfinite(v).all() for v in weights.values())
 
-    stop = tmp_path / "stop"
-    proc = run_cli(stop, *base, "trainer.max_steps=20", "+callbacks.nan.steps=[2,3,4,5,6]",
+    stop = tmp_path / "stop"  # single process: the stop logic; the all-ranks decision is checked above
+    proc = run_cli(stop, *base[:1], *base[4:-1], "trainer.max_steps=20", "+callbacks.nan.rank=0",
+                   "+callbacks.nan.steps=[2,3,4,5,6]",
                    "callbacks.step_checkpoint.every_n_train_steps=1", "callbacks.step_checkpoint.save_top_k=-1",
                    check=False)
     assert proc.returncode != 0
@@ -345,3 +349,18 @@ def test_nan_on_one_rank_is_skipped_by_all_ranks_then_stops_after_k(digits_root,
     after_step1 = read_state_dict(stop / "checkpoints" / "step0000001.ckpt")
     for k, v in good.items():  # the skipped steps did not move the weights: the last good state
         assert torch.isfinite(v).all() and torch.equal(v, after_step1[k]), k
+
+
+# -- secrets: a wandb key in the environment never lands in the run directory -------------------
+def test_wandb_key_in_env_never_reaches_the_run_directory(digits_root, tmp_path):
+    secret = "0123456789abcdef0123456789abcdef01234567"  # 40 hex chars, the shape of a real key
+    run = tmp_path / "wandb"
+    cmd = train_cmd(run, f"data.root={digits_root}", "logger=default", "trainer.max_steps=2",
+                    "data.train_samples=64", "trainer.limit_val_batches=1", "data.num_workers=0")
+    proc = subprocess.run(cmd, env=env() | {"WANDB_API_KEY": secret}, cwd=ROOT, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert any(run.rglob("*.wandb")), "the wandb offline run was not written"
+    leaks = [p for p in run.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert leaks == []
+    assert secret not in proc.stdout + proc.stderr
