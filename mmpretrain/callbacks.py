@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,6 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mmpretrain import distributed
 from mmpretrain.export import torch_load_safe
@@ -82,18 +83,35 @@ def newest_complete_checkpoint(directory: str | Path) -> Path | None:
 
 
 class PreemptionCheckpoint(L.Callback):
-    """On SIGTERM (Lightning stops every rank together) save ``preempted-step<N>.ckpt`` and exit cleanly."""
+    """SIGTERM (preemption): every rank finishes the same step, saves ``preempted-step<N>.ckpt``, stops.
+
+    The handler only sets a flag; after each training batch the flag is all-reduced, so a signal
+    that reached one rank (or all, as under SLURM/torchrun) stops every rank after the same step,
+    and the run ends normally (exit status 0). Lightning's own SIGTERM handler is replaced for the
+    duration of fit (it raises at an arbitrary point and can leave ranks waiting on each other).
+    """
 
     def __init__(self, dirpath: str):
         self.dirpath = Path(dirpath)
+        self.received = False
+        self.saved: Path | None = None
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException):
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is threading.main_thread():  # Lightning restores its handlers at teardown
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.received = True
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not distributed.any_rank(self.received, pl_module.device):
             return
-        path = self.dirpath / f"preempted-step{trainer.global_step:07d}.ckpt"
-        trainer.save_checkpoint(path)
+        self.saved = self.dirpath / f"preempted-step{trainer.global_step:07d}.ckpt"
+        trainer.save_checkpoint(self.saved)
+        trainer.should_stop = True
         if trainer.is_global_zero:
-            print(f"SIGTERM: saved {path} at step {trainer.global_step}; continue with resume=auto", flush=True)
+            print(f"SIGTERM: saved {self.saved} at step {trainer.global_step}; continue with resume=auto", flush=True)
 
 
 # -- non-finite steps ----------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def train_cmd(run: Path, *overrides: str) -> list[str]:
 
 
 def run_cli(run: Path, *overrides: str, check: bool = True, timeout: int = 240) -> subprocess.CompletedProcess:
-    proc = subprocess.run(train_cmd(run, *overrides), env=env(), cwd=ROOT, capture_output=True, text=True,
+    proc = subprocess.run(train_cmd(run, *overrides), env=env(), cwd=ROOT, capture_output=True, text=True, check=False,
                           timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -148,7 +148,7 @@ def test_ddp_two_processes_match_single_process_and_validate_on_the_whole_val_se
     for k in keys:
         # Many digits captions are identical, so their similarities tie exactly; a different order of the
         # val set (gathered from 2 ranks) changes matmul rounding and can flip such ties by one rank.
-        tol = dict(rel=1e-3) if "rank/" in k else dict(abs=1e-5)
+        tol = {"rel": 1e-3} if "rank/" in k else {"abs": 1e-5}
         assert ddp_metrics[k] == pytest.approx(single[k], **tol), k
 
 
@@ -217,7 +217,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly_on_every_rank(digits_root,
         if {r for r, s in rec if s >= 2} == {0, 1}:
             break
         time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)  # what SLURM/k8s send; Lightning forwards it to the other rank
+    proc.send_signal(signal.SIGTERM)  # to rank 0 only: the other rank learns of it through an all-reduce
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, out[-4000:]
     saved = sorted((run / "checkpoints").glob("preempted-step*.ckpt"))
@@ -228,6 +228,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly_on_every_rank(digits_root,
     assert ranks_at_stop[0] == ranks_at_stop[1] == step  # both ranks stopped after the same step
     ckpt = torch.load(saved[0], weights_only=True)
     assert ckpt["global_step"] == step
+    assert "SIGTERM: saved" in out
 
 
 # -- bad data: exact skip count across 2 workers x 2 ranks; on_error=raise names key and shard -----
@@ -293,7 +294,7 @@ def test_bad_data_skips_are_counted_exactly_across_workers_and_ranks(digits_root
     # 8 steps x batch 8: every reader (2 ranks x 2 workers, 2 shards each) goes into its second pass.
     out = run_cli(run, f"data.root={data}", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
                   "data.train_samples=64", "trainer.max_steps=8", "trainer.limit_val_batches=1",
-                  "data.shuffle_buffer=0", *record(run)).stdout
+                  "data.shuffle_buffer=0", "trainer.log_every_n_steps=1", *record(run)).stdout
     skipped = json.loads((run / "metrics.json").read_text())["skipped_samples"]
     expected = expected_skips(items, records(run), world=2, workers=2)
     assert skipped == expected, (skipped, expected, out[-2000:])
@@ -307,7 +308,7 @@ def test_bad_data_skips_are_counted_exactly_across_workers_and_ranks(digits_root
 def test_on_error_raise_stops_at_the_first_bad_sample_naming_key_and_shard(digits_root, tmp_path):
     data = tmp_path / "data"
     items = write_bad_shards(digits_root, data, n_shards=2)
-    first = sorted(items)[0]
+    first = min(items)
     Path(sorted(items)[1]).unlink()
     proc = run_cli(tmp_path / "raise", f"data.root={data}", "data.num_workers=1", "data.on_error=raise",
                    "trainer.max_steps=3", "data.shuffle_buffer=0", "data.train_samples=64", check=False)
@@ -357,7 +358,7 @@ def test_wandb_key_in_env_never_reaches_the_run_directory(digits_root, tmp_path)
     run = tmp_path / "wandb"
     cmd = train_cmd(run, f"data.root={digits_root}", "logger=default", "trainer.max_steps=2",
                     "data.train_samples=64", "trainer.limit_val_batches=1", "data.num_workers=0")
-    proc = subprocess.run(cmd, env=env() | {"WANDB_API_KEY": secret}, cwd=ROOT, capture_output=True, text=True,
+    proc = subprocess.run(cmd, env=env() | {"WANDB_API_KEY": secret}, cwd=ROOT, capture_output=True, text=True, check=False,
                           timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert any(run.rglob("*.wandb")), "the wandb offline run was not written"

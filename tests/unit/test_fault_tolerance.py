@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import pickle
-from pathlib import Path
 
 import pytest
 import torch
@@ -88,7 +87,7 @@ def test_every_rank_gets_the_same_number_of_batches_with_uneven_shards(tmp_path)
 def random_crop_value(img):  # an augmentation that draws from torch and python RNGs
     import random
 
-    return torch.tensor([float(list(img.getdata())[0][0]), torch.rand(()).item(), random.random()])
+    return torch.tensor([float(next(iter(img.getdata()))[0]), torch.rand(()).item(), random.random()])
 
 
 @pytest.mark.parametrize("k", [3, 6])
