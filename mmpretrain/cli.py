@@ -31,6 +31,7 @@ def data(cfg: DictConfig) -> Path:
 def train(cfg: DictConfig) -> dict[str, float]:
     import lightning as L
 
+    from mmpretrain.callbacks import AtomicCheckpointIO
     from mmpretrain.datamodule import ContrastiveDataModule
     from mmpretrain.export import check_checkpoint_matches, export
     from mmpretrain.losses import check_modalities
@@ -54,7 +55,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module = ContrastiveModule(
         model, loss, optim, zeroshot=_zeroshot_prompts(cfg.data), hparams={"model": _plain(cfg.model)}
     )
-    trainer = L.Trainer(**trainer_kwargs, default_root_dir=str(run_dir),
+    trainer = L.Trainer(**trainer_kwargs, default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()],
                         logger=_instantiate_all(cfg.get("logger")), callbacks=_instantiate_all(cfg.get("callbacks")))
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -216,10 +217,17 @@ def _zeroshot_prompts(data_cfg: DictConfig) -> dict[str, list[str]] | None:
 
 
 def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
-    if cfg.ckpt_path == "auto":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.exists() else None
-    return cfg.ckpt_path
+    """``resume=auto`` (or ``ckpt_path=auto``): the newest complete checkpoint of the run, if any."""
+    from mmpretrain.callbacks import newest_complete_checkpoint
+
+    choice = cfg.get("resume") or cfg.get("ckpt_path")
+    if choice == "auto":
+        found = newest_complete_checkpoint(run_dir / "checkpoints")
+        print(f"resume=auto: {'resuming from ' + str(found) if found else 'no checkpoint yet, starting fresh'}")
+        return str(found) if found else None
+    if choice and not Path(choice).exists():
+        raise FileNotFoundError(f"resume checkpoint {choice} does not exist (resume=auto picks the newest of the run)")
+    return choice
 
 
 def _InfoNCEForAllPairs(model):
@@ -342,12 +350,16 @@ def main(argv: list[str] | None = None) -> Any:
     command, rest = argv[0], argv[1:]
     if command in PLAIN_COMMANDS:
         return PLAIN_COMMANDS[command][0](rest)
+    if command not in COMMANDS and os.environ.get("MMPRETRAIN_COMMAND") in COMMANDS:
+        # A DDP process Lightning started by re-running our module with sys.argv[1:] (the overrides).
+        command, rest = os.environ["MMPRETRAIN_COMMAND"], argv
     if command not in COMMANDS:
         print(f"mmpretrain: unknown command '{command}'\n\n{usage()}", file=sys.stderr)
         return 2
     fn, config_name, _ = COMMANDS[command]
     if command == "data" and rest and "=" not in rest[0] and not rest[0].startswith("-"):
         rest[0] = f"name={rest[0]}"  # `mmpretrain data digits out=DIR`
+    os.environ["MMPRETRAIN_COMMAND"] = command  # inherited by the DDP processes Lightning launches
     sys.argv = [f"mmpretrain {command}", *rest]
     return _hydra_command(fn, config_name, returns_metric=command == "train")()
 

@@ -103,3 +103,12 @@ def pass_to_next_rank(x: torch.Tensor) -> torch.Tensor:
     if world_size() == 1:
         return x
     return _PassToNext.apply(x)
+
+
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every rank when ``flag`` is true on at least one (one all_reduce(MAX))."""
+    if world_size() == 1:
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

@@ -1,10 +1,17 @@
 """The webdataset stream: shards -> samples -> decoded -> preprocessed -> batches.
 
 Training streams are infinite and deterministic: in pass ``p`` every source's shard list is
-shuffled with ``seed + p``, split by rank then by worker, and each worker cycles through its
-passes with a seeded sample-shuffle buffer. An "epoch" is a fixed number of batches per worker, so
-every rank always yields the same number of batches (no DDP hang with uneven shards), and the
-stream resumes across epochs (persistent workers) or from a checkpoint (``start_batch``).
+shuffled with ``seed + p``, split by rank then by *stream* (one per DataLoader worker), and each
+stream cycles through its passes with a seeded sample-shuffle buffer; each sample's augmentation
+is seeded by (seed, rank, stream, sample index), so a batch is a pure function of its position.
+An "epoch" is a fixed number of batches per worker, so every rank always yields the same number
+of batches (no DDP hang with uneven shards).
+
+Exact resume: batch ``j`` of a rank (counted from the start of training) is batch ``j // W`` of
+stream ``j % W`` (``W`` workers), which is what the DataLoader's round-robin over workers gives.
+Given ``start_batch`` (batches already consumed, from the checkpoint) each worker works out which
+batches of which stream it must serve in the partial epoch and after, and fast-forwards a stream
+by replaying it (deterministic, so no sample is seen twice or skipped).
 
 Sources may carry different modality subsets (``Source.modalities``; e.g. image-text shards mixed
 with audio-text shards). Every batch carries every modality of the stream: rows whose sample
@@ -20,7 +27,10 @@ so the count is exact across workers and ranks once summed by the training modul
 from __future__ import annotations
 
 import random
+import re
+import tarfile
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -53,10 +63,18 @@ class SkipCounter:
         self.on_error = on_error
         self.pending = 0
         self.reasons: Counter[str] = Counter()
+        self._tar_error: str | None = None
 
     def __call__(self, exn: Exception) -> bool:
         if self.on_error == "raise":
             raise SampleError(f"bad sample ({type(exn).__name__}: {exn}); set data.on_error=skip to skip it") from exn
+        # webdataset reports one truncated tar twice (its member iterator, then its shard expander,
+        # with the shard's url as the last argument): count the truncation once.
+        url = _tar_error_url(exn)
+        if url is not None and url == self._tar_error:
+            self._tar_error = None
+            return True
+        self._tar_error = url
         self.pending += 1
         self.reasons[type(exn).__name__] += 1
         return True
@@ -64,6 +82,28 @@ class SkipCounter:
     def take(self) -> int:
         n, self.pending = self.pending, 0
         return n
+
+
+def _tar_error_url(exn: Exception) -> str | None:
+    if not isinstance(exn, tarfile.TarError):
+        return None
+    if exn.args and isinstance(exn.args[-1], str) and len(exn.args) > 1:
+        return exn.args[-1]
+    found = re.search(r"name='([^']+)'", str(exn))
+    return found.group(1) if found else None
+
+
+def check_shard_counts(sources: list[Source], world_size: int, num_workers: int, shard_policy: str) -> None:
+    """Fail before training (on every rank alike, so no rank waits in a collective) when a source
+    has fewer shards than ranks x workers and ``shard_policy`` is ``error``."""
+    slots = world_size * max(1, num_workers)
+    for source in sources:
+        if shard_policy == "error" and len(source.urls) < slots:
+            raise ValueError(
+                f"source '{source.name}' has {len(source.urls)} shards for {world_size} ranks x {max(1, num_workers)} "
+                f"workers = {slots} readers: every reader needs at least one shard. Lower data.num_workers, write "
+                f"more, smaller shards, or set data.shard_policy=resample (each reader samples shards with replacement)."
+            )
 
 
 def _worker() -> tuple[int, int]:
@@ -89,8 +129,11 @@ class ShardStream(IterableDataset):
         required: list[str] | None = None,
         caption_field: str = "caption",
         start_batch: int = 0,
+        shard_policy: str = "error",
         on_missing: str = "skip",
     ):
+        if shard_policy not in ("error", "resample"):
+            raise ValueError(f"data.shard_policy must be 'error' or 'resample', not '{shard_policy}'")
         self.sources = sources
         self.preprocess = preprocess
         self.batch_size = batch_size
@@ -103,11 +146,13 @@ class ShardStream(IterableDataset):
         self.required = required
         self.caption_field = caption_field
         self.start_batch = start_batch
+        self.shard_policy = shard_policy
         if on_missing not in ("skip", "partial"):
             raise ValueError(f"data.on_missing must be 'skip' or 'partial', not '{on_missing}'")
         self.on_missing = on_missing
         self._fill: dict[str, torch.Tensor] | None = None
-        self._batches: Iterator[dict] | None = None
+        self._streams: dict[int, tuple[Iterator[dict], int]] = {}  # stream -> (generator, next batch)
+        self._next_start: int | None = None
         self.num_workers = 1  # set by the DataModule so __len__ is the per-rank epoch length
 
     def __len__(self) -> int:
@@ -118,6 +163,10 @@ class ShardStream(IterableDataset):
     # -- shards -----------------------------------------------------------------------------
     def _my_shards(self, urls: list[str], pass_idx: int, worker: int, num_workers: int) -> list[str]:
         order = list(urls)
+        if self.train and self.shard_policy == "resample":
+            # Every (rank, stream) draws its own shards with replacement: no shard count is too small.
+            rng = random.Random(((self.seed * 7919 + pass_idx) * 1009 + self.rank) * 1009 + worker)
+            return [rng.choice(order) for _ in range(max(1, len(order) // (self.world_size * num_workers)))]
         if self.train:
             random.Random(self.seed * 7919 + pass_idx).shuffle(order)
         return order[self.rank :: self.world_size][worker::num_workers]
@@ -129,8 +178,8 @@ class ShardStream(IterableDataset):
             if not mine and self.train:
                 raise ValueError(
                     f"source '{source.name}' has {len(source.urls)} shards for {self.world_size} ranks x "
-                    f"{num_workers} workers: every worker needs at least one. Lower data.num_workers or "
-                    f"write more, smaller shards."
+                    f"{num_workers} workers: every worker needs at least one. Lower data.num_workers, "
+                    f"write more, smaller shards, or set data.shard_policy=resample."
                 )
             yield from ({"url": u} for u in mine)
             if not self.train:
@@ -152,7 +201,7 @@ class ShardStream(IterableDataset):
     def _modalities(self, source: Source) -> list[str]:
         return source.modalities or [m for m in self.preprocess] + ["cls"]
 
-    def _process(self, raw: dict, source: Source) -> dict:
+    def _process(self, raw: dict, source: Source, aug_seed: int | None = None) -> dict:
         modalities = self._modalities(source)
         if self.required is not None:
             required = self.required
@@ -161,9 +210,10 @@ class ShardStream(IterableDataset):
         else:
             required = [m for m in modalities if m != "cls"]
         sample = decode_sample(raw, modalities, required, caption_field=self.caption_field)
-        for m, fn in self.preprocess.items():
-            if m in sample:
-                sample[m] = fn(sample[m])
+        with _seeded(aug_seed):
+            for m, fn in self.preprocess.items():
+                if m in sample:
+                    sample[m] = fn(sample[m])
         if not any(m in sample for m in self.preprocess):
             raise SampleError(f"sample '{raw.get('__key__')}' in {raw.get('__url__')} has none of {sorted(self.preprocess)}")
         sample.pop("__url__", None)
@@ -176,14 +226,14 @@ class ShardStream(IterableDataset):
             self._fill = {m: torch.zeros_like(self.preprocess[m](BLANKS[m]())) for m in wanted if m in BLANKS}
         return self._fill
 
-    def _batch_stream(self) -> Iterator[dict]:
-        worker, num_workers = _worker()
+    def _batch_stream(self, worker: int, num_workers: int) -> Iterator[dict]:
         counter = SkipCounter(self.on_error)
         streams = [self._samples(s, worker, num_workers, counter) for s in self.sources]
         weights = [s.weight for s in self.sources]
         mix_rng = random.Random(self.seed * 31 + self.rank * 131 + worker)
         live = list(range(len(streams)))
         batch: list[dict] = []
+        n_read = 0
         while live:
             i = mix_rng.choices(live, weights=[weights[j] for j in live])[0] if len(live) > 1 else live[0]
             try:
@@ -191,8 +241,10 @@ class ShardStream(IterableDataset):
             except StopIteration:
                 live.remove(i)
                 continue
+            n_read += 1
+            aug_seed = ((self.seed * 1_000_003 + self.rank) * 1009 + worker) * 1_000_003 + n_read
             try:
-                batch.append(self._process(raw, self.sources[i]))
+                batch.append(self._process(raw, self.sources[i], aug_seed if self.train else None))
             except Exception as exn:  # noqa: BLE001 - every decode/transform failure is a skip
                 counter(SampleError(f"sample '{raw.get('__key__')}' in {raw.get('__url__')}: {exn}"))
                 continue
@@ -208,12 +260,43 @@ class ShardStream(IterableDataset):
         return out
 
     def __iter__(self) -> Iterator[dict]:
+        worker, num_workers = _worker()
         if not self.train:
-            yield from self._batch_stream()
+            yield from self._batch_stream(worker, num_workers)
             return
-        if self._batches is None:
-            self._batches = self._batch_stream()
-            for _ in range(self.start_batch):  # exact resume: replay this worker's stream
-                next(self._batches)
-        for _ in range(self.batches_per_worker):
-            yield next(self._batches)
+        # This iteration serves the rank's batches [start, end): up to the next epoch boundary.
+        epoch_len = self.batches_per_worker * num_workers
+        start = self.start_batch if self._next_start is None else self._next_start
+        end = (start // epoch_len + 1) * epoch_len
+        self._next_start = end
+        mine = range(start + worker, end, num_workers)  # the DataLoader's round-robin over workers
+        needed = {j % num_workers for j in mine}
+        self._streams = {s: v for s, v in self._streams.items() if s in needed}
+        for j in mine:
+            yield self._stream_batch(j % num_workers, j // num_workers, num_workers)
+
+    def _stream_batch(self, stream: int, position: int, num_streams: int) -> dict:
+        """Batch ``position`` of ``stream``; a stream not already there is rebuilt and replayed."""
+        gen, pos = self._streams.get(stream, (None, -1))
+        if gen is None or pos > position:
+            gen, pos = self._batch_stream(stream, num_streams), 0
+        while pos < position:  # exact resume: replay what the checkpointed run already consumed
+            next(gen)
+            pos += 1
+        batch = next(gen)
+        self._streams[stream] = (gen, position + 1)
+        return batch
+
+
+@contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """Run the augmentations with ``random``/``torch`` seeded by ``seed``; restore the state after."""
+    if seed is None:
+        yield
+        return
+    state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        torch.manual_seed(seed)
+        yield
+    random.setstate(state)
