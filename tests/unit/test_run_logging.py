@@ -10,8 +10,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
-from mmpretrain.monitor import StepStats
 from mmpretrain.cli import CONF_DIR
+from mmpretrain.monitor import StepStats
 from tests.conftest import compose_config
 
 
