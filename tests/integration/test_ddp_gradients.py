@@ -45,8 +45,8 @@ def worker(rank, world, port, queue):
         dist.all_reduce(g)
         g /= world
     dist.all_reduce(loss)
-    if rank == 0:
-        queue.put((loss / world, [g.clone() for g in grads]))
+    if rank == 0:  # numpy pickles by value: no shared-memory handle that dies with this process
+        queue.put(((loss / world).numpy(), [g.numpy() for g in grads]))
     dist.destroy_process_group()
 
 
@@ -66,6 +66,7 @@ def test_two_process_gradient_equals_single_process():
     for p in procs:
         p.start()
     loss, grads = queue.get(timeout=120)
+    loss, grads = torch.from_numpy(loss), [torch.from_numpy(g) for g in grads]
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
