@@ -264,7 +264,7 @@ class AudioTower(Tower):
             raise unknown_model_error(model_name, "timm", timm.list_models())
         self.modality = modality
         self.sample_rate, self.pad = int(sample_rate), pad
-        self.num_samples = int(round(clip_seconds * sample_rate))
+        self.num_samples = round(clip_seconds * sample_rate)
         self.frontend = LogMel(sample_rate=self.sample_rate, **dict(frontend or {}))
         self.spec_augment = SpecAugment(**spec_augment) if spec_augment else nn.Identity()
         kwargs = dict(model_kwargs or {})
