@@ -233,8 +233,12 @@ def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
 def _InfoNCEForAllPairs(model):
     from mmpretrain.losses import InfoNCE
 
-    mods = model.modalities
-    return InfoNCE(pairs=[(a, b) for i, a in enumerate(mods) for b in mods[i + 1 :]])
+    # A model with one temperature per pair scores only those pairs (the others have none).
+    pairs = model.config()["temperature_pairs"]
+    if not pairs:
+        mods = model.modalities
+        pairs = [(a, b) for i, a in enumerate(mods) for b in mods[i + 1 :]]
+    return InfoNCE(pairs=pairs)
 
 
 # -- Hydra wrappers ----------------------------------------------------------------------------

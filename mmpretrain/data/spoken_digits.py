@@ -105,7 +105,7 @@ def build_spoken_digits(
     out = Path(out)
     digits = load_digits()
     order = np.random.RandomState(seed).permutation(len(digits.target))  # the split of build_digits
-    n_val = int(round(len(order) * val_fraction))
+    n_val = round(len(order) * val_fraction)
     splits = {"val": order[:n_val], "train": order[n_val:]}
     rng = random.Random(seed + 1)
     plan = {

@@ -67,7 +67,8 @@ def mel_filterbank(
         raise ValueError(f"need 0 <= f_min < f_max <= sample_rate/2, got f_min={f_min} f_max={f_max} sr={sample_rate}")
     fft_hz = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64)
     # n_mels + 2 edges: filter i rises from edge i to edge i+1 and falls to edge i+2.
-    edges = mel_to_hz(torch.linspace(hz_to_mel(f_min, htk).item(), hz_to_mel(f_max, htk).item(), n_mels + 2), htk)
+    mels = torch.linspace(hz_to_mel(f_min, htk).item(), hz_to_mel(f_max, htk).item(), n_mels + 2, dtype=torch.float64)
+    edges = mel_to_hz(mels, htk)
     width = edges.diff()
     rising = (fft_hz[None, :] - edges[:-2, None]) / width[:-1, None]
     falling = (edges[2:, None] - fft_hz[None, :]) / width[1:, None]
@@ -264,7 +265,7 @@ class AudioTower(Tower):
             raise unknown_model_error(model_name, "timm", timm.list_models())
         self.modality = modality
         self.sample_rate, self.pad = int(sample_rate), pad
-        self.num_samples = int(round(clip_seconds * sample_rate))
+        self.num_samples = round(clip_seconds * sample_rate)
         self.frontend = LogMel(sample_rate=self.sample_rate, **dict(frontend or {}))
         self.spec_augment = SpecAugment(**spec_augment) if spec_augment else nn.Identity()
         kwargs = dict(model_kwargs or {})

@@ -69,3 +69,14 @@ def test_validation_reports_every_pair_including_untrained_ones():
     # mAP of a random ranking is near the class frequency, far from 1.
     local["audio"] = torch.randn(8, 16)
     assert module.validation_metrics(local)["val/retrieval_class_mAP/audio_to_image"] < 0.9
+
+
+def test_eval_loss_of_a_per_pair_temperature_model_scores_only_its_pairs():
+    from mmpretrain.cli import _InfoNCEForAllPairs
+
+    model = build_model(CONFIG)
+    loss = _InfoNCEForAllPairs(model)
+    assert sorted(loss.pairs) == [("audio", "text"), ("image", "text")]
+    feats = {f"{m}_features": torch.nn.functional.normalize(torch.randn(4, 16), dim=-1) for m in ("image", "text", "audio")}
+    terms = loss(feats | model.logit_scale_outputs(), gather=False)  # crashed with a None temperature before
+    assert set(terms) == {"image_text_loss", "audio_text_loss"} and all(torch.isfinite(v) for v in terms.values())

@@ -20,7 +20,8 @@ def test_mel_filterbank_matches_librosa(htk, norm, sr, n_fft, n_mels, f_min, f_m
     ours = mel_filterbank(sr, n_fft, n_mels, f_min, f_max, htk=htk, norm=norm).double().numpy()
     ref = librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels, fmin=f_min, fmax=f_max, htk=htk, norm=norm)
     assert ours.shape == ref.shape
-    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    # measured <= 5e-8 of the peak (float32 output rounding); mel points in float32 already gave 1e-5
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-6 * np.abs(ref).max())
 
 
 def sine(freq=440.0, sr=16000, seconds=1.0):
