@@ -95,6 +95,13 @@ def model_from_checkpoint(path: str | Path, model_cfg: dict[str, Any] | None = N
 
 
 def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if wrong:
+        raise ValueError(
+            f"{source} does not match this model config: {len(wrong)} tensors have other shapes "
+            f"(checkpoint vs model, e.g. {wrong[:3]}). Was it trained with another model= config?"
+        )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(
