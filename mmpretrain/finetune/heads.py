@@ -130,7 +130,9 @@ class FusionClassifier(nn.Module):
         if self.query not in self.modalities:
             raise ValueError(f"task.query={self.query} is not one of task.modalities {self.modalities}")
         if fusion == "late":
-            self.heads = nn.ModuleDict({m: nn.Linear(model.embed_dim, num_classes) for m in self.modalities})
+            # LayerNorm first: unit-norm embeddings have tiny per-dimension scale, which a bare linear layer learns slowly
+            self.heads = nn.ModuleDict({m: nn.Sequential(nn.LayerNorm(model.embed_dim), nn.Linear(model.embed_dim, num_classes))
+                                        for m in self.modalities})
             self.weights = nn.Parameter(torch.zeros(len(self.modalities)))
             return
         was_training = model.training

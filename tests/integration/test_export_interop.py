@@ -197,3 +197,19 @@ def test_eval_reads_prompts_from_files_and_accepts_an_open_clip_directory(oc_mod
     assert metrics["val/zeroshot_top1/image_text"] == pytest.approx(expected["top1"])
     assert metrics["val/zeroshot_top5/image_text"] == pytest.approx(expected["top5"])
     assert {"val/retrieval_mean_rank/image_to_text", "val/retrieval_median_rank/text_to_image"} <= set(metrics)
+
+
+def test_open_clip_safetensors_state_dict_loads_like_the_trainer_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    oc = _open_clip_trainer_checkpoint(tmp_path / "epoch_3.pt", seed=2)
+    save_file({f"module.{k}": v.contiguous() for k, v in oc.state_dict().items()}, str(tmp_path / "oc.safetensors"))
+    a = model_from_checkpoint(tmp_path / "oc.safetensors", open_clip_model_config(OC_CFG)).eval()
+    b = model_from_checkpoint(tmp_path / "epoch_3.pt", open_clip_model_config(OC_CFG)).eval()
+    assert torch.equal(_embed(a)[0], _embed(b)[0])
+    with torch.no_grad():
+        x = torch.stack([a.preprocess(False)["image"](im) for im in _images()])
+        torch.testing.assert_close(a.encode_image(x), oc.encode_image(x, normalize=True), atol=1e-5, rtol=0)
+    wrong = dict(OC_CFG, vision_cfg=dict(OC_CFG["vision_cfg"], width=32, head_width=16))
+    with pytest.raises(ValueError, match="does not match this model config"):
+        model_from_checkpoint(tmp_path / "oc.safetensors", open_clip_model_config(wrong))
