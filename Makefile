@@ -32,6 +32,29 @@ test: install ## the default test suite (fast unit + integration tests)
 test-slow: install ## long end-to-end tests (marked slow)
 	$(VENV)/bin/pytest -q -m slow tests
 
+BENCH_REF := .bench/ref
+BENCH_WORK ?= /tmp/mmpretrain-bench
+BENCH_NOTE ?=
+BENCH_THREADS ?=
+BENCH_OPTS = --work $(BENCH_WORK) $(if $(BENCH_THREADS),--threads $(BENCH_THREADS))
+
+$(BENCH_REF)/.installed: | $(STAMP)
+	$(PIP) install -q --target $(BENCH_REF) --no-deps webdataset==0.2.86 pandas python-dateutil six tzdata
+	touch $@
+
+bench-ref: install $(BENCH_REF)/.installed ## reference deps of open_clip_train (webdataset 0.2.86) in .bench/ref, not in .venv
+
+bench: install bench-ref ## benchmarks vs open_clip_train (~20 min on 2 cores) -> benchmarks/RESULTS.md
+	$(PY) scripts/bench_throughput.py $(BENCH_OPTS)
+	$(PY) scripts/bench_overhead.py $(BENCH_OPTS)
+	$(PY) scripts/bench_data.py $(BENCH_OPTS)
+	$(PY) scripts/bench_time_to_accuracy.py $(BENCH_OPTS)
+	$(PY) scripts/bench_report.py $(if $(BENCH_NOTE),--note "$(BENCH_NOTE)")
+
+bench-gpu: install bench-ref ## GPU throughput vs open_clip_train (ViT-B/32 224 px bf16, MFU) -> benchmarks/RESULTS.md
+	$(PY) scripts/bench_throughput.py --device cuda $(BENCH_OPTS)
+	$(PY) scripts/bench_report.py $(if $(BENCH_NOTE),--note "$(BENCH_NOTE)")
+
 lint: install ## ruff
 	$(VENV)/bin/ruff check mmpretrain tests scripts
 
@@ -41,4 +64,4 @@ format: install ## ruff format
 clean: ## remove runs and caches (keeps .venv)
 	rm -rf runs outputs multirun .pytest_cache
 
-.PHONY: help install demo test test-slow lint format clean
+.PHONY: help install demo test test-slow bench bench-ref bench-gpu lint format clean

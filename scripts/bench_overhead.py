@@ -91,7 +91,7 @@ def lightning_loop(model, loss_fn, cfg, batches, default: bool, work: Path) -> l
         extra = dict(logger=_instantiate_all(cfg.logger), callbacks=_instantiate_all(cfg.callbacks))
     else:
         extra = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer = L.Trainer(**trainer_cfg, default_root_dir=str(work), **extra)
+    trainer = L.Trainer(**(trainer_cfg | extra), default_root_dir=str(work))
     loader = DataLoader(batches, batch_size=None, shuffle=False)
     clock = StepClock()
     trainer.fit(module, train_dataloaders=loader)
@@ -110,8 +110,11 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--work", default="/tmp/mmpretrain-bench")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     os.environ.setdefault("WANDB_SILENT", "true")
     work = Path(a.work)
     digits = bc.digits_root(work)
