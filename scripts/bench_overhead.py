@@ -74,7 +74,7 @@ def plain_loop(model, loss_fn, optim_cfg, batches, clip: float) -> list[float]:
     return clock.close()
 
 
-def lightning_loop(model, loss_fn, cfg, batches, default: bool, work: Path) -> list[float]:
+def lightning_loop(model, loss_fn, cfg, batches, default: bool, work: Path, drop: tuple[str, ...] = ()) -> list[float]:
     import lightning as L
     from omegaconf import OmegaConf
     from torch.utils.data import DataLoader
@@ -88,7 +88,11 @@ def lightning_loop(model, loss_fn, cfg, batches, default: bool, work: Path) -> l
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         OmegaConf.update(cfg, "paths.output_dir", str(work), force_add=True)
-        extra = dict(logger=_instantiate_all(cfg.logger), callbacks=_instantiate_all(cfg.callbacks))
+        loggers = {k: v for k, v in cfg.logger.items() if k not in drop}
+        callbacks = {k: v for k, v in cfg.callbacks.items() if k not in drop}
+        extra = dict(logger=_instantiate_all(loggers), callbacks=_instantiate_all(callbacks))
+        if "progress_bar" in drop:
+            extra["enable_progress_bar"] = False
     else:
         extra = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer = L.Trainer(**(trainer_cfg | extra), default_root_dir=str(work))
@@ -96,7 +100,7 @@ def lightning_loop(model, loss_fn, cfg, batches, default: bool, work: Path) -> l
     clock = StepClock()
     trainer.fit(module, train_dataloaders=loader)
     times = clock.close()
-    if default:
+    if default and "wandb" not in drop:
         import wandb
 
         wandb.finish()
@@ -110,8 +114,12 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--modes", default="plain,lightning-bare,lightning-default",
+                   help="comma list; lightning-default-no-<name> drops that logger/callback (wandb, csv, "
+                   "progress_bar, lr_monitor, model_checkpoint)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--work", default="/tmp/mmpretrain-bench")
+    p.add_argument("--name", default="overhead", help="results name")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -131,15 +139,16 @@ def main() -> None:
     from mmpretrain.cli import _plain
 
     rows = []
-    modes = ("plain", "lightning-bare", "lightning-default")
+    modes = a.modes.split(",")
     for rep in range(a.reps):
         for mode in modes:
             model = copy.deepcopy(base)
             if mode == "plain":
                 times = plain_loop(model, loss_fn, _plain(cfg.optim), batches, clip)
             else:
-                times = lightning_loop(model, loss_fn, cfg, batches, mode == "lightning-default",
-                                       work / "overhead" / f"{mode}_{rep}")
+                drop = tuple(mode.removeprefix("lightning-default-no-").split("+")) if "-no-" in mode else ()
+                times = lightning_loop(model, loss_fn, cfg, batches, mode.startswith("lightning-default"),
+                                       work / "overhead" / f"{mode}_{rep}", drop)
             t0 = times[0]
             rate = bc.steady_rate([t - t0 for t in times], a.batch, a.warmup)
             ms = 1000 * a.batch / rate
@@ -154,7 +163,7 @@ def main() -> None:
     table = bc.md_table(["loop", "samples/s (median)", "ms/step", "overhead ms/step", "step time vs plain"], table_rows)
     notes = [f"model `{a.model}`, batch {a.batch}, fp32 CPU, {a.steps} in-memory batches, first {a.warmup} steps "
              f"excluded, {a.reps} interleaved reps; same initial weights for every loop"]
-    bc.write_results("overhead", rows, table, notes)
+    bc.write_results(a.name, rows, table, notes)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ import bench_common as bc
 SECTIONS = [
     ("throughput_cpu", "1. Training throughput vs open_clip_train (CPU)"),
     ("overhead", "2. Framework overhead: Lightning step vs plain PyTorch loop"),
+    ("overhead_parts", "2b. Which of our default callbacks/loggers costs what (optional: "
+     "`bench_overhead.py --name overhead_parts --modes ...`)"),
     ("data", "3. Data pipeline vs model consumption"),
     ("time_to_accuracy", "4. Time to accuracy (val zero-shot top-1 on the digits)"),
     ("throughput_cuda", "5. GPU: throughput at ViT-B/32 224 px bf16, MFU"),
@@ -38,6 +40,9 @@ def main() -> None:
         lines += ["", f"## {title}", ""]
         if md.exists():
             lines.append(md.read_text().rstrip())
+        elif name == "overhead_parts":
+            del lines[-3:]  # optional section: no heading when not run
+            continue
         elif name == "throughput_cuda":
             lines.append("Not measured: no GPU was available to this run. On a CUDA machine run "
                          "`make bench-gpu` (`scripts/bench_throughput.py --device cuda`: open_clip `ViT-B-32`, "

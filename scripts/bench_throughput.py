@@ -78,6 +78,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of both (default: all cores)")
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default by GPU name)")
     p.add_argument("--work", default="/tmp/mmpretrain-bench", help="scratch directory")
+    p.add_argument("--ours-variant", action="append", default=[],
+                   help="extra arm: ours with these overrides (e.g. optim.fused=false), to measure a change")
     p.add_argument("--name", default=None, help="results name (default throughput_<device>)")
     a = p.parse_args()
     gpu = a.device == "cuda"
@@ -93,12 +95,15 @@ def main() -> None:
 
     rows = []
     for rep in range(a.reps):
-        for trainer in ("ours", "open_clip"):
-            run = work / name / f"{trainer}_{rep}"
+        arms = ["ours", "open_clip", *a.ours_variant]
+        for trainer in arms:
+            run = work / name / f"{trainer.replace('=', '_')}_{rep}"
             shutil.rmtree(run, ignore_errors=True)
             run.mkdir(parents=True)
             record = run / "steps.json"
-            cmd = (ours_cmd if trainer == "ours" else open_clip_cmd)(a, digits, run, record)
+            cmd = (open_clip_cmd if trainer == "open_clip" else ours_cmd)(a, digits, run, record)
+            if trainer not in ("ours", "open_clip"):
+                cmd += trainer.split()
             env = bc.child_env(a.threads, reference=trainer == "open_clip")
             res = bc.run_timed(cmd, env, run / "log.txt", timeout=1800)
             steps = json.loads(record.read_text())["steps"]
@@ -123,8 +128,11 @@ def main() -> None:
         gpu_name = torch.cuda.get_device_name(0)
         peak = next((v for k, v in bc.PEAK_BF16_TFLOPS.items() if k in gpu_name), None)
     table_rows = []
-    for trainer, rates in (("ours (Lightning)", ours), ("open_clip_train", ref)):
-        walls = [r["wall_s"] for r in rows if r["trainer"] == ("ours" if trainer.startswith("ours") else "open_clip")]
+    arms = [("ours (Lightning)", "ours"), ("open_clip_train", "open_clip")]
+    arms += [(f"ours with `{v}`", v) for v in a.ours_variant]
+    for trainer, key in arms:
+        rates = [r["steady_samples_per_s"] for r in rows if r["trainer"] == key]
+        walls = [r["wall_s"] for r in rows if r["trainer"] == key]
         rate = bc.median(rates)
         achieved = flops * rate / 1e12
         mfu = f"{100 * achieved / peak:.1f} %" if peak else "–"

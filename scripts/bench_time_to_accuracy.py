@@ -30,7 +30,7 @@ TARGETS = (0.95, 0.98)
 
 
 def run(name: str, cmd: list[str], env: dict, pattern: re.Pattern, cap: float, work: Path, epoch_offset: int) -> dict:
-    out = work / "tta" / name
+    out = work / "tta" / re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     cmd = [c.replace("{out}", str(out)) for c in cmd]
