@@ -156,7 +156,7 @@ def machine() -> dict[str, str]:
         except Exception:  # noqa: BLE001
             info[pkg] = "?"
     ref = next(REF_DIR.glob("webdataset-*.dist-info"), None) if REF_DIR.is_dir() else None
-    info["reference webdataset"] = ref.name.split("-")[1] if ref else "?"
+    info["reference webdataset"] = ref.name.removesuffix(".dist-info").split("-")[1] if ref else "?"
     return info
 
 
