@@ -32,7 +32,30 @@ test: install ## the default test suite (fast unit + integration tests)
 test-slow: install ## long end-to-end tests (marked slow)
 	$(VENV)/bin/pytest -q -m slow tests
 
-bench: install ## benchmarks: tiled vs plain InfoNCE memory, throughput of the speed options
+BENCH_REF := .bench/ref
+BENCH_WORK ?= /tmp/mmpretrain-bench
+BENCH_NOTE ?=
+BENCH_THREADS ?=
+BENCH_OPTS = --work $(BENCH_WORK) $(if $(BENCH_THREADS),--threads $(BENCH_THREADS))
+
+$(BENCH_REF)/.installed: | $(STAMP)
+	$(PIP) install -q --target $(BENCH_REF) --no-deps webdataset==0.2.86 pandas python-dateutil six tzdata
+	touch $@
+
+bench-ref: install $(BENCH_REF)/.installed ## reference deps of open_clip_train (webdataset 0.2.86) in .bench/ref, not in .venv
+
+bench: install bench-ref ## benchmarks vs open_clip_train (~20 min on 2 cores) -> benchmarks/RESULTS.md
+	$(PY) scripts/bench_throughput.py $(BENCH_OPTS)
+	$(PY) scripts/bench_overhead.py $(BENCH_OPTS)
+	$(PY) scripts/bench_data.py $(BENCH_OPTS)
+	$(PY) scripts/bench_time_to_accuracy.py $(BENCH_OPTS)
+	$(PY) scripts/bench_report.py $(if $(BENCH_NOTE),--note "$(BENCH_NOTE)")
+
+bench-gpu: install bench-ref ## GPU throughput vs open_clip_train (ViT-B/32 224 px bf16, MFU) -> benchmarks/RESULTS.md
+	$(PY) scripts/bench_throughput.py --device cuda $(BENCH_OPTS)
+	$(PY) scripts/bench_report.py $(if $(BENCH_NOTE),--note "$(BENCH_NOTE)")
+
+bench-scale: install ## tiled vs plain InfoNCE memory (4k..65k batch; ~30 min) and the speed options' throughput
 	OMP_NUM_THREADS=2 $(PY) scripts/bench_loss_memory.py
 	OMP_NUM_THREADS=2 $(PY) scripts/bench_speed_options.py
 
@@ -45,4 +68,4 @@ format: install ## ruff format
 clean: ## remove runs and caches (keeps .venv)
 	rm -rf runs outputs multirun .pytest_cache
 
-.PHONY: help install demo test test-slow bench lint format clean
+.PHONY: help install demo test test-slow bench bench-ref bench-gpu bench-scale lint format clean

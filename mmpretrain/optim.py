@@ -57,7 +57,17 @@ def build_optimizer(model: nn.Module, cfg: Any, towers_cfg: Any = None) -> torch
     for g in groups:
         g["lr"] = lr * g["lr_scale"]
     betas = tuple(cfg.get("betas", (0.9, 0.98)))
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=float(cfg.get("eps", 1e-6)))
+    fused = cfg.get("fused", "auto")
+    if fused == "auto":
+        fused = can_fuse([p for g in groups for p in g["params"]])
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=float(cfg.get("eps", 1e-6)), fused=bool(fused))
+
+
+def can_fuse(params: list[torch.Tensor]) -> bool:
+    """torch's fused AdamW (one kernel over all tensors; ~5x faster than the per-tensor default on
+    CPU, where the optimiser step is a large part of a small model's step) takes floating-point
+    tensors on CPU or CUDA."""
+    return bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0):

@@ -1,0 +1,133 @@
+"""Child process of the benchmarks: run one trainer with the same neutral instrumentation.
+
+    python scripts/bench_entry.py {ours,open_clip} --record FILE [--digits DIR] -- TRAINER ARGS
+
+Both trainers get the same global optimizer-step hook (``time.perf_counter`` after every
+``optimizer.step``), written to ``--record`` as JSON at exit, so steady-state throughput is
+measured the same way for both. For ``open_clip`` the model-config JSONs of
+``benchmarks/models`` are registered with ``open_clip.add_model_config`` first (open_clip_train
+takes registry names only), and with ``--digits DIR`` its per-epoch evaluation also prints the
+zero-shot top-1 on the digits val split (open_clip_train's own zero-shot is ImageNet only),
+computed with mmpretrain's evaluation functions: ``BENCH zeroshot epoch=E top1=X``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import io
+import json
+import os
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def install_step_recorder(path: str) -> None:
+    pid, start = os.getpid(), time.perf_counter()
+    steps: list[float] = []
+
+    def hook(optimizer, args, kwargs):
+        steps.append(time.perf_counter() - start)
+
+    register_optimizer_step_post_hook(hook)
+
+    def dump():
+        if os.getpid() == pid:  # not from forked data-loader workers
+            Path(path).write_text(json.dumps({"steps": steps}))
+
+    atexit.register(dump)
+
+
+def read_digits_val(root: Path):
+    """(PIL images, labels) of the val split, read with tarfile (independent of webdataset's version)."""
+    from PIL import Image
+
+    samples: dict[str, dict[str, bytes]] = {}
+    for tar in sorted((root / "val").glob("*.tar")):
+        with tarfile.open(tar) as tf:
+            for m in tf.getmembers():
+                key, ext = m.name.rsplit(".", 1)
+                samples.setdefault(f"{tar.name}/{key}", {})[ext] = tf.extractfile(m).read()
+    images = [Image.open(io.BytesIO(s["png"])).convert("RGB") for s in samples.values()]
+    labels = torch.tensor([int(s["cls"]) for s in samples.values()])
+    return images, labels
+
+
+def patch_open_clip_eval(digits: Path) -> None:
+    import open_clip
+    import open_clip_train.main as ocm
+
+    from mmpretrain.evaluation import class_embeddings, zero_shot_accuracy
+    from mmpretrain.evaluation.zeroshot import read_lines
+
+    images, labels = read_digits_val(digits)
+    classnames, templates = read_lines(digits / "classnames.txt"), read_lines(digits / "templates.txt")
+    original = ocm.evaluate
+
+    @torch.no_grad()
+    def evaluate(model, data, epoch, args, tb_writer=None, tokenizer=None):
+        metrics = original(model, data, epoch, args, tb_writer=tb_writer, tokenizer=tokenizer)
+        m = model.module if hasattr(model, "module") else model
+        was_training = m.training
+        m.eval()
+        pp = _val_transform(m)
+        dev = torch.device(args.device)
+        feats = torch.cat([
+            m.encode_image(torch.stack([pp(im) for im in images[i : i + 256]]).to(dev), normalize=True).float()
+            for i in range(0, len(images), 256)
+        ])
+        tok = tokenizer or open_clip.get_tokenizer(args.model)
+
+        def encode_prompts(prompts):
+            return m.encode_text(tok(prompts).to(dev), normalize=True).float()
+
+        acc = zero_shot_accuracy(feats.cpu(), labels, class_embeddings(classnames, templates, encode_prompts).cpu())
+        print(f"BENCH zeroshot epoch={epoch} top1={acc['top1']:.4f}", flush=True)
+        m.train(was_training)
+        return metrics
+
+    ocm.evaluate = evaluate
+
+
+def _val_transform(model):
+    import open_clip
+
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+    std = getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+    return open_clip.image_transform(size, is_train=False, mean=mean, std=std)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("trainer", choices=["ours", "open_clip"])
+    p.add_argument("--record", required=True)
+    p.add_argument("--digits", default=None, help="digits root: print per-epoch zero-shot (open_clip)")
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    a, rest = p.parse_args(argv[:cut]), argv[cut + 1 :]
+    install_step_recorder(a.record)
+    if a.trainer == "ours":
+        from mmpretrain.cli import main as ours
+
+        sys.exit(ours(["train", *rest]) and 0)
+    import open_clip
+
+    open_clip.add_model_config(str(ROOT / "benchmarks" / "models"))
+    if a.digits:
+        patch_open_clip_eval(Path(a.digits))
+    from open_clip_train.main import main as reference
+
+    reference(rest)
+
+
+if __name__ == "__main__":
+    main()

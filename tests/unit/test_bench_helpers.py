@@ -1,0 +1,32 @@
+"""The arithmetic and command building of scripts/bench_*.py (the benchmarks themselves run in `make bench`)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+import bench_common as bc
+
+
+def test_brace_pattern_names_exactly_our_shards():
+    import braceexpand
+
+    files = [Path(f"/d/train/train-{i:04d}.tar") for i in range(8)]
+    pattern = bc.brace_pattern(files)
+    assert pattern == "/d/train/train-{0000..0007}.tar"
+    assert list(braceexpand.braceexpand(pattern)) == [str(f) for f in files]
+
+
+def test_steady_rate_excludes_warmup_steps():
+    # 3 slow warmup steps (10 s each), then 4 steps of 0.5 s: steady = 4 * 8 / 2.0 s.
+    times = [10.0, 20.0, 30.0, 30.5, 31.0, 31.5, 32.0]
+    assert bc.steady_rate(times, batch_size=8, warmup=3) == pytest.approx(16.0)
+    assert bc.steady_rate(times, batch_size=8, warmup=0) == pytest.approx(8 * 6 / 22.0)
+    with pytest.raises(SystemExit, match="warmup"):
+        bc.steady_rate(times[:3], batch_size=8, warmup=3)
+
+
+def test_md_table_formats_numbers():
+    table = bc.md_table(["a", "b"], [["x", 1234.5], ["y", 0.12345]])
+    assert table.splitlines() == ["| a | b |", "|---|---|", "| x | 1234 |", "| y | 0.123 |"]
