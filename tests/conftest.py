@@ -16,6 +16,20 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
+# A tiny, quiet run of the real configs: one epoch, CSV logger, a 1-layer text tower.
+TINY_RUN = [
+    "trainer.max_epochs=1",
+    "trainer.enable_progress_bar=false",
+    "callbacks.progress_bar=null",
+    "logger=csv",
+    "data.batch_size=16",
+    "data.num_workers=0",
+    "model.towers.text.config.text_cfg.width=32",
+    "model.towers.text.config.text_cfg.heads=2",
+    "model.towers.text.config.text_cfg.layers=1",
+]
+
+
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory) -> Path:
     from mmpretrain.data.digits import build_digits

@@ -7,21 +7,9 @@ import torch
 
 import mmpretrain
 from mmpretrain.cli import evaluate, export_cmd, train
-from tests.conftest import compose_config
+from tests.conftest import TINY_RUN, compose_config
 
-FAST = [
-    "trainer.max_steps=6",
-    "trainer.max_epochs=1",
-    "trainer.limit_val_batches=2",
-    "trainer.enable_progress_bar=false",
-    "callbacks.progress_bar=null",
-    "logger=csv",
-    "data.batch_size=16",
-    "data.num_workers=0",
-    "model.towers.text.config.text_cfg.width=32",
-    "model.towers.text.config.text_cfg.heads=2",
-    "model.towers.text.config.text_cfg.layers=1",
-]
+FAST = TINY_RUN + ["trainer.max_steps=6", "trainer.limit_val_batches=2"]
 
 
 @pytest.fixture(scope="module")

@@ -8,19 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import TINY_RUN
+
 ROOT = Path(__file__).resolve().parents[2]
-FAST = [
-    "trainer.max_epochs=1",
-    "trainer.limit_val_batches=1",
-    "trainer.enable_progress_bar=false",
-    "callbacks.progress_bar=null",
-    "logger=csv",
-    "data.batch_size=16",
-    "data.num_workers=0",
-    "model.towers.text.config.text_cfg.width=32",
-    "model.towers.text.config.text_cfg.heads=2",
-    "model.towers.text.config.text_cfg.layers=1",
-]
+FAST = TINY_RUN + ["trainer.limit_val_batches=1"]
 
 
 @pytest.mark.slow  # two DDP processes, each importing torch/timm/open_clip: ~1-2 min on 2 cores
