@@ -119,6 +119,21 @@ class NonFiniteError(RuntimeError):
     pass
 
 
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every entry of every tensor is finite, with one host sync for all of them.
+
+    A non-finite entry makes its tensor's norm non-finite; the norms come from one fused kernel
+    (``torch._foreach_norm``, as ``clip_grad_norm_`` uses), where a per-tensor ``isfinite().all()``
+    synchronised once per parameter (~30 ms a step for a 7 M-parameter model on CPU, measured
+    with scripts/bench_overhead.py). A finite tensor whose norm overflows float32 (entries beyond
+    ~1e19) also counts as non-finite: its step could not be clipped either.
+    """
+    if not tensors:
+        return True
+    norms = torch._foreach_norm(tensors)
+    return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
+
+
 class NonFiniteGuard(L.Callback):
     """Skip the optimizer step on all ranks when any rank's loss or any gradient is not finite.
 
@@ -140,7 +155,7 @@ class NonFiniteGuard(L.Callback):
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        bad = not self._loss_finite or not all(bool(torch.isfinite(g).all()) for g in grads)
+        bad = not self._loss_finite or not all_finite(grads)
         bad = distributed.any_rank(bad, pl_module.device)
         if bad:
             optimizer.zero_grad(set_to_none=True)
