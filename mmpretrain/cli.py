@@ -100,15 +100,14 @@ def finetune(cfg: DictConfig) -> dict[str, float]:
     import lightning as L
 
     from mmpretrain import finetune as tasks
-    from mmpretrain.evaluation.zeroshot import read_lines
     from mmpretrain.export import model_from_checkpoint
 
     run_dir = _start_run(cfg)
     L.seed_everything(cfg.seed, workers=True)
     _ensure_data(cfg.data)
     model = model_from_checkpoint(cfg.pretrained, _plain(cfg.get("model")))
-    classnames_file = (cfg.data.get("val") or {}).get("classnames")
-    classnames = read_lines(classnames_file) if classnames_file and Path(classnames_file).exists() else None
+    prompts = _zeroshot_prompts(cfg.data)
+    classnames = prompts["classnames"] if prompts else None
     metrics = tasks.run(_plain(cfg.task), model, _plain(cfg.data), _plain(cfg.trainer),
                         run_dir, classnames=classnames, seed=cfg.seed)
     print(f"{cfg.task.name}: val accuracy {metrics['val/accuracy']:.4f}, macro-F1 {metrics['val/f1_macro']:.4f}")

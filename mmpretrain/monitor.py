@@ -56,7 +56,7 @@ class StepStats(L.Callback):
     ) -> None:
         self._end = time.perf_counter()
         for key, log_scale in pl_module.model.logit_scales.items():
-            pl_module.log(f"train/temperature/{key}", float(torch.exp(-log_scale.detach())), batch_size=1)
+            pl_module.log(f"train/temperature/{key}", torch.exp(-log_scale.detach()), batch_size=1)  # a tensor: no host sync per step
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = self._end = None

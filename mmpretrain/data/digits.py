@@ -86,9 +86,14 @@ def build_digits(out: str | Path, image_size: int = 32, seed: int = 0, val_fract
             for i in idx
         ]
         write_split(out, name, items, train_shards if name == "train" else val_shards)
-    (out / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n")
-    (out / "templates.txt").write_text("\n".join(TEMPLATES) + "\n")
+    write_prompt_files(out, TEMPLATES)
     return out
+
+
+def write_prompt_files(out: Path, templates: list[str]) -> None:
+    """``classnames.txt`` (the digit words, in label order) and ``templates.txt`` for zero-shot."""
+    (out / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n")
+    (out / "templates.txt").write_text("\n".join(templates) + "\n")
 
 
 def is_built(root: str | Path) -> bool:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from mmpretrain.data.digits import CLASSNAMES, digit_png, write_split
+from mmpretrain.data.digits import CLASSNAMES, digit_png, write_prompt_files, write_split
 
 ESPEAK = "espeak-ng"
 VOICES = ["en", "en-us"]
@@ -132,6 +132,5 @@ def build_spoken_digits(
                 }
             )
         write_split(out, name, samples, train_shards if name == "train" else val_shards)
-    (out / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n")
-    (out / "templates.txt").write_text("\n".join(TEMPLATES) + "\n")
+    write_prompt_files(out, TEMPLATES)
     return out
