@@ -87,3 +87,24 @@ def test_too_few_shards_for_ranks_fails_fast(tmp_path):
                          rank=1, world_size=2)
     with pytest.raises(ValueError, match="1 shards for 2 ranks"):
         list(stream)
+
+
+def test_augmentations_are_seeded_per_sample_without_global_side_effects(tmp_path, monkeypatch):
+    urls = [write_shard(tmp_path / f"a-{s}.tar", [good(s * 10 + i) for i in range(10)]) for s in range(2)]
+    noisy = {"image": lambda img: torch.rand(3), "text": lambda t: torch.tensor([len(t)])}
+
+    def images():
+        stream = ShardStream([Source("s", urls)], noisy, batch_size=4, train=True, batches_per_worker=3, seed=1)
+        return torch.cat([b["image"] for b in stream])
+
+    # torch.manual_seed also queues a lazy CUDA seeding that records a stack trace on every call
+    # (~1 ms a sample): the stream must seed the CPU generator only.
+    calls = []
+    monkeypatch.setattr(torch, "manual_seed", calls.append)  # (a raise would be a counted skip)
+    torch.default_generator.manual_seed(123)
+    before = torch.default_generator.get_state()
+    first = images()
+    assert torch.equal(torch.default_generator.get_state(), before)  # the caller's RNG is untouched
+    assert torch.equal(first, images())  # a batch is a pure function of its position
+    assert len({tuple(r.tolist()) for r in first}) == len(first)  # each sample has its own seed
+    assert calls == []
