@@ -57,11 +57,16 @@ class Source:
 class SkipCounter:
     """webdataset handler that counts what it skips, or raises with the shard named."""
 
+    #: this many failures in a row (no good sample between) stop the stream with an error: a
+    #: transform or decoder that fails on every sample would otherwise spin a training stream forever.
+    MAX_CONSECUTIVE = 1000
+
     def __init__(self, on_error: str = "skip"):
         if on_error not in ("skip", "raise"):
             raise ValueError(f"data.on_error must be 'skip' or 'raise', not '{on_error}'")
         self.on_error = on_error
         self.pending = 0
+        self.consecutive = 0
         self.reasons: Counter[str] = Counter()
         self._tar_error: str | None = None
 
@@ -77,7 +82,17 @@ class SkipCounter:
         self._tar_error = url
         self.pending += 1
         self.reasons[type(exn).__name__] += 1
+        self.consecutive += 1
+        if self.consecutive >= self.MAX_CONSECUTIVE:
+            raise SampleError(
+                f"{self.consecutive} samples in a row failed and were skipped (by reason: {dict(self.reasons)}); "
+                f"the last: {type(exn).__name__}: {exn}. The shards or the preprocessing are broken, not a few "
+                f"samples: fix that (set data.on_error=raise to stop at the first failure with its traceback)."
+            ) from exn
         return True
+
+    def ok(self) -> None:
+        self.consecutive = 0
 
     def take(self) -> int:
         n, self.pending = self.pending, 0
@@ -249,6 +264,7 @@ class ShardStream(IterableDataset):
             except Exception as exn:  # noqa: BLE001 - every decode/transform failure is a skip
                 counter(SampleError(f"sample '{raw.get('__key__')}' in {raw.get('__url__')}: {exn}"))
                 continue
+            counter.ok()
             if len(batch) == self.batch_size:
                 yield self._emit(batch, counter)
                 batch = []

@@ -108,3 +108,26 @@ def test_augmentations_are_seeded_per_sample_without_global_side_effects(tmp_pat
     assert torch.equal(first, images())  # a batch is a pure function of its position
     assert len({tuple(r.tolist()) for r in first}) == len(first)  # each sample has its own seed
     assert calls == []
+
+
+def test_a_stream_where_every_sample_fails_stops_with_the_reason(tmp_path, monkeypatch):
+    """A transform failing on every sample used to spin a training stream forever (all skips)."""
+    from mmpretrain.data.pipeline import SkipCounter
+
+    monkeypatch.setattr(SkipCounter, "MAX_CONSECUTIVE", 25)
+    urls = [write_shard(tmp_path / f"f-{s}.tar", [good(s * 10 + i) for i in range(10)]) for s in range(2)]
+
+    def broken(img):
+        raise ValueError("resize to a negative size")
+
+    stream = ShardStream([Source("s", urls)], {**PREPROCESS, "image": broken}, batch_size=4, train=True,
+                         batches_per_worker=3)
+    with pytest.raises(SampleError, match=r"25 samples in a row failed.*negative size.*on_error=raise"):
+        next(iter(stream))
+    # isolated failures still count as skips and reset the run of failures
+    samples = [good(i) for i in range(60)]
+    for i in range(0, 60, 3):
+        samples[i]["png"] = b"broken"
+    stream = ShardStream([Source("s", [write_shard(tmp_path / "some-bad.tar", samples)])], PREPROCESS,
+                         batch_size=4, train=False)
+    assert sum(int(b["__skipped__"]) for b in stream) == 20
