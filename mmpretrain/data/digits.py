@@ -39,6 +39,9 @@ def caption_for(label: int, rng: random.Random) -> str:
     return rng.choice(CAPTIONS).format(name)
 
 
+SHARD_MTIME = 1_700_000_000  # 2023-11-14: fixed member time of the shards we write
+
+
 def digit_png(pixels: np.ndarray, size: int) -> bytes:
     """8x8 grey levels 0..16 -> upsampled RGB PNG."""
     arr = (pixels.reshape(8, 8) * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
@@ -55,7 +58,10 @@ def write_split(out: Path, name: str, items: list[dict], shards: int) -> dict[st
         part = items[s::shards]
         fname = f"{name}-{s:04d}.tar"
         tmp = out / name / (fname + ".tmp")
-        with wds.TarWriter(str(tmp)) as sink:
+        # An integer mtime keeps tar members plain ustar: webdataset's default float time.time()
+        # adds a pax header to every member, which doubled the tar-parsing cost of every read.
+        # Fixed, so the same seed gives byte-identical shards.
+        with wds.TarWriter(str(tmp), mtime=SHARD_MTIME) as sink:
             for item in part:
                 sink.write(item)
         tmp.rename(out / name / fname)

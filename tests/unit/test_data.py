@@ -131,3 +131,17 @@ def test_a_stream_where_every_sample_fails_stops_with_the_reason(tmp_path, monke
     stream = ShardStream([Source("s", [write_shard(tmp_path / "some-bad.tar", samples)])], PREPROCESS,
                          batch_size=4, train=False)
     assert sum(int(b["__skipped__"]) for b in stream) == 20
+
+
+def test_digits_shards_are_plain_ustar_and_reproducible(digits_root, tmp_path):
+    """webdataset's default float mtime put a pax header on every member (2x the tar parsing)."""
+    import tarfile
+
+    from mmpretrain.data.digits import build_digits
+
+    first = digits_root / "train" / "train-0000.tar"
+    with tarfile.open(first) as tf:
+        members = tf.getmembers()
+    assert members and all(m.pax_headers == {} for m in members)
+    again = build_digits(tmp_path / "again", image_size=32)
+    assert (again / "train" / "train-0000.tar").read_bytes() == first.read_bytes()
