@@ -46,6 +46,15 @@ class ContrastiveModule(L.LightningModule):
         self.grad_cache_chunks = int(optim.get("grad_cache_chunks") or 1)
         self.automatic_optimization = self.grad_cache_chunks <= 1
 
+    @property
+    def skipped_total(self) -> int:
+        """Samples skipped so far, summed over ranks (a host sync: read it at log/checkpoint time)."""
+        return int(self._skipped.item())
+
+    @skipped_total.setter
+    def skipped_total(self, value: int) -> None:
+        self._skipped = torch.tensor(int(value), dtype=torch.long)
+
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return self.model(batch)
 
@@ -67,8 +76,10 @@ class ContrastiveModule(L.LightningModule):
         self._last_step_time = now
         skipped = batch.get("__skipped__")
         if skipped is not None:
-            self.skipped_total += int(distributed.all_reduce_sum(skipped.reshape(1).to(self.device)).item())
-            self.log("train/skipped_samples", float(self.skipped_total), batch_size=bs)
+            # Summed on the device without .item(): no host sync per step (read when logged/saved).
+            reduced = distributed.all_reduce_sum(skipped.reshape(1).to(self.device, non_blocking=True)).sum()
+            self._skipped = self._skipped.to(reduced.device) + reduced
+            self.log("train/skipped_samples", self._skipped.float(), batch_size=bs)
         for k, v in self.model.logit_scales.items():
             self.log(f"train/logit_scale/{k}", v.exp(), batch_size=bs)
         if self.model.logit_bias is not None:
