@@ -30,3 +30,25 @@ def test_steady_rate_excludes_warmup_steps():
 def test_md_table_formats_numbers():
     table = bc.md_table(["a", "b"], [["x", 1234.5], ["y", 0.12345]])
     assert table.splitlines() == ["| a | b |", "|---|---|", "| x | 1234 |", "| y | 0.123 |"]
+
+
+def test_report_quotes_the_latest_tables_between_the_readme_markers(tmp_path, monkeypatch):
+    import bench_report
+
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "throughput_cpu.md").write_text("| trainer | x |\n|---|---|\n| ours | 2 |\n")
+    (results / "overhead_parts.md").write_text("not quoted\n")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{bench_report.QUOTE_START}\nold table\n{bench_report.QUOTE_END}\noutro\n")
+    monkeypatch.setattr(bc, "RESULTS", results)
+    monkeypatch.setattr(bench_report, "README", readme)
+    info = {"date_utc": "D", "host_cpu": "C", "cores": "2", "torch": "T", "lightning": "L", "open_clip": "O"}
+    assert bench_report.quote_in_readme(info)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith(f"{bench_report.QUOTE_END}\noutro\n")
+    assert "| ours | 2 |" in text and "Training throughput" in text
+    assert "old table" not in text and "not quoted" not in text
+    assert bench_report.quote_in_readme(info) and readme.read_text() == text  # idempotent
+    readme.write_text("no markers\n")
+    assert not bench_report.quote_in_readme(info)
