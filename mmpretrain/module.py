@@ -8,6 +8,8 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities.enums import GradClipAlgorithmType
 
 from mmpretrain import distributed
 from mmpretrain.evaluation import (
@@ -90,7 +92,7 @@ class ContrastiveModule(L.LightningModule):
         optimizer.zero_grad()
         losses = grad_cache_backward(self.model, self.loss, batch, self.grad_cache_chunks, self.manual_backward)
         if self.optim_cfg.get("gradient_clip_val"):
-            self.clip_gradients(optimizer, gradient_clip_val=float(self.optim_cfg["gradient_clip_val"]), gradient_clip_algorithm="norm")
+            self.configure_gradient_clipping(optimizer, float(self.optim_cfg["gradient_clip_val"]), "norm")
         optimizer.step()
         scheduler.step()
         return losses
@@ -98,8 +100,31 @@ class ContrastiveModule(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.model.clamp_logit_scales()
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip as configured, also for torch's fused AdamW under ``bf16-mixed``.
+
+        Lightning refuses to clip for a fused optimizer under any mixed precision, because with fp16
+        loss scaling the fused step unscales the gradients itself (clipping before it would clip
+        scaled gradients). bf16 and fp32 have no loss scaling, so the gradients are the true ones
+        and clipping them is exact; with fp16 scaling :meth:`configure_optimizers` does not fuse.
+        """
+        if not gradient_clip_val:
+            return
+        if _loss_scaler(self.trainer) is None:
+            Precision.clip_gradients(self.trainer.precision_plugin, optimizer, gradient_clip_val,
+                                     GradClipAlgorithmType(gradient_clip_algorithm or "norm"))
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self):
-        optimizer = build_optimizer(self.model, self.optim_cfg, (self.hparams.get("model") or {}).get("towers"))
+        optim_cfg = dict(self.optim_cfg)
+        clipping = self.trainer.gradient_clip_val or optim_cfg.get("gradient_clip_val")
+        if clipping and _loss_scaler(self.trainer) is not None:  # fp16: the fused step would unscale after clipping
+            if optim_cfg.get("fused") is True:
+                raise ValueError("optim.fused=true cannot be combined with gradient clipping under fp16 loss scaling "
+                                 "(trainer.precision=16-mixed); use optim.fused=auto, or bf16-mixed")
+            optim_cfg["fused"] = False
+        optimizer = build_optimizer(self.model, optim_cfg, (self.hparams.get("model") or {}).get("towers"))
         total = int(self.trainer.estimated_stepping_batches)
         warmup = int(self.optim_cfg.get("warmup_steps", 0))
         if 0 < warmup < 1:  # a fraction of the run
@@ -197,6 +222,11 @@ class ContrastiveModule(L.LightningModule):
         if not hasattr(self, "_tokenize"):
             self._tokenize = self.model.towers["text"].preprocess(False)
         return self._tokenize
+
+
+def _loss_scaler(trainer: L.Trainer) -> Any:
+    """The fp16 gradient scaler of the trainer's precision plugin; None for fp32 and bf16."""
+    return getattr(trainer.precision_plugin, "scaler", None)
 
 
 def _batch_size(batch: dict[str, Any]) -> int:
