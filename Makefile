@@ -11,12 +11,12 @@ DEMO_DIR ?= runs/demo
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml scripts/constraints.txt
 	@command -v espeak-ng >/dev/null || (command -v apt-get >/dev/null && { apt-get update -qq >/dev/null 2>&1 || true; apt-get install -y -qq espeak-ng >/dev/null 2>&1 || sudo -n apt-get install -y -qq espeak-ng >/dev/null 2>&1 || true; }) || true
 	@command -v espeak-ng >/dev/null || echo "note: espeak-ng is not installed (needed only for 'mmpretrain data spoken-digits'); install it with: apt-get install espeak-ng"
 	test -d $(VENV) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -c scripts/constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install mmpretrain (editable) with test extras
