@@ -12,11 +12,27 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-import hydra
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
 
-CONF_DIR = str(Path(os.environ.get("MMPRETRAIN_CONF_DIR", Path(__file__).resolve().parent.parent / "conf")))
+
+def _find_conf_dir() -> str:
+    """The configs: ``$MMPRETRAIN_CONF_DIR``, else ``mmpretrain/conf`` inside an installed wheel
+    (pyproject maps the top-level ``conf/`` there), else the source checkout's top-level ``conf/``
+    (an editable install, or the repository on ``sys.path``)."""
+    if os.environ.get("MMPRETRAIN_CONF_DIR"):
+        return str(Path(os.environ["MMPRETRAIN_CONF_DIR"]).resolve())
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "conf", package.parent / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return str(candidate)
+    raise FileNotFoundError(
+        f"mmpretrain's configs were found neither in {package / 'conf'} (an installed wheel) nor in "
+        f"{package.parent / 'conf'} (a source checkout); reinstall mmpretrain or set MMPRETRAIN_CONF_DIR"
+    )
+
+
+CONF_DIR = _find_conf_dir()
 
 
 # -- commands ------------------------------------------------------------------------------
@@ -37,6 +53,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from mmpretrain.losses import check_modalities
     from mmpretrain.model import apply_training_options, build_model
     from mmpretrain.module import ContrastiveModule
+    from mmpretrain.monitor import CSVLogger
 
     run_dir = _start_run(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -55,8 +72,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module = ContrastiveModule(
         model, loss, optim, zeroshot=_zeroshot_prompts(cfg.data), hparams={"model": _plain(cfg.model)}
     )
+    loggers = _instantiate_all(cfg.get("logger"))
+    for logger in loggers:
+        if isinstance(logger, CSVLogger):
+            logger.resuming = bool(ckpt_path)
     trainer = L.Trainer(**trainer_kwargs, default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()],
-                        logger=_instantiate_all(cfg.get("logger")), callbacks=_instantiate_all(cfg.get("callbacks")))
+                        logger=loggers, callbacks=_instantiate_all(cfg.get("callbacks")))
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["skipped_samples"] = float(module.skipped_total)
@@ -147,6 +168,33 @@ def sweep_summary(sweep_dir: str | Path, metric: str | None = None, minimize: bo
     else:
         print_summary(summary)
     return summary
+
+
+# -- known-harmless third-party noise -----------------------------------------------------------
+#: Warnings that say nothing about the user's run, matched by the start of their message (real
+#: warnings still show): our training stream sizes itself per worker, so Lightning's `__len__`
+#: caution does not apply; Lightning's pytree shim warns about torch's own API.
+_NOISE_WARNINGS = (
+    r"Your `IterableDataset` has `__len__` defined",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
+#: Lightning's start-up advertisements (logged at INFO).
+_NOISE_LOGS = ("💡 Tip:",)
+
+
+class _DropNoise:
+    def filter(self, record) -> bool:  # logging.Filter protocol
+        return not str(record.getMessage()).startswith(_NOISE_LOGS)
+
+
+def quiet_third_party_noise() -> None:
+    import logging
+    import warnings
+
+    for message in _NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropNoise())
 
 
 # -- wiring helpers --------------------------------------------------------------------------
@@ -241,9 +289,10 @@ def _InfoNCEForAllPairs(model):
 
 
 # -- Hydra wrappers ----------------------------------------------------------------------------
-def _hydra_command(fn: Callable, config_name: str, returns_metric: bool = False) -> Callable[[], Any]:
-    @hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")
-    def wrapper(cfg: DictConfig):
+def _hydra_command(fn: Callable, returns_metric: bool = False) -> Callable[[DictConfig], Any]:
+    """The task function Hydra runs (once, or per job of a sweep) for command ``fn``."""
+
+    def task(cfg: DictConfig):
         scored = _name_sweep_run(cfg)
         result = fn(cfg)
         if returns_metric:  # what a sweeper optimises
@@ -257,7 +306,25 @@ def _hydra_command(fn: Callable, config_name: str, returns_metric: bool = False)
             return value
         return None
 
-    return wrapper
+    return task
+
+
+def run_hydra(fn: Callable, config_name: str, overrides: list[str], returns_metric: bool = False) -> None:
+    """Run ``fn`` as a Hydra app on the given command-line arguments (overrides, ``-m``, ``--help`` ...).
+
+    This is what ``@hydra.main`` does, with the arguments passed in instead of read from
+    ``sys.argv[1:]``: ``sys.argv`` stays as the user typed it (``.../bin/mmpretrain train ...`` or
+    ``python -m mmpretrain.cli train ...``), which is exactly what Lightning's DDP launcher, torchrun
+    and SLURM re-execute for the other ranks.
+    """
+    from hydra import version
+    from hydra._internal.utils import _run_hydra, get_args_parser
+
+    version.setbase("1.3")
+    parser = get_args_parser()
+    args = parser.parse_args(overrides)
+    _run_hydra(args=args, args_parser=parser, task_function=_hydra_command(fn, returns_metric),
+               config_path=CONF_DIR, config_name=config_name)
 
 
 def _name_sweep_run(cfg: DictConfig) -> bool:
@@ -353,19 +420,15 @@ def main(argv: list[str] | None = None) -> Any:
     command, rest = argv[0], argv[1:]
     if command in PLAIN_COMMANDS:
         return PLAIN_COMMANDS[command][0](rest)
-    if command not in COMMANDS and os.environ.get("MMPRETRAIN_COMMAND") in COMMANDS:
-        # A DDP process Lightning started by re-running our module with sys.argv[1:] (the overrides).
-        command, rest = os.environ["MMPRETRAIN_COMMAND"], argv
     if command not in COMMANDS:
         print(f"mmpretrain: unknown command '{command}'\n\n{usage()}", file=sys.stderr)
         return 2
     fn, config_name, _ = COMMANDS[command]
+    quiet_third_party_noise()
     if command == "data" and rest and "=" not in rest[0] and not rest[0].startswith("-"):
         rest[0] = f"name={rest[0]}"  # `mmpretrain data digits out=DIR`
-    os.environ["MMPRETRAIN_COMMAND"] = command  # inherited by the DDP processes Lightning launches
-    sys.argv = [f"mmpretrain {command}", *rest]
-    return _hydra_command(fn, config_name, returns_metric=command == "train")()
-
+    run_hydra(fn, config_name, rest, returns_metric=command == "train")
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,14 +8,17 @@ and a 2-D projection of the val embeddings. The drawing itself is :mod:`mmpretra
 
 from __future__ import annotations
 
+import csv
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
 from mmpretrain import plots
@@ -32,6 +35,38 @@ class WandbLogger(_LightningWandbLogger):
         if self._experiment is not None and status in ("success", "failed"):
             self._experiment.finish(exit_code=0 if status == "success" else 1)
             self._experiment = None
+
+
+class CSVLogger(_LightningCSVLogger):
+    """Lightning's CSVLogger writing ``metrics.csv`` into the run directory, which already holds the
+    run's ``config.yaml``: it does not warn that the directory is not empty, and when the run
+    resumes (``resuming=True``, set by ``mmpretrain train`` for ``resume=``) it appends to the
+    existing ``metrics.csv`` instead of deleting the history before the resume."""
+
+    resuming: bool = False
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _RunDirWriter(log_dir=self.log_dir, keep=self.resuming)
+        return self._experiment
+
+
+class _RunDirWriter(ExperimentWriter):
+    def __init__(self, log_dir: str, keep: bool) -> None:
+        self._keep = keep
+        super().__init__(log_dir=log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        if not self._fs.isfile(self.metrics_file_path):
+            return
+        if not self._keep:  # a new run in an old directory starts a new history
+            self._fs.rm_file(self.metrics_file_path)
+            return
+        with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+            self.metrics_keys = sorted(next(csv.reader(f), []))
 
 
 class StepStats(L.Callback):
@@ -81,7 +116,7 @@ class RunPlots(L.Callback):
         for logger in trainer.loggers:
             logger.save()
         csv_file = next(
-            (Path(lg.log_dir) / "metrics.csv" for lg in trainer.loggers if isinstance(lg, CSVLogger)), None
+            (Path(lg.log_dir) / "metrics.csv" for lg in trainer.loggers if isinstance(lg, _LightningCSVLogger)), None
         )
         if csv_file is not None and csv_file.exists():
             written += plots.plot_curves(plots.read_metrics_csv(csv_file), out)

@@ -16,6 +16,7 @@ from mmpretrain.datamodule import ContrastiveDataModule
 from mmpretrain.finetune.heads import FusionClassifier, LinearHead, TowerClassifier, features
 from mmpretrain.finetune.module import ClassifierModule
 from mmpretrain.model import ContrastiveModel
+from mmpretrain.monitor import CSVLogger
 
 TASKS = ("linear_probe", "full", "fusion")
 
@@ -56,7 +57,7 @@ def run(task: dict[str, Any], model: ContrastiveModel, data: dict[str, Any], tra
     fit = L.Trainer(
         **trainer | {"max_epochs": int(task["epochs"]), "max_steps": -1},
         default_root_dir=str(run_dir),
-        logger=L.pytorch.loggers.CSVLogger(save_dir=str(run_dir), name="", version=""),
+        logger=CSVLogger(save_dir=str(run_dir), name="", version=""),
         callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True,
                                                         save_top_k=0)],
     )
