@@ -55,6 +55,9 @@ bench-gpu: install bench-ref ## GPU throughput vs open_clip_train (ViT-B/32 224 
 	$(PY) scripts/bench_throughput.py --device cuda $(BENCH_OPTS)
 	$(PY) scripts/bench_report.py $(if $(BENCH_NOTE),--note "$(BENCH_NOTE)")
 
+gpu-check: ## on a CUDA machine: every GPU path for 50 steps (bf16+clip, DDP, compile, siglip, tiled, grad cache) + ViT-B-32 samples/s, memory, MFU
+	$(if $(wildcard $(PY)),$(PY),python3) scripts/gpu_check.py
+
 bench-scale: install ## tiled vs plain InfoNCE memory (4k..65k batch; ~30 min) and the speed options' throughput
 	OMP_NUM_THREADS=2 $(PY) scripts/bench_loss_memory.py
 	OMP_NUM_THREADS=2 $(PY) scripts/bench_speed_options.py
@@ -68,4 +71,4 @@ format: install ## ruff format
 clean: ## remove runs and caches (keeps .venv)
 	rm -rf runs outputs multirun .pytest_cache
 
-.PHONY: help install demo test test-slow bench bench-ref bench-gpu bench-scale lint format clean
+.PHONY: help install demo test test-slow bench bench-ref bench-gpu bench-scale gpu-check lint format clean

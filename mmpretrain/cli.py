@@ -112,7 +112,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     for key, value in sorted(metrics.items()):
         if key.startswith(("val/retrieval_R@", "val/retrieval_mean_rank", "val/retrieval_median_rank")):
             print(f"{key.removeprefix('val/retrieval_')}: {value:.4f}")
-    (run_dir / "eval_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    if trainer.is_global_zero:
+        (run_dir / "eval_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     _end_run(run_dir)
     return metrics
 
@@ -215,6 +216,8 @@ def _instantiate_all(group: Any) -> list:
 def _trainer_and_optim(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Trainer kwargs and optim config, refusing gradient accumulation that changes the objective."""
     trainer, optim = _plain(cfg.trainer), _plain(cfg.optim)
+    if isinstance(trainer.get("strategy"), dict):  # e.g. {_target_: lightning.pytorch.strategies.DDPStrategy, ...}
+        trainer["strategy"] = _instantiate(trainer["strategy"])
     if int(trainer.get("accumulate_grad_batches") or 1) > 1:
         raise ValueError(
             "trainer.accumulate_grad_batches>1 changes a contrastive loss (each micro-batch would only see its "

@@ -40,7 +40,8 @@ def install_step_recorder(path: str) -> None:
 
     def dump():
         if os.getpid() == pid:  # not from forked data-loader workers
-            Path(path).write_text(json.dumps({"steps": steps}))
+            peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+            Path(path).write_text(json.dumps({"steps": steps, "peak_gpu_bytes": peak}))
 
     atexit.register(dump)
 

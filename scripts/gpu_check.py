@@ -1,0 +1,192 @@
+"""`make gpu-check`: every GPU code path for 50 steps, then ViT-B-32 throughput, memory and MFU.
+
+    python scripts/gpu_check.py [--work DIR] [--steps 50] [--peak-tflops T]
+
+On a CUDA machine only (exit status 2 without one). Each check is a `mmpretrain train` run of the
+default recipe on the bundled digits through the installed console script (or `python -m
+mmpretrain.cli` where none is installed), as a user launches it, validating once at the last step:
+
+1. bf16-mixed with gradient clipping on one GPU (`trainer=gpu`)
+2. DDP over every visible GPU; with a single GPU, two processes share it (two torchrun "nodes" of
+   one process each on this host, gloo backend: NCCL refuses two ranks on one device)
+3. `compile=true`
+4. `loss=siglip`
+5. `loss.tiled=true`
+6. `optim.grad_cache_chunks=4`
+
+then samples/s, peak memory and MFU of open_clip ViT-B-32 at 224 px, bf16, batch 256 (FLOPs from
+torch's FlopCounter, peak bf16 TFLOP/s by GPU name or --peak-tflops). Prints one line per check and
+exits non-zero when any failed. About 5 minutes on one H100/H200 (budget: 8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_common as bc
+
+
+def mmpretrain_cmd() -> list[str]:
+    script = Path(sys.executable).parent / "mmpretrain"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "mmpretrain.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(name: str, cmds: list[list[str]], run_dir: Path, timeout: float) -> dict:
+    """Run the processes of one check together; pass when all exit 0 and the loss is finite."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(bc.ROOT), os.environ.get("PYTHONPATH", "")]),
+               WANDB_MODE="offline", WANDB_SILENT="true", HYDRA_FULL_ERROR="1")
+    start = time.perf_counter()
+    logs = [run_dir.parent / f"{run_dir.name}.rank{i}.log" for i in range(len(cmds))]
+    codes: list = []
+    with contextlib.ExitStack() as stack:
+        outs = [stack.enter_context(open(log, "w")) for log in logs]
+        procs = [subprocess.Popen(c, env=env, cwd=run_dir.parent, stdout=f, stderr=subprocess.STDOUT)
+                 for c, f in zip(cmds, outs)]
+        for p in procs:
+            try:
+                codes.append(p.wait(timeout=max(1.0, timeout - (time.perf_counter() - start))))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                codes.append("timeout")
+    seconds = time.perf_counter() - start
+    metrics_file = run_dir / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    loss = metrics.get("train/loss")
+    ok = all(c == 0 for c in codes) and loss is not None and math.isfinite(loss)
+    detail = f"{seconds:.0f} s, train/loss {loss}, val top-1 {metrics.get('val/zeroshot_top1/image_text')}"
+    if not ok:
+        tail = "".join(log.read_text()[-2500:] for log in logs)
+        detail += f", exit {codes}\n{tail}"
+    print(f"{'PASS' if ok else 'FAIL'} {name}: {detail}", flush=True)
+    return {"check": name, "ok": ok, "seconds": round(seconds, 1), "loss": loss, "exit": codes}
+
+
+def on_cpu(cmd: list[str]) -> list[str]:
+    """The same command on CPU processes (``--cpu-rehearsal``)."""
+    swap = {"trainer=gpu": ["trainer=cpu", "trainer.precision=bf16-mixed"], "trainer.accelerator=gpu": ["trainer.accelerator=cpu"]}
+    return [x for arg in cmd for x in swap.get(arg, [arg])]
+
+
+def checks(digits: Path, work: Path, steps: int, gpus: int) -> list[tuple[str, Path, list[list[str]]]]:
+    """(name, run directory, the command of each process) of every check."""
+    common = [
+        f"data.root={digits}", "data.batch_size=128", "data.num_workers=4", f"trainer.max_steps={steps}",
+        "trainer.max_epochs=-1", f"trainer.val_check_interval={steps}", "trainer.check_val_every_n_epoch=null",
+        "trainer.limit_val_batches=4", "export_at_end=false", "callbacks.progress_bar=null",
+    ]
+
+    def single(name: str, *overrides: str) -> tuple[str, Path, list[list[str]]]:
+        run_dir = work / name.split()[0].replace("=", "_").replace(".", "_")
+        return name, run_dir, [[*mmpretrain_cmd(), "train", "trainer=gpu", *common, *overrides,
+                                f"hydra.run.dir={run_dir}"]]
+
+    ddp_dir = work / "ddp"
+    if gpus >= 2:
+        ddp = (f"DDP over {gpus} GPUs", ddp_dir, [[*mmpretrain_cmd(), "train", "trainer=ddp", "trainer.accelerator=gpu",
+                                          f"trainer.devices={gpus}", "trainer.precision=bf16-mixed", *common,
+                                          f"hydra.run.dir={ddp_dir}"]])
+    else:
+        port = free_port()
+        ddp = ("DDP, 2 processes on 1 GPU (gloo)", ddp_dir, [[
+            sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={r}", "--nproc_per_node=1",
+            "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "mmpretrain.cli", "train",
+            "trainer=ddp_multinode", "trainer.num_nodes=2", "trainer.devices=1", "trainer.accelerator=gpu",
+            "trainer.precision=bf16-mixed",
+            "trainer.strategy={_target_: lightning.pytorch.strategies.DDPStrategy, process_group_backend: gloo}",
+            *common, f"hydra.run.dir={ddp_dir}"] for r in range(2)])
+    return [
+        single("bf16-mixed + clipping, 1 GPU"),
+        ddp,
+        single("compile=true", "compile=true"),
+        single("loss=siglip", "loss=siglip"),
+        single("loss.tiled=true", "loss.tiled=true", "loss.tile_size=64"),
+        single("optim.grad_cache_chunks=4", "optim.grad_cache_chunks=4"),
+    ]
+
+
+def throughput(digits: Path, work: Path, peak: float | None) -> dict:
+    """Steady samples/s (optimizer-step hook of scripts/bench_entry.py), peak memory and MFU of ViT-B-32."""
+    import bench_throughput as bt
+    import torch
+
+    a = argparse.Namespace(model=bc.GPU_MODEL, device="cuda", batch=256, workers=8, steps=64, lr=5e-4, wd=0.1)
+    run_dir = work / "vit_b32"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    record = run_dir / "steps.json"
+    try:
+        res = bc.run_timed(bt.ours_cmd(a, digits, run_dir, record), bc.child_env(), run_dir / "log.txt", timeout=300)
+    except SystemExit as e:  # the run failed: run_timed says how
+        print(f"FAIL ViT-B-32 throughput: {e}", flush=True)
+        return {"ok": False}
+    data = json.loads(record.read_text()) if record.exists() else {"steps": []}
+    if len(data["steps"]) < a.steps or res["rc"] != 0:
+        print(f"FAIL ViT-B-32 throughput: {len(data['steps'])} of {a.steps} steps; see {run_dir}/log.txt", flush=True)
+        return {"ok": False}
+    rate = bc.steady_rate(data["steps"], a.batch, warmup=16)
+    flops = bt.flops_per_sample(a.model)
+    gpu = torch.cuda.get_device_name(0)
+    peak = peak or next((v for k, v in bc.PEAK_BF16_TFLOPS.items() if k in gpu), None)
+    achieved = flops * rate / 1e12
+    mfu = f"{100 * achieved / peak:.1f} %" if peak else "unknown peak (--peak-tflops)"
+    mem = data.get("peak_gpu_bytes")
+    print(f"PASS ViT-B-32 224 px bf16, batch {a.batch}, {gpu}: {rate:.0f} samples/s steady, "
+          f"{achieved:.1f} TFLOP/s, MFU {mfu}, peak memory {mem / 2**30 if mem else float('nan'):.1f} GiB, "
+          f"wall {res['wall_s']:.0f} s", flush=True)
+    return {"ok": True, "samples_per_s": rate, "tflops": achieved, "peak_gpu_bytes": mem}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default="/tmp/mmpretrain-gpu-check", help="scratch directory (shards, runs)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default by GPU name)")
+    p.add_argument("--timeout", type=float, default=240, help="seconds per check")
+    p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--cpu-rehearsal", action="store_true",
+                   help="run the same checks on CPU processes (bf16 on CPU, gloo): tests this script without a GPU")
+    a = p.parse_args()
+    import torch
+
+    if not torch.cuda.is_available() and not a.cpu_rehearsal:
+        print("gpu-check needs a CUDA device (torch.cuda.is_available() is False); the CPU paths are in make test",
+              file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    work = Path(a.work)
+    digits = bc.digits_root(work)
+    planned = checks(digits, work, a.steps, gpus=torch.cuda.device_count())
+    if a.cpu_rehearsal:
+        planned = [(name, run_dir, [on_cpu(c) for c in cmds]) for name, run_dir, cmds in planned]
+    results = [run(name, cmds, run_dir, a.timeout) for name, run_dir, cmds in planned]
+    if not a.skip_throughput and not a.cpu_rehearsal:
+        results.append(throughput(digits, work, a.peak_tflops))
+    failed = [r for r in results if not r["ok"]]
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU rehearsal"
+    print(f"gpu-check: {len(results) - len(failed)} of {len(results)} passed in {time.perf_counter() - start:.0f} s "
+          f"({device}, torch {torch.__version__})", flush=True)
+    (work / "gpu_check.json").write_text(json.dumps(results, indent=2))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
