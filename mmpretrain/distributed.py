@@ -54,13 +54,19 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 def all_gather_variable(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` (no grad) from every rank along dim 0; dim 0 may differ per rank."""
+    """Concatenate ``x`` (no grad) from every rank along dim 0; dim 0 may differ per rank, and may be 0.
+
+    The other dims and the dtype must agree on every rank (pad-and-trim, since NCCL's all_gather
+    needs equal shapes): a rank with no rows passes an empty tensor of the right shape, never skips.
+    """
     if world_size() == 1:
         return x
     n = torch.tensor([x.shape[0]], device=x.device)
     sizes = [torch.zeros_like(n) for _ in range(world_size())]
     dist.all_gather(sizes, n)
     longest = int(max(s.item() for s in sizes))
+    if longest == 0:  # every rank is empty (all agree, so none makes the second gather)
+        return x
     padded = x.new_zeros((longest, *x.shape[1:]))
     padded[: x.shape[0]] = x
     out = [torch.empty_like(padded) for _ in range(world_size())]

@@ -136,22 +136,37 @@ class ContrastiveModule(L.LightningModule):
     # -- validation: embed everything, gather across ranks, then score -----------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         out = self.model(batch)
-        for m in self.model.modalities:
-            if f"{m}_features" in out:
-                feats = out[f"{m}_features"].float()
-                self._val[m].append(feats)
-                mask = batch.get(f"{m}_mask")
-                self._val[f"{m}_mask"].append(mask if mask is not None else feats.new_ones(feats.shape[0], dtype=torch.bool))
-        if "cls" in batch:
-            self._val["cls"].append(batch["cls"])
+        local = {m: out[f"{m}_features"] for m in self.model.modalities if f"{m}_features" in out}
+        local |= {k: batch[k] for k in [f"{m}_mask" for m in self.model.modalities] + ["cls"] if k in batch}
+        for k, v in self._val_columns(local).items():
+            self._val[k].append(v)
 
     def on_validation_epoch_end(self) -> None:
+        # A rank that saw no batch (fewer val shards than ranks, or only bad samples) passes {}:
+        # validation_metrics gives it empty columns, so it makes the same gathers as the others.
         metrics = self.validation_metrics({k: torch.cat(v) for k, v in self._val.items()})
         self._val.clear()
         if metrics:
             self.log_dict(metrics, sync_dist=False)
             summary = ", ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in metrics.items() if "top1" in k)
             self.print(f"epoch {self.current_epoch} step {self.global_step}: {summary}")
+
+    def _val_columns(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The same columns in the same order on every rank: per modality ``[n, D]`` float32
+        features and an ``[n]`` bool mask, then ``[n]`` long ``cls`` (-1: unlabelled). A modality
+        missing from ``local`` gets zero features and a False mask, missing labels -1, so rows stay
+        aligned across batches; with no rows at all the columns are empty, D = the model's embed_dim."""
+        n = next((len(v) for v in local.values()), 0)
+        device = next((v.device for v in local.values()), self.device)
+        cols: dict[str, torch.Tensor] = {}
+        for m in self.model.modalities:
+            feats, mask = local.get(m), local.get(f"{m}_mask")
+            present = torch.full((n,), feats is not None, dtype=torch.bool, device=device)
+            cols[m] = feats.float() if feats is not None else torch.zeros(n, self.model.embed_dim, device=device)
+            cols[f"{m}_mask"] = present & mask.to(device).bool() if mask is not None else present
+        labels = local.get("cls")
+        cols["cls"] = labels.to(device).long() if labels is not None else torch.full((n,), -1, device=device)
+        return cols
 
     @torch.no_grad()
     def validation_metrics(self, local: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -164,14 +179,13 @@ class ContrastiveModule(L.LightningModule):
         class prototypes of modality c: prompt embeddings when c is text, otherwise the mean
         embedding of each class among the val set's c samples.
         """
-        # Gather every rank's share so metrics cover the whole val set (identical on all ranks).
-        emb = {k: distributed.all_gather_variable(v) for k, v in local.items()}
-        labels = emb.pop("cls", None)
-        mods = [m for m in self.model.modalities if m in emb]
-        masks = {m: emb.pop(f"{m}_mask").bool() if f"{m}_mask" in emb else None for m in mods}
-        masks = {m: mk if mk is not None else torch.ones(len(emb[m]), dtype=torch.bool, device=emb[m].device)
-                 for m, mk in masks.items()}
-        labelled = labels >= 0 if labels is not None else None
+        # Gather every rank's share so metrics cover the whole val set (identical on all ranks);
+        # every rank gathers the same columns, in the same order, even with no rows of its own.
+        emb = {k: distributed.all_gather_variable(v) for k, v in self._val_columns(local).items()}
+        labels = emb.pop("cls")
+        masks = {m: emb.pop(f"{m}_mask") for m in self.model.modalities}
+        mods = [m for m in self.model.modalities if masks[m].any()]
+        labelled = labels >= 0
         metrics: dict[str, float] = {}
         for i, a in enumerate(mods):
             for b in mods[i + 1 :]:
@@ -180,14 +194,14 @@ class ContrastiveModule(L.LightningModule):
                     continue
                 ea, eb = emb[a][both], emb[b][both]
                 scores = retrieval_metrics(ea, eb, a, b)
-                if labels is not None and labelled[both].all():
+                if labelled[both].all():
                     scores |= class_retrieval_metrics(ea, eb, labels[both], labels[both], a, b)
                 metrics.update({f"val/retrieval_{k}": v for k, v in scores.items()})
                 # Loss over the whole val set as one batch (no gathering: embeddings are global).
                 outputs = {f"{a}_features": ea, f"{b}_features": eb} | self.model.logit_scale_outputs()
                 for name, value in self.loss(outputs, gather=False).items():
                     metrics[f"val/{name}"] = value.item()
-        if labels is not None:
+        if labelled.any():
             metrics |= self._zero_shot(emb, masks, labels, labelled, mods)
         return metrics
 

@@ -3,4 +3,4 @@
 from mmpretrain.evaluation.retrieval import class_retrieval_metrics, retrieval_metrics
 from mmpretrain.evaluation.zeroshot import class_embeddings, class_prototypes, zero_shot_accuracy
 
-__all__ = ["class_embeddings", "class_prototypes", "zero_shot_accuracy", "retrieval_metrics", "class_retrieval_metrics"]
+__all__ = ["class_embeddings", "class_prototypes", "class_retrieval_metrics", "retrieval_metrics", "zero_shot_accuracy"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,11 +28,22 @@ def class_embeddings(
 def zero_shot_accuracy(
     queries: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor, topk: tuple[int, ...] = (1, 5)
 ) -> dict[str, float]:
-    """Top-k accuracy of ``queries [N, D]`` classified by nearest class embedding ``[C, D]``."""
+    """Top-k accuracy of ``queries [N, D]`` classified by nearest class embedding ``[C, D]``.
+
+    Pessimistic: a query is a hit at k when fewer than k other classes score at least as high as
+    its true class (ties count against it, a NaN score beats it), and never when its own score is
+    not finite. A collapsed model (every score equal) or a diverged one (NaN) scores 0, not chance
+    or better.
+    """
     logits = F.normalize(queries, dim=-1) @ F.normalize(classes, dim=-1).T
-    ranked = logits.argsort(dim=1, descending=True)
-    hits = ranked == labels.view(-1, 1)
-    return {f"top{k}": hits[:, : min(k, classes.shape[0])].any(1).float().mean().item() for k in topk}
+    labels = labels.view(-1).long()
+    known = (labels >= 0) & (labels < classes.shape[0])  # a label without a class embedding is a miss
+    index = labels.clamp(0, classes.shape[0] - 1).unsqueeze(1)
+    true = logits.gather(1, index)
+    beaten = ~(logits < true)  # ties and NaN count against the true class
+    beaten.scatter_(1, index, False)  # the true class itself
+    scored = known & true.squeeze(1).isfinite()
+    return {f"top{k}": ((beaten.sum(1) < k) & scored).float().mean().item() for k in topk}
 
 
 def class_prototypes(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
