@@ -217,3 +217,37 @@ def test_global_seed_fits_seed_everything_and_keeps_32_bit_seeds():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert L.seed_everything(global_seed(2**63 - 1)) == big[1]
+
+
+# -- batches that fit in shared memory: uint8 images, 2 batches ahead, pinned on CUDA ----------------
+def test_train_batches_carry_uint8_images_a_quarter_of_the_float_bytes(digits_root):
+    from omegaconf import OmegaConf
+
+    from mmpretrain.datamodule import ContrastiveDataModule
+    from mmpretrain.towers.timm import TimmTower
+
+    tower = TimmTower("resnet10t", img_size=32)
+    cfg = OmegaConf.create({"sources": {"d": {"shards": f"{digits_root}/train/*.tar"}}, "batch_size": 8,
+                            "num_workers": 0, "train_samples": 32})
+    dm = ContrastiveDataModule(cfg, preprocess=lambda train: {"image": tower.preprocess(train)}, seed=0)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (8, 3, 32, 32)
+    assert batch["image"].nbytes == 8 * 3 * 32 * 32  # float32 was 4x this
+
+
+@pytest.mark.parametrize(("device", "pinned"), [("cuda", True), ("cpu", False)])
+def test_loaders_prefetch_two_batches_and_pin_memory_only_on_cuda(digits_root, device, pinned):
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from mmpretrain.datamodule import ContrastiveDataModule
+
+    cfg = OmegaConf.create({"sources": {"d": {"shards": f"{digits_root}/train/*.tar"}}, "batch_size": 8,
+                            "num_workers": 2, "train_samples": 64, "val": {"shards": f"{digits_root}/val/*.tar"}})
+    dm = ContrastiveDataModule(cfg, preprocess=lambda train: {}, seed=0)
+    fit_loop = SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=None))
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=1, fit_loop=fit_loop,
+                                 strategy=SimpleNamespace(root_device=torch.device(device)))
+    for loader in (dm.train_dataloader(), dm.val_dataloader()):
+        assert loader.prefetch_factor == 2 and loader.pin_memory is pinned
