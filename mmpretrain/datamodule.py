@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import lightning as L
 from torch.utils.data import DataLoader
@@ -44,15 +45,15 @@ class ContrastiveDataModule(L.LightningDataModule):
     def _common(self) -> dict[str, Any]:
         rank = self.trainer.global_rank if self.trainer else 0
         world = self.trainer.world_size if self.trainer else 1
-        return dict(
-            rank=rank,
-            world_size=world,
-            seed=self.seed,
-            on_error=self.cfg.get("on_error", "skip"),
-            on_missing=self.cfg.get("on_missing", "skip"),
-            caption_field=self.cfg.get("caption_field", "caption"),
-            batch_size=int(self.cfg["batch_size"]),
-        )
+        return {
+            "rank": rank,
+            "world_size": world,
+            "seed": self.seed,
+            "on_error": self.cfg.get("on_error", "skip"),
+            "on_missing": self.cfg.get("on_missing", "skip"),
+            "caption_field": self.cfg.get("caption_field", "caption"),
+            "batch_size": int(self.cfg["batch_size"]),
+        }
 
     def batches_per_worker(self) -> int:
         if getattr(self, "_per_worker", None) is None:

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import bench_common as bc
 import torch
-
 from bench_overhead import collect_batches, compose, plain_loop
 
 
@@ -33,10 +32,7 @@ def pipeline_rate(model, cfg, workers: int, batches: int) -> float:
     stream = ShardStream(sources_from_config(cfg.data), model.preprocess(True), batch_size=int(cfg.data.batch_size),
                          train=True, batches_per_worker=per_worker, seed=0)
     loader = DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None)
-    times, n = [], 0
-    for batch in loader:
-        times.append(time.perf_counter())
-        n += 1
+    times = [time.perf_counter() for _ in loader]
     bs = int(cfg.data.batch_size)
     return bs * (len(times) - 1) / (times[-1] - times[0])
 
@@ -92,7 +88,7 @@ def main() -> None:
     loss_fn = _instantiate(cfg.loss)
     train_batches = collect_batches(model, cfg, a.train_steps)
     sizes = bytes_per_batch(model, cfg)
-    rows = [dict(what="bytes per batch", images=k, bytes=sizes[k], image_bytes=sizes[f"{k}_image"])
+    rows = [{"what": "bytes per batch", "images": k, "bytes": sizes[k], "image_bytes": sizes[f"{k}_image"]}
             for k in ("float32", "uint8")]
     for k in ("float32", "uint8"):
         print(f"one batch of {a.batch} with {k} images: {sizes[k]:,} bytes ({sizes[f'{k}_image']:,} of them images)",
@@ -100,11 +96,11 @@ def main() -> None:
     for rep in range(a.reps):
         times = plain_loop(model, loss_fn, _plain(cfg.optim), train_batches, 1.0)
         model_rate = bc.steady_rate([t - times[0] for t in times], a.batch, 2)
-        rows.append(dict(what="model (plain loop)", workers="", rep=rep, samples_per_s=round(model_rate, 1)))
+        rows.append({"what": "model (plain loop)", "workers": "", "rep": rep, "samples_per_s": round(model_rate, 1)})
         print(f"model consumes {model_rate:.1f} samples/s", flush=True)
         for workers in (0, 1, 2):
             rate = pipeline_rate(model, cfg, workers, a.batches)
-            rows.append(dict(what="pipeline", workers=workers, rep=rep, samples_per_s=round(rate, 1)))
+            rows.append({"what": "pipeline", "workers": workers, "rep": rep, "samples_per_s": round(rate, 1)})
             print(f"pipeline with {workers} workers: {rate:.1f} samples/s", flush=True)
     model_rate = bc.median([r["samples_per_s"] for r in rows if r["what"].startswith("model")])
     table_rows = [["model consumption (plain fp32 loop)", "–", model_rate, "1.00"]]
@@ -117,11 +113,11 @@ def main() -> None:
                  ["uint8, normalised by the tower (now)", f"{sizes['uint8']:,}", 2, f"{shared_memory_gb(1, 2):.2f}"]]
     table += "\n\n" + bc.md_table(["images sent as", f"bytes per batch of {a.batch} (measured)", "prefetch_factor",
                                     "GB shared memory per rank at batch 512, 224 px, 8 workers"], size_rows)
-    notes = [f"model `{a.model}` preprocess (open_clip transform + tokenizer), batch {a.batch}, "
+    notes = [(f"model `{a.model}` preprocess (open_clip transform + tokenizer), batch {a.batch}, "
              f"{a.batches} batches per measurement (first excluded), {a.reps} interleaved reps; "
-             "the workers share the same cores as the model in real training, so the worker rates are an upper bound",
-             "bytes per batch: every tensor of one training batch (images, tokens, labels) as a worker sends it; "
-             "shared memory per rank = 512 x 3 x 224 x 224 x (4 or 1 bytes) x 8 workers x prefetch_factor (images only)"]
+             "the workers share the same cores as the model in real training, so the worker rates are an upper bound"),
+             ("bytes per batch: every tensor of one training batch (images, tokens, labels) as a worker sends it; "
+             "shared memory per rank = 512 x 3 x 224 x 224 x (4 or 1 bytes) x 8 workers x prefetch_factor (images only)")]
     bc.write_results("data", rows, table, notes)
 
 

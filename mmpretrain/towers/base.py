@@ -18,7 +18,8 @@ step (:class:`ImageNormalize`, the same arithmetic and mean/std as the library's
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -117,7 +118,7 @@ class Tower(nn.Module):
         self._freeze_norm_stats = freeze_norm_stats
         self.train(self.training)
 
-    def train(self, mode: bool = True) -> "Tower":
+    def train(self, mode: bool = True) -> Tower:
         super().train(mode)
         if getattr(self, "_freeze_norm_stats", False):
             for m in self.modules():

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import open_clip
 import torch
@@ -94,7 +95,7 @@ class OpenClipTower(Tower):
             raise ValueError(f"open_clip towers are 'image' or 'text', not '{modality}'")
         model_cfg = resolve_model_cfg(config)
         super().__init__(
-            dict(_target_=f"{__name__}.OpenClipTower", modality=modality, config=model_cfg, aug=dict(aug or {}))
+            {"_target_": f"{__name__}.OpenClipTower", "modality": modality, "config": model_cfg, "aug": dict(aug or {})}
         )
         self.modality = modality
         self.model_cfg = model_cfg

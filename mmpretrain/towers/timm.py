@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import timm
 import torch
@@ -57,15 +58,15 @@ class TimmTower(Tower):
         transform: dict[str, Any] | None = None,
     ):
         super().__init__(
-            dict(
-                _target_=f"{__name__}.TimmTower",
-                model_name=model_name,
-                modality=modality,
-                img_size=img_size,
-                in_chans=in_chans,
-                model_kwargs=dict(model_kwargs or {}),
-                transform=dict(transform or {}),
-            )
+            {
+                "_target_": f"{__name__}.TimmTower",
+                "model_name": model_name,
+                "modality": modality,
+                "img_size": img_size,
+                "in_chans": in_chans,
+                "model_kwargs": dict(model_kwargs or {}),
+                "transform": dict(transform or {}),
+            }
         )
         if not timm.is_model(model_name):
             raise unknown_model_error(model_name, "timm", timm.list_models())

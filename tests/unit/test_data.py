@@ -23,7 +23,7 @@ def write_shard(path, samples):
 
 
 PREPROCESS = {
-    "image": lambda img: torch.tensor(list(img.getdata())[0], dtype=torch.float32),
+    "image": lambda img: torch.tensor(next(iter(img.getdata())), dtype=torch.float32),
     "text": lambda t: torch.tensor([len(t)]),
 }
 
