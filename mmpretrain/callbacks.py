@@ -212,4 +212,5 @@ class InjectNaN(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if trainer.global_rank == self.rank and trainer.global_step + 1 in self.steps:
-            batch[self.modality] = torch.full_like(batch[self.modality], float("nan"))
+            # float: uint8 images cannot hold NaN, and a float image is taken by the tower as normalised
+            batch[self.modality] = torch.full_like(batch[self.modality], float("nan"), dtype=torch.float32)

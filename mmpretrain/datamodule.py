@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import lightning as L
 from torch.utils.data import DataLoader
@@ -44,15 +45,15 @@ class ContrastiveDataModule(L.LightningDataModule):
     def _common(self) -> dict[str, Any]:
         rank = self.trainer.global_rank if self.trainer else 0
         world = self.trainer.world_size if self.trainer else 1
-        return dict(
-            rank=rank,
-            world_size=world,
-            seed=self.seed,
-            on_error=self.cfg.get("on_error", "skip"),
-            on_missing=self.cfg.get("on_missing", "skip"),
-            caption_field=self.cfg.get("caption_field", "caption"),
-            batch_size=int(self.cfg["batch_size"]),
-        )
+        return {
+            "rank": rank,
+            "world_size": world,
+            "seed": self.seed,
+            "on_error": self.cfg.get("on_error", "skip"),
+            "on_missing": self.cfg.get("on_missing", "skip"),
+            "caption_field": self.cfg.get("caption_field", "caption"),
+            "batch_size": int(self.cfg["batch_size"]),
+        }
 
     def batches_per_worker(self) -> int:
         if getattr(self, "_per_worker", None) is None:
@@ -83,7 +84,7 @@ class ContrastiveDataModule(L.LightningDataModule):
             **common,
         )
         stream.num_workers = max(1, workers)
-        return self._loader(stream, workers, persistent=True)
+        return self._loader(stream, workers, persistent=True, pin=self._pin_memory())
 
     # -- exact resume: the stream position lives in the checkpoint (Lightning saves this state) --
     def _layout(self) -> dict[str, Any]:
@@ -134,14 +135,21 @@ class ContrastiveDataModule(L.LightningDataModule):
         workers = min(int(self.cfg.get("num_workers", 0)), len(self.val_urls))
         val = Source("val", self.val_urls, modalities=list(self.cfg["val"].get("modalities") or []))
         stream = ShardStream([val], self.preprocess(False), train=False, **self._common())
-        return self._loader(stream, workers, persistent=False)
+        return self._loader(stream, workers, persistent=False, pin=self._pin_memory())
+
+    def _pin_memory(self) -> bool:
+        """Pinned batches when training on CUDA: the host-to-device copy is then asynchronous."""
+        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
 
     @staticmethod
-    def _loader(stream: ShardStream, workers: int, persistent: bool) -> DataLoader:
+    def _loader(stream: ShardStream, workers: int, persistent: bool, pin: bool = False) -> DataLoader:
+        # Images travel as uint8 (the tower normalises on the device) and each worker keeps 2 batches
+        # ahead: the shared memory held per rank is ~2 x workers x a uint8 batch.
         return DataLoader(
             stream,
             batch_size=None,
             num_workers=workers,
             persistent_workers=persistent and workers > 0,
-            prefetch_factor=4 if workers > 0 else None,
+            prefetch_factor=2 if workers > 0 else None,
+            pin_memory=pin,
         )

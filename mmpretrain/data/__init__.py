@@ -3,4 +3,4 @@
 from mmpretrain.data.pipeline import ShardStream, Source
 from mmpretrain.data.shards import NoShardsError, count_samples, expand_shards
 
-__all__ = ["ShardStream", "Source", "NoShardsError", "count_samples", "expand_shards"]
+__all__ = ["NoShardsError", "ShardStream", "Source", "count_samples", "expand_shards"]

@@ -78,7 +78,7 @@ def build_digits(out: str | Path, image_size: int = 32, seed: int = 0, val_fract
     out = Path(out)
     digits = load_digits()
     order = np.random.RandomState(seed).permutation(len(digits.target))
-    n_val = int(round(len(order) * val_fraction))
+    n_val = round(len(order) * val_fraction)
     splits = {"val": order[:n_val], "train": order[n_val:]}
     rng = random.Random(seed)
     for name, idx in splits.items():

@@ -1,9 +1,11 @@
 """The webdataset stream: shards -> samples -> decoded -> preprocessed -> batches.
 
 Training streams are infinite and deterministic: in pass ``p`` every source's shard list is
-shuffled with ``seed + p``, split by rank then by *stream* (one per DataLoader worker), and each
-stream cycles through its passes with a seeded sample-shuffle buffer; each sample's augmentation
-is seeded by (seed, rank, stream, sample index), so a batch is a pure function of its position.
+shuffled by a seed of ``(seed, p)``, split by rank then by *stream* (one per DataLoader worker),
+and each stream cycles through its passes with a seeded sample-shuffle buffer; each sample's
+augmentation is seeded by (seed, rank, stream, sample index), so a batch is a pure function of its
+position. Every seed comes from :func:`mmpretrain.data.seeds.derive` (numpy's SeedSequence): any
+non-negative user seed works and no two (purpose, rank, stream, sample) share one.
 An "epoch" is a fixed number of batches per worker, so every rank always yields the same number
 of batches (no DDP hang with uneven shards).
 
@@ -30,9 +32,10 @@ import random
 import re
 import tarfile
 from collections import Counter
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import webdataset as wds
@@ -40,6 +43,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from mmpretrain.data.collate import collate
 from mmpretrain.data.decode import BLANKS, decode_sample
+from mmpretrain.data.seeds import check_seed, derive
 
 
 class SampleError(RuntimeError):
@@ -155,7 +159,7 @@ class ShardStream(IterableDataset):
         self.train = train
         self.batches_per_worker = batches_per_worker
         self.rank, self.world_size = rank, world_size
-        self.seed = seed
+        self.seed = check_seed(seed)
         self.shuffle_buffer = shuffle_buffer
         self.on_error = on_error
         self.required = required
@@ -180,10 +184,10 @@ class ShardStream(IterableDataset):
         order = list(urls)
         if self.train and self.shard_policy == "resample":
             # Every (rank, stream) draws its own shards with replacement: no shard count is too small.
-            rng = random.Random(((self.seed * 7919 + pass_idx) * 1009 + self.rank) * 1009 + worker)
+            rng = random.Random(derive(self.seed, "shard_resample", pass_idx, self.rank, worker))
             return [rng.choice(order) for _ in range(max(1, len(order) // (self.world_size * num_workers)))]
         if self.train:
-            random.Random(self.seed * 7919 + pass_idx).shuffle(order)
+            random.Random(derive(self.seed, "shard_order", pass_idx)).shuffle(order)
         return order[self.rank :: self.world_size][worker::num_workers]
 
     def _shard_urls(self, source: Source, worker: int, num_workers: int) -> Iterator[str]:
@@ -202,13 +206,14 @@ class ShardStream(IterableDataset):
             pass_idx += 1
 
     # -- samples ----------------------------------------------------------------------------
-    def _samples(self, source: Source, worker: int, num_workers: int, counter: SkipCounter) -> Iterator[dict]:
+    def _samples(self, index: int, worker: int, num_workers: int, counter: SkipCounter) -> Iterator[dict]:
+        source = self.sources[index]
         stages = [
             lambda: self._shard_urls(source, worker, num_workers),
             wds.tarfile_to_samples(handler=counter),
         ]
         if self.train and self.shuffle_buffer > 1:
-            seed = (self.seed * 1_000_003 + self.rank) * 1009 + worker
+            seed = derive(self.seed, "shuffle_buffer", self.rank, worker, index)
             stages.append(wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=random.Random(seed)))
         pipeline = wds.DataPipeline(*stages)
         return iter(pipeline)
@@ -244,9 +249,9 @@ class ShardStream(IterableDataset):
 
     def _batch_stream(self, worker: int, num_workers: int) -> Iterator[dict]:
         counter = SkipCounter(self.on_error)
-        streams = [self._samples(s, worker, num_workers, counter) for s in self.sources]
+        streams = [self._samples(i, worker, num_workers, counter) for i in range(len(self.sources))]
         weights = [s.weight for s in self.sources]
-        mix_rng = random.Random(self.seed * 31 + self.rank * 131 + worker)
+        mix_rng = random.Random(derive(self.seed, "source_mix", self.rank, worker))
         live = list(range(len(streams)))
         batch: list[dict] = []
         n_read = 0
@@ -258,9 +263,9 @@ class ShardStream(IterableDataset):
                 live.remove(i)
                 continue
             n_read += 1
-            aug_seed = ((self.seed * 1_000_003 + self.rank) * 1009 + worker) * 1_000_003 + n_read
+            aug_seed = derive(self.seed, "augment", self.rank, worker, n_read) if self.train else None
             try:
-                batch.append(self._process(raw, self.sources[i], aug_seed if self.train else None))
+                batch.append(self._process(raw, self.sources[i], aug_seed))
             except Exception as exn:  # noqa: BLE001 - every decode/transform failure is a skip
                 counter(SampleError(f"sample '{raw.get('__key__')}' in {raw.get('__url__')}: {exn}"))
                 continue

@@ -79,6 +79,7 @@ def tower_tokens(model: ContrastiveModel, modality: str, x: torch.Tensor) -> tup
     from mmpretrain.towers.timm import TimmTower
 
     tower = model.towers[modality]
+    x = tower.normalize_input(x)  # uint8 images: the normalisation the tower's forward starts with
     if isinstance(tower, OpenClipTower):
         enc = tower.encoder
         previous = enc.output_tokens

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from fractions import Fraction
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import timm
@@ -249,17 +250,17 @@ class AudioTower(Tower):
         model_kwargs: dict[str, Any] | None = None,
     ):
         super().__init__(
-            dict(
-                _target_=f"{__name__}.AudioTower",
-                model_name=model_name,
-                modality=modality,
-                sample_rate=sample_rate,
-                clip_seconds=clip_seconds,
-                pad=pad,
-                frontend=dict(frontend or {}),
-                spec_augment=dict(spec_augment) if spec_augment else None,
-                model_kwargs=dict(model_kwargs or {}),
-            )
+            {
+                "_target_": f"{__name__}.AudioTower",
+                "model_name": model_name,
+                "modality": modality,
+                "sample_rate": sample_rate,
+                "clip_seconds": clip_seconds,
+                "pad": pad,
+                "frontend": dict(frontend or {}),
+                "spec_augment": dict(spec_augment) if spec_augment else None,
+                "model_kwargs": dict(model_kwargs or {}),
+            }
         )
         if not timm.is_model(model_name):
             raise unknown_model_error(model_name, "timm", timm.list_models())

@@ -3,14 +3,68 @@
 A tower turns a batch of one modality into features ``[B, output_dim]``. It also owns the
 preprocessing of a single raw sample (a PIL image, a caption string, a waveform) into the tensor
 its ``forward`` takes, so data loaders never need to know which library built the tower.
+
+Images travel as uint8: an image tower's ``preprocess`` does everything its library's transform
+does (resize, crop, flip, colour jitter) except the final float conversion and normalisation, and
+returns a ``uint8 [C, H, W]`` tensor, a quarter of the float32 bytes in the data loader's shared
+memory and host-to-device copies. The tower's ``forward`` normalises on the device as its first
+step (:class:`ImageNormalize`, the same arithmetic and mean/std as the library's ``ToTensor`` +
+``Normalize``). The contract of an image tower's ``forward``:
+
+- ``uint8`` input: raw pixels in ``[0, 255]``; the tower scales and normalises them.
+- floating-point input: already normalised (the library's own float transform, e.g. open_clip's
+  ``preprocess``, or a transform of the user's); taken as is, never normalised twice.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
+
+
+class ImageNormalize(nn.Module):
+    """``uint8 [B, C, H, W]`` pixels -> float ``(x / 255 - mean) / std``; floating input passes through.
+
+    The same operations, in the same order and precision (float32), as torchvision's ``ToTensor`` +
+    ``Normalize``, so the result is what the library's float transform gives. ``mean``/``std`` are
+    non-persistent buffers: they move with the tower but are no part of its state dict (exports and
+    open_clip interop are unchanged). Under a low-precision model (``bf16-true``) the buffers are
+    cast with it; the arithmetic stays float32 and only the result takes the tower's dtype.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.uint8:
+            return x
+        out = x.float().div(255).sub(self.mean.float()).div(self.std.float())
+        return out.to(self.mean.dtype)
+
+
+def uint8_transform(transform: Callable[[Any], torch.Tensor]) -> Callable[[Any], torch.Tensor]:
+    """A library's float image transform (a torchvision ``Compose`` ending ``ToTensor, Normalize``) with
+    that ending replaced by a PIL -> ``uint8 [C, H, W]`` conversion; the tower normalises instead.
+
+    The caller builds ``transform`` with the same mean/std as its :class:`ImageNormalize`. A transform
+    that does not end that way (e.g. timm's RandomErasing, which works on normalised floats, runs
+    after ``Normalize``) is returned unchanged: it keeps producing normalised floats, which the tower
+    takes as they are.
+    """
+    from timm.data.transforms import MaybePILToTensor
+    from torchvision import transforms as T
+
+    steps = list(getattr(transform, "transforms", []))
+    if len(steps) < 2 or not isinstance(steps[-1], T.Normalize):
+        return transform
+    if type(steps[-2]).__name__ not in ("ToTensor", "MaybeToTensor"):
+        return transform
+    return T.Compose([*steps[:-2], MaybePILToTensor()])
 
 
 class Tower(nn.Module):
@@ -30,8 +84,16 @@ class Tower(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def normalize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What ``forward`` does to its input before the encoder (for code that calls the encoder
+        itself, e.g. for token features): uint8 images normalised, anything else unchanged.
+        Image towers own an :class:`ImageNormalize` as ``self.input_norm``."""
+        norm = self._modules.get("input_norm")
+        return norm(x) if norm is not None else x
+
     def preprocess(self, train: bool) -> Callable[[Any], torch.Tensor]:  # pragma: no cover
-        """Callable mapping one decoded sample value to the tensor ``forward`` expects."""
+        """Callable mapping one decoded sample value to the tensor ``forward`` expects (image
+        towers: ``uint8 [C, H, W]``, see the module docstring)."""
         raise NotImplementedError
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -56,7 +118,7 @@ class Tower(nn.Module):
         self._freeze_norm_stats = freeze_norm_stats
         self.train(self.training)
 
-    def train(self, mode: bool = True) -> "Tower":
+    def train(self, mode: bool = True) -> Tower:
         super().train(mode)
         if getattr(self, "_freeze_norm_stats", False):
             for m in self.modules():

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import open_clip
 import torch
 from open_clip.model import _build_text_tower, _build_vision_tower
 from open_clip.transform import PreprocessCfg
 
-from mmpretrain.towers.base import Tower
+from mmpretrain.towers.base import ImageNormalize, Tower, uint8_transform
 from mmpretrain.towers.timm import unknown_model_error
 
 _PARTS = {"image": "visual", "text": "text"}
@@ -94,7 +95,7 @@ class OpenClipTower(Tower):
             raise ValueError(f"open_clip towers are 'image' or 'text', not '{modality}'")
         model_cfg = resolve_model_cfg(config)
         super().__init__(
-            dict(_target_=f"{__name__}.OpenClipTower", modality=modality, config=model_cfg, aug=dict(aug or {}))
+            {"_target_": f"{__name__}.OpenClipTower", "modality": modality, "config": model_cfg, "aug": dict(aug or {})}
         )
         self.modality = modality
         self.model_cfg = model_cfg
@@ -107,6 +108,9 @@ class OpenClipTower(Tower):
         setattr(self, self.part, build(model_cfg["embed_dim"], part_cfg, model_cfg.get("quick_gelu", False), None))
         self.output_dim = model_cfg["embed_dim"]
         self.aug = dict(aug or {})
+        if modality == "image":
+            pp = preprocess_cfg(model_cfg)
+            self.input_norm = ImageNormalize(pp["mean"], pp["std"])
         if pretrained_path:
             # An open_clip checkpoint of the whole model: keep our half.
             from mmpretrain.export import read_state_dict, strip_prefixes
@@ -126,13 +130,15 @@ class OpenClipTower(Tower):
         return getattr(self, self.part)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(x)
+        """Token ids (text), or images: uint8 pixels (normalised here) or already-normalised floats."""
+        return self.encoder(self.normalize_input(x))
 
     def preprocess(self, train: bool) -> Callable:
         if self.modality == "text":
             return _Tokenize(build_tokenizer(self.model_cfg))
         pp = preprocess_cfg(self.model_cfg)
-        return open_clip.image_transform(
+        # uint8 [C, H, W] (open_clip's transform without ToTensor + Normalize): forward normalises.
+        return uint8_transform(open_clip.image_transform(
             pp["size"],
             is_train=train,
             mean=pp["mean"],
@@ -140,7 +146,7 @@ class OpenClipTower(Tower):
             resize_mode=pp["resize_mode"],
             interpolation=pp["interpolation"],
             aug_cfg=self.aug if train else None,
-        )
+        ))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.set_grad_checkpointing(enable)

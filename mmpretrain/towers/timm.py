@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import timm
 import torch
 from timm.data import create_transform, resolve_data_config
 
-from mmpretrain.towers.base import Tower
+from mmpretrain.towers.base import ImageNormalize, Tower, uint8_transform
 
 
 def unknown_model_error(name: str, library: str, known: list[str]) -> ValueError:
@@ -40,7 +41,11 @@ def load_local_weights(module: torch.nn.Module, path: str, strict: bool = False)
 
 
 class TimmTower(Tower):
-    """An image (or spectrogram) encoder from timm, with timm's own transforms."""
+    """An image (or spectrogram) encoder from timm, with timm's own transforms.
+
+    ``preprocess`` gives ``uint8 [C, H, W]`` (timm's transform without its ToTensor + Normalize) and
+    ``forward`` normalises uint8 input with timm's mean/std; float input is taken as normalised.
+    """
 
     def __init__(
         self,
@@ -53,15 +58,15 @@ class TimmTower(Tower):
         transform: dict[str, Any] | None = None,
     ):
         super().__init__(
-            dict(
-                _target_=f"{__name__}.TimmTower",
-                model_name=model_name,
-                modality=modality,
-                img_size=img_size,
-                in_chans=in_chans,
-                model_kwargs=dict(model_kwargs or {}),
-                transform=dict(transform or {}),
-            )
+            {
+                "_target_": f"{__name__}.TimmTower",
+                "model_name": model_name,
+                "modality": modality,
+                "img_size": img_size,
+                "in_chans": in_chans,
+                "model_kwargs": dict(model_kwargs or {}),
+                "transform": dict(transform or {}),
+            }
         )
         if not timm.is_model(model_name):
             raise unknown_model_error(model_name, "timm", timm.list_models())
@@ -75,16 +80,19 @@ class TimmTower(Tower):
         size = img_size or self.model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
         self.data_config = resolve_data_config({"input_size": (in_chans, size, size)}, model=self.model)
         self.transform_kwargs = dict(transform or {})
+        self.input_norm = ImageNormalize(self.data_config["mean"], self.data_config["std"])
         self.channels_last = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input_norm(x)
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
 
     def preprocess(self, train: bool) -> Callable:
         kwargs = dict(self.transform_kwargs) if train else {}
-        return create_transform(**self.data_config, is_training=train, **kwargs)
+        # uint8 [C, H, W] (timm's transform without ToTensor + Normalize): forward normalises.
+        return uint8_transform(create_transform(**self.data_config, is_training=train, **kwargs))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)

@@ -23,7 +23,7 @@ def write_shard(path, samples):
 
 
 PREPROCESS = {
-    "image": lambda img: torch.tensor(list(img.getdata())[0], dtype=torch.float32),
+    "image": lambda img: torch.tensor(next(iter(img.getdata())), dtype=torch.float32),
     "text": lambda t: torch.tensor([len(t)]),
 }
 
@@ -145,3 +145,109 @@ def test_digits_shards_are_plain_ustar_and_reproducible(digits_root, tmp_path):
     assert members and all(m.pax_headers == {} for m in members)
     again = build_digits(tmp_path / "again", image_size=32)
     assert (again / "train" / "train-0000.tar").read_bytes() == first.read_bytes()
+
+
+# -- seeds: one derivation (numpy SeedSequence) for every seed of the stream -----------------------
+SEEDED = {"image": lambda img: torch.rand(2), "text": lambda t: torch.tensor([len(t)])}
+
+
+@pytest.mark.parametrize("seed", [0, 2**31, 2**63 - 1, 10**30])
+def test_any_non_negative_seed_streams_samples_without_skips(tmp_path, seed):
+    """The old hand-written seeds (~seed * 1e15) overflowed int64 from seed ~18,300 on: every sample
+    was skipped with 'Overflow when unpacking long long'."""
+    urls = [write_shard(tmp_path / f"z-{s}.tar", [good(s * 10 + i) for i in range(10)]) for s in range(2)]
+    stream = ShardStream([Source("a", urls, weight=1.0), Source("b", urls, weight=2.0)], SEEDED, batch_size=4,
+                         train=True, batches_per_worker=3, seed=seed, shuffle_buffer=8)
+    batches = list(stream)
+    assert len(batches) == 3 and all(len(b["__key__"]) == 4 for b in batches)
+    assert sum(int(b["__skipped__"]) for b in batches) == 0
+    again = list(ShardStream([Source("a", urls, weight=1.0), Source("b", urls, weight=2.0)], SEEDED, batch_size=4,
+                             train=True, batches_per_worker=3, seed=seed, shuffle_buffer=8))
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(batches, again))
+
+
+def test_negative_or_non_integer_seeds_are_refused_saying_what_a_seed_is(tmp_path):
+    for bad in (-1, 1.5, "3"):
+        with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+            ShardStream([Source("s", ["x.tar"])], SEEDED, batch_size=1, train=True, batches_per_worker=1, seed=bad)
+
+
+def test_the_stream_seeds_each_augmentation_with_derive_of_rank_stream_and_sample(tmp_path):
+    from mmpretrain.data.seeds import derive
+
+    urls = [write_shard(tmp_path / f"d-{s}.tar", [good(s * 10 + i) for i in range(10)]) for s in range(4)]
+    # inside the augmentation, torch's CPU generator was seeded with the sample's seed
+    spy = {"image": lambda img: torch.tensor([torch.initial_seed()]), "text": lambda t: torch.tensor([len(t)])}
+    for rank in (0, 1):
+        stream = ShardStream([Source("s", urls)], spy, batch_size=3, train=True, batches_per_worker=2, rank=rank,
+                             world_size=2, seed=2**63 - 1)
+        for worker in (0, 1):
+            gen = stream._batch_stream(worker, 2)
+            seen = torch.cat([next(gen)["image"] for _ in range(2)]).flatten().tolist()
+            assert seen == [derive(2**63 - 1, "augment", rank, worker, n) for n in range(1, 7)]
+
+
+@pytest.mark.parametrize("seed", [0, 2**63 - 1])
+def test_augmentation_seeds_never_collide_over_ranks_streams_and_samples(seed):
+    """The old formula ((seed*1_000_003 + rank)*1009 + worker)*1_000_003 + n gave stream w at sample
+    n + 1_000_003 the seed of stream w + 1 at sample n."""
+    from mmpretrain.data.seeds import derive
+
+    samples = [*range(64), *range(1_000_003, 1_000_003 + 64)]
+    grid = [(r, w, n) for r in range(4) for w in range(4) for n in samples]
+    seeds = [derive(seed, "augment", *key) for key in grid]
+    assert len(set(seeds)) == len(grid)
+    assert all(0 <= s < 2**63 for s in seeds)
+    # other purposes at the same keys are other streams, and so is the next user seed
+    assert set(seeds).isdisjoint(derive(seed, "shuffle_buffer", *key) for key in grid[:200])
+    assert set(seeds).isdisjoint(derive(seed + 1, "augment", *key) for key in grid[:200])
+
+
+def test_global_seed_fits_seed_everything_and_keeps_32_bit_seeds():
+    """Lightning's seed_everything refuses (or, in other versions, replaces by 0) seeds beyond 32 bits."""
+    import warnings
+
+    import lightning as L
+
+    from mmpretrain.data.seeds import global_seed
+
+    assert global_seed(31337) == 31337 and global_seed(2**32 - 1) == 2**32 - 1
+    big = [global_seed(s) for s in (2**32, 2**63 - 1, 10**30)]
+    assert all(0 <= s < 2**32 for s in big) and len(set(big)) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert L.seed_everything(global_seed(2**63 - 1)) == big[1]
+
+
+# -- batches that fit in shared memory: uint8 images, 2 batches ahead, pinned on CUDA ----------------
+def test_train_batches_carry_uint8_images_a_quarter_of_the_float_bytes(digits_root):
+    from omegaconf import OmegaConf
+
+    from mmpretrain.datamodule import ContrastiveDataModule
+    from mmpretrain.towers.timm import TimmTower
+
+    tower = TimmTower("resnet10t", img_size=32)
+    cfg = OmegaConf.create({"sources": {"d": {"shards": f"{digits_root}/train/*.tar"}}, "batch_size": 8,
+                            "num_workers": 0, "train_samples": 32})
+    dm = ContrastiveDataModule(cfg, preprocess=lambda train: {"image": tower.preprocess(train)}, seed=0)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (8, 3, 32, 32)
+    assert batch["image"].nbytes == 8 * 3 * 32 * 32  # float32 was 4x this
+
+
+@pytest.mark.parametrize(("device", "pinned"), [("cuda", True), ("cpu", False)])
+def test_loaders_prefetch_two_batches_and_pin_memory_only_on_cuda(digits_root, device, pinned):
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from mmpretrain.datamodule import ContrastiveDataModule
+
+    cfg = OmegaConf.create({"sources": {"d": {"shards": f"{digits_root}/train/*.tar"}}, "batch_size": 8,
+                            "num_workers": 2, "train_samples": 64, "val": {"shards": f"{digits_root}/val/*.tar"}})
+    dm = ContrastiveDataModule(cfg, preprocess=lambda train: {}, seed=0)
+    fit_loop = SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=None))
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=1, fit_loop=fit_loop,
+                                 strategy=SimpleNamespace(root_device=torch.device(device)))
+    for loader in (dm.train_dataloader(), dm.val_dataloader()):
+        assert loader.prefetch_factor == 2 and loader.pin_memory is pinned

@@ -64,3 +64,57 @@ def test_model_encodes_normalised_features():
     assert out["image_features"].shape == (3, 16) and out["text_features"].shape == (3, 16)
     assert torch.allclose(out["image_features"].norm(dim=-1), torch.ones(3), atol=1e-5)
     assert torch.isclose(out["logit_scale"], torch.tensor(1 / 0.07))
+
+
+# -- images travel as uint8; the tower normalises on the device ------------------------------------
+TINY_VIT = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16}}
+
+
+def photo(seed=0, size=(45, 38)):
+    gen = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=gen, dtype=torch.uint8).numpy())
+
+
+def library_transform(tower, train):
+    """Today's float transform of the tower's library (ToTensor + Normalize included)."""
+    import open_clip
+    from timm.data import create_transform
+
+    from mmpretrain.towers.open_clip import preprocess_cfg
+
+    if isinstance(tower, TimmTower):
+        return create_transform(**tower.data_config, is_training=train)
+    pp = preprocess_cfg(tower.model_cfg)
+    return open_clip.image_transform(pp["size"], is_train=train, mean=pp["mean"], std=pp["std"],
+                                     resize_mode=pp["resize_mode"], interpolation=pp["interpolation"])
+
+
+@pytest.mark.parametrize("make", [lambda: TimmTower("resnet10t", img_size=32),
+                                  lambda: OpenClipTower("image", TINY_VIT)], ids=["timm", "open_clip"])
+@pytest.mark.parametrize("train", [False, True])
+def test_uint8_images_normalised_in_the_tower_match_the_float_transform(make, train):
+    import random
+
+    torch.manual_seed(0)
+    tower = make().eval()
+    new, old = tower.preprocess(train), library_transform(tower, train)
+    images = [photo(i) for i in range(3)]
+
+    def run(transform):  # the same random crop/flip draws for both transforms
+        random.seed(1), torch.manual_seed(1)
+        return torch.stack([transform(img) for img in images])
+
+    pixels, floats = run(new), run(old)
+    assert pixels.dtype == torch.uint8 and floats.dtype == torch.float32 and pixels.shape == floats.shape
+    assert pixels.nbytes * 4 == floats.nbytes
+    with torch.no_grad():
+        assert torch.equal(tower.normalize_input(pixels), floats)
+        assert (tower(pixels) - tower(floats)).abs().max() <= 1e-6  # float input: taken as normalised
+    assert not any("input_norm" in k for k in tower.state_dict())  # exports and interop unchanged
+
+
+def test_a_transform_ending_after_normalize_stays_float_and_is_not_normalised_twice():
+    tower = TimmTower("resnet10t", img_size=32, transform={"re_prob": 1.0}).eval()
+    x = tower.preprocess(train=True)(photo())
+    assert x.dtype == torch.float32  # RandomErasing works on normalised floats: kept as timm builds it
+    assert torch.equal(tower.normalize_input(x[None]), x[None])

@@ -1,0 +1,32 @@
+"""A user's seed through the installed console script, from another directory, as a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# The text tower shrunk as in TINY_RUN: the run is about the seed, not the model.
+SMALL_TEXT = [
+    "model.towers.text.config.text_cfg.width=32",
+    "model.towers.text.config.text_cfg.heads=2",
+    "model.towers.text.config.text_cfg.layers=1",
+]
+
+
+def test_train_with_a_five_digit_seed_runs_without_skipping_samples(digits_root, tmp_path):
+    """``seed=31337`` used to skip every sample (its augmentation seeds overflowed int64) and stop
+    with '1000 samples in a row failed ... Overflow when unpacking long long'."""
+    script = Path(sys.executable).parent / "mmpretrain"
+    run = tmp_path / "run"
+    cmd = [str(script), "train", "debug=fast", "seed=31337", f"data.root={digits_root}", f"hydra.run.dir={run}",
+           "export_at_end=false", *SMALL_TEXT]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["skipped_samples"] == 0
+    assert metrics["train/loss"] > 0
+    assert "skipped samples: 0" in proc.stdout
