@@ -56,7 +56,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from mmpretrain.monitor import CSVLogger
 
     run_dir = _start_run(cfg)
-    L.seed_everything(cfg.seed, workers=True)
+    from mmpretrain.data.seeds import global_seed
+
+    L.seed_everything(global_seed(cfg.seed), workers=True)
     _ensure_data(cfg.data)
     model = apply_training_options(build_model(cfg.model), cfg.model)
     if cfg.get("compile"):
@@ -98,7 +100,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     from mmpretrain.module import ContrastiveModule
 
     run_dir = _start_run(cfg)
-    L.seed_everything(cfg.seed)
+    from mmpretrain.data.seeds import global_seed
+
+    L.seed_everything(global_seed(cfg.seed))
     _ensure_data(cfg.data)
     model = model_from_checkpoint(cfg.ckpt, _plain(cfg.get("model")))
     datamodule = ContrastiveDataModule(cfg.data, model.preprocess, seed=cfg.seed)
@@ -125,7 +129,9 @@ def finetune(cfg: DictConfig) -> dict[str, float]:
     from mmpretrain.export import model_from_checkpoint
 
     run_dir = _start_run(cfg)
-    L.seed_everything(cfg.seed, workers=True)
+    from mmpretrain.data.seeds import global_seed
+
+    L.seed_everything(global_seed(cfg.seed), workers=True)
     _ensure_data(cfg.data)
     model = model_from_checkpoint(cfg.pretrained, _plain(cfg.get("model")))
     prompts = _zeroshot_prompts(cfg.data)

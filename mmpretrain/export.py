@@ -401,7 +401,9 @@ class _Encoder(torch.nn.Module):
 def export_torchscript(model: ContrastiveModel, out: str | Path) -> Path:
     """One traced ``encode_<modality>.pt`` per tower (``torch.jit.load``; normalised embeddings).
 
-    Traced with an example of each tower's own preprocessing, so the shapes are fixed except batch.
+    Traced with an example of each tower's own preprocessing, so the shapes are fixed except batch,
+    and so is the input dtype: the image encoder takes the uint8 pixels the preprocessing yields and
+    normalises them inside (the tower's float path is not in the trace).
     """
     from PIL import Image
 

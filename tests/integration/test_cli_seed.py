@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 # The text tower shrunk as in TINY_RUN: the run is about the seed, not the model.
 SMALL_TEXT = [
     "model.towers.text.config.text_cfg.width=32",
@@ -14,12 +16,14 @@ SMALL_TEXT = [
 ]
 
 
-def test_train_with_a_five_digit_seed_runs_without_skipping_samples(digits_root, tmp_path):
+@pytest.mark.parametrize("seed", [31337, 2**63 - 1])
+def test_train_with_a_large_seed_runs_without_skipping_samples(digits_root, tmp_path, seed):
     """``seed=31337`` used to skip every sample (its augmentation seeds overflowed int64) and stop
-    with '1000 samples in a row failed ... Overflow when unpacking long long'."""
+    with '1000 samples in a row failed ... Overflow when unpacking long long'; ``2**63-1`` also made
+    ``lightning.seed_everything`` raise (it takes 32-bit seeds only)."""
     script = Path(sys.executable).parent / "mmpretrain"
     run = tmp_path / "run"
-    cmd = [str(script), "train", "debug=fast", "seed=31337", f"data.root={digits_root}", f"hydra.run.dir={run}",
+    cmd = [str(script), "train", "debug=fast", f"seed={seed}", f"data.root={digits_root}", f"hydra.run.dir={run}",
            "export_at_end=false", *SMALL_TEXT]
     env = os.environ | {"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     cwd = tmp_path / "elsewhere"
