@@ -72,3 +72,28 @@ def test_step_stats_data_wait_fraction_and_temperature():
     stats.on_validation_start(None, module)  # the interval spanning validation is not counted
     stats.on_train_batch_start(None, module, {}, 2)
     assert len(module.logged["train/data_wait_frac"]) == 1
+
+
+def _csv_rows(path):
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("resuming", [False, True])
+def test_csv_logger_keeps_the_history_only_when_the_run_resumes(tmp_path, resuming, recwarn):
+    from mmpretrain.monitor import CSVLogger
+
+    (tmp_path / "config.yaml").write_text("a: 1\n")  # the run directory is never empty
+    first = CSVLogger(save_dir=str(tmp_path), name="", version="")
+    first.log_metrics({"train/loss": 2.0}, step=1)
+    first.save()
+    again = CSVLogger(save_dir=str(tmp_path), name="", version="")
+    again.resuming = resuming
+    again.log_metrics({"train/loss": 1.0, "val/top1": 0.5}, step=2)
+    again.save()
+    rows = _csv_rows(tmp_path / "metrics.csv")
+    assert [r["step"] for r in rows] == (["1", "2"] if resuming else ["2"])
+    assert rows[-1]["val/top1"] == "0.5"
+    assert not [w for w in recwarn if "will be deleted" in str(w.message)]
