@@ -42,17 +42,18 @@ def clip_loss(
     queries nor candidates: their columns are masked out of every softmax and their rows out of
     the sum, and the sum is divided by the *global* number of valid rows (times the world size,
     which DDP's gradient averaging divides out again). Shapes stay equal on every rank, so the
-    result equals the unmasked loss over only the valid samples of the global batch.
+    result equals the unmasked loss over only the valid samples of the global batch. Without
+    ``valid`` no masking work is done. Under DDP the ranks must agree on passing ``valid`` or not
+    (the masked path gathers one tensor more): the training step gives every rank masks when the
+    data stream can yield partial batches.
     """
     world = distributed.world_size() if gather else 1
-    if valid is None and world == 1:
-        return _clip_loss_all_valid(a, b, logit_scale)
-    if valid is None:  # every rank takes the same (masked) path, so the collectives match
-        valid = torch.ones(a.shape[0], dtype=torch.bool, device=a.device)
+    if valid is None:
+        return _clip_loss_all_valid(a, b, logit_scale, gather and world > 1)
     valid = valid.bool()
     if world > 1:
         all_a, all_b = distributed.gather_with_grad(a), distributed.gather_with_grad(b)
-        all_valid = distributed.all_gather_variable(valid.to(torch.uint8)).bool()
+        all_valid = distributed.all_gather(valid.to(torch.uint8)).bool()
         offset = distributed.rank() * a.shape[0]
     else:
         all_a, all_b, all_valid, offset = a, b, valid, 0
@@ -68,10 +69,20 @@ def clip_loss(
     return total * world / (2 * n_valid.clamp(min=1))
 
 
-def _clip_loss_all_valid(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def _clip_loss_all_valid(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, gather: bool) -> torch.Tensor:
+    """Every row valid (the default): open_clip's loss, no masking work and no extra collective.
+
+    Under DDP the local rows score against the gathered columns with labels offset by rank; the
+    mean over local rows, averaged over ranks by DDP, is the mean over the global batch.
+    """
     labels = torch.arange(a.shape[0], device=a.device)
-    logits_ab = logit_scale * a @ b.T
-    logits_ba = logit_scale * b @ a.T
+    if gather:
+        all_a, all_b = distributed.gather_with_grad(a), distributed.gather_with_grad(b)
+        labels = labels + distributed.rank() * a.shape[0]
+    else:
+        all_a, all_b = a, b
+    logits_ab = logit_scale * a @ all_b.T
+    logits_ba = logit_scale * b @ all_a.T
     return (F.cross_entropy(logits_ab, labels) + F.cross_entropy(logits_ba, labels)) / 2
 
 
@@ -195,7 +206,7 @@ class _TiledCrossEntropy(torch.autograd.Function):
 
 def _tiled_lse(q, k, scale, offset: int, tile: int):
     """Per-row log-sum-exp of ``scale * q @ k.T`` (online over column tiles) and positive logit."""
-    rows, n, s = q.shape[0], k.shape[0], float(scale)
+    rows, n, s = q.shape[0], k.shape[0], scale  # a 0-d tensor: no host read of the temperature
     lse = torch.empty(rows, dtype=torch.float32, device=q.device)
     positive = s * (q * k[offset : offset + rows]).sum(dim=1)
     for r0 in range(0, rows, tile):
@@ -213,7 +224,7 @@ def _tiled_lse(q, k, scale, offset: int, tile: int):
 
 def _tiled_grads(q, k, scale, lse, grad_out, offset: int, tile: int):
     """``d mean_i(lse_i - positive_i) / d(q, k, scale)``: tiles of ``softmax - onehot``."""
-    rows, n, s = q.shape[0], k.shape[0], float(scale)
+    rows, n, s = q.shape[0], k.shape[0], scale
     dq, dk = torch.zeros_like(q), torch.zeros_like(k)
     dscale = torch.zeros((), dtype=torch.float32, device=q.device)
     w = grad_out / rows
@@ -230,8 +241,9 @@ def _tiled_grads(q, k, scale, lse, grad_out, offset: int, tile: int):
             g[r[hit], cols[hit]] -= 1.0
             g.mul_(w)
             dscale += g.flatten() @ dots.flatten()
-            dq[r0 : r0 + tile].addmm_(g, kc, alpha=s)
-            dk[c0 : c0 + tile].addmm_(g.T, qr, alpha=s)
+            g.mul_(s)  # addmm's alpha would need a Python number (a host read of the scale)
+            dq[r0 : r0 + tile].addmm_(g, kc)
+            dk[c0 : c0 + tile].addmm_(g.T, qr)
     return dq, dk, dscale
 
 
@@ -248,7 +260,7 @@ class _TiledSymmetricCE(torch.autograd.Function):
         ctx.dtypes = a.dtype, b.dtype, scale.dtype
         a, b, scale = a.float(), b.float(), scale.float()
         with torch.autocast(a.device.type, enabled=False):
-            n, s = a.shape[0], float(scale)
+            n, s = a.shape[0], scale
             row_lse = torch.empty(n, dtype=torch.float32, device=a.device)
             col_max = torch.full((n,), -math.inf, dtype=torch.float32, device=a.device)
             col_sum = torch.zeros(n, dtype=torch.float32, device=a.device)
@@ -275,7 +287,7 @@ class _TiledSymmetricCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         a, b, scale, row_lse, col_lse = ctx.saved_tensors
-        n, s, tile = a.shape[0], float(scale), ctx.tile
+        n, s, tile = a.shape[0], scale, ctx.tile
         with torch.autocast(a.device.type, enabled=False):
             da, db = torch.zeros_like(a), torch.zeros_like(b)
             dscale = torch.zeros((), dtype=torch.float32, device=a.device)
@@ -294,8 +306,9 @@ class _TiledSymmetricCE(torch.autograd.Function):
                     g[r[hit], cols[hit]] -= 2.0
                     g.mul_(w)
                     dscale += g.flatten() @ dots.flatten()
-                    da[r0 : r0 + tile].addmm_(g, bc, alpha=s)
-                    db[c0 : c0 + tile].addmm_(g.T, ar, alpha=s)
+                    g.mul_(s)
+                    da[r0 : r0 + tile].addmm_(g, bc)
+                    db[c0 : c0 + tile].addmm_(g.T, ar)
         a_type, b_type, scale_type = ctx.dtypes
         return da.to(a_type), db.to(b_type), dscale.to(scale_type).reshape(scale.shape), None
 
