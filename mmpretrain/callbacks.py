@@ -101,6 +101,15 @@ class PreemptionCheckpoint(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if threading.current_thread() is threading.main_thread():  # Lightning restores its handlers at teardown
             signal.signal(signal.SIGTERM, self._on_sigterm)
+            # Under DDP, Lightning (>= 2.5) broadcasts its own SIGTERM flag before every batch and reads
+            # it with .item() (a collective and a host sync per step). Its handler is replaced above, so
+            # the flag can never be set: skip that broadcast while this callback is in charge.
+            loop = trainer.fit_loop.epoch_loop
+            if hasattr(loop, "_broadcast_sigterm_tensor"):
+                loop._broadcast_sigterm_tensor = _no_broadcast
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.fit_loop.epoch_loop.__dict__.pop("_broadcast_sigterm_tensor", None)
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self.received = True
@@ -115,6 +124,10 @@ class PreemptionCheckpoint(L.Callback):
         trainer.should_stop = True
         if trainer.is_global_zero:
             print(f"SIGTERM: saved {self.saved} at step {trainer.global_step}; continue with resume=auto", flush=True)
+
+
+def _no_broadcast() -> None:
+    pass
 
 
 # -- non-finite steps ----------------------------------------------------------------------------
