@@ -181,7 +181,6 @@ class NonFiniteGuard(L.Callback):
         self.skipped = 0  # host copies, as of the last read
         self.consecutive = 0
         self._counts: torch.Tensor | None = None  # device: [skipped, current streak, longest streak since read]
-        self._worst = 0
         self._loss_ok: torch.Tensor | None = None
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
@@ -205,12 +204,12 @@ class NonFiniteGuard(L.Callback):
         self._count(bad)
         pl_module.log("train/nonfinite_skips", self._counts[0], rank_zero_only=True)
         if not fused or (trainer.global_step + 1) % self.check_every == 0:
-            self._read()
-            if self._worst >= self.max_consecutive:
+            worst = self._read()
+            if worst >= self.max_consecutive:
                 path = self.dirpath / "nonfinite-stop.ckpt"
                 trainer.save_checkpoint(path)
                 raise NonFiniteError(
-                    f"{self._worst} consecutive steps had a non-finite loss or gradient (on some rank); "
+                    f"{worst} consecutive steps had a non-finite loss or gradient (on some rank); "
                     f"stopped at step {trainer.global_step}. The last good weights are in {path}. Lower optim.lr, "
                     f"check the data, or raise callbacks.nonfinite_guard.max_consecutive."
                 )
@@ -222,18 +221,24 @@ class NonFiniteGuard(L.Callback):
         streak = (counts[1] + bad) * bad  # +1 on a skipped step, back to 0 on a good one
         self._counts = torch.stack([counts[0] + bad, streak, torch.maximum(counts[2], streak)])
 
-    def _read(self) -> None:
-        """One host read of the device counters; the longest streak restarts from the current one."""
+    def _host_counts(self) -> tuple[int, int, int]:
+        """One host read: skipped steps, current streak, longest streak since the last :meth:`_read`."""
         if self._counts is None:
-            self._worst = self.consecutive
-            return
+            return self.skipped, self.consecutive, self.consecutive
         skipped, consecutive, worst = (int(v) for v in self._counts.tolist())
-        self.skipped, self.consecutive, self._worst = skipped, consecutive, worst
-        self._counts = torch.stack([self._counts[0], self._counts[1], self._counts[1]])
+        self.skipped, self.consecutive = skipped, consecutive
+        return skipped, consecutive, worst
+
+    def _read(self) -> int:
+        """The longest streak since the last read; the next one starts from the current streak."""
+        worst = self._host_counts()[2]
+        if self._counts is not None:
+            self._counts = torch.stack([self._counts[0], self._counts[1], self._counts[1]])
+        return worst
 
     def state_dict(self) -> dict[str, Any]:
-        self._read()
-        return {"skipped": self.skipped, "consecutive": self.consecutive}
+        skipped, consecutive, _ = self._host_counts()
+        return {"skipped": skipped, "consecutive": consecutive}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skipped = int(state.get("skipped", 0))

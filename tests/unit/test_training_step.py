@@ -1,0 +1,104 @@
+"""The optimizer step of ContrastiveModule: temperature clamped before callbacks see the weights;
+NonFiniteGuard skipping on the device with its counters read every ``check_every`` steps."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from mmpretrain.callbacks import NonFiniteError, NonFiniteGuard
+from mmpretrain.losses import InfoNCE
+from mmpretrain.model import MAX_LOGIT_SCALE
+from mmpretrain.monitor import CountHostSyncs
+from mmpretrain.module import ContrastiveModule
+from tests.unit.test_gradcache import batch, make_model
+
+
+def module(lr: float, **optim) -> ContrastiveModule:
+    return ContrastiveModule(make_model(), InfoNCE(), {"lr": lr, "weight_decay": 0.0, "gradient_clip_val": None} | optim)
+
+
+def fit(mod: ContrastiveModule, steps: int, callbacks: list, tmp_path, **trainer) -> L.Trainer:
+    kwargs = dict(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, callbacks=callbacks, limit_val_batches=0, default_root_dir=str(tmp_path))
+    t = L.Trainer(**(kwargs | trainer))
+    t.fit(mod, train_dataloaders=DataLoader([batch(12) for _ in range(steps)], batch_size=None))
+    return t
+
+
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_step_checkpoint_holds_a_clamped_temperature(tmp_path, chunks):
+    """An lr of 10 moves log s by ~10 in AdamW's first step, far outside [0, ln 100]; the step
+    checkpoint (a callback at batch end) must already see it clamped."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    mod = module(10.0, grad_cache_chunks=chunks)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="step{step}", every_n_train_steps=1, save_top_k=-1)
+    fit(mod, 2, [ckpt], tmp_path, enable_checkpointing=True)
+    saved = sorted(tmp_path.glob("step*.ckpt"))
+    assert len(saved) == 2
+    for path in saved:
+        log_s = torch.load(path, weights_only=True)["state_dict"]["model.logit_scales.shared"]
+        assert 0.0 <= float(log_s) <= MAX_LOGIT_SCALE + 1e-6, (path.name, float(log_s))
+    assert float(log_s) in (0.0, pytest.approx(MAX_LOGIT_SCALE))  # the lr did push it out
+
+
+class NaNImages(L.Callback):
+    def __init__(self, steps):
+        self.steps = set(steps)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step + 1 in self.steps:
+            batch["image"] = torch.full_like(batch["image"], math.nan)
+
+
+class Snapshots(L.Callback):
+    """Weights and AdamW moments after every optimizer step."""
+
+    def __init__(self):
+        self.after: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        opt = trainer.optimizers[0]
+        state = {f"w/{n}": p.detach().clone() for n, p in pl_module.named_parameters()}
+        state |= {f"m/{n}": opt.state[p]["exp_avg"].clone() for n, p in pl_module.named_parameters() if p in opt.state}
+        self.after[trainer.global_step] = state
+
+
+def test_nonfinite_steps_are_skipped_on_the_device_and_the_streak_is_read_every_k_steps(tmp_path):
+    """NaN at steps 2-4, max_consecutive 2, check_every 5: no host read in steps 1-4, the weights
+    and moments of the skipped steps stay those after step 1, and the read in step 5 stops the run
+    (before its update) with the last good weights saved."""
+    mod = module(1e-2)
+    guard = NonFiniteGuard(str(tmp_path), max_consecutive=2, check_every=5)
+    snaps, counter = Snapshots(), CountHostSyncs(str(tmp_path / "syncs"))
+    with pytest.raises(NonFiniteError, match="3 consecutive steps"):
+        fit(mod, 10, [NaNImages([2, 3, 4]), guard, snaps, counter], tmp_path, log_every_n_steps=5)
+    assert mod.optimizers().optimizer.defaults["fused"]  # the default fused AdamW: skipped inside its kernel
+    assert sorted(snaps.after) == [1, 2, 3, 4]
+    for step in (2, 3, 4):
+        for k, v in snaps.after[1].items():
+            assert torch.equal(snaps.after[step][k], v), (step, k)
+    assert {s: c for s, c in counter.counts.items() if s < 5} == {}  # read only at step 5
+    assert guard.skipped == 3
+    saved = torch.load(tmp_path / "nonfinite-stop.ckpt", weights_only=True)
+    assert saved["global_step"] == 4
+    for k, v in saved["state_dict"].items():
+        if f"w/{k}" in snaps.after[1]:
+            assert torch.equal(v, snaps.after[1][f"w/{k}"]), k
+
+
+def test_a_streak_that_ends_before_the_read_is_counted_but_training_goes_on(tmp_path):
+    mod = module(1e-2)
+    guard = NonFiniteGuard(str(tmp_path), max_consecutive=3, check_every=4)
+    snaps = Snapshots()
+    fit(mod, 8, [NaNImages([2, 3]), guard, snaps], tmp_path)
+    assert guard.skipped == 2 and guard.consecutive == 0
+    assert all(torch.isfinite(v).all() for v in snaps.after[8].values())
+    assert not torch.equal(snaps.after[8]["w/model.towers.image.net.0.weight"], snaps.after[1]["w/model.towers.image.net.0.weight"])
+    assert json.dumps(guard.state_dict()) == json.dumps({"skipped": 2, "consecutive": 0})
