@@ -230,21 +230,27 @@ def _tiled_grads(q, k, scale, lse, grad_out, offset: int, tile: int):
     w = grad_out / rows
     for r0 in range(0, rows, tile):
         qr = q[r0 : r0 + tile]
-        r = torch.arange(qr.shape[0], device=q.device)
         for c0 in range(0, n, tile):
             kc = k[c0 : c0 + tile]
             dots = qr @ kc.T
             g = (dots * s).sub_(lse[r0 : r0 + tile, None]).exp_()  # softmax rows
             # minus the one-hot of the positives that fall into this column tile
-            cols = offset + r0 + r - c0
-            hit = (cols >= 0) & (cols < kc.shape[0])
-            g[r[hit], cols[hit]] -= 1.0
+            _positives(g, offset + r0 - c0).sub_(1.0)
             g.mul_(w)
             dscale += g.flatten() @ dots.flatten()
             g.mul_(s)  # addmm's alpha would need a Python number (a host read of the scale)
             dq[r0 : r0 + tile].addmm_(g, kc)
             dk[c0 : c0 + tile].addmm_(g.T, qr)
     return dq, dk, dscale
+
+
+def _positives(tile: torch.Tensor, shift: int) -> torch.Tensor:
+    """The entries ``(i, i + shift)`` of a logits tile (row i's positive column), as a view: the
+    bounds are host integers, so no boolean indexing (a host sync per tile)."""
+    lo, hi = max(0, -shift), min(tile.shape[0], tile.shape[1] - shift)
+    if hi <= lo:
+        return tile.new_empty(0)
+    return tile[lo:hi, lo + shift : hi + shift].diagonal()
 
 
 class _TiledSymmetricCE(torch.autograd.Function):
@@ -294,16 +300,13 @@ class _TiledSymmetricCE(torch.autograd.Function):
             w = grad_out.float() / (2 * n)
             for r0 in range(0, n, tile):
                 ar = a[r0 : r0 + tile]
-                r = torch.arange(ar.shape[0], device=a.device)
                 for c0 in range(0, n, tile):
                     bc = b[c0 : c0 + tile]
                     dots = ar @ bc.T
                     logits = dots * s
                     g = (logits - row_lse[r0 : r0 + tile, None]).exp_()
                     g += logits.sub_(col_lse[None, c0 : c0 + tile]).exp_()
-                    cols = r0 + r - c0
-                    hit = (cols >= 0) & (cols < bc.shape[0])
-                    g[r[hit], cols[hit]] -= 2.0
+                    _positives(g, r0 - c0).sub_(2.0)
                     g.mul_(w)
                     dscale += g.flatten() @ dots.flatten()
                     g.mul_(s)

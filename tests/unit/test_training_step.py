@@ -102,3 +102,64 @@ def test_a_streak_that_ends_before_the_read_is_counted_but_training_goes_on(tmp_
     assert all(torch.isfinite(v).all() for v in snaps.after[8].values())
     assert not torch.equal(snaps.after[8]["w/model.towers.image.net.0.weight"], snaps.after[1]["w/model.towers.image.net.0.weight"])
     assert json.dumps(guard.state_dict()) == json.dumps({"skipped": 2, "consecutive": 0})
+
+
+class CountReads:
+    """Count host reads of tensors (and ``nonzero``, whose output shape needs one) while active."""
+
+    NAMES = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "nonzero")
+
+    def __init__(self, monkeypatch):
+        self.calls: list[str] = []
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+
+            def counted(t, *args, __name=name, __original=original, **kwargs):
+                self.calls.append(__name)
+                return __original(t, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+def test_partial_batch_through_a_tower_without_batchnorm_needs_no_host_read(monkeypatch):
+    model = make_model()
+    model.train()
+    x = batch(8)
+    mask = torch.tensor([1, 0, 1, 1, 0, 1, 1, 1], dtype=torch.bool)
+    with torch.random.fork_rng():
+        full = model.encode("image", x["image"])
+    reads = CountReads(monkeypatch)
+    with torch.random.fork_rng():
+        out = model({"image": x["image"], "image_mask": mask, "text": x["text"]})
+    assert reads.calls == []
+    assert torch.equal(out["image_features"], full * mask[:, None])
+
+
+def test_partial_batch_through_a_batchnorm_tower_encodes_only_present_rows():
+    model = make_model()
+    model.towers["image"].net.insert(1, torch.nn.BatchNorm1d(16))
+    model.train()
+    x = batch(8)["image"]
+    mask = torch.tensor([1, 0, 1, 1, 0, 1, 1, 1], dtype=torch.bool)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    present = model.encode("image", x[mask])
+    out = model({"image": x, "image_mask": mask})["image_features"]
+    assert torch.allclose(out[mask], present, atol=1e-6) and out[~mask].abs().max() == 0
+
+
+def test_tiled_loss_never_reads_the_scale_on_the_host(monkeypatch):
+    from mmpretrain.losses import tiled_clip_loss
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.nn.functional.normalize(torch.randn(10, 4, generator=g), dim=-1).requires_grad_()
+    b = torch.nn.functional.normalize(torch.randn(10, 4, generator=g), dim=-1).requires_grad_()
+    scale = torch.tensor(14.0, requires_grad=True)
+    reads = CountReads(monkeypatch)
+    loss = tiled_clip_loss(a, b, scale, tile=3)
+    loss.backward()
+    assert [c for c in reads.calls if c != "nonzero"] == []
+    monkeypatch.undo()
+    ref = InfoNCE()({"image_features": a, "text_features": b, "logit_scale": scale})["image_text_loss"]
+    assert torch.allclose(loss, ref, atol=1e-5)
