@@ -8,7 +8,7 @@ modality pair. The training step sums the terms, so a new objective never edits 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader
 from mmpretrain.callbacks import NonFiniteError, NonFiniteGuard
 from mmpretrain.losses import InfoNCE
 from mmpretrain.model import MAX_LOGIT_SCALE
-from mmpretrain.monitor import CountHostSyncs
 from mmpretrain.module import ContrastiveModule
+from mmpretrain.monitor import CountHostSyncs
 from tests.unit.test_gradcache import batch, make_model
 
 
@@ -24,8 +24,9 @@ def module(lr: float, **optim) -> ContrastiveModule:
 
 
 def fit(mod: ContrastiveModule, steps: int, callbacks: list, tmp_path, **trainer) -> L.Trainer:
-    kwargs = dict(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                  enable_model_summary=False, callbacks=callbacks, limit_val_batches=0, default_root_dir=str(tmp_path))
+    kwargs = {"max_steps": steps, "accelerator": "cpu", "logger": False, "enable_checkpointing": False,
+              "enable_progress_bar": False, "enable_model_summary": False, "callbacks": callbacks,
+              "limit_val_batches": 0, "default_root_dir": str(tmp_path)}
     t = L.Trainer(**(kwargs | trainer))
     t.fit(mod, train_dataloaders=DataLoader([batch(12) for _ in range(steps)], batch_size=None))
     return t
@@ -163,3 +164,28 @@ def test_tiled_loss_never_reads_the_scale_on_the_host(monkeypatch):
     monkeypatch.undo()
     ref = InfoNCE()({"image_features": a, "text_features": b, "logit_scale": scale})["image_text_loss"]
     assert torch.allclose(loss, ref, atol=1e-5)
+
+
+def test_under_ddp_a_stream_that_can_yield_partial_batches_gets_masks_on_every_batch():
+    """collate adds <m>_mask only to batches where some row lacks m; under DDP the masked loss gathers
+    one tensor more than the plain one, so the module decides from the data config, not per batch."""
+    from types import SimpleNamespace
+
+    from mmpretrain.data.pipeline import Source
+    from mmpretrain.module import _may_yield_partial_batches
+
+    def dm(on_missing, *modalities):
+        return SimpleNamespace(cfg={"on_missing": on_missing}, sources=[Source(str(i), [], 1.0, list(m)) for i, m in enumerate(modalities)])
+
+    assert not _may_yield_partial_batches(dm("skip", ["image", "text"]))
+    assert not _may_yield_partial_batches(dm("skip", []))
+    assert _may_yield_partial_batches(dm("partial", ["image", "text"]))
+    assert _may_yield_partial_batches(dm("skip", ["image", "text"], ["audio", "text"]))
+
+    mod = module(1e-3)
+    b = batch(4) | {"image_mask": torch.tensor([True, False, True, True])}
+    assert mod._masks_on_every_rank(b) is b  # single process / complete stream: untouched
+    mod._partial_stream = True
+    out = mod._masks_on_every_rank(batch(4))
+    assert out["image_mask"].all() and out["text_mask"].all() and out["image_mask"].shape == (4,)
+    assert torch.equal(mod._masks_on_every_rank(b)["image_mask"], b["image_mask"])
