@@ -91,14 +91,22 @@ class ContrastiveModule(L.LightningModule):
         """``train/loss`` and its terms as the loss of the global batch, at the steps whose logs are
         written only. A rank's value is its share (DDP averages gradients), so the mean over ranks
         is the global loss, also when a rank holds no complete row of a partial batch. One
-        all-reduce of a few scalars, no host read; nothing at other steps. Not ``prog_bar``: Lightning
+        all-reduce of a few scalars, no host read; nothing at other steps (but the last of an epoch or
+        of the run, so what ``train`` returns holds the final loss). Not ``prog_bar``: Lightning
         reads those on the host after every batch (monitor.ProgressBar shows them when it redraws)."""
-        if not self.trainer._logger_connector.should_update_logs:
+        if not self._logs_written_after_this_step():
             return
         values = torch.stack([total.detach(), *(v.detach() for v in losses.values())])
         values = distributed.all_reduce_sum(values) / distributed.world_size()
         self.log("train/loss", values[0], batch_size=bs)
         self.log_dict({f"train/{k}": v for k, v in zip(losses, values[1:])}, batch_size=bs)
+
+    def _logs_written_after_this_step(self) -> bool:
+        """Every ``log_every_n_steps`` (Lightning's own test), and at the last batch of an epoch or of
+        the run: the same answer on every rank (equal batch counts), so their reductions match."""
+        t = self.trainer
+        last = t.is_last_batch or (t.max_steps > 0 and t.global_step + 1 >= t.max_steps)
+        return last or t._logger_connector.should_update_logs
 
     def _log_stream_stats(self, batch: dict[str, Any], bs: int) -> None:
         now = time.perf_counter()
