@@ -53,6 +53,16 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(x)
 
 
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (no grad) from every rank along dim 0. Equal shapes on all ranks: one
+    collective, no host read of sizes."""
+    if world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, dim=0)
+
+
 def all_gather_variable(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` (no grad) from every rank along dim 0; dim 0 may differ per rank, and may be 0.
 
@@ -75,6 +85,7 @@ def all_gather_variable(x: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (a copy; the identity in a single process)."""
     if world_size() > 1:
         x = x.clone()
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
@@ -109,6 +120,14 @@ def pass_to_next_rank(x: torch.Tensor) -> torch.Tensor:
     if world_size() == 1:
         return x
     return _PassToNext.apply(x)
+
+
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    """Maximum over ranks, on the device (no host read): e.g. "did any rank see ..." as a tensor."""
+    if world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
 
 
 def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:

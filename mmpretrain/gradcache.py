@@ -83,14 +83,20 @@ def grad_cache_backward(
     batch: Mapping[str, Any],
     chunks: int,
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Accumulate into ``.grad`` the gradient of ``loss_fn(model(batch))`` using ``chunks`` passes.
 
     ``model`` returns per-sample outputs (``[b, ...]``, e.g. features) and scalar ones (0-d, e.g.
     ``logit_scale``); ``loss_fn`` returns ``{name: term}`` summed into the objective. ``backward``
-    runs each micro-batch's backward (a LightningModule passes ``manual_backward``). Returns the
+    runs each micro-batch's backward (a LightningModule passes ``manual_backward``). ``no_sync``
+    (default: ``model.no_sync`` of a DDP model) wraps the forward and backward of every micro-batch
+    but the last, so DDP all-reduces the accumulated gradient once per step, not once per
+    micro-batch (a LightningModule passes its strategy's ``block_backward_sync``). Returns the
     loss terms, detached.
     """
+    if no_sync is None:
+        no_sync = getattr(model, "no_sync", contextlib.nullcontext)
     micro = split_batch(batch, chunks)
     states, outputs = [], []
     with torch.no_grad():
@@ -124,19 +130,20 @@ def grad_cache_backward(
     # outputs get 1/k of their gradient in every micro-batch so every parameter is used each time
     # (DDP without find_unused_parameters needs that).
     start = 0
-    for mb, state, size in zip(micro, states, sizes):
-        with state.replay():
-            out = model(mb)
-        surrogate = 0.0
-        for key, grad in grads.items():
-            if grad is None:
-                continue
-            if out[key].ndim > 0:
-                surrogate = surrogate + (out[key] * grad[start : start + size]).sum()
-            else:
-                surrogate = surrogate + (out[key] * grad).sum() / len(micro)
-        if torch.is_tensor(surrogate) and surrogate.requires_grad:
-            backward(surrogate)
+    for i, (mb, state, size) in enumerate(zip(micro, states, sizes)):
+        with no_sync() if i < len(micro) - 1 else contextlib.nullcontext():
+            with state.replay():
+                out = model(mb)
+            surrogate = 0.0
+            for key, grad in grads.items():
+                if grad is None:
+                    continue
+                if out[key].ndim > 0:
+                    surrogate = surrogate + (out[key] * grad[start : start + size]).sum()
+                else:
+                    surrogate = surrogate + (out[key] * grad).sum() / len(micro)
+            if torch.is_tensor(surrogate) and surrogate.requires_grad:
+                backward(surrogate)
         start += size
     with torch.no_grad():
         for b, s in zip(buffers, saved):

@@ -8,7 +8,7 @@ modality pair. The training step sums the terms, so a new objective never edits 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,17 +42,18 @@ def clip_loss(
     queries nor candidates: their columns are masked out of every softmax and their rows out of
     the sum, and the sum is divided by the *global* number of valid rows (times the world size,
     which DDP's gradient averaging divides out again). Shapes stay equal on every rank, so the
-    result equals the unmasked loss over only the valid samples of the global batch.
+    result equals the unmasked loss over only the valid samples of the global batch. Without
+    ``valid`` no masking work is done. Under DDP the ranks must agree on passing ``valid`` or not
+    (the masked path gathers one tensor more): the training step gives every rank masks when the
+    data stream can yield partial batches.
     """
     world = distributed.world_size() if gather else 1
-    if valid is None and world == 1:
-        return _clip_loss_all_valid(a, b, logit_scale)
-    if valid is None:  # every rank takes the same (masked) path, so the collectives match
-        valid = torch.ones(a.shape[0], dtype=torch.bool, device=a.device)
+    if valid is None:
+        return _clip_loss_all_valid(a, b, logit_scale, gather and world > 1)
     valid = valid.bool()
     if world > 1:
         all_a, all_b = distributed.gather_with_grad(a), distributed.gather_with_grad(b)
-        all_valid = distributed.all_gather_variable(valid.to(torch.uint8)).bool()
+        all_valid = distributed.all_gather(valid.to(torch.uint8)).bool()
         offset = distributed.rank() * a.shape[0]
     else:
         all_a, all_b, all_valid, offset = a, b, valid, 0
@@ -68,10 +69,20 @@ def clip_loss(
     return total * world / (2 * n_valid.clamp(min=1))
 
 
-def _clip_loss_all_valid(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def _clip_loss_all_valid(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, gather: bool) -> torch.Tensor:
+    """Every row valid (the default): open_clip's loss, no masking work and no extra collective.
+
+    Under DDP the local rows score against the gathered columns with labels offset by rank; the
+    mean over local rows, averaged over ranks by DDP, is the mean over the global batch.
+    """
     labels = torch.arange(a.shape[0], device=a.device)
-    logits_ab = logit_scale * a @ b.T
-    logits_ba = logit_scale * b @ a.T
+    if gather:
+        all_a, all_b = distributed.gather_with_grad(a), distributed.gather_with_grad(b)
+        labels = labels + distributed.rank() * a.shape[0]
+    else:
+        all_a, all_b = a, b
+    logits_ab = logit_scale * a @ all_b.T
+    logits_ba = logit_scale * b @ all_a.T
     return (F.cross_entropy(logits_ab, labels) + F.cross_entropy(logits_ba, labels)) / 2
 
 
@@ -195,7 +206,7 @@ class _TiledCrossEntropy(torch.autograd.Function):
 
 def _tiled_lse(q, k, scale, offset: int, tile: int):
     """Per-row log-sum-exp of ``scale * q @ k.T`` (online over column tiles) and positive logit."""
-    rows, n, s = q.shape[0], k.shape[0], float(scale)
+    rows, n, s = q.shape[0], k.shape[0], scale  # a 0-d tensor: no host read of the temperature
     lse = torch.empty(rows, dtype=torch.float32, device=q.device)
     positive = s * (q * k[offset : offset + rows]).sum(dim=1)
     for r0 in range(0, rows, tile):
@@ -213,26 +224,33 @@ def _tiled_lse(q, k, scale, offset: int, tile: int):
 
 def _tiled_grads(q, k, scale, lse, grad_out, offset: int, tile: int):
     """``d mean_i(lse_i - positive_i) / d(q, k, scale)``: tiles of ``softmax - onehot``."""
-    rows, n, s = q.shape[0], k.shape[0], float(scale)
+    rows, n, s = q.shape[0], k.shape[0], scale
     dq, dk = torch.zeros_like(q), torch.zeros_like(k)
     dscale = torch.zeros((), dtype=torch.float32, device=q.device)
     w = grad_out / rows
     for r0 in range(0, rows, tile):
         qr = q[r0 : r0 + tile]
-        r = torch.arange(qr.shape[0], device=q.device)
         for c0 in range(0, n, tile):
             kc = k[c0 : c0 + tile]
             dots = qr @ kc.T
             g = (dots * s).sub_(lse[r0 : r0 + tile, None]).exp_()  # softmax rows
             # minus the one-hot of the positives that fall into this column tile
-            cols = offset + r0 + r - c0
-            hit = (cols >= 0) & (cols < kc.shape[0])
-            g[r[hit], cols[hit]] -= 1.0
+            _positives(g, offset + r0 - c0).sub_(1.0)
             g.mul_(w)
             dscale += g.flatten() @ dots.flatten()
-            dq[r0 : r0 + tile].addmm_(g, kc, alpha=s)
-            dk[c0 : c0 + tile].addmm_(g.T, qr, alpha=s)
+            g.mul_(s)  # addmm's alpha would need a Python number (a host read of the scale)
+            dq[r0 : r0 + tile].addmm_(g, kc)
+            dk[c0 : c0 + tile].addmm_(g.T, qr)
     return dq, dk, dscale
+
+
+def _positives(tile: torch.Tensor, shift: int) -> torch.Tensor:
+    """The entries ``(i, i + shift)`` of a logits tile (row i's positive column), as a view: the
+    bounds are host integers, so no boolean indexing (a host sync per tile)."""
+    lo, hi = max(0, -shift), min(tile.shape[0], tile.shape[1] - shift)
+    if hi <= lo:
+        return tile.new_empty(0)
+    return tile[lo:hi, lo + shift : hi + shift].diagonal()
 
 
 class _TiledSymmetricCE(torch.autograd.Function):
@@ -248,7 +266,7 @@ class _TiledSymmetricCE(torch.autograd.Function):
         ctx.dtypes = a.dtype, b.dtype, scale.dtype
         a, b, scale = a.float(), b.float(), scale.float()
         with torch.autocast(a.device.type, enabled=False):
-            n, s = a.shape[0], float(scale)
+            n, s = a.shape[0], scale
             row_lse = torch.empty(n, dtype=torch.float32, device=a.device)
             col_max = torch.full((n,), -math.inf, dtype=torch.float32, device=a.device)
             col_sum = torch.zeros(n, dtype=torch.float32, device=a.device)
@@ -275,27 +293,25 @@ class _TiledSymmetricCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         a, b, scale, row_lse, col_lse = ctx.saved_tensors
-        n, s, tile = a.shape[0], float(scale), ctx.tile
+        n, s, tile = a.shape[0], scale, ctx.tile
         with torch.autocast(a.device.type, enabled=False):
             da, db = torch.zeros_like(a), torch.zeros_like(b)
             dscale = torch.zeros((), dtype=torch.float32, device=a.device)
             w = grad_out.float() / (2 * n)
             for r0 in range(0, n, tile):
                 ar = a[r0 : r0 + tile]
-                r = torch.arange(ar.shape[0], device=a.device)
                 for c0 in range(0, n, tile):
                     bc = b[c0 : c0 + tile]
                     dots = ar @ bc.T
                     logits = dots * s
                     g = (logits - row_lse[r0 : r0 + tile, None]).exp_()
                     g += logits.sub_(col_lse[None, c0 : c0 + tile]).exp_()
-                    cols = r0 + r - c0
-                    hit = (cols >= 0) & (cols < bc.shape[0])
-                    g[r[hit], cols[hit]] -= 2.0
+                    _positives(g, r0 - c0).sub_(2.0)
                     g.mul_(w)
                     dscale += g.flatten() @ dots.flatten()
-                    da[r0 : r0 + tile].addmm_(g, bc, alpha=s)
-                    db[c0 : c0 + tile].addmm_(g.T, ar, alpha=s)
+                    g.mul_(s)
+                    da[r0 : r0 + tile].addmm_(g, bc)
+                    db[c0 : c0 + tile].addmm_(g.T, ar)
         a_type, b_type, scale_type = ctx.dtypes
         return da.to(a_type), db.to(b_type), dscale.to(scale_type).reshape(scale.shape), None
 

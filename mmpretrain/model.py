@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -86,14 +87,24 @@ class ContrastiveModel(nn.Module):
         return out | self.logit_scale_outputs()
 
     def _encode_present(self, m: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Encode only the rows that carry modality ``m`` (zero-filled rows would skew BatchNorm);
-        absent rows get zero features, which losses and metrics leave out by the mask. With fewer
-        than 2 present rows the whole batch is encoded, so every tower still runs on every step
-        (DDP needs a gradient for every parameter on every rank)."""
-        if int(mask.sum()) < 2:
+        """Features of the rows that carry modality ``m``; absent rows get zero features, which
+        losses and metrics leave out by the mask.
+
+        A tower whose rows do not interact (LayerNorm transformers, any tower in eval mode) encodes
+        the whole batch and the absent rows are zeroed: no host sync, and one compiled shape. A
+        tower with BatchNorm in training mode encodes only the present rows, since zero-filled rows
+        would skew its batch statistics; selecting them costs one host sync (``nonzero``) and a
+        shape that varies with the count (compile goes dynamic). With fewer than 2 present rows
+        it encodes the whole batch too, so every tower still runs on every step (DDP needs a
+        gradient for every parameter on every rank) and BatchNorm never sees a single row.
+        """
+        if not _couples_rows(self.towers[m]):
             return self.encode(m, x) * mask[:, None]
-        z = self.encode(m, x[mask])
-        return z.new_zeros(x.shape[0], z.shape[1]).index_put((mask.nonzero().squeeze(1),), z)
+        rows = mask.nonzero().squeeze(1)  # the one host sync of a partial batch through a BatchNorm tower
+        if rows.numel() < 2:
+            return self.encode(m, x) * mask[:, None]
+        z = self.encode(m, x[rows])
+        return z.new_zeros(x.shape[0], z.shape[1]).index_put((rows,), z)
 
     def logit_scale_outputs(self) -> dict[str, torch.Tensor]:
         """The loss's scalar parameters: ``logit_scale``(``_<a>_<b>``) and, when built, ``logit_bias``."""
@@ -122,6 +133,11 @@ class ContrastiveModel(nn.Module):
             "init_logit_bias": None if self.logit_bias is None else float(self.logit_bias.detach()),
             "towers": {m: t.config for m, t in self.towers.items()},
         }
+
+
+def _couples_rows(tower: nn.Module) -> bool:
+    """Whether a row's features depend on the other rows of the batch (BatchNorm in training)."""
+    return any(isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training for mod in tower.modules())
 
 
 #: Per-tower keys of a model config that configure training, not the architecture (not exported).

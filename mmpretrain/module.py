@@ -47,6 +47,7 @@ class ContrastiveModule(L.LightningModule):
         # (feature caching), which needs manual optimisation.
         self.grad_cache_chunks = int(optim.get("grad_cache_chunks") or 1)
         self.automatic_optimization = self.grad_cache_chunks <= 1
+        self._partial_stream = False  # set at train start: masks on every rank (see _masks_on_every_rank)
 
     @property
     def skipped_total(self) -> int:
@@ -62,19 +63,58 @@ class ContrastiveModule(L.LightningModule):
 
     # -- training ---------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        batch = self._masks_on_every_rank(batch)
         losses = self._grad_cache_step(batch) if self.grad_cache_chunks > 1 else self.loss(self.model(batch))
         total = sum(losses.values())
         bs = _batch_size(batch)
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=bs)
-        self.log("train/loss", total, prog_bar=True, batch_size=bs)
+        self._log_losses(losses, total, bs)
         self._log_stream_stats(batch, bs)
         return total
+
+    def _masks_on_every_rank(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A stream that can yield partial batches gets ``<m>_mask`` for every modality, every step.
+
+        The collate adds a mask only to batches where some row lacks the modality, but under DDP
+        the masked loss gathers one tensor more than the plain one, so all ranks must take the same
+        path: decided once from the data config (identical on every rank), not per batch.
+        """
+        if not self._partial_stream:
+            return batch
+        present = [m for m in self.model.modalities if m in batch and f"{m}_mask" not in batch]
+        if not present:
+            return batch
+        rows = torch.ones(_batch_size(batch), dtype=torch.bool, device=self.device)
+        return batch | {f"{m}_mask": rows for m in present}
+
+    def on_train_start(self) -> None:
+        self._partial_stream = distributed.world_size() > 1 and _may_yield_partial_batches(self.trainer.datamodule)
+
+    def _log_losses(self, losses: dict[str, torch.Tensor], total: torch.Tensor, bs: int) -> None:
+        """``train/loss`` and its terms as the loss of the global batch, at the steps whose logs are
+        written only. A rank's value is its share (DDP averages gradients), so the mean over ranks
+        is the global loss, also when a rank holds no complete row of a partial batch. One
+        all-reduce of a few scalars, no host read; nothing at other steps (but the last of an epoch or
+        of the run, so what ``train`` returns holds the final loss). Not ``prog_bar``: Lightning
+        reads those on the host after every batch (monitor.ProgressBar shows them when it redraws)."""
+        if not self._logs_written_after_this_step():
+            return
+        values = torch.stack([total.detach(), *(v.detach() for v in losses.values())])
+        values = distributed.all_reduce_sum(values) / distributed.world_size()
+        self.log("train/loss", values[0], batch_size=bs)
+        self.log_dict({f"train/{k}": v for k, v in zip(losses, values[1:])}, batch_size=bs)
+
+    def _logs_written_after_this_step(self) -> bool:
+        """Every ``log_every_n_steps`` (Lightning's own test), and at the last batch of an epoch or of
+        the run: the same answer on every rank (equal batch counts), so their reductions match."""
+        t = self.trainer
+        last = t.is_last_batch or (t.max_steps > 0 and t.global_step + 1 >= t.max_steps)
+        return last or t._logger_connector.should_update_logs
 
     def _log_stream_stats(self, batch: dict[str, Any], bs: int) -> None:
         now = time.perf_counter()
         if self._last_step_time is not None:
             rate = bs * distributed.world_size() / (now - self._last_step_time)
-            self.log("train/samples_per_s", rate, prog_bar=True, batch_size=bs)
+            self.log("train/samples_per_s", rate, batch_size=bs)
         self._last_step_time = now
         skipped = batch.get("__skipped__")
         if skipped is not None:
@@ -83,21 +123,27 @@ class ContrastiveModule(L.LightningModule):
             self._skipped = self._skipped.to(reduced.device) + reduced
             self.log("train/skipped_samples", self._skipped.float(), batch_size=bs)
         for k, v in self.model.logit_scales.items():
-            self.log(f"train/logit_scale/{k}", v.exp(), batch_size=bs)
+            self.log(f"train/logit_scale/{k}", v.detach().exp(), batch_size=bs)
         if self.model.logit_bias is not None:
             self.log("train/logit_bias", self.model.logit_bias.detach(), batch_size=bs)
 
     def _grad_cache_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         optimizer.zero_grad()
-        losses = grad_cache_backward(self.model, self.loss, batch, self.grad_cache_chunks, self.manual_backward)
+        # Under DDP only the last micro-batch's backward all-reduces (the others accumulate locally).
+        no_sync = getattr(self.trainer.strategy, "block_backward_sync", None)
+        losses = grad_cache_backward(self.model, self.loss, batch, self.grad_cache_chunks, self.manual_backward, no_sync)
         if self.optim_cfg.get("gradient_clip_val"):
             self.configure_gradient_clipping(optimizer, float(self.optim_cfg["gradient_clip_val"]), "norm")
         optimizer.step()
+        self.model.clamp_logit_scales()
         scheduler.step()
         return losses
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """CLIP clamps log s to [0, ln 100] right after each optimiser step: before any callback
+        (a step checkpoint) sees the weights."""
+        super().optimizer_step(*args, **kwargs)
         self.model.clamp_logit_scales()
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
@@ -241,6 +287,15 @@ class ContrastiveModule(L.LightningModule):
 def _loss_scaler(trainer: L.Trainer) -> Any:
     """The fp16 gradient scaler of the trainer's precision plugin; None for fp32 and bf16."""
     return getattr(trainer.precision_plugin, "scaler", None)
+
+
+def _may_yield_partial_batches(datamodule: Any) -> bool:
+    """Whether the training stream can yield rows lacking a modality: ``data.on_missing=partial``
+    or sources declaring different modalities. From the config only."""
+    cfg = getattr(datamodule, "cfg", None) or {}
+    sources = getattr(datamodule, "sources", None) or []
+    declared = {tuple(sorted(getattr(s, "modalities", None) or [])) for s in sources}
+    return cfg.get("on_missing", "skip") == "partial" or len(declared) > 1
 
 
 def _batch_size(batch: dict[str, Any]) -> int:

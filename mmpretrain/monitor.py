@@ -4,21 +4,28 @@
 the temperature(s). ``RunPlots`` draws ``<run>/plots/*.png`` at the end of training (and logs
 them to wandb): curves from ``metrics.csv``, a similarity heatmap of val samples vs class prompts
 and a 2-D projection of the val embeddings. The drawing itself is :mod:`mmpretrain.plots`.
+``ProgressBar`` redraws every N steps (reading the displayed metrics is a host sync);
+``CountHostSyncs`` (debug) counts the host reads of tensors made in each training step.
 """
 
 from __future__ import annotations
 
 import csv
+import json
+import os
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
 from mmpretrain import plots
@@ -95,6 +102,93 @@ class StepStats(L.Callback):
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = self._end = None
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's RichProgressBar, redrawn every ``refresh_every`` training steps (and at the end
+    of an epoch), showing the logged ``metrics`` it finds.
+
+    Shown values are read on the host (a GPU sync). Lightning converts every ``self.log(...,
+    prog_bar=True)`` tensor to a number after every batch, whether shown or not, so the module logs
+    nothing with ``prog_bar``; this bar reads its ``metrics`` from ``trainer.callback_metrics`` when
+    it redraws, and only then."""
+
+    def __init__(
+        self,
+        refresh_every: int = 10,
+        metrics: tuple[str, ...] = ("train/loss", "train/samples_per_s"),
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.refresh_every = max(1, int(refresh_every))
+        self.metrics = list(metrics)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        shown = super().get_metrics(trainer, pl_module)
+        logged = trainer.callback_metrics
+        return shown | {k: float(logged[k]) for k in self.metrics if k in logged}
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if (batch_idx + 1) % self.refresh_every == 0 or trainer.is_last_batch:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+#: The tensor methods that read a value on the host (for a device tensor: wait for the device).
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+class CountHostSyncs(L.Callback):
+    """Debug: count the host reads of tensors (:data:`HOST_READS`) per training step, in this
+    process's main thread, and write ``<dirpath>/rank<R>.json`` ({step: {method: count}}) at the
+    end of training. A call is charged to the training batch fetched last (1 = the first batch;
+    the loop's work after a batch, logging included, belongs to that batch; work before a batch's
+    hooks, e.g. a callback's ``on_train_batch_start``, to the batch about to run). On CPU a read
+    is no real sync, but each one would be on a GPU."""
+
+    def __init__(self, dirpath: str):
+        self.dirpath = Path(dirpath)
+        self.counts: dict[int, Counter] = {}
+        self._training = False
+        self._saved: dict[str, Any] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pid, main = os.getpid(), threading.main_thread()
+        progress = trainer.fit_loop.epoch_loop.batch_progress.total
+        for name in HOST_READS:
+            original = getattr(torch.Tensor, name)
+            self._saved[name] = torch.Tensor.__dict__.get(name)  # None: inherited from the C base
+
+            def counted(t, *args, __name=name, __original=original, **kwargs):
+                if self._training and os.getpid() == pid and threading.current_thread() is main:
+                    self.counts.setdefault(progress.ready, Counter())[__name] += 1
+                return __original(t, *args, **kwargs)
+
+            setattr(torch.Tensor, name, counted)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._training = True
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._training = False  # validation is not a training step
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        counts = {step: dict(c) for step, c in sorted(self.counts.items())}
+        (self.dirpath / f"rank{trainer.global_rank}.json").write_text(json.dumps(counts, indent=1))
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for name, original in self._saved.items():
+            if original is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, original)
+        self._saved = {}
 
 
 class RunPlots(L.Callback):
