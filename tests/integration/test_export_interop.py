@@ -208,8 +208,9 @@ def test_open_clip_safetensors_state_dict_loads_like_the_trainer_checkpoint(tmp_
     b = model_from_checkpoint(tmp_path / "epoch_3.pt", open_clip_model_config(OC_CFG)).eval()
     assert torch.equal(_embed(a)[0], _embed(b)[0])
     with torch.no_grad():
-        x = torch.stack([a.preprocess(False)["image"](im) for im in _images()])
-        torch.testing.assert_close(a.encode_image(x), oc.encode_image(x, normalize=True), atol=1e-5, rtol=0)
+        x = torch.stack([a.preprocess(False)["image"](im) for im in _images()])  # uint8: our tower normalises
+        pixels = a.towers["image"].normalize_input(x)  # what open_clip's own float transform gives
+        torch.testing.assert_close(a.encode_image(x), oc.encode_image(pixels, normalize=True), atol=1e-5, rtol=0)
     wrong = dict(OC_CFG, vision_cfg=dict(OC_CFG["vision_cfg"], width=32, head_width=16))
     with pytest.raises(ValueError, match="another model config"):
         model_from_checkpoint(tmp_path / "oc.safetensors", open_clip_model_config(wrong))
