@@ -89,6 +89,11 @@ DDP_ON_CPU = "trainer.devices=2 trainer.accelerator=cpu"  # GPUs -> 2 CPU proces
 
 DIGITS = "data/digits"  # the default data.root of the digits configs, relative to the scratch directory
 SPOKEN = "data/spoken_digits"
+SMALL = "data/digits-small"  # a quarter of the digits: a linear probe embeds every sample of its data
+LINEAR_PROBE = (f"data.root={SMALL}", *FINETUNE)
+
+MAKE_DIGITS = "mmpretrain data digits out=DIR"
+MAKE_RUNS_MINE = "mmpretrain train data.root=/data/my_shards hydra.run.dir=runs/mine"
 
 
 @dataclass(frozen=True)
@@ -99,7 +104,7 @@ class Run:
     extra: tuple[str, ...] = ()
     budget: tuple[str, ...] = TRAIN
     needs: tuple[str, ...] = ()  # README commands whose outputs this one reads; run first if not yet run
-    prepare: Callable[[Path], None] | None = None  # writes files the command names, before it runs
+    prepare: tuple[Callable[[Path], None], ...] = ()  # write files the command names, before it runs
     requires: tuple[str, ...] = ()  # programs that must be on PATH
     expect: tuple[str, ...] = ()  # text its output must contain
     xfail: str | None = None  # a known library bug: strict, so the entry flips when it is fixed
@@ -108,6 +113,19 @@ class Run:
 @dataclass(frozen=True)
 class Skip:
     reason: str
+
+
+def _small_digits(workdir: Path) -> None:
+    """SMALL: 2 of the 8 train shards and 1 of the 4 val shards of the digits (with their sizes.json)."""
+    if (workdir / SMALL).exists():
+        return
+    for split, n in (("train", 2), ("val", 1)):
+        (workdir / SMALL / split).mkdir(parents=True)
+        src = workdir / DIGITS / split
+        for path in [*sorted(src.glob("*.tar"))[:n], src / "sizes.json"]:
+            shutil.copy(path, workdir / SMALL / split)
+    for name in ("classnames.txt", "templates.txt"):
+        shutil.copy(workdir / DIGITS / name, workdir / SMALL / name)
 
 
 def _write_timm_weights(workdir: Path) -> None:
@@ -186,40 +204,42 @@ COMMANDS: dict[str, Run | Skip] = {
     "mmpretrain eval ckpt=runs/mine/checkpoints/last.ckpt data.root=/data/my_shards": Run(
         subs={"/data/my_shards": DIGITS},
         budget=EVAL,
-        needs=("mmpretrain train data.root=/data/my_shards hydra.run.dir=runs/mine",),
+        needs=(MAKE_RUNS_MINE,),
         expect=("image_text zero-shot top-1: 0.",),
     ),
     "mmpretrain export ckpt=runs/mine/checkpoints/last.ckpt out=exported/mine": Run(
-        budget=HYDRA_RUN, needs=("mmpretrain train data.root=/data/my_shards hydra.run.dir=runs/mine",)
+        budget=HYDRA_RUN, needs=(MAKE_RUNS_MINE,)
     ),
     "mmpretrain export ckpt=PATH out=DIR": Run(
         subs={"ckpt=PATH": "ckpt=runs/mine/checkpoints/last.ckpt", "out=DIR": "out=exported/table"},
         budget=HYDRA_RUN,
-        needs=("mmpretrain train data.root=/data/my_shards hydra.run.dir=runs/mine",),
+        needs=(MAKE_RUNS_MINE,),
     ),
     "mmpretrain finetune task=linear_probe pretrained=runs/mine/export data.root=/data/labelled_shards": Run(
-        subs={"/data/labelled_shards": DIGITS},
-        budget=FINETUNE,
-        needs=("mmpretrain train data.root=/data/my_shards hydra.run.dir=runs/mine",),
+        subs={"/data/labelled_shards": SMALL},
+        budget=LINEAR_PROBE,
+        needs=(MAKE_DIGITS, MAKE_RUNS_MINE),
+        prepare=(_small_digits,),
     ),
     # runs/demo is what `make demo` writes; runs/mine has the same layout
     "mmpretrain finetune task=linear_probe pretrained=runs/demo/checkpoints/last.ckpt": Run(
         subs={"runs/demo": "runs/mine"},
-        budget=FINETUNE,
-        needs=("mmpretrain train data.root=/data/my_shards hydra.run.dir=runs/mine",),
+        budget=LINEAR_PROBE,
+        needs=(MAKE_DIGITS, MAKE_RUNS_MINE),
+        prepare=(_small_digits,),
     ),
     "mmpretrain finetune task=full pretrained=runs/demo/export task.layer_decay=0.75": Run(
         subs={"runs/demo": "runs/mine"},
         budget=FINETUNE,
-        needs=("mmpretrain train data.root=/data/my_shards hydra.run.dir=runs/mine",),
+        needs=(MAKE_RUNS_MINE,),
     ),
     "mmpretrain finetune task=fusion fusion=attention pretrained=runs/demo/export": Run(
         subs={"runs/demo": "runs/mine"},
         budget=FINETUNE,
-        needs=("mmpretrain train data.root=/data/my_shards hydra.run.dir=runs/mine",),
+        needs=(MAKE_RUNS_MINE,),
     ),
     "mmpretrain train data=shards data.root=/data/my_shards": Run(
-        subs={"/data/my_shards": DIGITS}, needs=("mmpretrain data digits out=DIR",)
+        subs={"/data/my_shards": DIGITS}, needs=(MAKE_DIGITS,)
     ),
     # -- open_clip towers (path/to/model_cfg.json and my_cfg.json are copies of MODEL_JSON)
     "mmpretrain train model=openclip model.config=path/to/model_cfg.json": Run(
@@ -227,10 +247,10 @@ COMMANDS: dict[str, Run | Skip] = {
     ),
     "mmpretrain finetune task=linear_probe pretrained=logs/x/checkpoints/epoch_32.pt model=openclip "
     "model.config=my_cfg.json data=shards data.root=/data/labelled": Run(
-        subs={"/data/labelled": DIGITS},
-        budget=FINETUNE,
-        needs=("mmpretrain train model=openclip model.config=path/to/model_cfg.json",),
-        prepare=_write_open_clip_trainer_checkpoint,
+        subs={"/data/labelled": SMALL},
+        budget=LINEAR_PROBE,
+        needs=(MAKE_DIGITS, "mmpretrain train model=openclip model.config=path/to/model_cfg.json"),
+        prepare=(_small_digits, _write_open_clip_trainer_checkpoint),
     ),
     # ViT-B-32 (224 px, 150 M parameters) is shrunk to the 4x192 ViT: the same open_clip factory and loss
     "mmpretrain train loss=siglip model=openclip model.config=ViT-B-32 ...": Run(
@@ -244,9 +264,12 @@ COMMANDS: dict[str, Run | Skip] = {
     "mmpretrain train data.batch_size=512 optim.grad_cache_chunks=8": Run(
         subs={"data.batch_size=512": "data.batch_size=64"}  # micro-batches of 8
     ),
-    "mmpretrain train model.towers.image.pretrained_path=/weights/resnet50.safetensors "
+    # resnet50 -> the digits model's resnet10t (same timm loading and locking, a fraction of the compute)
+    "mmpretrain train model.towers.image.model_name=resnet50 "
+    "model.towers.image.pretrained_path=/weights/resnet50.safetensors "
     "'model.towers.image.lock={unlocked_groups: 0, freeze_norm_stats: true}'": Run(
-        subs={"/weights/resnet50.safetensors": "weights/resnet10t.safetensors"}, prepare=_write_timm_weights
+        subs={"/weights/resnet50.safetensors": "weights/resnet10t.safetensors", "=resnet50": "=resnet10t"},
+        prepare=(_write_timm_weights,),
     ),
     "mmpretrain train 'model.towers.image.lock={unlocked_groups: 2}' model.towers.image.lr_scale=0.1 "
     "optim.layer_decay=0.8": Run(),
@@ -306,7 +329,10 @@ COMMANDS: dict[str, Run | Skip] = {
         subs={"n_trials=20": "n_trials=2"}, budget=SWEEP, expect=("2 runs, best first",)
     ),
     "mmpretrain train hparams_search=digits_optuna 'data.batch_size=choice(64,128)'": Run(
-        extra=("hydra.sweeper.n_trials=2",), budget=SWEEP, expect=("2 runs, best first",)
+        subs={"choice(64,128)": "choice(16,32)"},
+        extra=("hydra.sweeper.n_trials=2",),
+        budget=SWEEP,
+        expect=("2 runs, best first",),
     ),
     "mmpretrain train -m hydra/launcher=slurm hydra.launcher.partition=gpu trainer=gpu optim.lr=1e-4,3e-4": Skip(
         SLURM
@@ -418,10 +444,10 @@ class Runner:
         for dep in case.needs:
             if self.run(dep).returncode != 0:
                 pytest.fail(f"`{command}` reads what `{dep}` writes, and that command failed")
-        if case.prepare:
-            case.prepare(self.workdir)
+        for prepare in case.prepare:
+            prepare(self.workdir)
         index = list(COMMANDS).index(command)
-        run_dir = f"runs/readme/{index:02d}-" + re.sub(r"[^A-Za-z0-9_.=-]+", "_", _test_id(command))[:60]
+        run_dir = f"runs/readme/{index:02d}-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", _test_id(command))[:60]
         args = command_line(command, case, run_dir)
         try:
             proc = _mmpretrain(self.workdir, args)
