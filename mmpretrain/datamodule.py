@@ -111,10 +111,9 @@ class ContrastiveDataModule(L.LightningDataModule):
         of the trainer: their live state is not what the checkpoint must hold)."""
         position = batch.pop("__position__", None) if isinstance(batch, dict) else None
         if position is not None:
-            pos = json.loads(position)
-            workers = max(1, int(self.cfg.get("num_workers", 0)))
-            j = (pos["batches"] - 1) * workers + pos["stream"]  # the rank's batch index
-            self._consumed[pos["stream"]] = [*self._consumed.get(pos["stream"], [])[-3:], (j, position)]
+            stream, batches = StreamPosition.peek(position)
+            j = (batches - 1) * max(1, int(self.cfg.get("num_workers", 0))) + stream  # the rank's batch index
+            self._consumed[stream] = [*self._consumed.get(stream, [])[-3:], (j, position)]
         return batch
 
     def state_dict(self) -> dict[str, Any]:
