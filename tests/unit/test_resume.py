@@ -155,3 +155,34 @@ def test_approx_after_two_workers_to_one_reads_the_rest_of_the_pass_once(tmp_pat
     assert counting.reread == len(buffered)  # ...except the buffered samples, re-read by reference
     assert set(rest) | read_before == every  # and nothing of the pass lost
     assert buffered <= set(delivered[: 4 * 12])
+
+
+def _gather_on_rank(rank: int, port: int, digits_root: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from mmpretrain.datamodule import ContrastiveDataModule
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    cfg = OmegaConf.create({"sources": {"d": {"shards": f"{digits_root}/train/*.tar"}}, "batch_size": 8,
+                            "num_workers": 2, "train_samples": 64})
+    dm = ContrastiveDataModule(cfg, preprocess=lambda train: {}, seed=0)
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    mine = [f"rank {rank} stream 0 " + "x" * (100 * rank), None]  # ranks' positions differ in length
+    gathered = dm._gather(mine)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(gathered, f)
+    dist.destroy_process_group()
+
+
+def test_every_ranks_positions_reach_the_checkpoint(digits_root, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "gathered.json"
+    mp.spawn(_gather_on_rank, args=(port, str(digits_root), str(out)), nprocs=2)
+    assert json.loads(out.read_text()) == [["rank 0 stream 0 ", None], ["rank 1 stream 0 " + "x" * 100, None]]
