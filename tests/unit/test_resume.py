@@ -113,7 +113,7 @@ def approx_records(monkeypatch):
     return reads
 
 
-def test_approx_after_two_workers_to_one_reads_the_rest_of_the_pass_once(tmp_path, monkeypatch):
+def test_approx_after_two_workers_to_one_reads_the_rest_of_the_pass_once(tmp_path, monkeypatch, capsys):
     from mmpretrain.datamodule import ContrastiveDataModule
 
     urls = shards(tmp_path, n=6, per=9)
@@ -145,6 +145,9 @@ def test_approx_after_two_workers_to_one_reads_the_rest_of_the_pass_once(tmp_pat
                                 preprocess=lambda t: PREPROCESS, seed=3)
     new.load_state_dict(state)
     assert new._resume_batch(new._layout()) == 5
+    log = capsys.readouterr().out
+    assert "data.resume=approx: the data layout changed (num_workers: checkpoint 2 != now 1" in log
+    assert "no sample of the pass repeats" in log
     reads.clear()
     counting = Counting(monkeypatch)
     resumed = stream(urls, seed=3, shuffle_buffer=6, start_batch=5, positions=new._start_positions)
