@@ -30,11 +30,7 @@ so the count is exact across workers and ranks once summed by the training modul
 from __future__ import annotations
 
 import copy
-import os
 import random
-import shutil
-import tempfile
-import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -46,9 +42,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from mmpretrain.data.collate import collate
 from mmpretrain.data.decode import BLANKS, decode_sample
-from mmpretrain.data.position import END, SourcePosition, StreamPosition, restore_rng, rng_state, shard_plan
+from mmpretrain.data.position import PositionFiles, StreamPosition, restore_rng, rng_state, shard_plan
+from mmpretrain.data.reader import SourceReader
 from mmpretrain.data.seeds import check_seed, derive
-from mmpretrain.data.tario import read_sample_at, read_samples
 
 
 class SampleError(RuntimeError):
@@ -118,84 +114,6 @@ def _worker() -> tuple[int, int]:
     return (info.id, info.num_workers) if info else (0, 1)
 
 
-class _SourceSamples:
-    """One source's raw samples for one stream: its plan's shards pass after pass, then the seeded
-    shuffle buffer. Advances ``pos`` as it reads; :meth:`position` is where it stands now."""
-
-    def __init__(self, stream: ShardStream, index: int, worker: int, num_workers: int, pos: SourcePosition,
-                 counter: SkipCounter):
-        self.stream, self.index, self.worker, self.num_workers = stream, index, worker, num_workers
-        self.urls = stream.sources[index].urls
-        self.pos, self.counter = pos, counter
-        self.size = stream.shuffle_buffer if stream.train and stream.shuffle_buffer > 1 else 0
-        self.initial = min(100, self.size)
-        self.rng = restore_rng(pos.rng, derive(stream.seed, "shuffle_buffer", stream.rank, worker, index))
-        # The buffered samples are re-read by reference (their bytes; decoding happens when drawn).
-        self.buffer = [((k, off), read_sample_at(self.urls[k], off)) for k, off in pos.buffer]
-        self._shard: Iterator[tuple[int, int, dict]] | None = None
-        self._read_this_pass = pos.item > 0 or pos.offset != 0 or bool(pos.buffer) or pos.plan is not None
-
-    def _plan(self) -> list[list[int]]:
-        if self.pos.plan is not None:
-            return self.pos.plan
-        s = self.stream
-        shards = shard_plan(len(self.urls), s.seed, self.pos.pass_idx, s.rank, s.world_size, self.worker,
-                            self.num_workers, s.shard_policy if s.train else "error", shuffle=s.train)
-        if not shards and s.train:
-            raise ValueError(
-                f"source '{s.sources[self.index].name}' has {len(self.urls)} shards for {s.world_size} ranks x "
-                f"{self.num_workers} workers: every worker needs at least one. Lower data.num_workers, "
-                f"write more, smaller shards, or set data.shard_policy=resample."
-            )
-        return [[k, 0] for k in shards]
-
-    def _read(self) -> tuple[tuple[int, int], dict] | None:
-        """The next sample of the shards with its reference; None once a validation stream is done."""
-        pos = self.pos
-        while True:
-            plan = self._plan()
-            if pos.item >= len(plan):
-                if not self.stream.train:
-                    return None
-                if not self._read_this_pass:
-                    raise ValueError(f"source '{self.stream.sources[self.index].name}': a whole pass of its "
-                                     f"shards gave no sample")
-                pos.advance_pass()
-                self._read_this_pass = False
-                continue
-            shard = plan[pos.item][0]
-            if pos.offset == END:
-                pos.item, self._shard = pos.item + 1, None
-                pos.offset = plan[pos.item][1] if pos.item < len(plan) else 0
-                continue
-            if self._shard is None:
-                self._shard = read_samples(self.urls[shard], pos.offset, on_error=self.counter)
-            got = next(self._shard, None)
-            if got is None:
-                pos.offset = END
-                continue
-            start, pos.offset, sample = got
-            self._read_this_pass = True
-            return (shard, start), sample
-
-    def next(self) -> dict | None:
-        """The next raw sample of this source (through the shuffle buffer when training)."""
-        if not self.size:
-            got = self._read()
-            return None if got is None else got[1]
-        while True:  # training streams never end
-            self.buffer.append(self._read())
-            if len(self.buffer) < self.size:
-                self.buffer.append(self._read())
-            if len(self.buffer) >= self.initial:
-                k = self.rng.randint(0, len(self.buffer) - 1)
-                self.buffer[k], self.buffer[-1] = self.buffer[-1], self.buffer[k]
-                return self.buffer.pop()[1]
-
-    def position(self) -> SourcePosition:
-        return replace(self.pos, buffer=[list(ref) for ref, _ in self.buffer], rng=rng_state(self.rng))
-
-
 class ShardStream(IterableDataset):
     """Batches of preprocessed samples from one or more weighted sources of shards.
 
@@ -246,17 +164,37 @@ class ShardStream(IterableDataset):
         self._streams: dict[int, tuple[Iterator[dict], int]] = {}  # stream -> (generator, next batch)
         self._next_start: int | None = None
         self.num_workers = 1  # set by the DataModule so __len__ is the per-rank epoch length
-        self._handoff = _Handoff() if train else None
+        self._handoff = PositionFiles() if train else None
 
     def __len__(self) -> int:
         if self.batches_per_worker is None:
             raise TypeError("validation streams have no fixed length")
         return self.batches_per_worker * max(self.num_workers, 1)
 
+    # -- shards -> raw samples, per source ------------------------------------------------------
     def _my_shards(self, urls: list[str], pass_idx: int, worker: int, num_workers: int) -> list[str]:
         policy = self.shard_policy if self.train else "error"
         return [urls[k] for k in shard_plan(len(urls), self.seed, pass_idx, self.rank, self.world_size, worker,
                                             num_workers, policy, shuffle=self.train)]
+
+    def _reader(self, index: int, worker: int, num_workers: int, pos: Any, counter: SkipCounter) -> SourceReader:
+        source = self.sources[index]
+
+        def plan(pass_idx: int) -> list[int]:
+            shards = shard_plan(len(source.urls), self.seed, pass_idx, self.rank, self.world_size, worker,
+                                num_workers, self.shard_policy if self.train else "error", shuffle=self.train)
+            if not shards and self.train:
+                raise ValueError(
+                    f"source '{source.name}' has {len(source.urls)} shards for {self.world_size} ranks x "
+                    f"{num_workers} workers: every worker needs at least one. Lower data.num_workers, "
+                    f"write more, smaller shards, or set data.shard_policy=resample."
+                )
+            return shards
+
+        size = self.shuffle_buffer if self.train and self.shuffle_buffer > 1 else 0
+        seed = derive(self.seed, "shuffle_buffer", self.rank, worker, index)
+        return SourceReader(source.name, source.urls, plan, pos, counter, buffer_size=size, seed=seed,
+                            endless=self.train)
 
     # -- samples -> batches -------------------------------------------------------------------
     def _modalities(self, source: Source) -> list[str]:
@@ -294,7 +232,7 @@ class ShardStream(IterableDataset):
         pos = copy.deepcopy(position) if position is not None else StreamPosition.start(worker, len(self.sources))
         pos.stream = worker
         counter = SkipCounter(self.on_error)
-        readers = [_SourceSamples(self, i, worker, num_workers, p, counter) for i, p in enumerate(pos.sources)]
+        readers = [self._reader(i, worker, num_workers, p, counter) for i, p in enumerate(pos.sources)]
         weights = [s.weight for s in self.sources]
         mix_rng = restore_rng(pos.mix_rng, derive(self.seed, "source_mix", self.rank, worker))
         live = list(range(len(readers)))
@@ -374,35 +312,6 @@ class ShardStream(IterableDataset):
             gen = self._batch_stream(stream, num_streams, saved)
         self._streams[stream] = (gen, k)
         return gen
-
-
-class _Handoff:
-    """Stream positions passed between DataLoader workers through small files (one per stream) in a
-    directory the main process owns: workers share nothing else, and persistent ones are never
-    sent the dataset again."""
-
-    def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="mmpretrain-streams-")
-        weakref.finalize(self, _remove_if_owner, self.dir, os.getpid())
-
-    def put(self, stream: int, position: str) -> None:
-        path = os.path.join(self.dir, f"stream-{stream}.json")
-        with open(path + f".tmp-{os.getpid()}", "w") as f:
-            f.write(position)
-        os.replace(path + f".tmp-{os.getpid()}", path)
-
-    def get(self, stream: int, k: int) -> StreamPosition | None:
-        path = os.path.join(self.dir, f"stream-{stream}.json")
-        if not os.path.exists(path):
-            return None
-        with open(path) as f:
-            pos = StreamPosition.from_json(f.read())
-        return pos if pos.batches == k else None
-
-
-def _remove_if_owner(path: str, pid: int) -> None:
-    if os.getpid() == pid:  # a forked worker's copy must not remove the main process's directory
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextmanager

@@ -25,8 +25,12 @@ samples that sat in shuffle buffers).
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
+import shutil
+import tempfile
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,6 +110,37 @@ class StreamPosition:
     @classmethod
     def start(cls, stream: int, n_sources: int) -> StreamPosition:
         return cls(stream=stream, sources=[SourcePosition() for _ in range(n_sources)])
+
+
+class PositionFiles:
+    """Stream positions passed between DataLoader workers through small files (one per stream) in
+    a directory the main process owns: workers share nothing else, and persistent ones are never
+    sent the dataset again. Needed when a stream changes worker at an epoch boundary (after a
+    resume at a batch that is not a multiple of the workers)."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="mmpretrain-streams-")
+        weakref.finalize(self, _remove_if_owner, self.dir, os.getpid())
+
+    def put(self, stream: int, position: str) -> None:
+        path = os.path.join(self.dir, f"stream-{stream}.json")
+        with open(f"{path}.tmp-{os.getpid()}", "w") as f:
+            f.write(position)
+        os.replace(f"{path}.tmp-{os.getpid()}", path)
+
+    def get(self, stream: int, batches: int) -> StreamPosition | None:
+        """The position of ``stream`` left there, if it is the one after ``batches`` batches."""
+        path = os.path.join(self.dir, f"stream-{stream}.json")
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            pos = StreamPosition.from_json(f.read())
+        return pos if pos.batches == batches else None
+
+
+def _remove_if_owner(path: str, pid: int) -> None:
+    if os.getpid() == pid:  # a forked worker's copy must not remove the main process's directory
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def continue_pass(old: list[list[StreamPosition | None]], old_plan: Any, source_map: list[int | None],

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from mmpretrain.data import ShardStream, Source
 from mmpretrain.data import pipeline as pipeline_module
+from mmpretrain.data import reader as reader_module
 from mmpretrain.data.position import SourcePosition, StreamPosition
 from tests.unit.test_data import PREPROCESS, good, write_shard
 
@@ -31,7 +32,7 @@ class Counting:
 
     def __init__(self, monkeypatch):
         self.decoded = self.read = self.reread = 0
-        decode, read, reread = pipeline_module.decode_sample, pipeline_module.read_samples, pipeline_module.read_sample_at
+        decode, read, reread = pipeline_module.decode_sample, reader_module.read_samples, reader_module.read_sample_at
 
         def counted_decode(*a, **k):
             self.decoded += 1
@@ -47,8 +48,8 @@ class Counting:
             return reread(*a, **k)
 
         monkeypatch.setattr(pipeline_module, "decode_sample", counted_decode)
-        monkeypatch.setattr(pipeline_module, "read_samples", counted_read)
-        monkeypatch.setattr(pipeline_module, "read_sample_at", counted_reread)
+        monkeypatch.setattr(reader_module, "read_samples", counted_read)
+        monkeypatch.setattr(reader_module, "read_sample_at", counted_reread)
 
 
 def test_position_round_trips_through_json():
@@ -100,16 +101,16 @@ def test_a_checkpoint_position_is_that_of_the_last_consumed_batch_not_the_worker
 
 
 def approx_records(monkeypatch):
-    """(pass, key) of every sample each _SourceSamples reads from its shards."""
+    """(pass, key) of every sample each SourceReader reads from its shards."""
     reads: list[tuple[int, str]] = []
-    original = pipeline_module._SourceSamples._read
+    original = reader_module.SourceReader._read
 
     def recording(self):
         got = original(self)
         reads.append((self.pos.pass_idx, got[1]["__key__"]))
         return got
 
-    monkeypatch.setattr(pipeline_module._SourceSamples, "_read", recording)
+    monkeypatch.setattr(reader_module.SourceReader, "_read", recording)
     return reads
 
 
