@@ -13,7 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 from mmpretrain.data.position import END, SourcePosition, restore_rng, rng_state
-from mmpretrain.data.tario import read_sample_at, read_samples
+from mmpretrain.data.tario import read_samples, read_samples_at
 
 
 class SourceReader:
@@ -27,7 +27,11 @@ class SourceReader:
         self.size, self.initial, self.endless = buffer_size, min(100, buffer_size), endless
         self.rng = restore_rng(pos.rng, seed)
         # The buffered samples are re-read by reference (their bytes; decoding happens when drawn).
-        self.buffer = [((k, off), read_sample_at(urls[k], off)) for k, off in pos.buffer]
+        by_shard: dict[int, list[int]] = {}
+        for k, off in pos.buffer:
+            by_shard.setdefault(k, []).append(off)
+        got = {k: read_samples_at(urls[k], offs) for k, offs in by_shard.items()}
+        self.buffer = [((k, off), got[k][off]) for k, off in pos.buffer]
         self._shard = None  # the current shard's samples from pos.offset on
         self._read_this_pass = pos.item > 0 or pos.offset != 0 or bool(pos.buffer) or pos.plan is not None
 

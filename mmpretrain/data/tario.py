@@ -24,15 +24,15 @@ _END = -1  # ``next_start`` after a shard's last sample (position.END)
 
 @contextmanager
 def _open(url: str, offset: int) -> Iterator[tuple[tarfile.TarFile, IO[bytes]]]:
-    if "://" not in url and not url.startswith("pipe:"):
+    if _local(url):
         with open(os.path.expanduser(url), "rb") as f:
             f.seek(offset)
             # A TarFile reads from wherever its file object stands; member offsets stay absolute.
             yield tarfile.TarFile(fileobj=f), f
         return
-    from webdataset import gopen
+    from webdataset.gopen import gopen
 
-    with gopen.gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|") as tf:
+    with gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|") as tf:
         yield tf, stream
 
 
@@ -83,8 +83,29 @@ def read_samples(url: str, offset: int = 0, on_error: Callable[[Exception], Any]
         yield start, _END, sample
 
 
+def _local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
 def read_sample_at(url: str, offset: int) -> dict:
     """The one sample that starts at ``offset`` (as far as it can be read: a cut one stays cut)."""
     for _, _, sample in read_samples(url, offset, on_error=lambda exn: None):
         return sample
     raise ValueError(f"no sample at offset {offset} of {url}")
+
+
+def read_samples_at(url: str, offsets: list[int]) -> dict[int, dict]:
+    """The samples of one shard that start at ``offsets``: a seek for each on a local file, a single
+    pass over a remote one (skipping what lies between, undecoded)."""
+    if _local(url):
+        return {off: read_sample_at(url, off) for off in offsets}
+    wanted, found = set(offsets), {}
+    for start, _, sample in read_samples(url, min(offsets), on_error=lambda exn: None):
+        if start in wanted:
+            found[start] = sample
+            if len(found) == len(wanted):
+                break
+    missing = wanted - set(found)
+    if missing:
+        raise ValueError(f"no sample at offsets {sorted(missing)[:5]} of {url}")
+    return found

@@ -32,7 +32,7 @@ class Counting:
 
     def __init__(self, monkeypatch):
         self.decoded = self.read = self.reread = 0
-        decode, read, reread = pipeline_module.decode_sample, reader_module.read_samples, reader_module.read_sample_at
+        decode, read, reread = pipeline_module.decode_sample, reader_module.read_samples, reader_module.read_samples_at
 
         def counted_decode(*a, **k):
             self.decoded += 1
@@ -43,13 +43,25 @@ class Counting:
                 self.read += 1
                 yield item
 
-        def counted_reread(*a, **k):
-            self.reread += 1
-            return reread(*a, **k)
+        def counted_reread(url, offsets):
+            self.reread += len(offsets)
+            return reread(url, offsets)
 
         monkeypatch.setattr(pipeline_module, "decode_sample", counted_decode)
         monkeypatch.setattr(reader_module, "read_samples", counted_read)
-        monkeypatch.setattr(reader_module, "read_sample_at", counted_reread)
+        monkeypatch.setattr(reader_module, "read_samples_at", counted_reread)
+
+
+def test_buffered_samples_are_re_read_by_reference_from_local_and_streamed_shards(tmp_path):
+    from mmpretrain.data.tario import read_samples, read_samples_at
+
+    (url,) = shards(tmp_path, n=1)
+    refs = {start: sample for start, _, sample in read_samples(url)}
+    picked = sorted(refs)[3::3]
+    for source in (url, f"pipe:cat {url}"):  # a seek per sample, or one pass over a streamed shard
+        got = read_samples_at(source, picked)
+        assert {off: s["__key__"] for off, s in got.items()} == {off: refs[off]["__key__"] for off in picked}
+        assert all(got[off]["png"] == refs[off]["png"] for off in picked)
 
 
 def test_position_round_trips_through_json():
