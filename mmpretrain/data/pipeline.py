@@ -9,11 +9,12 @@ non-negative user seed works and no two (purpose, rank, stream, sample) share on
 An "epoch" is a fixed number of batches per worker, so every rank always yields the same number
 of batches (no DDP hang with uneven shards).
 
-Exact resume: batch ``j`` of a rank (counted from the start of training) is batch ``j // W`` of
-stream ``j % W`` (``W`` workers), which is what the DataLoader's round-robin over workers gives.
-Given ``start_batch`` (batches already consumed, from the checkpoint) each worker works out which
-batches of which stream it must serve in the partial epoch and after, and fast-forwards a stream
-by replaying it (deterministic, so no sample is seen twice or skipped).
+Resume: batch ``j`` of a rank (counted from the start of training) is batch ``j // W`` of stream
+``j % W`` (``W`` workers), which is what the DataLoader's round-robin over workers gives. Every
+training batch carries ``__position__``, its stream's :class:`~mmpretrain.data.position.StreamPosition`
+after it; the DataModule keeps the one of the last batch consumed per stream and the checkpoint
+saves it. A resumed stream opens at that position: the current shard at its byte offset and the
+shuffle buffer re-read by reference, never a replay, so resuming costs the same at any step.
 
 Sources may carry different modality subsets (``Source.modalities``; e.g. image-text shards mixed
 with audio-text shards). Every batch carries every modality of the stream: rows whose sample
@@ -28,21 +29,21 @@ so the count is exact across workers and ranks once summed by the training modul
 
 from __future__ import annotations
 
+import copy
 import random
-import re
-import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mmpretrain.data.collate import collate
 from mmpretrain.data.decode import BLANKS, decode_sample
+from mmpretrain.data.position import PositionFiles, StreamPosition, restore_rng, rng_state, shard_plan
+from mmpretrain.data.reader import SourceReader
 from mmpretrain.data.seeds import check_seed, derive
 
 
@@ -72,18 +73,10 @@ class SkipCounter:
         self.pending = 0
         self.consecutive = 0
         self.reasons: Counter[str] = Counter()
-        self._tar_error: str | None = None
 
     def __call__(self, exn: Exception) -> bool:
         if self.on_error == "raise":
             raise SampleError(f"bad sample ({type(exn).__name__}: {exn}); set data.on_error=skip to skip it") from exn
-        # webdataset reports one truncated tar twice (its member iterator, then its shard expander,
-        # with the shard's url as the last argument): count the truncation once.
-        url = _tar_error_url(exn)
-        if url is not None and url == self._tar_error:
-            self._tar_error = None
-            return True
-        self._tar_error = url
         self.pending += 1
         self.reasons[type(exn).__name__] += 1
         self.consecutive += 1
@@ -101,15 +94,6 @@ class SkipCounter:
     def take(self) -> int:
         n, self.pending = self.pending, 0
         return n
-
-
-def _tar_error_url(exn: Exception) -> str | None:
-    if not isinstance(exn, tarfile.TarError):
-        return None
-    if exn.args and isinstance(exn.args[-1], str) and len(exn.args) > 1:
-        return exn.args[-1]
-    found = re.search(r"name='([^']+)'", str(exn))
-    return found.group(1) if found else None
 
 
 def check_shard_counts(sources: list[Source], world_size: int, num_workers: int, shard_policy: str) -> None:
@@ -131,7 +115,11 @@ def _worker() -> tuple[int, int]:
 
 
 class ShardStream(IterableDataset):
-    """Batches of preprocessed samples from one or more weighted sources of shards."""
+    """Batches of preprocessed samples from one or more weighted sources of shards.
+
+    ``positions`` (stream -> :class:`StreamPosition` or its JSON) are where the streams of this
+    rank stand after the ``start_batch`` batches a resumed run consumed (the checkpoint's).
+    """
 
     def __init__(
         self,
@@ -150,6 +138,7 @@ class ShardStream(IterableDataset):
         start_batch: int = 0,
         shard_policy: str = "error",
         on_missing: str = "skip",
+        positions: dict[int, StreamPosition | str] | None = None,
     ):
         if shard_policy not in ("error", "resample"):
             raise ValueError(f"data.shard_policy must be 'error' or 'resample', not '{shard_policy}'")
@@ -169,55 +158,45 @@ class ShardStream(IterableDataset):
         if on_missing not in ("skip", "partial"):
             raise ValueError(f"data.on_missing must be 'skip' or 'partial', not '{on_missing}'")
         self.on_missing = on_missing
+        self.positions = {int(s): p if isinstance(p, StreamPosition) else StreamPosition.from_json(p)
+                          for s, p in (positions or {}).items()}
         self._fill: dict[str, torch.Tensor] | None = None
         self._streams: dict[int, tuple[Iterator[dict], int]] = {}  # stream -> (generator, next batch)
         self._next_start: int | None = None
         self.num_workers = 1  # set by the DataModule so __len__ is the per-rank epoch length
+        self._handoff = PositionFiles() if train else None
 
     def __len__(self) -> int:
         if self.batches_per_worker is None:
             raise TypeError("validation streams have no fixed length")
         return self.batches_per_worker * max(self.num_workers, 1)
 
-    # -- shards -----------------------------------------------------------------------------
+    # -- shards -> raw samples, per source ------------------------------------------------------
     def _my_shards(self, urls: list[str], pass_idx: int, worker: int, num_workers: int) -> list[str]:
-        order = list(urls)
-        if self.train and self.shard_policy == "resample":
-            # Every (rank, stream) draws its own shards with replacement: no shard count is too small.
-            rng = random.Random(derive(self.seed, "shard_resample", pass_idx, self.rank, worker))
-            return [rng.choice(order) for _ in range(max(1, len(order) // (self.world_size * num_workers)))]
-        if self.train:
-            random.Random(derive(self.seed, "shard_order", pass_idx)).shuffle(order)
-        return order[self.rank :: self.world_size][worker::num_workers]
+        policy = self.shard_policy if self.train else "error"
+        return [urls[k] for k in shard_plan(len(urls), self.seed, pass_idx, self.rank, self.world_size, worker,
+                                            num_workers, policy, shuffle=self.train)]
 
-    def _shard_urls(self, source: Source, worker: int, num_workers: int) -> Iterator[str]:
-        pass_idx = 0
-        while True:
-            mine = self._my_shards(source.urls, pass_idx, worker, num_workers)
-            if not mine and self.train:
+    def _reader(self, index: int, worker: int, num_workers: int, pos: Any, counter: SkipCounter) -> SourceReader:
+        source = self.sources[index]
+
+        def plan(pass_idx: int) -> list[int]:
+            shards = shard_plan(len(source.urls), self.seed, pass_idx, self.rank, self.world_size, worker,
+                                num_workers, self.shard_policy if self.train else "error", shuffle=self.train)
+            if not shards and self.train:
                 raise ValueError(
                     f"source '{source.name}' has {len(source.urls)} shards for {self.world_size} ranks x "
                     f"{num_workers} workers: every worker needs at least one. Lower data.num_workers, "
                     f"write more, smaller shards, or set data.shard_policy=resample."
                 )
-            yield from ({"url": u} for u in mine)
-            if not self.train:
-                return
-            pass_idx += 1
+            return shards
 
-    # -- samples ----------------------------------------------------------------------------
-    def _samples(self, index: int, worker: int, num_workers: int, counter: SkipCounter) -> Iterator[dict]:
-        source = self.sources[index]
-        stages = [
-            lambda: self._shard_urls(source, worker, num_workers),
-            wds.tarfile_to_samples(handler=counter),
-        ]
-        if self.train and self.shuffle_buffer > 1:
-            seed = derive(self.seed, "shuffle_buffer", self.rank, worker, index)
-            stages.append(wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=random.Random(seed)))
-        pipeline = wds.DataPipeline(*stages)
-        return iter(pipeline)
+        size = self.shuffle_buffer if self.train and self.shuffle_buffer > 1 else 0
+        seed = derive(self.seed, "shuffle_buffer", self.rank, worker, index)
+        return SourceReader(source.name, source.urls, plan, pos, counter, buffer_size=size, seed=seed,
+                            endless=self.train)
 
+    # -- samples -> batches -------------------------------------------------------------------
     def _modalities(self, source: Source) -> list[str]:
         return source.modalities or [m for m in self.preprocess] + ["cls"]
 
@@ -247,23 +226,25 @@ class ShardStream(IterableDataset):
                 self._fill = {m: torch.zeros_like(self.preprocess[m](BLANKS[m]())) for m in wanted if m in BLANKS}
         return self._fill
 
-    def _batch_stream(self, worker: int, num_workers: int) -> Iterator[dict]:
+    def _batch_stream(self, worker: int, num_workers: int, position: StreamPosition | None = None) -> Iterator[dict]:
+        """Stream ``worker``'s batches from ``position`` on (the start when None). Each training batch
+        carries ``__position__``: the stream's position after it, as JSON."""
+        pos = copy.deepcopy(position) if position is not None else StreamPosition.start(worker, len(self.sources))
+        pos.stream = worker
         counter = SkipCounter(self.on_error)
-        streams = [self._samples(i, worker, num_workers, counter) for i in range(len(self.sources))]
+        readers = [self._reader(i, worker, num_workers, p, counter) for i, p in enumerate(pos.sources)]
         weights = [s.weight for s in self.sources]
-        mix_rng = random.Random(derive(self.seed, "source_mix", self.rank, worker))
-        live = list(range(len(streams)))
+        mix_rng = restore_rng(pos.mix_rng, derive(self.seed, "source_mix", self.rank, worker))
+        live = list(range(len(readers)))
         batch: list[dict] = []
-        n_read = 0
         while live:
             i = mix_rng.choices(live, weights=[weights[j] for j in live])[0] if len(live) > 1 else live[0]
-            try:
-                raw = next(streams[i])
-            except StopIteration:
+            raw = readers[i].next()
+            if raw is None:
                 live.remove(i)
                 continue
-            n_read += 1
-            aug_seed = derive(self.seed, "augment", self.rank, worker, n_read) if self.train else None
+            pos.samples += 1
+            aug_seed = derive(self.seed, "augment", self.rank, worker, pos.samples) if self.train else None
             try:
                 batch.append(self._process(raw, self.sources[i], aug_seed))
             except Exception as exn:  # noqa: BLE001 - every decode/transform failure is a skip
@@ -271,7 +252,12 @@ class ShardStream(IterableDataset):
                 continue
             counter.ok()
             if len(batch) == self.batch_size:
-                yield self._emit(batch, counter)
+                out = self._emit(batch, counter)
+                if self.train:
+                    pos.batches += 1
+                    now = replace(pos, mix_rng=rng_state(mix_rng), sources=[r.position() for r in readers])
+                    out["__position__"] = now.to_json()
+                yield out
                 batch = []
         if batch and not self.train:
             yield self._emit(batch, counter)
@@ -281,6 +267,7 @@ class ShardStream(IterableDataset):
         out["__skipped__"] = torch.tensor(counter.take())
         return out
 
+    # -- batches -> the rank's epoch ------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
         worker, num_workers = _worker()
         if not self.train:
@@ -295,19 +282,36 @@ class ShardStream(IterableDataset):
         needed = {j % num_workers for j in mine}
         self._streams = {s: v for s, v in self._streams.items() if s in needed}
         for j in mine:
-            yield self._stream_batch(j % num_workers, j // num_workers, num_workers)
+            stream, k = j % num_workers, j // num_workers
+            batch = next(self._stream_at(stream, k, num_workers))
+            self._streams[stream] = (self._streams[stream][0], k + 1)
+            if j + num_workers >= end and get_worker_info() is not None:
+                # After a resume at a batch that is not a multiple of the workers, worker w serves
+                # stream (start + w) % W until the epoch ends, then stream w: hand this stream's
+                # position to whichever worker continues it (written before the batch leaves, so it
+                # is there before the next epoch begins).
+                self._handoff.put(stream, batch["__position__"])
+            yield batch
 
-    def _stream_batch(self, stream: int, position: int, num_streams: int) -> dict:
-        """Batch ``position`` of ``stream``; a stream not already there is rebuilt and replayed."""
-        gen, pos = self._streams.get(stream, (None, -1))
-        if gen is None or pos > position:
-            gen, pos = self._batch_stream(stream, num_streams), 0
-        while pos < position:  # exact resume: replay what the checkpointed run already consumed
-            next(gen)
-            pos += 1
-        batch = next(gen)
-        self._streams[stream] = (gen, position + 1)
-        return batch
+    def _stream_at(self, stream: int, k: int, num_streams: int) -> Iterator[dict]:
+        """``stream``'s generator about to produce its batch ``k``: the live one, or one opened at a
+        saved position (a checkpoint's, or another worker's at an epoch boundary). Never a replay."""
+        gen, at = self._streams.get(stream, (None, -1))
+        if gen is None or at != k:
+            saved = self._handoff.get(stream, k) or self.positions.get(stream)
+            if saved is not None and not isinstance(saved, StreamPosition):
+                saved = StreamPosition.from_json(saved)
+            if saved is None and k == 0:
+                saved = StreamPosition.start(stream, len(self.sources))
+            if saved is None or saved.batches != k:
+                raise RuntimeError(
+                    f"no saved position of stream {stream} (rank {self.rank}) at its batch {k}"
+                    + (f" (the checkpoint's is at {saved.batches})" if saved is not None else "")
+                    + ": the checkpoint does not match this data layout. Resume with data.resume=approx."
+                )
+            gen = self._batch_stream(stream, num_streams, saved)
+        self._streams[stream] = (gen, k)
+        return gen
 
 
 @contextmanager
