@@ -118,3 +118,12 @@ def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     t = torch.tensor([1 if flag else 0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def share(n: int) -> slice:
+    """This rank's contiguous share of ``n`` rows: rank order, sizes differing by at most one,
+    so concatenating every rank's share (``all_gather_variable``) restores the order 0..n-1."""
+    base, extra = divmod(n, world_size())
+    r = rank()
+    start = r * base + min(r, extra)
+    return slice(start, start + base + (1 if r < extra else 0))
