@@ -36,23 +36,10 @@ def _gather(x: torch.Tensor, across_ranks: bool) -> torch.Tensor:
     return distributed.all_gather_variable(x) if across_ranks else x
 
 
-def _ranks(queries: torch.Tensor, gallery: torch.Tensor, chunk: int | None = None,
-           rows: torch.Tensor | None = None) -> torch.Tensor:
+def _ranks(queries: torch.Tensor, gallery: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """1-based pessimistic rank of the true match (same index) of each query in the gallery:
-    1 + the number of other gallery items whose similarity is not below the true one's.
-    ``rows``: the query indices to rank (default all)."""
-    rows = torch.arange(queries.shape[0]) if rows is None else rows
-    rows = rows.to(queries.device)
-    gallery = F.normalize(gallery, dim=-1)
-    ranks = [torch.zeros(0, dtype=torch.long, device=queries.device)]
-    for idx in rows.split(_chunk_rows(gallery.shape[0], chunk)):
-        sims = F.normalize(queries[idx], dim=-1) @ gallery.T
-        local = torch.arange(len(idx), device=sims.device)
-        true = sims[local, idx].unsqueeze(1)
-        beaten = ~(sims < true)  # ties and NaN (on either side) count against the true match
-        beaten[local, idx] = False  # the true match itself
-        ranks.append(beaten.sum(1) + 1)
-    return torch.cat(ranks)
+    1 + the number of other gallery items whose similarity is not below the true one's."""
+    return _per_query(queries, gallery, None, None, (), chunk, torch.arange(queries.shape[0]), True)["ranks"]
 
 
 def _sort_rows(x: torch.Tensor) -> torch.Tensor:
@@ -62,52 +49,78 @@ def _sort_rows(x: torch.Tensor) -> torch.Tensor:
     return x.sort(dim=1).values
 
 
-def _class_results(queries, q_labels, gallery, g_labels, ks, chunk: int | None, rows: torch.Tensor):
-    """Per query in ``rows``: class hits at each k ``[n, len(ks)]`` and average precision ``[n]``.
+def _per_query(q, g, ql, gl, ks, chunk: int | None, rows: torch.Tensor, paired: bool) -> dict[str, torch.Tensor]:
+    """For the queries ``rows`` of ``q`` against the gallery ``g``, one similarity chunk at a time:
+    ``ranks`` ``[n]`` of the true match (row i of ``g`` when ``paired``) and, with labels, class ``hits`` ``[n, len(ks)]`` at each k
+    and average precision ``ap`` ``[n]``.
 
-    Exact without sorting the whole ranking: in the pessimistic order (descending similarity,
-    irrelevant items first among ties, NaN worst for a relevant item and best for an irrelevant
-    one) the j-th relevant item (relevant sorted by similarity) has j relevant items at or above
-    it and, above those, every irrelevant item scoring at least as high. Its precision is
+    The rank of the true match is 1 + #(other items not scoring below it) = #(items not below it),
+    the true match included: N - #(items strictly below), since a NaN compares false.
+
+    Class metrics are exact without sorting whole rankings: in the pessimistic order (descending
+    similarity, irrelevant items first among ties, NaN worst for a relevant item and best for an
+    irrelevant one) the j-th relevant item (relevant sorted by similarity) has j relevant items at
+    or above it and, above those, every irrelevant item scoring at least as high. Its precision is
     ``j / (j + #irrelevant >= its score)``; ties among relevant items share that count, so their
-    order does not matter. Queries are grouped by class, so the relevant set is one column mask.
+    order does not matter. The gallery is ordered by label and the queries grouped by label, so
+    a chunk's relevant items are one block of columns.
     """
-    gallery = F.normalize(gallery, dim=-1)
-    device = queries.device
-    q_labels, g_labels, rows = q_labels.to(device), g_labels.to(device), rows.to(device)
-    hits = torch.zeros(len(rows), len(ks), dtype=torch.bool, device=device)
-    ap = torch.zeros(len(rows), dtype=torch.float64, device=device)
-    ks_t = torch.tensor(ks, device=device)
-    step = _chunk_rows(gallery.shape[0], chunk)
-    labels_here = q_labels[rows]
-    for c in labels_here.unique():
-        relevant = g_labels == c
-        m = int(relevant.sum())
-        if m == 0:  # nothing to find: a miss, AP 0
-            continue
-        j = torch.arange(1, m + 1, device=device, dtype=torch.float64)
-        for pos in (labels_here == c).nonzero().squeeze(1).split(step):
-            sims = F.normalize(queries[rows[pos]], dim=-1) @ gallery.T
-            rel = sims[:, relevant].nan_to_num(nan=-torch.inf)  # a NaN relevant item ranks last
-            irr = sims[:, ~relevant].nan_to_num(nan=torch.inf)  # a NaN irrelevant item ranks first
-            del sims
-            rel = _sort_rows(rel).flip(1)  # descending: column j-1 is the j-th relevant score
-            irr = _sort_rows(irr)
-            ahead = irr.shape[1] - torch.searchsorted(irr, rel)  # irrelevant scoring >= each relevant
-            ap[pos] = (j / (j + ahead)).sum(1) / m
-            hits[pos] = (ahead[:, :1] + 1) <= ks_t  # the first relevant item's position <= k
+    device = q.device
+    rows = rows.to(device)
+    g = F.normalize(g, dim=-1)
+    n_gallery, n = g.shape[0], len(rows)
+    out = {"ranks": torch.zeros(n, dtype=torch.long, device=device)} if paired else {}
+    where = rows  # column of each query's true match
+    groups: list[tuple[int, int, torch.Tensor]] = [(0, 0, torch.arange(n, device=device))]
+    if ql is not None:
+        ql, gl = ql.to(device), gl.to(device)
+        order = gl.argsort(stable=True)
+        g, gl = g[order], gl[order]
+        where = torch.empty_like(order)
+        where[order] = torch.arange(n_gallery, device=device)
+        where = where[rows] if paired else None
+        labels = ql[rows]
+        groups = []
+        for c in labels.unique():
+            lo = int((gl < c).sum())  # the block [lo, hi) of the label-ordered gallery is relevant
+            groups.append((lo, lo + int((gl == c).sum()), (labels == c).nonzero().squeeze(1)))
+        out["hits"] = torch.zeros(n, len(ks), dtype=torch.bool, device=device)
+        out["ap"] = torch.zeros(n, dtype=torch.float64, device=device)
+    step = _chunk_rows(n_gallery, chunk)
+    for lo, hi, positions in groups:
+        for pos in positions.split(step):
+            sims = F.normalize(q[rows[pos]], dim=-1) @ g.T
+            if paired:
+                true = sims[torch.arange(len(pos), device=device), where[pos]].unsqueeze(1)
+                out["ranks"][pos] = n_gallery - (sims < true).sum(1)  # ties and NaN count against it
+            if hi > lo:  # no relevant item at all: a miss, AP 0
+                out["hits"][pos], out["ap"][pos] = _class_hits_and_ap(sims, lo, hi, ks)
+    return out
+
+
+def _class_hits_and_ap(sims: torch.Tensor, lo: int, hi: int, ks) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hits at each k and AP of rows whose relevant items are the columns ``[lo, hi)``."""
+    rel, irr = sims[:, lo:hi], torch.cat([sims[:, :lo], sims[:, hi:]], 1)
+    if sims.isnan().any():
+        rel, irr = rel.nan_to_num(nan=-torch.inf), irr.nan_to_num(nan=torch.inf)  # NaN: worst relevant, best irrelevant
+    rel, irr = _sort_rows(rel), _sort_rows(irr)  # ascending; rel column i is the (m - i)-th best relevant
+    ahead = irr.shape[1] - torch.searchsorted(irr, rel)  # irrelevant items scoring >= each relevant one
+    m = hi - lo
+    j = torch.arange(m, 0, -1, device=sims.device, dtype=torch.float64)
+    ap = (j / (j + ahead)).sum(1) / m
+    hits = (ahead[:, -1:] + 1) <= torch.tensor(ks, device=sims.device)  # the best relevant item's position <= k
     return hits, ap
 
 
-def _directional(q, g, ql, gl, ks, chunk, across_ranks) -> dict[str, torch.Tensor]:
+def _directional(q, g, ql, gl, ks, chunk, across_ranks, paired=True) -> dict[str, torch.Tensor]:
     """Per-query results of ``q`` against ``g`` for every query (gathered when split)."""
-    rows = _query_rows(q.shape[0], across_ranks)
-    out = {"ranks": _gather(_ranks(q, g, chunk, rows), across_ranks)}
-    if ql is not None:
-        hits, ap = _class_results(q, ql, g, gl, ks, chunk, rows)
-        out["class_hits"] = _gather(hits.to(torch.uint8), across_ranks).bool()
-        out["ap"] = _gather(ap, across_ranks)
-    return out
+    res = _per_query(q, g, ql, gl, ks, chunk, _query_rows(q.shape[0], across_ranks), paired)
+    if "hits" in res:
+        res["hits"] = res["hits"].to(torch.uint8)
+    res = {k: _gather(v, across_ranks) for k, v in res.items()}
+    if "hits" in res:
+        res["hits"] = res["hits"].bool()
+    return res
 
 
 def _pairs(a, b, a_labels, b_labels, a_name, b_name):
@@ -137,7 +150,7 @@ def retrieval_metrics(
 
 
 def _class_summary(res: dict[str, torch.Tensor], ks, direction: str) -> dict[str, float]:
-    out = {f"class_R@{k}/{direction}": res["class_hits"][:, i].float().mean().item() for i, k in enumerate(ks)}
+    out = {f"class_R@{k}/{direction}": res["hits"][:, i].float().mean().item() for i, k in enumerate(ks)}
     out[f"class_mAP/{direction}"] = res["ap"].mean().item()
     return out
 
@@ -156,8 +169,5 @@ def class_retrieval_metrics(
     """
     out: dict[str, float] = {}
     for q, g, ql, gl, direction in _pairs(a, b, a_labels, b_labels, a_name, b_name):
-        rows = _query_rows(q.shape[0], across_ranks)
-        hits, ap = _class_results(q, ql, g, gl, ks, chunk, rows)
-        res = {"class_hits": _gather(hits.to(torch.uint8), across_ranks).bool(), "ap": _gather(ap, across_ranks)}
-        out |= _class_summary(res, ks, direction)
+        out |= _class_summary(_directional(q, g, ql, gl, ks, chunk, across_ranks, paired=False), ks, direction)
     return out
