@@ -68,6 +68,7 @@ def _per_query(q, g, ql, gl, ks, chunk: int | None, rows: torch.Tensor, paired: 
     device = q.device
     rows = rows.to(device)
     g = F.normalize(g, dim=-1)
+    finite_gallery = bool(g.isfinite().all())  # else some similarities are NaN
     n_gallery, n = g.shape[0], len(rows)
     out = {"ranks": torch.zeros(n, dtype=torch.long, device=device)} if paired else {}
     where = rows  # column of each query's true match
@@ -89,19 +90,22 @@ def _per_query(q, g, ql, gl, ks, chunk: int | None, rows: torch.Tensor, paired: 
     step = _chunk_rows(n_gallery, chunk)
     for lo, hi, positions in groups:
         for pos in positions.split(step):
-            sims = F.normalize(q[rows[pos]], dim=-1) @ g.T
+            queries = F.normalize(q[rows[pos]], dim=-1)
+            sims = queries @ g.T
             if paired:
                 true = sims[torch.arange(len(pos), device=device), where[pos]].unsqueeze(1)
-                out["ranks"][pos] = n_gallery - (sims < true).sum(1)  # ties and NaN count against it
+                below = (sims < true).sum(1, dtype=torch.int32)  # ties and NaN count against the match
+                out["ranks"][pos] = n_gallery - below.long()
             if hi > lo:  # no relevant item at all: a miss, AP 0
-                out["hits"][pos], out["ap"][pos] = _class_hits_and_ap(sims, lo, hi, ks)
+                nan = not (finite_gallery and bool(queries.isfinite().all()))
+                out["hits"][pos], out["ap"][pos] = _class_hits_and_ap(sims, lo, hi, ks, nan)
     return out
 
 
-def _class_hits_and_ap(sims: torch.Tensor, lo: int, hi: int, ks) -> tuple[torch.Tensor, torch.Tensor]:
+def _class_hits_and_ap(sims: torch.Tensor, lo: int, hi: int, ks, nan: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Hits at each k and AP of rows whose relevant items are the columns ``[lo, hi)``."""
     rel, irr = sims[:, lo:hi], torch.cat([sims[:, :lo], sims[:, hi:]], 1)
-    if sims.isnan().any():
+    if nan:
         rel, irr = rel.nan_to_num(nan=-torch.inf), irr.nan_to_num(nan=torch.inf)  # NaN: worst relevant, best irrelevant
     rel, irr = _sort_rows(rel), _sort_rows(irr)  # ascending; rel column i is the (m - i)-th best relevant
     ahead = irr.shape[1] - torch.searchsorted(irr, rel)  # irrelevant items scoring >= each relevant one
