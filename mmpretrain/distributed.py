@@ -137,3 +137,23 @@ def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     t = torch.tensor([1 if flag else 0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def share(n: int) -> slice:
+    """This rank's contiguous share of ``n`` rows: rank order, sizes differing by at most one,
+    so concatenating every rank's share (``all_gather_variable``) restores the order 0..n-1."""
+    base, extra = divmod(n, world_size())
+    r = rank()
+    start = r * base + min(r, extra)
+    return slice(start, start + base + (1 if r < extra else 0))
+
+
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    """Elementwise max of ``x`` over ranks, for host-side bookkeeping (counts, flags): the tensor
+    travels on the device the backend needs (CUDA for NCCL) and comes back where it was."""
+    if world_size() == 1:
+        return x
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else x.device
+    y = x.to(device, copy=True)
+    dist.all_reduce(y, op=dist.ReduceOp.MAX)
+    return y.to(x.device)

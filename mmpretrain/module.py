@@ -15,11 +15,11 @@ from mmpretrain import distributed
 from mmpretrain.evaluation import (
     class_embeddings,
     class_prototypes,
-    class_retrieval_metrics,
     retrieval_metrics,
     zero_shot_accuracy,
 )
 from mmpretrain.gradcache import grad_cache_backward
+from mmpretrain.losses import InfoNCE, logit_scale_for, pair_name, tiled_cross_entropy
 from mmpretrain.model import ContrastiveModel
 from mmpretrain.optim import build_optimizer, warmup_cosine
 
@@ -224,9 +224,12 @@ class ContrastiveModule(L.LightningModule):
         (relevant = same class). Zero-shot ``val/zeroshot_top1/q_c`` classifies modality q by
         class prototypes of modality c: prompt embeddings when c is text, otherwise the mean
         embedding of each class among the val set's c samples.
+
+        Every rank gathers the embeddings (the keys), then scores only its share of the queries,
+        a chunk at a time, and the per-query results are gathered: the metrics cover the whole
+        val set, are identical on all ranks, and no rank ever holds an N x N matrix.
         """
-        # Gather every rank's share so metrics cover the whole val set (identical on all ranks);
-        # every rank gathers the same columns, in the same order, even with no rows of its own.
+        # Every rank gathers the same columns, in the same order, even with no rows of its own.
         emb = {k: distributed.all_gather_variable(v) for k, v in self._val_columns(local).items()}
         labels = emb.pop("cls")
         masks = {m: emb.pop(f"{m}_mask") for m in self.model.modalities}
@@ -239,17 +242,29 @@ class ContrastiveModule(L.LightningModule):
                 if not both.any():
                     continue
                 ea, eb = emb[a][both], emb[b][both]
-                scores = retrieval_metrics(ea, eb, a, b)
-                if labelled[both].all():
-                    scores |= class_retrieval_metrics(ea, eb, labels[both], labels[both], a, b)
+                pair_labels = labels[both] if labelled[both].all() else None
+                scores = retrieval_metrics(ea, eb, a, b, a_labels=pair_labels, b_labels=pair_labels, across_ranks=True)
                 metrics.update({f"val/retrieval_{k}": v for k, v in scores.items()})
-                # Loss over the whole val set as one batch (no gathering: embeddings are global).
-                outputs = {f"{a}_features": ea, f"{b}_features": eb} | self.model.logit_scale_outputs()
-                for name, value in self.loss(outputs, gather=False).items():
-                    metrics[f"val/{name}"] = value.item()
+                metrics.update({f"val/{name}": v.item() for name, v in self._val_loss(ea, eb, a, b).items()})
         if labelled.any():
             metrics |= self._zero_shot(emb, masks, labels, labelled, mods)
         return metrics
+
+    def _val_loss(self, ea: torch.Tensor, eb: torch.Tensor, a: str, b: str) -> dict[str, torch.Tensor]:
+        """The loss over the whole val set as one batch (the embeddings are already global).
+
+        InfoNCE goes through the tiled loss (same value, memory O(N x tile)), each rank taking its
+        share of the rows; another loss runs as it is, on the whole set (N x N)."""
+        outputs = {f"{a}_features": ea, f"{b}_features": eb} | self.model.logit_scale_outputs()
+        if not isinstance(self.loss, InfoNCE):
+            return self.loss(outputs, gather=False)
+        out = {}
+        for (x, y), w in zip(self.loss.pairs, self.loss.weights):
+            if {x, y} == {a, b}:
+                fx, fy = outputs[f"{x}_features"], outputs[f"{y}_features"]
+                scale = logit_scale_for(outputs, x, y)
+                out[f"{pair_name(x, y)}_loss"] = w * _split_clip_loss(fx, fy, scale, self.loss.tile_size)
+        return out
 
     def _zero_shot(self, emb, masks, labels, labelled, mods) -> dict[str, float]:
         num_classes = len(self.zeroshot["classnames"]) if self.zeroshot else int(labels.max().item()) + 1
@@ -268,7 +283,7 @@ class ContrastiveModule(L.LightningModule):
                 rows = masks[q] & labelled
                 if q == c or (q == "text" and c != "text") or not rows.any():
                     continue
-                acc = zero_shot_accuracy(emb[q][rows], labels[rows], classes.to(emb[q].dtype))
+                acc = zero_shot_accuracy(emb[q][rows], labels[rows], classes.to(emb[q].dtype), across_ranks=True)
                 metrics[f"val/zeroshot_top1/{q}_{c}"] = acc["top1"]
                 metrics[f"val/zeroshot_top5/{q}_{c}"] = acc["top5"]
         return metrics
@@ -282,6 +297,22 @@ class ContrastiveModule(L.LightningModule):
         if not hasattr(self, "_tokenize"):
             self._tokenize = self.model.towers["text"].preprocess(False)
         return self._tokenize
+
+
+def _split_clip_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, tile: int) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE of ``a``/``b`` (identical on every rank), tiled.
+
+    The rows are cut into blocks of ``tile`` at the same places whatever the world size; each
+    rank takes its share of the blocks, sums their cross-entropies (both directions) in float64,
+    and the sums are all-reduced: the same value, to float32 rounding, on 1 rank or many."""
+    n = a.shape[0]
+    starts = range(0, n, tile)
+    total = torch.zeros((), dtype=torch.float64, device=a.device)
+    for start in starts[distributed.share(len(starts))]:
+        rows = slice(start, min(start + tile, n))
+        for q, k in ((a, b), (b, a)):
+            total += tiled_cross_entropy(q[rows], k, scale, start, tile).double() * (rows.stop - rows.start)
+    return (distributed.all_reduce_sum(total) / (2 * n)).float()
 
 
 def _loss_scaler(trainer: L.Trainer) -> Any:

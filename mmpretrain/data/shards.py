@@ -9,6 +9,9 @@ import tarfile
 from pathlib import Path
 
 import braceexpand
+import torch
+
+from mmpretrain import distributed
 
 
 class NoShardsError(FileNotFoundError):
@@ -39,23 +42,51 @@ def expand_shards(patterns: str | list[str]) -> list[str]:
 
 
 def count_samples(urls: list[str]) -> int:
-    """Samples in local shards: from a ``sizes.json`` beside them when present, else tar headers."""
-    total = 0
-    sizes_cache: dict[Path, dict] = {}
-    for url in urls:
-        path = Path(url)
-        sizes_file = path.parent / "sizes.json"
-        if sizes_file not in sizes_cache:
-            sizes_cache[sizes_file] = json.loads(sizes_file.read_text()) if sizes_file.exists() else {}
-        sizes = sizes_cache[sizes_file]
-        if path.name in sizes:
-            total += int(sizes[path.name])
-            continue
-        if not path.exists():
-            raise ValueError(f"cannot count samples of remote shard {url}; set data.train_samples")
-        keys = set()
-        with tarfile.open(path) as tf:
-            for member in tf:
-                keys.add(member.name.split(".", 1)[0])
-        total += len(keys)
-    return total
+    """Samples in local shards: from a ``sizes.json`` beside them when present, else tar headers.
+
+    Shards missing from ``sizes.json`` are counted once, not on every rank: under
+    ``torch.distributed`` each rank reads the tar headers of its share of them and one all-reduce
+    shares the counts (so every rank must call this with the same urls, as the datamodule does).
+    Rank 0 then adds the new counts to ``sizes.json`` (a temporary file renamed over it) when the
+    folder is writable, so the next run reads them instead.
+    """
+    paths = [Path(u) for u in urls]
+    sizes_by_dir = {d: _read_sizes(d / "sizes.json") for d in dict.fromkeys(p.parent for p in paths)}
+    known = [sizes_by_dir[p.parent].get(p.name) for p in paths]
+    missing = [i for i, k in enumerate(known) if k is None]
+    for i in missing:
+        if not paths[i].exists():
+            raise ValueError(f"cannot count samples of remote shard {urls[i]}; set data.train_samples")
+    # -1: not counted here. Ranks may disagree on what sizes.json held (another run writing it),
+    # so the vector covers every url and max takes any rank's count: one collective, always.
+    counts = torch.tensor([-1 if k is None else int(k) for k in known], dtype=torch.long)
+    for i in missing[distributed.share(len(missing))]:
+        counts[i] = _count_tar(paths[i])
+    counts = distributed.all_reduce_max(counts)
+    if missing and distributed.rank() == 0:
+        for d in dict.fromkeys(paths[i].parent for i in missing):
+            new = {p.name: int(c) for p, c in zip(paths, counts.tolist()) if p.parent == d}
+            _write_sizes(d / "sizes.json", new)
+    return int(counts.sum())
+
+
+def _count_tar(path: Path) -> int:
+    with tarfile.open(path) as tf:
+        return len({member.name.split(".", 1)[0] for member in tf})
+
+
+def _read_sizes(path: Path) -> dict[str, int]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def _write_sizes(path: Path, new: dict[str, int]) -> None:
+    """Merge ``new`` into ``path`` atomically; a read-only folder keeps counting each run."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(dict(sorted((_read_sizes(path) | new).items())), indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)

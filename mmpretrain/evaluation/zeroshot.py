@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from mmpretrain import distributed
+
 
 def read_lines(path: str) -> list[str]:
     with open(path) as f:
@@ -26,24 +28,40 @@ def class_embeddings(
 
 
 def zero_shot_accuracy(
-    queries: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor, topk: tuple[int, ...] = (1, 5)
+    queries: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor, topk: tuple[int, ...] = (1, 5),
+    chunk: int = 8192, across_ranks: bool = False,
 ) -> dict[str, float]:
     """Top-k accuracy of ``queries [N, D]`` classified by nearest class embedding ``[C, D]``.
 
     Pessimistic: a query is a hit at k when fewer than k other classes score at least as high as
     its true class (ties count against it, a NaN score beats it), and never when its own score is
     not finite. A collapsed model (every score equal) or a diverged one (NaN) scores 0, not chance
-    or better.
+    or better. Scored ``chunk`` queries at a time; with ``across_ranks`` (inputs identical on every
+    rank) each rank scores its share of the queries and the per-query hits are gathered.
     """
-    logits = F.normalize(queries, dim=-1) @ F.normalize(classes, dim=-1).T
-    labels = labels.view(-1).long()
-    known = (labels >= 0) & (labels < classes.shape[0])  # a label without a class embedding is a miss
-    index = labels.clamp(0, classes.shape[0] - 1).unsqueeze(1)
+    labels = labels.view(-1).long().to(queries.device)
+    classes = F.normalize(classes, dim=-1)
+    rows = distributed.share(queries.shape[0]) if across_ranks else slice(0, queries.shape[0])
+    hits = [torch.zeros(0, len(topk), dtype=torch.bool, device=queries.device)]
+    for start in range(rows.start, rows.stop, chunk):
+        stop = min(start + chunk, rows.stop)
+        hits.append(_top_hits(F.normalize(queries[start:stop], dim=-1) @ classes.T, labels[start:stop], topk))
+    hits = torch.cat(hits)
+    if across_ranks:
+        hits = distributed.all_gather_variable(hits.to(torch.uint8)).bool()
+    return {f"top{k}": hits[:, i].float().mean().item() for i, k in enumerate(topk)}
+
+
+def _top_hits(logits: torch.Tensor, labels: torch.Tensor, topk: tuple[int, ...]) -> torch.Tensor:
+    """``[n, len(topk)]`` bool: the true class is a (pessimistic) top-k hit."""
+    known = (labels >= 0) & (labels < logits.shape[1])  # a label without a class embedding is a miss
+    index = labels.clamp(0, logits.shape[1] - 1).unsqueeze(1)
     true = logits.gather(1, index)
     beaten = ~(logits < true)  # ties and NaN count against the true class
     beaten.scatter_(1, index, False)  # the true class itself
     scored = known & true.squeeze(1).isfinite()
-    return {f"top{k}": ((beaten.sum(1) < k) & scored).float().mean().item() for k in topk}
+    ahead = beaten.sum(1, keepdim=True)
+    return (ahead < torch.tensor(topk, device=logits.device)) & scored[:, None]
 
 
 def class_prototypes(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -150,3 +150,30 @@ def test_exact_ties_count_against_the_model():
     got = class_retrieval_metrics(torch.tensor([[1.0, 0.0]]), txt[:2], torch.tensor([1]), torch.tensor([0, 1]), "q", "g",
                                   ks=(1, 2))
     assert got["class_R@1/q_to_g"] == 0.0 and got["class_R@2/q_to_g"] == 1.0 and got["class_mAP/q_to_g"] == 0.5
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 3])
+def test_chunked_split_free_metrics_keep_every_tie_and_nan_rule(chunk):
+    """Signed one-hot embeddings: similarities are exactly -1, 0 or 1, so ties are everywhere; a
+    NaN query, a NaN gallery item, a class absent from the gallery, galleries of another size."""
+    g = torch.Generator().manual_seed(5)
+
+    def signed_one_hot(n):
+        x = torch.zeros(n, D).scatter_(1, torch.randint(0, D, (n, 1), generator=g), 1.0)
+        return x * (torch.randint(0, 2, (n, 1), generator=g) * 2 - 1)
+
+    a, b = signed_one_hot(N), signed_one_hot(N)
+    a[4], b[7] = math.nan, math.nan
+    la, lb = torch.randint(0, C + 1, (N,), generator=g), torch.randint(0, C, (N,), generator=g)  # class C: no match
+    got = retrieval_metrics(a, b, "a", "b", a_labels=la, b_labels=lb, chunk=chunk)
+    for k in (1, 5, 10):
+        assert got[f"R@{k}/a_to_b"] == pytest.approx(sum(r <= k for r in reference_ranks(a, b)) / N)
+        r_at_k, mean_ap = reference_class_retrieval(a, b, la, lb, k)
+        assert got[f"class_R@{k}/a_to_b"] == pytest.approx(r_at_k, abs=1e-6)
+        assert got["class_mAP/a_to_b"] == pytest.approx(mean_ap, abs=1e-6)
+        assert got[f"class_R@{k}/b_to_a"] == pytest.approx(reference_class_retrieval(b, a, lb, la, k)[0], abs=1e-6)
+    assert got["class_mAP/b_to_a"] == pytest.approx(reference_class_retrieval(b, a, lb, la, 1)[1], abs=1e-6)
+    assert got == class_retrieval_metrics(a, b, la, lb, "a", "b", chunk=chunk) | {
+        k: v for k, v in got.items() if "class" not in k}
+    few = class_retrieval_metrics(a[:5], b, la[:5], lb, "q", "g", chunk=chunk)  # 5 queries, 23 gallery items
+    assert few["class_mAP/q_to_g"] == pytest.approx(reference_class_retrieval(a[:5], b, la[:5], lb, 1)[1], abs=1e-6)

@@ -1,0 +1,82 @@
+"""Validation metrics split across 2 gloo processes equal the single-process ones.
+
+Each rank scores only its share of the queries against the (identical) gathered keys and the
+per-query results are gathered: retrieval, class retrieval, zero-shot and the val loss must come
+out the same as in one process, on every rank, with exact ties, NaN rows and uneven shares
+(37 rows for 2 ranks; a single row, so that one rank has no query at all).
+"""
+
+import json
+import math
+import os
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mmpretrain.evaluation import class_retrieval_metrics, retrieval_metrics, zero_shot_accuracy
+from tests.integration.test_ddp_gradients import free_port
+
+SIZES = (37, 1, 200)
+
+
+def problem(n: int, seed: int = 0):
+    """Tie-heavy embeddings (signed one-hot: similarities are exactly -1, 0 or 1), one NaN row."""
+    g = torch.Generator().manual_seed(seed + n)
+    a, b = (torch.zeros(n, 4).scatter_(1, torch.randint(0, 4, (n, 1), generator=g),
+                                      torch.randint(0, 2, (n, 1), generator=g).float() * 2 - 1) for _ in range(2))
+    if n > 3:
+        a[2] = math.nan
+        b[n // 2 :] += 0.1 * torch.randn(n - n // 2, 4, generator=g)  # and half of the gallery tie-free
+    labels = torch.randint(0, 5, (n,), generator=g)
+    return a, b, labels, torch.randn(6, 4, generator=g)
+
+
+def metrics(n: int, across_ranks: bool) -> dict[str, float]:
+    from mmpretrain.module import _split_clip_loss
+
+    a, b, labels, classes = problem(n)
+    out = retrieval_metrics(a, b, "a", "b", a_labels=labels, b_labels=labels, chunk=3, across_ranks=across_ranks)
+    out |= {f"only_{k}": v for k, v in class_retrieval_metrics(a, b, labels, labels, "a", "b",
+                                                                across_ranks=across_ranks).items()}
+    out |= zero_shot_accuracy(b, labels, classes, topk=(1, 2), chunk=5, across_ranks=across_ranks)
+    out["loss"] = _split_clip_loss(*loss_features(n), torch.tensor(10.0), tile=4).item()
+    return out
+
+
+def loss_features(n: int):
+    unit = torch.nn.functional.normalize
+    return unit(torch.randn(n, 4, generator=torch.Generator().manual_seed(n)), dim=-1), unit(problem(n)[1], dim=-1)
+
+
+def worker(rank, world, port, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    queue.put(json.dumps([rank, {n: metrics(n, across_ranks=True) for n in SIZES}]))
+    dist.destroy_process_group()
+
+
+def test_split_query_metrics_equal_single_process():
+    from mmpretrain.losses import clip_loss
+
+    single = {n: metrics(n, across_ranks=False) for n in SIZES}
+    for n in SIZES:  # the single-process val loss is the plain (untiled) loss
+        plain = clip_loss(*loss_features(n), torch.tensor(10.0), gather=False)
+        assert math.isclose(single[n]["loss"], plain.item(), abs_tol=1e-5)
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=worker, args=(r, 2, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(json.loads(queue.get(timeout=120)) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for rank, per_size in results.items():
+        for n in SIZES:
+            got, want = per_size[str(n)], single[n]
+            assert sorted(got) == sorted(want)
+            for k in want:
+                assert math.isclose(got[k], want[k], abs_tol=1e-6), (rank, n, k, got[k], want[k])

@@ -1,0 +1,136 @@
+"""Counting a large shard set without sizes.json: once across ranks, then never again.
+
+1,000 small shards (1-3 samples each, 2,000 in all), 2 gloo ranks x 2 loader workers, through the
+datamodule's own path (``train_dataloader`` with a stand-in trainer). Each rank reads the tar
+headers of only its half of the shards, one all-reduce shares the counts, every rank gets the same
+epoch length (the right one), the first batch comes within seconds, and rank 0 leaves a
+``sizes.json`` that the next run reads instead of any tar header.
+"""
+
+import json
+import os
+import tarfile
+import time
+from pathlib import Path
+from queue import Empty
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tests.integration.test_ddp_gradients import free_port
+
+SHARDS, WORLD, WORKERS, BATCH = 1000, 2, 2, 4
+
+
+def samples_in(i: int) -> int:
+    return 1 + i % 3
+
+
+def write_shards(root: Path) -> int:
+    from tests.unit.test_data import good, write_shard
+
+    for i in range(SHARDS):
+        write_shard(root / f"train-{i:04d}.tar", [good(i * 3 + j) for j in range(samples_in(i))])
+    return sum(samples_in(i) for i in range(SHARDS))
+
+
+def first_pixel(img):
+    return torch.tensor(next(iter(img.getdata())), dtype=torch.float32)
+
+
+def text_length(text):
+    return torch.tensor([len(text)])
+
+
+def preprocess(train: bool) -> dict:  # picklable: the loader's workers may be spawned
+    return {"image": first_pixel, "text": text_length}
+
+
+def worker(rank, port, root, queue):
+    from mmpretrain.data import shards
+    from mmpretrain.datamodule import ContrastiveDataModule
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    opened = []
+    count_tar = shards._count_tar
+    shards._count_tar = lambda path: opened.append(path.name) or count_tar(path)
+    cfg = {"sources": {"s": {"shards": f"{root}/train-{{0000..{SHARDS - 1:04d}}}.tar"}},
+           "batch_size": BATCH, "num_workers": WORKERS, "shuffle_buffer": 8}
+    runs = []
+    for _ in range(2):  # the second run finds sizes.json
+        dm = ContrastiveDataModule(cfg, preprocess, seed=0)
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=WORLD,
+                                     strategy=SimpleNamespace(root_device=SimpleNamespace(type="cpu")))
+        opened.clear()
+        t0 = time.perf_counter()
+        loader = dm.train_dataloader()
+        batches = iter(loader)
+        next(batches)
+        first_batch_s = time.perf_counter() - t0
+        n_batches = 1 + sum(1 for _ in batches) if not runs else None  # the whole epoch once
+        runs.append({"per_worker": dm.batches_per_worker(), "opened": sorted(opened), "first_batch_s": first_batch_s,
+                     "batches": n_batches})
+        dist.barrier()  # rank 0 has written sizes.json before anyone starts the second run
+        del batches, loader
+    queue.put((rank, runs))
+    dist.destroy_process_group()
+
+
+def test_a_thousand_shards_are_counted_once_across_ranks_and_remembered(tmp_path):
+    total = write_shards(tmp_path)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=worker, args=(r, port, str(tmp_path), queue)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    results = {}
+    while len(results) < WORLD:  # fail at once, not after the timeout, when a rank dies
+        try:
+            rank, runs = queue.get(timeout=5)
+            results[rank] = runs
+        except Empty:
+            assert all(p.is_alive() or p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+
+    first = [results[r][0] for r in range(WORLD)]
+    per_worker = -(-total // (BATCH * WORLD * WORKERS))  # ceil: 2,000 samples -> 125 batches per worker
+    assert [f["per_worker"] for f in first] == [per_worker] * WORLD
+    assert [f["batches"] for f in first] == [per_worker * WORKERS] * WORLD  # the same epoch on every rank
+    # Each rank read the headers of its half of the shards, and together all of them, once.
+    opened = [set(f["opened"]) for f in first]
+    assert len(opened[0]) == len(opened[1]) == SHARDS // WORLD and opened[0].isdisjoint(opened[1])
+    assert max(f["first_batch_s"] for f in first) < 20, first
+
+    sizes = json.loads((tmp_path / "sizes.json").read_text())
+    assert sizes == {f"train-{i:04d}.tar": samples_in(i) for i in range(SHARDS)}
+    assert not list(tmp_path.glob(".*tmp"))  # written through a temporary file, renamed
+    for r in range(WORLD):  # the next run reads sizes.json: no tar header at all
+        assert results[r][1]["opened"] == [] and results[r][1]["per_worker"] == per_worker
+
+
+def test_counting_without_distributed_writes_sizes_json_and_an_unwritable_folder_still_counts(tmp_path, monkeypatch):
+    from mmpretrain.data import count_samples, shards
+
+    urls = [str(tmp_path / f"train-{i:04d}.tar") for i in range(4)]
+    for i, url in enumerate(urls):
+        with tarfile.open(url, "w") as tf:
+            for j in range(samples_in(i)):
+                for ext in ("txt", "cls"):  # two members per sample: samples are counted by key
+                    info = tarfile.TarInfo(f"k{i}_{j}.{ext}")
+                    tf.addfile(info)
+    assert count_samples(urls) == 1 + 2 + 3 + 1
+    assert json.loads((tmp_path / "sizes.json").read_text()) == {Path(u).name: samples_in(i) for i, u in enumerate(urls)}
+    (tmp_path / "sizes.json").unlink()
+
+    def refuse(*args):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(shards.os, "replace", refuse)
+    assert count_samples(urls) == 7
+    assert set(tmp_path.iterdir()) == set(tmp_path.glob("*.tar"))  # no sizes.json, no temporary file left
