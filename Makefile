@@ -49,6 +49,7 @@ bench: install bench-ref ## benchmarks vs open_clip_train (~9 min on 2 quiet cor
 	$(PY) scripts/bench_overhead.py $(BENCH_OPTS)
 	$(PY) scripts/bench_data.py $(BENCH_OPTS)
 	$(PY) scripts/bench_time_to_accuracy.py $(BENCH_OPTS)
+	$(PY) scripts/bench_resume.py
 	$(PY) scripts/bench_report.py $(if $(BENCH_NOTE),--note "$(BENCH_NOTE)")
 
 bench-gpu: install bench-ref ## GPU throughput vs open_clip_train (ViT-B/32 224 px bf16, MFU) -> benchmarks/RESULTS.md
@@ -58,9 +59,10 @@ bench-gpu: install bench-ref ## GPU throughput vs open_clip_train (ViT-B/32 224 
 gpu-check: ## on a CUDA machine: every GPU path for 50 steps (bf16+clip, DDP, compile, siglip, tiled, grad cache) + ViT-B-32 samples/s, memory, MFU
 	$(if $(wildcard $(PY)),$(PY),python3) scripts/gpu_check.py
 
-bench-scale: install ## tiled vs plain InfoNCE memory (4k..65k batch; ~30 min) and the speed options' throughput
+bench-scale: install ## tiled vs plain InfoNCE memory (4k..65k batch), the speed options' throughput, validation memory at N=50k (~40 min)
 	OMP_NUM_THREADS=2 $(PY) scripts/bench_loss_memory.py
 	OMP_NUM_THREADS=2 $(PY) scripts/bench_speed_options.py
+	OMP_NUM_THREADS=2 $(PY) scripts/bench_val_memory.py
 
 lint: install ## ruff
 	$(VENV)/bin/ruff check mmpretrain tests scripts

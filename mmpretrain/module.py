@@ -19,7 +19,7 @@ from mmpretrain.evaluation import (
     zero_shot_accuracy,
 )
 from mmpretrain.gradcache import grad_cache_backward
-from mmpretrain.losses import InfoNCE, logit_scale_for, pair_name, tiled_cross_entropy
+from mmpretrain.losses import DEFAULT_TILE, InfoNCE, SigLIP, logit_scale_for, pair_name, tiled_cross_entropy
 from mmpretrain.model import ContrastiveModel
 from mmpretrain.optim import build_optimizer, warmup_cosine
 
@@ -253,17 +253,21 @@ class ContrastiveModule(L.LightningModule):
     def _val_loss(self, ea: torch.Tensor, eb: torch.Tensor, a: str, b: str) -> dict[str, torch.Tensor]:
         """The loss over the whole val set as one batch (the embeddings are already global).
 
-        InfoNCE goes through the tiled loss (same value, memory O(N x tile)), each rank taking its
-        share of the rows; another loss runs as it is, on the whole set (N x N)."""
+        InfoNCE and SigLIP go block of rows by block of rows (same value, memory O(N x tile)),
+        each rank taking its share of the blocks; another loss runs as it is, on the whole set (N x N)."""
         outputs = {f"{a}_features": ea, f"{b}_features": eb} | self.model.logit_scale_outputs()
-        if not isinstance(self.loss, InfoNCE):
+        if not isinstance(self.loss, (InfoNCE, SigLIP)):
             return self.loss(outputs, gather=False)
         out = {}
         for (x, y), w in zip(self.loss.pairs, self.loss.weights):
             if {x, y} == {a, b}:
                 fx, fy = outputs[f"{x}_features"], outputs[f"{y}_features"]
                 scale = logit_scale_for(outputs, x, y)
-                out[f"{pair_name(x, y)}_loss"] = w * _split_clip_loss(fx, fy, scale, self.loss.tile_size)
+                if isinstance(self.loss, SigLIP):
+                    value = _split_siglip_loss(fx, fy, scale, outputs["logit_bias"], DEFAULT_TILE)
+                else:
+                    value = _split_clip_loss(fx, fy, scale, self.loss.tile_size)
+                out[f"{pair_name(x, y)}_loss"] = w * value
         return out
 
     def _zero_shot(self, emb, masks, labels, labelled, mods) -> dict[str, float]:
@@ -313,6 +317,23 @@ def _split_clip_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, tile
         for q, k in ((a, b), (b, a)):
             total += tiled_cross_entropy(q[rows], k, scale, start, tile).double() * (rows.stop - rows.start)
     return (distributed.all_reduce_sum(total) / (2 * n)).float()
+
+
+def _split_siglip_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                       tile: int) -> torch.Tensor:
+    """SigLIP's loss of ``a`` against ``b`` (identical on every rank; ``siglip_loss(gather=False)``),
+    ``tile`` rows of logits at a time, the blocks shared among ranks as in :func:`_split_clip_loss`."""
+    n = a.shape[0]
+    starts = range(0, n, tile)
+    total = torch.zeros((), dtype=torch.float64, device=a.device)
+    for start in starts[distributed.share(len(starts))]:
+        q = a[start : start + tile]
+        logits = scale * q @ b.T + bias
+        signs = -torch.ones_like(logits)
+        rows = torch.arange(q.shape[0], device=a.device)
+        signs[rows, start + rows] = 1.0
+        total += -torch.nn.functional.logsigmoid(signs * logits).sum().double()
+    return (distributed.all_reduce_sum(total) / n).float()
 
 
 def _loss_scaler(trainer: L.Trainer) -> Any:

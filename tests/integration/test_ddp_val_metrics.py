@@ -33,7 +33,7 @@ def problem(n: int, seed: int = 0):
 
 
 def metrics(n: int, across_ranks: bool) -> dict[str, float]:
-    from mmpretrain.module import _split_clip_loss
+    from mmpretrain.module import _split_clip_loss, _split_siglip_loss
 
     a, b, labels, classes = problem(n)
     out = retrieval_metrics(a, b, "a", "b", a_labels=labels, b_labels=labels, chunk=3, across_ranks=across_ranks)
@@ -41,6 +41,7 @@ def metrics(n: int, across_ranks: bool) -> dict[str, float]:
                                                                 across_ranks=across_ranks).items()}
     out |= zero_shot_accuracy(b, labels, classes, topk=(1, 2), chunk=5, across_ranks=across_ranks)
     out["loss"] = _split_clip_loss(*loss_features(n), torch.tensor(10.0), tile=4).item()
+    out["siglip_loss"] = _split_siglip_loss(*loss_features(n), torch.tensor(10.0), torch.tensor(-3.0), tile=4).item()
     return out
 
 
@@ -57,12 +58,14 @@ def worker(rank, world, port, queue):
 
 
 def test_split_query_metrics_equal_single_process():
-    from mmpretrain.losses import clip_loss
+    from mmpretrain.losses import clip_loss, siglip_loss
 
     single = {n: metrics(n, across_ranks=False) for n in SIZES}
-    for n in SIZES:  # the single-process val loss is the plain (untiled) loss
+    for n in SIZES:  # the single-process val losses are the plain (untiled) losses
         plain = clip_loss(*loss_features(n), torch.tensor(10.0), gather=False)
         assert math.isclose(single[n]["loss"], plain.item(), abs_tol=1e-5)
+        plain = siglip_loss(*loss_features(n), torch.tensor(10.0), torch.tensor(-3.0), gather=False)
+        assert math.isclose(single[n]["siglip_loss"], plain.item(), rel_tol=1e-5)
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
