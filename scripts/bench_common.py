@@ -11,6 +11,7 @@ import csv
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -197,3 +198,31 @@ def _fmt(v) -> str:
             return "–"
         return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
     return str(v)
+
+
+# -- peak memory of this process ------------------------------------------------------------------
+def _status_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> tuple[bool, int]:
+    """Reset this process's peak resident memory (Linux ``/proc/self/clear_refs``) and return
+    ``(exact, baseline kB)``: with ``exact`` the peak read later is the peak since now; without
+    (no /proc), it is the process's lifetime peak (``ru_maxrss``)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return True, _status_kb("VmRSS") or 0
+
+
+def peak_rss_kb(exact: bool) -> int:
+    """Peak resident memory in kB (since :func:`reset_peak_rss` when ``exact``)."""
+    peak = _status_kb("VmHWM") if exact else None
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -16,31 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import bench_common as bc
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _status_kb(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def run_one(method: str, n: int, dim: int, tile: int) -> dict:
@@ -53,8 +36,7 @@ def run_one(method: str, n: int, dim: int, tile: int) -> dict:
     a = F.normalize(torch.randn(n, dim, generator=g), dim=-1).requires_grad_()
     b = F.normalize(torch.randn(n, dim, generator=g), dim=-1).requires_grad_()
     scale = torch.tensor(1 / 0.07, requires_grad=True)
-    exact = _reset_peak()
-    base_kb = _status_kb("VmRSS") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    exact, base_kb = bc.reset_peak_rss()
     t0 = time.perf_counter()
     if method == "plain":
         loss = clip_loss(a, b, scale, gather=False)
@@ -63,7 +45,7 @@ def run_one(method: str, n: int, dim: int, tile: int) -> dict:
     t1 = time.perf_counter()
     loss.backward()
     t2 = time.perf_counter()
-    peak_kb = _status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_kb = bc.peak_rss_kb(exact)
     return {
         "method": method,
         "n": n,

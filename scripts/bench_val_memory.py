@@ -16,27 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
-from pathlib import Path
 
-
-def _status_kb(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+import bench_common as bc
 
 
 def build_module(dim: int):
@@ -71,12 +53,11 @@ def main(argv: list[str] | None = None) -> dict:
     audio = F.normalize(image + 0.06 * torch.randn(args.n, args.dim, generator=g), dim=-1)
     local = {"image": image, "audio": audio, "cls": labels}
 
-    exact = _reset_peak()
-    base_kb = _status_kb("VmRSS") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    exact, base_kb = bc.reset_peak_rss()
     t0, cpu0 = time.perf_counter(), time.process_time()
     metrics = module.validation_metrics(local)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
-    peak_kb = _status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_kb = bc.peak_rss_kb(exact)
     row = {
         "n": args.n,
         "dim": args.dim,

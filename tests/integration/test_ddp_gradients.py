@@ -2,14 +2,13 @@
 
 import io
 import os
-import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from mmpretrain.losses import InfoNCE
+from tests.integration.gloo import run_workers
 
 
 def make_problem():
@@ -53,25 +52,11 @@ def worker(rank, world, port, queue):
     dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_gradient_equals_single_process():
     _, _, x_img, x_txt = make_problem()
     ref_loss, ref_grads = loss_and_grads(x_img, x_txt)
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    loss, grads = torch.load(io.BytesIO(queue.get(timeout=120)))
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    (payload,) = run_workers(worker)
+    loss, grads = torch.load(io.BytesIO(payload))
     # The mean of per-rank local losses equals the global loss, and every gradient matches.
     assert torch.allclose(loss, ref_loss, atol=1e-6)
     for g, ref in zip(grads, ref_grads):

@@ -10,11 +10,10 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from mmpretrain.losses import InfoNCE
-from tests.integration.test_ddp_gradients import free_port
+from tests.integration.gloo import run_workers
 
 # 8 rows, 4 per rank. audio is present on rank 0 only; image misses rows 1 and 6.
 IMAGE_MASK = torch.tensor([1, 0, 1, 1, 1, 1, 0, 1], dtype=torch.bool)
@@ -88,17 +87,8 @@ def test_masked_loss_single_process_equals_filtered_reference():
 
 def test_two_process_masked_loss_equals_single_process_on_valid_rows():
     ref_losses, ref_grads = reference_on_valid_rows()
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    losses, grads = queue.get(timeout=120)
+    ((losses, grads),) = run_workers(worker)
     losses, grads = torch.from_numpy(losses), [torch.from_numpy(g) for g in grads]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
     assert torch.allclose(losses, ref_losses, atol=1e-6), (losses, ref_losses)
     for g, ref in zip(grads, ref_grads):
         assert torch.allclose(g, ref, atol=1e-6), (g - ref).abs().max()

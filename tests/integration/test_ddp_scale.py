@@ -6,14 +6,13 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from mmpretrain.gradcache import grad_cache_backward
 from mmpretrain.losses import InfoNCE, SigLIP
 from mmpretrain.model import ContrastiveModel
 from mmpretrain.towers.base import Tower
-from tests.integration.test_ddp_gradients import free_port
+from tests.integration.gloo import run_workers
 
 WORLD, GLOBAL_BATCH = 2, 8
 
@@ -84,7 +83,7 @@ def reference_locked():
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def worker(rank, port, queue):
+def worker(rank, world, port, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     results = {}
@@ -118,15 +117,8 @@ def worker(rank, port, queue):
 
 
 def test_two_process_losses_grad_cache_and_locking_match_single_process():
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=worker, args=(r, port, queue)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    results = torch.load(io.BytesIO(queue.get(timeout=180)))
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    (payload,) = run_workers(worker, world=WORLD, timeout=180)
+    results = torch.load(io.BytesIO(payload))
     for case in CASES:
         ref_loss, ref_grads = reference(case)
         loss, got = results[case]

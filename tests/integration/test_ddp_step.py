@@ -13,11 +13,10 @@ import os
 
 import lightning as L
 import torch
-import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 
 from mmpretrain.losses import InfoNCE
-from tests.integration.test_ddp_gradients import free_port
+from tests.integration.gloo import run_workers
 from tests.unit.test_gradcache import batch, make_model
 
 WORLD, CHUNKS, ROWS = 2, 4, 8  # rows per rank
@@ -76,7 +75,7 @@ def fit_one_step(rank: int, chunks: int, masked: bool, hook) -> Capture:
     return capture
 
 
-def worker(rank: int, port: int, queue) -> None:
+def worker(rank: int, world: int, port: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank),
                       LOCAL_RANK=str(rank), NODE_RANK="0", OMP_NUM_THREADS="1")
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
@@ -101,15 +100,8 @@ def worker(rank: int, port: int, queue) -> None:
 
 
 def test_ddp_grad_cache_syncs_once_and_logs_the_global_loss():
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=worker, args=(r, port, queue)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    results = torch.load(io.BytesIO(queue.get(timeout=300)))
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    (payload,) = run_workers(worker, world=WORLD, timeout=300)
+    results = torch.load(io.BytesIO(payload))
 
     # GradCache with 4 micro-batches all-reduces as often as one plain backward (once per bucket)
     assert results["allreduces_1"] >= 1

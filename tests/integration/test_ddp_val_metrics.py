@@ -12,10 +12,9 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from mmpretrain.evaluation import class_retrieval_metrics, retrieval_metrics, zero_shot_accuracy
-from tests.integration.test_ddp_gradients import free_port
+from tests.integration.gloo import run_workers
 
 SIZES = (37, 1, 200)
 
@@ -67,16 +66,7 @@ def test_split_query_metrics_equal_single_process():
         plain = siglip_loss(*loss_features(n), torch.tensor(10.0), torch.tensor(-3.0), gather=False)
         assert math.isclose(single[n]["siglip_loss"], plain.item(), rel_tol=1e-5)
 
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(json.loads(queue.get(timeout=120)) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = dict(json.loads(item) for item in run_workers(worker, results=2))
     for rank, per_size in results.items():
         for n in SIZES:
             got, want = per_size[str(n)], single[n]

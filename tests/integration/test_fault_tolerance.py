@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.integration.gloo import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -76,12 +77,6 @@ def records(run: Path) -> dict[tuple[int, int], dict]:
                 continue
             out[(rec["rank"], rec["step"])] = rec
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- DDP: 2 processes == 1 process on the same global batch; val metrics over the whole val set --

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.integration.test_ddp_gradients import free_port
+from tests.integration.gloo import free_port
 
 SHARDS, WORLD, WORKERS, BATCH = 1000, 2, 2, 4
 
