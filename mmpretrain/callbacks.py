@@ -22,7 +22,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
 from mmpretrain import distributed
-from mmpretrain.export import torch_load_safe
+from mmpretrain.io import torch_load_safe
 
 
 # -- checkpoints -----------------------------------------------------------------------------

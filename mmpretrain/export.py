@@ -1,72 +1,46 @@
-"""Checkpoints in and out: safe reading, export to safetensors + config.json, ``load_pretrained``.
+"""Our export (safetensors + config.json + preprocess.json + a model card), ``load_pretrained``,
+and checkpoint -> model for every source ``eval ckpt=`` / ``finetune pretrained=`` / ``export ckpt=``
+accept, with a clear message when a checkpoint does not fit the configured model.
 
-Nothing here unpickles untrusted content: torch files are read with ``weights_only=True`` and
-exports are safetensors + JSON. Neither Lightning nor Hydra is imported.
+Reading files safely is :mod:`mmpretrain.io`; open_clip's layouts and TorchScript are
+:mod:`mmpretrain.interop`. Their names stay importable from here. Neither Lightning nor Hydra is imported.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from mmpretrain.interop.open_clip import (  # noqa: F401  (re-exported: mmpretrain.export's old names)
+    OPEN_CLIP_CONFIG,
+    OPEN_CLIP_WEIGHTS,
+    export_open_clip,
+    from_open_clip_state_dict,
+    open_clip_model_cfg,
+    open_clip_model_config,
+    preprocess_cfg,
+    read_open_clip_state_dict,
+    to_open_clip_state_dict,
+)
+from mmpretrain.interop.torchscript import export_torchscript  # noqa: F401  (re-exported)
+from mmpretrain.io import (  # noqa: F401  (re-exported)
+    UnsafeCheckpointError,
+    atomic_write,
+    read_checkpoint,
+    read_state_dict,
+    strip_prefixes,
+    torch_load_safe,
+)
 from mmpretrain.model import ContrastiveModel, build_model
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 PREPROCESS_NAME = "preprocess.json"
 FORMAT_VERSION = 1
-
-
-class UnsafeCheckpointError(ValueError):
-    pass
-
-
-def torch_load_safe(path: str | Path) -> Any:
-    """``torch.load(weights_only=True)`` with a clear error for pickles that need more."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UnsafeCheckpointError(
-            f"refusing to load {path}: it holds Python objects that only an unsafe unpickle could build "
-            f"({str(e).splitlines()[0]}). mmpretrain reads checkpoints with torch.load(weights_only=True); "
-            f"re-save it as a plain state_dict or safetensors from a trusted environment."
-        ) from None
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint file as a dict (``.safetensors`` gives ``{"state_dict": ...}``)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        return {"state_dict": load_file(str(path))}
-    obj = torch_load_safe(path)
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict or state_dict")
-    return obj
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    obj = read_checkpoint(path)
-    state = obj.get("state_dict", obj.get("model", obj))
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-
-
-def strip_prefixes(state: dict[str, torch.Tensor], prefixes=("module.", "_orig_mod.")) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in state.items():
-        for p in prefixes:
-            while k.startswith(p):
-                k = k[len(p) :]
-        out[k] = v
-    return out
 
 
 def model_from_checkpoint(path: str | Path, model_cfg: dict[str, Any] | None = None) -> ContrastiveModel:
@@ -155,29 +129,18 @@ def describe_model_config(cfg: dict[str, Any]) -> str:
     return f"model config embed_dim={cfg.get('embed_dim')}, towers {{{'; '.join(towers)}}}"
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def export(model: ContrastiveModel, out: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write ``model.safetensors`` + ``config.json``; loadable by :func:`load_pretrained`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
+    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
     config = {"format_version": FORMAT_VERSION, "model": model.config(), **(extra or {})}
-    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2, default=str)))
+    atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2, default=str)))
     settings = json.dumps(preprocess_settings(model), indent=2, default=str)
-    _atomic_write(out / PREPROCESS_NAME, lambda p: Path(p).write_text(settings))
+    atomic_write(out / PREPROCESS_NAME, lambda p: Path(p).write_text(settings))
     card = model_card(model, extra or {})
-    _atomic_write(out / "README.md", lambda p: Path(p).write_text(card))
+    atomic_write(out / "README.md", lambda p: Path(p).write_text(card))
     return out
 
 
@@ -200,106 +163,23 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Con
     return model
 
 
-# -- open_clip interop ---------------------------------------------------------------------------
-OPEN_CLIP_CONFIG = "open_clip_config.json"
-OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
-# Our keys <-> open_clip CustomTextCLIP keys (the open_clip towers keep open_clip's own sub-keys).
-_OPEN_CLIP_PREFIXES = {"towers.image.": "", "towers.text.": "", "logit_scales.shared": "logit_scale"}
-
-
-def open_clip_model_cfg(model: ContrastiveModel) -> dict[str, Any]:
-    """The one open_clip model_cfg behind every tower, or a clear error if the model is not open_clip-native."""
-    from mmpretrain.towers.open_clip import OpenClipTower
-
-    kinds = {m: type(t).__name__ for m, t in model.towers.items()}
-    if set(model.modalities) != {"image", "text"} or not all(isinstance(t, OpenClipTower) for t in model.towers.values()):
-        raise ValueError(
-            f"format=open_clip needs an image and a text tower both built by open_clip (model=openclip "
-            f"model.config=JSON); this model has {kinds}. Use format=mmpretrain for it."
-        )
-    cfgs = [t.model_cfg for t in model.towers.values()]
-    if cfgs[0] != cfgs[1]:
-        raise ValueError(
-            "format=open_clip needs both towers built from the same open_clip model config; "
-            "these two differ. Use format=mmpretrain."
-        )
-    if set(model.logit_scales) != {"shared"}:
-        raise ValueError("format=open_clip needs one shared temperature (temperature_pairs=null)")
-    return dict(cfgs[0])
-
-
-def to_open_clip_state_dict(model: ContrastiveModel) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in model.state_dict().items():
-        for ours, theirs in _OPEN_CLIP_PREFIXES.items():
-            if k.startswith(ours):
-                out[theirs + k[len(ours):]] = v.detach().contiguous().cpu()
-                break
-        else:
-            raise ValueError(f"tensor '{k}' has no open_clip counterpart")
-    return out
-
-
-def from_open_clip_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """An open_clip state dict (trainer checkpoint: ``module.`` prefixes, CLIP or CustomTextCLIP
-    layout) as this package's keys for ``model=openclip``."""
-    from open_clip.model import convert_to_custom_text_state_dict
-
-    state = convert_to_custom_text_state_dict(strip_prefixes(state))
-    out = {}
-    for k, v in state.items():
-        if k.startswith("visual."):
-            out[f"towers.image.{k}"] = v
-        elif k.startswith("text."):
-            out[f"towers.text.{k}"] = v
-        elif k == "logit_scale":
-            out["logit_scales.shared"] = v.reshape(())
-        # logit_bias (SigLIP) and other extras have no counterpart in an InfoNCE model
-    return out
-
-
-def open_clip_model_config(model_cfg: dict[str, Any] | str) -> dict[str, Any]:
-    """The ``model=openclip`` config (both towers from one open_clip model config)."""
-    tower = "mmpretrain.towers.open_clip.OpenClipTower"
-    return {
-        "embed_dim": None,
-        "temperature_pairs": None,
-        "towers": {m: {"_target_": tower, "modality": m, "config": model_cfg} for m in ("image", "text")},
-    }
-
-
 def model_from_open_clip_checkpoint(path: str | Path, model_cfg: dict[str, Any]) -> ContrastiveModel:
-    """An open_clip checkpoint (``.pt`` from open_clip's trainer, or ``.safetensors``) as a
-    ContrastiveModel with open_clip towers built from ``model_cfg`` (a ``model=openclip`` config)."""
+    """An open_clip checkpoint in any layout (``.pt`` from open_clip's trainer, ``.safetensors``;
+    CLIP or CustomTextCLIP keys) as a ContrastiveModel with open_clip towers built from
+    ``model_cfg`` (a ``model=openclip`` config). A checkpoint with a ``logit_bias`` (SigLIP) gets one
+    in the model even if the config does not ask for it: the checkpoint says how it was trained."""
+    state = from_open_clip_state_dict(read_open_clip_state_dict(path))
+    if "logit_bias" in state and model_cfg.get("init_logit_bias") is None:
+        model_cfg = {**model_cfg, "init_logit_bias": 0.0}  # the value comes from the checkpoint
     model = build_model(model_cfg)
-    state = from_open_clip_state_dict(read_state_dict(path))
-    if not state:
-        raise ValueError(f"{path} holds no open_clip tensors (visual.*, text.* or CLIP text keys)")
     load_into(model, state, str(path))
     return model
-
-
-def export_open_clip(model: ContrastiveModel, out: str | Path) -> Path:
-    """open_clip's own directory layout: ``open_clip.create_model_and_transforms("local-dir:DIR")``
-    and ``open_clip.get_tokenizer("local-dir:DIR")`` load it without mmpretrain."""
-    from mmpretrain.towers.open_clip import preprocess_cfg
-
-    model_cfg = open_clip_model_cfg(model)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    # custom_text: our text tower is open_clip's TextTransformer under ``text.``, as in CustomTextCLIP.
-    oc_model_cfg = {k: v for k, v in model_cfg.items() if k != "preprocess_cfg"} | {"custom_text": True}
-    config = {"model_cfg": oc_model_cfg, "preprocess_cfg": preprocess_cfg(model_cfg)}
-    state = to_open_clip_state_dict(model)
-    _atomic_write(out / OPEN_CLIP_WEIGHTS, lambda p: save_file(state, p, metadata={"format": "pt"}))
-    _atomic_write(out / OPEN_CLIP_CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
-    return out
 
 
 # -- what an export says about itself ------------------------------------------------------------
 def preprocess_settings(model: ContrastiveModel) -> dict[str, Any]:
     """Per-modality preprocessing (image transform settings, tokenizer) as plain JSON."""
-    from mmpretrain.towers.open_clip import OpenClipTower, build_tokenizer, preprocess_cfg
+    from mmpretrain.towers.open_clip import OpenClipTower, build_tokenizer
 
     out: dict[str, Any] = {}
     for m, t in model.towers.items():
@@ -385,39 +265,4 @@ def run_provenance(ckpt: str | Path) -> dict[str, Any]:
     if ckpt.is_dir() and (ckpt / CONFIG_NAME).exists():
         prev = json.loads((ckpt / CONFIG_NAME).read_text())
         out |= {k: prev[k] for k in ("metrics", "train_config") if k in prev}
-    return out
-
-
-# -- TorchScript (optional) -----------------------------------------------------------------------
-class _Encoder(torch.nn.Module):
-    def __init__(self, model: ContrastiveModel, modality: str):
-        super().__init__()
-        self.tower, self.projection = model.towers[modality], model.projections[modality]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.normalize(self.projection(self.tower(x)), dim=-1)
-
-
-def export_torchscript(model: ContrastiveModel, out: str | Path) -> Path:
-    """One traced ``encode_<modality>.pt`` per tower (``torch.jit.load``; normalised embeddings).
-
-    Traced with an example of each tower's own preprocessing, so the shapes are fixed except batch,
-    and so is the input dtype: the image encoder takes the uint8 pixels the preprocessing yields and
-    normalises them inside (the tower's float path is not in the trace).
-    """
-    from PIL import Image
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model = model.eval()
-    prep = model.preprocess(train=False)
-    examples = {"image": lambda: prep["image"](Image.new("RGB", (64, 64)))[None],
-                "text": lambda: prep["text"]("a caption")[None]}
-    for m in model.modalities:
-        if m not in examples:
-            raise ValueError(f"format=torchscript supports image and text towers, not '{m}'")
-        x = torch.cat([examples[m]()] * 2)
-        with torch.no_grad():
-            traced = torch.jit.trace(_Encoder(model, m), x, check_trace=False)
-        traced.save(str(out / f"encode_{m}.pt"))
     return out

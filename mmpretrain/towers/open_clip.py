@@ -17,8 +17,8 @@ from typing import Any
 import open_clip
 import torch
 from open_clip.model import _build_text_tower, _build_vision_tower
-from open_clip.transform import PreprocessCfg
 
+from mmpretrain.interop.open_clip import preprocess_cfg, read_open_clip_state_dict
 from mmpretrain.towers.base import ImageNormalize, Tower, uint8_transform
 from mmpretrain.towers.timm import unknown_model_error
 
@@ -65,12 +65,6 @@ def build_tokenizer(model_cfg: dict[str, Any]):
     return open_clip.tokenizer.SimpleTokenizer(context_length=text_cfg.get("context_length", 77))
 
 
-def preprocess_cfg(model_cfg: dict[str, Any]) -> dict[str, Any]:
-    size = model_cfg["vision_cfg"].get("image_size", 224)
-    cfg = PreprocessCfg(size=size)
-    return {k: getattr(cfg, k) for k in cfg.__dataclass_fields__} | dict(model_cfg.get("preprocess_cfg", {}))
-
-
 class _Tokenize:
     """Picklable single-caption tokenizer (runs in data-loader workers)."""
 
@@ -112,17 +106,15 @@ class OpenClipTower(Tower):
             pp = preprocess_cfg(model_cfg)
             self.input_norm = ImageNormalize(pp["mean"], pp["std"])
         if pretrained_path:
-            # An open_clip checkpoint of the whole model: keep our half.
-            from mmpretrain.export import read_state_dict, strip_prefixes
+            self.load_open_clip_checkpoint(pretrained_path)
 
-            state = strip_prefixes(read_state_dict(pretrained_path))
-            self._load_half(state, pretrained_path)
-
-    def _load_half(self, state: dict[str, torch.Tensor], path: str) -> None:
+    def load_open_clip_checkpoint(self, path: str) -> None:
+        """Our half of a whole-model checkpoint in any open_clip layout (CLIP as OpenAI and LAION
+        save it, CustomTextCLIP, open_clip's trainer, or an mmpretrain ``model=openclip`` export)."""
         prefix = f"{self.part}."
-        half = {k: v for k, v in state.items() if k.startswith(prefix)}
+        half = {k: v for k, v in read_open_clip_state_dict(path).items() if k.startswith(prefix)}
         if not half:
-            raise ValueError(f"{path} holds no '{prefix}*' tensors; it is not an open_clip CustomTextCLIP checkpoint")
+            raise ValueError(f"{path} holds no open_clip {self.modality} tower ('{prefix}*' tensors)")
         self.load_state_dict(half, strict=True)
 
     @property

@@ -10,6 +10,7 @@ import timm
 import torch
 from timm.data import create_transform, resolve_data_config
 
+from mmpretrain.io import read_state_dict
 from mmpretrain.towers.base import ImageNormalize, Tower, uint8_transform
 
 
@@ -29,8 +30,6 @@ def unknown_model_error(name: str, library: str, known: list[str]) -> ValueError
 
 def load_local_weights(module: torch.nn.Module, path: str, strict: bool = False) -> None:
     """Load a local weights file (safetensors or a torch file, never unpickled) into ``module``."""
-    from mmpretrain.export import read_state_dict
-
     state = read_state_dict(path)
     missing, unexpected = module.load_state_dict(state, strict=False)
     unexpected = [k for k in unexpected if not k.startswith(("fc.", "head.", "classifier."))]

@@ -1,0 +1,2 @@
+"""Other tools' formats in and out: open_clip's checkpoint layouts and directory (``open_clip``),
+TorchScript encoders (``torchscript``). Imports only :mod:`mmpretrain.io` of ours, so towers can use it."""

@@ -1,0 +1,78 @@
+"""Safe file reading: checkpoints and weights files as plain dicts of tensors, never unpickled.
+
+torch files are read with ``weights_only=True``; ``.safetensors`` with safetensors. This module is
+the bottom of the package: it imports nothing of mmpretrain, so towers, interop and export can all
+use it without import circles.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+
+class UnsafeCheckpointError(ValueError):
+    pass
+
+
+def torch_load_safe(path: str | Path) -> Any:
+    """``torch.load(weights_only=True)`` with a clear error for pickles that need more."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: it holds Python objects that only an unsafe unpickle could build "
+            f"({str(e).splitlines()[0]}). mmpretrain reads checkpoints with torch.load(weights_only=True); "
+            f"re-save it as a plain state_dict or safetensors from a trusted environment."
+        ) from None
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint file as a dict (``.safetensors`` gives ``{"state_dict": ...}``)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        return {"state_dict": load_file(str(path))}
+    obj = torch_load_safe(path)
+    if not isinstance(obj, dict):
+        # the file's content is wrong, not the type of the argument: a ValueError
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict or state_dict")  # noqa: TRY004
+    return obj
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint: its ``state_dict`` (Lightning, open_clip's trainer), ``model``, or itself."""
+    obj = read_checkpoint(path)
+    state = obj.get("state_dict", obj.get("model", obj))
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def strip_prefixes(state: dict[str, torch.Tensor], prefixes=("module.", "_orig_mod.")) -> dict[str, torch.Tensor]:
+    """Keys without the wrappers' prefixes (DDP's ``module.``, torch.compile's ``_orig_mod.``)."""
+    out = {}
+    for k, v in state.items():
+        for p in prefixes:
+            while k.startswith(p):
+                k = k[len(p) :]
+        out[k] = v
+    return out
+
+
+def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
