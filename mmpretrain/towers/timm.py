@@ -1,4 +1,4 @@
-"""Towers backed by timm: any ``timm.create_model`` name, random init unless a local file is given."""
+"""Towers backed by timm: any ``timm.create_model`` name; timm's pretrained weights, a local file, or random init."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import timm
 import torch
 from timm.data import create_transform, resolve_data_config
 
+from mmpretrain.pretrained import check_timm_weights, is_hub_id
 from mmpretrain.towers.base import ImageNormalize, Tower, uint8_transform
 
 
@@ -56,7 +57,10 @@ class TimmTower(Tower):
         in_chans: int = 3,
         model_kwargs: dict[str, Any] | None = None,
         transform: dict[str, Any] | None = None,
+        pretrained: bool = False,
     ):
+        """``pretrained=True``: timm's default weights for ``model_name``; ``model_name=hf-hub:ORG/REPO``
+        always loads that repo's weights. A local ``pretrained_path`` is loaded on top."""
         super().__init__(
             {
                 "_target_": f"{__name__}.TimmTower",
@@ -68,12 +72,17 @@ class TimmTower(Tower):
                 "transform": dict(transform or {}),
             }
         )
-        if not timm.is_model(model_name):
+        pretrained = bool(pretrained) or is_hub_id(model_name)
+        if not is_hub_id(model_name) and not timm.is_model(model_name):
             raise unknown_model_error(model_name, "timm", timm.list_models())
+        if pretrained and not pretrained_path:
+            check_timm_weights(model_name)  # a clear error, not one from inside huggingface_hub
         # img_size sizes the transforms; ViT-style models also need it in model_kwargs.
         kwargs = dict(model_kwargs or {})
         self.modality = modality
-        self.model = timm.create_model(model_name, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs)
+        self.model = timm.create_model(
+            model_name, pretrained=pretrained and not pretrained_path, num_classes=0, in_chans=in_chans, **kwargs
+        )
         if pretrained_path:
             load_local_weights(self.model, pretrained_path)
         self.output_dim = self.model.num_features
