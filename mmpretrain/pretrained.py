@@ -54,12 +54,11 @@ def is_hub_id(name: Any) -> bool:
 def _hub_file(repo: str, files: tuple[str, ...], what: str) -> str:
     """The first of ``files`` in ``repo`` that the cache holds or the hub serves."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError
 
     for filename in files:
         try:
             return hf_hub_download(repo, filename)
-        except (OSError, ValueError, HfHubHTTPError):  # not cached, offline, no network, not in the repo
+        except (OSError, ValueError):  # not cached, offline, no network (all OSError), not in the repo
             pass
     raise WeightsUnavailableError(repo, files, what)
 
@@ -104,7 +103,9 @@ def open_clip_weights(config: Any, pretrained: str | None) -> tuple[str | None, 
             f"open_clip has no pretrained weights '{pretrained}' for model '{name}'. Tags for it: {tags or 'none'}; "
             f"or pretrained=hf-hub:ORG/REPO, or a local file with pretrained_path=FILE."
         )
-    preprocess = {k: pcfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if pcfg.get(k) is not None}
+    preprocess = {
+        k: pcfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if pcfg.get(k) is not None
+    }
     hub = pcfg.get("hf_hub", "")
     if hub:  # open_clip's convention: 'org/repo/' (default file name) or 'org/repo/file'
         repo, filename = os.path.split(hub)
@@ -147,7 +148,9 @@ def check_timm_weights(model_name: str) -> None:
 
     pcfg = get_pretrained_cfg(model_name)
     if pcfg is None:
-        raise ValueError(f"timm has no pretrained weights for '{model_name}'; set pretrained=false or pretrained_path")
+        raise ValueError(
+            f"timm has no pretrained weights for '{model_name}'; set pretrained=false or pretrained_path"
+        )
     pcfg = pcfg.to_dict()
     if pcfg.get("hf_hub_id"):
         filename = pcfg.get("hf_hub_filename")
@@ -169,5 +172,7 @@ def check_available(model_cfg: Any) -> None:
             if is_hub_id(config):
                 open_clip_config(config)
             open_clip_weights(config, pretrained)
-        elif "model_name" in tower and (tower.get("pretrained") or is_hub_id(tower.get("model_name"))):
-            check_timm_weights(tower["model_name"])
+        elif "model_name" in tower:  # a timm tower: pretrained null means "only for an hf-hub: name"
+            wanted = tower.get("pretrained")
+            if wanted or (wanted is None and is_hub_id(tower["model_name"])):
+                check_timm_weights(tower["model_name"])

@@ -33,7 +33,9 @@ def snapshot(cache: Path, repo: str) -> Path:
     return snap
 
 
-def add_open_clip(cache: Path, repo: str, logit_bias: float | None = None, seed: int = 0) -> open_clip.CustomTextCLIP:
+def add_open_clip(
+    cache: Path, repo: str, logit_bias: float | None = None, seed: int = 0
+) -> open_clip.CustomTextCLIP:
     """Save a tiny open_clip model as open_clip publishes one on the hub; return it (the reference)."""
     torch.manual_seed(seed)
     model = open_clip.CustomTextCLIP(**TINY_OPEN_CLIP, init_logit_bias=logit_bias).eval()
@@ -43,7 +45,9 @@ def add_open_clip(cache: Path, repo: str, logit_bias: float | None = None, seed:
     (snap / "open_clip_config.json").write_text(
         json.dumps({"model_cfg": TINY_OPEN_CLIP, "preprocess_cfg": TINY_PREPROCESS})
     )
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(snap / "open_clip_model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, str(snap / "open_clip_model.safetensors")
+    )
     return model
 
 

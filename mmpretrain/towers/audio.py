@@ -249,7 +249,7 @@ class AudioTower(Tower):
         spec_augment: dict[str, Any] | None = None,
         pretrained_path: str | None = None,
         model_kwargs: dict[str, Any] | None = None,
-        pretrained: bool = False,
+        pretrained: bool | None = None,
     ):
         """``pretrained=True`` or ``model_name=hf-hub:ORG/REPO``: timm's weights, first conv summed to 1 channel."""
         super().__init__(
@@ -265,7 +265,10 @@ class AudioTower(Tower):
                 "model_kwargs": dict(model_kwargs or {}),
             }
         )
-        pretrained = bool(pretrained) or is_hub_id(model_name)
+        if pretrained is None:  # a hub name means its weights; a registry name means random init
+            pretrained = is_hub_id(model_name)
+        if is_hub_id(model_name):  # rebuilt from the config (export) without its weights: they are saved
+            self.config["pretrained"] = False
         if not is_hub_id(model_name) and not timm.is_model(model_name):
             raise unknown_model_error(model_name, "timm", timm.list_models())
         if pretrained and not pretrained_path:

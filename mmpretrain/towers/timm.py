@@ -57,10 +57,10 @@ class TimmTower(Tower):
         in_chans: int = 3,
         model_kwargs: dict[str, Any] | None = None,
         transform: dict[str, Any] | None = None,
-        pretrained: bool = False,
+        pretrained: bool | None = None,
     ):
         """``pretrained=True``: timm's default weights for ``model_name``; ``model_name=hf-hub:ORG/REPO``
-        always loads that repo's weights. A local ``pretrained_path`` is loaded on top."""
+        loads that repo's weights unless ``pretrained=False``. A local ``pretrained_path`` replaces both."""
         super().__init__(
             {
                 "_target_": f"{__name__}.TimmTower",
@@ -72,7 +72,10 @@ class TimmTower(Tower):
                 "transform": dict(transform or {}),
             }
         )
-        pretrained = bool(pretrained) or is_hub_id(model_name)
+        if pretrained is None:  # a hub name means its weights; a registry name means random init
+            pretrained = is_hub_id(model_name)
+        if is_hub_id(model_name):  # rebuilt from the config (export) without its weights: they are saved
+            self.config["pretrained"] = False
         if not is_hub_id(model_name) and not timm.is_model(model_name):
             raise unknown_model_error(model_name, "timm", timm.list_models())
         if pretrained and not pretrained_path:

@@ -22,14 +22,29 @@ CONSOLE_SCRIPT = Path(sys.executable).parent / "mmpretrain"
 
 
 @pytest.mark.slow
-def test_console_script_trains_from_a_cached_hub_model_and_validates_the_starting_point(digits_root, tmp_path):
+def test_console_script_trains_from_a_cached_hub_model_and_validates_the_starting_point(
+    digits_root, tmp_path
+):
     cache = tmp_path / "hub"
     add_open_clip(cache, "org/tiny-clip")
     run = tmp_path / "run"
-    cmd = [str(CONSOLE_SCRIPT), "train", "model=openclip", "model.config=hf-hub:org/tiny-clip", "debug=fast",
-           f"data.root={digits_root}", f"hydra.run.dir={run}", "export_at_end=false"]
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "OMP_NUM_THREADS": "1",
-                        "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    cmd = [
+        str(CONSOLE_SCRIPT),
+        "train",
+        "model=openclip",
+        "model.config=hf-hub:org/tiny-clip",
+        "debug=fast",
+        f"data.root={digits_root}",
+        f"hydra.run.dir={run}",
+        "export_at_end=false",
+    ]
+    env = os.environ | {
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": str(cache),
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+    }
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False)
@@ -52,7 +67,12 @@ def test_missing_weights_stop_train_before_data_and_trainer(tmp_path, monkeypatc
 
     monkeypatch.setattr(L, "Trainer", built)
     monkeypatch.setattr(cli, "_ensure_data", built)
-    cfg = compose_config("train", ["model=openclip", "model.config=ViT-B-32", "model.pretrained=laion2b_s34b_b79k"],
-                         run_dir=tmp_path / "run")
-    with pytest.raises(WeightsUnavailableError, match="huggingface-cli download laion/CLIP-ViT-B-32-laion2B-s34B-b79K"):
+    cfg = compose_config(
+        "train",
+        ["model=openclip", "model.config=ViT-B-32", "model.pretrained=laion2b_s34b_b79k"],
+        run_dir=tmp_path / "run",
+    )
+    with pytest.raises(
+        WeightsUnavailableError, match="huggingface-cli download laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
+    ):
         cli.train(cfg)

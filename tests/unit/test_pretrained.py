@@ -27,7 +27,9 @@ def hub_cache(tmp_path, monkeypatch):
 
 
 def _images(n: int = 3, size: int = 32) -> torch.Tensor:
-    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    return torch.randint(
+        0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    )
 
 
 def test_open_clip_hf_hub_config_brings_both_towers_and_the_logit_scale(hub_cache):
@@ -48,20 +50,33 @@ def test_open_clip_hf_hub_config_brings_both_towers_and_the_logit_scale(hub_cach
 def test_open_clip_pretrained_hub_id_and_siglip_bias(hub_cache):
     """model.pretrained=hf-hub:... over a config given inline; a SigLIP model's bias comes along."""
     ref = add_open_clip(hub_cache, "org/tiny-siglip", logit_bias=-7.5)
-    cfg = compose_config("train", ["model=openclip", "model.config=hf-hub:org/tiny-siglip", "loss=siglip",
-                                   "model.pretrained=hf-hub:org/tiny-siglip"])
+    cfg = compose_config(
+        "train",
+        [
+            "model=openclip",
+            "model.config=hf-hub:org/tiny-siglip",
+            "loss=siglip",
+            "model.pretrained=hf-hub:org/tiny-siglip",
+        ],
+    )
     model = build_model(cfg.model)
     assert model.logit_bias.item() == pytest.approx(-7.5)
     torch.testing.assert_close(model.towers["image"].visual.conv1.weight, ref.visual.conv1.weight)
 
 
 def test_registry_tag_names_open_clips_repo_and_fails_offline_with_both_ways_out(hub_cache):
-    cfg = compose_config("train", ["model=openclip", "model.config=ViT-B-32", "model.pretrained=laion2b_s34b_b79k"])
+    cfg = compose_config(
+        "train", ["model=openclip", "model.config=ViT-B-32", "model.pretrained=laion2b_s34b_b79k"]
+    )
     with pytest.raises(WeightsUnavailableError) as err:
         check_available(cfg.model)
     message = str(err.value)
-    for part in ("laion/CLIP-ViT-B-32-laion2B-s34B-b79K", "open_clip_pytorch_model.bin", "huggingface-cli download",
-                 "pretrained_path="):
+    for part in (
+        "laion/CLIP-ViT-B-32-laion2B-s34B-b79K",
+        "open_clip_pytorch_model.bin",
+        "huggingface-cli download",
+        "pretrained_path=",
+    ):
         assert part in message
     assert err.value.__cause__ is None and err.value.__context__ is None  # no huggingface_hub traceback
 
@@ -82,8 +97,14 @@ def test_timm_pretrained_true_loads_timms_default_weights(hub_cache):
     # timm's default pretrained cfg for resnet10t names hf_hub_id timm/resnet10t.c3_in1k
     ref = add_timm(hub_cache, "timm/resnet10t.c3_in1k")
     ref.reset_classifier(0)
-    cfg = compose_config("train", ["model.towers.image.model_name=resnet10t", "model.towers.image.pretrained=true",
-                                   "model.towers.image.img_size=32"])
+    cfg = compose_config(
+        "train",
+        [
+            "model.towers.image.model_name=resnet10t",
+            "model.towers.image.pretrained=true",
+            "model.towers.image.img_size=32",
+        ],
+    )
     tower = build_model(cfg.model).towers["image"].eval()
     x = _images()
     with torch.no_grad():
@@ -93,12 +114,27 @@ def test_timm_pretrained_true_loads_timms_default_weights(hub_cache):
 def test_timm_hf_hub_name_loads_that_repo(hub_cache):
     ref = add_timm(hub_cache, "someone/tiny-resnet", seed=3)
     ref.reset_classifier(0)
-    cfg = compose_config("train", ["model.towers.image.model_name=hf-hub:someone/tiny-resnet",
-                                   "model.towers.image.img_size=32"])
+    cfg = compose_config(
+        "train",
+        ["model.towers.image.model_name=hf-hub:someone/tiny-resnet", "model.towers.image.img_size=32"],
+    )
     tower = build_model(cfg.model).towers["image"].eval()
     x = _images()
     with torch.no_grad():
         torch.testing.assert_close(tower(x), ref(tower.normalize_input(x)), atol=1e-6, rtol=0)
+
+
+def test_timm_hf_hub_tower_rebuilt_from_its_config_does_not_fetch_weights_again(hub_cache):
+    """An exported tower's config names the hub model but not its weights (they are in the export)."""
+    from mmpretrain.config import safe_instantiate
+
+    add_timm(hub_cache, "someone/tiny-resnet")
+    cfg = compose_config("train", ["model.towers.image.model_name=hf-hub:someone/tiny-resnet"])
+    tower = build_model(cfg.model).towers
+    config = tower["image"].config
+    assert config["pretrained"] is False
+    next((hub_cache / "models--someone--tiny-resnet" / "snapshots").glob("*/model.safetensors")).unlink()
+    safe_instantiate(config, allowed=("mmpretrain.towers.",))  # config.json only: no weights needed
 
 
 def test_audio_tower_pretrained_sums_the_first_conv_to_one_channel(hub_cache):
@@ -111,6 +147,8 @@ def test_audio_tower_pretrained_sums_the_first_conv_to_one_channel(hub_cache):
 
 
 def test_timm_weights_missing_offline(hub_cache):
-    cfg = compose_config("train", ["model.towers.image.model_name=resnet10t", "model.towers.image.pretrained=true"])
+    cfg = compose_config(
+        "train", ["model.towers.image.model_name=resnet10t", "model.towers.image.pretrained=true"]
+    )
     with pytest.raises(WeightsUnavailableError, match=r"timm/resnet10t\.c3_in1k.*model\.safetensors"):
         check_available(cfg.model)
