@@ -54,11 +54,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from mmpretrain.model import apply_training_options, build_model
     from mmpretrain.module import ContrastiveModule
     from mmpretrain.monitor import CSVLogger
+    from mmpretrain.pretrained import check_available
 
     run_dir = _start_run(cfg)
     from mmpretrain.data.seeds import global_seed
 
     L.seed_everything(global_seed(cfg.seed), workers=True)
+    check_available(cfg.model)  # pretrained files cached or downloaded now, before any data or trainer
     _ensure_data(cfg.data)
     model = apply_training_options(build_model(cfg.model), cfg.model)
     if cfg.get("compile"):
@@ -80,6 +82,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             logger.resuming = bool(ckpt_path)
     trainer = L.Trainer(**trainer_kwargs, default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()],
                         logger=loggers, callbacks=_instantiate_all(cfg.get("callbacks")))
+    if _val_at_start(cfg) and not ckpt_path:  # the pretrained starting point, logged at step 0
+        trainer.validate(module, datamodule=datamodule, verbose=False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["skipped_samples"] = float(module.skipped_total)
@@ -222,6 +226,7 @@ def _instantiate_all(group: Any) -> list:
 def _trainer_and_optim(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Trainer kwargs and optim config, refusing gradient accumulation that changes the objective."""
     trainer, optim = _plain(cfg.trainer), _plain(cfg.optim)
+    trainer.pop("val_at_start", None)  # ours, not Lightning's: see _val_at_start
     if isinstance(trainer.get("strategy"), dict):  # e.g. {_target_: lightning.pytorch.strategies.DDPStrategy, ...}
         trainer["strategy"] = _instantiate(trainer["strategy"])
     if int(trainer.get("accumulate_grad_batches") or 1) > 1:
@@ -234,6 +239,16 @@ def _trainer_and_optim(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]
         # manual optimisation: the module clips itself (Lightning refuses gradient_clip_val then)
         optim["gradient_clip_val"] = trainer.pop("gradient_clip_val", None)
     return trainer, optim
+
+
+def _val_at_start(cfg: DictConfig) -> bool:
+    """``trainer.val_at_start``; ``null`` (default): on when any tower starts from pretrained weights."""
+    choice = cfg.trainer.get("val_at_start")
+    if choice is not None:
+        return bool(choice)
+    towers = (cfg.model.get("towers") or {}).values()
+    return any(t.get("pretrained") or t.get("pretrained_path") or str(t.get("config", "")).startswith("hf-hub:")
+               or str(t.get("model_name", "")).startswith("hf-hub:") for t in towers if t is not None)
 
 
 def _start_run(cfg: DictConfig) -> Path:

@@ -180,11 +180,21 @@ def build_model(cfg: Mapping[str, Any]) -> ContrastiveModel:
         if len(dims) != 1:
             raise ValueError(f"model.embed_dim is null but the towers' projected dims are {dims}; set model.embed_dim")
         embed_dim = dims.pop()
+    init_logit_scale = float(cfg.get("init_logit_scale", INIT_LOGIT_SCALE))
+    init_logit_bias = None if cfg.get("init_logit_bias") is None else float(cfg["init_logit_bias"])
+    if cfg.get("config") is not None:  # one open_clip model: its checkpoint's temperature (and bias)
+        from mmpretrain.pretrained import checkpoint_scalars, open_clip_weights
+
+        path, _ = open_clip_weights(cfg["config"], cfg.get("pretrained"))
+        scalars = checkpoint_scalars(path) if path else {}
+        init_logit_scale = scalars.get("logit_scale", init_logit_scale)
+        if init_logit_bias is not None:  # a bias only where the loss uses one (loss=siglip)
+            init_logit_bias = scalars.get("logit_bias", init_logit_bias)
     return ContrastiveModel(
         towers,
         embed_dim=int(embed_dim),
         temperature_pairs=[list(p) for p in cfg["temperature_pairs"]] if cfg.get("temperature_pairs") else None,
-        init_logit_scale=float(cfg.get("init_logit_scale", INIT_LOGIT_SCALE)),
+        init_logit_scale=init_logit_scale,
         max_logit_scale=float(cfg.get("max_logit_scale", MAX_LOGIT_SCALE)),
-        init_logit_bias=None if cfg.get("init_logit_bias") is None else float(cfg["init_logit_bias"]),
+        init_logit_bias=init_logit_bias,
     )

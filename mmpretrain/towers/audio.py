@@ -27,6 +27,7 @@ import timm
 import torch
 from torch import nn
 
+from mmpretrain.pretrained import check_timm_weights, is_hub_id
 from mmpretrain.towers.base import Tower
 from mmpretrain.towers.timm import load_local_weights, unknown_model_error
 
@@ -248,7 +249,9 @@ class AudioTower(Tower):
         spec_augment: dict[str, Any] | None = None,
         pretrained_path: str | None = None,
         model_kwargs: dict[str, Any] | None = None,
+        pretrained: bool | None = None,
     ):
+        """``pretrained=True`` or ``model_name=hf-hub:ORG/REPO``: timm's weights, first conv summed to 1 channel."""
         super().__init__(
             {
                 "_target_": f"{__name__}.AudioTower",
@@ -262,8 +265,14 @@ class AudioTower(Tower):
                 "model_kwargs": dict(model_kwargs or {}),
             }
         )
-        if not timm.is_model(model_name):
+        if pretrained is None:  # a hub name means its weights; a registry name means random init
+            pretrained = is_hub_id(model_name)
+        if is_hub_id(model_name):  # rebuilt from the config (export) without its weights: they are saved
+            self.config["pretrained"] = False
+        if not is_hub_id(model_name) and not timm.is_model(model_name):
             raise unknown_model_error(model_name, "timm", timm.list_models())
+        if pretrained and not pretrained_path:
+            check_timm_weights(model_name)
         self.modality = modality
         self.sample_rate, self.pad = int(sample_rate), pad
         self.num_samples = round(clip_seconds * sample_rate)
@@ -272,7 +281,9 @@ class AudioTower(Tower):
         kwargs = dict(model_kwargs or {})
         if kwargs.get("img_size") == "auto":  # ViT-style models: the spectrogram's exact size
             kwargs["img_size"] = self.input_shape
-        self.model = timm.create_model(model_name, pretrained=False, num_classes=0, in_chans=1, **kwargs)
+        self.model = timm.create_model(
+            model_name, pretrained=pretrained and not pretrained_path, num_classes=0, in_chans=1, **kwargs
+        )
         if pretrained_path:
             load_local_weights(self.model, pretrained_path)
         self.output_dim = self.model.num_features

@@ -19,6 +19,7 @@ import torch
 from open_clip.model import _build_text_tower, _build_vision_tower
 
 from mmpretrain.interop.open_clip import preprocess_cfg, read_open_clip_state_dict
+from mmpretrain.pretrained import is_hub_id, open_clip_config, open_clip_weights
 from mmpretrain.towers.base import ImageNormalize, Tower, uint8_transform
 from mmpretrain.towers.timm import unknown_model_error
 
@@ -31,6 +32,8 @@ def resolve_model_cfg(config: str | dict) -> dict[str, Any]:
     """open_clip model_cfg as a plain dict from a registry name, a JSON path or a dict."""
     if isinstance(config, dict) or hasattr(config, "items"):
         cfg = dict(config)
+    elif is_hub_id(config):  # an open_clip model on the Hugging Face hub (open_clip_config.json)
+        cfg = open_clip_config(str(config))
     elif str(config).endswith(".json") or Path(str(config)).is_file():
         path = Path(str(config))
         if not path.is_file():
@@ -84,10 +87,17 @@ class OpenClipTower(Tower):
         config: str | dict,
         pretrained_path: str | None = None,
         aug: dict[str, Any] | None = None,
+        pretrained: str | None = None,
     ):
+        """``pretrained``: an open_clip tag of ``config`` (``laion2b_s34b_b79k``) or ``hf-hub:ORG/REPO``;
+        ``config=hf-hub:ORG/REPO`` brings its own weights. A local ``pretrained_path`` wins over both."""
         if modality not in _PARTS:
             raise ValueError(f"open_clip towers are 'image' or 'text', not '{modality}'")
         model_cfg = resolve_model_cfg(config)
+        if not pretrained_path:
+            pretrained_path, preprocess = open_clip_weights(config, pretrained)
+            if preprocess:  # the tag's own mean/std/resize (e.g. OpenAI's or SigLIP's)
+                model_cfg["preprocess_cfg"] = dict(model_cfg.get("preprocess_cfg", {})) | preprocess
         super().__init__(
             {"_target_": f"{__name__}.OpenClipTower", "modality": modality, "config": model_cfg, "aug": dict(aug or {})}
         )

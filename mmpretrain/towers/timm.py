@@ -1,4 +1,4 @@
-"""Towers backed by timm: any ``timm.create_model`` name, random init unless a local file is given."""
+"""Towers backed by timm: any ``timm.create_model`` name; timm's pretrained weights, a local file, or random init."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from timm.data import create_transform, resolve_data_config
 
 from mmpretrain.io import read_state_dict
+from mmpretrain.pretrained import check_timm_weights, is_hub_id
 from mmpretrain.towers.base import ImageNormalize, Tower, uint8_transform
 
 
@@ -55,7 +56,10 @@ class TimmTower(Tower):
         in_chans: int = 3,
         model_kwargs: dict[str, Any] | None = None,
         transform: dict[str, Any] | None = None,
+        pretrained: bool | None = None,
     ):
+        """``pretrained=True``: timm's default weights for ``model_name``; ``model_name=hf-hub:ORG/REPO``
+        loads that repo's weights unless ``pretrained=False``. A local ``pretrained_path`` replaces both."""
         super().__init__(
             {
                 "_target_": f"{__name__}.TimmTower",
@@ -67,12 +71,20 @@ class TimmTower(Tower):
                 "transform": dict(transform or {}),
             }
         )
-        if not timm.is_model(model_name):
+        if pretrained is None:  # a hub name means its weights; a registry name means random init
+            pretrained = is_hub_id(model_name)
+        if is_hub_id(model_name):  # rebuilt from the config (export) without its weights: they are saved
+            self.config["pretrained"] = False
+        if not is_hub_id(model_name) and not timm.is_model(model_name):
             raise unknown_model_error(model_name, "timm", timm.list_models())
+        if pretrained and not pretrained_path:
+            check_timm_weights(model_name)  # a clear error, not one from inside huggingface_hub
         # img_size sizes the transforms; ViT-style models also need it in model_kwargs.
         kwargs = dict(model_kwargs or {})
         self.modality = modality
-        self.model = timm.create_model(model_name, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs)
+        self.model = timm.create_model(
+            model_name, pretrained=pretrained and not pretrained_path, num_classes=0, in_chans=in_chans, **kwargs
+        )
         if pretrained_path:
             load_local_weights(self.model, pretrained_path)
         self.output_dim = self.model.num_features

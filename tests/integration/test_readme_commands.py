@@ -110,6 +110,9 @@ class Run:
     xfail: str | None = None  # a known library bug: strict, so the entry flips when it is fixed
 
 
+HUB = "needs the Hugging Face hub (network): real weights; the same paths run offline in test_hub_weights.py"
+
+
 @dataclass(frozen=True)
 class Skip:
     reason: str
@@ -255,6 +258,16 @@ COMMANDS: dict[str, Run | Skip] = {
     # ViT-B-32 (224 px, 150 M parameters) is shrunk to the 4x192 ViT: the same open_clip factory and loss
     "mmpretrain train loss=siglip model=openclip model.config=ViT-B-32 ...": Run(
         subs={"model.config=ViT-B-32 ...": "model.config=path/to/model_cfg.json"}
+    ),
+    # -- pretrained weights by name (offline against a hub cache: tests/integration/test_hub_weights.py)
+    "mmpretrain train model=openclip model.config=ViT-B-32 model.pretrained=laion2b_s34b_b79k": Skip(HUB),
+    "mmpretrain train model=openclip model.config=hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K": Skip(HUB),
+    "mmpretrain train model.towers.image.model_name=resnet50 model.towers.image.pretrained=true": Skip(HUB),
+    "mmpretrain train model.towers.image.model_name=hf-hub:timm/resnet50.a1_in1k": Skip(HUB),
+    "mmpretrain train model.towers.image.pretrained_path=/weights/resnet50.safetensors": Run(
+        subs={"/weights/resnet50.safetensors": "weights/resnet10t.safetensors"},
+        extra=("model.towers.image.model_name=resnet10t",),
+        prepare=(_write_timm_weights,),
     ),
     # -- losses and scale
     "mmpretrain train experiment=siglip_digits": Run(),
