@@ -264,9 +264,8 @@ COMMANDS: dict[str, Run | Skip] = {
     "mmpretrain train model=openclip model.config=hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K": Skip(HUB),
     "mmpretrain train model.towers.image.model_name=resnet50 model.towers.image.pretrained=true": Skip(HUB),
     "mmpretrain train model.towers.image.model_name=hf-hub:timm/resnet50.a1_in1k": Skip(HUB),
-    "mmpretrain train model.towers.image.pretrained_path=/weights/resnet50.safetensors": Run(
-        subs={"/weights/resnet50.safetensors": "weights/resnet10t.safetensors"},
-        extra=("model.towers.image.model_name=resnet10t",),
+    "mmpretrain train model.towers.image.model_name=resnet50 model.towers.image.pretrained_path=/weights/resnet50.safetensors": Run(
+        subs={"/weights/resnet50.safetensors": "weights/resnet10t.safetensors", "=resnet50": "=resnet10t"},
         prepare=(_write_timm_weights,),
     ),
     # -- losses and scale
