@@ -40,7 +40,7 @@ def data(cfg: DictConfig) -> Path:
     from mmpretrain.data.builders import build
 
     out = build(cfg.name, cfg.out, seed=cfg.seed, image_size=cfg.image_size)
-    print(f"wrote {cfg.name} shards to {out}")
+    print(f"wrote {cfg.name} to {out}")
     return out
 
 
@@ -272,7 +272,7 @@ def _ensure_data(data_cfg: DictConfig) -> None:
     from mmpretrain.data.builders import build, is_built
 
     for name, root in (wanted.items() if isinstance(wanted, DictConfig) else [(wanted, data_cfg.root)]):
-        if not is_built(root):
+        if not is_built(root, name):
             print(f"building bundled '{name}' data in {root}")
             build(name, root)
 

@@ -6,11 +6,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mmpretrain.data import digits, spoken_digits
+from mmpretrain.data import digits, digits_classifier, spoken_digits
 
 BUILDERS: dict[str, Callable[..., Path]] = {
     "digits": digits.build_digits,
     "spoken-digits": spoken_digits.build_spoken_digits,
+    "digits-classifier": digits_classifier.build_digits_classifier,  # weights: LiT's pretrained image tower
 }
 
 
@@ -20,5 +21,6 @@ def build(name: str, out: str | Path, **kwargs: Any) -> Path:
     return BUILDERS[name](out, **kwargs)
 
 
-def is_built(root: str | Path) -> bool:
-    return digits.is_built(root)
+def is_built(root: str | Path, name: str = "digits") -> bool:
+    """Whether ``root`` holds what builder ``name`` writes (the shard layout; the classifier's weights)."""
+    return digits_classifier.is_built(root) if name == "digits-classifier" else digits.is_built(root)
