@@ -53,7 +53,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from mmpretrain.losses import check_modalities
     from mmpretrain.model import apply_training_options, build_model
     from mmpretrain.module import ContrastiveModule
-    from mmpretrain.monitor import CSVLogger
+    from mmpretrain.monitor import CSVLogger, one_wandb_run
     from mmpretrain.pretrained import check_available
 
     run_dir = _start_run(cfg)
@@ -83,7 +83,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer = L.Trainer(**trainer_kwargs, default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()],
                         logger=loggers, callbacks=_instantiate_all(cfg.get("callbacks")))
     if _val_at_start(cfg) and not ckpt_path:  # the pretrained starting point, logged at step 0
-        trainer.validate(module, datamodule=datamodule, verbose=False)
+        with one_wandb_run(loggers):
+            trainer.validate(module, datamodule=datamodule, verbose=False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["skipped_samples"] = float(module.skipped_total)

@@ -16,6 +16,8 @@ import os
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +38,29 @@ class WandbLogger(_LightningWandbLogger):
     """Lightning's WandbLogger that also closes its wandb run when fit ends (marked failed when
     training raised), so each run of a sweep in one process gets its own wandb run."""
 
+    #: set while a ``trainer.validate`` runs before ``fit`` (the step-0 baseline): its end must not end the run
+    keep_open: bool = False
+
     @rank_zero_only
     def finalize(self, status: str) -> None:
         super().finalize(status)
-        if self._experiment is not None and status in ("success", "failed"):
+        if self._experiment is not None and status in ("success", "failed") and not (self.keep_open and status == "success"):
             self._experiment.finish(exit_code=0 if status == "success" else 1)
             self._experiment = None
+
+
+@contextmanager
+def one_wandb_run(loggers: list) -> Iterator[None]:
+    """Keep our :class:`WandbLogger`'s run open through a ``trainer.validate`` before ``fit``, so the
+    step-0 baseline and the training land in one wandb run."""
+    ours = [lg for lg in loggers if isinstance(lg, WandbLogger)]
+    for lg in ours:
+        lg.keep_open = True
+    try:
+        yield
+    finally:
+        for lg in ours:
+            lg.keep_open = False
 
 
 class CSVLogger(_LightningCSVLogger):

@@ -97,3 +97,18 @@ def test_csv_logger_keeps_the_history_only_when_the_run_resumes(tmp_path, resumi
     assert [r["step"] for r in rows] == (["1", "2"] if resuming else ["2"])
     assert rows[-1]["val/top1"] == "0.5"
     assert not [w for w in recwarn if "will be deleted" in str(w.message)]
+
+
+def test_validation_before_training_stays_in_the_same_wandb_run(digits_root, tmp_path):
+    """trainer.val_at_start runs trainer.validate before fit; its end used to finish the wandb run,
+    so the training went to a second one."""
+    from mmpretrain.cli import train
+    from tests.conftest import TINY_RUN
+
+    run = tmp_path / "run"
+    cfg = compose_config("train", [*TINY_RUN, "logger=default", f"data.root={digits_root}", "trainer.max_steps=2",
+                                   "trainer.limit_val_batches=1", "trainer.val_at_start=true", "export_at_end=false",
+                                   "callbacks.plots=null"], run_dir=run)
+    train(cfg)
+    runs = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs
