@@ -27,9 +27,8 @@ import timm
 import torch
 from torch import nn
 
-from mmpretrain.pretrained import check_timm_weights, is_hub_id
 from mmpretrain.towers.base import Tower
-from mmpretrain.towers.timm import load_local_weights, unknown_model_error
+from mmpretrain.towers.timm import load_local_weights, timm_weights_wanted
 
 
 # -- mel scale ------------------------------------------------------------------------------
@@ -265,14 +264,7 @@ class AudioTower(Tower):
                 "model_kwargs": dict(model_kwargs or {}),
             }
         )
-        if pretrained is None:  # a hub name means its weights; a registry name means random init
-            pretrained = is_hub_id(model_name)
-        if is_hub_id(model_name):  # rebuilt from the config (export) without its weights: they are saved
-            self.config["pretrained"] = False
-        if not is_hub_id(model_name) and not timm.is_model(model_name):
-            raise unknown_model_error(model_name, "timm", timm.list_models())
-        if pretrained and not pretrained_path:
-            check_timm_weights(model_name)
+        pretrained = timm_weights_wanted(self.config, model_name, pretrained, pretrained_path)
         self.modality = modality
         self.sample_rate, self.pad = int(sample_rate), pad
         self.num_samples = round(clip_seconds * sample_rate)

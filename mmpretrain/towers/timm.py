@@ -40,6 +40,27 @@ def load_local_weights(module: torch.nn.Module, path: str, strict: bool = False)
         raise ValueError(f"no tensor in {path} matches the tower's parameter names; is it the right file?")
 
 
+def timm_weights_wanted(config: dict[str, Any], model_name: str, pretrained: bool | None,
+                        pretrained_path: str | None) -> bool:
+    """Whether timm should load hub weights for ``model_name`` (checked to exist first, for a clear
+    error rather than one from inside huggingface_hub); fails on an unknown name.
+
+    ``pretrained=None``: a hub name means its weights, a registry name random init. A tower named by
+    hub id records ``pretrained: false`` in its ``config``: rebuilt from an export, its weights come
+    from the export, not the hub.
+    """
+    hub = is_hub_id(model_name)
+    if pretrained is None:
+        pretrained = hub
+    if hub:
+        config["pretrained"] = False
+    if not hub and not timm.is_model(model_name):
+        raise unknown_model_error(model_name, "timm", timm.list_models())
+    if pretrained and not pretrained_path:
+        check_timm_weights(model_name)
+    return bool(pretrained)
+
+
 class TimmTower(Tower):
     """An image (or spectrogram) encoder from timm, with timm's own transforms.
 
@@ -71,14 +92,7 @@ class TimmTower(Tower):
                 "transform": dict(transform or {}),
             }
         )
-        if pretrained is None:  # a hub name means its weights; a registry name means random init
-            pretrained = is_hub_id(model_name)
-        if is_hub_id(model_name):  # rebuilt from the config (export) without its weights: they are saved
-            self.config["pretrained"] = False
-        if not is_hub_id(model_name) and not timm.is_model(model_name):
-            raise unknown_model_error(model_name, "timm", timm.list_models())
-        if pretrained and not pretrained_path:
-            check_timm_weights(model_name)  # a clear error, not one from inside huggingface_hub
+        pretrained = timm_weights_wanted(self.config, model_name, pretrained, pretrained_path)
         # img_size sizes the transforms; ViT-style models also need it in model_kwargs.
         kwargs = dict(model_kwargs or {})
         self.modality = modality
