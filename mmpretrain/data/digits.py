@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import io
-import json
 import random
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
+
+from mmpretrain.data.writing import write_prompt_files as _write_prompt_files
+from mmpretrain.data.writing import write_shard, write_sizes
 
 CLASSNAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -39,9 +40,6 @@ def caption_for(label: int, rng: random.Random) -> str:
     return rng.choice(CAPTIONS).format(name)
 
 
-SHARD_MTIME = 1_700_000_000  # 2023-11-14: fixed member time of the shards we write
-
-
 def digit_png(pixels: np.ndarray, size: int) -> bytes:
     """8x8 grey levels 0..16 -> upsampled RGB PNG."""
     arr = (pixels.reshape(8, 8) * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
@@ -55,18 +53,9 @@ def write_split(out: Path, name: str, items: list[dict], shards: int) -> dict[st
     (out / name).mkdir(parents=True, exist_ok=True)
     sizes = {}
     for s in range(shards):
-        part = items[s::shards]
         fname = f"{name}-{s:04d}.tar"
-        tmp = out / name / (fname + ".tmp")
-        # An integer mtime keeps tar members plain ustar: webdataset's default float time.time()
-        # adds a pax header to every member, which doubled the tar-parsing cost of every read.
-        # Fixed, so the same seed gives byte-identical shards.
-        with wds.TarWriter(str(tmp), mtime=SHARD_MTIME) as sink:
-            for item in part:
-                sink.write(item)
-        tmp.rename(out / name / fname)
-        sizes[fname] = len(part)
-    (out / name / "sizes.json").write_text(json.dumps(sizes, indent=1))
+        sizes[fname] = write_shard(out / name / fname, items[s::shards])
+    write_sizes(out / name, sizes)
     return sizes
 
 
@@ -98,8 +87,7 @@ def build_digits(out: str | Path, image_size: int = 32, seed: int = 0, val_fract
 
 def write_prompt_files(out: Path, templates: list[str]) -> None:
     """``classnames.txt`` (the digit words, in label order) and ``templates.txt`` for zero-shot."""
-    (out / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n")
-    (out / "templates.txt").write_text("\n".join(templates) + "\n")
+    _write_prompt_files(out, CLASSNAMES, templates)
 
 
 def is_built(root: str | Path) -> bool:
