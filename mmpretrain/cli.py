@@ -39,7 +39,9 @@ CONF_DIR = _find_conf_dir()
 def data(cfg: DictConfig) -> Path:
     from mmpretrain.data.builders import build
 
-    out = build(cfg.name, cfg.out, seed=cfg.seed, image_size=cfg.image_size)
+    # Every other key of build_data.yaml is a builder option; null ones keep the builder's default.
+    options = {k: v for k, v in cfg.items() if k not in ("name", "out", "task_name", "paths") and v is not None}
+    out = build(cfg.name, cfg.out, **options)
     print(f"wrote {cfg.name} to {out}")
     return out
 
@@ -420,7 +422,7 @@ COMMANDS: dict[str, tuple[Callable, str, str]] = {
     "eval": (evaluate, "eval", "zero-shot + retrieval of ckpt=PATH on data.val"),
     "finetune": (finetune, "finetune", "task=linear_probe|full|fusion pretrained=CKPT_OR_DIR: classification"),
     "export": (export_cmd, "export", "ckpt=PATH out=DIR -> model.safetensors + config.json"),
-    "data": (data, "build_data", "NAME out=DIR: write a bundled dataset (digits, spoken-digits) as shards"),
+    "data": (data, "build_data", "NAME out=DIR: write a bundled dataset (digits, spoken-digits, scenes) as shards"),
 }
 
 

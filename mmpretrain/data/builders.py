@@ -6,12 +6,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mmpretrain.data import digits, digits_classifier, spoken_digits
+from mmpretrain.data import digits, digits_classifier, scenes, spoken_digits
 
 BUILDERS: dict[str, Callable[..., Path]] = {
     "digits": digits.build_digits,
     "spoken-digits": spoken_digits.build_spoken_digits,
     "digits-classifier": digits_classifier.build_digits_classifier,  # weights: LiT's pretrained image tower
+    "scenes": scenes.build_scenes,  # drawn shapes, 5 captions and hard negatives each
 }
 
 
@@ -23,4 +24,5 @@ def build(name: str, out: str | Path, **kwargs: Any) -> Path:
 
 def is_built(root: str | Path, name: str = "digits") -> bool:
     """Whether ``root`` holds what builder ``name`` writes (the shard layout; the classifier's weights)."""
-    return digits_classifier.is_built(root) if name == "digits-classifier" else digits.is_built(root)
+    checks = {"digits-classifier": digits_classifier.is_built, "scenes": scenes.is_built}
+    return checks.get(name, digits.is_built)(root)

@@ -27,6 +27,7 @@ PURPOSES = {
     "source_mix": 3,  # which source the next sample comes from: (rank, stream)
     "augment": 4,  # one sample's random augmentations: (rank, stream, sample index)
     "global": 5,  # seed_everything's seed for user seeds beyond 32 bits: ()
+    "scene": 6,  # one generated scene of `mmpretrain data scenes`: (split, scene index)
 }
 
 _MAX_32 = 2**32 - 1
