@@ -14,7 +14,7 @@ import random
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mmpretrain.data.scenes.grammar import COLORS, SIZES, Obj
+from mmpretrain.data.scenes.grammar import COLORS, Obj
 
 RADIUS = {"small": 0.075, "medium": 0.115, "large": 0.165}  # a fraction of the image side
 GAP = 0.03  # between the circles that bound two objects
