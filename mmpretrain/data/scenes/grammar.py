@@ -127,7 +127,7 @@ def groups(objects: list[Obj]) -> list[list[Obj]]:
 def mention_of(group: list[Obj], rng: random.Random, with_size: float = 0.5) -> Mention:
     sizes = {o.size for o in group}
     size = group[0].size if len(sizes) == 1 and rng.random() < with_size else None
-    return Mention(len(group), group[0].color, group[0].shape, size, rng.randrange(1 << 30))
+    return Mention(len(group), group[0].color, group[0].shape, size, rng.randrange(1 << 40))
 
 
 def clear_relations(objects: list[Obj], gs: list[list[Obj]]) -> list[tuple[int, str, int]]:
@@ -166,7 +166,7 @@ def true_captions(objects: list[Obj], rng: random.Random, k: int = 5) -> list[Ca
             gi, rel, gj = rng.choice(rels)
             relation = Relation(order.index(gi), rel, order.index(gj), rng.random() < 0.4)
         expand = len(objects) > len(gs) and rng.random() < 0.25
-        caption = Caption(tuple(mentions), relation, rng.randrange(1 << 30), expand)
+        caption = Caption(tuple(mentions), relation, rng.randrange(1 << 40), expand)
         text = realise(caption)
         if text not in seen and holds(caption, objects):
             seen.add(text)
@@ -183,10 +183,9 @@ REST_FRAMES = ["{S}, and {L}", "{S}, with {L}", "{S}. there {be} also {L}", "{S}
 
 def phrase(m: Mention, expand: bool = False) -> list[str]:
     """The words for ``m``: one phrase, or ``n`` ("a red circle", "another red circle") when expanded."""
-    # One draw per choice, in a fixed order, whatever the mention says: an edited mention (another
-    # colour, an added size) keeps every other word of the caption it came from.
-    pick = random.Random(m.words)
-    c, s, z, n = (pick.randrange(1 << 20) for _ in range(4))
+    # Each choice from its own bits of ``words``, whatever the mention says: an edited mention
+    # (another colour, an added size) keeps every other word of the caption it came from.
+    c, s, z, n = _fields(m.words, 4)
     color = COLOR_WORDS[m.color][c % len(COLOR_WORDS[m.color])]
     singular, plural = SHAPE_WORDS[m.shape][s % len(SHAPE_WORDS[m.shape])]
     size = SIZE_WORDS[m.size][z % 3] + " " if m.size else ""
@@ -198,6 +197,11 @@ def phrase(m: Mention, expand: bool = False) -> list[str]:
     return [_article(body) if count == "a" else f"{count} {body}"]
 
 
+def _fields(number: int, k: int) -> list[int]:
+    """``k`` independent-enough small ints out of one random number (10 bits each)."""
+    return [(number >> (10 * i)) & 1023 for i in range(k)]
+
+
 def _article(words: str) -> str:
     return ("an " if words[0] in "aeiou" else "a ") + words
 
@@ -207,21 +211,22 @@ def join(parts: list[str]) -> str:
 
 
 def realise(c: Caption) -> str:
-    r = random.Random(c.template)
+    frame, rel_word, rest_frame = _fields(c.template, 3)
     if c.relation is None:
         parts = [p for m in c.mentions for p in phrase(m, c.expand)]
-        return r.choice(LIST_FRAMES).format(L=join(parts), be=_be(c.mentions[0]))
+        return LIST_FRAMES[frame % len(LIST_FRAMES)].format(L=join(parts), be=_be(c.mentions[0]))
     rel = c.relation
     a, b, word = c.mentions[rel.a], c.mentions[rel.b], rel.rel
     if rel.inverted:
         a, b, word = b, a, OPPOSITE[word]
-    sentence = r.choice(REL_FRAMES).format(A=join(phrase(a, c.expand)), B=join(phrase(b, c.expand)), be=_be(a),
-                                          R=r.choice(RELATION_WORDS[word]))
+    words = RELATION_WORDS[word]
+    sentence = REL_FRAMES[frame % len(REL_FRAMES)].format(A=join(phrase(a, c.expand)), B=join(phrase(b, c.expand)),
+                                                          be=_be(a), R=words[rel_word % len(words)])
     rest = [m for i, m in enumerate(c.mentions) if i not in (rel.a, rel.b)]
     if not rest:
         return sentence
     parts = [p for m in rest for p in phrase(m, c.expand)]
-    return r.choice(REST_FRAMES).format(S=sentence, L=join(parts), be=_be(rest[0]))
+    return REST_FRAMES[rest_frame % len(REST_FRAMES)].format(S=sentence, L=join(parts), be=_be(rest[0]))
 
 
 def _be(m: Mention) -> str:
@@ -236,9 +241,12 @@ def negatives(objects: list[Obj], captions: list[Caption], rng: random.Random,
     apply to the scene are left out; ``forbidden`` (colour, shape) pairs are never named."""
     true_texts = {realise(c) for c in captions}
     with_rel = [c for c in captions if c.relation is not None]
+    mentions = captions[0].mentions
+    applies = {"replace_rel": bool(with_rel), "swap_obj": len({m.shape for m in mentions}) > 1,
+               "swap_att": len({m.color for m in mentions}) > 1}
     out = []
     for kind in NEGATIVE_KINDS:
-        for _ in range(30):
+        for _ in range(30 if applies.get(kind, True) else 0):
             base = rng.choice(with_rel if kind in ("replace_rel", "swap_obj", "swap_att") and with_rel else captions)
             edited = EDITS[kind](base, rng, objects)
             if edited is None:
@@ -301,7 +309,7 @@ def _swap_att(c: Caption, rng: random.Random, objects: list[Obj]) -> Caption | N
 def _add_obj(c: Caption, rng: random.Random, objects: list[Obj]) -> Caption | None:
     present = {(o.color, o.shape) for o in objects}
     color, shape = rng.choice([(k, s) for k in COLORS for s in SHAPES if (k, s) not in present])
-    return replace(c, mentions=(*c.mentions, Mention(1, color, shape, None, rng.randrange(1 << 30))))
+    return replace(c, mentions=(*c.mentions, Mention(1, color, shape, None, rng.randrange(1 << 40))))
 
 
 def _add_att(c: Caption, rng: random.Random, objects: list[Obj]) -> Caption | None:
