@@ -89,7 +89,8 @@ DDP_ON_CPU = "trainer.devices=2 trainer.accelerator=cpu"  # GPUs -> 2 CPU proces
 
 DIGITS = "data/digits"  # the default data.root of the digits configs, relative to the scratch directory
 SPOKEN = "data/spoken_digits"
-SMALL = "data/digits-small"  # a quarter of the digits: a linear probe embeds every sample of its data
+SMALL = "data/digits-small"
+SCENES = "data/scenes-small"  # a few hundred scenes: the README's command at 50,000 takes minutes  # a quarter of the digits: a linear probe embeds every sample of its data
 LINEAR_PROBE = (f"data.root={SMALL}", *FINETUNE)
 
 MAKE_DIGITS = "mmpretrain data digits out=DIR"
@@ -195,6 +196,9 @@ COMMANDS: dict[str, Run | Skip] = {
     # -- data
     "mmpretrain data digits out=DIR": Run(subs={"out=DIR": f"out={DIGITS}"}, budget=HYDRA_RUN),
     "mmpretrain data": Run(budget=HYDRA_RUN),  # writes the default root, data/digits
+    "mmpretrain data scenes out=DIR": Run(
+        subs={"out=DIR": f"out={SCENES} train=300 val=100 test=100"}, budget=HYDRA_RUN
+    ),
     "mmpretrain data spoken-digits out=DIR": Run(
         subs={"out=DIR": f"out={SPOKEN}"}, budget=HYDRA_RUN, requires=("espeak-ng",)
     ),
@@ -315,6 +319,9 @@ COMMANDS: dict[str, Run | Skip] = {
     # -- audio and three modalities (the spoken digits need espeak-ng)
     "mmpretrain train experiment=spoken_digits_clap": Run(
         requires=("espeak-ng",), needs=("mmpretrain data spoken-digits out=DIR",)
+    ),
+    "mmpretrain train experiment=scenes_clip": Run(
+        extra=(f"data.root={SCENES}",), needs=("mmpretrain data scenes out=DIR",)
     ),
     "mmpretrain train experiment=digits_trimodal": Run(
         extra=("hydra.run.dir=runs/trimodal",),
