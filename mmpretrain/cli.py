@@ -37,9 +37,9 @@ CONF_DIR = _find_conf_dir()
 
 # -- commands ------------------------------------------------------------------------------
 def data(cfg: DictConfig) -> Path:
-    from mmpretrain.data.builders import build
+    from mmpretrain.data.builders import build, options
 
-    out = build(cfg.name, cfg.out, seed=cfg.seed, image_size=cfg.image_size)
+    out = build(cfg.name, cfg.out, **options(cfg.name, cfg))
     print(f"wrote {cfg.name} to {out}")
     return out
 
@@ -420,7 +420,7 @@ COMMANDS: dict[str, tuple[Callable, str, str]] = {
     "eval": (evaluate, "eval", "zero-shot + retrieval of ckpt=PATH on data.val"),
     "finetune": (finetune, "finetune", "task=linear_probe|full|fusion pretrained=CKPT_OR_DIR: classification"),
     "export": (export_cmd, "export", "ckpt=PATH out=DIR -> model.safetensors + config.json"),
-    "data": (data, "build_data", "NAME out=DIR: write a bundled dataset (digits, spoken-digits) as shards"),
+    "data": (data, "build_data", "NAME out=DIR: write a bundled dataset (digits, spoken-digits) as shards; shards in=...: your own data"),
 }
 
 
