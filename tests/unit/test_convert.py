@@ -277,7 +277,7 @@ def test_img2dataset_output_trains_through_the_console_script(tmp_path):
     root = tmp_path / "i2d"
     write_img2dataset(root, shards=3, per_shard=24)
     run = tmp_path / "run"
-    _run(["train", "data=shards", f"data.root={root}", f"data.sources.main.shards={root}/{{00000..00001}}.tar",
+    _run(["train", "data=shards", f"data.root={root}", f"data.sources.main.shards='{root}/{{00000..00001}}.tar'",
           f"data.val.shards={root}/00002.tar", "debug=fast", f"hydra.run.dir={run}", *SMALL_TEXT], tmp_path)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["skipped_samples"] == 0 and metrics["train/loss"] > 0
