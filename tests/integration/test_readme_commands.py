@@ -232,7 +232,7 @@ COMMANDS: dict[str, Run | Skip] = {
         subs={"/data/": "own/", "out=DIR": "out=own/i2d_split"}, budget=HYDRA_RUN, prepare=(_write_own_data,)
     ),
     "mmpretrain train data=shards data.root=/data/i2d 'data.sources.main.shards=\"/data/i2d/{00000..00008}.tar\"' "
-    "data.val.shards=/data/i2d/00009.tar": Run(
+    "data.val.shards=/data/i2d/00009.tar optimized_metric=val/retrieval_R@1/image_to_text": Run(
         subs={"/data/": "own/", "00008": "00001", "00009": "00002"}, prepare=(_write_own_data,)
     ),
     # -- train, then evaluate / export / fine-tune what it wrote

@@ -275,9 +275,13 @@ def test_converted_table_trains_through_the_console_script(tmp_path):
 @pytest.mark.slow
 def test_img2dataset_output_trains_through_the_console_script(tmp_path):
     root = tmp_path / "i2d"
-    write_img2dataset(root, shards=3, per_shard=24)
+    write_img2dataset(root, shards=3, per_shard=40)  # 80 train samples: 5 batches, validation after step 4
     run = tmp_path / "run"
     _run(["train", "data=shards", f"data.root={root}", f"data.sources.main.shards='{root}/{{00000..00001}}.tar'",
-          f"data.val.shards={root}/00002.tar", "debug=fast", f"hydra.run.dir={run}", *SMALL_TEXT], tmp_path)
+          f"data.val.shards={root}/00002.tar", "optimized_metric=val/retrieval_R@1/image_to_text", "debug=fast", f"hydra.run.dir={run}", *SMALL_TEXT], tmp_path)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["skipped_samples"] == 0 and metrics["train/loss"] > 0
+    assert "val/retrieval_R@1/image_to_text" in metrics  # no classnames.txt: retrieval only, no zero-shot
+    assert not any(k.startswith("val/zeroshot") for k in metrics)
+    # the train shards were counted from their tar headers, and remembered
+    assert json.loads((root / "sizes.json").read_text()) == {f"{s:05d}.tar": 40 for s in range(2)}
