@@ -17,8 +17,19 @@ BUILDERS: dict[str, Callable[..., Path]] = {
 
 # The keys of conf/build_data.yaml each builder takes (the others belong to other builders).
 OPTIONS: dict[str, tuple[str, ...]] = {
-    "shards": ("in", "val", "val_fraction", "shard_size", "workers", "img_key", "caption_key", "label_key",
-               "separator", "labels", "classnames"),
+    "shards": (
+        "in",
+        "val",
+        "val_fraction",
+        "shard_size",
+        "workers",
+        "img_key",
+        "caption_key",
+        "label_key",
+        "separator",
+        "labels",
+        "classnames",
+    ),
 }
 DEFAULT_OPTIONS = ("seed", "image_size")
 
@@ -35,7 +46,9 @@ def options(name: str, cfg: Any) -> dict[str, Any]:
     if "in" in picked:
         picked["src"] = picked.pop("in")
         if picked["src"] is None:
-            raise ValueError("mmpretrain data shards needs in=TABLE_OR_FOLDER (a .csv/.tsv/.parquet or a folder)")
+            raise ValueError(
+                "mmpretrain data shards needs in=TABLE_OR_FOLDER (a .csv/.tsv/.parquet or a folder)"
+            )
     return picked
 
 

@@ -39,9 +39,17 @@ class Options:
     classnames: str | None = None  # a file fixing the classes (one a line); else the sorted label values
 
 
-def convert(out: str | Path, src: str | Path, val: str | Path | None = None, val_fraction: float = 0.05,
-            shard_size: int = 1000, workers: int | None = None, templates: list[str] | None = None,
-            progress: bool = True, **options: Any) -> Path:
+def convert(
+    out: str | Path,
+    src: str | Path,
+    val: str | Path | None = None,
+    val_fraction: float = 0.05,
+    shard_size: int = 1000,
+    workers: int | None = None,
+    templates: list[str] | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> Path:
     """Write ``out/train``, ``out/val`` (+ prompt files) from ``src``; returns ``out``."""
     opts = Options(**options)
     out = Path(out)
@@ -75,7 +83,10 @@ def split_rows(rows: list[Row], val_fraction: float) -> dict[str, list[Row]]:
     is_val = [h < val_fraction for h in hashes]
     if val_fraction > 0 and not any(is_val) and len(rows) > 1:
         is_val[min(range(len(rows)), key=hashes.__getitem__)] = True
-    return {"train": [r for r, v in zip(rows, is_val) if not v], "val": [r for r, v in zip(rows, is_val) if v]}
+    return {
+        "train": [r for r, v in zip(rows, is_val) if not v],
+        "val": [r for r, v in zip(rows, is_val) if v],
+    }
 
 
 def class_list(splits: dict[str, list[Row]], opts: Options) -> list[str] | None:
@@ -104,16 +115,21 @@ class ShardTask:
         return h.hexdigest()
 
 
-def shard_tasks(out: Path, split: str, rows: list[Row], shard_size: int,
-                classnames: list[str] | None) -> list[ShardTask]:
+def shard_tasks(
+    out: Path, split: str, rows: list[Row], shard_size: int, classnames: list[str] | None
+) -> list[ShardTask]:
     if shard_size < 1:
         raise ValueError(f"shard_size={shard_size}: give a positive number of samples per tar")
     classes = {c: i for i, c in enumerate(classnames)} if classnames is not None else None
     tasks = [
-        ShardTask(str(out), split, f"{split}-{i // shard_size:06d}.tar", tuple(rows[i:i + shard_size]), classes)
+        ShardTask(
+            str(out), split, f"{split}-{i // shard_size:06d}.tar", tuple(rows[i : i + shard_size]), classes
+        )
         for i in range(0, len(rows), shard_size)
     ]
     wanted = {t.name for t in tasks}
+    for tmp in (out / split).glob(f".{split}-*.tmp"):  # a shard an interrupted run was writing
+        tmp.unlink()
     for old in (out / split).glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
         if old.name not in wanted:  # left by an earlier run with more rows or a smaller shard_size
             old.unlink()
@@ -157,7 +173,9 @@ def write_shard(task: ShardTask) -> dict:
         for row in task.rows:
             sample, why = build_sample(row, task.classes)
             if sample is None:
-                skipped.append({"split": task.split, "source": row.source, "reason": why[0], "detail": why[1]})
+                skipped.append(
+                    {"split": task.split, "source": row.source, "reason": why[0], "detail": why[1]}
+                )
                 continue
             sink.write(sample)
             written += 1
@@ -210,7 +228,11 @@ def run_tasks(tasks: list[ShardTask], workers: int | None, progress: bool) -> li
     try:
         with Progress(*columns, disable=not progress) as bar:
             job = bar.add_task("shards", total=len(tasks))
-            done = pool.imap_unordered(_indexed_write, enumerate(tasks)) if pool else map(_indexed_write, enumerate(tasks))
+            done = (
+                pool.imap_unordered(_indexed_write, enumerate(tasks))
+                if pool
+                else map(_indexed_write, enumerate(tasks))
+            )
             for i, record in done:
                 results[i] = record
                 bar.advance(job)
@@ -238,8 +260,13 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_outputs(out: Path, splits: dict[str, list[Row]], results: list[dict],
-                  classnames: list[str] | None, templates: list[str]) -> None:
+def write_outputs(
+    out: Path,
+    splits: dict[str, list[Row]],
+    results: list[dict],
+    classnames: list[str] | None,
+    templates: list[str],
+) -> None:
     """Prompt files, ``skipped.jsonl``, then ``sizes.json`` of each split (last: it marks a split done)."""
     if classnames is not None:
         _write_text(out / "classnames.txt", "\n".join(classnames) + "\n")
@@ -264,8 +291,14 @@ def report(out: Path, splits: dict[str, list[Row]], results: list[dict]) -> None
     for split, rows in splits.items():
         mine = [r for r in results if r["split"] == split]
         skipped = [s["reason"] for r in mine for s in r["skipped"]]
-        table.add_row(split, str(len(rows)), str(sum(r["samples"] for r in mine)), str(len(mine)),
-                      str(sum(r["reused"] for r in mine)), *(str(skipped.count(k)) for k in reasons))
+        table.add_row(
+            split,
+            str(len(rows)),
+            str(sum(r["samples"] for r in mine)),
+            str(len(mine)),
+            str(sum(r["reused"] for r in mine)),
+            *(str(skipped.count(k)) for k in reasons),
+        )
     console = Console(width=120)
     console.print(table)
     n_skipped = sum(len(r["skipped"]) for r in results)
@@ -273,5 +306,6 @@ def report(out: Path, splits: dict[str, list[Row]], results: list[dict]) -> None
         console.print(f"skipped {n_skipped} rows; each is listed with its reason in {out / 'skipped.jsonl'}")
     for split, rows in splits.items():
         if not any(r["samples"] for r in results if r["split"] == split):
-            console.print(f"[bold]warning[/]: split '{split}' has no sample (data=shards needs {out}/{split}/*.tar)")
-
+            console.print(
+                f"[bold]warning[/]: split '{split}' has no sample (data=shards needs {out}/{split}/*.tar)"
+            )

@@ -19,8 +19,15 @@ if TYPE_CHECKING:
     from mmpretrain.data.convert import Options
 
 # Our key conventions (decode.py): the field name of each media extension, by modality.
-MEDIA = {"jpg": "image", "jpeg": "image", "png": "image", "webp": "image", "flac": "audio", "wav": "audio",
-         "mp3": "audio"}
+MEDIA = {
+    "jpg": "image",
+    "jpeg": "image",
+    "png": "image",
+    "webp": "image",
+    "flac": "audio",
+    "wav": "audio",
+    "mp3": "audio",
+}
 TABLES = (".csv", ".tsv", ".parquet")
 
 
@@ -64,7 +71,9 @@ def read_rows(src: Path, opts: Options) -> list[Row]:
                 f"media files with .txt/.json captions, or a folder of webdataset .tar shards"
             )
         rows = read_table(src, opts)
-    elif any(src.glob("*.tar")) and not any(p.is_file() and media_ext(p.name) in MEDIA for p in src.rglob("*")):
+    elif any(src.glob("*.tar")) and not any(
+        p.is_file() and media_ext(p.name) in MEDIA for p in src.rglob("*")
+    ):
         rows = read_tars(src)
     else:
         rows = read_folder(src, opts)
@@ -95,11 +104,16 @@ def read_table(path: Path, opts: Options) -> list[Row]:
         file = Path(name) if Path(name).is_absolute() else path.parent / name
         caption = rec[opts.caption_key]
         label = rec[opts.label_key] if opts.label_key else None
-        rows.append(Row(
-            key=sample_key(name, seen[name]), source=name, path=str(file), ext=media_ext(name),
-            caption=None if caption is None else str(caption),
-            label=None if label is None or str(label).strip() == "" else str(label).strip(),
-        ))
+        rows.append(
+            Row(
+                key=sample_key(name, seen[name]),
+                source=name,
+                path=str(file),
+                ext=media_ext(name),
+                caption=None if caption is None else str(caption),
+                label=None if label is None or str(label).strip() == "" else str(label).strip(),
+            )
+        )
     return rows
 
 
@@ -114,7 +128,9 @@ def _table_records(path: Path, separator: str) -> tuple[list[str], list[dict]]:
             ) from None
         table = pq.read_table(path)
         return list(table.column_names), table.to_pylist()
-    sep = {"auto": "\t" if path.suffix.lower() == ".tsv" else ",", "tab": "\t", "\\t": "\t"}.get(separator, separator)
+    sep = {"auto": "\t" if path.suffix.lower() == ".tsv" else ",", "tab": "\t", "\\t": "\t"}.get(
+        separator, separator
+    )
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f, delimiter=sep)
         records = list(reader)
@@ -124,15 +140,25 @@ def _table_records(path: Path, separator: str) -> tuple[list[str], list[dict]]:
 # -- a folder of media files with sidecar captions ------------------------------------------------------
 def read_folder(root: Path, opts: Options) -> list[Row]:
     if opts.labels not in (None, "folders"):
-        raise ValueError(f"labels={opts.labels}: choose labels=folders (a class per sub-folder) or leave it unset")
+        raise ValueError(
+            f"labels={opts.labels}: choose labels=folders (a class per sub-folder) or leave it unset"
+        )
     rows = []
     for file in sorted(p for p in root.rglob("*") if p.is_file() and media_ext(p.name) in MEDIA):
         rel = file.relative_to(root).as_posix()
         label = None
         if opts.labels == "folders" and "/" in rel:
             label = rel.split("/", 1)[0]
-        rows.append(Row(key=sample_key(rel), source=rel, path=str(file), ext=media_ext(file.name),
-                        caption=_sidecar_caption(file, opts.caption_key), label=label))
+        rows.append(
+            Row(
+                key=sample_key(rel),
+                source=rel,
+                path=str(file),
+                ext=media_ext(file.name),
+                caption=_sidecar_caption(file, opts.caption_key),
+                label=label,
+            )
+        )
     return rows
 
 
@@ -168,6 +194,15 @@ def read_tars(root: Path) -> list[Row]:
             if caption is None and "json" in sample:
                 caption = json.loads(sample["json"]).get("caption")
             source = f"{tar.name}/{sample['__key__']}"
-            rows.append(Row(key=sample_key(source), source=source, path=str(tar), ext=ext, caption=caption,
-                            label=sample["cls"].decode().strip() if "cls" in sample else None, offset=start))
+            rows.append(
+                Row(
+                    key=sample_key(source),
+                    source=source,
+                    path=str(tar),
+                    ext=ext,
+                    caption=caption,
+                    label=sample["cls"].decode().strip() if "cls" in sample else None,
+                    offset=start,
+                )
+            )
     return rows

@@ -55,21 +55,26 @@ def write_table(path: Path, rows: list[dict], sep: str = ",") -> Path:
     return path
 
 
-def image_table(tmp: Path, n: int = 20, sep: str = ",", name: str = "data.csv") -> tuple[Path, dict[str, bytes]]:
+def image_table(
+    tmp: Path, n: int = 20, sep: str = ",", name: str = "data.csv"
+) -> tuple[Path, dict[str, bytes]]:
     (tmp / "img").mkdir(exist_ok=True)
     rows, files = [], {}
     for i in range(n):
         data = png(i)
         (tmp / "img" / f"{i}.png").write_bytes(data)
         files[f"caption {i}"] = data
-        rows.append({"filepath": f"img/{i}.png", "title": f"caption {i}", "label": ["cat", "dog", "emu"][i % 3]})
+        rows.append(
+            {"filepath": f"img/{i}.png", "title": f"caption {i}", "label": ["cat", "dog", "emu"][i % 3]}
+        )
     return write_table(tmp / name, rows, sep), files
 
 
 def test_csv_round_trip_keeps_bytes_captions_and_classes(tmp_path):
     table, files = image_table(tmp_path)
-    out = convert(tmp_path / "out", table, label_key="label", val_fraction=0.2, shard_size=6, workers=1,
-                  progress=False)
+    out = convert(
+        tmp_path / "out", table, label_key="label", val_fraction=0.2, shard_size=6, workers=1, progress=False
+    )
     train, val = samples_of(out, "train"), samples_of(out, "val")
     assert len(train) + len(val) == 20 and 1 <= len(val) < 10
     assert (out / "classnames.txt").read_text() == "cat\ndog\nemu\n"
@@ -93,14 +98,24 @@ def test_tsv_with_other_columns_and_a_separate_val_table(tmp_path):
     with open(table) as f:  # the same layout with other column names
         lines = f.read().replace("filepath\ttitle", "path\ttext", 1)
     table.write_text(lines)
-    out = convert(tmp_path / "out", table, val=tmp_path / "val.tsv", img_key="path", caption_key="text",
-                  label_key="label", workers=1, progress=False)
+    out = convert(
+        tmp_path / "out",
+        table,
+        val=tmp_path / "val.tsv",
+        img_key="path",
+        caption_key="text",
+        label_key="label",
+        workers=1,
+        progress=False,
+    )
     assert len(samples_of(out, "train")) == 8 and len(samples_of(out, "val")) == 3
 
 
 def test_a_missing_column_names_the_columns_and_the_option(tmp_path):
     table, _ = image_table(tmp_path, n=2)
-    with pytest.raises(ValueError, match=r"no column 'caption'.*\['filepath', 'title', 'label'\].*caption_key="):
+    with pytest.raises(
+        ValueError, match=r"no column 'caption'.*\['filepath', 'title', 'label'\].*caption_key="
+    ):
         convert(tmp_path / "out", table, caption_key="caption", workers=1, progress=False)
 
 
@@ -136,9 +151,17 @@ def test_folder_with_sidecars_and_a_class_per_folder(tmp_path):
     assert got["a bird"]["jpg"] == jpg(1)  # .JPG -> jpg
     assert got["another bird"]["jpeg"] == jpg(2)  # .jpeg stays jpeg
     assert got["an engine"]["wav"] == wav(4)
-    assert {k: int(s["cls"]) for k, s in got.items()} == {"a bird": 0, "another bird": 0, "a car": 1, "an engine": 1}
+    assert {k: int(s["cls"]) for k, s in got.items()} == {
+        "a bird": 0,
+        "another bird": 0,
+        "a car": 1,
+        "an engine": 1,
+    }
     assert (out / "classnames.txt").read_text() == "birds\ncars\n"
-    skipped = {json.loads(line)["source"]: json.loads(line)["reason"] for line in open(out / "skipped.jsonl")}
+    skipped = {
+        json.loads(line)["source"]: json.loads(line)["reason"]
+        for line in (out / "skipped.jsonl").read_text().splitlines()
+    }
     assert skipped == {"cars/e.png": "empty caption", "loose.png": "unknown label"}
     decoded = decode_sample(got["an engine"], ["audio", "text", "cls"], required=["audio"])
     assert decoded["audio"][1] == 8000 and decoded["cls"] == 1
@@ -159,8 +182,9 @@ def test_a_corrupt_image_is_counted_reported_and_not_written(tmp_path, capsys):
 
 def test_a_rerun_keeps_finished_shards_and_rewrites_lost_ones_identically(tmp_path):
     table, _ = image_table(tmp_path, n=30)
-    out = convert(tmp_path / "out", table, label_key="label", val_fraction=0.1, shard_size=5, workers=1,
-                  progress=False)
+    out = convert(
+        tmp_path / "out", table, label_key="label", val_fraction=0.1, shard_size=5, workers=1, progress=False
+    )
     tars = sorted(out.glob("*/*.tar"))
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in tars}
     tars[1].unlink()  # as if the first run died before this shard
@@ -170,7 +194,9 @@ def test_a_rerun_keeps_finished_shards_and_rewrites_lost_ones_identically(tmp_pa
     assert set(after) == set(before)
     assert all(after[p][1] == before[p][1] for p in tars)  # same bytes, also from the worker processes
     assert [p for p in tars if after[p][0] != before[p][0]] == [tars[1]]  # only the lost shard was written
-    assert sum(json.loads((out / "train" / "sizes.json").read_text()).values()) == len(samples_of(out, "train"))
+    assert sum(json.loads((out / "train" / "sizes.json").read_text()).values()) == len(
+        samples_of(out, "train")
+    )
 
 
 def test_parquet_table(tmp_path):
@@ -203,11 +229,24 @@ def write_img2dataset(root: Path, shards: int = 3, per_shard: int = 12) -> int:
         with tarfile.open(root / f"{s:05d}.tar", "w") as tf:
             for j in range(per_shard):
                 key = f"{s:05d}{j:04d}"
-                meta = {"url": f"https://example.com/{key}.jpg", "caption": f"photo {s} {j}", "key": key,
-                        "status": "success", "error_message": None, "width": 8, "height": 8,
-                        "original_width": 8, "original_height": 8, "exif": None, "sha256": "0" * 64}
-                for ext, data in (("jpg", jpg(s * 100 + j)), ("txt", meta["caption"].encode()),
-                                  ("json", json.dumps(meta).encode())):
+                meta = {
+                    "url": f"https://example.com/{key}.jpg",
+                    "caption": f"photo {s} {j}",
+                    "key": key,
+                    "status": "success",
+                    "error_message": None,
+                    "width": 8,
+                    "height": 8,
+                    "original_width": 8,
+                    "original_height": 8,
+                    "exif": None,
+                    "sha256": "0" * 64,
+                }
+                for ext, data in (
+                    ("jpg", jpg(s * 100 + j)),
+                    ("txt", meta["caption"].encode()),
+                    ("json", json.dumps(meta).encode()),
+                ):
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size = len(data)
                     tf.addfile(info, io.BytesIO(data))
@@ -222,7 +261,11 @@ def test_img2dataset_output_is_read_directly_and_counted_without_sizes_json(tmp_
     urls = expand_shards(f"{root}/*.tar")
     assert [Path(u).name for u in urls] == ["00000.tar", "00001.tar", "00002.tar"]  # no .parquet, no stats
     assert count_samples(urls) == n  # from the tar headers (then remembered in sizes.json)
-    assert json.loads((root / "sizes.json").read_text()) == {"00000.tar": 12, "00001.tar": 12, "00002.tar": 12}
+    assert json.loads((root / "sizes.json").read_text()) == {
+        "00000.tar": 12,
+        "00001.tar": 12,
+        "00002.tar": 12,
+    }
     samples = [s for u in urls for _, _, s in read_samples(u)]
     assert samples[0]["__key__"] == "000000000"
     decoded = decode_sample(samples[13], ["image", "text"], required=["image", "text"])
@@ -251,8 +294,15 @@ SMALL_TEXT = [
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = os.environ | {"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    proc = subprocess.run([str(CONSOLE_SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300, check=False)
+    proc = subprocess.run(
+        [str(CONSOLE_SCRIPT), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
 
@@ -262,12 +312,33 @@ def test_converted_table_trains_through_the_console_script(tmp_path):
     table, _ = image_table(tmp_path, n=64)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    proc = _run(["data", "shards", f"in={table}", f"out={tmp_path / 'out'}", "label_key=label", "shard_size=16",
-                 "val_fraction=0.25", "workers=2", f"hydra.run.dir={tmp_path / 'd'}"], elsewhere)
+    proc = _run(
+        [
+            "data",
+            "shards",
+            f"in={table}",
+            f"out={tmp_path / 'out'}",
+            "label_key=label",
+            "shard_size=16",
+            "val_fraction=0.25",
+            "workers=2",
+            f"hydra.run.dir={tmp_path / 'd'}",
+        ],
+        elsewhere,
+    )
     assert "written" in proc.stdout
     run = tmp_path / "run"
-    _run(["train", "data=shards", f"data.root={tmp_path / 'out'}", "debug=fast", f"hydra.run.dir={run}",
-          *SMALL_TEXT], elsewhere)
+    _run(
+        [
+            "train",
+            "data=shards",
+            f"data.root={tmp_path / 'out'}",
+            "debug=fast",
+            f"hydra.run.dir={run}",
+            *SMALL_TEXT,
+        ],
+        elsewhere,
+    )
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["skipped_samples"] == 0 and "val/zeroshot_top1/image_text" in metrics
 
@@ -277,8 +348,20 @@ def test_img2dataset_output_trains_through_the_console_script(tmp_path):
     root = tmp_path / "i2d"
     write_img2dataset(root, shards=3, per_shard=40)  # 80 train samples: 5 batches, validation after step 4
     run = tmp_path / "run"
-    _run(["train", "data=shards", f"data.root={root}", f"data.sources.main.shards='{root}/{{00000..00001}}.tar'",
-          f"data.val.shards={root}/00002.tar", "optimized_metric=val/retrieval_R@1/image_to_text", "debug=fast", f"hydra.run.dir={run}", *SMALL_TEXT], tmp_path)
+    _run(
+        [
+            "train",
+            "data=shards",
+            f"data.root={root}",
+            f"data.sources.main.shards='{root}/{{00000..00001}}.tar'",
+            f"data.val.shards={root}/00002.tar",
+            "optimized_metric=val/retrieval_R@1/image_to_text",
+            "debug=fast",
+            f"hydra.run.dir={run}",
+            *SMALL_TEXT,
+        ],
+        tmp_path,
+    )
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["skipped_samples"] == 0 and metrics["train/loss"] > 0
     assert "val/retrieval_R@1/image_to_text" in metrics  # no classnames.txt: retrieval only, no zero-shot
