@@ -368,3 +368,48 @@ def test_img2dataset_output_trains_through_the_console_script(tmp_path):
     assert not any(k.startswith("val/zeroshot") for k in metrics)
     # the train shards were counted from their tar headers, and remembered
     assert json.loads((root / "sizes.json").read_text()) == {f"{s:05d}.tar": 40 for s in range(2)}
+
+
+def test_the_data_command_passes_its_options(tmp_path):
+    from mmpretrain.cli import data
+    from mmpretrain.data.builders import options
+    from tests.conftest import compose_config
+
+    table, _ = image_table(tmp_path, n=6)
+    out = tmp_path / "out"
+    cfg = compose_config(
+        "build_data",
+        [
+            "name=shards",
+            f"in={table}",
+            f"out={out}",
+            "label_key=label",
+            "shard_size=2",
+            "workers=1",
+            "val_fraction=0.4",
+        ],
+    )
+    assert data(cfg) == out
+    assert len(list(out.glob("train/train-*.tar"))) >= 2 and (out / "classnames.txt").exists()
+    with pytest.raises(ValueError, match="needs in="):
+        options("shards", compose_config("build_data", ["name=shards", f"out={out}"]))
+    assert options("digits", compose_config("build_data", [])) == {"seed": 0, "image_size": 32}
+
+
+def test_several_captions_of_one_file_are_several_samples_in_one_split(tmp_path):
+    image_table(tmp_path, n=10)
+    rows = [
+        {"filepath": f"img/{i}.png", "title": f"caption {i} take {t}"} for i in range(10) for t in range(3)
+    ]
+    out = convert(
+        tmp_path / "out",
+        write_table(tmp_path / "multi.csv", rows),
+        val_fraction=0.3,
+        workers=1,
+        progress=False,
+    )
+    splits = {split: [s["txt"].decode() for s in samples_of(out, split)] for split in ("train", "val")}
+    assert sum(map(len, splits.values())) == 30
+    for split, captions in splits.items():
+        files = {c.split()[1] for c in captions}
+        assert all(f"caption {f} take {t}" in captions for f in files for t in range(3)), split
