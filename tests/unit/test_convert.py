@@ -413,3 +413,19 @@ def test_several_captions_of_one_file_are_several_samples_in_one_split(tmp_path)
     for split, captions in splits.items():
         files = {c.split()[1] for c in captions}
         assert all(f"caption {f} take {t}" in captions for f in files for t in range(3)), split
+
+
+def test_a_rerun_of_a_finished_conversion_reads_no_media(tmp_path, monkeypatch):
+    """Cost: finished shards are recognised from their records, so a rerun opens none of the media files."""
+    from mmpretrain.data import sources
+
+    table, _ = image_table(tmp_path, n=12)
+    convert(tmp_path / "out", table, shard_size=4, workers=1, progress=False)
+    reads = []
+    original = sources.Row.read
+    monkeypatch.setattr(sources.Row, "read", lambda row: reads.append(row.source) or original(row))
+    convert(tmp_path / "out", table, shard_size=4, workers=1, progress=False)
+    assert reads == []
+    (tmp_path / "out" / "train" / "train-000000.tar").unlink()
+    convert(tmp_path / "out", table, shard_size=4, workers=1, progress=False)
+    assert len(reads) == 4  # the one lost shard
