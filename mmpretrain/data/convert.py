@@ -111,8 +111,10 @@ class ShardTask:
     classes: dict[str, int] | None
 
     def fingerprint(self) -> str:
-        h = hashlib.sha1(json.dumps([self.classes, [asdict(r) for r in self.rows]], sort_keys=True).encode())
-        return h.hexdigest()
+        """What the shard is made of: its rows (not where the input lies: a rerun from another
+        directory or with the input moved keeps the shards) and the class numbering."""
+        rows = [{k: v for k, v in asdict(r).items() if k != "path"} for r in self.rows]
+        return hashlib.sha1(json.dumps([self.classes, rows], sort_keys=True).encode()).hexdigest()
 
 
 def shard_tasks(
