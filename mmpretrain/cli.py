@@ -37,11 +37,9 @@ CONF_DIR = _find_conf_dir()
 
 # -- commands ------------------------------------------------------------------------------
 def data(cfg: DictConfig) -> Path:
-    from mmpretrain.data.builders import build
+    from mmpretrain.data.builders import build, options
 
-    # Every other key of build_data.yaml is a builder option; null ones keep the builder's default.
-    options = {k: v for k, v in cfg.items() if k not in ("name", "out", "task_name", "paths") and v is not None}
-    out = build(cfg.name, cfg.out, **options)
+    out = build(cfg.name, cfg.out, **options(cfg.name, cfg))
     print(f"wrote {cfg.name} to {out}")
     return out
 
@@ -422,7 +420,7 @@ COMMANDS: dict[str, tuple[Callable, str, str]] = {
     "eval": (evaluate, "eval", "zero-shot + retrieval of ckpt=PATH on data.val"),
     "finetune": (finetune, "finetune", "task=linear_probe|full|fusion pretrained=CKPT_OR_DIR: classification"),
     "export": (export_cmd, "export", "ckpt=PATH out=DIR -> model.safetensors + config.json"),
-    "data": (data, "build_data", "NAME out=DIR: write a bundled dataset (digits, spoken-digits, scenes) as shards"),
+    "data": (data, "build_data", "NAME out=DIR: write a bundled dataset (digits, spoken-digits, scenes) as shards; shards in=...: your own data"),
 }
 
 

@@ -1,4 +1,4 @@
-"""Bundled datasets, by name: ``mmpretrain data NAME out=DIR``."""
+"""Bundled datasets, by name: ``mmpretrain data NAME out=DIR``; ``shards`` converts the user's own data."""
 
 from __future__ import annotations
 
@@ -6,20 +6,54 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mmpretrain.data import digits, digits_classifier, scenes, spoken_digits
+from mmpretrain.data import convert, digits, digits_classifier, scenes, spoken_digits
 
 BUILDERS: dict[str, Callable[..., Path]] = {
     "digits": digits.build_digits,
     "spoken-digits": spoken_digits.build_spoken_digits,
     "digits-classifier": digits_classifier.build_digits_classifier,  # weights: LiT's pretrained image tower
     "scenes": scenes.build_scenes,  # drawn shapes, 5 captions and hard negatives each
+    "shards": convert.convert,  # in=TABLE_OR_FOLDER: the user's own data into our layout
 }
+
+# The keys of conf/build_data.yaml each builder takes (the others belong to other builders).
+OPTIONS: dict[str, tuple[str, ...]] = {
+    "scenes": ("seed", "train", "val", "test", "workers", "image_size_min", "image_size_max", "shard_size"),
+    "shards": (
+        "in",
+        "val",
+        "val_fraction",
+        "shard_size",
+        "workers",
+        "img_key",
+        "caption_key",
+        "label_key",
+        "separator",
+        "labels",
+        "classnames",
+    ),
+}
+DEFAULT_OPTIONS = ("seed", "image_size")
 
 
 def build(name: str, out: str | Path, **kwargs: Any) -> Path:
     if name not in BUILDERS:
         raise ValueError(f"no bundled dataset '{name}'; choose one of {sorted(BUILDERS)}")
     return BUILDERS[name](out, **kwargs)
+
+
+def options(name: str, cfg: Any) -> dict[str, Any]:
+    """The options of builder ``name`` out of the ``build_data`` config (``in`` becomes ``src``);
+    null ones are left out, so the builder's own default applies."""
+    picked = {key: cfg.get(key) for key in OPTIONS.get(name, DEFAULT_OPTIONS)}
+    picked = {key: value for key, value in picked.items() if value is not None or key == "in"}
+    if "in" in picked:
+        picked["src"] = picked.pop("in")
+        if picked["src"] is None:
+            raise ValueError(
+                "mmpretrain data shards needs in=TABLE_OR_FOLDER (a .csv/.tsv/.parquet or a folder)"
+            )
+    return picked
 
 
 def is_built(root: str | Path, name: str = "digits") -> bool:

@@ -165,6 +165,27 @@ def _write_open_clip_trainer_checkpoint(workdir: Path) -> None:
     torch.save({"epoch": 32, "name": "x", "state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
 
 
+def _write_own_data(workdir: Path) -> None:
+    """Tiny stand-ins for the README's own data: own/pairs.csv, own/pairs.tsv, own/photos/<class>/, own/i2d."""
+    from tests.unit.test_convert import image_table, write_img2dataset
+
+    own = workdir / "own"
+    if own.exists():
+        return
+    own.mkdir()
+    image_table(own, n=24)
+    (own / "data.csv").rename(own / "pairs.csv")
+    tsv, _ = image_table(own, n=24, sep="\t", name="pairs.tsv")
+    tsv.write_text(tsv.read_text().replace("filepath\ttitle", "path\tcaption", 1))
+    for i in range(24):
+        folder = own / "photos" / ("cats" if i % 2 else "dogs")
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(own / "img" / f"{i}.png", folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a photo number {i}")
+    write_img2dataset(own / "i2d", shards=3, per_shard=24)
+
+
+OWN = {"/data/my_shards": "own/shards", "/data/": "own/"}  # in order: the output, then the inputs
 USAGE = "usage synopsis (placeholders, [optional] parts, a|b alternatives); its concrete forms are run: "
 SEVERAL_NODES = (
     "several nodes (torchrun rendezvous over 2 machines x 8 GPUs); two torchrun 'nodes' on CPU are "
@@ -201,6 +222,22 @@ COMMANDS: dict[str, Run | Skip] = {
     ),
     "mmpretrain data spoken-digits out=DIR": Run(
         subs={"out=DIR": f"out={SPOKEN}"}, budget=HYDRA_RUN, requires=("espeak-ng",)
+    ),
+    "mmpretrain data shards in=TABLE_OR_FOLDER out=DIR": Skip(USAGE + "`mmpretrain data shards in=/data/pairs.csv ...`"),
+    "mmpretrain data shards in=/data/pairs.csv out=/data/my_shards": Run(
+        subs=OWN, budget=HYDRA_RUN, prepare=(_write_own_data,), expect=("converted into own/shards",)
+    ),
+    "mmpretrain data shards in=/data/pairs.tsv out=/data/my_shards img_key=path caption_key=caption "
+    "label_key=label": Run(subs=OWN, budget=HYDRA_RUN, prepare=(_write_own_data,)),
+    "mmpretrain data shards in=/data/photos out=/data/my_shards labels=folders": Run(
+        subs=OWN, budget=HYDRA_RUN, prepare=(_write_own_data,)
+    ),
+    "mmpretrain data shards in=/data/i2d out=DIR": Run(
+        subs={"/data/": "own/", "out=DIR": "out=own/i2d_split"}, budget=HYDRA_RUN, prepare=(_write_own_data,)
+    ),
+    "mmpretrain train data=shards data.root=/data/i2d 'data.sources.main.shards=\"/data/i2d/{00000..00008}.tar\"' "
+    "data.val.shards=/data/i2d/00009.tar optimized_metric=val/retrieval_R@1/image_to_text": Run(
+        subs={"/data/": "own/", "00008": "00001", "00009": "00002"}, prepare=(_write_own_data,)
     ),
     # -- train, then evaluate / export / fine-tune what it wrote
     "mmpretrain train": Run(expect=("run directory:",)),
