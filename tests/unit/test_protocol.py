@@ -72,3 +72,97 @@ def test_one_caption_per_item_equals_the_single_caption_metrics(kind):
     got = multi_caption_retrieval(items, captions, torch.arange(len(items)), "image", "text")
     single = retrieval_metrics(items, captions, "image", "text")
     assert {k: v for k, v in got.items() if k in single} == single
+
+
+def reference_probe(items, captions, negatives, owner, kinds):
+    sims = lambda x, y: cosine(x[None], y[None])[0][0]  # noqa: E731
+    per_kind: dict[int, list[bool]] = {}
+    for g, (o, k) in enumerate(zip(owner.tolist(), kinds.tolist())):
+        true, neg = sims(items[o], captions[o]), sims(items[o], negatives[g])
+        per_kind.setdefault(k, []).append(true > neg)  # NaN and ties fail
+    return {k: sum(v) / len(v) for k, v in per_kind.items()}
+
+
+@pytest.mark.parametrize("kind", ["random", "ties"])
+def test_compositional_probe_matches_brute_force(kind):
+    from mmpretrain.evaluation import compositional_probe
+
+    items, captions, _ = problem(kind)
+    captions = captions[: len(items)]
+    g = torch.Generator().manual_seed(5)
+    owner = torch.randint(0, len(items), (20,), generator=g)
+    negatives = captions[torch.randint(0, len(items), (20,), generator=g)]  # ties with the true caption too
+    kinds = torch.randint(0, 3, (20,), generator=g)
+    names = ("a", "b", "c")
+    got = compositional_probe(items, captions, negatives, owner, kinds, names)
+    ref = reference_probe(items, captions, negatives, owner, kinds)
+    assert {k: v for k, v in got.items() if k != "mean"} == pytest.approx({names[k]: v for k, v in ref.items()})
+    assert got["mean"] == pytest.approx(sum(ref.values()) / len(ref))
+
+
+def val_batches(sizes, seed=0):
+    """Image-text val batches with 1..3 captions per row, hard negatives and a 'color' task label."""
+    g = torch.Generator().manual_seed(seed)
+    total = sum(sizes)
+    image, text = torch.randn(total, 6, generator=g), torch.randn(total, 5, generator=g)
+    more_owner = torch.randint(0, total, (2 * total,), generator=g).sort().values
+    more = torch.randn(len(more_owner), 5, generator=g)
+    neg_owner = torch.randint(0, total, (total,), generator=g).sort().values
+    neg = torch.randn(len(neg_owner), 5, generator=g)
+    kinds = torch.randint(0, 3, (len(neg_owner),), generator=g)
+    color = torch.randint(-1, 3, (total,), generator=g)
+    batches, start = [], 0
+    for n in sizes:
+        rows = slice(start, start + n)
+        mo, no = (more_owner >= start) & (more_owner < start + n), (neg_owner >= start) & (neg_owner < start + n)
+        batches.append({"image": image[rows], "text": text[rows], "text_more": more[mo], "text_more_owner": more_owner[mo] - start,
+                        "probe_negatives": neg[no], "probe_negatives_owner": neg_owner[no] - start,
+                        "probe_negatives_kind": kinds[no], "label/color": color[rows]})
+        start += n
+    whole = {"image": image, "text": text, "more": more, "more_owner": more_owner, "neg": neg, "neg_owner": neg_owner,
+             "kinds": kinds, "color": color}
+    return batches, whole
+
+
+def validate(module, batches):
+    with torch.no_grad():
+        for i, b in enumerate(batches):
+            module.validation_step(b, i)
+        cols = {k: torch.cat(v) for k, v in module._val.items()}
+    module._val.clear()
+    module._val_rows = 0
+    return module.validation_metrics(cols)
+
+
+def test_validation_reports_the_protocol_probe_and_task_zero_shot():
+    from mmpretrain.data.captions import NEGATIVE_KINDS
+    from mmpretrain.evaluation import compositional_probe, zero_shot_accuracy
+    from mmpretrain.evaluation.zeroshot import class_embeddings
+    from mmpretrain.losses import InfoNCE
+    from mmpretrain.module import ContrastiveModule
+    from tests.unit.test_gradcache import make_model
+
+    model = make_model().eval()
+    prompts = {name: torch.randn(5, generator=torch.Generator().manual_seed(i)) for i, name in
+               enumerate(["a red", "a green", "a blue"])}
+    module = ContrastiveModule(model, InfoNCE(), optim={},
+                               zeroshot_tasks={"color": {"classnames": ["red", "green", "blue"], "templates": ["a {}"]}})
+    module._encode_prompts = lambda ps: model.encode("text", torch.stack([prompts[p] for p in ps]))
+    batches, whole = val_batches([5, 3, 6])
+    got = validate(module, batches)
+    assert validate(module, val_batches([2, 12])[0]) == pytest.approx(got)  # batch boundaries do not matter
+    with torch.no_grad():
+        img, txt = model.encode("image", whole["image"]), model.encode("text", whole["text"])
+        more, neg = model.encode("text", whole["more"]), model.encode("text", whole["neg"])
+        n = len(img)
+        ref = multi_caption_retrieval(img, torch.cat([txt, more]), torch.cat([torch.arange(n), whole["more_owner"]]),
+                                      "image", "text")
+        probe = compositional_probe(img, txt, neg, whole["neg_owner"], whole["kinds"], NEGATIVE_KINDS)
+        rows = whole["color"] >= 0
+        classes = class_embeddings(["red", "green", "blue"], ["a {}"], module._encode_prompts)
+        zs = zero_shot_accuracy(img[rows], whole["color"][rows], classes)
+    for k in ("R@1/image_to_text", "R@5/text_to_image", "R@10/image_to_text", "rsum/image_text", "mean_R@1/image_text"):
+        assert got[f"val/retrieval_{k}"] == pytest.approx(ref[k]), k
+    assert {k.removeprefix("val/probe/"): v for k, v in got.items() if k.startswith("val/probe/")} == pytest.approx(probe)
+    assert got["val/zeroshot_top1/color/image_text"] == pytest.approx(zs["top1"])
+    assert "val/zeroshot_top1/image_text" not in got  # no root classnames: no root zero-shot
