@@ -54,6 +54,9 @@ class ContrastiveModule(L.LightningModule):
         # (feature caching), which needs manual optimisation.
         self.grad_cache_chunks = int(optim.get("grad_cache_chunks") or 1)
         self.automatic_optimization = self.grad_cache_chunks <= 1
+        if self.grad_cache_chunks > 1 and getattr(loss, "hard_negatives", False):
+            raise ValueError("loss.hard_negatives=true cannot be combined with optim.grad_cache_chunks>1 "
+                             "(the cached features would not include the negatives)")
         self._partial_stream = False  # set at train start: masks on every rank (see _masks_on_every_rank)
 
     @property
