@@ -123,7 +123,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         if "zeroshot_top1" in key:
             print(f"{key.split('/')[-1]} zero-shot top-1: {value:.4f}")
     for key, value in sorted(metrics.items()):
-        if key.startswith(("val/retrieval_R@", "val/retrieval_mean_rank", "val/retrieval_median_rank")):
+        if key.startswith(("val/retrieval_R@", "val/retrieval_mean_rank", "val/retrieval_median_rank",
+                           "val/retrieval_rsum", "val/retrieval_mean_R@1", "val/probe/")):
             print(f"{key.removeprefix('val/retrieval_')}: {value:.4f}")
     if trainer.is_global_zero:
         (run_dir / "eval_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
