@@ -17,8 +17,8 @@ from mmpretrain.evaluation import (
     class_embeddings,
     class_prototypes,
     compositional_probe,
-    multi_caption_retrieval,
     retrieval_metrics,
+    rows_multi_caption_retrieval,
     zero_shot_accuracy,
 )
 from mmpretrain.gradcache import grad_cache_backward
@@ -303,7 +303,11 @@ class ContrastiveModule(L.LightningModule):
                 pair_labels = labels[both] if labelled[both].all() else None
                 scores = retrieval_metrics(ea, eb, a, b, a_labels=pair_labels, b_labels=pair_labels, across_ranks=True)
                 if "text" in (a, b) and len(extra.get("text_more", ())):
-                    scores |= self._multi_caption_scores(emb, both, extra, b if a == "text" else a)
+                    other = b if a == "text" else a  # every caption: replaces the first-caption instance numbers
+                    multi = rows_multi_caption_retrieval(emb[other], emb["text"], extra["text_more"],
+                                                         extra["text_more_owner"], both, other, "text",
+                                                         across_ranks=True)
+                    scores |= {k: v for k, v in multi.items() if k.startswith(("R@", "mean_rank/", "median_rank/"))}
                 forward, backward = f"{a}_to_{b}", f"{b}_to_{a}"
                 scores[f"rsum/{a}_{b}"] = 100 * sum(scores[f"R@{k}/{d}"] for k in (1, 5, 10) for d in (forward, backward))
                 scores[f"mean_R@1/{a}_{b}"] = (scores[f"R@1/{forward}"] + scores[f"R@1/{backward}"]) / 2
@@ -314,20 +318,6 @@ class ContrastiveModule(L.LightningModule):
         if "text" in mods:
             metrics |= self._probe(emb, masks, extra, mods) | self._zero_shot_tasks(emb, masks, task_labels, mods)
         return metrics
-
-    @staticmethod
-    def _multi_caption_scores(emb, both, extra, other: str) -> dict[str, float]:
-        """Instance retrieval of ``other`` vs text over every caption (the papers' protocol): each
-        row's first caption plus its ``text_more``; replaces the first-caption-only numbers."""
-        rows = both.nonzero().squeeze(1)
-        index = torch.full(both.shape, -1, dtype=torch.long, device=both.device)
-        index[rows] = torch.arange(len(rows), device=both.device)
-        owner = index[extra["text_more_owner"]]
-        keep = owner >= 0
-        captions = torch.cat([emb["text"][both], extra["text_more"][keep]])
-        owner = torch.cat([torch.arange(len(rows), device=both.device), owner[keep]])
-        scores = multi_caption_retrieval(emb[other][both], captions, owner, other, "text", across_ranks=True)
-        return {k: v for k, v in scores.items() if not k.startswith(("rsum/", "mean_R@1/"))}
 
     @staticmethod
     def _probe(emb, masks, extra, mods) -> dict[str, float]:

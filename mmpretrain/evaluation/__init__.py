@@ -1,7 +1,12 @@
 """Evaluation on embeddings: pure functions, no Lightning, no Hydra."""
 
 from mmpretrain.evaluation.probe import compositional_probe
-from mmpretrain.evaluation.retrieval import class_retrieval_metrics, multi_caption_retrieval, retrieval_metrics
+from mmpretrain.evaluation.retrieval import (
+    class_retrieval_metrics,
+    multi_caption_retrieval,
+    retrieval_metrics,
+    rows_multi_caption_retrieval,
+)
 from mmpretrain.evaluation.zeroshot import class_embeddings, class_prototypes, zero_shot_accuracy
 
 __all__ = [
@@ -11,5 +16,6 @@ __all__ = [
     "compositional_probe",
     "multi_caption_retrieval",
     "retrieval_metrics",
+    "rows_multi_caption_retrieval",
     "zero_shot_accuracy",
 ]

@@ -164,6 +164,21 @@ def multi_caption_retrieval(
     return out
 
 
+def rows_multi_caption_retrieval(
+    items: torch.Tensor, first: torch.Tensor, extra: torch.Tensor, extra_owner: torch.Tensor, rows: torch.Tensor,
+    item_name: str, caption_name: str, **kwargs,
+) -> dict[str, float]:
+    """:func:`multi_caption_retrieval` over the rows ``rows`` (``[N]`` bool) of a val set whose row i
+    has the caption ``first[i]`` and the ``extra`` captions owned by i (``extra_owner``)."""
+    kept = rows.nonzero().squeeze(1)
+    index = torch.full(rows.shape, -1, dtype=torch.long, device=rows.device)
+    index[kept] = torch.arange(len(kept), device=rows.device)
+    owner = index[extra_owner]
+    captions = torch.cat([first[rows], extra[owner >= 0]])
+    owner = torch.cat([torch.arange(len(kept), device=rows.device), owner[owner >= 0]])
+    return multi_caption_retrieval(items[rows], captions, owner, item_name, caption_name, **kwargs)
+
+
 def _best_owned_ranks(items, captions, owner, rows, chunk) -> torch.Tensor:
     """1-based pessimistic rank of each item's best own caption: 1 + #(other items' captions not
     scoring below it). A NaN own score is the worst, a NaN other score beats it."""

@@ -13,7 +13,12 @@ import os
 import torch
 import torch.distributed as dist
 
-from mmpretrain.evaluation import class_retrieval_metrics, multi_caption_retrieval, retrieval_metrics, zero_shot_accuracy
+from mmpretrain.evaluation import (
+    class_retrieval_metrics,
+    multi_caption_retrieval,
+    retrieval_metrics,
+    zero_shot_accuracy,
+)
 from tests.integration.gloo import run_workers
 
 SIZES = (37, 1, 200)

@@ -28,7 +28,7 @@ def reference(a, b, neg, valid, scale):
 
 def problem(dtype=torch.float64):
     g = torch.Generator().manual_seed(0)
-    unit = lambda *s: F.normalize(torch.randn(*s, generator=g, dtype=dtype), dim=-1)  # noqa: E731
+    unit = lambda *s: F.normalize(torch.randn(*s, generator=g, dtype=dtype), dim=-1)
     valid = torch.tensor([[1, 1], [1, 0], [0, 0], [1, 1], [0, 1]], dtype=torch.bool)
     return unit(B, D), unit(B, D), unit(B, M, D), valid, torch.tensor(3.0, dtype=dtype)
 

@@ -75,7 +75,7 @@ def test_one_caption_per_item_equals_the_single_caption_metrics(kind):
 
 
 def reference_probe(items, captions, negatives, owner, kinds):
-    sims = lambda x, y: cosine(x[None], y[None])[0][0]  # noqa: E731
+    sims = lambda x, y: cosine(x[None], y[None])[0][0]
     per_kind: dict[int, list[bool]] = {}
     for g, (o, k) in enumerate(zip(owner.tolist(), kinds.tolist())):
         true, neg = sims(items[o], captions[o]), sims(items[o], negatives[g])
