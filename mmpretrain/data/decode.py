@@ -68,7 +68,8 @@ def decode_captions(sample: dict[str, Any], caption_keys: list[str] | None = Non
 
 def read_meta(sample: dict[str, Any]) -> dict[str, Any]:
     """The sample's json (negatives, negative_kinds, labels ...) as a dict; {} without one."""
-    return json.loads(sample["json"]) if "json" in sample else {}
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def decode_audio(data: bytes, ext: str) -> tuple[np.ndarray, int]:

@@ -59,3 +59,18 @@ def test_no_valid_negative_is_clip_and_infonce_routes_the_text_side():
     plain = InfoNCE()(out)["image_text_loss"]
     assert plain.item() == pytest.approx(clip_loss(a, b, scale).item()) and not math.isclose(plain.item(),
                                                                                              swapped.item())
+
+
+def test_the_model_encodes_the_batchs_hard_negatives():
+    from tests.unit.test_gradcache import make_model
+
+    model = make_model().eval()
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.randn(3, 6, generator=g), "text": torch.randn(3, 5, generator=g),
+             "text_negatives": torch.randn(3, 2, 5, generator=g),
+             "text_negatives_mask": torch.tensor([[1, 0], [1, 1], [0, 0]], dtype=torch.bool)}
+    out = model(batch)
+    assert out["text_negatives_features"].shape == (3, 2, 4)
+    torch.testing.assert_close(out["text_negatives_features"][1, 0], model.encode("text", batch["text_negatives"][1, :1])[0])
+    hard = InfoNCE(hard_negatives=True)(out)["image_text_loss"]
+    assert hard.item() > InfoNCE()(out)["image_text_loss"].item()  # more columns in the softmax

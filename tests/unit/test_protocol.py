@@ -134,35 +134,41 @@ def validate(module, batches):
     return module.validation_metrics(cols)
 
 
-def test_validation_reports_the_protocol_probe_and_task_zero_shot():
+@pytest.mark.parametrize("item", ["image", "audio"])  # audio: Clotho-style clips with several captions
+def test_validation_reports_the_protocol_probe_and_task_zero_shot(item):
     from mmpretrain.data.captions import NEGATIVE_KINDS
     from mmpretrain.evaluation import compositional_probe, zero_shot_accuracy
     from mmpretrain.evaluation.zeroshot import class_embeddings
     from mmpretrain.losses import InfoNCE
     from mmpretrain.module import ContrastiveModule
-    from tests.unit.test_gradcache import make_model
+    from mmpretrain.model import ContrastiveModel
+    from tests.unit.test_gradcache import DropoutTower
 
-    model = make_model().eval()
+    torch.manual_seed(0)
+    model = ContrastiveModel({item: DropoutTower(item, 6), "text": DropoutTower("text", 5)}, 4).eval()
     prompts = {name: torch.randn(5, generator=torch.Generator().manual_seed(i)) for i, name in
                enumerate(["a red", "a green", "a blue"])}
-    module = ContrastiveModule(model, InfoNCE(), optim={},
+    module = ContrastiveModule(model, InfoNCE(pairs=[[item, "text"]]), optim={},
                                zeroshot_tasks={"color": {"classnames": ["red", "green", "blue"], "templates": ["a {}"]}})
     module._encode_prompts = lambda ps: model.encode("text", torch.stack([prompts[p] for p in ps]))
+    rename = lambda bs: [{(item if k == "image" else k): v for k, v in b.items()} for b in bs]  # noqa: E731
     batches, whole = val_batches([5, 3, 6])
-    got = validate(module, batches)
-    assert validate(module, val_batches([2, 12])[0]) == pytest.approx(got)  # batch boundaries do not matter
+    got = validate(module, rename(batches))
+    assert validate(module, rename(val_batches([2, 12])[0])) == pytest.approx(got)  # batch boundaries do not matter
     with torch.no_grad():
-        img, txt = model.encode("image", whole["image"]), model.encode("text", whole["text"])
+        img, txt = model.encode(item, whole["image"]), model.encode("text", whole["text"])
         more, neg = model.encode("text", whole["more"]), model.encode("text", whole["neg"])
         n = len(img)
         ref = multi_caption_retrieval(img, torch.cat([txt, more]), torch.cat([torch.arange(n), whole["more_owner"]]),
-                                      "image", "text")
+                                      item, "text")
         probe = compositional_probe(img, txt, neg, whole["neg_owner"], whole["kinds"], NEGATIVE_KINDS)
         rows = whole["color"] >= 0
         classes = class_embeddings(["red", "green", "blue"], ["a {}"], module._encode_prompts)
         zs = zero_shot_accuracy(img[rows], whole["color"][rows], classes)
     for k in ("R@1/image_to_text", "R@5/text_to_image", "R@10/image_to_text", "rsum/image_text", "mean_R@1/image_text"):
+        k = k.replace("image", item)
         assert got[f"val/retrieval_{k}"] == pytest.approx(ref[k]), k
-    assert {k.removeprefix("val/probe/"): v for k, v in got.items() if k.startswith("val/probe/")} == pytest.approx(probe)
-    assert got["val/zeroshot_top1/color/image_text"] == pytest.approx(zs["top1"])
-    assert "val/zeroshot_top1/image_text" not in got  # no root classnames: no root zero-shot
+    prefix = "val/probe/" if item == "image" else f"val/probe/{item}/"
+    assert {k.removeprefix(prefix): v for k, v in got.items() if k.startswith(prefix)} == pytest.approx(probe)
+    assert got[f"val/zeroshot_top1/color/{item}_text"] == pytest.approx(zs["top1"])
+    assert f"val/zeroshot_top1/{item}_text" not in got  # no root classnames: no root zero-shot
