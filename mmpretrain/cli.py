@@ -294,21 +294,12 @@ def _zeroshot_prompts(data_cfg: DictConfig) -> dict[str, list[str]] | None:
 
 
 def _zeroshot_tasks(data_cfg: DictConfig) -> dict[str, dict[str, list[str]]]:
-    """``data.val.tasks``: a directory of zero-shot tasks, ``<task>/classnames.txt`` (+ optional
-    ``templates.txt``, else the root templates) each, scored over the val rows whose json
-    ``labels[<task>]`` >= 0. A missing directory (or null) is no tasks."""
-    from mmpretrain.evaluation.zeroshot import read_lines
+    """``data.val.tasks``: zero-shot tasks scored on the val rows whose json ``labels[<task>]`` >= 0."""
+    from mmpretrain.evaluation.zeroshot import read_lines, read_tasks
 
     val = data_cfg.get("val") or {}
-    root = Path(val["tasks"]) if val.get("tasks") else None
-    if root is None or not root.is_dir():
-        return {}
-    fallback = read_lines(val["templates"]) if val.get("templates") and Path(val["templates"]).exists() else ["{}"]
-    tasks = {}
-    for d in sorted(p for p in root.iterdir() if (p / "classnames.txt").is_file()):
-        templates = read_lines(str(d / "templates.txt")) if (d / "templates.txt").is_file() else fallback
-        tasks[d.name] = {"classnames": read_lines(str(d / "classnames.txt")), "templates": templates}
-    return tasks
+    templates = read_lines(val["templates"]) if val.get("templates") and Path(val["templates"]).exists() else ["{}"]
+    return read_tasks(val.get("tasks"), templates)
 
 
 def _resolve_monitor(cfg: DictConfig, has_classnames: bool) -> None:

@@ -29,3 +29,16 @@ def test_hard_negatives_are_infonce_only(tmp_path):
     cfg = compose_config("train", ["loss=siglip", "+loss.hard_negatives=true"], run_dir=tmp_path)
     with pytest.raises(ValueError, match="needs loss=infonce"):
         _hard_negatives(cfg.loss)
+
+
+def test_zero_shot_tasks_are_read_from_data_val_tasks(tmp_path):
+    from mmpretrain.cli import _zeroshot_tasks
+
+    (tmp_path / "tasks" / "color").mkdir(parents=True)
+    (tmp_path / "tasks" / "color" / "classnames.txt").write_text("red\ngreen\n")
+    (tmp_path / "tasks" / "shape" / "nothing").mkdir(parents=True)  # no classnames.txt: not a task
+    (tmp_path / "templates.txt").write_text("a photo of a {} thing\n")
+    cfg = compose_config("train", ["data=shards", f"data.root={tmp_path}"], run_dir=tmp_path)
+    assert _zeroshot_tasks(cfg.data) == {"color": {"classnames": ["red", "green"], "templates": ["a photo of a {} thing"]}}
+    cfg = compose_config("train", ["data=shards", f"data.root={tmp_path}", "data.val.tasks=null"], run_dir=tmp_path)
+    assert _zeroshot_tasks(cfg.data) == {}
