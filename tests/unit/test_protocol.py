@@ -140,8 +140,8 @@ def test_validation_reports_the_protocol_probe_and_task_zero_shot(item):
     from mmpretrain.evaluation import compositional_probe, zero_shot_accuracy
     from mmpretrain.evaluation.zeroshot import class_embeddings
     from mmpretrain.losses import InfoNCE
-    from mmpretrain.module import ContrastiveModule
     from mmpretrain.model import ContrastiveModel
+    from mmpretrain.module import ContrastiveModule
     from tests.unit.test_gradcache import DropoutTower
 
     torch.manual_seed(0)
@@ -151,7 +151,7 @@ def test_validation_reports_the_protocol_probe_and_task_zero_shot(item):
     module = ContrastiveModule(model, InfoNCE(pairs=[[item, "text"]]), optim={},
                                zeroshot_tasks={"color": {"classnames": ["red", "green", "blue"], "templates": ["a {}"]}})
     module._encode_prompts = lambda ps: model.encode("text", torch.stack([prompts[p] for p in ps]))
-    rename = lambda bs: [{(item if k == "image" else k): v for k, v in b.items()} for b in bs]  # noqa: E731
+    rename = lambda bs: [{(item if k == "image" else k): v for k, v in b.items()} for b in bs]
     batches, whole = val_batches([5, 3, 6])
     got = validate(module, rename(batches))
     assert validate(module, rename(val_batches([2, 12])[0])) == pytest.approx(got)  # batch boundaries do not matter
