@@ -66,15 +66,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("compile"):
         for tower in model.towers.values():
             tower.compile()  # in place: parameter names (checkpoints, export) stay as they are
-    datamodule = ContrastiveDataModule(cfg.data, model.preprocess, seed=cfg.seed)
+    datamodule = ContrastiveDataModule(cfg.data, model.preprocess, seed=cfg.seed, negatives=_hard_negatives(cfg.loss))
     loss = _instantiate(cfg.loss)
     check_modalities(loss, model.modalities)
+    prompts = _zeroshot_prompts(cfg.data)
+    _resolve_monitor(cfg, has_classnames=prompts is not None)
     ckpt_path = _resume_path(cfg, run_dir)
     if ckpt_path:  # a checkpoint of another model config fails here, with what differs
         check_checkpoint_matches(model, ckpt_path)
     trainer_kwargs, optim = _trainer_and_optim(cfg)
     module = ContrastiveModule(
-        model, loss, optim, zeroshot=_zeroshot_prompts(cfg.data), hparams={"model": _plain(cfg.model)}
+        model, loss, optim, zeroshot=prompts, hparams={"model": _plain(cfg.model)},
+        zeroshot_tasks=_zeroshot_tasks(cfg.data),
     )
     loggers = _instantiate_all(cfg.get("logger"))
     for logger in loggers:
@@ -112,14 +115,16 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     model = model_from_checkpoint(cfg.ckpt, _plain(cfg.get("model")))
     datamodule = ContrastiveDataModule(cfg.data, model.preprocess, seed=cfg.seed)
     prompts = _zeroshot_prompts({"val": {"classnames": cfg.get("classnames"), "templates": cfg.get("templates")}})
-    module = ContrastiveModule(model, loss=_InfoNCEForAllPairs(model), optim={}, zeroshot=prompts)
+    module = ContrastiveModule(model, loss=_InfoNCEForAllPairs(model), optim={}, zeroshot=prompts,
+                               zeroshot_tasks=_zeroshot_tasks(cfg.data))
     trainer = L.Trainer(**_plain(cfg.trainer) | {"logger": False, "enable_checkpointing": False})
     (metrics,) = trainer.validate(module, datamodule=datamodule, verbose=False)
     for key, value in sorted(metrics.items()):
         if "zeroshot_top1" in key:
             print(f"{key.split('/')[-1]} zero-shot top-1: {value:.4f}")
     for key, value in sorted(metrics.items()):
-        if key.startswith(("val/retrieval_R@", "val/retrieval_mean_rank", "val/retrieval_median_rank")):
+        if key.startswith(("val/retrieval_R@", "val/retrieval_mean_rank", "val/retrieval_median_rank",
+                           "val/retrieval_rsum", "val/retrieval_mean_R@1", "val/probe/")):
             print(f"{key.removeprefix('val/retrieval_')}: {value:.4f}")
     if trainer.is_global_zero:
         (run_dir / "eval_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
@@ -286,6 +291,46 @@ def _zeroshot_prompts(data_cfg: DictConfig) -> dict[str, list[str]] | None:
         return None
     templates = read_lines(val["templates"]) if val.get("templates") and Path(val["templates"]).exists() else ["{}"]
     return {"classnames": read_lines(val["classnames"]), "templates": templates}
+
+
+def _zeroshot_tasks(data_cfg: DictConfig) -> dict[str, dict[str, list[str]]]:
+    """``data.val.tasks``: zero-shot tasks scored on the val rows whose json ``labels[<task>]`` >= 0."""
+    from mmpretrain.evaluation.zeroshot import read_lines, read_tasks
+
+    val = data_cfg.get("val") or {}
+    templates = read_lines(val["templates"]) if val.get("templates") and Path(val["templates"]).exists() else ["{}"]
+    return read_tasks(val.get("tasks"), templates)
+
+
+def _resolve_monitor(cfg: DictConfig, has_classnames: bool) -> None:
+    """Make ``optimized_metric`` (what the best checkpoint and a sweeper watch) one the run logs.
+
+    Without validation (no val shards, or ``trainer.limit_val_batches=0``) no checkpoint callback
+    monitors anything (each keeps the newest). A zero-shot metric without class names (unlabelled
+    shards: no ``classnames.txt``) becomes the pair's mean instance R@1 over both directions,
+    ``val/retrieval_mean_R@1/<pair>``, which every val set with the pair supports."""
+    val = cfg.data.get("val") or {}
+    limit = cfg.trainer.get("limit_val_batches")
+    if not val.get("shards") or (limit is not None and float(limit) == 0):
+        for callback in (cfg.get("callbacks") or {}).values():
+            if callback is not None and callback.get("monitor") is not None:
+                callback.monitor = None
+        return
+    metric = str(cfg.get("optimized_metric") or "")
+    if metric.startswith("val/zeroshot_") and metric.count("/") == 2 and not has_classnames:
+        fallback = f"val/retrieval_mean_R@1/{metric.rsplit('/', 1)[1]}"
+        print(f"no class names for zero-shot (data.val.classnames): monitoring {fallback} instead of {metric}")
+        cfg.optimized_metric = fallback
+
+
+def _hard_negatives(loss_cfg: DictConfig) -> int:
+    """Hard negative captions per training sample: ``loss.max_negatives`` with ``loss.hard_negatives``."""
+    if not loss_cfg.get("hard_negatives"):
+        return 0
+    if not str(loss_cfg.get("_target_", "")).endswith("InfoNCE"):
+        raise ValueError(f"loss.hard_negatives=true needs loss=infonce (NegCLIP); {loss_cfg.get('_target_')} "
+                         f"has no softmax over captions to add the negatives to")
+    return int(loss_cfg.get("max_negatives") or 1)
 
 
 def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:

@@ -36,9 +36,11 @@ def sources_from_config(cfg: Any) -> list[Source]:
 
 
 class ContrastiveDataModule(L.LightningDataModule):
-    def __init__(self, cfg: Any, preprocess: Callable[[bool], dict[str, Callable]], seed: int = 0):
+    def __init__(self, cfg: Any, preprocess: Callable[[bool], dict[str, Callable]], seed: int = 0,
+                 negatives: int = 0):
         super().__init__()
         self.cfg = cfg
+        self.negatives = int(negatives)  # hard negative captions per training sample (loss.hard_negatives)
         self.preprocess = preprocess
         self.seed = seed
         self.resume_state: dict[str, Any] | None = None  # from the checkpoint (load_state_dict)
@@ -58,6 +60,7 @@ class ContrastiveDataModule(L.LightningDataModule):
             "on_error": self.cfg.get("on_error", "skip"),
             "on_missing": self.cfg.get("on_missing", "skip"),
             "caption_field": self.cfg.get("caption_field", "caption"),
+            "caption_keys": list(self.cfg.get("caption_keys") or []) or None,
             "batch_size": int(self.cfg["batch_size"]),
         }
 
@@ -88,6 +91,7 @@ class ContrastiveDataModule(L.LightningDataModule):
             start_batch=self._resume_batch(self._layout()),
             shard_policy=policy,
             positions=self._start_positions,
+            negatives=self.negatives,
             **common,
         )
         stream.num_workers = max(1, workers)

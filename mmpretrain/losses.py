@@ -86,12 +86,50 @@ def _clip_loss_all_valid(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Te
     return (F.cross_entropy(logits_ab, labels) + F.cross_entropy(logits_ba, labels)) / 2
 
 
+def negclip_loss(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    negatives: torch.Tensor,
+    negatives_valid: torch.Tensor,
+    logit_scale: torch.Tensor,
+    gather: bool = True,
+) -> torch.Tensor:
+    """CLIP's InfoNCE with hard negative captions in the ``a -> b`` softmax only (NegCLIP).
+
+    ``a`` ``[B, D]`` (images), ``b`` ``[B, D]`` (their captions), ``negatives`` ``[B, M, D]`` (captions
+    that do not match; row i's come from sample i) with ``negatives_valid`` ``[B, M]`` (False: padding).
+    Every ``a`` row scores against all captions of the global batch AND all its valid negatives
+    (``[B, B + B*M]`` logits; padding columns are masked out); ``b -> a`` is CLIP's. Under DDP the
+    negatives are gathered with gradient like the captions, so the summed gradient over ranks is
+    the single-process gradient of the global batch.
+    """
+    neg, valid = negatives.flatten(0, 1), negatives_valid.flatten().bool()
+    labels = torch.arange(a.shape[0], device=a.device)
+    if gather and distributed.world_size() > 1:
+        all_a, all_b = distributed.gather_with_grad(a), distributed.gather_with_grad(b)
+        all_neg, all_valid = distributed.gather_with_grad(neg), distributed.all_gather(valid.to(torch.uint8)).bool()
+        labels = labels + distributed.rank() * a.shape[0]
+    else:
+        all_a, all_b, all_neg, all_valid = a, b, neg, valid
+    logits_ab = logit_scale * a @ torch.cat([all_b, all_neg]).T
+    columns = torch.cat([torch.ones(all_b.shape[0], dtype=torch.bool, device=a.device), all_valid])
+    # A finite fill (not -inf): the padding gets no probability and no gradient.
+    logits_ab = logits_ab.masked_fill(~columns[None, :], torch.finfo(logits_ab.dtype).min)
+    logits_ba = logit_scale * b @ all_a.T
+    return (F.cross_entropy(logits_ab, labels) + F.cross_entropy(logits_ba, labels)) / 2
+
+
 class InfoNCE(nn.Module):
     """Weighted sum of CLIP InfoNCE over configured modality pairs.
 
     ``pairs`` is a list of ``[a, b]`` modality names; ``weights`` one float per pair (default 1).
     Pairs whose features are absent from a batch are skipped; when a batch carries a
     ``<modality>_mask`` only rows holding both modalities enter that pair's loss.
+
+    ``hard_negatives``: a pair with text whose batch carries ``text_negatives_features`` (the model
+    encodes the batch's ``text_negatives``) uses :func:`negclip_loss`, the other modality's softmax
+    over captions getting the negatives. ``max_negatives`` is read by the data stream (negatives
+    drawn per sample per pass), not here.
     """
 
     def __init__(
@@ -100,8 +138,11 @@ class InfoNCE(nn.Module):
         weights: Sequence[float] | None = None,
         tiled: bool = False,
         tile_size: int = 2048,
+        hard_negatives: bool = False,
+        max_negatives: int = 1,
     ):
         super().__init__()
+        self.hard_negatives, self.max_negatives = bool(hard_negatives), int(max_negatives)
         self.pairs = [tuple(p) for p in pairs]
         self.weights = list(weights) if weights is not None else [1.0] * len(self.pairs)
         if len(self.weights) != len(self.pairs):
@@ -126,7 +167,17 @@ class InfoNCE(nn.Module):
             if fa is None or fb is None:
                 continue
             valid = rows_with_both(outputs, a, b)
-            losses[f"{pair_name(a, b)}_loss"] = w * self.pair_loss(fa, fb, logit_scale_for(outputs, a, b), gather, valid)
+            scale = logit_scale_for(outputs, a, b)
+            negatives = outputs.get("text_negatives_features") if self.hard_negatives and "text" in (a, b) else None
+            if negatives is not None:
+                if valid is not None or self.tiled:
+                    raise ValueError("loss.hard_negatives=true supports neither partial-pair batches "
+                                     "(data.on_missing=partial) nor loss.tiled=true")
+                query, captions = (fb, fa) if a == "text" else (fa, fb)
+                value = negclip_loss(query, captions, negatives, outputs["text_negatives_mask"], scale, gather)
+            else:
+                value = self.pair_loss(fa, fb, scale, gather, valid)
+            losses[f"{pair_name(a, b)}_loss"] = w * value
         return losses
 
 

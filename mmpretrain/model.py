@@ -84,6 +84,11 @@ class ContrastiveModel(nn.Module):
                 continue
             out[f"{m}_mask"] = mask
             out[f"{m}_features"] = self._encode_present(m, batch[m], mask.to(batch[m].device).bool())
+        negatives = batch.get("text_negatives")  # [B, M, ...] hard negative captions (loss.hard_negatives)
+        if negatives is not None and "text" in self.towers:
+            rows, m = negatives.shape[:2]
+            out["text_negatives_features"] = self.encode("text", negatives.flatten(0, 1)).view(rows, m, -1)
+            out["text_negatives_mask"] = batch["text_negatives_mask"].bool()
         return out | self.logit_scale_outputs()
 
     def _encode_present(self, m: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

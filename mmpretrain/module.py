@@ -12,10 +12,13 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities.enums import GradClipAlgorithmType
 
 from mmpretrain import distributed
+from mmpretrain.data.captions import NEGATIVE_KINDS
 from mmpretrain.evaluation import (
     class_embeddings,
     class_prototypes,
+    compositional_probe,
     retrieval_metrics,
+    rows_multi_caption_retrieval,
     zero_shot_accuracy,
 )
 from mmpretrain.gradcache import grad_cache_backward
@@ -32,12 +35,16 @@ class ContrastiveModule(L.LightningModule):
         optim: dict[str, Any],
         zeroshot: dict[str, list[str]] | None = None,
         hparams: dict[str, Any] | None = None,
+        zeroshot_tasks: dict[str, dict[str, list[str]]] | None = None,
     ):
         super().__init__()
         self.model = model
         self.loss = loss
         self.optim_cfg = optim
         self.zeroshot = zeroshot  # {"classnames": [...], "templates": [...]}
+        # {task: {"classnames", "templates"}}: zero-shot of each task over the val rows labelled for it
+        self.zeroshot_tasks = zeroshot_tasks or {}
+        self._val_rows = 0  # rows of this rank's val columns so far (owners of extra captions point into them)
         # Plain containers only: checkpoints stay loadable with torch.load(weights_only=True).
         self.save_hyperparameters(hparams or {"model": model.config()}, logger=False)
         self._val: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -47,6 +54,9 @@ class ContrastiveModule(L.LightningModule):
         # (feature caching), which needs manual optimisation.
         self.grad_cache_chunks = int(optim.get("grad_cache_chunks") or 1)
         self.automatic_optimization = self.grad_cache_chunks <= 1
+        if self.grad_cache_chunks > 1 and getattr(loss, "hard_negatives", False):
+            raise ValueError("loss.hard_negatives=true cannot be combined with optim.grad_cache_chunks>1 "
+                             "(the cached features would not include the negatives)")
         self._partial_stream = False  # set at train start: masks on every rank (see _masks_on_every_rank)
 
     @property
@@ -183,8 +193,11 @@ class ContrastiveModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         out = self.model(batch)
         local = {m: out[f"{m}_features"] for m in self.model.modalities if f"{m}_features" in out}
-        local |= {k: batch[k] for k in [f"{m}_mask" for m in self.model.modalities] + ["cls"] if k in batch}
-        for k, v in self._val_columns(local).items():
+        local |= {k: batch[k] for k in [f"{m}_mask" for m in self.model.modalities] + ["cls"] + self._task_columns()
+                  if k in batch}
+        cols = self._val_columns(local) | self._caption_columns(batch, self._val_rows)
+        self._val_rows += len(cols["cls"])
+        for k, v in cols.items():
             self._val[k].append(v)
 
     def on_validation_epoch_end(self) -> None:
@@ -192,6 +205,7 @@ class ContrastiveModule(L.LightningModule):
         # validation_metrics gives it empty columns, so it makes the same gathers as the others.
         metrics = self.validation_metrics({k: torch.cat(v) for k, v in self._val.items()})
         self._val.clear()
+        self._val_rows = 0
         if metrics:
             self.log_dict(metrics, sync_dist=False)
             summary = ", ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in metrics.items() if "top1" in k)
@@ -212,7 +226,48 @@ class ContrastiveModule(L.LightningModule):
             cols[f"{m}_mask"] = present & mask.to(device).bool() if mask is not None else present
         labels = local.get("cls")
         cols["cls"] = labels.to(device).long() if labels is not None else torch.full((n,), -1, device=device)
+        for key in self._task_columns():  # a task's label per row, -1 where it does not apply
+            labels = local.get(key)
+            cols[key] = labels.to(device).long() if labels is not None else torch.full((n,), -1, device=device)
         return cols
+
+    def _task_columns(self) -> list[str]:
+        return [f"label/{task}" for task in self.zeroshot_tasks]
+
+    #: per-sample lists of a val batch, flattened with the row they belong to (``<key>_owner``)
+    _CAPTION_LISTS = ("text_more", "probe_negatives")
+
+    def _caption_columns(self, batch: dict[str, Any], offset: int) -> dict[str, torch.Tensor]:
+        """With a text tower: the embeddings of every caption but the first (``text_more``) and of the
+        hard negatives (``probe_negatives``, with ``probe_negatives_kind``), each with its owner row
+        among this rank's val rows (``offset`` + the row in the batch). Empty when the batch has none;
+        the same keys on every rank."""
+        if "text" not in self.model.modalities:
+            return {}
+        cols: dict[str, torch.Tensor] = {}
+        for key in self._CAPTION_LISTS:
+            tokens = batch.get(key)
+            if tokens is not None and len(tokens):
+                cols[key] = self.model.encode("text", tokens.to(self.device)).float()
+                cols[f"{key}_owner"] = batch[f"{key}_owner"].to(self.device).long() + offset
+            else:
+                cols[key] = torch.zeros(0, self.model.embed_dim, device=self.device)
+                cols[f"{key}_owner"] = torch.zeros(0, dtype=torch.long, device=self.device)
+        kinds = batch.get("probe_negatives_kind")
+        has = kinds is not None and len(cols["probe_negatives"])
+        cols["probe_negatives_kind"] = kinds.to(self.device).long() if has else torch.zeros(0, dtype=torch.long,
+                                                                                             device=self.device)
+        return cols
+
+    def _gather_captions(self, local: dict[str, torch.Tensor], n_local: int) -> dict[str, torch.Tensor]:
+        """The caption columns of every rank, owners turned into rows of the gathered val set."""
+        empty = self._caption_columns({}, 0)
+        cols = {k: local.get(k, v).to(v.device) for k, v in empty.items()}
+        sizes = distributed.all_gather_variable(torch.tensor([n_local], device=self.device))
+        offset = int(sizes[: distributed.rank()].sum().item())
+        for key in self._CAPTION_LISTS:
+            cols[f"{key}_owner"] = cols[f"{key}_owner"] + offset
+        return {k: distributed.all_gather_variable(v) for k, v in cols.items()}
 
     @torch.no_grad()
     def validation_metrics(self, local: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -230,7 +285,10 @@ class ContrastiveModule(L.LightningModule):
         val set, are identical on all ranks, and no rank ever holds an N x N matrix.
         """
         # Every rank gathers the same columns, in the same order, even with no rows of its own.
-        emb = {k: distributed.all_gather_variable(v) for k, v in self._val_columns(local).items()}
+        rows_local = self._val_columns(local)
+        emb = {k: distributed.all_gather_variable(v) for k, v in rows_local.items()}
+        extra = self._gather_captions(local, len(rows_local["cls"])) if "text" in self.model.modalities else {}
+        task_labels = {k: emb.pop(k) for k in self._task_columns()}
         labels = emb.pop("cls")
         masks = {m: emb.pop(f"{m}_mask") for m in self.model.modalities}
         mods = [m for m in self.model.modalities if masks[m].any()]
@@ -244,10 +302,56 @@ class ContrastiveModule(L.LightningModule):
                 ea, eb = emb[a][both], emb[b][both]
                 pair_labels = labels[both] if labelled[both].all() else None
                 scores = retrieval_metrics(ea, eb, a, b, a_labels=pair_labels, b_labels=pair_labels, across_ranks=True)
+                if "text" in (a, b) and len(extra.get("text_more", ())):
+                    other = b if a == "text" else a  # every caption: replaces the first-caption instance numbers
+                    multi = rows_multi_caption_retrieval(emb[other], emb["text"], extra["text_more"],
+                                                         extra["text_more_owner"], both, other, "text",
+                                                         across_ranks=True)
+                    scores |= {k: v for k, v in multi.items() if k.startswith(("R@", "mean_rank/", "median_rank/"))}
+                forward, backward = f"{a}_to_{b}", f"{b}_to_{a}"
+                scores[f"rsum/{a}_{b}"] = 100 * sum(scores[f"R@{k}/{d}"] for k in (1, 5, 10) for d in (forward, backward))
+                scores[f"mean_R@1/{a}_{b}"] = (scores[f"R@1/{forward}"] + scores[f"R@1/{backward}"]) / 2
                 metrics.update({f"val/retrieval_{k}": v for k, v in scores.items()})
                 metrics.update({f"val/{name}": v.item() for name, v in self._val_loss(ea, eb, a, b).items()})
         if labelled.any():
             metrics |= self._zero_shot(emb, masks, labels, labelled, mods)
+        if "text" in mods:
+            metrics |= self._probe(emb, masks, extra, mods) | self._zero_shot_tasks(emb, masks, task_labels, mods)
+        return metrics
+
+    @staticmethod
+    def _probe(emb, masks, extra, mods) -> dict[str, float]:
+        """``val/probe/<kind>`` and ``val/probe/mean`` (``val/probe/<modality>/...`` for a non-image
+        modality): how often a row prefers its first caption to each of its hard negatives."""
+        negatives = extra.get("probe_negatives")
+        if negatives is None or not len(negatives):
+            return {}
+        metrics: dict[str, float] = {}
+        owner, kinds = extra["probe_negatives_owner"], extra["probe_negatives_kind"]
+        for m in mods:
+            if m == "text":
+                continue
+            keep = (masks[m] & masks["text"])[owner]
+            scores = compositional_probe(emb[m], emb["text"], negatives[keep], owner[keep], kinds[keep], NEGATIVE_KINDS)
+            prefix = "val/probe" if m == "image" else f"val/probe/{m}"
+            metrics |= {f"{prefix}/{k}": v for k, v in scores.items()}
+        return metrics
+
+    def _zero_shot_tasks(self, emb, masks, task_labels, mods) -> dict[str, float]:
+        """``val/zeroshot_top1/<task>/<q>_text`` (and top5) over the rows labelled for each task."""
+        metrics: dict[str, float] = {}
+        for task, prompts in self.zeroshot_tasks.items():
+            labels = task_labels[f"label/{task}"]
+            classes = None
+            for q in mods:
+                rows = masks[q] & (labels >= 0)
+                if q == "text" or not rows.any():
+                    continue
+                if classes is None:
+                    classes = class_embeddings(prompts["classnames"], prompts["templates"], self._encode_prompts)
+                acc = zero_shot_accuracy(emb[q][rows], labels[rows], classes.to(emb[q].dtype), across_ranks=True)
+                metrics[f"val/zeroshot_top1/{task}/{q}_text"] = acc["top1"]
+                metrics[f"val/zeroshot_top5/{task}/{q}_text"] = acc["top5"]
         return metrics
 
     def _val_loss(self, ea: torch.Tensor, eb: torch.Tensor, a: str, b: str) -> dict[str, torch.Tensor]:

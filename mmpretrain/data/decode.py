@@ -1,7 +1,11 @@
 """Per-modality decoding of raw webdataset samples (bytes by extension) into Python values.
 
 Conventions (README): image ``jpg|jpeg|png|webp``; text ``txt`` or ``json`` with a caption field;
-audio ``flac|wav|mp3``; integer class ``cls``. Only these decoders run: webdataset's pickle and
+audio ``flac|wav|mp3``; integer class ``cls``. Text decodes to the sample's *captions*, a list:
+``caption_keys`` (default: the first of ``txt``, ``json``) are read in order, a text key giving one
+caption and a json key its ``caption_field`` (a string, or a list of captions). The json may also
+carry ``negatives`` (captions that do not match, with ``negative_kinds``) and ``labels``
+(``{task: int}``, -1 where the task does not apply): :func:`read_meta` reads them. Only these decoders run: webdataset's pickle and
 torch decoders are never enabled, so a shard cannot execute code.
 """
 
@@ -34,6 +38,38 @@ def decode_text(data: bytes, ext: str, caption_field: str = "caption") -> str:
             raise MissingKeyError(f"json has no '{caption_field}' field (set data.caption_field)")
         return str(obj[caption_field])
     return data.decode("utf-8").strip()
+
+
+def decode_captions(sample: dict[str, Any], caption_keys: list[str] | None = None,
+                    caption_field: str = "caption") -> list[str] | None:
+    """Every caption of ``sample`` from ``caption_keys`` in order (None when it has none of them).
+
+    Without ``caption_keys`` the first of ``txt``/``json`` present is read, as before. A key ending
+    in ``json`` gives its ``caption_field``: one caption (a string) or several (a list)."""
+    keys = list(caption_keys) if caption_keys else [next((k for k in ("txt", "json") if k in sample), "txt")]
+    captions: list[str] = []
+    found = False
+    for key in keys:
+        if key not in sample:
+            continue
+        found = True
+        if key.endswith("json"):
+            obj = json.loads(sample[key])
+            if caption_field not in obj:
+                raise MissingKeyError(f"{key} has no '{caption_field}' field (set data.caption_field)")
+            value = obj[caption_field]
+            captions += [str(c) for c in value] if isinstance(value, list) else [str(value)]
+        else:
+            captions.append(sample[key].decode("utf-8").strip())
+    if found and not captions:
+        raise MissingKeyError(f"sample '{sample.get('__key__')}' has an empty caption list")
+    return captions if found else None
+
+
+def read_meta(sample: dict[str, Any]) -> dict[str, Any]:
+    """The sample's json (negatives, negative_kinds, labels ...) as a dict; {} without one."""
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def decode_audio(data: bytes, ext: str) -> tuple[np.ndarray, int]:
@@ -69,6 +105,8 @@ DECODERS: dict[str, tuple[tuple[str, ...], Callable[..., Any]]] = {
     "cls": (("cls",), lambda b, ext, **_: decode_cls(b)),
 }
 
+DECODERS_TEXT = DECODERS["text"][1]  # text goes through decode_captions (a list) unless re-registered
+
 #: modality -> a decoded value standing for "absent": its preprocessed tensor (zeroed) fills the
 #: rows of a batch whose sample lacks the modality, so every batch carries the same keys.
 BLANKS: dict[str, Callable[[], Any]] = {
@@ -100,6 +138,16 @@ def decode_sample(
     out = {"__key__": sample.get("__key__"), "__url__": sample.get("__url__")}
     for modality in modalities:
         exts, fn = DECODERS[modality]
+        if modality == "text" and fn is DECODERS_TEXT:
+            captions = decode_captions(sample, options.get("caption_keys"), options.get("caption_field", "caption"))
+            if captions is None and modality in required:
+                raise MissingKeyError(
+                    f"sample '{sample.get('__key__')}' in {sample.get('__url__')} has no text (looked for "
+                    f"{options.get('caption_keys') or '.txt/.json'}; it has {sorted(k for k in sample if not k.startswith('__'))})"
+                )
+            if captions is not None:
+                out[modality] = captions
+            continue
         ext = find_key(sample, exts)
         if ext is None:
             if modality in required:

@@ -40,8 +40,9 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mmpretrain.data.collate import collate
-from mmpretrain.data.decode import BLANKS, decode_sample
+from mmpretrain.data.captions import kind_index, pick_caption, pick_negatives
+from mmpretrain.data.collate import collate, ragged_rows
+from mmpretrain.data.decode import BLANKS, decode_sample, read_meta
 from mmpretrain.data.position import PositionFiles, StreamPosition, restore_rng, rng_state, shard_plan
 from mmpretrain.data.reader import SourceReader
 from mmpretrain.data.seeds import check_seed, derive
@@ -139,6 +140,8 @@ class ShardStream(IterableDataset):
         shard_policy: str = "error",
         on_missing: str = "skip",
         positions: dict[int, StreamPosition | str] | None = None,
+        caption_keys: list[str] | None = None,
+        negatives: int = 0,
     ):
         if shard_policy not in ("error", "resample"):
             raise ValueError(f"data.shard_policy must be 'error' or 'resample', not '{shard_policy}'")
@@ -153,6 +156,8 @@ class ShardStream(IterableDataset):
         self.on_error = on_error
         self.required = required
         self.caption_field = caption_field
+        self.caption_keys = list(caption_keys) if caption_keys else None
+        self.negatives = int(negatives)  # hard negatives per training sample (loss.hard_negatives)
         self.start_batch = start_batch
         self.shard_policy = shard_policy
         if on_missing not in ("skip", "partial"):
@@ -200,7 +205,7 @@ class ShardStream(IterableDataset):
     def _modalities(self, source: Source) -> list[str]:
         return source.modalities or [m for m in self.preprocess] + ["cls"]
 
-    def _process(self, raw: dict, source: Source, aug_seed: int | None = None) -> dict:
+    def _process(self, raw: dict, source: Source, aug_seed: int | None = None, pass_idx: int = 0) -> dict:
         modalities = self._modalities(source)
         if self.required is not None:
             required = self.required
@@ -208,15 +213,49 @@ class ShardStream(IterableDataset):
             required = []
         else:
             required = [m for m in modalities if m != "cls"]
-        sample = decode_sample(raw, modalities, required, caption_field=self.caption_field)
+        sample = decode_sample(raw, modalities, required, caption_field=self.caption_field,
+                               caption_keys=self.caption_keys)
+        texts = self._texts(raw, sample, pass_idx) if "text" in sample else {}
         with _seeded(aug_seed):
             for m, fn in self.preprocess.items():
                 if m in sample:
                     sample[m] = fn(sample[m])
+        if texts:
+            tokenize = self.preprocess["text"]
+            for k, v in texts.items():
+                sample[k] = [tokenize(t) for t in v] if k in (*_TEXT_LISTS, "text_negatives") else v
+            if self.train and self.negatives:
+                sample["text_negatives"] = torch.stack(sample["text_negatives"])
         if not any(m in sample for m in self.preprocess):
             raise SampleError(f"sample '{raw.get('__key__')}' in {raw.get('__url__')} has none of {sorted(self.preprocess)}")
         sample.pop("__url__", None)
         return sample
+
+    def _texts(self, raw: dict, sample: dict, pass_idx: int) -> dict[str, Any]:
+        """Training: ``text`` becomes the caption of this pass (and ``text_negatives`` [M] captions with
+        ``text_negatives_mask`` when hard negatives train). Validation: ``text`` the first caption,
+        and every other caption, negative (with its kind) and task label for the metrics."""
+        captions, key = sample["text"], raw.get("__key__")
+        meta = read_meta(raw) if (not self.train or self.negatives) and "text" in self.preprocess else {}
+        if self.train:
+            sample["text"] = pick_caption(captions, self.seed, key, pass_idx)
+            if not self.negatives:
+                return {}
+            negs = pick_negatives(list(meta.get("negatives") or []), self.negatives, self.seed, key, pass_idx)
+            mask = [True] * len(negs) + [False] * (self.negatives - len(negs))
+            return {"text_negatives": negs + [""] * (self.negatives - len(negs)),
+                    "text_negatives_mask": torch.tensor(mask)}
+        sample["text"] = captions[0]
+        if "text" not in self.preprocess:
+            return {}
+        negatives = [str(n) for n in meta.get("negatives") or []]
+        kinds = list(meta.get("negative_kinds") or [])
+        out: dict[str, Any] = {"text_more": captions[1:], "probe_negatives": negatives,
+                               "probe_negatives_kind": [kind_index(kinds[i] if i < len(kinds) else "")
+                                                        for i in range(len(negatives))]}
+        for task, label in (meta.get("labels") or {}).items():
+            out[f"label/{task}"] = int(label)
+        return out
 
     def fill_values(self) -> dict[str, torch.Tensor]:
         """A zero tensor per modality this stream can yield (what absent rows are filled with)."""
@@ -246,7 +285,7 @@ class ShardStream(IterableDataset):
             pos.samples += 1
             aug_seed = derive(self.seed, "augment", self.rank, worker, pos.samples) if self.train else None
             try:
-                batch.append(self._process(raw, self.sources[i], aug_seed))
+                batch.append(self._process(raw, self.sources[i], aug_seed, readers[i].pos.pass_idx))
             except Exception as exn:  # noqa: BLE001 - every decode/transform failure is a skip
                 counter(SampleError(f"sample '{raw.get('__key__')}' in {raw.get('__url__')}: {exn}"))
                 continue
@@ -263,7 +302,15 @@ class ShardStream(IterableDataset):
             yield self._emit(batch, counter)
 
     def _emit(self, batch: list[dict], counter: SkipCounter) -> dict:
+        ragged = {}
+        if not self.train and "text" in self.preprocess:  # every val batch carries them, maybe empty
+            example = self.fill_values().get("text")
+            ragged = {k: ragged_rows([s.pop(k, []) for s in batch], example if k in _TEXT_LISTS else None) for k in _RAGGED}
         out = collate(batch, self.fill_values())
+        for k, (values, owner) in ragged.items():
+            out[k] = values
+            if k in _TEXT_LISTS:
+                out[f"{k}_owner"] = owner
         out["__skipped__"] = torch.tensor(counter.take())
         return out
 
@@ -312,6 +359,11 @@ class ShardStream(IterableDataset):
             gen = self._batch_stream(stream, num_streams, saved)
         self._streams[stream] = (gen, k)
         return gen
+
+
+#: per-sample lists of tokenized captions (validation), flattened by the collate with their owner row
+_TEXT_LISTS = ("text_more", "probe_negatives")
+_RAGGED = (*_TEXT_LISTS, "probe_negatives_kind")
 
 
 @contextmanager

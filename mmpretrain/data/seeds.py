@@ -14,6 +14,7 @@ outside ``[0, 2**32 - 1]`` by 0 with only a warning).
 
 from __future__ import annotations
 
+import hashlib
 import operator
 
 import numpy as np
@@ -28,6 +29,8 @@ PURPOSES = {
     "augment": 4,  # one sample's random augmentations: (rank, stream, sample index)
     "global": 5,  # seed_everything's seed for user seeds beyond 32 bits: ()
     "scene": 6,  # one generated scene of `mmpretrain data scenes`: (split, scene index)
+    "caption_pick": 7,  # which caption of a sample trains in a pass: (key hash, pass)
+    "negative_pick": 8,  # which hard negatives of a sample train in a pass: (key hash, pass)
 }
 
 _MAX_32 = 2**32 - 1
@@ -49,6 +52,12 @@ def derive(seed: int, purpose: str, *keys: int) -> int:
     spawn_key = (PURPOSES[purpose], *(check_seed(k) for k in keys))
     state = np.random.SeedSequence(entropy=check_seed(seed), spawn_key=spawn_key).generate_state(1, np.uint64)
     return int(state[0]) >> 1
+
+
+def key_hash(key: str | None) -> int:
+    """A sample key (``__key__``) as a non-negative 63-bit int for :func:`derive`'s keys."""
+    digest = hashlib.blake2b(str(key).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
 
 
 def global_seed(seed: int) -> int:

@@ -1,6 +1,21 @@
 """Evaluation on embeddings: pure functions, no Lightning, no Hydra."""
 
-from mmpretrain.evaluation.retrieval import class_retrieval_metrics, retrieval_metrics
+from mmpretrain.evaluation.probe import compositional_probe
+from mmpretrain.evaluation.retrieval import (
+    class_retrieval_metrics,
+    multi_caption_retrieval,
+    retrieval_metrics,
+    rows_multi_caption_retrieval,
+)
 from mmpretrain.evaluation.zeroshot import class_embeddings, class_prototypes, zero_shot_accuracy
 
-__all__ = ["class_embeddings", "class_prototypes", "class_retrieval_metrics", "retrieval_metrics", "zero_shot_accuracy"]
+__all__ = [
+    "class_embeddings",
+    "class_prototypes",
+    "class_retrieval_metrics",
+    "compositional_probe",
+    "multi_caption_retrieval",
+    "retrieval_metrics",
+    "rows_multi_caption_retrieval",
+    "zero_shot_accuracy",
+]

@@ -49,7 +49,8 @@ def _sort_rows(x: torch.Tensor) -> torch.Tensor:
     return x.sort(dim=1).values
 
 
-def _per_query(q, g, ql, gl, ks, chunk: int | None, rows: torch.Tensor, paired: bool) -> dict[str, torch.Tensor]:
+def _per_query(q, g, ql, gl, ks, chunk: int | None, rows: torch.Tensor, paired: bool,
+               targets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """For the queries ``rows`` of ``q`` against the gallery ``g``, one similarity chunk at a time:
     ``ranks`` ``[n]`` of the true match (row i of ``g`` when ``paired``) and, with labels, class ``hits`` ``[n, len(ks)]`` at each k
     and average precision ``ap`` ``[n]``.
@@ -71,7 +72,7 @@ def _per_query(q, g, ql, gl, ks, chunk: int | None, rows: torch.Tensor, paired: 
     finite_gallery = bool(g.isfinite().all())  # else some similarities are NaN
     n_gallery, n = g.shape[0], len(rows)
     out = {"ranks": torch.zeros(n, dtype=torch.long, device=device)} if paired else {}
-    where = rows  # column of each query's true match
+    where = rows if targets is None else targets.to(device)[rows]  # column of each query's true match
     groups: list[tuple[int, int, torch.Tensor]] = [(0, 0, torch.arange(n, device=device))]
     if ql is not None:
         ql, gl = ql.to(device), gl.to(device)
@@ -125,6 +126,73 @@ def _directional(q, g, ql, gl, ks, chunk, across_ranks, paired=True) -> dict[str
     if "hits" in res:
         res["hits"] = res["hits"].bool()
     return res
+
+
+def multi_caption_retrieval(
+    items: torch.Tensor, captions: torch.Tensor, owner: torch.Tensor, item_name: str, caption_name: str,
+    ks=(1, 5, 10), chunk: int | None = None, across_ranks: bool = False,
+) -> dict[str, float]:
+    """The COCO/Flickr protocol: ``items [N, D]`` (images, audio clips) each with one or more
+    ``captions [C, D]``; ``owner [C]`` is the item of each caption.
+
+    item->caption: a hit at k when ANY of the item's captions is in the top k, i.e. the rank of its
+    best-scoring own caption among all captions, where only other items' captions count against it
+    (ties with them and NaN count against the model; an item whose own scores are all NaN ranks last).
+    caption->item: every caption is a query against all items, its owner the target (pessimistic
+    rank as in :func:`retrieval_metrics`). With one caption per item (``owner = arange(N)``) both
+    equal :func:`retrieval_metrics`'s instance ranks. Keyed ``R@k/<item>_to_<caption>`` and back,
+    ``mean_rank``/``median_rank``, ``rsum/<item>_<caption>`` (the six R@1/5/10 summed, in percent as
+    papers report) and ``mean_R@1/<item>_<caption>`` (the mean of both R@1). Memory O(chunk x C).
+    """
+    owner = owner.long().to(captions.device)
+    out: dict[str, float] = {}
+    forward, backward = f"{item_name}_to_{caption_name}", f"{caption_name}_to_{item_name}"
+    rows = _query_rows(items.shape[0], across_ranks)
+    ranks = {forward: _gather(_best_owned_ranks(items, captions, owner, rows, chunk), across_ranks)}
+    back = _per_query(captions, items, None, None, (), chunk, _query_rows(captions.shape[0], across_ranks), True,
+                      targets=owner)["ranks"]
+    ranks[backward] = _gather(back, across_ranks)
+    for direction, r in ranks.items():
+        r = r.float()
+        for k in ks:
+            out[f"R@{k}/{direction}"] = (r <= k).float().mean().item() if len(r) else 0.0
+        out[f"mean_rank/{direction}"] = r.mean().item() if len(r) else float("nan")
+        out[f"median_rank/{direction}"] = r.median().item() if len(r) else float("nan")
+    pair = f"{item_name}_{caption_name}"
+    out[f"rsum/{pair}"] = 100 * sum(out[f"R@{k}/{d}"] for k in ks for d in (forward, backward))
+    out[f"mean_R@1/{pair}"] = (out[f"R@1/{forward}"] + out[f"R@1/{backward}"]) / 2
+    return out
+
+
+def rows_multi_caption_retrieval(
+    items: torch.Tensor, first: torch.Tensor, extra: torch.Tensor, extra_owner: torch.Tensor, rows: torch.Tensor,
+    item_name: str, caption_name: str, **kwargs,
+) -> dict[str, float]:
+    """:func:`multi_caption_retrieval` over the rows ``rows`` (``[N]`` bool) of a val set whose row i
+    has the caption ``first[i]`` and the ``extra`` captions owned by i (``extra_owner``)."""
+    kept = rows.nonzero().squeeze(1)
+    index = torch.full(rows.shape, -1, dtype=torch.long, device=rows.device)
+    index[kept] = torch.arange(len(kept), device=rows.device)
+    owner = index[extra_owner]
+    captions = torch.cat([first[rows], extra[owner >= 0]])
+    owner = torch.cat([torch.arange(len(kept), device=rows.device), owner[owner >= 0]])
+    return multi_caption_retrieval(items[rows], captions, owner, item_name, caption_name, **kwargs)
+
+
+def _best_owned_ranks(items, captions, owner, rows, chunk) -> torch.Tensor:
+    """1-based pessimistic rank of each item's best own caption: 1 + #(other items' captions not
+    scoring below it). A NaN own score is the worst, a NaN other score beats it."""
+    device = items.device
+    rows = rows.to(device)
+    g = F.normalize(captions, dim=-1)
+    ranks = torch.zeros(len(rows), dtype=torch.long, device=device)
+    for pos in torch.arange(len(rows), device=device).split(_chunk_rows(g.shape[0], chunk)):
+        sims = F.normalize(items[rows[pos]], dim=-1) @ g.T
+        own = owner[None, :] == rows[pos][:, None]
+        best = sims.nan_to_num(nan=-torch.inf).masked_fill(~own, -torch.inf).max(1, keepdim=True).values
+        ahead = (~(sims < best) & ~own).sum(1)  # ties and NaN count against the item
+        ranks[pos] = 1 + ahead.long()
+    return ranks
 
 
 def _pairs(a, b, a_labels, b_labels, a_name, b_name):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,19 @@ from mmpretrain import distributed
 def read_lines(path: str) -> list[str]:
     with open(path) as f:
         return [line.strip() for line in f if line.strip()]
+
+
+def read_tasks(root: str | Path | None, default_templates: list[str]) -> dict[str, dict[str, list[str]]]:
+    """Zero-shot tasks of a directory: ``<root>/<task>/classnames.txt`` (one class per line, in label
+    order) and optionally ``templates.txt`` (else ``default_templates``), as
+    ``{task: {"classnames": [...], "templates": [...]}}``; {} when ``root`` is None or missing."""
+    if root is None or not Path(root).is_dir():
+        return {}
+    tasks = {}
+    for d in sorted(p for p in Path(root).iterdir() if (p / "classnames.txt").is_file()):
+        templates = read_lines(str(d / "templates.txt")) if (d / "templates.txt").is_file() else default_templates
+        tasks[d.name] = {"classnames": read_lines(str(d / "classnames.txt")), "templates": templates}
+    return tasks
 
 
 def class_embeddings(

@@ -13,7 +13,12 @@ import os
 import torch
 import torch.distributed as dist
 
-from mmpretrain.evaluation import class_retrieval_metrics, retrieval_metrics, zero_shot_accuracy
+from mmpretrain.evaluation import (
+    class_retrieval_metrics,
+    multi_caption_retrieval,
+    retrieval_metrics,
+    zero_shot_accuracy,
+)
 from tests.integration.gloo import run_workers
 
 SIZES = (37, 1, 200)
@@ -39,6 +44,10 @@ def metrics(n: int, across_ranks: bool) -> dict[str, float]:
     out |= {f"only_{k}": v for k, v in class_retrieval_metrics(a, b, labels, labels, "a", "b",
                                                                 across_ranks=across_ranks).items()}
     out |= zero_shot_accuracy(b, labels, classes, topk=(1, 2), chunk=5, across_ranks=across_ranks)
+    owner = torch.cat([torch.arange(n), labels % n])  # extra captions: some rows have several
+    captions = torch.cat([b, a.flip(0)])
+    out |= {f"multi_{k}": v for k, v in multi_caption_retrieval(a, captions, owner, "a", "b", chunk=3,
+                                                                  across_ranks=across_ranks).items()}
     out["loss"] = _split_clip_loss(*loss_features(n), torch.tensor(10.0), tile=4).item()
     out["siglip_loss"] = _split_siglip_loss(*loss_features(n), torch.tensor(10.0), torch.tensor(-3.0), tile=4).item()
     return out

@@ -1,0 +1,44 @@
+"""Which metric the best checkpoint (and a sweeper) watches, decided from the composed config."""
+
+import pytest
+
+from mmpretrain.cli import _hard_negatives, _resolve_monitor
+from tests.conftest import compose_config
+
+
+def test_without_class_names_the_monitor_is_the_pairs_mean_r1(tmp_path):
+    cfg = compose_config("train", [], run_dir=tmp_path)
+    _resolve_monitor(cfg, has_classnames=True)
+    assert cfg.callbacks.model_checkpoint.monitor == "val/zeroshot_top1/image_text"
+    _resolve_monitor(cfg, has_classnames=False)
+    assert cfg.optimized_metric == "val/retrieval_mean_R@1/image_text"
+    assert cfg.callbacks.model_checkpoint.monitor == "val/retrieval_mean_R@1/image_text"
+
+
+@pytest.mark.parametrize("override", ["trainer.limit_val_batches=0", "data.val=null"])
+def test_without_validation_nothing_is_monitored(tmp_path, override):
+    cfg = compose_config("train", [override], run_dir=tmp_path)
+    _resolve_monitor(cfg, has_classnames=True)
+    assert cfg.callbacks.model_checkpoint.monitor is None
+
+
+def test_hard_negatives_are_infonce_only(tmp_path):
+    assert _hard_negatives(compose_config("train", [], run_dir=tmp_path).loss) == 0
+    cfg = compose_config("train", ["loss.hard_negatives=true", "loss.max_negatives=3"], run_dir=tmp_path)
+    assert _hard_negatives(cfg.loss) == 3
+    cfg = compose_config("train", ["loss=siglip", "+loss.hard_negatives=true"], run_dir=tmp_path)
+    with pytest.raises(ValueError, match="needs loss=infonce"):
+        _hard_negatives(cfg.loss)
+
+
+def test_zero_shot_tasks_are_read_from_data_val_tasks(tmp_path):
+    from mmpretrain.cli import _zeroshot_tasks
+
+    (tmp_path / "tasks" / "color").mkdir(parents=True)
+    (tmp_path / "tasks" / "color" / "classnames.txt").write_text("red\ngreen\n")
+    (tmp_path / "tasks" / "shape" / "nothing").mkdir(parents=True)  # no classnames.txt: not a task
+    (tmp_path / "templates.txt").write_text("a photo of a {} thing\n")
+    cfg = compose_config("train", ["data=shards", f"data.root={tmp_path}"], run_dir=tmp_path)
+    assert _zeroshot_tasks(cfg.data) == {"color": {"classnames": ["red", "green"], "templates": ["a photo of a {} thing"]}}
+    cfg = compose_config("train", ["data=shards", f"data.root={tmp_path}", "data.val.tasks=null"], run_dir=tmp_path)
+    assert _zeroshot_tasks(cfg.data) == {}
