@@ -158,9 +158,8 @@ def finished(task: ShardTask) -> dict | None:
 
 def write_shard(task: ShardTask) -> dict:
     """Write one tar (temporary name, then renamed) and its record; return the record."""
-    import webdataset as wds
-
-    from mmpretrain.data.digits import SHARD_MTIME
+    from mmpretrain.data.writing import write_json_atomic
+    from mmpretrain.data.writing import write_shard as write_tar
 
     record = finished(task)
     if record is not None:
@@ -168,22 +167,19 @@ def write_shard(task: ShardTask) -> dict:
     out = Path(task.out)
     (out / task.split).mkdir(parents=True, exist_ok=True)
     (out / RECORDS).mkdir(parents=True, exist_ok=True)
-    final = out / task.split / task.name
-    tmp = final.with_name(f".{task.name}.{os.getpid()}.tmp")
-    written, skipped = 0, []
-    with wds.TarWriter(str(tmp), mtime=SHARD_MTIME) as sink:
+    skipped: list[dict] = []
+
+    def samples():
         for row in task.rows:
             sample, why = build_sample(row, task.classes)
             if sample is None:
-                skipped.append(
-                    {"split": task.split, "source": row.source, "reason": why[0], "detail": why[1]}
-                )
-                continue
-            sink.write(sample)
-            written += 1
-    os.replace(tmp, final)
+                skipped.append({"split": task.split, "source": row.source, "reason": why[0], "detail": why[1]})
+            else:
+                yield sample
+
+    written = write_tar(out / task.split / task.name, samples())
     record = {"fingerprint": task.fingerprint(), "samples": written, "skipped": skipped}
-    _write_json(_record_path(out, task), record)
+    write_json_atomic(_record_path(out, task), record)
     return record | {"reused": False}
 
 
@@ -250,18 +246,6 @@ def _indexed_write(item: tuple[int, ShardTask]) -> tuple[int, dict]:
 
 
 # -- what the run leaves beside the shards --------------------------------------------------------
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_outputs(
     out: Path,
     splits: dict[str, list[Row]],
@@ -270,15 +254,16 @@ def write_outputs(
     templates: list[str],
 ) -> None:
     """Prompt files, ``skipped.jsonl``, then ``sizes.json`` of each split (last: it marks a split done)."""
+    from mmpretrain.data.writing import write_prompt_files, write_sizes, write_text_atomic
+
     if classnames is not None:
-        _write_text(out / "classnames.txt", "\n".join(classnames) + "\n")
-        _write_text(out / "templates.txt", "\n".join(templates) + "\n")
+        write_prompt_files(out, classnames, templates)
     skipped = [s for r in results for s in r["skipped"]]
-    _write_text(out / "skipped.jsonl", "".join(json.dumps(s) + "\n" for s in skipped))
+    write_text_atomic(out / "skipped.jsonl", "".join(json.dumps(s) + "\n" for s in skipped))
     for split in splits:
         sizes = {r["name"]: r["samples"] for r in results if r["split"] == split}
         (out / split).mkdir(parents=True, exist_ok=True)
-        _write_json(out / split / "sizes.json", sizes)
+        write_sizes(out / split, sizes)
 
 
 def report(out: Path, splits: dict[str, list[Row]], results: list[dict]) -> None:

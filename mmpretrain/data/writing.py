@@ -8,6 +8,7 @@ its final name once complete (written to a temporary name, then renamed).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,9 @@ SHARD_MTIME = 1_700_000_000  # 2023-11-14: fixed member time of the shards we wr
 
 
 def write_shard(path: Path, samples: Iterable[dict[str, Any]]) -> int:
-    """Write ``samples`` to ``path`` atomically (``path.tmp`` renamed); the number written."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Write ``samples`` to ``path`` atomically (a temporary name of this process, renamed); the
+    number written."""
+    tmp = _temporary(path)
     n = 0
     # An integer mtime keeps tar members plain ustar: webdataset's default float time.time()
     # adds a pax header to every member, which doubled the tar-parsing cost of every read.
@@ -28,7 +30,7 @@ def write_shard(path: Path, samples: Iterable[dict[str, Any]]) -> int:
         for sample in samples:
             sink.write(sample)
             n += 1
-    tmp.rename(path)
+    os.replace(tmp, path)
     return n
 
 
@@ -45,6 +47,15 @@ def write_prompt_files(out: Path, classnames: list[str], templates: list[str]) -
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = _temporary(path)
     tmp.write_text(text)
-    tmp.replace(path)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=1))
+
+
+def _temporary(path: Path) -> Path:
+    """A hidden name beside ``path`` that no other process writes (two builders of the same data)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")

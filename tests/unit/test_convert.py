@@ -269,7 +269,7 @@ def test_img2dataset_output_is_read_directly_and_counted_without_sizes_json(tmp_
     samples = [s for u in urls for _, _, s in read_samples(u)]
     assert samples[0]["__key__"] == "000000000"
     decoded = decode_sample(samples[13], ["image", "text"], required=["image", "text"])
-    assert decoded["text"] == "photo 1 1" and decoded["image"].size == (8, 8)
+    assert decoded["text"] == ["photo 1 1"] and decoded["image"].size == (8, 8)  # text: the list of captions
 
 
 def test_img2dataset_output_can_be_resharded_and_split(tmp_path):
