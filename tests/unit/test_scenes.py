@@ -187,17 +187,27 @@ def test_rerun_skips_finished_shards_and_rewrites_missing_ones(tmp_path):
 
 
 def test_shards_read_back_through_the_project_stream(scenes_root):
-    texts = []
-    preprocess = {"image": lambda img: torch.tensor(img.size, dtype=torch.float32),
-                  "text": lambda t: (texts.append(t), torch.tensor([len(t)]))[1]}
+    """As data=scenes reads them: training draws one of each scene's five json captions, validation
+    embeds all five (the first as ``text``)."""
     urls = sorted(str(p) for p in (scenes_root / "val").glob("*.tar"))
-    stream = ShardStream([Source("scenes", urls, modalities=["image", "text", "cls"])], preprocess, batch_size=5,
-                         train=False)
-    batches = list(stream)
-    assert sum(len(b["cls"]) for b in batches) == 20
-    firsts = [json.loads(s["json"])["captions"][0] for s in samples(scenes_root, "val")]
-    # The decoder reads `txt` (the first caption) before `json` ("" is the stream's blank for absent text).
-    assert [t for t in texts if t] == firsts
+    meta = [json.loads(s["json"]) for s in samples(scenes_root, "val")]
+    every = [c for m in meta for c in m["captions"]]
+    negatives = {n for m in meta for n in m["negatives"]}
+    for train in (True, False):
+        texts = []
+        preprocess = {"image": lambda img: torch.tensor(img.size, dtype=torch.float32),
+                      "text": lambda t, seen=texts: (seen.append(t), torch.tensor([len(t)]))[1]}
+        stream = ShardStream([Source("scenes", urls, modalities=["image", "text", "cls"])], preprocess,
+                             batch_size=5, train=train, caption_field="captions", caption_keys=["json"],
+                             **({"batches_per_worker": 4} if train else {}))
+        batches = list(stream)
+        assert sum(len(b["cls"]) for b in batches) == 20
+        shown = [t for t in texts if t]
+        if train:  # one caption per scene
+            assert len(shown) == 20 and set(shown) <= set(every)
+        else:  # all five of every scene, and its negatives for the compositional probe
+            assert sorted(t for t in shown if t not in negatives) == sorted(every)
+            assert negatives <= set(shown)
 
 
 @pytest.mark.slow
