@@ -1,7 +1,7 @@
 """PNG plots of a run: curves from ``metrics.csv`` and pictures of the val embeddings.
 
 Pure matplotlib (object-oriented API on the Agg canvas: no pyplot state, no display needed) and
-scikit-learn; neither Lightning nor Hydra. Every function writes one PNG and returns its path.
+numpy (scikit-learn only for t-SNE); neither Lightning nor Hydra. Every function writes one PNG and returns its path.
 """
 
 from __future__ import annotations
@@ -132,12 +132,14 @@ def plot_similarity(
 
 
 def project_2d(features: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
-    """``[N, D]`` -> ``[N, 2]`` with scikit-learn's PCA or t-SNE."""
+    """``[N, D]`` -> ``[N, 2]``: PCA (numpy's SVD; each axis's sign fixed so its largest loading is
+    positive, so the picture is the same on every run) or scikit-learn's t-SNE."""
     x = _normalize(np.asarray(features, dtype=np.float64))
     if method == "pca":
-        from sklearn.decomposition import PCA
-
-        return PCA(n_components=2, random_state=seed).fit_transform(x)
+        centred = x - x.mean(axis=0)
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        axes = vt[:2] * np.sign(vt[:2][np.arange(min(2, len(vt))), np.abs(vt[:2]).argmax(axis=1)])[:, None]
+        return np.pad(centred @ axes.T, ((0, 0), (0, 2 - len(axes))))
     if method == "tsne":
         from sklearn.manifold import TSNE
 

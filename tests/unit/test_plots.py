@@ -63,3 +63,17 @@ def test_similarity_heatmap_and_projection(tmp_path):
     assert (nearest == labels).mean() > 0.9
     with pytest.raises(ValueError, match="use pca or tsne"):
         plots.project_2d(features, "umap")
+
+
+def test_pca_projection_is_the_top_two_principal_axes_with_fixed_signs():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(200, 12)) * np.linspace(3, 0.1, 12)  # distinct variances: unique axes
+    xy = plots.project_2d(x, "pca")
+    z = x / np.linalg.norm(x, axis=1, keepdims=True)
+    z = z - z.mean(0)
+    _, vecs = np.linalg.eigh(np.cov(z, rowvar=False))
+    reference = z @ vecs[:, ::-1][:, :2]  # the covariance's top two eigenvectors
+    for k in range(2):
+        assert np.allclose(np.abs(xy[:, k]), np.abs(reference[:, k]), atol=1e-8)
+    assert np.array_equal(xy, plots.project_2d(x.copy(), "pca"))  # same picture every run
+    assert plots.project_2d(x[:1], "pca").shape == (1, 2)  # one sample: a point, not an error
