@@ -22,11 +22,22 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 REF_DIR = ROOT / ".bench" / "ref"  # webdataset 0.2.86 (+ pandas) for open_clip_train only
 MODEL_DIR = ROOT / "benchmarks" / "models"  # open_clip model-config JSONs both trainers read
-CPU_MODEL = "bench-vit-2x128-p8-32"  # small enough for a 2-core CPU
+MODEL_DIRS = (MODEL_DIR, ROOT / "conf" / "model" / "open_clip")  # both registered for open_clip_train
+CPU_MODEL = "vit-4x192-p8-64"  # experiment=clip_vit-tiny_digits: ViT 4x192 patch 8 at 64 px (sections 1-3)
+CPU_BATCH, CPU_WORKERS = 64, 1  # the work of the whole-run comparison (section 1)
+SMALL_MODEL = "bench-vit-2x128-p8-32"  # time to accuracy (section 4): many epochs on 2 cores
 GPU_MODEL = "ViT-B-32"  # open_clip's registry config, 224 px
 
 # Dense bf16 peak FLOP/s by accelerator name (for MFU); extend as needed or pass --peak-tflops.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
+
+
+def model_json(name: str) -> Path:
+    """The open_clip model-config JSON named ``name`` in :data:`MODEL_DIRS`."""
+    for folder in MODEL_DIRS:
+        if (folder / f"{name}.json").exists():
+            return folder / f"{name}.json"
+    raise SystemExit(f"no model config {name}.json in {', '.join(str(d) for d in MODEL_DIRS)}")
 
 
 def python() -> str:

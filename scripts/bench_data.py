@@ -70,7 +70,7 @@ def main() -> None:
     p.add_argument("--model", default=bc.CPU_MODEL)
     p.add_argument("--batches", type=int, default=24, help="batches read per measurement")
     p.add_argument("--train-steps", type=int, default=10, help="plain-loop steps for the consumption rate")
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--batch", type=int, default=bc.CPU_BATCH)
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--work", default="/tmp/mmpretrain-bench")
@@ -78,7 +78,7 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     digits = bc.digits_root(Path(a.work))
-    cfg = compose([f"data.root={digits}", "model=openclip", f"model.config={bc.MODEL_DIR / (a.model + '.json')}",
+    cfg = compose([f"data.root={digits}", "model=openclip", f"model.config={bc.model_json(a.model)}",
                    f"data.batch_size={a.batch}"])
     from mmpretrain.cli import _instantiate, _plain
     from mmpretrain.model import build_model

@@ -30,18 +30,22 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def install_step_recorder(path: str) -> None:
+    """``steps``: seconds since this recorder started at each optimizer step's end; ``step_epochs``:
+    the same moments as ``time.time()``, which the parent compares with its launch and exit times."""
     pid, start = os.getpid(), time.perf_counter()
     steps: list[float] = []
+    epochs: list[float] = []
 
     def hook(optimizer, args, kwargs):
         steps.append(time.perf_counter() - start)
+        epochs.append(time.time())
 
     register_optimizer_step_post_hook(hook)
 
     def dump():
         if os.getpid() == pid:  # not from forked data-loader workers
             peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-            Path(path).write_text(json.dumps({"steps": steps, "peak_gpu_bytes": peak}))
+            Path(path).write_text(json.dumps({"steps": steps, "step_epochs": epochs, "peak_gpu_bytes": peak}))
 
     atexit.register(dump)
 
@@ -122,7 +126,8 @@ def main() -> None:
         sys.exit(ours(["train", *rest]) and 0)
     import open_clip
 
-    open_clip.add_model_config(str(ROOT / "benchmarks" / "models"))
+    for configs in (ROOT / "benchmarks" / "models", ROOT / "conf" / "model" / "open_clip"):
+        open_clip.add_model_config(str(configs))
     if a.digits:
         patch_open_clip_eval(Path(a.digits))
     from open_clip_train.main import main as reference

@@ -79,11 +79,11 @@ def lightning_loop(model, loss_fn, cfg, batches, default: bool, work: Path, drop
     from omegaconf import OmegaConf
     from torch.utils.data import DataLoader
 
-    from mmpretrain.cli import _instantiate_all, _plain
+    from mmpretrain.cli import _instantiate_all, _plain, _trainer_and_optim
     from mmpretrain.module import ContrastiveModule
 
     module = ContrastiveModule(model, loss_fn, _plain(cfg.optim))
-    trainer_cfg = _plain(cfg.trainer) | dict(max_steps=len(batches), max_epochs=1, limit_val_batches=0)
+    trainer_cfg = _trainer_and_optim(cfg)[0] | dict(max_steps=len(batches), max_epochs=1, limit_val_batches=0)
     if default:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
@@ -112,7 +112,7 @@ def main() -> None:
     p.add_argument("--model", default=bc.CPU_MODEL)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--batch", type=int, default=bc.CPU_BATCH)
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--modes", default="plain,lightning-bare,lightning-default",
                    help="comma list; lightning-default-no-<name> drops that logger/callback (wandb, csv, "
@@ -126,7 +126,7 @@ def main() -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     work = Path(a.work)
     digits = bc.digits_root(work)
-    cfg = compose([f"data.root={digits}", "model=openclip", f"model.config={bc.MODEL_DIR / (a.model + '.json')}",
+    cfg = compose([f"data.root={digits}", "model=openclip", f"model.config={bc.model_json(a.model)}",
                    f"data.batch_size={a.batch}", "data.num_workers=0"])
     from mmpretrain.cli import _instantiate
     from mmpretrain.model import build_model

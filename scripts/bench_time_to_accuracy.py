@@ -63,7 +63,7 @@ def run(name: str, cmd: list[str], env: dict, pattern: re.Pattern, cap: float, w
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=bc.CPU_MODEL)
+    p.add_argument("--model", default=bc.SMALL_MODEL)
     p.add_argument("--cap", type=float, default=240, help="seconds per run")
     p.add_argument("--epochs", type=int, default=40, help="epochs of the same-architecture runs")
     p.add_argument("--workers", type=int, default=2)
@@ -75,7 +75,7 @@ def main() -> None:
     shards, n_train = bc.train_shards(digits)
     val_shards = sorted((digits / "val").glob("*.tar"))
     n_val = sum(int(v) for v in __import__("json").loads((digits / "val" / "sizes.json").read_text()).values())
-    config = str(bc.MODEL_DIR / f"{a.model}.json")
+    config = str(bc.model_json(a.model))
     ref_batch = 64
     ref_steps = a.epochs * -(-n_train // ref_batch)
     ours_common = [bc.python(), "scripts/bench_entry.py", "ours", "--record", "{out}/steps.json", "--",
