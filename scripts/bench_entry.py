@@ -121,9 +121,9 @@ def main() -> None:
     a, rest = p.parse_args(argv[:cut]), argv[cut + 1 :]
     install_step_recorder(a.record)
     if a.trainer == "ours":
-        from mmpretrain.cli import main as ours
+        from mmpretrain.cli import console  # what the `mmpretrain` console script runs
 
-        sys.exit(ours(["train", *rest]) and 0)
+        console(["train", *rest])
     import open_clip
 
     for configs in (ROOT / "benchmarks" / "models", ROOT / "conf" / "model" / "open_clip"):
