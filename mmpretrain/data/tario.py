@@ -23,28 +23,125 @@ _END = -1  # ``next_start`` after a shard's last sample (position.END)
 
 
 @contextmanager
-def _open(url: str, offset: int) -> Iterator[tuple[tarfile.TarFile, IO[bytes]]]:
+def _open(url: str, offset: int) -> Iterator[IO[bytes]]:
     if _local(url):
         with open(os.path.expanduser(url), "rb") as f:
             f.seek(offset)
-            # A TarFile reads from wherever its file object stands; member offsets stay absolute.
-            yield tarfile.TarFile(fileobj=f), f
+            yield f
         return
     from webdataset.gopen import gopen
 
-    with gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|") as tf:
-        yield tf, stream
+    with gopen(url, "rb") as stream:
+        yield stream
 
 
 def _members(url: str, offset: int) -> Iterator[tuple[int, str, bytes]]:
     """``(header offset, name, bytes)`` of each regular member at or after ``offset``."""
-    with _open(url, offset) as (tf, _):
-        for info in tf:
-            if info.offset < offset or not info.isreg() or _META.match(info.name):
-                continue  # a streamed remote shard: members before the offset pass unread
-            data = tf.extractfile(info).read()
-            yield info.offset, info.name, data
-            tf.members = []  # keep no list of every member of a large shard
+    with _open(url, offset) as f:
+        if _local(url):
+            yield from _members_fast(f, offset)
+        else:
+            with tarfile.open(fileobj=f, mode="r|") as tf:
+                yield from _members_tarfile(tf, offset)
+
+
+def _members_tarfile(tf: tarfile.TarFile, offset: int) -> Iterator[tuple[int, str, bytes]]:
+    """:func:`_members` as :mod:`tarfile` reads them (from wherever ``tf``'s file object stands)."""
+    for info in tf:
+        if info.offset < offset or not info.isreg() or _META.match(info.name):
+            continue  # a streamed remote shard: members before the offset pass unread
+        data = tf.extractfile(info).read()
+        yield info.offset, info.name, data
+        tf.members = []  # keep no list of every member of a large shard
+
+
+_BLOCK = 512
+_REGULAR = frozenset(b"0\x007")  # regular, old-style regular, contiguous: what ``TarInfo.isreg`` reads
+_DIRECTORY, _PAX = ord("5"), ord("x")
+_TIMES_ONLY = re.compile(rb"(?:[0-9]+ [acm]time=[0-9]+(?:[.][0-9]+)?\n)+")  # webdataset's pax headers
+
+
+def _members_fast(f: IO[bytes], offset: int) -> Iterator[tuple[int, str, bytes]]:
+    """:func:`_members_tarfile` on a seekable local file, parsing of each header only the name,
+    size and type (and checking its checksum): ``TarInfo.frombuf`` parses every field, and that
+    was most of the CPU a data worker spent per sample. A pax header that only sets times (what
+    webdataset writes before each member) is skipped. Any header this does not read exactly as
+    :mod:`tarfile` would (other pax or GNU extensions, links, a bad checksum, a cut header …) hands
+    the rest of the shard, from that header on, to :mod:`tarfile`, which then also raises or stops
+    as it always did."""
+    pos = offset
+    while True:
+        at = pos  # the member's offset: its first header, an extended one if any
+        buf = f.read(_BLOCK)
+        member = _parse_header(buf)
+        if member is not None and member[2] == _PAX:
+            extended = f.read(_blocks(member[1]))
+            buf = f.read(_BLOCK)
+            member = _parse_header(buf) if _times_only(extended, member[1]) else None
+            if member is not None and member[2] == _PAX:
+                member = None
+        if member is None:
+            if f.tell() == at + _BLOCK and buf.count(0) == _BLOCK:
+                return  # end of archive
+            f.seek(at)
+            yield from _members_tarfile(tarfile.TarFile(fileobj=f), at)
+            return
+        name, size, kind = member
+        data_at = f.tell()
+        pos = data_at + (_blocks(size) if kind in _REGULAR else 0)
+        if kind not in _REGULAR or _META.match(name):
+            if pos != data_at:  # tarfile seeks past the data and checks it was there
+                f.seek(pos - 1)
+                if not f.read(1):
+                    raise tarfile.ReadError("unexpected end of data")
+            continue
+        chunk = f.read(pos - data_at)  # the data and its padding to the next header
+        if len(chunk) < size:
+            raise tarfile.ReadError("unexpected end of data")
+        yield at, name, chunk[:size] if len(chunk) > size else chunk
+        if len(chunk) < pos - data_at:  # cut in the padding: tarfile notices at the next header
+            raise tarfile.ReadError("unexpected end of data")
+
+
+def _blocks(size: int) -> int:
+    return -(-size // _BLOCK) * _BLOCK
+
+
+def _parse_header(buf: bytes) -> tuple[str, int, int] | None:
+    """``(name, size, kind)`` of a regular file, directory or pax header as ``TarInfo.frombuf``
+    would read it, or None for any other header (including a cut, empty or corrupt one). An
+    old-style directory (a regular file whose name ends in a slash) has kind ``_DIRECTORY``."""
+    if len(buf) != _BLOCK:
+        return None
+    kind = buf[156]
+    if kind not in _REGULAR and kind != _DIRECTORY and kind != _PAX:
+        return None
+    try:
+        checksum = int(buf[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+        size = int(buf[124:136].split(b"\0", 1)[0].strip() or b"0", 8)  # base-256 (GNU): fails here
+    except ValueError:
+        return None
+    unsigned = 256 + sum(buf) - sum(buf[148:156])
+    if checksum != unsigned and checksum != unsigned - 256 * sum(1 for b in buf[:148] + buf[156:] if b > 127):
+        return None  # not a header tarfile would read: it says so itself
+    name = buf[:100].split(b"\0", 1)[0].decode(tarfile.ENCODING, "surrogateescape")
+    if kind == 0 and name.endswith("/"):
+        kind = _DIRECTORY
+    prefix = buf[345:500].split(b"\0", 1)[0]
+    if prefix:  # frombuf joins it whatever the magic says (GNU headers keep it empty)
+        name = prefix.decode(tarfile.ENCODING, "surrogateescape") + "/" + name
+    return name, size, kind
+
+
+def _times_only(extended: bytes, size: int) -> bool:
+    """Whether a pax header's records (``extended``, with its padding) are well-formed times only,
+    which change nothing that is read here."""
+    if len(extended) != _blocks(size) or extended.count(0, size) != len(extended) - size:
+        return False
+    records = extended[:size]
+    if not _TIMES_ONLY.fullmatch(records):
+        return False
+    return all(int(r.split(b" ", 1)[0]) == len(r) + 1 for r in records[:-1].split(b"\n"))
 
 
 def read_samples(url: str, offset: int = 0, on_error: Callable[[Exception], Any] | None = None,
