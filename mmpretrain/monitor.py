@@ -35,20 +35,13 @@ from mmpretrain.evaluation import class_embeddings
 
 
 class WandbLogger(_LightningWandbLogger):
-    """Lightning's WandbLogger that starts its wandb run off the training's critical path and
-    closes it when fit ends.
+    """Lightning's WandbLogger that also closes its wandb run when fit ends (marked failed when
+    training raised), so each run of a sweep in one process gets its own wandb run.
 
-    - **Start:** ``wandb.init`` (~0.5-1 s: wandb's service process, run files) runs in a thread
-      from construction on, on rank 0, while the model, the data workers and the first steps get
-      going; hyperparameters and metrics logged before the run is up are kept, in order, and
-      handed to it as soon as it is. Anything that needs the run itself (``.experiment``) waits
-      for it; an error of ``wandb.init`` (e.g. online without a login) is raised there.
-    - **End:** the run is finished when fit ends (marked failed when training raised), so each
-      run of a sweep in one process gets its own wandb run.
-    - ``mode=offline`` (our default) is made wandb's process-wide mode too (``WANDB_MODE``), as
-      Lightning does for its own ``offline=True``: wandb otherwise starts OpenTelemetry exporters
-      from its process-wide settings, which send usage data from an offline run.
-    """
+    ``mode=offline`` (our default) is made wandb's process-wide mode too (``WANDB_MODE``), as
+    Lightning does for its own ``offline=True``: wandb otherwise starts OpenTelemetry exporters
+    from its process-wide settings, which send usage data from an offline run (and, with no
+    network, try to until their timeout)."""
 
     #: set while a ``trainer.validate`` runs before ``fit`` (the step-0 baseline): its end must not end the run
     keep_open: bool = False
@@ -60,62 +53,9 @@ class WandbLogger(_LightningWandbLogger):
         mode = self._wandb_init.get("mode")
         if mode in ("offline", "disabled"):
             os.environ["WANDB_MODE"] = mode
-        self._pending: list[tuple[str, Any, int | None]] = []
-        self._starting: threading.Thread | None = None
-        self._start_error: BaseException | None = None
-        if rank_zero_only.rank == 0 and self._experiment is None:
-            self._starting = threading.Thread(target=self._start_run, name="wandb-init", daemon=True)
-            self._starting.start()
-
-    def _start_run(self) -> None:
-        try:
-            _LightningWandbLogger.experiment.fget(self)  # wandb.init + Lightning's step metric
-        except BaseException as e:  # noqa: BLE001 - handed to the thread that needs the run
-            self._start_error = e
-
-    def _run_ready(self, wait: bool) -> bool:
-        """Whether the run is up (after waiting for it when ``wait``); raises ``wandb.init``'s error."""
-        if self._starting is not None:
-            if wait:
-                self._starting.join()
-            if self._starting.is_alive():
-                return False
-            self._starting = None
-            if self._start_error is not None:
-                error, self._start_error = self._start_error, None
-                raise error
-        if self._pending:
-            pending, self._pending = self._pending, []
-            for kind, payload, step in pending:
-                if kind == "hparams":
-                    super().log_hyperparams(payload)
-                else:
-                    super().log_metrics(payload, step)
-        return True
-
-    @property
-    @rank_zero_experiment
-    def experiment(self):  # noqa: ANN201 - wandb's Run
-        self._run_ready(wait=True)
-        return _LightningWandbLogger.experiment.fget(self)
-
-    @rank_zero_only
-    def log_hyperparams(self, params: Any) -> None:
-        if self._run_ready(wait=False):
-            super().log_hyperparams(params)
-        else:
-            self._pending.append(("hparams", params, None))
-
-    @rank_zero_only
-    def log_metrics(self, metrics: Any, step: int | None = None) -> None:
-        if self._run_ready(wait=False):
-            super().log_metrics(metrics, step)
-        else:
-            self._pending.append(("metrics", dict(metrics), step))
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
-        self._run_ready(wait=True)
         super().finalize(status)
         if self._experiment is not None and status in ("success", "failed") and not (self.keep_open and status == "success"):
             self._experiment.finish(exit_code=0 if status == "success" else 1)

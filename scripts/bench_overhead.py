@@ -113,7 +113,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--batch", type=int, default=bc.CPU_BATCH)
-    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--reps", type=int, default=3)
     p.add_argument("--modes", default="plain,lightning-bare,lightning-default",
                    help="comma list; lightning-default-no-<name> drops that logger/callback (wandb, csv, "
                    "progress_bar, lr_monitor, model_checkpoint)")

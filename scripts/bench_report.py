@@ -7,7 +7,7 @@ import argparse
 import bench_common as bc
 
 SECTIONS = [
-    ("throughput_cpu", "1. Training throughput vs open_clip_train (CPU)"),
+    ("throughput_cpu", "1. A whole training run vs open_clip_train (CPU): launch to exit"),
     ("overhead", "2. Framework overhead: Lightning step vs plain PyTorch loop"),
     ("overhead_parts", "2b. Which of our default callbacks/loggers costs what (optional: "
      "`bench_overhead.py --name overhead_parts --modes ...`)"),
@@ -25,7 +25,7 @@ def main() -> None:
     lines = [
         "# Benchmarks: mmpretrain vs open_clip's trainer",
         "",
-        "Reproduce with `make bench` (CPU, ~9 min on 2 quiet cores, install included; `make bench-gpu` adds section 5 on a "
+        "Reproduce with `make bench` (CPU, ~30 min on 2 quiet cores, install included; `make bench-gpu` adds section 5 on a "
         "CUDA machine). Each table compares runs made side by side in the same `make bench`, interleaved; "
         "CSVs with every run are in `benchmarks/results/`.",
         "",
