@@ -47,7 +47,7 @@ def test_report_quotes_the_latest_tables_between_the_readme_markers(tmp_path, mo
     assert bench_report.quote_in_readme(info)
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith(f"{bench_report.QUOTE_END}\noutro\n")
-    assert "| ours | 2 |" in text and "Training throughput" in text
+    assert "| ours | 2 |" in text and "A whole training run vs open_clip_train" in text
     assert "old table" not in text and "not quoted" not in text
     assert bench_report.quote_in_readme(info) and readme.read_text() == text  # idempotent
     readme.write_text("no markers\n")
