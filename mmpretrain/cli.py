@@ -121,7 +121,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     (metrics,) = trainer.validate(module, datamodule=datamodule, verbose=False)
     for key, value in sorted(metrics.items()):
         if "zeroshot_top1" in key:
-            print(f"{key.split('/')[-1]} zero-shot top-1: {value:.4f}")
+            print(f"{key.split('zeroshot_top1/', 1)[1]} zero-shot top-1: {value:.4f}")  # the pair, or task/pair
     for key, value in sorted(metrics.items()):
         if key.startswith(("val/retrieval_R@", "val/retrieval_mean_rank", "val/retrieval_median_rank",
                            "val/retrieval_rsum", "val/retrieval_mean_R@1", "val/probe/")):
