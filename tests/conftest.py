@@ -45,3 +45,16 @@ def compose_config(config_name: str = "train", overrides: list[str] | None = Non
         with open_dict(cfg):
             cfg.paths.output_dir = str(run_dir)
     return cfg
+
+
+def validate_batches(module, batches):
+    """``module``'s validation metrics over ``batches``, as one rank's validation epoch computes them."""
+    import torch
+
+    with torch.no_grad():
+        for i, b in enumerate(batches):
+            module.validation_step(b, i)
+        cols = {k: torch.cat(v) for k, v in module._val.items()}
+    module._val.clear()
+    module._val_rows = 0
+    return module.validation_metrics(cols)

@@ -1,12 +1,10 @@
 """A user's seed through the installed console script, from another directory, as a user runs it."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+
+from tests.integration.test_launch import run_cli
 
 # The text tower shrunk as in TINY_RUN: the run is about the seed, not the model.
 SMALL_TEXT = [
@@ -21,15 +19,9 @@ def test_train_with_a_large_seed_runs_without_skipping_samples(digits_root, tmp_
     """``seed=31337`` used to skip every sample (its augmentation seeds overflowed int64) and stop
     with '1000 samples in a row failed ... Overflow when unpacking long long'; ``2**63-1`` also made
     ``lightning.seed_everything`` raise (it takes 32-bit seeds only)."""
-    script = Path(sys.executable).parent / "mmpretrain"
     run = tmp_path / "run"
-    cmd = [str(script), "train", "debug=fast", f"seed={seed}", f"data.root={digits_root}", f"hydra.run.dir={run}",
-           "export_at_end=false", *SMALL_TEXT]
-    env = os.environ | {"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    cwd = tmp_path / "elsewhere"
-    cwd.mkdir()
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    proc = run_cli(["train", "debug=fast", f"seed={seed}", f"data.root={digits_root}", f"hydra.run.dir={run}",
+             "export_at_end=false", *SMALL_TEXT], cwd=tmp_path / "elsewhere")
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["skipped_samples"] == 0
     assert metrics["train/loss"] > 0

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from tests.conftest import validate_batches
 from tests.integration.gloo import run_workers
 from tests.unit.test_protocol import val_batches
 
@@ -28,14 +29,7 @@ def make_module():
     return module
 
 
-def run(module, batches):
-    with torch.no_grad():
-        for i, b in enumerate(batches):
-            module.validation_step(b, i)
-        cols = {k: torch.cat(v) for k, v in module._val.items()}
-    module._val.clear()
-    module._val_rows = 0
-    return module.validation_metrics(cols)
+run = validate_batches
 
 
 def worker(rank, world, port, queue):

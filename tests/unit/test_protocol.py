@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mmpretrain.evaluation import multi_caption_retrieval, retrieval_metrics
+from tests.conftest import validate_batches
 from tests.unit.test_evaluation import cosine
 
 
@@ -124,14 +125,7 @@ def val_batches(sizes, seed=0):
     return batches, whole
 
 
-def validate(module, batches):
-    with torch.no_grad():
-        for i, b in enumerate(batches):
-            module.validation_step(b, i)
-        cols = {k: torch.cat(v) for k, v in module._val.items()}
-    module._val.clear()
-    module._val_rows = 0
-    return module.validation_metrics(cols)
+validate = validate_batches
 
 
 @pytest.mark.parametrize("item", ["image", "audio"])  # audio: Clotho-style clips with several captions

@@ -212,15 +212,11 @@ def test_shards_read_back_through_the_project_stream(scenes_root):
 
 @pytest.mark.slow
 def test_train_on_scenes_through_the_console_script(scenes_root, tmp_path):
-    script = Path(sys.executable).parent / "mmpretrain"
+    from tests.integration.test_launch import run_cli
+
     run = tmp_path / "run"
-    cmd = [str(script), "train", "experiment=scenes_clip", "debug=fast", f"data.root={scenes_root}",
-           f"hydra.run.dir={run}", "export_at_end=false", "data.batch_size=8", "callbacks.plots=null"]
-    env = os.environ | {"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    cwd = tmp_path / "elsewhere"
-    cwd.mkdir()
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    run_cli(["train", "experiment=scenes_clip", "debug=fast", f"data.root={scenes_root}", f"hydra.run.dir={run}",
+             "export_at_end=false", "data.batch_size=8", "callbacks.plots=null"], cwd=tmp_path / "elsewhere")
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["skipped_samples"] == 0 and metrics["train/loss"] > 0
     assert "val/zeroshot_top1/image_text" in metrics
