@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
-import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -216,33 +214,10 @@ def build_sample(row: Row, classes: dict[str, int] | None) -> tuple[dict | None,
 
 def run_tasks(tasks: list[ShardTask], workers: int | None, progress: bool) -> list[dict]:
     """Write the shards, ``workers`` processes at a time, with a progress bar; records in task order."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from mmpretrain.data.writing import parallel_map
 
-    workers = max(1, min(workers or os.cpu_count() or 1, len(tasks) or 1))
-    results: dict[int, dict] = {}
-    columns = [TextColumn("writing shards"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-    # The pool forks before the progress bar starts its refresh thread.
-    pool = multiprocessing.Pool(workers) if workers > 1 else None
-    try:
-        with Progress(*columns, disable=not progress) as bar:
-            job = bar.add_task("shards", total=len(tasks))
-            done = (
-                pool.imap_unordered(_indexed_write, enumerate(tasks))
-                if pool
-                else map(_indexed_write, enumerate(tasks))
-            )
-            for i, record in done:
-                results[i] = record
-                bar.advance(job)
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
-    return [results[i] | {"split": t.split, "name": t.name} for i, t in enumerate(tasks)]
-
-
-def _indexed_write(item: tuple[int, ShardTask]) -> tuple[int, dict]:
-    return item[0], write_shard(item[1])
+    records = parallel_map(write_shard, tasks, workers, progress=progress)
+    return [r | {"split": t.split, "name": t.name} for r, t in zip(records, tasks)]
 
 
 # -- what the run leaves beside the shards --------------------------------------------------------

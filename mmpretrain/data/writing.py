@@ -8,8 +8,9 @@ its final name once complete (written to a temporary name, then renamed).
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +60,47 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 def _temporary(path: Path) -> Path:
     """A hidden name beside ``path`` that no other process writes (two builders of the same data)."""
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def parallel_map(
+    fn: Callable[[Any], Any],
+    tasks: list,
+    workers: int | None = None,
+    label: str = "writing shards",
+    total: int | None = None,
+    weight: Callable[[Any], int] | None = None,
+    progress: bool = True,
+) -> list:
+    """``fn(task)`` for every task, ``workers`` processes at a time (in this process for one), with
+    a progress bar advanced by ``weight(result)`` (1 a task by default) up to ``total`` (default: the
+    number of tasks); the results in task order. The pool forks before the bar starts its refresh
+    thread. ``fn`` must be a module-level function (it is pickled to the workers)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    workers = max(1, min(workers or os.cpu_count() or 1, len(tasks) or 1))
+    results: list = [None] * len(tasks)
+    columns = [TextColumn(f"{label} ({workers} workers)"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    pool = multiprocessing.Pool(workers) if workers > 1 else None
+    try:
+        with Progress(*columns, disable=not progress) as bar:
+            job = bar.add_task(label, total=len(tasks) if total is None else total)
+            indexed = _Indexed(fn)
+            done = pool.imap_unordered(indexed, enumerate(tasks)) if pool else map(indexed, enumerate(tasks))
+            for i, result in done:
+                results[i] = result
+                bar.advance(job, weight(result) if weight else 1)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    return results
+
+
+class _Indexed:
+    """``(i, task) -> (i, fn(task))``: picklable, so the pool can run it."""
+
+    def __init__(self, fn: Callable[[Any], Any]):
+        self.fn = fn
+
+    def __call__(self, item: tuple[int, Any]) -> tuple[int, Any]:
+        return item[0], self.fn(item[1])

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
-import os
 import random
 import time
 from pathlib import Path
@@ -38,7 +36,13 @@ from mmpretrain.data.scenes import grammar
 from mmpretrain.data.scenes.grammar import COLORS, COUNTS, SHAPES, SIZES, Obj
 from mmpretrain.data.scenes.render import layout, render
 from mmpretrain.data.seeds import derive
-from mmpretrain.data.writing import write_prompt_files, write_shard, write_sizes, write_text_atomic
+from mmpretrain.data.writing import (
+    parallel_map,
+    write_prompt_files,
+    write_shard,
+    write_sizes,
+    write_text_atomic,
+)
 
 SPLITS = {"train": 0, "val": 1, "test_compositional": 2}  # name -> the split's key in each scene's seed
 
@@ -103,8 +107,6 @@ def build_scenes(out: str | Path, seed: int = 0, train: int = 50_000, val: int =
                  workers: int | None = None, image_size_min: int = 96, image_size_max: int = 160,
                  shard_size: int = 1000, **_: Any) -> Path:
     """Write the splits' shards (in parallel, skipping shards already there), then the task files."""
-    from rich.progress import Progress
-
     out = Path(out)
     options = {"seed": seed, "train": train, "val": val, "test": test, "image_size_min": image_size_min,
                "image_size_max": image_size_max, "shard_size": shard_size}
@@ -120,17 +122,8 @@ def build_scenes(out: str | Path, seed: int = 0, train: int = 50_000, val: int =
             sizes[split][path.name] = stop - start
             if not path.exists():
                 tasks.append((str(path), split, start, stop, seed, image_size_min, image_size_max))
-    workers = max(1, min(workers or os.cpu_count() or 1, len(tasks) or 1))
     started = time.perf_counter()
-    with Progress(transient=False) as progress:
-        bar = progress.add_task(f"scenes ({workers} workers)", total=sum(t[3] - t[2] for t in tasks))
-        if workers == 1:
-            for task in tasks:
-                progress.advance(bar, _write(task))
-        else:
-            with multiprocessing.get_context().Pool(workers) as pool:
-                for n in pool.imap_unordered(_write, tasks):
-                    progress.advance(bar, n)
+    parallel_map(_write, tasks, workers, label="scenes", total=sum(t[3] - t[2] for t in tasks), weight=int)
     for split in counts:
         write_sizes(out / split, sizes[split])
     write_text_atomic(out / "heldout_pairs.json", json.dumps(sorted([c, s] for c, s in HELDOUT_PAIRS), indent=1))
