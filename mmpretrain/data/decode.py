@@ -54,7 +54,7 @@ def decode_captions(sample: dict[str, Any], caption_keys: list[str] | None = Non
             continue
         found = True
         if key.endswith("json"):
-            obj = json.loads(sample[key])
+            obj = _parsed_json(sample, key)
             if caption_field not in obj:
                 raise MissingKeyError(f"{key} has no '{caption_field}' field (set data.caption_field)")
             value = obj[caption_field]
@@ -68,8 +68,16 @@ def decode_captions(sample: dict[str, Any], caption_keys: list[str] | None = Non
 
 def read_meta(sample: dict[str, Any]) -> dict[str, Any]:
     """The sample's json (negatives, negative_kinds, labels ...) as a dict; {} without one."""
-    meta = json.loads(sample["json"]) if "json" in sample else {}
+    meta = _parsed_json(sample, "json") if "json" in sample else {}
     return meta if isinstance(meta, dict) else {}
+
+
+def _parsed_json(sample: dict[str, Any], key: str) -> Any:
+    """``sample[key]`` parsed, once per raw sample (captions and metadata both read the json)."""
+    parsed = sample.setdefault("__parsed__", {})
+    if key not in parsed:
+        parsed[key] = json.loads(sample[key])
+    return parsed[key]
 
 
 def decode_audio(data: bytes, ext: str) -> tuple[np.ndarray, int]:
