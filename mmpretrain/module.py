@@ -24,7 +24,7 @@ from mmpretrain.evaluation import (
 from mmpretrain.gradcache import grad_cache_backward
 from mmpretrain.losses import DEFAULT_TILE, InfoNCE, SigLIP, logit_scale_for, pair_name, tiled_cross_entropy
 from mmpretrain.model import ContrastiveModel
-from mmpretrain.optim import build_optimizer, warmup_cosine
+from mmpretrain.optim import build_optimizer, warmup_cosine, warmup_steps
 
 
 class ContrastiveModule(L.LightningModule):
@@ -182,9 +182,7 @@ class ContrastiveModule(L.LightningModule):
             optim_cfg["fused"] = False
         optimizer = build_optimizer(self.model, optim_cfg, (self.hparams.get("model") or {}).get("towers"))
         total = int(self.trainer.estimated_stepping_batches)
-        warmup = int(self.optim_cfg.get("warmup_steps", 0))
-        if 0 < warmup < 1:  # a fraction of the run
-            warmup = int(warmup * total)
+        warmup = warmup_steps(self.optim_cfg.get("warmup_steps", 0), total)
         factor = warmup_cosine(warmup, total, float(self.optim_cfg.get("min_lr_ratio", 0.0)))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -208,7 +206,8 @@ class ContrastiveModule(L.LightningModule):
         self._val_rows = 0
         if metrics:
             self.log_dict(metrics, sync_dist=False)
-            summary = ", ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in metrics.items() if "top1" in k)
+            summary = ", ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in metrics.items()
+                                if "top1" in k or "mean_R@1" in k)
             self.print(f"epoch {self.current_epoch} step {self.global_step}: {summary}")
 
     def _val_columns(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -70,6 +70,15 @@ def can_fuse(params: list[torch.Tensor]) -> bool:
     return bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
 
 
+def warmup_steps(value: float | int | None, total_steps: int) -> int:
+    """``optim.warmup_steps`` in steps: a value in (0, 1) is a fraction of the run's ``total_steps``,
+    anything else a step count."""
+    value = float(value or 0)
+    if value < 0:
+        raise ValueError(f"warmup_steps must be >= 0 (steps, or a fraction of the run in (0, 1)), got {value}")
+    return int(value * total_steps) if value < 1 else int(value)
+
+
 def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0):
     """LambdaLR factor: linear warmup from ~0 to 1, then cosine to ``min_lr_ratio``."""
 

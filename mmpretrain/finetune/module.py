@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
-from mmpretrain.optim import warmup_cosine
+from mmpretrain.optim import warmup_cosine, warmup_steps
 
 
 class ClassifierModule(L.LightningModule):
@@ -70,9 +70,7 @@ class ClassifierModule(L.LightningModule):
             [{k: v for k, v in g.items() if k != "name"} for g in self.groups], weight_decay=self.weight_decay
         )
         total = int(self.trainer.estimated_stepping_batches)
-        warmup = self.warmup_steps
-        warmup = int(warmup * total) if 0 < warmup < 1 else int(warmup)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps(self.warmup_steps, total), total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -38,3 +39,31 @@ def test_fused_auto_only_for_float_tensors_on_cpu_or_cuda():
     assert not can_fuse([torch.zeros(2), torch.zeros(2, device="meta")])
     assert not can_fuse([torch.zeros(2, dtype=torch.int64)])
     assert not can_fuse([])
+
+
+def test_warmup_steps_takes_a_fraction_of_the_run_or_a_step_count():
+    from mmpretrain.optim import warmup_steps
+
+    assert warmup_steps(0.05, 400) == 20
+    assert warmup_steps(30, 400) == 30
+    assert warmup_steps(None, 400) == 0
+    with pytest.raises(ValueError, match="warmup_steps"):
+        warmup_steps(-1, 400)
+
+
+def test_the_default_fractional_warmup_reaches_the_pretraining_schedule():
+    """optim.warmup_steps=0.05 (the default) was truncated to 0 steps: every run started at full lr."""
+    from types import SimpleNamespace
+
+    from mmpretrain.losses import InfoNCE
+    from mmpretrain.module import ContrastiveModule
+    from tests.unit.test_gradcache import make_model
+
+    module = ContrastiveModule(make_model(), InfoNCE(), {"lr": 1e-3, "weight_decay": 0.1, "warmup_steps": 0.05})
+    module.__dict__["_trainer_stub"] = SimpleNamespace(estimated_stepping_batches=400, gradient_clip_val=None)
+    type(module).trainer = property(lambda self: self.__dict__["_trainer_stub"])
+    try:
+        scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    finally:
+        del type(module).trainer
+    assert scheduler.get_last_lr()[0] == pytest.approx(1e-3 / 20)
