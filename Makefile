@@ -49,6 +49,7 @@ bench: install bench-ref ## benchmarks vs open_clip_train (~30 min on 2 cores) -
 	$(PY) scripts/bench_overhead.py $(BENCH_OPTS)
 	$(PY) scripts/bench_data.py $(BENCH_OPTS)
 	$(PY) scripts/bench_time_to_accuracy.py $(BENCH_OPTS)
+	$(PY) scripts/bench_scenes_tta.py $(BENCH_OPTS)
 	$(PY) scripts/bench_resume.py
 	$(PY) scripts/bench_report.py $(if $(BENCH_NOTE),--note "$(BENCH_NOTE)")
 

@@ -8,7 +8,8 @@ measured the same way for both. For ``open_clip`` the model-config JSONs of
 ``benchmarks/models`` are registered with ``open_clip.add_model_config`` first (open_clip_train
 takes registry names only), and with ``--digits DIR`` its per-epoch evaluation also prints the
 zero-shot top-1 on the digits val split (open_clip_train's own zero-shot is ImageNet only),
-computed with mmpretrain's evaluation functions: ``BENCH zeroshot epoch=E top1=X``.
+computed with mmpretrain's evaluation functions: ``BENCH zeroshot epoch=E top1=X``; with
+``--scenes DIR`` the retrieval over every val caption: ``BENCH retrieval epoch=E mean_R@1=X``.
 """
 
 from __future__ import annotations
@@ -65,15 +66,41 @@ def read_digits_val(root: Path):
     return images, labels
 
 
-def patch_open_clip_eval(digits: Path) -> None:
+def read_scenes_val(root: Path):
+    """(PIL images, every caption, caption -> image index) of the scenes val split (json ``captions``)."""
+    from PIL import Image
+
+    samples: dict[str, dict[str, bytes]] = {}
+    for tar in sorted((root / "val").glob("*.tar")):
+        with tarfile.open(tar) as tf:
+            for m in tf.getmembers():
+                key, ext = m.name.rsplit(".", 1)
+                samples.setdefault(f"{tar.name}/{key}", {})[ext] = tf.extractfile(m).read()
+    images, captions, owner = [], [], []
+    for i, s in enumerate(samples.values()):
+        images.append(Image.open(io.BytesIO(s["jpg"])).convert("RGB"))
+        for caption in json.loads(s["json"])["captions"]:
+            captions.append(caption)
+            owner.append(i)
+    return images, captions, torch.tensor(owner)
+
+
+def patch_open_clip_eval(digits: Path | None, scenes: Path | None) -> None:
+    """After open_clip_train's own evaluation, print what ours reports on the same val split, computed
+    with mmpretrain's evaluation functions: digits zero-shot top-1, or scenes retrieval over all five
+    captions (the papers' protocol; open_clip's own retrieval reads one caption per image)."""
     import open_clip
     import open_clip_train.main as ocm
 
     from mmpretrain.evaluation import class_embeddings, zero_shot_accuracy
+    from mmpretrain.evaluation.retrieval import multi_caption_retrieval
     from mmpretrain.evaluation.zeroshot import read_lines
 
-    images, labels = read_digits_val(digits)
-    classnames, templates = read_lines(digits / "classnames.txt"), read_lines(digits / "templates.txt")
+    if digits is not None:
+        images, labels = read_digits_val(digits)
+        classnames, templates = read_lines(digits / "classnames.txt"), read_lines(digits / "templates.txt")
+    else:
+        images, captions, owner = read_scenes_val(scenes)
     original = ocm.evaluate
 
     @torch.no_grad()
@@ -93,8 +120,14 @@ def patch_open_clip_eval(digits: Path) -> None:
         def encode_prompts(prompts):
             return m.encode_text(tok(prompts).to(dev), normalize=True).float()
 
-        acc = zero_shot_accuracy(feats.cpu(), labels, class_embeddings(classnames, templates, encode_prompts).cpu())
-        print(f"BENCH zeroshot epoch={epoch} top1={acc['top1']:.4f}", flush=True)
+        if digits is not None:
+            acc = zero_shot_accuracy(feats.cpu(), labels, class_embeddings(classnames, templates, encode_prompts).cpu())
+            print(f"BENCH zeroshot epoch={epoch} top1={acc['top1']:.4f}", flush=True)
+        else:
+            texts = torch.cat([encode_prompts(captions[i : i + 256]) for i in range(0, len(captions), 256)])
+            res = multi_caption_retrieval(feats.cpu(), texts.cpu(), owner, "image", "text")
+            print(f"BENCH retrieval epoch={epoch} mean_R@1={res['mean_R@1/image_text']:.4f} "
+                  f"rsum={res['rsum/image_text']:.2f}", flush=True)
         m.train(was_training)
         return metrics
 
@@ -116,6 +149,7 @@ def main() -> None:
     p.add_argument("trainer", choices=["ours", "open_clip"])
     p.add_argument("--record", required=True)
     p.add_argument("--digits", default=None, help="digits root: print per-epoch zero-shot (open_clip)")
+    p.add_argument("--scenes", default=None, help="scenes root: print per-epoch 5-caption retrieval (open_clip)")
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
     a, rest = p.parse_args(argv[:cut]), argv[cut + 1 :]
@@ -128,8 +162,8 @@ def main() -> None:
 
     for configs in (ROOT / "benchmarks" / "models", ROOT / "conf" / "model" / "open_clip"):
         open_clip.add_model_config(str(configs))
-    if a.digits:
-        patch_open_clip_eval(Path(a.digits))
+    if a.digits or a.scenes:
+        patch_open_clip_eval(Path(a.digits) if a.digits else None, Path(a.scenes) if a.scenes else None)
     from open_clip_train.main import main as reference
 
     reference(rest)
