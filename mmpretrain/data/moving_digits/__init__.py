@@ -46,6 +46,7 @@ from mmpretrain.data.writing import parallel_map, write_prompt_files, write_shar
 SPLITS = {"train": 0, "val": 1}  # name -> the split's key in each clip's seed
 VAL_FRACTION = 0.2  # of the digit images, as `mmpretrain data digits`
 SECOND_DIGIT = 0.3  # the share of clips with a second, still digit
+ESPEAK_RATE = 22050  # what espeak-ng writes: asked for as is, so speak() does not resample
 
 TASKS = {
     "digit": (CLASSNAMES, ["a video of the digit {} moving.", "a {} moving across the screen.",
@@ -100,8 +101,9 @@ def make_clip(seed: int, split: str, index: int, frames: int, size: int, fps: in
     """One sample of ``split``: the mp4, speech, captions and labels of clip ``index``."""
     plan = plan_clip(seed, split, index)
     voice, wpm, pitch = plan.voice
-    flac, speech, rate = speech_flac(speak(espeak_path(), plan.captions[0], voice, wpm, pitch, sample_rate))
-    mp4 = encode_mp4(render(plan.tracks, frames, size), fps, speech, rate)
+    wav = speak(espeak_path(), plan.captions[0], voice, wpm, pitch, ESPEAK_RATE)  # espeak-ng's own rate
+    flac, speech = speech_flac(wav, sample_rate)
+    mp4 = encode_mp4(render(plan.tracks, frames, size), fps, speech, sample_rate)
     label = plan.tracks[0].label
     labels = {"digit": label, "direction": list(DIRECTIONS).index(plan.direction),
               "speed": list(SPEEDS).index(plan.speed)}
@@ -142,6 +144,8 @@ def build_moving_digits(out: str | Path, seed: int = 0, train: int = 4000, val: 
             if not path.exists():
                 tasks.append((str(path), split, start, stop, seed, frames, image_size, fps, sample_rate))
     started = time.perf_counter()
+    if tasks:
+        digit_images(seed)  # loaded (sklearn imported) once here; the forked workers inherit it
     parallel_map(_write, tasks, workers, label="moving digits", total=sum(t[3] - t[2] for t in tasks), weight=int)
     for split in counts:
         write_sizes(out / split, sizes[split])
