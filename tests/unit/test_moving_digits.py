@@ -62,7 +62,7 @@ def read_caption(text: str) -> tuple[list[int], list[str], list[str]]:
 def shift_per_frame(frames: np.ndarray) -> np.ndarray:
     """(dx, dy) in px a frame: the mean change of the circular centroid of the brightness (the canvas
     wraps, and a translation by s turns the phase of its first Fourier coefficient by 2*pi*s/side)."""
-    t, h, w = frames.shape
+    _, h, w = frames.shape
     out = []
     for axis, side in ((2, w), (1, h)):
         profile = frames.sum(axis=3 - axis)  # [T, side]

@@ -41,7 +41,13 @@ from mmpretrain.data.moving_digits.media import encode_mp4, speech_flac
 from mmpretrain.data.moving_digits.motion import DIRECTIONS, SPEEDS, Track, moving_track, render, still_track
 from mmpretrain.data.seeds import derive
 from mmpretrain.data.spoken_digits import espeak_path, speak, voice_params
-from mmpretrain.data.writing import parallel_map, write_prompt_files, write_shard, write_sizes, write_text_atomic
+from mmpretrain.data.writing import (
+    parallel_map,
+    write_prompt_files,
+    write_shard,
+    write_sizes,
+    write_text_atomic,
+)
 
 SPLITS = {"train": 0, "val": 1}  # name -> the split's key in each clip's seed
 VAL_FRACTION = 0.2  # of the digit images, as `mmpretrain data digits`
