@@ -76,7 +76,7 @@ def main() -> None:
     p.add_argument("--val", type=int, default=500, help="val scenes (retrieval gallery)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--epoch-samples", type=int, default=2560, help="samples between evaluations")
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--cap", type=float, default=900, help="seconds per run")
