@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,9 @@ def read_sharded_checkpoint(path: str | Path) -> dict[str, Any]:
                 for k, m in reader.read_metadata().state_dict_metadata.items()
                 if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
     loaded = {"state_dict": template}
-    dcp.load(loaded, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # "torch.distributed is disabled ...": one process is what we want
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(loaded, storage_reader=reader, no_dist=True)
     meta = torch_load_safe(path / "meta.pt")
     return {**meta, "state_dict": loaded["state_dict"]}
 

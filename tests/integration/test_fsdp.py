@@ -1,0 +1,169 @@
+"""``trainer=fsdp`` through the real CLI on 2 CPU processes (gloo): the same losses as ``trainer=ddp``
+on the same global batches (InfoNCE and SigLIP, a partly locked tower, per-tower lr and layer
+decay, gradient clipping), SIGKILL + ``resume=auto`` from the sharded checkpoint, and the sharded
+checkpoint read by ``export`` (our layout and open_clip's, which open_clip loads) and ``eval``.
+
+The runs reuse test_fault_tolerance's tiny recipe (test_vit 16 px, 1-layer text tower, batch 8 per
+rank); the file is slow (``make test-slow``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.integration.test_fault_tolerance import ROOT, env, record, records, run_cli, train_cmd
+
+pytestmark = pytest.mark.slow
+
+STEPS = 10
+TWO_RANKS = ["trainer.devices=2", "trainer.accelerator=cpu", "data.train_samples=64", f"trainer.max_steps={STEPS}",
+             "trainer.limit_val_batches=1", "callbacks.plots=null"]
+# A tower locked but for its last 2 parameter groups, another learning rate for the text tower, layer decay.
+OPTIONS = ["+model.towers.image.lock={unlocked_groups:2}", "model.towers.text.lr_scale=0.5", "optim.layer_decay=0.8"]
+
+
+def mean_losses(run: Path) -> list[float]:
+    """train/loss of every step: each rank's loss is its share, their mean the global batch's."""
+    rec = records(run)
+    assert sorted(rec) == [(r, s) for r in (0, 1) for s in range(1, STEPS + 1)], sorted(rec)
+    return [(rec[(0, s)]["loss"] + rec[(1, s)]["loss"]) / 2 for s in range(1, STEPS + 1)]
+
+
+def train_pair(tmp_path: Path, digits_root: Path, *overrides: str) -> tuple[Path, Path]:
+    runs = []
+    for trainer in ("ddp", "fsdp"):
+        run = tmp_path / trainer
+        run_cli(run, f"data.root={digits_root}", f"trainer={trainer}", *TWO_RANKS, *OPTIONS, "export_at_end=true",
+                *overrides,
+                *record(run, tensors=True), timeout=420)
+        runs.append(run)
+    ddp, fsdp = runs
+    a, b = records(ddp), records(fsdp)
+    for key in a:  # the same samples on the same rank at every step
+        assert a[key]["keys"] == b[key]["keys"], key
+    return ddp, fsdp
+
+
+def test_fsdp_losses_equal_ddp_and_its_sharded_checkpoint_exports_the_same_model(digits_root, tmp_path):
+    ddp, fsdp = train_pair(tmp_path, digits_root, "loss=infonce")
+    got, ref = mean_losses(fsdp), mean_losses(ddp)
+    assert got == pytest.approx(ref, abs=1e-5), (got, ref)
+    assert ref[-1] < ref[0]  # it trained
+
+    sharded = fsdp / "checkpoints" / "last.ckpt"
+    assert sharded.is_dir() and {p.name for p in sharded.iterdir()} >= {".metadata", "meta.pt", "__0_0.distcp",
+                                                                       "__1_0.distcp"}
+    assert not list((fsdp / "checkpoints").glob(".*")), "a temporary checkpoint directory was left behind"
+
+    # export from the sharded directory, in one process (not the 2 that wrote it) = the DDP run's export
+    from mmpretrain.cli import export_cmd
+    from tests.conftest import compose_config
+
+    outs = {}
+    for name, ckpt in (("fsdp", sharded), ("ddp", ddp / "checkpoints" / "last.ckpt")):
+        outs[name] = export_cmd(compose_config("export", [f"ckpt={ckpt}", f"out={tmp_path}/export-{name}"]))
+    import mmpretrain
+
+    a, b = (mmpretrain.load_pretrained(outs[n]) for n in ("fsdp", "ddp"))
+    batch = torch.load(next((fsdp / "rec").glob("rank0-step000001.pt")), weights_only=True)
+    with torch.no_grad():
+        for m in ("image", "text"):
+            torch.testing.assert_close(a.encode(m, batch[m]), b.encode(m, batch[m]), atol=1e-6, rtol=0)
+    # ... and the end-of-run export (gathered from both ranks) holds the same weights as the checkpoint
+    end = mmpretrain.load_pretrained(fsdp / "export")
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, end.state_dict()[k]), k
+
+    # eval reads the sharded checkpoint directly
+    from mmpretrain.cli import evaluate
+
+    metrics = evaluate(compose_config("eval", [f"data.root={digits_root}", "data.num_workers=0",
+                                               "trainer.enable_progress_bar=false", f"ckpt={sharded}"],
+                                      run_dir=tmp_path / "eval"))
+    assert 0 <= metrics["val/zeroshot_top1/image_text"] <= 1
+
+
+def test_fsdp_siglip_with_the_tiled_loss_equals_ddp(digits_root, tmp_path):
+    ddp, fsdp = train_pair(tmp_path, digits_root, "loss=siglip")
+    got, ref = mean_losses(fsdp), mean_losses(ddp)
+    assert got == pytest.approx(ref, abs=1e-5), (got, ref)
+
+
+def test_fsdp_sigkill_then_resume_auto_continues_exactly(digits_root, tmp_path):
+    common = [f"data.root={digits_root}", "trainer=fsdp", *TWO_RANKS, "callbacks.step_checkpoint.every_n_train_steps=3"]
+    full = tmp_path / "full"
+    run_cli(full, *common, *record(full), timeout=420)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(killed, *common, *record(killed), "resume=auto"), env=env(), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    marker = killed / "checkpoints" / "step0000003.ckpt"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # both ranks (Lightning's launcher runs rank 1 in this session)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and marker.is_dir()
+    out = run_cli(killed, *common, *record(killed), "resume=auto", timeout=420).stdout
+    resumed_from = next(line for line in out.splitlines() if "resume=auto" in line)
+    assert "resuming from" in resumed_from and ".ckpt" in resumed_from, resumed_from
+
+    a, b = records(full), records(killed)
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert a[key]["keys"] == b[key]["keys"], key  # the same samples: the data stream resumed exactly
+        assert abs(a[key]["loss"] - b[key]["loss"]) <= 1e-6, (key, a[key]["loss"], b[key]["loss"])
+
+
+OPEN_CLIP_CHILD = r"""
+import sys, torch, open_clip
+model, _, _ = open_clip.create_model_and_transforms("local-dir:" + sys.argv[1])
+model.eval()
+batch = torch.load(sys.argv[2], weights_only=True)
+with torch.no_grad():
+    out = {"image": model.encode_image(batch["image"].float(), normalize=True),
+           "text": model.encode_text(batch["text"], normalize=True)}
+torch.save(out, sys.argv[3])
+"""
+
+
+def test_fsdp_open_clip_model_with_grad_cache_exports_to_open_clip(digits_root, tmp_path):
+    """An open_clip model trained under trainer=fsdp (GradCache on): its sharded checkpoint exports to
+    open_clip's layout, which open_clip itself loads with the same embeddings."""
+    cfg = tmp_path / "oc.json"
+    cfg.write_text(json.dumps({
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}))
+    run = tmp_path / "oc"
+    subprocess.run([sys.executable, "-m", "mmpretrain.cli", "train", "model=openclip", f"model.config={cfg}",
+                    f"data.root={digits_root}", "trainer=fsdp", *TWO_RANKS, "trainer.max_steps=3",
+                    "optim.grad_cache_chunks=2", "data.batch_size=8", "data.num_workers=0", "logger=csv",
+                    "trainer.enable_progress_bar=false", "callbacks.progress_bar=null", f"hydra.run.dir={run}",
+                    *record(run, tensors=True)], env=env(), cwd=ROOT, check=True, capture_output=True, timeout=420)
+    sharded = run / "checkpoints" / "last.ckpt"
+    from mmpretrain.cli import export_cmd
+    from mmpretrain.export import model_from_checkpoint
+    from tests.conftest import compose_config
+
+    out = export_cmd(compose_config("export", [f"ckpt={sharded}", f"out={tmp_path}/oc-export", "format=open_clip"]))
+    batch_file = next((run / "rec").glob("rank0-step000001.pt"))
+    result = tmp_path / "theirs.pt"
+    child_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-c", OPEN_CLIP_CHILD, str(out), str(batch_file), str(result)], env=child_env,
+                   cwd=tmp_path, check=True, timeout=120)
+    theirs = torch.load(result, weights_only=True)
+    ours = model_from_checkpoint(sharded).eval()
+    batch = torch.load(batch_file, weights_only=True)
+    with torch.no_grad():
+        for m in ("image", "text"):
+            torch.testing.assert_close(theirs[m], ours.encode(m, batch[m]), atol=1e-5, rtol=0)
