@@ -82,7 +82,9 @@ class FSDP2Strategy(ModelParallelStrategy):
 
         kwargs: dict[str, Any] = {"mesh": self.device_mesh["data_parallel"],
                                   "reshard_after_forward": self.reshard_after_forward,
-                                  "offload_policy": CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy()}
+                                  "offload_policy": OffloadPolicy()}
+        if self.cpu_offload:  # pinned host memory only where there is a GPU to copy to
+            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
         if self.mixed_precision:
             unknown = set(self.mixed_precision) - {"param_dtype", "reduce_dtype"}
             if unknown:

@@ -154,7 +154,14 @@ def main() -> None:
     if args.no_write:
         print(table + "\n" + "\n".join(notes))
     else:
-        bc.write_results("fsdp_memory" + ("_cuda" if args.device == "cuda" else ""), rows, table, notes)
+        name = "fsdp_memory" + ("_cuda" if args.device == "cuda" else "")
+        bc.write_results(name, rows, table, notes)
+        if args.device == "cpu":
+            cmd = " ".join(["python scripts/bench_fsdp_memory.py", *sys.argv[1:]])
+            (bc.ROOT / "benchmarks" / "FSDP_MEMORY.md").write_text(
+                f"# Peak memory per rank: trainer=ddp vs trainer=fsdp\n\nReproduce with `{cmd}` "
+                f"(about 5 minutes on 2 cores). Rows per rank; CSV in `benchmarks/results/{name}.csv`.\n\n"
+                + (bc.RESULTS / f"{name}.md").read_text())
     return rows, ratio
 
 
