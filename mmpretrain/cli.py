@@ -74,6 +74,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = _resume_path(cfg, run_dir)
     if ckpt_path:  # a checkpoint of another model config fails here, with what differs
         check_checkpoint_matches(model, ckpt_path)
+        from mmpretrain.sharding import preload_datamodule_state
+
+        preload_datamodule_state(datamodule, ckpt_path)  # trainer=fsdp restores only after building the loader
     trainer_kwargs, optim = _trainer_and_optim(cfg)
     module = ContrastiveModule(
         model, loss, optim, zeroshot=prompts, hparams={"model": _plain(cfg.model)},

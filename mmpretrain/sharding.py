@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from mmpretrain import distributed
+from mmpretrain.io import is_sharded_checkpoint, torch_load_safe
 
 #: What an FSDP2 checkpoint directory holds when complete (DCP writes ``.metadata`` last; Lightning
 #: writes ``meta.pt``).
@@ -116,6 +117,20 @@ class FSDP2Strategy(ModelParallelStrategy):
             shutil.rmtree(filepath, ignore_errors=True)
         else:
             super().remove_checkpoint(filepath)
+
+
+def preload_datamodule_state(datamodule: Any, ckpt_path: str | None) -> None:
+    """Hand a sharded checkpoint's data-stream state to the datamodule before ``fit``.
+
+    Lightning's FSDP2 strategy restores a checkpoint only after its setup (the model must be sharded
+    first), but that setup already builds and starts the training loader (``configure_optimizers``
+    asks for the number of steps), and that loader is the one training uses: without the positions
+    its streams would start from the beginning instead of where the checkpointed run stood."""
+    if not ckpt_path or not is_sharded_checkpoint(ckpt_path):
+        return
+    state = torch_load_safe(Path(ckpt_path) / "meta.pt").get(type(datamodule).__qualname__)
+    if state:
+        datamodule.load_state_dict(state)
 
 
 def _publish(tmp: Path, path: Path) -> None:
