@@ -156,7 +156,7 @@ def _average_grad(p: torch.Tensor) -> None:
 def _dtype(name: str) -> torch.dtype:
     dtype = getattr(torch, str(name).removeprefix("torch."), None)
     if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"'{name}' is not a torch dtype; use bfloat16, float16 or float32")
+        raise ValueError(f"'{name}' is not a torch dtype; use bfloat16, float16 or float32")  # noqa: TRY004 - a config value
     return dtype
 
 

@@ -26,7 +26,6 @@ import io
 import os
 import sys
 import time
-from pathlib import Path
 
 import bench_common as bc
 
@@ -159,9 +158,9 @@ def main() -> None:
         [[r["strategy"], r["rank"], r["params_mb"], r["grads_mb"], r["optim_mb"], r["tensors_mb"],
           r.get("rss_start_mb", float("nan")), r["peak_mb"], r["s_per_step"]] for r in rows])
     ratio = {k: max(r[k] for r in by["fsdp"]) / max(r[k] for r in by["ddp"]) for k in ("tensors_mb", "peak_mb")}
-    notes = [f"open_clip {args.model} (both towers, random init), batch {args.batch} per rank, {args.world} "
-             f"{'GPUs' if args.device == 'cuda' else 'CPU processes (gloo, 1 thread each)'}, AdamW, clipping 1.0, "
-             f"{'bf16-mixed' if args.device == 'cuda' else 'fp32'}",
+    notes = [(f"open_clip {args.model} (both towers, random init), batch {args.batch} per rank, {args.world} "
+              f"{'GPUs' if args.device == 'cuda' else 'CPU processes (gloo, 1 thread each)'}, AdamW, clipping 1.0, "
+              f"{'bf16-mixed' if args.device == 'cuda' else 'fp32'}"),
              f"FSDP / DDP, largest rank: tracked tensors {ratio['tensors_mb']:.2f}x, peak {ratio['peak_mb']:.2f}x",
              "tracked tensors: parameters + gradients + AdamW state held by the rank (FSDP: its shards), from the "
              "tensors' sizes; peak: from the start of step 2 to the end of training (activations, gathered blocks, "
@@ -182,7 +181,7 @@ def main() -> None:
                 f"# Peak memory per rank: trainer=ddp vs trainer=fsdp\n\nReproduce with `{cmd}` "
                 f"(about 5 minutes on 2 cores). Rows per rank; CSV in `benchmarks/results/{name}.csv`.\n\n"
                 + (bc.RESULTS / f"{name}.md").read_text())
-    return rows, ratio
+
 
 
 if __name__ == "__main__":
