@@ -191,3 +191,10 @@ def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor
     for g in grads:
         local_tensor(g).mul_(coef.to(g.dtype))
     return total
+
+
+def broadcast_(tensors: list[torch.Tensor], src: int = 0) -> None:
+    """In place: every rank's ``tensors`` become rank ``src``'s (one collective per tensor)."""
+    if world_size() > 1:
+        for t in tensors:
+            dist.broadcast(t, src)

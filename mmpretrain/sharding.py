@@ -6,7 +6,8 @@ calls :meth:`ContrastiveModule.configure_model` (which calls :meth:`FSDP2Strateg
 saves and loads distributed checkpoints (one file of shards per rank, ``.metadata``, and the
 loops/callbacks/datamodule state in ``meta.pt``). What is ours: which modules are sharded (one
 FSDP unit per tower block, per tower, per projection), the scalar temperatures that torch's
-``fully_shard`` cannot shard (kept whole on every rank, their gradients averaged like DDP's), and
+``fully_shard`` cannot shard (kept whole on every rank, their gradients averaged like DDP's),
+BatchNorm statistics taken from rank 0 before each training forward (DDP's ``broadcast_buffers``), and
 a checkpoint that appears at its final path only once every rank has written its part.
 """
 
@@ -71,6 +72,10 @@ class FSDP2Strategy(ModelParallelStrategy):
         for projection in model.projections.values():
             if any(True for _ in projection.parameters()):
                 fully_shard(projection, **kwargs)
+        running = [b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                   for b in m.buffers()]
+        if running:  # BatchNorm statistics: rank 0's before every training forward, as DDP broadcasts them
+            model.register_forward_pre_hook(lambda m, args: distributed.broadcast_(running) if m.training else None)
         scalars = {p for p in model.parameters() if p.ndim == 0}
         fully_shard(model, **kwargs, ignored_params=scalars)
         for p in scalars:  # replicated: average their gradients as DDP would

@@ -170,3 +170,29 @@ def test_fsdp_open_clip_model_with_grad_cache_exports_to_open_clip(digits_root, 
     with torch.no_grad():
         for m in ("image", "text"):
             torch.testing.assert_close(theirs[m], ours.encode(m, batch[m]), atol=1e-5, rtol=0)
+
+
+def test_fsdp_nan_on_one_rank_is_skipped_and_batchnorm_statistics_stay_finite(digits_root, tmp_path):
+    """The non-finite guard under trainer=fsdp (rank 1's batch all-NaN at step 2) on the default
+    digits model, whose resnet10t has BatchNorm: the step is skipped on both ranks, later losses are
+    finite, and rank 1's NaN running statistics do not reach the checkpoint (rank 0's are taken
+    before every training forward, as DDP broadcasts them)."""
+    run = tmp_path / "nan"
+    subprocess.run([sys.executable, "-m", "mmpretrain.cli", "train", "debug=fast", "trainer=fsdp", "trainer.devices=2",
+                    "trainer.accelerator=cpu", f"data.root={digits_root}", "data.num_workers=0", "logger=csv",
+                    "trainer.log_every_n_steps=1", "callbacks.plots=null", "trainer.enable_progress_bar=false",
+                    "callbacks.progress_bar=null", f"hydra.run.dir={run}",
+                    "model.towers.text.config.text_cfg.width=32", "model.towers.text.config.text_cfg.heads=2",
+                    "model.towers.text.config.text_cfg.layers=1", "+callbacks.nan._target_=mmpretrain.callbacks.InjectNaN",
+                    "+callbacks.nan.steps=[2]", "+callbacks.nan.rank=1"],
+                   env=env(), cwd=ROOT, check=True, capture_output=True, timeout=420)
+    import csv
+
+    rows = [r for r in csv.DictReader((run / "metrics.csv").open()) if r.get("train/nonfinite_skips")]
+    assert [float(r["train/nonfinite_skips"]) for r in rows] == [0.0, 1.0, 1.0, 1.0], rows
+    assert all(float(r["train/loss"]) == float(r["train/loss"]) for r in rows[2:])  # finite after the skip
+    from mmpretrain.export import read_state_dict
+
+    weights = read_state_dict(run / "checkpoints" / "last.ckpt")
+    assert any("running_mean" in k for k in weights)
+    assert all(torch.isfinite(v).all() for v in weights.values())
