@@ -92,8 +92,9 @@ def test_fsdp_losses_equal_ddp_and_its_sharded_checkpoint_exports_the_same_model
     assert 0 <= metrics["val/zeroshot_top1/image_text"] <= 1
 
 
-def test_fsdp_siglip_equals_ddp(digits_root, tmp_path):
-    ddp, fsdp = train_pair(tmp_path, digits_root, "loss=siglip")
+@pytest.mark.parametrize("loss", [["loss=siglip"], ["loss.tiled=true", "loss.tile_size=4"]], ids=["siglip", "tiled"])
+def test_fsdp_siglip_and_the_tiled_infonce_equal_ddp(digits_root, tmp_path, loss):
+    ddp, fsdp = train_pair(tmp_path, digits_root, *loss)
     got, ref = mean_losses(fsdp), mean_losses(ddp)
     assert got == pytest.approx(ref, abs=1e-5), (got, ref)
 
