@@ -22,7 +22,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
 from mmpretrain import distributed
-from mmpretrain.io import torch_load_safe
+from mmpretrain.io import is_sharded_checkpoint, torch_load_safe
 
 
 # -- checkpoints -----------------------------------------------------------------------------
@@ -62,7 +62,10 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def is_complete_checkpoint(path: str | Path) -> bool:
-    """A torch zip checkpoint whose central directory (written last) is readable."""
+    """A torch zip checkpoint whose central directory (written last) is readable, or a complete
+    distributed checkpoint directory (``trainer=fsdp``, published only once every rank wrote)."""
+    if Path(path).is_dir():
+        return is_sharded_checkpoint(path)
     try:
         with zipfile.ZipFile(path) as zf:
             return any(name.endswith("data.pkl") for name in zf.namelist())
@@ -75,7 +78,7 @@ def newest_complete_checkpoint(directory: str | Path) -> Path | None:
     directory = Path(directory)
     if not directory.is_dir():
         return None
-    found = [p for p in directory.glob("*.ckpt") if not p.name.startswith(".") and p.is_file()]
+    found = [p for p in directory.glob("*.ckpt") if not p.name.startswith(".")]  # files, or trainer=fsdp directories
     for path in sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"), reverse=True):
         if is_complete_checkpoint(path):
             return path
@@ -151,7 +154,7 @@ def finite_flag(tensors: list[torch.Tensor]) -> torch.Tensor:
     """
     if not tensors:
         return torch.tensor(True)
-    norms = torch._foreach_norm(tensors)
+    norms = torch._foreach_norm([distributed.local_tensor(t) for t in tensors])  # a shard's part under FSDP
     return torch.isfinite(torch.stack([n.float() for n in norms])).all()
 
 

@@ -74,6 +74,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = _resume_path(cfg, run_dir)
     if ckpt_path:  # a checkpoint of another model config fails here, with what differs
         check_checkpoint_matches(model, ckpt_path)
+        from mmpretrain.sharding import preload_datamodule_state
+
+        preload_datamodule_state(datamodule, ckpt_path)  # trainer=fsdp restores only after building the loader
     trainer_kwargs, optim = _trainer_and_optim(cfg)
     module = ContrastiveModule(
         model, loss, optim, zeroshot=prompts, hparams={"model": _plain(cfg.model)},
@@ -91,6 +94,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["skipped_samples"] = float(module.skipped_total)
+    if cfg.export_at_end:
+        model = _whole_model(model, cfg.model)  # under trainer=fsdp: gathered from every rank
     if trainer.is_global_zero:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         if cfg.export_at_end:
@@ -98,6 +103,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
         print(f"skipped samples: {module.skipped_total}")
     _end_run(run_dir)
     return metrics
+
+
+def _whole_model(model, model_cfg: DictConfig):
+    """``model`` itself, or, when it is sharded (trainer=fsdp), an unsharded copy with the trained
+    weights (a collective: every rank calls it)."""
+    from mmpretrain.model import build_model
+    from mmpretrain.sharding import full_state_dict, is_sharded
+
+    if not is_sharded(model):
+        return model
+    state = full_state_dict(model)  # the whole state on rank 0, empty on the others
+    if not state:
+        return model
+    whole = build_model(_plain(model_cfg))
+    whole.load_state_dict(state, strict=True)
+    return whole
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:

@@ -157,3 +157,44 @@ def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
     y = x.to(device, copy=True)
     dist.all_reduce(y, op=dist.ReduceOp.MAX)
     return y.to(x.device)
+
+
+# -- sharded parameters (FSDP2 DTensors) ---------------------------------------------------------
+def local_tensor(x: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``x``: the local shard of a DTensor (FSDP2), ``x`` itself otherwise."""
+    return x.to_local() if hasattr(x, "to_local") else x
+
+
+def all_reduce_mean_(x: torch.Tensor) -> torch.Tensor:
+    """In place: the mean over ranks (the gradient of a parameter every rank holds whole)."""
+    if world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        x.div_(world_size())
+    return x
+
+
+@torch.no_grad()
+def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` over parameters that are sharded (DTensors) or whole.
+
+    The norm is the one of the full gradient: the squares of every rank's shards are summed over
+    ranks, those of whole parameters (identical on every rank) are counted once. Every gradient is
+    then scaled by ``min(1, max_norm / (norm + 1e-6))``, torch's formula. Returns the norm."""
+    grads = [p.grad for p in params if p.grad is not None]
+    sharded = [local_tensor(g).float() for g in grads if hasattr(g, "to_local")]
+    whole = [g.float() for g in grads if not hasattr(g, "to_local")]
+    device = grads[0].device if grads else torch.device("cpu")
+    sq_sharded = sum((g.pow(2).sum() for g in sharded), torch.zeros((), device=device))
+    sq_whole = sum((g.pow(2).sum() for g in whole), torch.zeros((), device=device))
+    total = (all_reduce_sum(sq_sharded) + sq_whole).sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        local_tensor(g).mul_(coef.to(g.dtype))
+    return total
+
+
+def broadcast_(tensors: list[torch.Tensor], src: int = 0) -> None:
+    """In place: every rank's ``tensors`` become rank ``src``'s (one collective per tensor)."""
+    if world_size() > 1:
+        for t in tensors:
+            dist.broadcast(t, src)

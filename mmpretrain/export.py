@@ -30,8 +30,10 @@ from mmpretrain.interop.torchscript import export_torchscript  # noqa: F401  (re
 from mmpretrain.io import (  # noqa: F401  (re-exported)
     UnsafeCheckpointError,
     atomic_write,
+    is_sharded_checkpoint,
     read_checkpoint,
     read_state_dict,
+    sharded_checkpoint_shapes,
     strip_prefixes,
     torch_load_safe,
 )
@@ -48,7 +50,7 @@ def model_from_checkpoint(path: str | Path, model_cfg: dict[str, Any] | None = N
     open_clip layout), or an open_clip checkpoint (``.pt``/``.safetensors``; needs ``model_cfg``, a
     ``model=openclip`` config naming the open_clip model-config JSON)."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not is_sharded_checkpoint(path):  # an export (a trainer=fsdp checkpoint is read below)
         if not (path / CONFIG_NAME).exists() and (path / OPEN_CLIP_CONFIG).exists():
             oc = json.loads((path / OPEN_CLIP_CONFIG).read_text())
             return model_from_open_clip_checkpoint(path / OPEN_CLIP_WEIGHTS, open_clip_model_config(oc["model_cfg"]))
@@ -83,7 +85,11 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
 
 def check_checkpoint_matches(model: torch.nn.Module, path: str | Path) -> None:
     """Before resuming from a Lightning checkpoint: its ``model.*`` tensors must fit ``model``."""
-    ckpt = read_checkpoint(path)
+    if is_sharded_checkpoint(path):  # trainer=fsdp: the shapes from its metadata, no shard is read
+        weights, ckpt = sharded_checkpoint_shapes(path)
+        ckpt = {**ckpt, "state_dict": weights}
+    else:
+        ckpt = read_checkpoint(path)
     state = {k.removeprefix("model."): v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("model.")}
     error = mismatch_error(model.state_dict(), state, str(path), (ckpt.get("hyper_parameters") or {}).get("model"))
     if error is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,11 +35,58 @@ def torch_load_safe(path: str | Path) -> Any:
         ) from None
 
 
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """A complete distributed checkpoint directory (``trainer=fsdp``): torch.distributed.checkpoint's
+    ``.metadata`` (written after every rank's shards) and Lightning's ``meta.pt``."""
+    path = Path(path)
+    return path.is_dir() and (path / ".metadata").is_file() and (path / "meta.pt").is_file()
+
+
+def read_sharded_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A distributed checkpoint directory as one checkpoint dict, in this process alone (any number
+    of processes may have written it): Lightning's ``meta.pt`` (loops, callbacks, hyper-parameters)
+    plus ``state_dict``, every weight whole, assembled from the shards by torch.distributed.checkpoint.
+    The optimizer state is left on disk."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = Path(path)
+    reader = dcp.FileSystemReader(str(path))
+    prefix = "state_dict."
+    template = {k.removeprefix(prefix): torch.empty(m.size, dtype=m.properties.dtype)
+                for k, m in reader.read_metadata().state_dict_metadata.items()
+                if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
+    loaded = {"state_dict": template}
+    with warnings.catch_warnings():  # "torch.distributed is disabled ...": one process is what we want
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(loaded, storage_reader=reader, no_dist=True)
+    meta = torch_load_safe(path / "meta.pt")
+    return {**meta, "state_dict": loaded["state_dict"]}
+
+
+def sharded_checkpoint_shapes(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The weights of a distributed checkpoint directory as shape-only (``meta``) tensors, and its
+    ``meta.pt``: enough to check it fits a model without reading a shard."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    shapes = {k.removeprefix("state_dict."): torch.empty(m.size, device="meta") for k, m in metadata.items()
+              if k.startswith("state_dict.") and isinstance(m, TensorStorageMetadata)}
+    return shapes, torch_load_safe(Path(path) / "meta.pt")
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint file as a dict (``.safetensors`` gives ``{"state_dict": ...}``)."""
+    """A checkpoint file as a dict (``.safetensors`` gives ``{"state_dict": ...}``; a distributed
+    checkpoint directory its whole weights and metadata, see :func:`read_sharded_checkpoint`)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        if is_sharded_checkpoint(path):
+            return read_sharded_checkpoint(path)
+        raise ValueError(f"{path} is a directory but not a complete distributed checkpoint (no .metadata and "
+                         f"meta.pt: interrupted while saving?); use another checkpoint of the run")
     if path.suffix == ".safetensors":
         return {"state_dict": load_file(str(path))}
     obj = torch_load_safe(path)

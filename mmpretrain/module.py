@@ -156,6 +156,15 @@ class ContrastiveModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         self.model.clamp_logit_scales()
 
+    def configure_model(self) -> None:
+        """Under ``trainer=fsdp`` (Lightning calls this inside its strategy): shard the model as the
+        strategy's config says. Nothing to do under every other strategy."""
+        from mmpretrain.sharding import FSDP2Strategy
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FSDP2Strategy):
+            strategy.shard(self.model)
+
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip as configured, also for torch's fused AdamW under ``bf16-mixed``.
 
@@ -166,7 +175,13 @@ class ContrastiveModule(L.LightningModule):
         """
         if not gradient_clip_val:
             return
-        if _loss_scaler(self.trainer) is None:
+        if any(hasattr(p, "to_local") for p in self.model.parameters()):  # FSDP2: the norm spans every shard
+            if (gradient_clip_algorithm or "norm") != "norm":
+                raise ValueError("under trainer=fsdp gradients are clipped by norm only; set "
+                                 "trainer.gradient_clip_algorithm=norm")
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            distributed.clip_grad_norm_(params, float(gradient_clip_val))
+        elif _loss_scaler(self.trainer) is None:
             Precision.clip_gradients(self.trainer.precision_plugin, optimizer, gradient_clip_val,
                                      GradClipAlgorithmType(gradient_clip_algorithm or "norm"))
         else:

@@ -246,7 +246,12 @@ class RunPlots(L.Callback):
         )
         if csv_file is not None and csv_file.exists():
             written += plots.plot_curves(plots.read_metrics_csv(csv_file), out)
-        written += self._embedding_plots(trainer, pl_module, out)
+        if any(hasattr(p, "to_local") for p in pl_module.parameters()):
+            # rank 0 alone cannot run a sharded model (every block gathers from all ranks)
+            pl_module.print("plots: embedding plots skipped under trainer=fsdp (curves only); plot the export "
+                            "with a single-process run instead")
+        else:
+            written += self._embedding_plots(trainer, pl_module, out)
         for logger in trainer.loggers:
             if isinstance(logger, _LightningWandbLogger):
                 for path in written:

@@ -13,10 +13,13 @@ mmpretrain.cli` where none is installed), as a user launches it, validating once
 4. `loss=siglip`
 5. `loss.tiled=true`
 6. `optim.grad_cache_chunks=4`
+7. `trainer=fsdp` (Lightning's FSDP2 strategy) over every visible GPU
 
 then samples/s, peak memory and MFU of open_clip ViT-B-32 at 224 px, bf16, batch 256 (FLOPs from
-torch's FlopCounter, peak bf16 TFLOP/s by GPU name or --peak-tflops). Prints one line per check and
-exits non-zero when any failed. About 5 minutes on one H100/H200 (budget: 8).
+torch's FlopCounter, peak bf16 TFLOP/s by GPU name or --peak-tflops), and DDP vs FSDP peak memory per
+rank for open_clip ViT-L-14 (scripts/bench_fsdp_memory.py, 2 ranks). Prints one line per check and
+exits non-zero when any failed. About 7 minutes on one H100/H200 (budget: 10; `--skip-fsdp-memory`
+leaves out the ViT-L-14 comparison, ~2 minutes).
 """
 
 from __future__ import annotations
@@ -113,9 +116,14 @@ def checks(digits: Path, work: Path, steps: int, gpus: int) -> list[tuple[str, P
             "trainer.precision=bf16-mixed",
             "trainer.strategy={_target_: lightning.pytorch.strategies.DDPStrategy, process_group_backend: gloo}",
             *common, f"hydra.run.dir={ddp_dir}"] for r in range(2)])
+    fsdp_dir = work / "fsdp"
+    fsdp = (f"trainer=fsdp over {max(1, gpus)} GPU(s)", fsdp_dir, [[
+        *mmpretrain_cmd(), "train", "trainer=fsdp", "trainer.accelerator=gpu", f"trainer.devices={max(1, gpus)}",
+        "trainer.precision=bf16-mixed", "callbacks.plots=null", *common, f"hydra.run.dir={fsdp_dir}"]])
     return [
         single("bf16-mixed + clipping, 1 GPU"),
         ddp,
+        fsdp,
         single("compile=true", "compile=true"),
         single("loss=siglip", "loss=siglip"),
         single("loss.tiled=true", "loss.tiled=true", "loss.tile_size=64"),
@@ -155,6 +163,29 @@ def throughput(digits: Path, work: Path, peak: float | None) -> dict:
     return {"ok": True, "samples_per_s": rate, "tflops": achieved, "peak_gpu_bytes": mem}
 
 
+def fsdp_memory(rehearsal: bool, timeout: float) -> dict:
+    """Peak memory per rank of DDP vs FSDP for open_clip ViT-L-14 (scripts/bench_fsdp_memory.py):
+    2 ranks, over 2 GPUs, or as 2 processes sharing one (gloo). Passes when FSDP's tracked tensors
+    (parameters + gradients + AdamW state) per rank are at most 0.6x DDP's (ideal: 0.5x with 2
+    ranks). The rehearsal runs ViT-B-32 at batch 2 on CPU processes instead."""
+    args = (["--model", "ViT-B-32", "--batch", "2", "--steps", "2", "--device", "cpu"] if rehearsal
+            else ["--model", "ViT-L-14", "--batch", "16", "--steps", "3", "--device", "cuda"])
+    cmd = [sys.executable, str(Path(__file__).resolve().parent / "bench_fsdp_memory.py"), *args, "--no-write"]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False,
+                              env=dict(os.environ, PYTHONPATH=str(bc.ROOT)))
+    except subprocess.TimeoutExpired:
+        print(f"FAIL FSDP memory ({args[1]}): timed out after {timeout:.0f} s", flush=True)
+        return {"check": "fsdp_memory", "ok": False}
+    ratio = next((float(line.split("tracked tensors ")[1].split("x")[0]) for line in proc.stdout.splitlines()
+                  if "FSDP / DDP" in line), None)
+    ok = proc.returncode == 0 and ratio is not None and ratio <= 0.6
+    print(f"{'PASS' if ok else 'FAIL'} FSDP memory ({args[1]}): {time.perf_counter() - start:.0f} s, FSDP/DDP "
+          f"tracked tensors per rank {ratio}x\n{proc.stdout[-2500:]}" + ("" if ok else proc.stderr[-2500:]), flush=True)
+    return {"check": "fsdp_memory", "ok": ok, "ratio": ratio}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="/tmp/mmpretrain-gpu-check", help="scratch directory (shards, runs)")
@@ -162,6 +193,7 @@ def main() -> int:
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default by GPU name)")
     p.add_argument("--timeout", type=float, default=240, help="seconds per check")
     p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--skip-fsdp-memory", action="store_true")
     p.add_argument("--cpu-rehearsal", action="store_true",
                    help="run the same checks on CPU processes (bf16 on CPU, gloo): tests this script without a GPU")
     a = p.parse_args()
@@ -180,6 +212,8 @@ def main() -> int:
     results = [run(name, cmds, run_dir, a.timeout) for name, run_dir, cmds in planned]
     if not a.skip_throughput and not a.cpu_rehearsal:
         results.append(throughput(digits, work, a.peak_tflops))
+    if not a.skip_fsdp_memory:
+        results.append(fsdp_memory(a.cpu_rehearsal, timeout=600))
     failed = [r for r in results if not r["ok"]]
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU rehearsal"
     print(f"gpu-check: {len(results) - len(failed)} of {len(results)} passed in {time.perf_counter() - start:.0f} s "

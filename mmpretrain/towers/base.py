@@ -18,6 +18,7 @@ step (:class:`ImageNormalize`, the same arithmetic and mean/std as the library's
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -105,6 +106,25 @@ class Tower(nn.Module):
     def param_groups(self) -> list[list[nn.Parameter]]:
         """Parameters in groups ordered input -> output (stem, blocks..., head)."""
         return [list(self.parameters())]
+
+    def blocks(self) -> list[nn.Module]:
+        """The tower's repeated blocks, input -> output: for each parameter group between the stem
+        and the head (:meth:`param_groups`), the smallest submodule holding all of its parameters
+        (ViT ``blocks.i``, open_clip ``transformer.resblocks.i``, ResNet ``layerN``). Units a trainer
+        may shard, offload or checkpoint one at a time; empty for a one-group tower."""
+        groups = self.param_groups()[1:-1]
+        names = {id(p): n for n, p in self.named_parameters()}
+        modules = dict(self.named_modules())
+        out: list[nn.Module] = []
+        for group in groups:
+            paths = [names[id(p)].split(".")[:-1] for p in group if id(p) in names]
+            if not paths:
+                continue
+            common = os.path.commonprefix(paths)  # the longest shared module path (lists work too)
+            module = modules.get(".".join(common))
+            if module is not None and module is not self and module not in out:
+                out.append(module)
+        return out
 
     def lock(self, unlocked_groups: int = 0, freeze_norm_stats: bool = False) -> None:
         """Freeze the tower except its last ``unlocked_groups`` parameter groups."""

@@ -334,6 +334,17 @@ COMMANDS: dict[str, Run | Skip] = {
     "mmpretrain train trainer=ddp trainer.devices=4 trainer.precision=bf16-mixed": Run(
         subs={"trainer.devices=4": DDP_ON_CPU}
     ),
+    # trainer=fsdp: ViT-L-14 shrunk to the 4x192 ViT (the same open_clip factory and sharding plan)
+    "mmpretrain train trainer=fsdp trainer.devices=8 trainer.precision=bf16-mixed model=openclip "
+    "model.config=ViT-L-14": Run(subs={"trainer.devices=8": DDP_ON_CPU,
+                                       "model.config=ViT-L-14": "model.config=path/to/model_cfg.json"}),
+    "mmpretrain train trainer=fsdp trainer.devices=8 trainer.precision=bf16-true "
+    "trainer.strategy.mixed_precision='{param_dtype: bfloat16, reduce_dtype: float32}' "
+    "trainer.strategy.activation_checkpointing=true trainer.strategy.cpu_offload=true": Run(
+        subs={"trainer.devices=8": DDP_ON_CPU}
+    ),
+    "srun mmpretrain train trainer=fsdp_multinode trainer.num_nodes=4 trainer.devices=8 "
+    "hydra.run.dir=/shared/runs/big": Skip(SLURM),
     "torchrun --nnodes 2 --nproc-per-node 8 --node-rank $NODE --rdzv-backend static --master-addr $HEAD "
     "--master-port 29500 -m mmpretrain.cli train trainer=ddp_multinode trainer.num_nodes=2 trainer.devices=8 "
     "hydra.run.dir=/shared/runs/clip1": Skip(SEVERAL_NODES),
