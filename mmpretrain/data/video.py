@@ -58,13 +58,32 @@ def decode_video(data: bytes, ext: str = "mp4") -> EncodedVideo:
             raise CorruptVideoError(f"the .{ext} file has no video stream")
         stream = container.streams.video[0]
         try:
-            count = sum(1 for p in container.demux(stream) if p.size > 0)
+            packets = [(p.pts, p.duration) for p in container.demux(stream) if p.size > 0]
         except av.error.FFmpegError as e:
             raise CorruptVideoError(f"the .{ext} file is corrupt ({e})") from e
-        if count == 0:
+        if not packets:
             raise CorruptVideoError(f"the .{ext} file has no video frames")
         rate = stream.average_rate or stream.guessed_rate
-        return EncodedVideo(data, count, float(rate) if rate else 0.0, stream.width, stream.height)
+        fps = float(rate) if rate else 0.0
+        _check_complete(container, stream, packets, fps, ext)
+        return EncodedVideo(data, len(packets), fps, stream.width, stream.height)
+
+
+def _check_complete(container, stream, packets: list, fps: float, ext: str) -> None:
+    """A file cut short inside its frame data (a streaming container like webm opens fine): fewer
+    frames than its header counts, or frames ending well before its header's duration."""
+    if stream.frames and len(packets) < stream.frames:
+        raise CorruptVideoError(f"the .{ext} file is truncated: {len(packets)} of its {stream.frames} frames")
+    pts = [p for p, _ in packets if p is not None]
+    if not pts or stream.time_base is None:
+        return
+    duration = stream.duration * stream.time_base if stream.duration else None
+    if duration is None and container.duration and len(container.streams) == 1:
+        duration = container.duration / 1_000_000  # the container's, in microseconds: only when it is the video's
+    step = 1 / fps if fps else 0.0
+    end = float(max(pts) * stream.time_base) + step
+    if duration is not None and end < float(duration) - 1.5 * step:
+        raise CorruptVideoError(f"the .{ext} file is truncated: its frames end at {end:.2f} s of its {float(duration):.2f} s")
 
 
 def read_frames(video: EncodedVideo, indices: list[int]) -> np.ndarray:
