@@ -114,3 +114,15 @@ def test_cli_one_mp4_feeds_the_video_and_the_audio_tower(av_shards, tmp_path):
     assert set(model.modalities) == {"video", "audio", "text"}
     wave = model.transforms["audio"]((np.zeros(4000, dtype=np.float32), 8000))
     assert model.encode_audio(wave[None]).shape == (1, 128)
+
+
+def test_torchscript_export_of_a_video_tower_matches_the_model(tmp_path):
+    from mmpretrain.interop.torchscript import export_torchscript
+
+    torch.manual_seed(0)
+    model = build_model(video_model("transformer")).eval()
+    export_torchscript(model, tmp_path / "ts")
+    traced = torch.jit.load(str(tmp_path / "ts" / "encode_video.pt"))
+    clips = torch.randint(0, 256, (3, 4, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(clips), model.encode_video(clips), rtol=1e-5, atol=1e-5)
