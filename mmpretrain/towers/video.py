@@ -138,14 +138,14 @@ class VideoTower(Tower):
         if int(num_frames) < 1 or (stride is not None and int(stride) < 1):
             raise ValueError(f"video needs num_frames >= 1 and stride >= 1 or null, got {num_frames}, {stride}")
         frame_cfg = {k: v for k, v in dict(frame).items() if k not in TRAINING_OPTIONS} | {"modality": "image"}
-        self_frame = safe_instantiate(frame_cfg, allowed=("mmpretrain.towers.",))
+        frame_tower = safe_instantiate(frame_cfg, allowed=("mmpretrain.towers.",))
         super().__init__({
-            "_target_": f"{__name__}.VideoTower", "_recursive_": False, "frame": self_frame.config, "modality": modality,
+            "_target_": f"{__name__}.VideoTower", "_recursive_": False, "frame": frame_tower.config, "modality": modality,
             "num_frames": int(num_frames), "stride": None if stride is None else int(stride), "pad": pad,
             "pooling": pooling, "temporal": dict(temporal or {}),
         })
         self.modality = modality
-        self.frame = self_frame
+        self.frame = frame_tower
         if image_tower_path:
             load_image_tower(self.frame, image_tower_path)
         self.num_frames, self.stride, self.pad, self.pooling = int(num_frames), stride, pad, pooling
