@@ -94,14 +94,18 @@ def read_frames(video: EncodedVideo, indices: list[int]) -> np.ndarray:
     last = wanted[-1]
     frames: dict[int, np.ndarray] = {}
     decoded = 0
+    from av.video.reformatter import VideoReformatter
+
+    rgb = VideoReformatter()  # one conversion context for every frame (a frame's own is rebuilt each time)
     with _open(video.data) as container:
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
+        if video.width * video.height >= 320 * 240:  # frame threads pay off only on larger frames
+            stream.thread_type = "AUTO"
         try:
             for i, frame in enumerate(container.decode(stream)):
                 decoded = i + 1
                 if i in wanted:
-                    frames[i] = frame.to_ndarray(format="rgb24")
+                    frames[i] = rgb.reformat(frame, format="rgb24").to_ndarray()
                 if i >= last:
                     break
         except av.error.FFmpegError as e:
