@@ -6,19 +6,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mmpretrain.data import convert, digits, digits_classifier, scenes, spoken_digits
+from mmpretrain.data import convert, digits, digits_classifier, moving_digits, scenes, spoken_digits
 
 BUILDERS: dict[str, Callable[..., Path]] = {
     "digits": digits.build_digits,
     "spoken-digits": spoken_digits.build_spoken_digits,
     "digits-classifier": digits_classifier.build_digits_classifier,  # weights: LiT's pretrained image tower
     "scenes": scenes.build_scenes,  # drawn shapes, 5 captions and hard negatives each
+    "moving-digits": moving_digits.build_moving_digits,  # mp4 clips + spoken captions (video, audio, text)
     "shards": convert.convert,  # in=TABLE_OR_FOLDER: the user's own data into our layout
 }
 
 # The keys of conf/build_data.yaml each builder takes (the others belong to other builders).
 OPTIONS: dict[str, tuple[str, ...]] = {
     "scenes": ("seed", "train", "val", "test", "workers", "image_size_min", "image_size_max", "shard_size"),
+    "moving-digits": ("seed", "train", "val", "workers", "image_size", "frames", "fps", "sample_rate"),
     "shards": (
         "in",
         "val",
@@ -58,5 +60,6 @@ def options(name: str, cfg: Any) -> dict[str, Any]:
 
 def is_built(root: str | Path, name: str = "digits") -> bool:
     """Whether ``root`` holds what builder ``name`` writes (the shard layout; the classifier's weights)."""
-    checks = {"digits-classifier": digits_classifier.is_built, "scenes": scenes.is_built}
+    checks = {"digits-classifier": digits_classifier.is_built, "scenes": scenes.is_built,
+              "moving-digits": moving_digits.is_built}
     return checks.get(name, digits.is_built)(root)

@@ -31,6 +31,7 @@ PURPOSES = {
     "scene": 6,  # one generated scene of `mmpretrain data scenes`: (split, scene index)
     "caption_pick": 7,  # which caption of a sample trains in a pass: (key hash, pass)
     "negative_pick": 8,  # which hard negatives of a sample train in a pass: (key hash, pass)
+    "moving_digits": 9,  # one clip of `mmpretrain data moving-digits`: (split, clip index)
 }
 
 _MAX_32 = 2**32 - 1

@@ -223,6 +223,9 @@ COMMANDS: dict[str, Run | Skip] = {
     "mmpretrain data spoken-digits out=DIR": Run(
         subs={"out=DIR": f"out={SPOKEN}"}, budget=HYDRA_RUN, requires=("espeak-ng",)
     ),
+    "mmpretrain data moving-digits out=DIR": Run(
+        subs={"out=DIR": "out=data/moving-digits-small train=40 val=20"}, budget=HYDRA_RUN, requires=("espeak-ng",)
+    ),
     "mmpretrain data shards in=TABLE_OR_FOLDER out=DIR": Skip(USAGE + "`mmpretrain data shards in=/data/pairs.csv ...`"),
     "mmpretrain data shards in=/data/pairs.csv out=/data/my_shards": Run(
         subs=OWN, budget=HYDRA_RUN, prepare=(_write_own_data,), expect=("converted into own/shards",)

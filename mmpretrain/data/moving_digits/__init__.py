@@ -1,0 +1,183 @@
+"""``mmpretrain data moving-digits out=DIR``: short clips of a scikit-learn digit moving left, right,
+up or down, slowly or fast, sometimes beside a second, still digit; five captions each and the
+first one spoken (espeak-ng) as the clip's audio track.
+
+Layout of ``DIR`` (README, "The moving digits")::
+
+    train/train-0000.tar ...            250 clips a shard, sizes.json beside them
+    val/val-0000.tar ...
+    classnames.txt, templates.txt       the digit task (``cls``)
+    tasks/{digit,direction,speed}/{classnames,templates}.txt
+    moving_digits.json                  the options the shards were built with
+
+A sample: ``mp4`` (H.264 frames + the spoken first caption as AAC), ``flac`` (the same speech),
+``txt`` (the first caption), ``cls`` (the moving digit) and ``json`` with ``captions`` (5),
+``labels`` ({digit, direction, speed}), ``digits`` ([{label, x, y, vx, vy}]: the first moves, a
+second one is still; top-left corner in frame 0 and velocity per frame as fractions of the side),
+``frames``, ``fps``, ``size`` and ``voice``.
+
+The digit images of train and val clips are those of ``mmpretrain data digits``'s train and val
+split (same seed). Clip ``i`` of a split is drawn from its own seed, ``derive(seed,
+"moving_digits", split, i)``, so the shards are byte-identical for a seed whatever the number of
+workers, and a rerun writes only the shards not there yet.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmpretrain.data.digits import CLASSNAMES
+from mmpretrain.data.moving_digits import captions as grammar
+from mmpretrain.data.moving_digits.media import encode_mp4, speech_flac
+from mmpretrain.data.moving_digits.motion import DIRECTIONS, SPEEDS, Track, moving_track, render, still_track
+from mmpretrain.data.seeds import derive
+from mmpretrain.data.spoken_digits import espeak_path, speak, voice_params
+from mmpretrain.data.writing import (
+    parallel_map,
+    write_prompt_files,
+    write_shard,
+    write_sizes,
+    write_text_atomic,
+)
+
+SPLITS = {"train": 0, "val": 1}  # name -> the split's key in each clip's seed
+VAL_FRACTION = 0.2  # of the digit images, as `mmpretrain data digits`
+SECOND_DIGIT = 0.3  # the share of clips with a second, still digit
+ESPEAK_RATE = 22050  # what espeak-ng writes: asked for as is, so speak() does not resample
+
+TASKS = {
+    "digit": (CLASSNAMES, ["a video of the digit {} moving.", "a {} moving across the screen.",
+                           "the number {} in motion.", "a clip of a moving {}."]),
+    "direction": (list(DIRECTIONS), ["a digit moving {}.", "a number going {}.", "a video of a digit heading {}.",
+                                     "something that moves {}."]),
+    "speed": (list(SPEEDS), ["a {} moving digit.", "a digit moving at a {} speed.", "a {} video of a number.",
+                             "a number that moves, {}."]),
+}
+TOP_TASK = "digit"  # classnames.txt / templates.txt at the root and ``cls``
+
+
+@functools.lru_cache(maxsize=4)
+def digit_images(seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """scikit-learn's digits (pixels, labels) and the image indices of each split (digits' split)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    order = np.random.RandomState(seed).permutation(len(digits.target))
+    n_val = round(len(order) * VAL_FRACTION)
+    return digits.data, digits.target, {"val": order[:n_val], "train": order[n_val:]}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What clip ``index`` of a split shows and says, before any pixel or sound is made."""
+
+    tracks: list[Track]
+    direction: str
+    speed: str
+    captions: list[str]
+    voice: tuple[str, int, int]  # espeak-ng voice, words a minute, pitch
+
+
+def plan_clip(seed: int, split: str, index: int) -> Plan:
+    rng = random.Random(derive(seed, "moving_digits", SPLITS[split], index))
+    pixels, targets, splits = digit_images(seed)
+    pool = splits[split]
+    first = int(pool[rng.randrange(len(pool))])
+    label, direction, speed = int(targets[first]), rng.choice(list(DIRECTIONS)), rng.choice(list(SPEEDS))
+    tracks = [moving_track(label, pixels[first], direction, speed, rng)]
+    if rng.random() < SECOND_DIGIT:
+        while int(targets[second := int(pool[rng.randrange(len(pool))])]) == label:
+            pass
+        tracks.append(still_track(int(targets[second]), pixels[second], rng))
+    still = tracks[1].label if len(tracks) > 1 else None
+    texts = grammar.captions(label, direction, speed, still, rng)
+    return Plan(tracks, direction, speed, texts, voice_params(rng))
+
+
+def make_clip(seed: int, split: str, index: int, frames: int, size: int, fps: int, sample_rate: int) -> dict[str, Any]:
+    """One sample of ``split``: the mp4, speech, captions and labels of clip ``index``."""
+    plan = plan_clip(seed, split, index)
+    voice, wpm, pitch = plan.voice
+    wav = speak(espeak_path(), plan.captions[0], voice, wpm, pitch, ESPEAK_RATE)  # espeak-ng's own rate
+    flac, speech = speech_flac(wav, sample_rate)
+    mp4 = encode_mp4(render(plan.tracks, frames, size), fps, speech, sample_rate)
+    label = plan.tracks[0].label
+    labels = {"digit": label, "direction": list(DIRECTIONS).index(plan.direction),
+              "speed": list(SPEEDS).index(plan.speed)}
+    meta = {"captions": plan.captions, "labels": labels, "frames": frames, "fps": fps, "size": size,
+            "digits": [{"label": t.label, "x": t.x, "y": t.y, "vx": t.vx, "vy": t.vy} for t in plan.tracks],
+            "voice": {"voice": voice, "wpm": wpm, "pitch": pitch}}
+    return {"__key__": f"{split}_{index:06d}", "mp4": mp4, "flac": flac, "txt": plan.captions[0].encode(),
+            "cls": str(label).encode(), "json": json.dumps(meta).encode()}
+
+
+def _write(task: tuple) -> int:
+    path, split, start, stop, seed, frames, size, fps, sample_rate = task
+    return write_shard(Path(path), (make_clip(seed, split, i, frames, size, fps, sample_rate) for i in range(start, stop)))
+
+
+def build_moving_digits(out: str | Path, seed: int = 0, train: int = 4000, val: int = 500, frames: int = 16,
+                        image_size: int = 64, fps: int = 8, sample_rate: int = 16000, workers: int | None = None,
+                        shard_size: int = 250, **_: Any) -> Path:
+    """Write the splits' shards (in parallel, skipping shards already there), then the task files."""
+    if frames < 2:
+        raise ValueError(f"frames={frames}: a clip needs at least 2 frames to show motion")
+    if image_size < 16 or image_size % 2:
+        raise ValueError(f"image_size={image_size}: the frames must be an even side of at least 16 px (yuv420p)")
+    espeak_path()  # a clear error before any worker starts
+    out = Path(out)
+    options = {"seed": seed, "train": train, "val": val, "frames": frames, "image_size": image_size, "fps": fps,
+               "sample_rate": sample_rate, "shard_size": shard_size}
+    _claim(out, options)
+    counts = {"train": train, "val": val}
+    tasks, sizes = [], {}
+    for split, count in counts.items():
+        (out / split).mkdir(parents=True, exist_ok=True)
+        sizes[split] = {}
+        for k in range(math.ceil(count / shard_size)):
+            start, stop = k * shard_size, min((k + 1) * shard_size, count)
+            path = out / split / f"{split}-{k:04d}.tar"
+            sizes[split][path.name] = stop - start
+            if not path.exists():
+                tasks.append((str(path), split, start, stop, seed, frames, image_size, fps, sample_rate))
+    started = time.perf_counter()
+    if tasks:
+        digit_images(seed)  # loaded (sklearn imported) once here; the forked workers inherit it
+    parallel_map(_write, tasks, workers, label="moving digits", total=sum(t[3] - t[2] for t in tasks), weight=int)
+    for split in counts:
+        write_sizes(out / split, sizes[split])
+    for task, (classnames, templates) in TASKS.items():
+        write_prompt_files(out / "tasks" / task, classnames, templates)
+    write_prompt_files(out, *TASKS[TOP_TASK])
+    written = sum(t[3] - t[2] for t in tasks)
+    skipped = sum(len(v) for v in sizes.values()) - len(tasks)
+    print(f"moving digits: {written} clips in {len(tasks)} shards in {time.perf_counter() - started:.1f} s "
+          f"({skipped} shards already there) -> {out}")
+    return out
+
+
+def _claim(out: Path, options: dict[str, Any]) -> None:
+    """Record the options in ``moving_digits.json``; refuse to mix shards built with other options."""
+    record = out / "moving_digits.json"
+    if record.exists():
+        before = json.loads(record.read_text())
+        if before != options:
+            raise ValueError(f"{out} holds moving digits built with {before}, not {options}: choose another out= "
+                             f"(or delete it)")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(record, json.dumps(options, indent=1))
+
+
+def is_built(root: str | Path) -> bool:
+    root = Path(root)
+    return (root / "classnames.txt").exists() and all((root / s / "sizes.json").exists() for s in SPLITS)
