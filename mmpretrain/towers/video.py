@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -59,8 +60,8 @@ def sample_indices(n: int, num_frames: int, stride: int | None, train: bool, rng
     elif n >= num_frames:
         edges = [round(i * n / num_frames) for i in range(num_frames + 1)]
         if train:
-            return [rng.randint(lo, hi - 1) for lo, hi in zip(edges, edges[1:])]
-        return [(lo + hi - 1) // 2 for lo, hi in zip(edges, edges[1:])]
+            return [rng.randint(lo, hi - 1) for lo, hi in pairwise(edges)]
+        return [(lo + hi - 1) // 2 for lo, hi in pairwise(edges)]
     else:
         idx = list(range(n))
     missing = num_frames - len(idx)

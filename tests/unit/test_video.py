@@ -125,8 +125,9 @@ def test_corrupt_and_truncated_clips_are_counted_skips(tmp_path):
 
 
 def test_a_video_text_source_mixed_with_image_text_fills_blank_clips(tmp_path):
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     buf = io.BytesIO()
     Image.new("RGB", (32, 32), (9, 9, 9)).save(buf, format="PNG")
