@@ -198,3 +198,16 @@ def test_video_clip_takes_decoded_frames_as_well_as_a_file():
     clip = moving_square(8)
     prep = VideoClip(lambda img: torch.from_numpy(np.array(img)).permute(2, 0, 1), 4, None, train=False)
     torch.testing.assert_close(prep(clip), torch.from_numpy(clip[[0, 2, 4, 6]]).permute(0, 3, 1, 2))
+
+
+def test_a_pretrained_frame_tower_counts_as_a_pretrained_model():
+    """check_available resolves the frame tower's weights, and val_at_start=null turns on for it."""
+    from mmpretrain.cli import _val_at_start
+    from mmpretrain.pretrained import tower_configs
+    from tests.conftest import compose_config
+
+    cfg = compose_config("train", ["model=tiny_video_text", "model.towers.video.frame.pretrained_path=/w.safetensors"])
+    frames = [t for t in tower_configs(cfg.model) if t.get("modality") == "image"]
+    assert [f.pretrained_path for f in frames] == ["/w.safetensors"]
+    assert _val_at_start(cfg)
+    assert not _val_at_start(compose_config("train", ["model=tiny_video_text"]))
