@@ -28,6 +28,7 @@ def list_towers() -> dict[str, str]:
         "timm": "mmpretrain.towers.timm.TimmTower",
         "open_clip": "mmpretrain.towers.open_clip.OpenClipTower",
         "audio": "mmpretrain.towers.audio.AudioTower",
+        "video": "mmpretrain.towers.video.VideoTower",
     }
 
 

@@ -273,9 +273,11 @@ def _val_at_start(cfg: DictConfig) -> bool:
     choice = cfg.trainer.get("val_at_start")
     if choice is not None:
         return bool(choice)
-    towers = (cfg.model.get("towers") or {}).values()
-    return any(t.get("pretrained") or t.get("pretrained_path") or str(t.get("config", "")).startswith("hf-hub:")
-               or str(t.get("model_name", "")).startswith("hf-hub:") for t in towers if t is not None)
+    from mmpretrain.pretrained import tower_configs
+
+    return any(t.get("pretrained") or t.get("pretrained_path") or t.get("image_tower_path")
+               or str(t.get("config", "")).startswith("hf-hub:") or str(t.get("model_name", "")).startswith("hf-hub:")
+               for t in tower_configs(cfg.model))
 
 
 def _start_run(cfg: DictConfig) -> Path:

@@ -61,6 +61,7 @@ class ContrastiveDataModule(L.LightningDataModule):
             "on_missing": self.cfg.get("on_missing", "skip"),
             "caption_field": self.cfg.get("caption_field", "caption"),
             "caption_keys": list(self.cfg.get("caption_keys") or []) or None,
+            "modality_keys": {m: list(k) for m, k in (self.cfg.get("modality_keys") or {}).items()} or None,
             "batch_size": int(self.cfg["batch_size"]),
         }
 

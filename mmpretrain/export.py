@@ -126,7 +126,10 @@ def describe_model_config(cfg: dict[str, Any]) -> str:
     for modality, tower in (cfg.get("towers") or {}).items():
         kind = str(tower.get("_target_", "?")).rsplit(".", 1)[-1]
         arch = tower.get("model_name")
-        if arch is None and isinstance(tower.get("config"), dict):
+        if isinstance(tower.get("frame"), dict):  # a video tower: its pooling over a frame tower
+            frame = tower["frame"]
+            arch = f"{tower.get('pooling')} x{tower.get('num_frames')} over {frame.get('model_name') or 'open_clip ViT'}"
+        elif arch is None and isinstance(tower.get("config"), dict):
             part = tower["config"].get("vision_cfg" if modality == "image" else "text_cfg") or {}
             arch = ", ".join(f"{k}={part[k]}" for k in ("width", "layers", "patch_size") if k in part)
         elif arch is None:
@@ -204,7 +207,7 @@ def model_card(model: ContrastiveModel, extra: dict[str, Any]) -> str:
     """A short README.md: what the model is, how it was trained, on what, and how well it did."""
     towers = "\n".join(
         f"| {m} | `{t.config.get('_target_', type(t).__name__).rsplit('.', 1)[-1]}` | "
-        f"{t.config.get('model_name') or _oc_summary(t)} | {t.output_dim} |"
+        f"{_summary(t)} | {t.output_dim} |"
         for m, t in model.towers.items()
     )
     train_cfg = extra.get("train_config") or {}
@@ -249,6 +252,13 @@ Files: `model.safetensors` (weights), `config.json` (model config + provenance),
 | --- | --- |
 {metric_lines or "| not recorded | |"}
 """
+
+
+def _summary(tower) -> str:
+    frame = getattr(tower, "frame", None)  # a video tower: temporal pooling over an image tower
+    if frame is not None:
+        return f"{tower.config['pooling']} pooling over {tower.config['num_frames']} frames of {_summary(frame)}"
+    return tower.config.get("model_name") or _oc_summary(tower)
 
 
 def _oc_summary(tower) -> str:

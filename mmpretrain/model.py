@@ -73,6 +73,10 @@ class ContrastiveModel(nn.Module):
     def encode_audio(self, x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         return self.encode("audio", x, normalize)
 
+    def encode_video(self, x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Clips ``[B, T, C, H, W]`` (uint8 frames, or normalised floats)."""
+        return self.encode("video", x, normalize)
+
     def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for m in self.modalities:

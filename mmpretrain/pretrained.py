@@ -159,13 +159,24 @@ def check_timm_weights(model_name: str) -> None:
 
 
 # -- a whole model config, before anything heavy ----------------------------------------------------
+def tower_configs(model_cfg: Any) -> list[Any]:
+    """Every tower config of a model config, with the frame tower inside a video tower."""
+    out = []
+    for tower in (model_cfg.get("towers") or {}).values():
+        if tower is not None:
+            out.append(tower)
+            if tower.get("frame") is not None:
+                out.append(tower["frame"])
+    return out
+
+
 def check_available(model_cfg: Any) -> None:
     """Resolve every pretrained file a composed model config names (cached or downloaded now).
 
     Raises :class:`WeightsUnavailableError` for the first one that is unreachable.
     """
-    for tower in (model_cfg.get("towers") or {}).values():
-        if tower is None or tower.get("pretrained_path"):
+    for tower in tower_configs(model_cfg):
+        if tower.get("pretrained_path"):
             continue  # a local file: the tower reads it
         if "config" in tower:  # an open_clip tower
             config, pretrained = tower.get("config"), tower.get("pretrained")

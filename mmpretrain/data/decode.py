@@ -1,7 +1,7 @@
 """Per-modality decoding of raw webdataset samples (bytes by extension) into Python values.
 
 Conventions (README): image ``jpg|jpeg|png|webp``; text ``txt`` or ``json`` with a caption field;
-audio ``flac|wav|mp3``; integer class ``cls``. Text decodes to the sample's *captions*, a list:
+audio ``flac|wav|mp3``; video ``mp4|webm|avi`` (PyAV, :mod:`mmpretrain.data.video`); integer class ``cls``. Text decodes to the sample's *captions*, a list:
 ``caption_keys`` (default: the first of ``txt``, ``json``) are read in order, a text key giving one
 caption and a json key its ``caption_field`` (a string, or a list of captions). The json may also
 carry ``negatives`` (captions that do not match, with ``negative_kinds``) and ``labels``
@@ -81,11 +81,16 @@ def _parsed_json(sample: dict[str, Any], key: str) -> Any:
 
 
 def decode_audio(data: bytes, ext: str) -> tuple[np.ndarray, int]:
-    """``(waveform [T, C] float32, sample_rate)`` via soundfile (libsndfile): flac, wav, mp3.
+    """``(waveform [T, C] float32, sample_rate)`` via soundfile (libsndfile): flac, wav, mp3; the audio
+    track of a video key (``data.modality_keys: {audio: [mp4]}``) via PyAV.
 
     mp3 needs libsndfile >= 1.1 (bundled with the soundfile >= 0.12 wheels); an older system
     library fails here with a message saying so instead of an opaque format error.
     """
+    from mmpretrain.data.video import VIDEO_EXTENSIONS, decode_video_audio
+
+    if ext in VIDEO_EXTENSIONS:
+        return decode_video_audio(data, ext)
     import soundfile as sf
 
     if ext == "mp3" and "MP3" not in sf.available_formats():
@@ -111,7 +116,14 @@ DECODERS: dict[str, tuple[tuple[str, ...], Callable[..., Any]]] = {
     "text": (("txt", "json"), lambda b, ext, caption_field="caption", **_: decode_text(b, ext, caption_field)),
     "audio": (("flac", "wav", "mp3"), lambda b, ext, **_: decode_audio(b, ext)),
     "cls": (("cls",), lambda b, ext, **_: decode_cls(b)),
+    "video": (("mp4", "webm", "avi"), lambda b, ext, **_: _decode_video(b, ext)),
 }
+
+
+def _decode_video(data: bytes, ext: str):
+    from mmpretrain.data.video import decode_video
+
+    return decode_video(data, ext)
 
 DECODERS_TEXT = DECODERS["text"][1]  # text goes through decode_captions (a list) unless re-registered
 
@@ -121,6 +133,7 @@ BLANKS: dict[str, Callable[[], Any]] = {
     "image": lambda: Image.new("RGB", (8, 8)),
     "text": lambda: "",
     "audio": lambda: (np.zeros((160, 1), dtype=np.float32), 16000),
+    "video": lambda: np.zeros((1, 8, 8, 3), dtype=np.uint8),  # frames [T, H, W, 3]: what VideoClip also takes
 }
 
 
@@ -142,10 +155,16 @@ def find_key(sample: dict[str, Any], extensions: tuple[str, ...]) -> str | None:
 def decode_sample(
     sample: dict[str, Any], modalities: list[str], required: list[str], **options: Any
 ) -> dict[str, Any]:
-    """Decode the wanted modalities; raise :class:`MissingKeyError` when a required one is absent."""
+    """Decode the wanted modalities; raise :class:`MissingKeyError` when a required one is absent.
+
+    ``modality_keys`` (``{modality: [key, ...]}``, ``data.modality_keys``) adds keys a modality is also
+    read from, after its own: ``{audio: [mp4]}`` takes the audio track of the video when the sample
+    has no audio file."""
+    extra_keys = options.pop("modality_keys", None) or {}
     out = {"__key__": sample.get("__key__"), "__url__": sample.get("__url__")}
     for modality in modalities:
         exts, fn = DECODERS[modality]
+        exts = (*exts, *extra_keys.get(modality, ()))
         if modality == "text" and fn is DECODERS_TEXT:
             captions = decode_captions(sample, options.get("caption_keys"), options.get("caption_field", "caption"))
             if captions is None and modality in required:

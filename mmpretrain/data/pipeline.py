@@ -142,6 +142,7 @@ class ShardStream(IterableDataset):
         positions: dict[int, StreamPosition | str] | None = None,
         caption_keys: list[str] | None = None,
         negatives: int = 0,
+        modality_keys: dict[str, list[str]] | None = None,
     ):
         if shard_policy not in ("error", "resample"):
             raise ValueError(f"data.shard_policy must be 'error' or 'resample', not '{shard_policy}'")
@@ -157,6 +158,8 @@ class ShardStream(IterableDataset):
         self.required = required
         self.caption_field = caption_field
         self.caption_keys = list(caption_keys) if caption_keys else None
+        # {modality: [key, ...]}: extra keys a modality is read from ({audio: [mp4]}: a video's sound)
+        self.modality_keys = {m: tuple(k) for m, k in (modality_keys or {}).items()}
         self.negatives = int(negatives)  # hard negatives per training sample (loss.hard_negatives)
         self.start_batch = start_batch
         self.shard_policy = shard_policy
@@ -214,7 +217,7 @@ class ShardStream(IterableDataset):
         else:
             required = [m for m in modalities if m != "cls"]
         sample = decode_sample(raw, modalities, required, caption_field=self.caption_field,
-                               caption_keys=self.caption_keys)
+                               caption_keys=self.caption_keys, modality_keys=self.modality_keys)
         texts = self._texts(raw, sample, pass_idx) if "text" in sample else {}
         with _seeded(aug_seed):
             for m, fn in self.preprocess.items():

@@ -23,6 +23,7 @@ def export_torchscript(model, out: str | Path) -> Path:
     and so is the input dtype: the image encoder takes the uint8 pixels the preprocessing yields and
     normalises them inside (the tower's float path is not in the trace).
     """
+    import numpy as np
     from PIL import Image
 
     out = Path(out)
@@ -30,10 +31,11 @@ def export_torchscript(model, out: str | Path) -> Path:
     model = model.eval()
     prep = model.preprocess(train=False)
     examples = {"image": lambda: prep["image"](Image.new("RGB", (64, 64)))[None],
-                "text": lambda: prep["text"]("a caption")[None]}
+                "text": lambda: prep["text"]("a caption")[None],
+                "video": lambda: prep["video"](np.zeros((2, 64, 64, 3), dtype=np.uint8))[None]}
     for m in model.modalities:
         if m not in examples:
-            raise ValueError(f"format=torchscript supports image and text towers, not '{m}'")
+            raise ValueError(f"format=torchscript supports image, text and video towers, not '{m}'")
         x = torch.cat([examples[m]()] * 2)
         with torch.no_grad():
             traced = torch.jit.trace(_Encoder(model, m), x, check_trace=False)

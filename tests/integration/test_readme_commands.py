@@ -89,6 +89,7 @@ DDP_ON_CPU = "trainer.devices=2 trainer.accelerator=cpu"  # GPUs -> 2 CPU proces
 
 DIGITS = "data/digits"  # the default data.root of the digits configs, relative to the scratch directory
 SPOKEN = "data/spoken_digits"
+MOVING = "data/moving-digits-small"  # 40 train / 20 val clips
 SMALL = "data/digits-small"
 SCENES = "data/scenes-small"  # a few hundred scenes: the README's command at 50,000 takes minutes  # a quarter of the digits: a linear probe embeds every sample of its data
 LINEAR_PROBE = (f"data.root={SMALL}", *FINETUNE)
@@ -224,7 +225,7 @@ COMMANDS: dict[str, Run | Skip] = {
         subs={"out=DIR": f"out={SPOKEN}"}, budget=HYDRA_RUN, requires=("espeak-ng",)
     ),
     "mmpretrain data moving-digits out=DIR": Run(
-        subs={"out=DIR": "out=data/moving-digits-small train=40 val=20"}, budget=HYDRA_RUN, requires=("espeak-ng",)
+        subs={"out=DIR": f"out={MOVING} train=40 val=20"}, budget=HYDRA_RUN, requires=("espeak-ng",)
     ),
     "mmpretrain data shards in=TABLE_OR_FOLDER out=DIR": Skip(USAGE + "`mmpretrain data shards in=/data/pairs.csv ...`"),
     "mmpretrain data shards in=/data/pairs.csv out=/data/my_shards": Run(
@@ -370,6 +371,22 @@ COMMANDS: dict[str, Run | Skip] = {
     # -- audio and three modalities (the spoken digits need espeak-ng)
     "mmpretrain train experiment=spoken_digits_clap": Run(
         requires=("espeak-ng",), needs=("mmpretrain data spoken-digits out=DIR",)
+    ),
+    "mmpretrain train experiment=moving_digits_clip": Run(
+        extra=(f"data.root={MOVING}", "hydra.run.dir=runs/video"), requires=("espeak-ng",),
+        needs=("mmpretrain data moving-digits out=DIR",),
+    ),
+    "mmpretrain train experiment=moving_digits_clip model.towers.video.pooling=mean": Run(
+        extra=(f"data.root={MOVING}",), requires=("espeak-ng",), needs=("mmpretrain data moving-digits out=DIR",)
+    ),
+    "mmpretrain train experiment=moving_digits_quadmodal": Run(
+        extra=(f"data.root={MOVING}", f"data.spoken_root={SPOKEN}", f"data.digits_root={DIGITS}"),
+        requires=("espeak-ng",),
+        needs=("mmpretrain data moving-digits out=DIR", "mmpretrain data spoken-digits out=DIR"),
+    ),
+    "mmpretrain finetune task=linear_probe task.modality=video pretrained=runs/video/export data=moving_digits": Run(
+        extra=(f"data.root={MOVING}",), budget=FINETUNE, requires=("espeak-ng",),
+        needs=("mmpretrain train experiment=moving_digits_clip",),
     ),
     "mmpretrain train experiment=scenes_clip": Run(
         extra=(f"data.root={SCENES}",), needs=("mmpretrain data scenes out=DIR",)
