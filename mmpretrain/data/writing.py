@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -104,3 +105,53 @@ class _Indexed:
 
     def __call__(self, item: tuple[int, Any]) -> tuple[int, Any]:
         return item[0], self.fn(item[1])
+
+
+# -- a split-sharded build (scenes, moving digits): plan, claim, write in parallel, finish -------------
+def claim_build(out: Path, record: str, options: dict[str, Any], what: str) -> None:
+    """Record the build options in ``out/record``; refuse to mix shards built with other options."""
+    path = out / record
+    if path.exists():
+        before = json.loads(path.read_text())
+        if before != options:
+            raise ValueError(f"{out} holds {what} built with {before}, not {options}: choose another out= "
+                             f"(or delete it)")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(options, indent=1))
+
+
+def plan_shards(out: Path, counts: dict[str, int], shard_size: int) -> tuple[list[tuple[str, str, int, int]], dict[str, dict[str, int]]]:
+    """``(path, split, start, stop)`` of every shard not written yet (``split/split-0000.tar`` ...,
+    ``shard_size`` items each), and the size of every shard per split (for ``sizes.json``)."""
+    pending, sizes = [], {}
+    for split, count in counts.items():
+        (out / split).mkdir(parents=True, exist_ok=True)
+        sizes[split] = {}
+        for k in range(-(-count // shard_size)):
+            start, stop = k * shard_size, min((k + 1) * shard_size, count)
+            path = out / split / f"{split}-{k:04d}.tar"
+            sizes[split][path.name] = stop - start
+            if not path.exists():
+                pending.append((str(path), split, start, stop))
+    return pending, sizes
+
+
+def finish_build(out: Path, sizes: dict[str, dict[str, int]], tasks: dict[str, tuple[list[str], list[str]]],
+                 top_task: str, pending: list[tuple], started: float, what: str) -> None:
+    """``sizes.json`` per split, ``tasks/<task>/`` prompt files with ``top_task``'s at the root, and
+    the one-line report of what was written."""
+    for split, split_sizes in sizes.items():
+        write_sizes(out / split, split_sizes)
+    for task, (classnames, templates) in tasks.items():
+        write_prompt_files(out / "tasks" / task, classnames, templates)
+    write_prompt_files(out, *tasks[top_task])
+    written = sum(t[3] - t[2] for t in pending)
+    kept = sum(len(v) for v in sizes.values()) - len(pending)
+    print(f"{what}: {written} written in {len(pending)} shards in {time.perf_counter() - started:.1f} s "
+          f"({kept} shards already there) -> {out}")
+
+
+def splits_built(root: str | Path, splits: Iterable[str]) -> bool:
+    root = Path(root)
+    return (root / "classnames.txt").exists() and all((root / s / "sizes.json").exists() for s in splits)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -42,11 +41,12 @@ from mmpretrain.data.moving_digits.motion import DIRECTIONS, SPEEDS, Track, movi
 from mmpretrain.data.seeds import derive
 from mmpretrain.data.spoken_digits import espeak_path, speak, voice_params
 from mmpretrain.data.writing import (
+    claim_build,
+    finish_build,
     parallel_map,
-    write_prompt_files,
+    plan_shards,
+    splits_built,
     write_shard,
-    write_sizes,
-    write_text_atomic,
 )
 
 SPLITS = {"train": 0, "val": 1}  # name -> the split's key in each clip's seed
@@ -137,47 +137,16 @@ def build_moving_digits(out: str | Path, seed: int = 0, train: int = 4000, val: 
     out = Path(out)
     options = {"seed": seed, "train": train, "val": val, "frames": frames, "image_size": image_size, "fps": fps,
                "sample_rate": sample_rate, "shard_size": shard_size}
-    _claim(out, options)
-    counts = {"train": train, "val": val}
-    tasks, sizes = [], {}
-    for split, count in counts.items():
-        (out / split).mkdir(parents=True, exist_ok=True)
-        sizes[split] = {}
-        for k in range(math.ceil(count / shard_size)):
-            start, stop = k * shard_size, min((k + 1) * shard_size, count)
-            path = out / split / f"{split}-{k:04d}.tar"
-            sizes[split][path.name] = stop - start
-            if not path.exists():
-                tasks.append((str(path), split, start, stop, seed, frames, image_size, fps, sample_rate))
+    claim_build(out, "moving_digits.json", options, "moving digits")
+    pending, sizes = plan_shards(out, {"train": train, "val": val}, shard_size)
     started = time.perf_counter()
-    if tasks:
+    if pending:
         digit_images(seed)  # loaded (sklearn imported) once here; the forked workers inherit it
-    parallel_map(_write, tasks, workers, label="moving digits", total=sum(t[3] - t[2] for t in tasks), weight=int)
-    for split in counts:
-        write_sizes(out / split, sizes[split])
-    for task, (classnames, templates) in TASKS.items():
-        write_prompt_files(out / "tasks" / task, classnames, templates)
-    write_prompt_files(out, *TASKS[TOP_TASK])
-    written = sum(t[3] - t[2] for t in tasks)
-    skipped = sum(len(v) for v in sizes.values()) - len(tasks)
-    print(f"moving digits: {written} clips in {len(tasks)} shards in {time.perf_counter() - started:.1f} s "
-          f"({skipped} shards already there) -> {out}")
+    parallel_map(_write, [(*t, seed, frames, image_size, fps, sample_rate) for t in pending], workers,
+                 label="moving digits", total=sum(t[3] - t[2] for t in pending), weight=int)
+    finish_build(out, sizes, TASKS, TOP_TASK, pending, started, "moving digits")
     return out
 
 
-def _claim(out: Path, options: dict[str, Any]) -> None:
-    """Record the options in ``moving_digits.json``; refuse to mix shards built with other options."""
-    record = out / "moving_digits.json"
-    if record.exists():
-        before = json.loads(record.read_text())
-        if before != options:
-            raise ValueError(f"{out} holds moving digits built with {before}, not {options}: choose another out= "
-                             f"(or delete it)")
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(record, json.dumps(options, indent=1))
-
-
 def is_built(root: str | Path) -> bool:
-    root = Path(root)
-    return (root / "classnames.txt").exists() and all((root / s / "sizes.json").exists() for s in SPLITS)
+    return splits_built(root, SPLITS)

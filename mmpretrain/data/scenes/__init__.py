@@ -24,7 +24,6 @@ interruption) writes only the shards not there yet.
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -37,10 +36,12 @@ from mmpretrain.data.scenes.grammar import COLORS, COUNTS, SHAPES, SIZES, Obj
 from mmpretrain.data.scenes.render import layout, render
 from mmpretrain.data.seeds import derive
 from mmpretrain.data.writing import (
+    claim_build,
+    finish_build,
     parallel_map,
-    write_prompt_files,
+    plan_shards,
+    splits_built,
     write_shard,
-    write_sizes,
     write_text_atomic,
 )
 
@@ -110,46 +111,15 @@ def build_scenes(out: str | Path, seed: int = 0, train: int = 50_000, val: int =
     out = Path(out)
     options = {"seed": seed, "train": train, "val": val, "test": test, "image_size_min": image_size_min,
                "image_size_max": image_size_max, "shard_size": shard_size}
-    _claim(out, options)
-    counts = {"train": train, "val": val, "test_compositional": test}
-    tasks, sizes = [], {}
-    for split, count in counts.items():
-        (out / split).mkdir(parents=True, exist_ok=True)
-        sizes[split] = {}
-        for k in range(math.ceil(count / shard_size)):
-            start, stop = k * shard_size, min((k + 1) * shard_size, count)
-            path = out / split / f"{split}-{k:04d}.tar"
-            sizes[split][path.name] = stop - start
-            if not path.exists():
-                tasks.append((str(path), split, start, stop, seed, image_size_min, image_size_max))
+    claim_build(out, "scenes.json", options, "scenes")
+    pending, sizes = plan_shards(out, {"train": train, "val": val, "test_compositional": test}, shard_size)
     started = time.perf_counter()
-    parallel_map(_write, tasks, workers, label="scenes", total=sum(t[3] - t[2] for t in tasks), weight=int)
-    for split in counts:
-        write_sizes(out / split, sizes[split])
+    parallel_map(_write, [(*t, seed, image_size_min, image_size_max) for t in pending], workers, label="scenes",
+                 total=sum(t[3] - t[2] for t in pending), weight=int)
     write_text_atomic(out / "heldout_pairs.json", json.dumps(sorted([c, s] for c, s in HELDOUT_PAIRS), indent=1))
-    for task, (classnames, templates) in TASKS.items():
-        write_prompt_files(out / "tasks" / task, classnames, templates)
-    write_prompt_files(out, *TASKS[TOP_TASK])
-    written = sum(t[3] - t[2] for t in tasks)
-    skipped = sum(len(v) for v in sizes.values()) - len(tasks)
-    print(f"scenes: {written} scenes in {len(tasks)} shards in {time.perf_counter() - started:.1f} s "
-          f"({skipped} shards already there) -> {out}")
+    finish_build(out, sizes, TASKS, TOP_TASK, pending, started, "scenes")
     return out
 
 
-def _claim(out: Path, options: dict[str, Any]) -> None:
-    """Record the options in ``scenes.json``; refuse to mix shards built with other options."""
-    record = out / "scenes.json"
-    if record.exists():
-        before = json.loads(record.read_text())
-        if before != options:
-            raise ValueError(f"{out} holds scenes built with {before}, not {options}: choose another out= "
-                             f"(or delete it)")
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(record, json.dumps(options, indent=1))
-
-
 def is_built(root: str | Path) -> bool:
-    root = Path(root)
-    return (root / "classnames.txt").exists() and all((root / s / "sizes.json").exists() for s in SPLITS)
+    return splits_built(root, SPLITS)
