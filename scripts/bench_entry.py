@@ -51,33 +51,33 @@ def install_step_recorder(path: str) -> None:
     atexit.register(dump)
 
 
-def read_digits_val(root: Path):
-    """(PIL images, labels) of the val split, read with tarfile (independent of webdataset's version)."""
-    from PIL import Image
-
+def read_val_split(root: Path) -> list[dict[str, bytes]]:
+    """The samples of ``root/val`` as ``{extension: bytes}``, read with tarfile (independent of
+    webdataset's version)."""
     samples: dict[str, dict[str, bytes]] = {}
     for tar in sorted((root / "val").glob("*.tar")):
         with tarfile.open(tar) as tf:
             for m in tf.getmembers():
                 key, ext = m.name.rsplit(".", 1)
                 samples.setdefault(f"{tar.name}/{key}", {})[ext] = tf.extractfile(m).read()
-    images = [Image.open(io.BytesIO(s["png"])).convert("RGB") for s in samples.values()]
-    labels = torch.tensor([int(s["cls"]) for s in samples.values()])
-    return images, labels
+    return list(samples.values())
+
+
+def read_digits_val(root: Path):
+    """(PIL images, labels) of the digits val split."""
+    from PIL import Image
+
+    samples = read_val_split(root)
+    images = [Image.open(io.BytesIO(s["png"])).convert("RGB") for s in samples]
+    return images, torch.tensor([int(s["cls"]) for s in samples])
 
 
 def read_scenes_val(root: Path):
     """(PIL images, every caption, caption -> image index) of the scenes val split (json ``captions``)."""
     from PIL import Image
 
-    samples: dict[str, dict[str, bytes]] = {}
-    for tar in sorted((root / "val").glob("*.tar")):
-        with tarfile.open(tar) as tf:
-            for m in tf.getmembers():
-                key, ext = m.name.rsplit(".", 1)
-                samples.setdefault(f"{tar.name}/{key}", {})[ext] = tf.extractfile(m).read()
     images, captions, owner = [], [], []
-    for i, s in enumerate(samples.values()):
+    for i, s in enumerate(read_val_split(root)):
         images.append(Image.open(io.BytesIO(s["jpg"])).convert("RGB"))
         for caption in json.loads(s["json"])["captions"]:
             captions.append(caption)
