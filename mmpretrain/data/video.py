@@ -149,24 +149,33 @@ def decode_video_audio(data: bytes, ext: str = "mp4") -> tuple[np.ndarray, int]:
 def encode_video(frames: np.ndarray, fps: int = 10, ext: str = "mp4", audio: np.ndarray | None = None,
                  sample_rate: int = 16000) -> bytes:
     """``uint8 [T, H, W, 3]`` frames (H, W even) as an ``mp4`` (H.264), ``webm`` (VP8) or ``avi`` (MPEG-4)
-    file, with an optional mono ``float32 [N]`` audio track (AAC / Opus / PCM): for tests and data builders."""
+    file, with an optional mono ``float32 [N]`` audio track (AAC / Opus / PCM): for tests and data builders.
+    Every encoder and the muxer run with FFmpeg's ``bitexact`` flags and one thread, and no creation
+    time is written, so the same input gives the same bytes (with the same PyAV/FFmpeg build)."""
     import av
 
     codecs = {"mp4": ("libx264", "aac"), "webm": ("libvpx", "libopus"), "avi": ("mpeg4", "pcm_s16le")}
     if ext not in codecs:
         raise ValueError(f"cannot write .{ext}; use one of {', '.join(codecs)}")
     frames = np.asarray(frames, dtype=np.uint8)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[1] % 2 or frames.shape[2] % 2:
+        raise ValueError(f"frames must be [T, H, W, 3] with even H and W (yuv420p), got {frames.shape}")
     video_codec, audio_codec = codecs[ext]
+    bitexact = av.codec.context.Flags.bitexact
     buf = io.BytesIO()
-    with av.open(buf, mode="w", format={"mp4": "mp4", "webm": "webm", "avi": "avi"}[ext]) as out:
+    with av.open(buf, mode="w", format={"mp4": "mp4", "webm": "webm", "avi": "avi"}[ext],
+                 options={"fflags": "+bitexact"}) as out:
         stream = out.add_stream(video_codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        stream.options = {"libx264": {"preset": "ultrafast", "crf": "18"},
-                          "libvpx": {"deadline": "realtime", "cpu-used": "8", "crf": "10", "b": "2M"}}.get(video_codec, {})
+        stream.options = {"threads": "1", **{"libx264": {"preset": "ultrafast", "crf": "18"},
+                          "libvpx": {"deadline": "realtime", "cpu-used": "8", "crf": "10", "b": "2M"}}.get(video_codec, {})}
+        stream.codec_context.flags |= bitexact
         astream = None
         if audio is not None:
             rate = 48000 if audio_codec == "libopus" else sample_rate
-            astream = out.add_stream(audio_codec, rate=rate, layout="mono")
+            astream = out.add_stream(audio_codec, rate=rate, layout="mono",
+                                     options={"aac_coder": "fast"} if audio_codec == "aac" else {})
+            astream.codec_context.flags |= bitexact
             wave = np.asarray(audio, dtype=np.float32)
             if rate != sample_rate:
                 from mmpretrain.towers.audio import resample

@@ -36,10 +36,11 @@ import numpy as np
 
 from mmpretrain.data.digits import CLASSNAMES
 from mmpretrain.data.moving_digits import captions as grammar
-from mmpretrain.data.moving_digits.media import encode_mp4, speech_flac
+from mmpretrain.data.moving_digits.media import speech_flac
 from mmpretrain.data.moving_digits.motion import DIRECTIONS, SPEEDS, Track, moving_track, render, still_track
 from mmpretrain.data.seeds import derive
 from mmpretrain.data.spoken_digits import espeak_path, speak, voice_params
+from mmpretrain.data.video import encode_video
 from mmpretrain.data.writing import (
     claim_build,
     finish_build,
@@ -109,7 +110,7 @@ def make_clip(seed: int, split: str, index: int, frames: int, size: int, fps: in
     voice, wpm, pitch = plan.voice
     wav = speak(espeak_path(), plan.captions[0], voice, wpm, pitch, ESPEAK_RATE)  # espeak-ng's own rate
     flac, speech = speech_flac(wav, sample_rate)
-    mp4 = encode_mp4(render(plan.tracks, frames, size), fps, speech, sample_rate)
+    mp4 = encode_video(render(plan.tracks, frames, size), fps, "mp4", speech.astype(np.float32) / 32767.0, sample_rate)
     label = plan.tracks[0].label
     labels = {"digit": label, "direction": list(DIRECTIONS).index(plan.direction),
               "speed": list(SPEEDS).index(plan.speed)}
