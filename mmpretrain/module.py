@@ -45,6 +45,10 @@ class ContrastiveModule(L.LightningModule):
         # {task: {"classnames", "templates"}}: zero-shot of each task over the val rows labelled for it
         self.zeroshot_tasks = zeroshot_tasks or {}
         self._val_rows = 0  # rows of this rank's val columns so far (owners of extra captions point into them)
+        # Set by monitor.RunPlots: keep up to this many labelled rows of each validation's embeddings
+        # (``last_val_embeddings``), so the end-of-run plots need no second pass over the val set.
+        self.keep_val_embeddings = 0
+        self.last_val_embeddings: dict[str, Any] | None = None
         # Plain containers only: checkpoints stay loadable with torch.load(weights_only=True).
         self.save_hyperparameters(hparams or {"model": model.config()}, logger=False)
         self._val: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -216,7 +220,10 @@ class ContrastiveModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         # A rank that saw no batch (fewer val shards than ranks, or only bad samples) passes {}:
         # validation_metrics gives it empty columns, so it makes the same gathers as the others.
-        metrics = self.validation_metrics({k: torch.cat(v) for k, v in self._val.items()})
+        local = {k: torch.cat(v) for k, v in self._val.items()}
+        if self.keep_val_embeddings:
+            self.last_val_embeddings = self._labelled_embeddings(local, self.keep_val_embeddings)
+        metrics = self.validation_metrics(local)
         self._val.clear()
         self._val_rows = 0
         if metrics:
@@ -224,6 +231,19 @@ class ContrastiveModule(L.LightningModule):
             summary = ", ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in metrics.items()
                                 if "top1" in k or "mean_R@1" in k)
             self.print(f"epoch {self.current_epoch} step {self.global_step}: {summary}")
+
+    def _labelled_embeddings(self, local: dict[str, torch.Tensor], limit: int) -> dict[str, Any]:
+        """This rank's first ``limit`` labelled val rows of every non-text modality, on the CPU:
+        ``{"step": global step, "features": {m: [n, D]}, "labels": {m: [n]}}``."""
+        labels = local.get("cls")
+        out: dict[str, Any] = {"step": self.global_step, "features": {}, "labels": {}}
+        for m in self.model.modalities:
+            if m == "text" or m not in local or labels is None:
+                continue
+            rows = (labels >= 0) & local[f"{m}_mask"]
+            out["features"][m] = local[m][rows][:limit].float().cpu()
+            out["labels"][m] = labels[rows][:limit].cpu()
+        return out
 
     def _val_columns(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The same columns in the same order on every rank: per modality ``[n, D]`` float32

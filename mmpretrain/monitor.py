@@ -17,6 +17,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -234,24 +235,35 @@ class RunPlots(L.Callback):
         self.per_class = per_class
         self.projection = projection
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero and hasattr(pl_module, "keep_val_embeddings"):
+            pl_module.keep_val_embeddings = self.max_samples  # the last validation's, for the plots
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
         out = Path(trainer.default_root_dir) / self.dirname
-        written: list[Path] = []
         for logger in trainer.loggers:
             logger.save()
         csv_file = next(
             (Path(lg.log_dir) / "metrics.csv" for lg in trainer.loggers if isinstance(lg, _LightningCSVLogger)), None
         )
-        if csv_file is not None and csv_file.exists():
-            written += plots.plot_curves(plots.read_metrics_csv(csv_file), out)
-        if any(hasattr(p, "to_local") for p in pl_module.parameters()):
-            # rank 0 alone cannot run a sharded model (every block gathers from all ranks)
-            pl_module.print("plots: embedding plots skipped under trainer=fsdp (curves only); plot the export "
-                            "with a single-process run instead")
-        else:
-            written += self._embedding_plots(trainer, pl_module, out)
+        # metrics.csv is complete: its curves are drawn in a thread while this one embeds the val
+        # set (torch's kernels release the GIL), so the two overlap; the embedding plots follow.
+        with ThreadPoolExecutor(1, thread_name_prefix="plots") as pool:
+            curves = None
+            if csv_file is not None and csv_file.exists():
+                curves = pool.submit(lambda: plots.plot_curves(plots.read_metrics_csv(csv_file), out))
+            if any(hasattr(p, "to_local") for p in pl_module.parameters()):
+                # rank 0 alone cannot run a sharded model (every block gathers from all ranks)
+                pl_module.print("plots: embedding plots skipped under trainer=fsdp (curves only); plot the export "
+                                "with a single-process run instead")
+                embedded = None
+            else:
+                embedded = self._val_embeddings(trainer, pl_module)
+            written: list[Path] = curves.result() if curves is not None else []
+        if embedded is not None:
+            written += self._embedding_plots(*embedded, out)
         for logger in trainer.loggers:
             if isinstance(logger, _LightningWandbLogger):
                 for path in written:
@@ -260,34 +272,26 @@ class RunPlots(L.Callback):
             pl_module.print(f"plots: {out}")
 
     @torch.no_grad()
-    def _embedding_plots(self, trainer: L.Trainer, pl_module: L.LightningModule, out: Path) -> list[Path]:
+    def _val_embeddings(self, trainer: L.Trainer, pl_module: L.LightningModule):
+        """``(features {m: [n, D]}, labels {m: [n]}, class prompt embeddings, class names)`` of up to
+        ``max_samples`` labelled val rows per non-text modality, or None when there is nothing to
+        plot. The last validation's embeddings when it ran on the final weights (no second pass over
+        the val set); otherwise one pass of the val loader."""
         model, prompts = pl_module.model, getattr(pl_module, "zeroshot", None)
         datamodule = trainer.datamodule
         if datamodule is None or not prompts or "text" not in model.modalities:
-            return []
-        loader = datamodule.val_dataloader()
-        if isinstance(loader, list) and not loader:
-            return []
-        queries = [m for m in model.modalities if m != "text"]
-        feats: dict[str, list[torch.Tensor]] = {m: [] for m in queries}
-        labels: list[torch.Tensor] = []
+            return None
+        kept = getattr(pl_module, "last_val_embeddings", None)
         was_training = model.training
         model.eval()
         try:
-            seen = 0
-            for batch in loader:
-                if "cls" not in batch:
-                    return []
-                batch = {
-                    k: v.to(pl_module.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
-                }
-                for m in queries:
-                    if m in batch:
-                        feats[m].append(model.encode(m, batch[m]).float().cpu())
-                labels.append(batch["cls"].cpu())
-                seen += len(batch["cls"])
-                if seen >= self.max_samples:
-                    break
+            if kept is not None and kept["step"] == trainer.global_step and kept["features"]:
+                feats, labels = kept["features"], kept["labels"]
+            else:
+                found = self._embed_val_set(pl_module, datamodule)
+                if found is None:
+                    return None
+                feats, labels = found
             tokenize = model.towers["text"].preprocess(False)
             classes = class_embeddings(
                 prompts["classnames"],
@@ -298,14 +302,36 @@ class RunPlots(L.Callback):
             )
         finally:
             model.train(was_training)
-        y = torch.cat(labels).numpy()
-        class_feats = classes.float().cpu().numpy()
+        return feats, labels, classes.float().cpu().numpy(), prompts["classnames"]
+
+    def _embed_val_set(self, pl_module: L.LightningModule, datamodule: Any):
+        loader = datamodule.val_dataloader()
+        if isinstance(loader, list) and not loader:
+            return None
+        model = pl_module.model
+        queries = [m for m in model.modalities if m != "text"]
+        feats: dict[str, list[torch.Tensor]] = {m: [] for m in queries}
+        labels: dict[str, list[torch.Tensor]] = {m: [] for m in queries}
+        seen = 0
+        for batch in loader:
+            if "cls" not in batch:
+                return None
+            batch = {k: v.to(pl_module.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            for m in queries:
+                if m in batch:
+                    feats[m].append(model.encode(m, batch[m]).float().cpu())
+                    labels[m].append(batch["cls"].cpu())
+            seen += len(batch["cls"])
+            if seen >= self.max_samples:
+                break
+        return ({m: torch.cat(v) for m, v in feats.items() if v},
+                {m: torch.cat(v) for m, v in labels.items() if v})
+
+    def _embedding_plots(self, feats: dict[str, torch.Tensor], labels: dict[str, torch.Tensor],
+                         class_feats, names: list[str], out: Path) -> list[Path]:
         written = []
-        for m, chunks in feats.items():
-            if not chunks:
-                continue
-            x = torch.cat(chunks).numpy()
-            names = prompts["classnames"]
+        for m, x in feats.items():
+            x, y = x.numpy(), labels[m].numpy()
             written.append(
                 plots.plot_similarity(
                     x, y, class_feats, names, out / f"similarity_{m}_text.png", per_class=self.per_class

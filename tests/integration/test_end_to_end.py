@@ -22,7 +22,8 @@ def trained(digits_root, tmp_path_factory):
 
 def test_train_writes_the_run_directory(trained):
     run, metrics = trained
-    for name in ("config.yaml", "metrics.csv", "metrics.json", "checkpoints/last.ckpt", "export/model.safetensors"):
+    for name in ("config.yaml", "metrics.csv", "metrics.json", "checkpoints/last.ckpt", "export/model.safetensors",
+                 "plots/loss.png", "plots/similarity_image_text.png", "plots/projection_image.png"):
         assert (run / name).exists(), name
     assert "val/zeroshot_top1/image_text" in metrics
     assert "train/loss" in (run / "metrics.csv").read_text().splitlines()[0]

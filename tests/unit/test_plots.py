@@ -77,3 +77,69 @@ def test_pca_projection_is_the_top_two_principal_axes_with_fixed_signs():
         assert np.allclose(np.abs(xy[:, k]), np.abs(reference[:, k]), atol=1e-8)
     assert np.array_equal(xy, plots.project_2d(x.copy(), "pca"))  # same picture every run
     assert plots.project_2d(x[:1], "pca").shape == (1, 2)  # one sample: a point, not an error
+
+
+class _Towers(dict):
+    pass
+
+
+class _FakeModel:
+    """encode: a fixed function of the input, so a val pass gives known features."""
+
+    modalities = ["image", "text"]
+
+    def __init__(self):
+        import torch
+
+        self.training = True
+        self.towers = {"text": type("T", (), {"preprocess": staticmethod(lambda train: lambda s: torch.tensor([len(s)]))})()}
+
+    def eval(self):
+        self.training = False
+
+    def train(self, mode=True):
+        self.training = mode
+
+    def encode(self, m, x):
+        return x.float().reshape(len(x), -1)[:, :4]
+
+    def encode_text(self, tokens):
+        return tokens.float().repeat(1, 4)
+
+
+def _plots_module(kept):
+    from types import SimpleNamespace
+
+    import torch
+
+    return SimpleNamespace(model=_FakeModel(), zeroshot={"classnames": ["a", "b"], "templates": ["{}"]},
+                           last_val_embeddings=kept, device=torch.device("cpu"))
+
+
+def test_end_of_run_plots_reuse_the_last_validation_only_when_it_saw_the_final_weights():
+    """RunPlots embeds the val set again only when the last validation ran before the final step."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from mmpretrain.monitor import RunPlots
+
+    batches = [{"image": torch.arange(16.0).view(2, 8), "cls": torch.tensor([0, 1])}]
+    passes = []
+
+    class Data:
+        def val_dataloader(self):
+            passes.append(1)
+            return batches
+
+    kept = {"step": 10, "features": {"image": torch.ones(3, 4)}, "labels": {"image": torch.tensor([1, 0, 1])}}
+    trainer = SimpleNamespace(global_step=10, datamodule=Data())
+    feats, labels, classes, names = RunPlots()._val_embeddings(trainer, _plots_module(kept))
+    assert not passes and torch.equal(feats["image"], torch.ones(3, 4)) and labels["image"].tolist() == [1, 0, 1]
+    assert classes.shape == (2, 4) and names == ["a", "b"]
+
+    trainer.global_step = 11  # trained on after that validation: its embeddings are stale
+    module = _plots_module(kept)
+    feats, labels, _, _ = RunPlots()._val_embeddings(trainer, module)
+    assert passes == [1] and torch.equal(feats["image"], batches[0]["image"][:, :4]) and labels["image"].tolist() == [0, 1]
+    assert module.model.training  # put back in training mode

@@ -53,3 +53,14 @@ def test_batches_missing_a_modality_or_labels_keep_rows_aligned(module):
         ref = module.validation_metrics({k: v[:4] for k, v in cols.items()})
     assert metrics == pytest.approx(ref)
     assert "val/retrieval_R@1/image_to_audio" in metrics and "val/retrieval_class_mAP/audio_to_image" in metrics
+
+
+def test_kept_val_embeddings_are_the_labelled_rows_of_each_modality_up_to_the_limit(module):
+    with_audio = {"image": torch.randn(4, 3, 32, 32), "audio": torch.randn(4, 4000), "cls": torch.tensor([0, 1, 0, 1])}
+    image_only = {"image": torch.randn(2, 3, 32, 32), "cls": torch.tensor([1, 1])}
+    unlabelled = {"image": torch.randn(1, 3, 32, 32), "audio": torch.randn(1, 4000)}
+    cols = columns_after(module, [with_audio, image_only, unlabelled])
+    kept = module._labelled_embeddings(cols, limit=5)
+    assert kept["step"] == module.global_step
+    assert torch.equal(kept["features"]["image"], cols["image"][:5]) and kept["labels"]["image"].tolist() == [0, 1, 0, 1, 1]
+    assert torch.equal(kept["features"]["audio"], cols["audio"][:4]) and kept["labels"]["audio"].tolist() == [0, 1, 0, 1]
