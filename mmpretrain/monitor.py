@@ -42,16 +42,7 @@ class WandbLogger(_LightningWandbLogger):
     ``mode=offline`` (our default) is made wandb's process-wide mode too (``WANDB_MODE``), as
     Lightning does for its own ``offline=True``: wandb otherwise starts OpenTelemetry exporters
     from its process-wide settings, which send usage data from an offline run (and, with no
-    network, try to until their timeout).
-
-    An offline run starts in the background: Lightning's first touch of ``experiment`` (at the
-    start of fit) starts the wandb run (its service process and the run: 1-2 s on a 2-core CPU)
-    in a thread and gets a stand-in, and ``log_hyperparams`` is queued behind the start, so the
-    data workers' start and the first steps do not wait for it; the first real use of the run
-    (the first logged metrics, a few steps later) waits for it and raises its error if it failed.
-    An online run starts in the foreground as before, so a login or network problem stops the
-    command before training.
-    """
+    network, try to until their timeout)."""
 
     #: set while a ``trainer.validate`` runs before ``fit`` (the step-0 baseline): its end must not end the run
     keep_open: bool = False
@@ -63,83 +54,13 @@ class WandbLogger(_LightningWandbLogger):
         mode = self._wandb_init.get("mode")
         if mode in ("offline", "disabled"):
             os.environ["WANDB_MODE"] = mode
-        self.start_in_background = mode == "offline"
-        self._starting: _Starting | None = None
-
-    @property
-    def experiment(self) -> Any:
-        starting = self._starting
-        if starting is not None and starting.is_current():  # the starting thread itself
-            return _LightningWandbLogger.experiment.fget(self)
-        if self._experiment is None and starting is None and self.start_in_background and rank_zero_only.rank == 0:
-            import wandb  # noqa: F401  here, not in the thread: no half-imported wandb when data workers fork
-
-            self._starting = _Starting(lambda: _LightningWandbLogger.experiment.fget(self))
-            return _PendingRun(self)
-        if starting is not None:
-            return _PendingRun(self)
-        return _LightningWandbLogger.experiment.fget(self)
-
-    def started(self) -> Any:
-        """The wandb run, once its start (and what was queued behind it) has finished."""
-        starting, self._starting = self._starting, None
-        if starting is not None:
-            starting.wait()
-        return _LightningWandbLogger.experiment.fget(self)
-
-    @rank_zero_only
-    def log_hyperparams(self, params: Any) -> None:
-        if self._starting is not None:  # queued behind the start, in its own thread
-            self._starting = _Starting(lambda: _LightningWandbLogger.log_hyperparams(self, params), after=self._starting)
-            return
-        super().log_hyperparams(params)
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
-        if self._starting is not None:
-            self.started()  # a run still starting is waited for, then finished
         super().finalize(status)
         if self._experiment is not None and status in ("success", "failed") and not (self.keep_open and status == "success"):
             self._experiment.finish(exit_code=0 if status == "success" else 1)
             self._experiment = None
-
-
-class _Starting:
-    """A function run in its own (non-daemon) thread, after ``after`` (another ``_Starting``) has
-    finished; ``wait`` joins both and re-raises the first error."""
-
-    def __init__(self, fn: Any, after: _Starting | None = None) -> None:
-        self._error: BaseException | None = None
-        self._after = after
-
-        def run() -> None:
-            try:
-                if after is not None:
-                    after.wait()
-                fn()
-            except BaseException as e:  # noqa: BLE001  handed to the waiting thread
-                self._error = e
-
-        self._thread = threading.Thread(target=run, name="wandb-start")
-        self._thread.start()
-
-    def is_current(self) -> bool:
-        return threading.current_thread() is self._thread
-
-    def wait(self) -> None:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-
-
-class _PendingRun:
-    """Stands in for a wandb run that is still starting: any use of it waits for the run."""
-
-    def __init__(self, logger: WandbLogger) -> None:
-        self._logger = logger
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._logger.started(), name)
 
 
 @contextmanager
