@@ -248,19 +248,20 @@ class RunPlots(L.Callback):
         csv_file = next(
             (Path(lg.log_dir) / "metrics.csv" for lg in trainer.loggers if isinstance(lg, _LightningCSVLogger)), None
         )
+        sharded = any(hasattr(p, "to_local") for p in pl_module.parameters())
+        if sharded:  # rank 0 alone cannot run a sharded model (every block gathers from all ranks)
+            pl_module.print("plots: embedding plots skipped under trainer=fsdp (curves only); plot the export "
+                            "with a single-process run instead")
+        # The val loader's workers (when the val set must be embedded again) are forked first, while
+        # this is the only thread: a fork during another thread's import can deadlock the child.
+        source = None if sharded else self._val_source(trainer, pl_module)
         # metrics.csv is complete: its curves are drawn in a thread while this one embeds the val
         # set (torch's kernels release the GIL), so the two overlap; the embedding plots follow.
         with ThreadPoolExecutor(1, thread_name_prefix="plots") as pool:
             curves = None
             if csv_file is not None and csv_file.exists():
                 curves = pool.submit(lambda: plots.plot_curves(plots.read_metrics_csv(csv_file), out))
-            if any(hasattr(p, "to_local") for p in pl_module.parameters()):
-                # rank 0 alone cannot run a sharded model (every block gathers from all ranks)
-                pl_module.print("plots: embedding plots skipped under trainer=fsdp (curves only); plot the export "
-                                "with a single-process run instead")
-                embedded = None
-            else:
-                embedded = self._val_embeddings(trainer, pl_module)
+            embedded = None if source is None else self._val_embeddings(pl_module, source)
             written: list[Path] = curves.result() if curves is not None else []
         if embedded is not None:
             written += self._embedding_plots(*embedded, out)
@@ -271,24 +272,34 @@ class RunPlots(L.Callback):
         if written:
             pl_module.print(f"plots: {out}")
 
-    @torch.no_grad()
-    def _val_embeddings(self, trainer: L.Trainer, pl_module: L.LightningModule):
-        """``(features {m: [n, D]}, labels {m: [n]}, class prompt embeddings, class names)`` of up to
-        ``max_samples`` labelled val rows per non-text modality, or None when there is nothing to
-        plot. The last validation's embeddings when it ran on the final weights (no second pass over
-        the val set); otherwise one pass of the val loader."""
+    def _val_source(self, trainer: L.Trainer, pl_module: L.LightningModule):
+        """What the embedding plots are made from: the last validation's embeddings when it ran on
+        the final weights (no second pass over the val set), else an iterator over the val loader
+        (its workers started now), or None when there is nothing to plot."""
         model, prompts = pl_module.model, getattr(pl_module, "zeroshot", None)
         datamodule = trainer.datamodule
         if datamodule is None or not prompts or "text" not in model.modalities:
             return None
         kept = getattr(pl_module, "last_val_embeddings", None)
+        if kept is not None and kept["step"] == trainer.global_step and kept["features"]:
+            return kept
+        loader = datamodule.val_dataloader()
+        if isinstance(loader, list) and not loader:
+            return None
+        return iter(loader)
+
+    @torch.no_grad()
+    def _val_embeddings(self, pl_module: L.LightningModule, source: Any):
+        """``(features {m: [n, D]}, labels {m: [n]}, class prompt embeddings, class names)`` of up to
+        ``max_samples`` labelled val rows per non-text modality (from :meth:`_val_source`), or None."""
+        model, prompts = pl_module.model, pl_module.zeroshot
         was_training = model.training
         model.eval()
         try:
-            if kept is not None and kept["step"] == trainer.global_step and kept["features"]:
-                feats, labels = kept["features"], kept["labels"]
+            if isinstance(source, dict):
+                feats, labels = source["features"], source["labels"]
             else:
-                found = self._embed_val_set(pl_module, datamodule)
+                found = self._embed_val_set(pl_module, source)
                 if found is None:
                     return None
                 feats, labels = found
@@ -304,16 +315,13 @@ class RunPlots(L.Callback):
             model.train(was_training)
         return feats, labels, classes.float().cpu().numpy(), prompts["classnames"]
 
-    def _embed_val_set(self, pl_module: L.LightningModule, datamodule: Any):
-        loader = datamodule.val_dataloader()
-        if isinstance(loader, list) and not loader:
-            return None
+    def _embed_val_set(self, pl_module: L.LightningModule, batches: Any):
         model = pl_module.model
         queries = [m for m in model.modalities if m != "text"]
         feats: dict[str, list[torch.Tensor]] = {m: [] for m in queries}
         labels: dict[str, list[torch.Tensor]] = {m: [] for m in queries}
         seen = 0
-        for batch in loader:
+        for batch in batches:
             if "cls" not in batch:
                 return None
             batch = {k: v.to(pl_module.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

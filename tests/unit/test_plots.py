@@ -134,12 +134,15 @@ def test_end_of_run_plots_reuse_the_last_validation_only_when_it_saw_the_final_w
 
     kept = {"step": 10, "features": {"image": torch.ones(3, 4)}, "labels": {"image": torch.tensor([1, 0, 1])}}
     trainer = SimpleNamespace(global_step=10, datamodule=Data())
-    feats, labels, classes, names = RunPlots()._val_embeddings(trainer, _plots_module(kept))
+    plots_cb, module = RunPlots(), _plots_module(kept)
+    feats, labels, classes, names = plots_cb._val_embeddings(module, plots_cb._val_source(trainer, module))
     assert not passes and torch.equal(feats["image"], torch.ones(3, 4)) and labels["image"].tolist() == [1, 0, 1]
     assert classes.shape == (2, 4) and names == ["a", "b"]
 
     trainer.global_step = 11  # trained on after that validation: its embeddings are stale
     module = _plots_module(kept)
-    feats, labels, _, _ = RunPlots()._val_embeddings(trainer, module)
+    source = plots_cb._val_source(trainer, module)
+    assert passes == [1]  # the val loader is opened (its workers forked) before any plotting thread starts
+    feats, labels, _, _ = plots_cb._val_embeddings(module, source)
     assert passes == [1] and torch.equal(feats["image"], batches[0]["image"][:, :4]) and labels["image"].tolist() == [0, 1]
     assert module.model.training  # put back in training mode
