@@ -95,6 +95,19 @@ class ContrastiveModel(nn.Module):
             out["text_negatives_mask"] = batch["text_negatives_mask"].bool()
         return out | self.logit_scale_outputs()
 
+    #: batch keys holding more inputs of a modality's tower than its own (hard negatives; a val
+    #: batch's further captions and probe negatives)
+    EXTRA_INPUTS = {"text": ("text_negatives", "text_more", "probe_negatives")}
+
+    def trim_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """``batch`` with each tower's inputs cut by :meth:`Tower.trim_input` (on the host, before
+        the batch moves to its device: e.g. text without the columns that are padding in every row)."""
+        for m, tower in self.towers.items():
+            for key in (m, *self.EXTRA_INPUTS.get(m, ())):
+                if isinstance(batch.get(key), torch.Tensor):
+                    batch[key] = tower.trim_input(batch[key])
+        return batch
+
     def _encode_present(self, m: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Features of the rows that carry modality ``m``; absent rows get zero features, which
         losses and metrics leave out by the mask.

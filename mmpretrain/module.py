@@ -76,6 +76,12 @@ class ContrastiveModule(L.LightningModule):
         return self.model(batch)
 
     # -- training ---------------------------------------------------------------------------
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Towers' inputs trimmed on the host first (text: padding columns), then moved."""
+        if isinstance(batch, dict):
+            batch = self.model.trim_inputs(batch)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         batch = self._masks_on_every_rank(batch)
         losses = self._grad_cache_step(batch) if self.grad_cache_chunks > 1 else self.loss(self.model(batch))
@@ -432,7 +438,7 @@ class ContrastiveModule(L.LightningModule):
 
     def _encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         tokenize = self._text_preprocess()
-        tokens = torch.stack([tokenize(p) for p in prompts]).to(self.device)
+        tokens = self.model.towers["text"].trim_input(torch.stack([tokenize(p) for p in prompts])).to(self.device)
         return self.model.encode_text(tokens)
 
     def _text_preprocess(self):

@@ -92,6 +92,13 @@ class Tower(nn.Module):
         norm = self._modules.get("input_norm")
         return norm(x) if norm is not None else x
 
+    def trim_input(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch of inputs cut to the part that can change the output, or ``x`` itself (the
+        default). Called on the host before the batch moves to its device, so it may read values
+        without a device sync: text towers that cannot see padding drop the trailing columns that
+        are padding in every row (see :class:`~mmpretrain.towers.open_clip.OpenClipTower`)."""
+        return x
+
     def preprocess(self, train: bool) -> Callable[[Any], torch.Tensor]:  # pragma: no cover
         """Callable mapping one decoded sample value to the tensor ``forward`` expects (image
         towers: ``uint8 [C, H, W]``, see the module docstring)."""
