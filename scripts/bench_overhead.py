@@ -10,15 +10,17 @@ batches held in memory (no data loading in the timed region). Three loops, inter
 - ``lightning-default``: the Trainer as `mmpretrain train` builds it (our default callbacks and
   loggers: checkpointing, lr monitor, rich progress bar, wandb offline + CSV).
 
-Steady-state step time from the same optimizer-step hook, first ``--warmup`` steps excluded.
+Steady-state step time from the same optimizer-step hook, first ``--warmup`` steps excluded. Each
+loop runs in a fresh process, the modes interleaved and their order reversed every other rep.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import json
 import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -109,62 +111,91 @@ def lightning_loop(model, loss_fn, cfg, batches, default: bool, work: Path, drop
     return times
 
 
+def run_one(a, mode: str, rep: int) -> list[float]:
+    """One loop in this process (a fresh one per loop: no state, heap or thread left over from the
+    loop before it), on the same batches and initial weights as every other loop."""
+    from mmpretrain.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as every `mmpretrain` command does: the same allocator for every loop
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    work = Path(a.work)
+    cfg = compose([f"data.root={bc.digits_root(work)}", "model=openclip", f"model.config={bc.model_json(a.model)}",
+                   f"data.batch_size={a.batch}", "data.num_workers=0"])
+    from mmpretrain.cli import _instantiate, _plain
+    from mmpretrain.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    loss_fn = _instantiate(cfg.loss)
+    batches = collect_batches(model, cfg, a.steps)
+    if mode == "plain":
+        return plain_loop(model, loss_fn, _plain(cfg.optim), batches, float(cfg.trainer.gradient_clip_val))
+    drop = tuple(mode.removeprefix("lightning-default-no-").split("+")) if "-no-" in mode else ()
+    return lightning_loop(model, loss_fn, cfg, batches, mode.startswith("lightning-default"),
+                          work / "overhead" / f"{mode}_{rep}", drop)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=bc.CPU_MODEL)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--batch", type=int, default=bc.CPU_BATCH)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=5)
     p.add_argument("--modes", default="plain,lightning-bare,lightning-default",
                    help="comma list; lightning-default-no-<name> drops that logger/callback (wandb, csv, "
                    "progress_bar, lr_monitor, model_checkpoint)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--work", default="/tmp/mmpretrain-bench")
     p.add_argument("--name", default="overhead", help="results name")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: MODE:REP:OUT.json, one loop
     a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    os.environ.setdefault("WANDB_SILENT", "true")
-    work = Path(a.work)
-    digits = bc.digits_root(work)
-    cfg = compose([f"data.root={digits}", "model=openclip", f"model.config={bc.model_json(a.model)}",
-                   f"data.batch_size={a.batch}", "data.num_workers=0"])
-    from mmpretrain.cli import _instantiate
-    from mmpretrain.model import build_model
-
-    torch.manual_seed(0)
-    base = build_model(cfg.model)
-    loss_fn = _instantiate(cfg.loss)
-    batches = collect_batches(base, cfg, a.steps)
-    clip = float(cfg.trainer.gradient_clip_val)
-    from mmpretrain.cli import _plain
+    if a.one:
+        mode, rep, out = a.one.split(":", 2)
+        Path(out).write_text(json.dumps(run_one(a, mode, int(rep))))
+        return
+    bc.digits_root(Path(a.work))  # built once, before any timed process
 
     rows = []
     modes = a.modes.split(",")
     for rep in range(a.reps):
-        for mode in modes:
-            model = copy.deepcopy(base)
-            if mode == "plain":
-                times = plain_loop(model, loss_fn, _plain(cfg.optim), batches, clip)
-            else:
-                drop = tuple(mode.removeprefix("lightning-default-no-").split("+")) if "-no-" in mode else ()
-                times = lightning_loop(model, loss_fn, cfg, batches, mode.startswith("lightning-default"),
-                                       work / "overhead" / f"{mode}_{rep}", drop)
+        # Each loop in a fresh process, the order reversed every other rep: a drift of the machine
+        # over the run weighs on every mode alike.
+        for mode in modes if rep % 2 == 0 else modes[::-1]:
+            out = Path(a.work) / "overhead" / f"{mode}_{rep}.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            args = [bc.python(), __file__, "--one", f"{mode}:{rep}:{out}", "--model", a.model, "--steps", str(a.steps),
+                    "--batch", str(a.batch), "--work", a.work] + (["--threads", str(a.threads)] if a.threads else [])
+            subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            times = json.loads(out.read_text())
             t0 = times[0]
             rate = bc.steady_rate([t - t0 for t in times], a.batch, a.warmup)
             ms = 1000 * a.batch / rate
-            rows.append(dict(mode=mode, rep=rep, steps=len(times), samples_per_s=round(rate, 2), ms_per_step=round(ms, 2)))
-            print(f"{mode} rep {rep}: {rate:.1f} samples/s, {ms:.1f} ms/step", flush=True)
-    plain = bc.median([r["ms_per_step"] for r in rows if r["mode"] == "plain"])
+            typical = 1000 * bc.median([b - t for t, b in zip(times[a.warmup:], times[a.warmup + 1:])])
+            rows.append(dict(mode=mode, rep=rep, steps=len(times), samples_per_s=round(rate, 2), ms_per_step=round(ms, 2),
+                             median_step_ms=round(typical, 2)))
+            print(f"{mode} rep {rep}: {rate:.1f} samples/s, {ms:.1f} ms/step (median step {typical:.1f} ms)", flush=True)
+
+    def per_mode(key: str, mode: str) -> float:
+        return bc.median([r[key] for r in rows if r["mode"] == mode])
+
+    plain, plain_typical = per_mode("ms_per_step", "plain"), per_mode("median_step_ms", "plain")
     table_rows = []
     for mode in modes:
-        ms = bc.median([r["ms_per_step"] for r in rows if r["mode"] == mode])
-        sps = bc.median([r["samples_per_s"] for r in rows if r["mode"] == mode])
-        table_rows.append([mode, sps, ms, ms - plain, f"{ms / plain:.3f}x"])
-    table = bc.md_table(["loop", "samples/s (median)", "ms/step", "overhead ms/step", "step time vs plain"], table_rows)
+        ms, typical = per_mode("ms_per_step", mode), per_mode("median_step_ms", mode)
+        runs = ", ".join(f"{r['ms_per_step']:.0f}" for r in rows if r["mode"] == mode)
+        table_rows.append([mode, per_mode("samples_per_s", mode), ms, f"{ms / plain:.3f}x", typical,
+                           f"{typical / plain_typical:.3f}x", runs])
+    table = bc.md_table(["loop", "samples/s (median)", "ms/step (mean over the run)", "vs plain",
+                         "median step ms", "vs plain", "ms/step per rep"], table_rows)
     notes = [f"model `{a.model}`, batch {a.batch}, fp32 CPU, {a.steps} in-memory batches, first {a.warmup} steps "
-             f"excluded, {a.reps} interleaved reps; same initial weights for every loop"]
+             f"excluded, {a.reps} reps; every loop in a fresh process, modes interleaved and their order reversed "
+             f"every other rep; same batches and initial weights for every loop",
+             "ms/step (mean over the run): the steady span over its steps, every step's cost included; median step: "
+             "the median of one run's step times, which a slow window of the machine moves less (the median "
+             "over the reps of each)"]
     bc.write_results(a.name, rows, table, notes)
 
 
