@@ -169,7 +169,9 @@ def main() -> None:
         "start-up: launch to the end of the first optimizer step (imports, config, model, loggers, data workers, "
         "first batch, first step); end of run: the last optimizer step to process exit",
         f"load average (1 min) after each run: {', '.join(str(r['load_avg_1m']) for r in rows)}",
-        f"training FLOPs per sample {flops / 1e9:.3f} GFLOP (torch FlopCounter, fwd+bwd)"
+        f"training FLOPs per sample {flops / 1e9:.3f} GFLOP (torch FlopCounter, fwd+bwd, captions at the full "
+        "context length: TFLOP/s and MFU count the same model FLOPs for both, although ours skips the padding "
+        "columns its text tower cannot see)"
         + (f", peak {peak} TFLOP/s bf16" if peak else ""),
         "ours: `mmpretrain train` with the default callbacks and loggers (checkpoint, lr monitor, rich "
         "progress bar, wandb offline + CSV); open_clip: `open_clip_train.main` from open_clip_torch "
