@@ -215,8 +215,6 @@ def sweep_summary(sweep_dir: str | Path, metric: str | None = None, minimize: bo
 _NOISE_WARNINGS = (
     r"Your `IterableDataset` has `__len__` defined",
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-    # ContrastiveModule.transfer_batch_to_device (trims text on the host) is meant to run with our datamodule
-    r"You have overridden `transfer_batch_to_device` in `LightningModule` but have passed in a `LightningDataModule`",
 )
 #: Lightning's start-up advertisements (logged at INFO).
 _NOISE_LOGS = ("💡 Tip:",)

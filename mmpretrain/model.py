@@ -95,20 +95,6 @@ class ContrastiveModel(nn.Module):
             out["text_negatives_mask"] = batch["text_negatives_mask"].bool()
         return out | self.logit_scale_outputs()
 
-    #: batch keys holding more inputs of a modality's tower than its own (hard negatives; a val
-    #: batch's further captions and probe negatives)
-    EXTRA_INPUTS = {"text": ("text_negatives", "text_more", "probe_negatives")}
-
-    def trim_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """A copy of ``batch`` with each tower's inputs cut by :meth:`Tower.trim_input` (on the host, before
-        the batch moves to its device: e.g. text without the columns that are padding in every row)."""
-        out = dict(batch)
-        for m, tower in self.towers.items():
-            for key in (m, *self.EXTRA_INPUTS.get(m, ())):
-                if isinstance(out.get(key), torch.Tensor):
-                    out[key] = tower.trim_input(out[key])
-        return out
-
     def _encode_present(self, m: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Features of the rows that carry modality ``m``; absent rows get zero features, which
         losses and metrics leave out by the mask.

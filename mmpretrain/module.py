@@ -76,12 +76,6 @@ class ContrastiveModule(L.LightningModule):
         return self.model(batch)
 
     # -- training ---------------------------------------------------------------------------
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        """Towers' inputs trimmed on the host first (text: padding columns), then moved."""
-        if isinstance(batch, dict):
-            batch = self.model.trim_inputs(batch)
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         batch = self._masks_on_every_rank(batch)
         losses = self._grad_cache_step(batch) if self.grad_cache_chunks > 1 else self.loss(self.model(batch))

@@ -3,9 +3,7 @@
 The same model (same initial weights), loss, optimiser, clipping and the same pre-collated
 batches held in memory (no data loading in the timed region). Three loops, interleaved per rep:
 
-- ``plain``: input trimming (``model.trim_inputs``, which Lightning's loops get from the module's
-  ``transfer_batch_to_device``), forward, InfoNCE, backward, clip, AdamW step, lr schedule,
-  logit-scale clamp;
+- ``plain``: forward, InfoNCE, backward, clip, AdamW step, lr schedule, logit-scale clamp;
 - ``lightning-bare``: ``ContrastiveModule`` under a Trainer with no logger, callbacks or bar;
 - ``lightning-default``: the Trainer as `mmpretrain train` builds it (our default callbacks and
   loggers: checkpointing, lr monitor, rich progress bar, wandb offline + CSV).
@@ -67,7 +65,7 @@ def plain_loop(model, loss_fn, optim_cfg, batches, clip: float) -> list[float]:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(int(0.05 * len(batches)), len(batches), 0.0))
     clock = StepClock()
     for batch in batches:
-        losses = loss_fn(model(model.trim_inputs(batch)))
+        losses = loss_fn(model(batch))
         total = sum(losses.values())
         opt.zero_grad(set_to_none=True)
         total.backward()

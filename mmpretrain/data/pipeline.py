@@ -314,6 +314,11 @@ class ShardStream(IterableDataset):
             out[k] = values
             if k in _TEXT_LISTS:
                 out[f"{k}_owner"] = owner
+        trim = getattr(self.preprocess.get("text"), "trim", None)  # the text tower's: padding columns off
+        if trim is not None:
+            for k in ("text", "text_negatives", *_TEXT_LISTS):
+                if isinstance(out.get(k), torch.Tensor):
+                    out[k] = trim(out[k])
         out["__skipped__"] = torch.tensor(counter.take())
         return out
 

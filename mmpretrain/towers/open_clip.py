@@ -91,14 +91,36 @@ def _trimmable_pad_id(encoder: torch.nn.Module) -> int | None:
     return int(getattr(encoder, "pad_id", 0)) if ok else None
 
 
-class _Tokenize:
-    """Picklable single-caption tokenizer (runs in data-loader workers)."""
+def trim_padding(x: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Token ids ``[..., L]`` without the trailing columns that are ``pad_id`` in every row (at least one kept).
 
-    def __init__(self, tokenizer):
+    For the text transformers :func:`_trimmable_pad_id` accepts (causal attention, features pooled at
+    the end token, no padding mask) this is exact: no position attends to a later one, so the pooled
+    feature, the loss and every gradient are those of the full-length input, at the cost of the
+    batch's longest caption instead of the context length (captions of 7-9 tokens in a 32-token
+    context make the text tower's forward + backward ~2.4x cheaper). Reads the values: meant for host
+    tensors (the data pipeline applies it to each collated batch, in its workers)."""
+    if x.ndim < 2 or x.dtype.is_floating_point or x.shape[-1] < 2:
+        return x
+    used = x.reshape(-1, x.shape[-1]).ne(pad_id).any(0).nonzero()
+    keep = int(used.max()) + 1 if len(used) else 1
+    return x[..., :keep].contiguous() if keep < x.shape[-1] else x
+
+
+class _Tokenize:
+    """Picklable single-caption tokenizer (runs in data-loader workers). ``trim`` (None when the tower
+    could see padding) cuts a collated batch of its output to the batch's longest caption."""
+
+    def __init__(self, tokenizer, pad_id: int | None = None):
         self.tokenizer = tokenizer
+        self.pad_id = pad_id
 
     def __call__(self, text: str) -> torch.Tensor:
         return self.tokenizer([text])[0]
+
+    @property
+    def trim(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        return None if self.pad_id is None else functools.partial(trim_padding, pad_id=self.pad_id)
 
 
 class OpenClipTower(Tower):
@@ -163,19 +185,9 @@ class OpenClipTower(Tower):
         return self.encoder(self.normalize_input(x))
 
     def trim_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Token ids without the trailing columns that are padding in every row.
-
-        Exact for the text transformers this applies to (causal attention, features pooled at the
-        end token, no padding mask; ``pad_id`` is None for any other tower): no position attends to a
-        later one, so the pooled feature, the loss and every gradient are those of the full-length
-        input, at the cost of the batch's longest caption instead of the context length (captions of
-        7-9 tokens in a 32-token context make the text tower's step ~2.4x cheaper). Any leading shape
-        (``[B, L]``, hard negatives ``[B, M, L]``); called on host tensors (it reads the values)."""
-        if self.pad_id is None or x.ndim < 2 or x.dtype.is_floating_point or x.shape[-1] < 2:
-            return x
-        used = x.reshape(-1, x.shape[-1]).ne(self.pad_id).any(0).nonzero()
-        keep = int(used.max()) + 1 if len(used) else 1
-        return x[..., :keep].contiguous() if keep < x.shape[-1] else x
+        """Token ids without the trailing columns that are padding in every row (:func:`trim_padding`;
+        ``x`` itself for a tower that could see the padding)."""
+        return x if self.pad_id is None else trim_padding(x, self.pad_id)
 
     def _short_text(self, text: torch.Tensor) -> torch.Tensor:
         """open_clip's ``TextTransformer.forward`` on ``n`` < context-length columns: the causal mask
@@ -190,7 +202,7 @@ class OpenClipTower(Tower):
 
     def preprocess(self, train: bool) -> Callable:
         if self.modality == "text":
-            return _Tokenize(build_tokenizer(self.model_cfg))
+            return _Tokenize(build_tokenizer(self.model_cfg), self.pad_id)
         pp = preprocess_cfg(self.model_cfg)
         # uint8 [C, H, W] (open_clip's transform without ToTensor + Normalize): forward normalises.
         return uint8_transform(open_clip.image_transform(

@@ -23,7 +23,7 @@ SMALL_TEXT = [
 ]
 #: Known-harmless third-party messages the CLI filters (a real warning would still show).
 NOISE = ("litlogger", "Tip:", "`IterableDataset` has `__len__` defined", "will be deleted when the new ones",
-         "LeafSpec", "overridden `transfer_batch_to_device`")
+         "LeafSpec")
 
 
 def console_script(python: str | Path = sys.executable) -> Path:

@@ -1,14 +1,14 @@
 """Text inputs are trimmed to the batch's longest caption: exactly the full-length result, cheaper."""
 
 import copy
+import json
 
 import pytest
 import torch
 
-from mmpretrain.losses import InfoNCE
-from mmpretrain.model import ContrastiveModel
-from mmpretrain.module import ContrastiveModule
+from mmpretrain.data import ShardStream, Source
 from mmpretrain.towers.open_clip import OpenClipTower, build_tokenizer
+from tests.unit.test_data import png_bytes, write_shard
 
 CFG = {
     "embed_dim": 32,
@@ -71,19 +71,30 @@ def test_towers_that_can_see_padding_are_not_trimmed(text_cfg):
     assert tower.trim_input(tokens) is tokens
 
 
-def test_every_text_input_of_a_batch_is_trimmed_before_it_moves_to_the_device():
-    torch.manual_seed(0)
+def test_the_data_stream_trims_every_text_tensor_of_a_batch_in_its_workers(tmp_path):
+    """Training captions and hard negatives, val captions, further captions and probe negatives: each
+    cut to its own longest row by the text tower's preprocess, in the worker (no host read in the
+    training process), and the model's features from them are those of the full-length captions."""
     text = _tower()
-    image = OpenClipTower("image", CFG)
-    model = ContrastiveModel({"image": image, "text": text}, embed_dim=32)
-    tokens, n = _tokens(text)
-    batch = {"image": torch.zeros(4, 3, 32, 32, dtype=torch.uint8), "text": tokens,
-             "text_negatives": tokens[:, None].expand(4, 2, -1).clone(), "text_negatives_mask": torch.ones(4, 2),
-             "text_more": tokens[:2]}
-    module = ContrastiveModule(model, InfoNCE(), optim={})
-    out = module.transfer_batch_to_device(dict(batch), torch.device("cpu"), 0)  # Lightning's hook, on the host
-    assert out["image"] is batch["image"]
-    assert [out[k].shape[-1] for k in ("text", "text_negatives", "text_more")] == [n, n, n]
-    model.eval()
+    preprocess = {"image": lambda img: torch.zeros(3, 4, 4, dtype=torch.uint8), "text": text.preprocess(True)}
+    tokenize = build_tokenizer(text.model_cfg)
+    second = "a much longer second caption of this sample, with many more words"
+    samples = []
+    for i, caption in enumerate(CAPTIONS * 2):
+        meta = {"captions": [caption, second],
+                "negatives": ["a short negative"], "negative_kinds": ["swap_att"]}
+        samples.append({"__key__": f"k{i}", "png": png_bytes(i), "txt": caption, "json": json.dumps(meta).encode()})
+    urls = [write_shard(tmp_path / "a.tar", samples)]
+    common = dict(batch_size=4, shuffle_buffer=1, caption_keys=["json"], caption_field="captions")
+    train = next(iter(ShardStream([Source("s", urls)], preprocess, train=True, batches_per_worker=2, negatives=1,
+                                  **common)))
+    val = next(iter(ShardStream([Source("s", urls)], preprocess, train=False, **common)))
+    longest = lambda captions: int(tokenize(captions).ne(0).sum(1).max())  # noqa: E731
+    assert val["text"].shape == (4, longest(CAPTIONS))
+    assert val["text_more"].shape[-1] == longest([second])
+    assert val["probe_negatives"].shape[-1] == longest(["a short negative"])
+    assert train["text"].shape[-1] < 24 and train["text_negatives"].shape[-1] < 24
+    text.eval()
     with torch.no_grad():
-        torch.testing.assert_close(model(out)["text_features"], model(batch)["text_features"], atol=1e-5, rtol=1e-5)
+        full = tokenize(CAPTIONS)
+        torch.testing.assert_close(text(val["text"]), text(full), atol=1e-5, rtol=1e-5)
