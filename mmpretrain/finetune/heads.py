@@ -81,13 +81,7 @@ def tower_tokens(model: ContrastiveModel, modality: str, x: torch.Tensor) -> tup
     tower = model.towers[modality]
     x = tower.normalize_input(x)  # uint8 images: the normalisation the tower's forward starts with
     if isinstance(tower, OpenClipTower):
-        enc = tower.encoder
-        previous = enc.output_tokens
-        enc.output_tokens = True
-        try:
-            _, tokens = enc(x)
-        finally:
-            enc.output_tokens = previous
+        _, tokens = tower.forward_with_tokens(x)  # text may come without its padding columns
         mask = None
         if modality == "text" and not x.is_floating_point() and x.shape[1] == tokens.shape[1]:
             mask = x == 0  # open_clip pads with token id 0; the start token is never 0

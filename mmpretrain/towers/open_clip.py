@@ -178,27 +178,46 @@ class OpenClipTower(Tower):
         return getattr(self, self.part)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Token ids (text; fewer columns than the context length after :meth:`trim_input`), or
+        """Token ids (text; fewer columns than the context length after :func:`trim_padding`), or
         images: uint8 pixels (normalised here) or already-normalised floats."""
-        if self.pad_id is not None and x.shape[-1] < self.encoder.attn_mask.shape[0]:
-            return self._short_text(x)
+        if self._is_short(x):
+            return self._short_text(x)[0]
         return self.encoder(self.normalize_input(x))
+
+    def forward_with_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """open_clip's ``output_tokens`` forward: the pooled features and the per-token features
+        (text after ``ln_final``; a ViT's patch tokens), for any input :meth:`forward` takes."""
+        if self._is_short(x):
+            return self._short_text(x)
+        enc = self.encoder
+        previous = enc.output_tokens
+        enc.output_tokens = True
+        try:
+            return enc(self.normalize_input(x))
+        finally:
+            enc.output_tokens = previous
+
+    def _is_short(self, x: torch.Tensor) -> bool:
+        return self.pad_id is not None and x.shape[-1] < self.encoder.attn_mask.shape[0]
 
     def trim_input(self, x: torch.Tensor) -> torch.Tensor:
         """Token ids without the trailing columns that are padding in every row (:func:`trim_padding`;
         ``x`` itself for a tower that could see the padding)."""
         return x if self.pad_id is None else trim_padding(x, self.pad_id)
 
-    def _short_text(self, text: torch.Tensor) -> torch.Tensor:
-        """open_clip's ``TextTransformer.forward`` on ``n`` < context-length columns: the causal mask
-        cut to ``n`` x ``n`` (open_clip's forward passes its full-size mask to the blocks)."""
+    def _short_text(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """open_clip's ``TextTransformer.forward`` on ``n`` < context-length columns, with the causal
+        mask cut to ``n`` x ``n`` (open_clip's own forward passes its full-size mask to the blocks):
+        the pooled features and the per-token features."""
         enc, n = self.encoder, text.shape[-1]
         x, _ = enc._embeds(text)
-        x = enc.ln_final(enc.transformer(x, attn_mask=enc.attn_mask[:n, :n]))
-        pooled = text_global_pool(x, text, pool_type=enc.pool_type, eos_token_id=getattr(enc, "eos_id", None))
+        tokens = enc.ln_final(enc.transformer(x, attn_mask=enc.attn_mask[:n, :n]))
+        pooled = text_global_pool(tokens, text, pool_type=enc.pool_type, eos_token_id=getattr(enc, "eos_id", None))
         if isinstance(enc.text_projection, torch.nn.Linear):
-            return enc.text_projection(pooled)
-        return pooled if enc.text_projection is None else pooled @ enc.text_projection
+            pooled = enc.text_projection(pooled)
+        elif enc.text_projection is not None:
+            pooled = pooled @ enc.text_projection
+        return pooled, tokens
 
     def preprocess(self, train: bool) -> Callable:
         if self.modality == "text":
