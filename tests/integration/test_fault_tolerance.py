@@ -96,7 +96,10 @@ def single_process_losses(run: Path, overrides: list[str], steps: int, digits_ro
     batches = []
     for step in range(1, steps + 1):
         parts = [torch.load(run / "rec" / f"rank{r}-step{step:06d}.pt", weights_only=True) for r in (0, 1)]
-        batches.append({k: torch.cat([p[k] for p in parts]) for k in ("image", "text")})
+        # each rank's text comes cut to its own longest caption: pad back with the padding id (exact)
+        width = max(p["text"].shape[-1] for p in parts)
+        text = torch.cat([torch.nn.functional.pad(p["text"], (0, width - p["text"].shape[-1])) for p in parts])
+        batches.append({"image": torch.cat([p["image"] for p in parts]), "text": text})
     losses: list[float] = []
 
     class Grab(L.Callback):

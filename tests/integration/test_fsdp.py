@@ -159,8 +159,11 @@ def test_fsdp_open_clip_model_with_grad_cache_exports_to_open_clip(digits_root, 
     out = export_cmd(compose_config("export", [f"ckpt={sharded}", f"out={tmp_path}/oc-export", "format=open_clip"]))
     ours = model_from_checkpoint(sharded).eval()
     batch = torch.load(next((run / "rec").glob("rank0-step000001.pt")), weights_only=True)
-    # open_clip takes normalised float images (our towers normalise uint8 pixels themselves)
-    batch = {"image": ours.towers["image"].normalize_input(batch["image"]), "text": batch["text"]}
+    # open_clip takes normalised float images (our towers normalise uint8 pixels themselves) and text at its
+    # context length (our data stream cuts the padding columns: padding them back is exact)
+    context = ours.towers["text"].model_cfg["text_cfg"]["context_length"]
+    text = torch.nn.functional.pad(batch["text"], (0, context - batch["text"].shape[-1]))
+    batch = {"image": ours.towers["image"].normalize_input(batch["image"]), "text": text}
     batch_file = tmp_path / "batch.pt"
     torch.save(batch, batch_file)
     result = tmp_path / "theirs.pt"
