@@ -44,7 +44,7 @@ $(BENCH_REF)/.installed: | $(STAMP)
 
 bench-ref: install $(BENCH_REF)/.installed ## reference deps of open_clip_train (webdataset 0.2.86) in .bench/ref, not in .venv
 
-bench: install bench-ref ## benchmarks vs open_clip_train (~30 min on 2 cores) -> benchmarks/RESULTS.md
+bench: install bench-ref ## benchmarks vs open_clip_train (~45 min on 2 cores) -> benchmarks/RESULTS.md
 	$(PY) scripts/bench_throughput.py $(BENCH_OPTS)
 	$(PY) scripts/bench_overhead.py $(BENCH_OPTS)
 	$(PY) scripts/bench_data.py $(BENCH_OPTS)
