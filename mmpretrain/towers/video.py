@@ -9,6 +9,16 @@ tower normalises them on the device). Pooling, chosen by config:
 - ``inflate``: the ViT's patch embedding inflated to tubelets of 2 frames (ImageBind;
   :mod:`mmpretrain.towers.inflate`); the ViT attends over the tokens of the whole clip.
 
+What a frame's feature keeps of WHERE things are, ``frame_pool`` (mean/transformer pooling):
+
+- ``avg``: the frame tower's own output (a CNN's global average pool): position mostly discarded,
+  so no pooling over time can see a digit move.
+- ``spatial_softmax``: the frame backbone's feature map (timm ``forward_features``); per channel a
+  softmax over the positions and its expected (x, y) (the keypoints of Levine et al. 2016, "deep
+  spatial autoencoders"), concatenated with the average pool, then a linear layer back to the frame
+  width.
+- ``grid``: the feature map average-pooled to ``grid_size x grid_size`` cells, flattened, a linear layer.
+
 ``preprocess(train)`` is a :class:`VideoClip`: it picks ``num_frames`` frame indices (every
 ``stride``-th frame of a window, or one per equal segment when ``stride`` is null; a random window /
 random frame per segment in training, the centre in evaluation), pads a short clip by repetition,
@@ -34,6 +44,7 @@ from torch import nn
 from mmpretrain.towers.base import Tower
 
 POOLINGS = ("mean", "transformer", "inflate")
+FRAME_POOLS = ("avg", "grid", "spatial_softmax")
 PADS = ("loop", "last")
 
 
@@ -115,6 +126,43 @@ class TemporalTransformer(nn.Module):
         return self.norm(x + self.blocks(x + self.position.to(x.dtype))).mean(1)
 
 
+class FramePool(nn.Module):
+    """A frame backbone's feature map ``[N, C, h, w]`` -> ``[N, C]`` that keeps where things are
+    (``grid`` or ``spatial_softmax``; see the module docstring)."""
+
+    def __init__(self, kind: str, dim: int, grid_size: int = 2):
+        super().__init__()
+        if kind not in FRAME_POOLS[1:]:
+            raise ValueError(f"FramePool kind must be one of {', '.join(FRAME_POOLS[1:])}, not '{kind}'")
+        if int(grid_size) < 1:
+            raise ValueError(f"video grid_size must be >= 1, got {grid_size}")
+        self.kind, self.grid_size = kind, int(grid_size)
+        if kind == "grid":
+            self.proj = nn.Linear(dim * self.grid_size**2, dim)
+        else:
+            self.log_temperature = nn.Parameter(torch.zeros(()))  # the softmax's temperature, learned
+            self.proj = nn.Linear(3 * dim, dim)
+
+    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
+        if fmap.ndim != 4:
+            raise ValueError(f"frame_pool={self.kind} needs a frame backbone whose forward_features is a map "
+                             f"[N, C, h, w] (a CNN), got shape {tuple(fmap.shape)}: use frame_pool=avg")
+        if self.kind == "grid":
+            return self.proj(nn.functional.adaptive_avg_pool2d(fmap, self.grid_size).flatten(1))
+        keypoints = spatial_keypoints(fmap, self.log_temperature.exp())
+        return self.proj(torch.cat([fmap.mean((2, 3)), keypoints.flatten(1).to(fmap.dtype)], 1))
+
+
+def spatial_keypoints(fmap: torch.Tensor, temperature: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """``[N, C, h, w]`` -> ``[N, C, 2]``: per channel, the expected (x, y) under a softmax over the
+    positions, in [-1, 1] (left/top -1, right/bottom 1; the centres of the corner cells)."""
+    n, c, h, w = fmap.shape
+    attn = (fmap.flatten(2).float() / temperature).softmax(-1)  # [N, C, h*w]
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, device=fmap.device),
+                            torch.linspace(-1, 1, w, device=fmap.device), indexing="ij")
+    return attn @ torch.stack([xs.flatten(), ys.flatten()], 1)
+
+
 class VideoTower(Tower):
     """A frame tower (any image tower config) + temporal pooling; see the module docstring."""
 
@@ -128,12 +176,19 @@ class VideoTower(Tower):
         pooling: str = "mean",
         temporal: dict[str, Any] | None = None,
         image_tower_path: str | None = None,
+        frame_pool: str = "avg",
+        grid_size: int = 2,
     ):
         from mmpretrain.config import safe_instantiate
         from mmpretrain.model import TRAINING_OPTIONS
 
         if pooling not in POOLINGS:
             raise ValueError(f"video pooling must be one of {', '.join(POOLINGS)}, not '{pooling}'")
+        if frame_pool not in FRAME_POOLS:
+            raise ValueError(f"video frame_pool must be one of {', '.join(FRAME_POOLS)}, not '{frame_pool}'")
+        if frame_pool != "avg" and pooling == "inflate":
+            raise ValueError(f"frame_pool={frame_pool} pools a CNN's frame features; pooling=inflate takes a ViT's "
+                             "tokens: use frame_pool=avg with it")
         if pad not in PADS:
             raise ValueError(f"video pad must be one of {', '.join(PADS)}, not '{pad}'")
         if int(num_frames) < 1 or (stride is not None and int(stride) < 1):
@@ -143,7 +198,7 @@ class VideoTower(Tower):
         super().__init__({
             "_target_": f"{__name__}.VideoTower", "_recursive_": False, "frame": frame_tower.config, "modality": modality,
             "num_frames": int(num_frames), "stride": None if stride is None else int(stride), "pad": pad,
-            "pooling": pooling, "temporal": dict(temporal or {}),
+            "pooling": pooling, "temporal": dict(temporal or {}), "frame_pool": frame_pool, "grid_size": int(grid_size),
         })
         self.modality = modality
         self.frame = frame_tower
@@ -152,6 +207,12 @@ class VideoTower(Tower):
         self.num_frames, self.stride, self.pad, self.pooling = int(num_frames), stride, pad, pooling
         self.has_projection = self.frame.has_projection
         self.output_dim = self.frame.output_dim
+        self.frame_pool: FramePool | None = None
+        if frame_pool != "avg":
+            if not hasattr(self.frame, "feature_map"):
+                raise ValueError(f"frame_pool={frame_pool} needs a timm frame tower (its forward_features map), "
+                                 f"not {type(self.frame).__name__}: use frame_pool=avg")
+            self.frame_pool = FramePool(frame_pool, self.output_dim, grid_size)
         self.temporal: nn.Module | None = None
         if pooling == "transformer":
             self.temporal = TemporalTransformer(self.output_dim, self.num_frames, **dict(temporal or {}))
@@ -168,8 +229,14 @@ class VideoTower(Tower):
         if self.pooling == "inflate":
             frames = self.frame.normalize_input(x.flatten(0, 1))
             return self.temporal(frames.view(b, t, *frames.shape[1:]))
-        feats = self.frame(x.flatten(0, 1)).view(b, t, -1)
+        feats = self.frame_features(x.flatten(0, 1)).view(b, t, -1)
         return feats.mean(1) if self.pooling == "mean" else self.temporal(feats)
+
+    def frame_features(self, frames: torch.Tensor) -> torch.Tensor:
+        """``[N, C, H, W]`` frames -> ``[N, D]``: the frame tower's output, or its map through ``frame_pool``."""
+        if self.frame_pool is None:
+            return self.frame(frames)
+        return self.frame_pool(self.frame.feature_map(frames))
 
     def preprocess(self, train: bool) -> Callable[[Any], torch.Tensor]:
         return VideoClip(self.frame.preprocess(train), self.num_frames, self.stride, train, self.pad)
@@ -181,8 +248,10 @@ class VideoTower(Tower):
         self.frame.set_channels_last(enable)
 
     def param_groups(self) -> list[list[nn.Parameter]]:
-        """The frame tower's groups (stem, blocks, head), then the temporal module's parameters."""
+        """The frame tower's groups (stem, blocks, head), the frame pool's, then the temporal module's parameters."""
         groups = self.frame.param_groups()
+        if self.frame_pool is not None:
+            groups.append(list(self.frame_pool.parameters()))
         if self.temporal is not None:
             groups.append(list(self.temporal.parameters()))
         return [g for g in groups if g]
@@ -191,7 +260,8 @@ class VideoTower(Tower):
     def data_config(self) -> dict[str, Any]:
         """Export settings: the frame transform's and the sampling's."""
         frame = dict(getattr(self.frame, "data_config", {}))
-        return frame | {"num_frames": self.num_frames, "stride": self.stride, "pad": self.pad, "pooling": self.pooling}
+        return frame | {"num_frames": self.num_frames, "stride": self.stride, "pad": self.pad, "pooling": self.pooling,
+                         "frame_pool": self.config["frame_pool"]}
 
 
 def load_image_tower(frame: Tower, path: str) -> None:
