@@ -6,6 +6,8 @@ tower normalises them on the device). Pooling, chosen by config:
 - ``mean``: the mean of the frame features (CLIP4Clip's meanP): blind to frame order.
 - ``transformer``: a small temporal transformer over the frame features with learned frame-position
   embeddings (CLIP4Clip's seqTransf): residual, then the mean over time. Order matters.
+  ``temporal.motion: true`` adds to each frame's feature a learned linear map of its difference to
+  the next frame's (the two-stream / TDN idea on the features): order-aware from the first step.
 - ``inflate``: the ViT's patch embedding inflated to tubelets of 2 frames (ImageBind;
   :mod:`mmpretrain.towers.inflate`); the ViT attends over the tokens of the whole clip.
 
@@ -108,13 +110,19 @@ class VideoClip:
 
 
 class TemporalTransformer(nn.Module):
-    """Frame features ``[B, T, D]`` + learned frame positions -> pre-norm transformer -> residual -> mean over T."""
+    """Frame features ``[B, T, D]`` (+ a linear map of the next frame's difference with ``motion``) + learned
+    frame positions -> pre-norm transformer -> residual -> mean over T."""
 
-    def __init__(self, dim: int, num_frames: int, layers: int = 2, heads: int = 4, mlp_ratio: float = 2.0):
+    def __init__(self, dim: int, num_frames: int, layers: int = 2, heads: int = 4, mlp_ratio: float = 2.0,
+                 motion: bool = False):
         super().__init__()
         if dim % heads:
             raise ValueError(f"temporal transformer: the frame feature dim {dim} is not divisible by heads={heads}")
         self.position = nn.Parameter(torch.randn(1, num_frames, dim) * 0.02)
+        # motion: each frame also gets W (f[t+1] - f[t]) (the last frame 0), so the block sees the change between
+        # frames from the first step; without it, attention starts near uniform (an average of the frames,
+        # blind to order) and order is learned only as the position embeddings grow.
+        self.motion = nn.Linear(dim, dim, bias=False) if motion else None
         layer = nn.TransformerEncoderLayer(dim, heads, int(dim * mlp_ratio), dropout=0.0, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
@@ -123,6 +131,9 @@ class TemporalTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] != self.position.shape[1]:
             raise ValueError(f"the temporal transformer was built for {self.position.shape[1]} frames, got {x.shape[1]}")
+        if self.motion is not None:
+            step = torch.cat([x[:, 1:] - x[:, :-1], torch.zeros_like(x[:, :1])], 1)
+            x = x + self.motion(step)
         return self.norm(x + self.blocks(x + self.position.to(x.dtype))).mean(1)
 
 
