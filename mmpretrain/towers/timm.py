@@ -114,6 +114,14 @@ class TimmTower(Tower):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
 
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's features before timm's global pool (``forward_features``): ``[N, C, h, w]``
+        for a CNN (``[N, tokens, C]`` for a ViT), the input normalised as in :meth:`forward`."""
+        x = self.input_norm(x)
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model.forward_features(x)
+
     def preprocess(self, train: bool) -> Callable:
         kwargs = dict(self.transform_kwargs) if train else {}
         # uint8 [C, H, W] (timm's transform without ToTensor + Normalize): forward normalises.

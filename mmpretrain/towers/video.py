@@ -6,8 +6,20 @@ tower normalises them on the device). Pooling, chosen by config:
 - ``mean``: the mean of the frame features (CLIP4Clip's meanP): blind to frame order.
 - ``transformer``: a small temporal transformer over the frame features with learned frame-position
   embeddings (CLIP4Clip's seqTransf): residual, then the mean over time. Order matters.
+  ``temporal.motion: true`` adds to each frame's feature a learned linear map of its difference to
+  the next frame's (the two-stream / TDN idea on the features): order-aware from the first step.
 - ``inflate``: the ViT's patch embedding inflated to tubelets of 2 frames (ImageBind;
   :mod:`mmpretrain.towers.inflate`); the ViT attends over the tokens of the whole clip.
+
+What a frame's feature keeps of WHERE things are, ``frame_pool`` (mean/transformer pooling):
+
+- ``avg``: the frame tower's own output (a CNN's global average pool): position mostly discarded,
+  so no pooling over time can see a digit move.
+- ``spatial_softmax``: the frame backbone's feature map (timm ``forward_features``); per channel a
+  softmax over the positions and its expected (x, y) (the keypoints of Levine et al. 2016, "deep
+  spatial autoencoders"), concatenated with the average pool, then a linear layer back to the frame
+  width.
+- ``grid``: the feature map average-pooled to ``grid_size x grid_size`` cells, flattened, a linear layer.
 
 ``preprocess(train)`` is a :class:`VideoClip`: it picks ``num_frames`` frame indices (every
 ``stride``-th frame of a window, or one per equal segment when ``stride`` is null; a random window /
@@ -34,6 +46,7 @@ from torch import nn
 from mmpretrain.towers.base import Tower
 
 POOLINGS = ("mean", "transformer", "inflate")
+FRAME_POOLS = ("avg", "grid", "spatial_softmax")
 PADS = ("loop", "last")
 
 
@@ -97,13 +110,19 @@ class VideoClip:
 
 
 class TemporalTransformer(nn.Module):
-    """Frame features ``[B, T, D]`` + learned frame positions -> pre-norm transformer -> residual -> mean over T."""
+    """Frame features ``[B, T, D]`` (+ a linear map of the next frame's difference with ``motion``) + learned
+    frame positions -> pre-norm transformer -> residual -> mean over T."""
 
-    def __init__(self, dim: int, num_frames: int, layers: int = 2, heads: int = 4, mlp_ratio: float = 2.0):
+    def __init__(self, dim: int, num_frames: int, layers: int = 2, heads: int = 4, mlp_ratio: float = 2.0,
+                 motion: bool = False):
         super().__init__()
         if dim % heads:
             raise ValueError(f"temporal transformer: the frame feature dim {dim} is not divisible by heads={heads}")
         self.position = nn.Parameter(torch.randn(1, num_frames, dim) * 0.02)
+        # motion: each frame also gets W (f[t+1] - f[t]) (the last frame 0), so the block sees the change between
+        # frames from the first step; without it, attention starts near uniform (an average of the frames,
+        # blind to order) and order is learned only as the position embeddings grow.
+        self.motion = nn.Linear(dim, dim, bias=False) if motion else None
         layer = nn.TransformerEncoderLayer(dim, heads, int(dim * mlp_ratio), dropout=0.0, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
@@ -112,7 +131,47 @@ class TemporalTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] != self.position.shape[1]:
             raise ValueError(f"the temporal transformer was built for {self.position.shape[1]} frames, got {x.shape[1]}")
+        if self.motion is not None:
+            step = torch.cat([x[:, 1:] - x[:, :-1], torch.zeros_like(x[:, :1])], 1)
+            x = x + self.motion(step)
         return self.norm(x + self.blocks(x + self.position.to(x.dtype))).mean(1)
+
+
+class FramePool(nn.Module):
+    """A frame backbone's feature map ``[N, C, h, w]`` -> ``[N, C]`` that keeps where things are
+    (``grid`` or ``spatial_softmax``; see the module docstring)."""
+
+    def __init__(self, kind: str, dim: int, grid_size: int = 2):
+        super().__init__()
+        if kind not in FRAME_POOLS[1:]:
+            raise ValueError(f"FramePool kind must be one of {', '.join(FRAME_POOLS[1:])}, not '{kind}'")
+        if int(grid_size) < 1:
+            raise ValueError(f"video grid_size must be >= 1, got {grid_size}")
+        self.kind, self.grid_size = kind, int(grid_size)
+        if kind == "grid":
+            self.proj = nn.Linear(dim * self.grid_size**2, dim)
+        else:
+            self.log_temperature = nn.Parameter(torch.zeros(()))  # the softmax's temperature, learned
+            self.proj = nn.Linear(3 * dim, dim)
+
+    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
+        if fmap.ndim != 4:
+            raise ValueError(f"frame_pool={self.kind} needs a frame backbone whose forward_features is a map "
+                             f"[N, C, h, w] (a CNN), got shape {tuple(fmap.shape)}: use frame_pool=avg")
+        if self.kind == "grid":
+            return self.proj(nn.functional.adaptive_avg_pool2d(fmap, self.grid_size).flatten(1))
+        keypoints = spatial_keypoints(fmap, self.log_temperature.exp())
+        return self.proj(torch.cat([fmap.mean((2, 3)), keypoints.flatten(1).to(fmap.dtype)], 1))
+
+
+def spatial_keypoints(fmap: torch.Tensor, temperature: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """``[N, C, h, w]`` -> ``[N, C, 2]``: per channel, the expected (x, y) under a softmax over the
+    positions, in [-1, 1] (left/top -1, right/bottom 1; the centres of the corner cells)."""
+    n, c, h, w = fmap.shape
+    attn = (fmap.flatten(2).float() / temperature).softmax(-1)  # [N, C, h*w]
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, device=fmap.device),
+                            torch.linspace(-1, 1, w, device=fmap.device), indexing="ij")
+    return attn @ torch.stack([xs.flatten(), ys.flatten()], 1)
 
 
 class VideoTower(Tower):
@@ -128,12 +187,19 @@ class VideoTower(Tower):
         pooling: str = "mean",
         temporal: dict[str, Any] | None = None,
         image_tower_path: str | None = None,
+        frame_pool: str = "avg",
+        grid_size: int = 2,
     ):
         from mmpretrain.config import safe_instantiate
         from mmpretrain.model import TRAINING_OPTIONS
 
         if pooling not in POOLINGS:
             raise ValueError(f"video pooling must be one of {', '.join(POOLINGS)}, not '{pooling}'")
+        if frame_pool not in FRAME_POOLS:
+            raise ValueError(f"video frame_pool must be one of {', '.join(FRAME_POOLS)}, not '{frame_pool}'")
+        if frame_pool != "avg" and pooling == "inflate":
+            raise ValueError(f"frame_pool={frame_pool} pools a CNN's frame features; pooling=inflate takes a ViT's "
+                             "tokens: use frame_pool=avg with it")
         if pad not in PADS:
             raise ValueError(f"video pad must be one of {', '.join(PADS)}, not '{pad}'")
         if int(num_frames) < 1 or (stride is not None and int(stride) < 1):
@@ -143,7 +209,7 @@ class VideoTower(Tower):
         super().__init__({
             "_target_": f"{__name__}.VideoTower", "_recursive_": False, "frame": frame_tower.config, "modality": modality,
             "num_frames": int(num_frames), "stride": None if stride is None else int(stride), "pad": pad,
-            "pooling": pooling, "temporal": dict(temporal or {}),
+            "pooling": pooling, "temporal": dict(temporal or {}), "frame_pool": frame_pool, "grid_size": int(grid_size),
         })
         self.modality = modality
         self.frame = frame_tower
@@ -152,6 +218,12 @@ class VideoTower(Tower):
         self.num_frames, self.stride, self.pad, self.pooling = int(num_frames), stride, pad, pooling
         self.has_projection = self.frame.has_projection
         self.output_dim = self.frame.output_dim
+        self.frame_pool: FramePool | None = None
+        if frame_pool != "avg":
+            if not hasattr(self.frame, "feature_map"):
+                raise ValueError(f"frame_pool={frame_pool} needs a timm frame tower (its forward_features map), "
+                                 f"not {type(self.frame).__name__}: use frame_pool=avg")
+            self.frame_pool = FramePool(frame_pool, self.output_dim, grid_size)
         self.temporal: nn.Module | None = None
         if pooling == "transformer":
             self.temporal = TemporalTransformer(self.output_dim, self.num_frames, **dict(temporal or {}))
@@ -168,8 +240,14 @@ class VideoTower(Tower):
         if self.pooling == "inflate":
             frames = self.frame.normalize_input(x.flatten(0, 1))
             return self.temporal(frames.view(b, t, *frames.shape[1:]))
-        feats = self.frame(x.flatten(0, 1)).view(b, t, -1)
+        feats = self.frame_features(x.flatten(0, 1)).view(b, t, -1)
         return feats.mean(1) if self.pooling == "mean" else self.temporal(feats)
+
+    def frame_features(self, frames: torch.Tensor) -> torch.Tensor:
+        """``[N, C, H, W]`` frames -> ``[N, D]``: the frame tower's output, or its map through ``frame_pool``."""
+        if self.frame_pool is None:
+            return self.frame(frames)
+        return self.frame_pool(self.frame.feature_map(frames))
 
     def preprocess(self, train: bool) -> Callable[[Any], torch.Tensor]:
         return VideoClip(self.frame.preprocess(train), self.num_frames, self.stride, train, self.pad)
@@ -181,8 +259,10 @@ class VideoTower(Tower):
         self.frame.set_channels_last(enable)
 
     def param_groups(self) -> list[list[nn.Parameter]]:
-        """The frame tower's groups (stem, blocks, head), then the temporal module's parameters."""
+        """The frame tower's groups (stem, blocks, head), the frame pool's, then the temporal module's parameters."""
         groups = self.frame.param_groups()
+        if self.frame_pool is not None:
+            groups.append(list(self.frame_pool.parameters()))
         if self.temporal is not None:
             groups.append(list(self.temporal.parameters()))
         return [g for g in groups if g]
@@ -191,7 +271,8 @@ class VideoTower(Tower):
     def data_config(self) -> dict[str, Any]:
         """Export settings: the frame transform's and the sampling's."""
         frame = dict(getattr(self.frame, "data_config", {}))
-        return frame | {"num_frames": self.num_frames, "stride": self.stride, "pad": self.pad, "pooling": self.pooling}
+        return frame | {"num_frames": self.num_frames, "stride": self.stride, "pad": self.pad, "pooling": self.pooling,
+                         "frame_pool": self.config["frame_pool"]}
 
 
 def load_image_tower(frame: Tower, path: str) -> None:

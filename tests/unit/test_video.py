@@ -11,7 +11,7 @@ import webdataset as wds
 from mmpretrain.data import ShardStream, Source
 from mmpretrain.data.decode import decode_sample
 from mmpretrain.data.video import CorruptVideoError, EncodedVideo, decode_video, encode_video, read_frames
-from mmpretrain.towers.video import VideoClip, VideoTower, sample_indices
+from mmpretrain.towers.video import VideoClip, VideoTower, sample_indices, spatial_keypoints
 from tests.videos import moving_square, tone
 
 FRAME = {"_target_": "mmpretrain.towers.timm.TimmTower", "model_name": "resnet10t", "img_size": 32}
@@ -159,6 +159,58 @@ def test_transformer_pooling_sees_time_order_and_mean_pooling_does_not():
     assert (a - b).abs().max() > 1e-3 * a.abs().max()
 
 
+@pytest.mark.parametrize("frame_pool", ["avg", "grid", "spatial_softmax"])
+def test_mean_pooling_stays_order_blind_whatever_the_frame_pool(frame_pool):
+    """A clip and its reverse (the opposite direction): equal under mean pooling, not under the transformer."""
+    torch.manual_seed(0)
+    clip = torch.randint(0, 256, (2, 4, 3, 64, 64), dtype=torch.uint8)
+    frame = FRAME | {"img_size": 64, "model_kwargs": {"output_stride": 16}}
+    mean = VideoTower(frame, num_frames=4, pooling="mean", frame_pool=frame_pool).eval()
+    seq = VideoTower(frame, num_frames=4, pooling="transformer", frame_pool=frame_pool,
+                     temporal={"layers": 1, "heads": 4}).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(mean(clip), mean(clip.flip(1)), rtol=1e-5, atol=1e-5)
+        a, b = seq(clip), seq(clip.flip(1))
+    assert a.shape == (2, 512)
+    assert (a - b).abs().max() > 1e-3 * a.abs().max()
+
+
+def test_spatial_keypoints_are_where_each_channel_fires():
+    fmap = torch.zeros(1, 2, 4, 4)
+    fmap[0, 0, 1, 3] = 50.0  # channel 0 fires at row 1, column 3; channel 1 nowhere: the centre
+    got = spatial_keypoints(fmap)
+    torch.testing.assert_close(got, torch.tensor([[[1.0, -1 / 3], [0.0, 0.0]]]), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["spatial_softmax", "grid"])
+def test_frame_pool_features_see_a_move_that_the_global_average_pool_cannot(kind):
+    """The same pattern at two places of the map: equal global average, different pooled features."""
+    from mmpretrain.towers.video import FramePool
+
+    torch.manual_seed(0)
+    pattern = torch.rand(1, 8, 2, 2) * 10
+    left, right = torch.zeros(1, 8, 4, 4), torch.zeros(1, 8, 4, 4)
+    left[..., 1:3, 0:2], right[..., 1:3, 2:4] = pattern, pattern
+    torch.testing.assert_close(left.mean((2, 3)), right.mean((2, 3)))
+    pool = FramePool(kind, 8)
+    a, b = pool(left), pool(right)
+    assert a.shape == (1, 8) and (a - b).abs().max() > 1e-2
+    if kind == "spatial_softmax":  # every channel's keypoint moved right, none moved vertically
+        moved = spatial_keypoints(right) - spatial_keypoints(left)
+        assert (moved[..., 0] > 0.3).all() and moved[..., 1].abs().max() < 1e-5
+
+
+def test_a_frame_pool_runs_on_the_frame_backbone_map():
+    tower = VideoTower(FRAME | {"img_size": 64, "model_kwargs": {"output_stride": 16}}, num_frames=2,
+                       frame_pool="spatial_softmax").eval()
+    frames = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        assert tower.frame.feature_map(frames).shape == (3, 512, 4, 4)
+        assert tower.frame_features(frames).shape == (3, 512)
+    assert tower.data_config["frame_pool"] == "spatial_softmax"
+    assert any(p is tower.frame_pool.log_temperature for g in tower.param_groups() for p in g)
+
+
 @pytest.mark.parametrize("family", ["timm", "open_clip"])
 def test_inflated_patch_embedding_sees_a_still_clip_as_its_image(family):
     """Two identical frames = one tubelet whose Conv3d equals the 2D conv: the image tower's features."""
@@ -190,6 +242,14 @@ def test_inflate_refuses_a_cnn_and_bad_options_are_named():
         VideoTower(FRAME, pooling="inflate")
     with pytest.raises(ValueError, match="mean, transformer, inflate"):
         VideoTower(FRAME, pooling="max")
+    with pytest.raises(ValueError, match="avg, grid, spatial_softmax"):
+        VideoTower(FRAME, frame_pool="max")
+    with pytest.raises(ValueError, match="use frame_pool=avg with it"):
+        VideoTower(FRAME, pooling="inflate", frame_pool="grid")
+    with pytest.raises(ValueError, match="needs a timm frame tower"):
+        VideoTower({"_target_": "mmpretrain.towers.open_clip.OpenClipTower", "modality": "image", "config": {
+            "embed_dim": 64, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8}}},
+            frame_pool="spatial_softmax")
     with pytest.raises(ValueError, match=r"clips \[B, T, C, H, W\]"):
         VideoTower(FRAME)(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
 
@@ -211,3 +271,27 @@ def test_a_pretrained_frame_tower_counts_as_a_pretrained_model():
     assert [f.pretrained_path for f in frames] == ["/w.safetensors"]
     assert _val_at_start(cfg)
     assert not _val_at_start(compose_config("train", ["model=tiny_video_text"]))
+
+
+def test_motion_feeds_the_frame_to_frame_change_to_the_temporal_transformer():
+    """``temporal.motion``: a still clip is unchanged by it (no change between frames), a moving one is;
+    at initialisation it makes the pooled feature far more sensitive to the order of the frames than
+    the transformer's own (near-uniform) attention does."""
+    from mmpretrain.towers.video import TemporalTransformer
+
+    torch.manual_seed(0)
+    plain = TemporalTransformer(64, 4, layers=1, heads=4)
+    motion = TemporalTransformer(64, 4, layers=1, heads=4, motion=True)
+    motion.load_state_dict(plain.state_dict(), strict=False)  # the same transformer, plus the motion map
+    still = torch.randn(3, 1, 64).expand(-1, 4, -1)
+    moving = torch.randn(3, 4, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(motion(still), plain(still))
+        assert (motion(moving) - plain(moving)).abs().max() > 1e-2
+
+        def order_gap(m):
+            return ((m(moving) - m(moving.flip(1))).norm(dim=1) / m(moving).norm(dim=1)).mean()
+
+        assert order_gap(motion) > 5 * order_gap(plain)
+    with pytest.raises(TypeError):
+        TemporalTransformer(64, 4, moton=True)  # a misspelt option is not silently ignored

@@ -37,7 +37,15 @@ import numpy as np
 from mmpretrain.data.digits import CLASSNAMES
 from mmpretrain.data.moving_digits import captions as grammar
 from mmpretrain.data.moving_digits.media import speech_flac
-from mmpretrain.data.moving_digits.motion import DIRECTIONS, SPEEDS, Track, moving_track, render, still_track
+from mmpretrain.data.moving_digits.motion import (
+    DIRECTIONS,
+    SPEEDS,
+    Track,
+    max_frames,
+    moving_track,
+    render,
+    still_track,
+)
 from mmpretrain.data.seeds import derive
 from mmpretrain.data.spoken_digits import espeak_path, speak, voice_params
 from mmpretrain.data.video import encode_video
@@ -88,13 +96,13 @@ class Plan:
     voice: tuple[str, int, int]  # espeak-ng voice, words a minute, pitch
 
 
-def plan_clip(seed: int, split: str, index: int) -> Plan:
+def plan_clip(seed: int, split: str, index: int, frames: int = 16) -> Plan:
     rng = random.Random(derive(seed, "moving_digits", SPLITS[split], index))
     pixels, targets, splits = digit_images(seed)
     pool = splits[split]
     first = int(pool[rng.randrange(len(pool))])
     label, direction, speed = int(targets[first]), rng.choice(list(DIRECTIONS)), rng.choice(list(SPEEDS))
-    tracks = [moving_track(label, pixels[first], direction, speed, rng)]
+    tracks = [moving_track(label, pixels[first], direction, speed, rng, frames)]
     if rng.random() < SECOND_DIGIT:
         while int(targets[second := int(pool[rng.randrange(len(pool))])]) == label:
             pass
@@ -106,7 +114,7 @@ def plan_clip(seed: int, split: str, index: int) -> Plan:
 
 def make_clip(seed: int, split: str, index: int, frames: int, size: int, fps: int, sample_rate: int) -> dict[str, Any]:
     """One sample of ``split``: the mp4, speech, captions and labels of clip ``index``."""
-    plan = plan_clip(seed, split, index)
+    plan = plan_clip(seed, split, index, frames)
     voice, wpm, pitch = plan.voice
     wav = speak(espeak_path(), plan.captions[0], voice, wpm, pitch, ESPEAK_RATE)  # espeak-ng's own rate
     flac, speech = speech_flac(wav, sample_rate)
@@ -130,13 +138,14 @@ def build_moving_digits(out: str | Path, seed: int = 0, train: int = 4000, val: 
                         image_size: int = 64, fps: int = 8, sample_rate: int = 16000, workers: int | None = None,
                         shard_size: int = 250, **_: Any) -> Path:
     """Write the splits' shards (in parallel, skipping shards already there), then the task files."""
-    if frames < 2:
-        raise ValueError(f"frames={frames}: a clip needs at least 2 frames to show motion")
+    if not 2 <= frames <= max_frames():
+        raise ValueError(f"frames={frames}: a clip needs at least 2 frames to show motion and at most {max_frames()} "
+                         "(a fast digit must stay whole on the canvas)")
     if image_size < 16 or image_size % 2:
         raise ValueError(f"image_size={image_size}: the frames must be an even side of at least 16 px (yuv420p)")
     espeak_path()  # a clear error before any worker starts
     out = Path(out)
-    options = {"seed": seed, "train": train, "val": val, "frames": frames, "image_size": image_size, "fps": fps,
+    options = {"canvas": "bounded", "seed": seed, "train": train, "val": val, "frames": frames, "image_size": image_size, "fps": fps,
                "sample_rate": sample_rate, "shard_size": shard_size}
     claim_build(out, "moving_digits.json", options, "moving digits")
     pending, sizes = plan_shards(out, {"train": train, "val": val}, shard_size)
