@@ -131,10 +131,10 @@ class TemporalTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] != self.position.shape[1]:
             raise ValueError(f"the temporal transformer was built for {self.position.shape[1]} frames, got {x.shape[1]}")
-        if self.motion is not None:
-            step = torch.cat([x[:, 1:] - x[:, :-1], torch.zeros_like(x[:, :1])], 1)
-            x = x + self.motion(step)
-        return self.norm(x + self.blocks(x + self.position.to(x.dtype))).mean(1)
+        inputs = x + self.position.to(x.dtype)
+        if self.motion is not None:  # into the blocks only: the residual keeps the frame features as they are
+            inputs = inputs + self.motion(torch.cat([x[:, 1:] - x[:, :-1], torch.zeros_like(x[:, :1])], 1))
+        return self.norm(x + self.blocks(inputs)).mean(1)
 
 
 class FramePool(nn.Module):
