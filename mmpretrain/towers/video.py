@@ -110,8 +110,9 @@ class VideoClip:
 
 
 class TemporalTransformer(nn.Module):
-    """Frame features ``[B, T, D]`` (+ a linear map of the next frame's difference with ``motion``) + learned
-    frame positions -> pre-norm transformer -> residual -> mean over T."""
+    """Frame features ``[B, T, D]`` + learned frame positions -> pre-norm transformer -> residual -> LayerNorm ->
+    mean over T. ``motion``: a linear map of each frame's change to the next joins its feature, and the output
+    is the plain mean over T of the residual stream (no LayerNorm), so the frame features keep their scale."""
 
     def __init__(self, dim: int, num_frames: int, layers: int = 2, heads: int = 4, mlp_ratio: float = 2.0,
                  motion: bool = False):
@@ -119,22 +120,24 @@ class TemporalTransformer(nn.Module):
         if dim % heads:
             raise ValueError(f"temporal transformer: the frame feature dim {dim} is not divisible by heads={heads}")
         self.position = nn.Parameter(torch.randn(1, num_frames, dim) * 0.02)
-        # motion: each frame also gets W (f[t+1] - f[t]) (the last frame 0), so the block sees the change between
-        # frames from the first step; without it, attention starts near uniform (an average of the frames,
-        # blind to order) and order is learned only as the position embeddings grow.
+        # motion: each frame also gets W (f[t+1] - f[t]) (the last frame 0), so the output depends on the change
+        # between frames from the first step; without it, attention starts near uniform (an average of the
+        # frames, blind to order) and order is learned only as the position embeddings grow.
         self.motion = nn.Linear(dim, dim, bias=False) if motion else None
+        self.norm = nn.LayerNorm(dim) if not motion else nn.Identity()
         layer = nn.TransformerEncoderLayer(dim, heads, int(dim * mlp_ratio), dropout=0.0, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] != self.position.shape[1]:
             raise ValueError(f"the temporal transformer was built for {self.position.shape[1]} frames, got {x.shape[1]}")
-        inputs = x + self.position.to(x.dtype)
-        if self.motion is not None:  # into the blocks only: the residual keeps the frame features as they are
-            inputs = inputs + self.motion(torch.cat([x[:, 1:] - x[:, :-1], torch.zeros_like(x[:, :1])], 1))
-        return self.norm(x + self.blocks(inputs)).mean(1)
+        if self.motion is None:
+            return self.norm(x + self.blocks(x + self.position.to(x.dtype))).mean(1)
+        # With motion the output is the mean over time of (frame feature + its motion term + the blocks'
+        # output), not layer-normalised per frame: the frame features keep their scale, as mean pooling's.
+        x = x + self.motion(torch.cat([x[:, 1:] - x[:, :-1], torch.zeros_like(x[:, :1])], 1))
+        return (x + self.blocks(x + self.position.to(x.dtype))).mean(1)
 
 
 class FramePool(nn.Module):
