@@ -207,6 +207,24 @@ def test_no_single_frame_nor_the_unordered_frames_tell_the_direction():
         assert (acc > 0.9) if readable else (acc < chance_max), (name, acc)
 
 
+def test_shards_from_the_wrapping_canvas_are_not_taken_as_built(root, tmp_path):
+    """A root built before the canvas was bounded (its record has no "canvas") is not used as is:
+    building into it again refuses, naming the fix."""
+    import shutil
+
+    from mmpretrain.data.builders import is_built
+
+    assert is_built(root, "moving-digits")
+    old = tmp_path / "old"
+    shutil.copytree(root, old)
+    record = json.loads((old / "moving_digits.json").read_text())
+    del record["canvas"]
+    (old / "moving_digits.json").write_text(json.dumps(record))
+    assert not is_built(old, "moving-digits")
+    with pytest.raises(ValueError, match="choose another out="):
+        build_moving_digits(old, workers=1, **TINY)
+
+
 def test_bad_options_say_what_is_wrong(tmp_path):
     with pytest.raises(ValueError, match="at least 2 frames"):
         build_moving_digits(tmp_path / "a", frames=1)

@@ -159,4 +159,10 @@ def build_moving_digits(out: str | Path, seed: int = 0, train: int = 4000, val: 
 
 
 def is_built(root: str | Path) -> bool:
-    return splits_built(root, SPLITS)
+    """The splits are there, and not from the version whose canvas wrapped around (its
+    ``moving_digits.json`` has no ``canvas``): such a root is rebuilt on first use, which refuses
+    with a message to choose another ``out=`` or delete it."""
+    if not splits_built(root, SPLITS):
+        return False
+    record = Path(root) / "moving_digits.json"
+    return not record.exists() or json.loads(record.read_text()).get("canvas") == "bounded"
