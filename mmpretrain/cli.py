@@ -256,6 +256,10 @@ def _trainer_and_optim(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]
     trainer.pop("val_at_start", None)  # ours, not Lightning's: see _val_at_start
     if isinstance(trainer.get("strategy"), dict):  # e.g. {_target_: lightning.pytorch.strategies.DDPStrategy, ...}
         trainer["strategy"] = _instantiate(trainer["strategy"])
+    elif trainer.get("strategy") == "ddp":  # Lightning's name: ours, whose evaluation never waits on a missing batch
+        from mmpretrain.ddp import DDPStrategy
+
+        trainer["strategy"] = DDPStrategy()
     if int(trainer.get("accumulate_grad_batches") or 1) > 1:
         raise ValueError(
             "trainer.accumulate_grad_batches>1 changes a contrastive loss (each micro-batch would only see its "

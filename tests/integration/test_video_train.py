@@ -126,3 +126,20 @@ def test_torchscript_export_of_a_video_tower_matches_the_model(tmp_path):
     clips = torch.randint(0, 256, (3, 4, 3, 32, 32), dtype=torch.uint8)
     with torch.no_grad():
         torch.testing.assert_close(traced(clips), model.encode_video(clips), rtol=1e-5, atol=1e-5)
+
+
+def test_ddp_with_a_batchnorm_frame_tower_and_unequal_val_batches_finishes(tmp_path):
+    """One val shard, two ranks: rank 1 has no val batch. Through the DDP wrapper each val forward of a
+    BatchNorm tower broadcast rank 0's buffers, so rank 0 waited there for ever while rank 1 waited in the
+    epoch-end gather (`experiment=moving_digits_clip trainer=ddp` on a small build hung)."""
+    root = tmp_path / "shards"
+    write_video_shards(root, n_train=32, n_val=8, shards=1, audio=False)
+    run = tmp_path / "run"
+    run_cli(["train", *VIDEO, f"data.root={root}", "data.shard_policy=resample", "data.num_workers=1",
+             "model.towers.video.pooling=transformer", "model.towers.video.temporal.heads=1", "trainer=ddp",
+             "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=bf16-mixed", "trainer.max_epochs=2",
+             "trainer.check_val_every_n_epoch=1", "trainer.val_check_interval=1.0", f"hydra.run.dir={run}"],
+            cwd=tmp_path / "elsewhere", timeout=300)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0.0 <= metrics.get("val/zeroshot_top1/video_text", -1) <= 1.0, sorted(metrics)
+    assert (run / "export").is_dir()
