@@ -138,7 +138,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     prompts = _zeroshot_prompts({"val": {"classnames": cfg.get("classnames"), "templates": cfg.get("templates")}})
     module = ContrastiveModule(model, loss=_InfoNCEForAllPairs(model), optim={}, zeroshot=prompts,
                                zeroshot_tasks=_zeroshot_tasks(cfg.data))
-    trainer = L.Trainer(**_plain(cfg.trainer) | {"logger": False, "enable_checkpointing": False})
+    trainer = L.Trainer(**_with_strategy(_plain(cfg.trainer)) | {"logger": False, "enable_checkpointing": False})
     (metrics,) = trainer.validate(module, datamodule=datamodule, verbose=False)
     for key, value in sorted(metrics.items()):
         if "zeroshot_top1" in key:
@@ -167,7 +167,7 @@ def finetune(cfg: DictConfig) -> dict[str, float]:
     model = model_from_checkpoint(cfg.pretrained, _plain(cfg.get("model")))
     prompts = _zeroshot_prompts(cfg.data)
     classnames = prompts["classnames"] if prompts else None
-    metrics = tasks.run(_plain(cfg.task), model, _plain(cfg.data), _plain(cfg.trainer),
+    metrics = tasks.run(_plain(cfg.task), model, _plain(cfg.data), _with_strategy(_plain(cfg.trainer)),
                         run_dir, classnames=classnames, seed=cfg.seed)
     print(f"{cfg.task.name}: val accuracy {metrics['val/accuracy']:.4f}, macro-F1 {metrics['val/f1_macro']:.4f}")
     _end_run(run_dir)
@@ -250,16 +250,24 @@ def _instantiate_all(group: Any) -> list:
     return [_instantiate(c) for c in (group or {}).values() if c is not None and c.get("_target_")]
 
 
+def _with_strategy(trainer: dict[str, Any]) -> dict[str, Any]:
+    """Trainer kwargs with ``strategy`` built: a config (``{_target_: ...}``) is instantiated, and Lightning's
+    ``ddp`` becomes ours (:mod:`mmpretrain.ddp`: evaluation never waits on a rank with no batch left)."""
+    trainer = dict(trainer)
+    if isinstance(trainer.get("strategy"), dict):  # e.g. {_target_: mmpretrain.ddp.DDPStrategy, ...}
+        trainer["strategy"] = _instantiate(trainer["strategy"])
+    elif trainer.get("strategy") == "ddp":
+        from mmpretrain.ddp import DDPStrategy
+
+        trainer["strategy"] = DDPStrategy()
+    return trainer
+
+
 def _trainer_and_optim(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Trainer kwargs and optim config, refusing gradient accumulation that changes the objective."""
     trainer, optim = _plain(cfg.trainer), _plain(cfg.optim)
     trainer.pop("val_at_start", None)  # ours, not Lightning's: see _val_at_start
-    if isinstance(trainer.get("strategy"), dict):  # e.g. {_target_: lightning.pytorch.strategies.DDPStrategy, ...}
-        trainer["strategy"] = _instantiate(trainer["strategy"])
-    elif trainer.get("strategy") == "ddp":  # Lightning's name: ours, whose evaluation never waits on a missing batch
-        from mmpretrain.ddp import DDPStrategy
-
-        trainer["strategy"] = DDPStrategy()
+    trainer = _with_strategy(trainer)
     if int(trainer.get("accumulate_grad_batches") or 1) > 1:
         raise ValueError(
             "trainer.accumulate_grad_batches>1 changes a contrastive loss (each micro-batch would only see its "
