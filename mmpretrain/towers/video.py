@@ -124,7 +124,7 @@ class TemporalTransformer(nn.Module):
         # between frames from the first step; without it, attention starts near uniform (an average of the
         # frames, blind to order) and order is learned only as the position embeddings grow.
         self.motion = nn.Linear(dim, dim, bias=False) if motion else None
-        self.norm = nn.LayerNorm(dim) if not motion else nn.Identity()
+        self.norm = None if motion else nn.LayerNorm(dim)  # with motion the output is not layer-normalised
         layer = nn.TransformerEncoderLayer(dim, heads, int(dim * mlp_ratio), dropout=0.0, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
