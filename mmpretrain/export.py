@@ -3,7 +3,7 @@ and checkpoint -> model for every source ``eval ckpt=`` / ``finetune pretrained=
 accept, with a clear message when a checkpoint does not fit the configured model.
 
 Reading files safely is :mod:`mmpretrain.io`; open_clip's layouts and TorchScript are
-:mod:`mmpretrain.interop`. Their names stay importable from here. Neither Lightning nor Hydra is imported.
+:mod:`mmpretrain.interop`. Neither Lightning nor Hydra is imported.
 """
 
 from __future__ import annotations
@@ -15,27 +15,20 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from mmpretrain.interop.open_clip import (  # noqa: F401  (re-exported: mmpretrain.export's old names)
+from mmpretrain.interop.open_clip import (
     OPEN_CLIP_CONFIG,
     OPEN_CLIP_WEIGHTS,
-    export_open_clip,
     from_open_clip_state_dict,
-    open_clip_model_cfg,
     open_clip_model_config,
     preprocess_cfg,
     read_open_clip_state_dict,
-    to_open_clip_state_dict,
 )
-from mmpretrain.interop.torchscript import export_torchscript  # noqa: F401  (re-exported)
-from mmpretrain.io import (  # noqa: F401  (re-exported)
-    UnsafeCheckpointError,
+from mmpretrain.io import (
     atomic_write,
     is_sharded_checkpoint,
     read_checkpoint,
-    read_state_dict,
     sharded_checkpoint_shapes,
-    strip_prefixes,
-    torch_load_safe,
+    write_text_atomic,
 )
 from mmpretrain.model import ContrastiveModel, build_model
 
@@ -145,11 +138,11 @@ def export(model: ContrastiveModel, out: str | Path, extra: dict[str, Any] | Non
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
     config = {"format_version": FORMAT_VERSION, "model": model.config(), **(extra or {})}
-    atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2, default=str)))
+    write_text_atomic(out / CONFIG_NAME, json.dumps(config, indent=2, default=str))
     settings = json.dumps(preprocess_settings(model), indent=2, default=str)
-    atomic_write(out / PREPROCESS_NAME, lambda p: Path(p).write_text(settings))
+    write_text_atomic(out / PREPROCESS_NAME, settings)
     card = model_card(model, extra or {})
-    atomic_write(out / "README.md", lambda p: Path(p).write_text(card))
+    write_text_atomic(out / "README.md", card)
     return out
 
 

@@ -1,15 +1,15 @@
-"""Safe file reading: checkpoints and weights files as plain dicts of tensors, never unpickled.
+"""Files: checkpoints and weights read as plain dicts of tensors (never unpickled: torch files with
+``weights_only=True``, ``.safetensors`` with safetensors), and the one atomic writer every file we
+write goes through.
 
-torch files are read with ``weights_only=True``; ``.safetensors`` with safetensors. This module is
-the bottom of the package: it imports nothing of mmpretrain, so towers, interop and export can all
-use it without import circles.
+The bottom of the package: imports nothing of mmpretrain.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-import tempfile
+import uuid
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -114,13 +114,45 @@ def strip_prefixes(state: dict[str, torch.Tensor], prefixes=("module.", "_orig_m
     return out
 
 
-def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
-    """``write(tmp)`` to a temporary file beside ``path``, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
+def atomic_write(path: str | Path, write: Callable[[str], Any], durable: bool = False) -> Any:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path``: a reader sees the
+    old file or the whole new one, never part of one. Returns what ``write`` returned.
+
+    The temporary name is hidden and unique to this process and call (``.<name>.<pid>-<random>.tmp``),
+    so concurrent writers never share one, and it is removed when ``write`` fails. ``durable``: the
+    data is fsynced before the rename and the directory after it, so the rename survives a power loss
+    (checkpoints). The file gets the usual permissions (the process's umask), as ``open`` gives.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
-        write(tmp)
+        result = write(str(tmp))
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp.exists():
+            tmp.unlink()
+    if durable:
+        fsync_dir(path.parent)
+    return result
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """``path`` holds ``text`` (UTF-8), written with :func:`atomic_write`."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def fsync_dir(directory: str | Path) -> None:
+    """Make a rename inside ``directory`` durable (where the OS allows opening a directory)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmpretrain.towers.base import Tower
+from mmpretrain.towers.base import TRAINING_OPTIONS, Tower
 
 INIT_LOGIT_SCALE = math.log(1 / 0.07)
 MAX_LOGIT_SCALE = math.log(100)
@@ -149,8 +149,6 @@ def _couples_rows(tower: nn.Module) -> bool:
     return any(isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training for mod in tower.modules())
 
 
-#: Per-tower keys of a model config that configure training, not the architecture (not exported).
-TRAINING_OPTIONS = ("lock", "lr_scale", "grad_checkpointing", "channels_last")
 
 
 def apply_training_options(model: ContrastiveModel, cfg: Mapping[str, Any]) -> ContrastiveModel:
@@ -158,7 +156,7 @@ def apply_training_options(model: ContrastiveModel, cfg: Mapping[str, Any]) -> C
 
     ``lock: {unlocked_groups: N, freeze_norm_stats: bool}`` freezes all but the tower's last N
     parameter groups (LiT: ``unlocked_groups: 0`` with a pretrained tower). ``lr_scale`` is read
-    by :func:`mmpretrain.optim.build_optimizer`.
+    by :func:`mmpretrain.training.optim.build_optimizer`.
     """
     for m, tcfg in cfg["towers"].items():
         tower = model.towers[m]

@@ -26,7 +26,7 @@ def pipeline_rate(model, cfg, workers: int, batches: int) -> float:
     from torch.utils.data import DataLoader
 
     from mmpretrain.data import ShardStream
-    from mmpretrain.datamodule import sources_from_config
+    from mmpretrain.training.datamodule import sources_from_config
 
     per_worker = -(-batches // max(workers, 1))
     stream = ShardStream(sources_from_config(cfg.data), model.preprocess(True), batch_size=int(cfg.data.batch_size),
@@ -45,7 +45,7 @@ def batch_bytes(batch: dict) -> int:
 def bytes_per_batch(model, cfg) -> dict[str, int]:
     """One batch's bytes with images as uint8 (now) and as normalised float32 (before)."""
     from mmpretrain.data import ShardStream
-    from mmpretrain.datamodule import sources_from_config
+    from mmpretrain.training.datamodule import sources_from_config
 
     now = model.preprocess(True)
     tower = model.towers["image"]
@@ -80,7 +80,8 @@ def main() -> None:
     digits = bc.digits_root(Path(a.work))
     cfg = compose([f"data.root={digits}", "model=openclip", f"model.config={bc.model_json(a.model)}",
                    f"data.batch_size={a.batch}"])
-    from mmpretrain.cli import _instantiate, _plain
+    from mmpretrain.config import safe_instantiate as _instantiate
+    from mmpretrain.config import to_plain as _plain
     from mmpretrain.model import build_model
 
     torch.manual_seed(0)

@@ -33,7 +33,7 @@ sys.path.insert(0, str(bc.ROOT))
 
 
 def _bytes(tensors) -> int:
-    from mmpretrain.distributed import local_tensor
+    from mmpretrain.runtime.distributed import local_tensor
 
     return sum(local_tensor(t).numel() * local_tensor(t).element_size() for t in tensors if t is not None)
 
@@ -58,8 +58,8 @@ def worker(rank: int, world: int, port: int, queue, args: argparse.Namespace) ->
 
     from mmpretrain.losses import InfoNCE
     from mmpretrain.model import build_model
-    from mmpretrain.module import ContrastiveModule
-    from mmpretrain.sharding import FSDP2Strategy
+    from mmpretrain.training.module import ContrastiveModule
+    from mmpretrain.runtime.fsdp import FSDP2Strategy
 
     torch.manual_seed(0)
     cfg = {"config": args.model, "towers": {m: {"_target_": "mmpretrain.towers.open_clip.OpenClipTower", "modality": m,

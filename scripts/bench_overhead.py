@@ -35,7 +35,7 @@ def compose(overrides: list[str]):
 
 
 def collect_batches(model, cfg, n: int) -> list[dict]:
-    from mmpretrain.datamodule import sources_from_config
+    from mmpretrain.training.datamodule import sources_from_config
     from mmpretrain.data import ShardStream
 
     stream = ShardStream(sources_from_config(cfg.data), model.preprocess(True), batch_size=int(cfg.data.batch_size),
@@ -58,7 +58,7 @@ class StepClock:
 
 
 def plain_loop(model, loss_fn, optim_cfg, batches, clip: float) -> list[float]:
-    from mmpretrain.optim import build_optimizer, warmup_cosine
+    from mmpretrain.training.optim import build_optimizer, warmup_cosine
 
     model.train()
     opt = build_optimizer(model, optim_cfg)
@@ -81,8 +81,10 @@ def lightning_loop(model, loss_fn, cfg, batches, default: bool, work: Path, drop
     from omegaconf import OmegaConf
     from torch.utils.data import DataLoader
 
-    from mmpretrain.cli import _instantiate_all, _plain, _trainer_and_optim
-    from mmpretrain.module import ContrastiveModule
+    from mmpretrain.config import instantiate_all as _instantiate_all
+    from mmpretrain.config import to_plain as _plain
+    from mmpretrain.commands.train import trainer_and_optim as _trainer_and_optim
+    from mmpretrain.training.module import ContrastiveModule
 
     module = ContrastiveModule(model, loss_fn, _plain(cfg.optim))
     trainer_cfg = _trainer_and_optim(cfg)[0] | dict(max_steps=len(batches), max_epochs=1, limit_val_batches=0)
@@ -112,7 +114,7 @@ def lightning_loop(model, loss_fn, cfg, batches, default: bool, work: Path, drop
 def run_one(a, mode: str, rep: int) -> list[float]:
     """One loop in this process (a fresh one per loop: no state, heap or thread left over from the
     loop before it), on the same batches and initial weights as every other loop."""
-    from mmpretrain.allocator import keep_freed_memory
+    from mmpretrain.runtime.allocator import keep_freed_memory
 
     keep_freed_memory()  # as every `mmpretrain` command does: the same allocator for every loop
     if a.threads:
@@ -121,7 +123,8 @@ def run_one(a, mode: str, rep: int) -> list[float]:
     work = Path(a.work)
     cfg = compose([f"data.root={bc.digits_root(work)}", "model=openclip", f"model.config={bc.model_json(a.model)}",
                    f"data.batch_size={a.batch}", "data.num_workers=0"])
-    from mmpretrain.cli import _instantiate, _plain
+    from mmpretrain.config import safe_instantiate as _instantiate
+    from mmpretrain.config import to_plain as _plain
     from mmpretrain.model import build_model
 
     torch.manual_seed(0)

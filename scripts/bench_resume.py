@@ -38,7 +38,7 @@ WORKERS = 2
 
 def train_cmd(run: Path, root: Path, *extra: str) -> list[str]:
     return [bc.python(), "-m", "mmpretrain.cli", "train", *TINY, f"data.root={root}", f"hydra.run.dir={run}",
-            "+callbacks.record._target_=mmpretrain.callbacks.RecordBatches", f"+callbacks.record.dirpath={run}/rec",
+            "+callbacks.record._target_=mmpretrain.training.callbacks.RecordBatches", f"+callbacks.record.dirpath={run}/rec",
             *extra]
 
 
@@ -51,7 +51,7 @@ def walk_to(root: Path, rank_batches: int) -> tuple[list[str], list[str], float]
     decode (none in the digits), and main() checks that the resumed run trains on these keys."""
     from hydra import compose, initialize_config_dir
 
-    from mmpretrain.datamodule import ContrastiveDataModule
+    from mmpretrain.training.datamodule import ContrastiveDataModule
 
     with initialize_config_dir(str(bc.ROOT / "conf"), version_base=None):
         cfg = compose("train", overrides=[*TINY, f"data.root={root}"])

@@ -43,7 +43,7 @@ def build(name: str, spec: dict, batch_size: int):
 
     from mmpretrain.losses import InfoNCE
     from mmpretrain.model import apply_training_options, build_model
-    from mmpretrain.optim import build_optimizer
+    from mmpretrain.training.optim import build_optimizer
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=list(spec.get("overrides", [])))
@@ -65,7 +65,7 @@ def build(name: str, spec: dict, batch_size: int):
 
 
 def step(model, loss, opt, batch, spec) -> None:
-    from mmpretrain.gradcache import grad_cache_backward
+    from mmpretrain.training.gradcache import grad_cache_backward
 
     opt.zero_grad()
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if spec.get("autocast") else contextlib.nullcontext()

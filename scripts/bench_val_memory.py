@@ -24,7 +24,7 @@ import bench_common as bc
 def build_module(dim: int):
     from mmpretrain.losses import InfoNCE
     from mmpretrain.model import build_model
-    from mmpretrain.module import ContrastiveModule
+    from mmpretrain.training.module import ContrastiveModule
 
     towers = {
         "image": {"_target_": "mmpretrain.towers.timm.TimmTower", "model_name": "test_resnet", "img_size": 32},

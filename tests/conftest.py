@@ -32,7 +32,7 @@ TINY_RUN = [
 
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory) -> Path:
-    from mmpretrain.data.digits import build_digits
+    from mmpretrain.data.synthetic.digits import build_digits
 
     return build_digits(tmp_path_factory.mktemp("digits"), image_size=32)
 
@@ -54,7 +54,5 @@ def validate_batches(module, batches):
     with torch.no_grad():
         for i, b in enumerate(batches):
             module.validation_step(b, i)
-        cols = {k: torch.cat(v) for k, v in module._val.items()}
-    module._val.clear()
-    module._val_rows = 0
+        cols = module.val.take()
     return module.validation_metrics(cols)

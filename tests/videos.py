@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import webdataset as wds
 
-from mmpretrain.data.video import encode_video
+from mmpretrain.data.stream.video import encode_video
 
 
 def moving_square(frames: int = 8, size: int = 32, direction: int = 1, shade: int = 255) -> np.ndarray:

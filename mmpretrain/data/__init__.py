@@ -1,6 +1,11 @@
-"""Data: shard discovery, decoding, the webdataset stream, and builders for the bundled data."""
+"""Data: the webdataset stream (``stream/``), users' data into our shards (``convert/``), the bundled
+data sets (``synthetic/``) and the ``mmpretrain data NAME`` registry (``builders``).
 
-from mmpretrain.data.pipeline import ShardStream, Source
-from mmpretrain.data.shards import NoShardsError, count_samples, expand_shards
+May import: ``towers`` (a tower's preprocessing, the audio resampler), ``runtime.distributed``, ``io``.
+Never Lightning or Hydra. Inside: ``stream`` < ``convert`` < ``synthetic`` < ``builders``.
+"""
+
+from mmpretrain.data.stream.pipeline import ShardStream, Source
+from mmpretrain.data.stream.shards import NoShardsError, count_samples, expand_shards
 
 __all__ = ["NoShardsError", "ShardStream", "Source", "count_samples", "expand_shards"]

@@ -6,7 +6,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mmpretrain.data import convert, digits, digits_classifier, moving_digits, scenes, spoken_digits
+from mmpretrain.data.convert import convert
+from mmpretrain.data.synthetic import digits
+from mmpretrain.data.synthetic import digits_classifier
+from mmpretrain.data.synthetic import moving_digits
+from mmpretrain.data.synthetic import scenes
+from mmpretrain.data.synthetic import spoken_digits
 
 BUILDERS: dict[str, Callable[..., Path]] = {
     "digits": digits.build_digits,

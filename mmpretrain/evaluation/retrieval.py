@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mmpretrain import distributed
+from mmpretrain.runtime import distributed
 
 CHUNK = 1024  # most queries scored at once
 MAX_SIMILARITIES = 2**23  # and at most this many similarities (32 MB of float32) per chunk

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from mmpretrain import distributed
+from mmpretrain.runtime import distributed
 
 
 def read_lines(path: str) -> list[str]:
@@ -27,6 +28,26 @@ def read_tasks(root: str | Path | None, default_templates: list[str]) -> dict[st
         templates = read_lines(str(d / "templates.txt")) if (d / "templates.txt").is_file() else default_templates
         tasks[d.name] = {"classnames": read_lines(str(d / "classnames.txt")), "templates": templates}
     return tasks
+
+
+def _templates(val: Any) -> list[str]:
+    templates = val.get("templates")
+    return read_lines(templates) if templates and Path(templates).exists() else ["{}"]
+
+
+def prompts_from_config(val: Any) -> dict[str, list[str]] | None:
+    """``{"classnames", "templates"}`` from a val config's ``classnames``/``templates`` files (templates
+    default to ``{}``); None when there is no class-name file."""
+    val = val or {}
+    if not (val.get("classnames") and Path(val["classnames"]).exists()):
+        return None
+    return {"classnames": read_lines(val["classnames"]), "templates": _templates(val)}
+
+
+def tasks_from_config(val: Any) -> dict[str, dict[str, list[str]]]:
+    """``data.val.tasks``: zero-shot tasks scored on the val rows whose json ``labels[<task>]`` >= 0."""
+    val = val or {}
+    return read_tasks(val.get("tasks"), _templates(val))
 
 
 def class_embeddings(

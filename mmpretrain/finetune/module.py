@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
-from mmpretrain.optim import warmup_cosine, warmup_steps
+from mmpretrain.training.optim import warmup_cosine, warmup_steps
 
 
 class ClassifierModule(L.LightningModule):

@@ -12,11 +12,12 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from mmpretrain.data import ShardStream, Source, expand_shards
-from mmpretrain.datamodule import ContrastiveDataModule
+from mmpretrain.training.datamodule import ContrastiveDataModule
 from mmpretrain.finetune.heads import FusionClassifier, LinearHead, TowerClassifier, features
 from mmpretrain.finetune.module import ClassifierModule
 from mmpretrain.model import ContrastiveModel
-from mmpretrain.monitor import CSVLogger
+from mmpretrain.training.monitor import CSVLogger
+from mmpretrain.io import write_text_atomic
 
 TASKS = ("linear_probe", "full", "fusion")
 
@@ -124,11 +125,11 @@ class _Dict(TensorDataset):
 # -- outputs --------------------------------------------------------------------------------------
 def _write_results(run_dir: Path, metrics: dict[str, float], confusion: torch.Tensor | None,
                    classnames: list[str] | None) -> None:
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
     if confusion is None:
         return
     names = classnames or [str(i) for i in range(confusion.shape[0])]
-    (run_dir / "confusion_matrix.json").write_text(json.dumps({"classes": names, "matrix": confusion.tolist()}))
+    write_text_atomic(run_dir / "confusion_matrix.json", json.dumps({"classes": names, "matrix": confusion.tolist()}))
     plot_confusion(confusion, names, run_dir / "plots" / "confusion_matrix.png",
                    title=f"val accuracy {metrics.get('val/accuracy', float('nan')):.4f}")
 

@@ -21,7 +21,7 @@ import torch
 from open_clip.transform import PreprocessCfg
 from safetensors.torch import save_file
 
-from mmpretrain.io import atomic_write, read_state_dict, strip_prefixes
+from mmpretrain.io import atomic_write, read_state_dict, strip_prefixes, write_text_atomic
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
@@ -154,5 +154,5 @@ def export_open_clip(model, out: str | Path) -> Path:
     config = {"model_cfg": oc_model_cfg, "preprocess_cfg": preprocess_cfg(model_cfg)}
     state = to_open_clip_state_dict(model)
     atomic_write(out / OPEN_CLIP_WEIGHTS, lambda p: save_file(state, p, metadata={"format": "pt"}))
-    atomic_write(out / OPEN_CLIP_CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+    write_text_atomic(out / OPEN_CLIP_CONFIG, json.dumps(config, indent=2))
     return out

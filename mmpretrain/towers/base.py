@@ -26,6 +26,10 @@ import torch
 from torch import nn
 
 
+#: Per-tower keys of a model config that configure training, not the architecture (not exported).
+TRAINING_OPTIONS = ("lock", "lr_scale", "grad_checkpointing", "channels_last")
+
+
 class ImageNormalize(nn.Module):
     """``uint8 [B, C, H, W]`` pixels -> float ``(x / 255 - mean) / std``; floating input passes through.
 

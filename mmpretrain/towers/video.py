@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmpretrain.towers.base import Tower
+from mmpretrain.towers.base import TRAINING_OPTIONS, Tower
 
 POOLINGS = ("mean", "transformer", "inflate")
 FRAME_POOLS = ("avg", "grid", "spatial_softmax")
@@ -82,7 +82,8 @@ def sample_indices(n: int, num_frames: int, stride: int | None, train: bool, rng
 
 
 class VideoClip:
-    """Picklable: a decoded video (:class:`~mmpretrain.data.video.EncodedVideo`, or frames
+    """Picklable: a decoded video (anything with ``num_frames`` and ``frames(indices)``, as the data
+    stream's decoder gives, or frames
     ``uint8 [N, H, W, 3]``) -> ``uint8 [num_frames, C, H, W]``, the frame transform applied per frame
     with one random draw per clip."""
 
@@ -94,11 +95,10 @@ class VideoClip:
     def __call__(self, decoded: Any) -> torch.Tensor:
         from PIL import Image
 
-        from mmpretrain.data.video import EncodedVideo, read_frames
-
-        n = decoded.num_frames if isinstance(decoded, EncodedVideo) else len(decoded)
+        encoded = hasattr(decoded, "frames")  # decoded lazily: only the frames chosen here are converted
+        n = decoded.num_frames if encoded else len(decoded)
         idx = sample_indices(n, self.num_frames, self.stride, self.train, pad=self.pad)
-        frames = read_frames(decoded, idx) if isinstance(decoded, EncodedVideo) else np.asarray(decoded)[idx]
+        frames = decoded.frames(idx) if encoded else np.asarray(decoded)[idx]
         # The same augmentation for every frame: each frame's transform starts from the same RNG state.
         py_state, torch_state = random.getstate(), torch.get_rng_state()
         out = []
@@ -194,7 +194,6 @@ class VideoTower(Tower):
         grid_size: int = 2,
     ):
         from mmpretrain.config import safe_instantiate
-        from mmpretrain.model import TRAINING_OPTIONS
 
         if pooling not in POOLINGS:
             raise ValueError(f"video pooling must be one of {', '.join(POOLINGS)}, not '{pooling}'")

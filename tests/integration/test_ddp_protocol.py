@@ -17,7 +17,7 @@ SPLITS = {"uneven": ([5, 3], [6]), "empty_rank": ([5, 3, 6], [])}
 
 def make_module():
     from mmpretrain.losses import InfoNCE
-    from mmpretrain.module import ContrastiveModule
+    from mmpretrain.training.module import ContrastiveModule
     from tests.unit.test_gradcache import make_model
 
     model = make_model().eval()
@@ -25,7 +25,7 @@ def make_module():
                for i, c in enumerate(["red", "green", "blue"])}
     module = ContrastiveModule(model, InfoNCE(), optim={},
                                zeroshot_tasks={"color": {"classnames": ["red", "green", "blue"], "templates": ["a {}"]}})
-    module._encode_prompts = lambda ps: model.encode("text", torch.stack([prompts[p] for p in ps]))
+    module.val.encode_prompts = lambda ps: model.encode("text", torch.stack([prompts[p] for p in ps]))
     return module
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mmpretrain.gradcache import grad_cache_backward
+from mmpretrain.training.gradcache import grad_cache_backward
 from mmpretrain.losses import InfoNCE, SigLIP
 from mmpretrain.model import ContrastiveModel
 from mmpretrain.towers.base import Tower

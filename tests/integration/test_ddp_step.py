@@ -61,7 +61,7 @@ class Capture(L.Callback):
 def fit_one_step(rank: int, chunks: int, masked: bool, hook) -> Capture:
     from lightning.pytorch.strategies import DDPStrategy
 
-    from mmpretrain.module import ContrastiveModule
+    from mmpretrain.training.module import ContrastiveModule
 
     optim = {"lr": 1e-3, "weight_decay": 0.1, "grad_cache_chunks": chunks, "gradient_clip_val": None}
     module = ContrastiveModule(no_dropout(make_model()), InfoNCE(), optim)

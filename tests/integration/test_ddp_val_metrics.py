@@ -37,7 +37,8 @@ def problem(n: int, seed: int = 0):
 
 
 def metrics(n: int, across_ranks: bool) -> dict[str, float]:
-    from mmpretrain.module import _split_clip_loss, _split_siglip_loss
+    from mmpretrain.losses import split_clip_loss as _split_clip_loss
+    from mmpretrain.losses import split_siglip_loss as _split_siglip_loss
 
     a, b, labels, classes = problem(n)
     out = retrieval_metrics(a, b, "a", "b", a_labels=labels, b_labels=labels, chunk=3, across_ranks=across_ranks)

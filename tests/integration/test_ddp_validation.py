@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def one_val_shard(tmp_path_factory):
-    from mmpretrain.data.digits import build_digits
+    from mmpretrain.data.synthetic.digits import build_digits
 
     return build_digits(tmp_path_factory.mktemp("digits_1val"), image_size=16, train_shards=1, val_shards=1)
 
@@ -41,7 +41,7 @@ def exported(tmp_path_factory):
 
 
 def test_ddp_validation_with_an_empty_rank_completes_and_matches_one_process(one_val_shard, exported, tmp_path):
-    from mmpretrain.cli import evaluate
+    from mmpretrain.commands.evaluate import evaluate
 
     assert len(list((one_val_shard / "val").glob("*.tar"))) == 1
     common = [f"ckpt={exported}", f"data.root={one_val_shard}", "data.num_workers=0", "data.batch_size=64",

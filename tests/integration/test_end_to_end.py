@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import mmpretrain
-from mmpretrain.cli import evaluate, export_cmd, train
+from mmpretrain.commands.evaluate import evaluate
+from mmpretrain.commands.export import export_cmd
+from mmpretrain.commands.train import train
 from tests.conftest import TINY_RUN, compose_config
 
 FAST = TINY_RUN + ["trainer.max_steps=6", "trainer.limit_val_batches=2"]

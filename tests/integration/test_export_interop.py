@@ -12,14 +12,10 @@ import torch
 from PIL import Image
 
 import mmpretrain
-from mmpretrain.cli import export_cmd
-from mmpretrain.export import (
-    UnsafeCheckpointError,
-    export,
-    export_open_clip,
-    model_from_checkpoint,
-    open_clip_model_config,
-)
+from mmpretrain.commands.export import export_cmd
+from mmpretrain.export import export, model_from_checkpoint
+from mmpretrain.io import UnsafeCheckpointError
+from mmpretrain.interop.open_clip import export_open_clip, open_clip_model_config
 from tests.conftest import compose_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -163,7 +159,7 @@ def test_malicious_pickle_checkpoint_is_refused_and_never_runs(tmp_path):
 @pytest.mark.slow
 def test_torchscript_export_matches(oc_model, tmp_path):
     export_cmd_model = oc_model
-    from mmpretrain.export import export_torchscript
+    from mmpretrain.interop.torchscript import export_torchscript
 
     out = export_torchscript(export_cmd_model, tmp_path / "ts")
     prep = oc_model.preprocess(train=False)
@@ -175,7 +171,7 @@ def test_torchscript_export_matches(oc_model, tmp_path):
 
 
 def test_eval_reads_prompts_from_files_and_accepts_an_open_clip_directory(oc_model, digits_root, tmp_path):
-    from mmpretrain.cli import evaluate
+    from mmpretrain.commands.evaluate import evaluate
     from mmpretrain.data import ShardStream, Source, expand_shards
     from mmpretrain.evaluation import class_embeddings, zero_shot_accuracy
 

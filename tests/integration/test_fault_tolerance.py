@@ -45,7 +45,7 @@ TINY = [
 
 
 def record(run: Path, tensors: bool = False) -> list[str]:
-    return ["+callbacks.record._target_=mmpretrain.callbacks.RecordBatches", f"+callbacks.record.dirpath={run}/rec",
+    return ["+callbacks.record._target_=mmpretrain.training.callbacks.RecordBatches", f"+callbacks.record.dirpath={run}/rec",
             f"+callbacks.record.tensors={str(tensors).lower()}"]
 
 
@@ -84,9 +84,10 @@ def single_process_losses(run: Path, overrides: list[str], steps: int, digits_ro
     """Train the same model single-process on the recorded global batches (rank 0's ++ rank 1's)."""
     import lightning as L
 
-    from mmpretrain.cli import _instantiate, _plain
+    from mmpretrain.config import safe_instantiate as _instantiate
+    from mmpretrain.config import to_plain as _plain
     from mmpretrain.model import build_model
-    from mmpretrain.module import ContrastiveModule
+    from mmpretrain.training.module import ContrastiveModule
     from tests.conftest import compose_config
 
     cfg = compose_config("train", TINY + overrides + [f"data.root={digits_root}"], run_dir=run / "ref")
@@ -134,7 +135,7 @@ def test_ddp_two_processes_match_single_process_and_validate_on_the_whole_val_se
     assert got == pytest.approx(ref, abs=1e-5), (got, ref)
 
     # Validation metrics of the 2-process run == single-process eval of the same weights.
-    from mmpretrain.cli import evaluate
+    from mmpretrain.commands.evaluate import evaluate
     from tests.conftest import compose_config
 
     ddp_metrics = json.loads((run / "metrics.json").read_text())
@@ -288,7 +289,7 @@ def write_bad_shards(digits_root: Path, dest: Path, n_shards: int = 8, per_shard
 def expected_skips(items: dict[str, list], rec: dict, world: int, workers: int, seed: int = 0) -> int:
     """Naive reference: walk each reader's stream (its shards pass after pass, as ShardStream splits
     them) along the keys it really delivered; count the bad samples before its last delivered one."""
-    from mmpretrain.data.pipeline import ShardStream, Source
+    from mmpretrain.data.stream.pipeline import ShardStream, Source
 
     urls = sorted(items)
     total = 0
@@ -343,7 +344,7 @@ def test_on_error_raise_stops_at_the_first_bad_sample_naming_key_and_shard(digit
 def test_nan_on_one_rank_is_skipped_by_all_ranks_then_stops_after_k(digits_root, tmp_path):
     base = [f"data.root={digits_root}", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
             "data.train_samples=64", "trainer.limit_val_batches=1", "callbacks.nonfinite_guard.max_consecutive=3",
-            "+callbacks.nan._target_=mmpretrain.callbacks.InjectNaN", "+callbacks.nan.rank=1"]
+            "+callbacks.nan._target_=mmpretrain.training.callbacks.InjectNaN", "+callbacks.nan.rank=1"]
     run = tmp_path / "nan"
     out = run_cli(run, *base, "trainer.max_steps=8", "+callbacks.nan.steps=[3]", *record(run)).stdout
     rec = records(run)
@@ -353,7 +354,7 @@ def test_nan_on_one_rank_is_skipped_by_all_ranks_then_stops_after_k(digits_root,
     col = csv[0].split(",").index("train/nonfinite_skips")
     counts = [float(line.split(",")[col]) for line in csv[1:] if line.split(",")[col]]
     assert max(counts) == 1.0, out[-2000:]
-    from mmpretrain.export import read_state_dict
+    from mmpretrain.io import read_state_dict
 
     weights = read_state_dict(run / "checkpoints" / "last.ckpt")
     assert all(torch.isfinite(v).all() for v in weights.values())

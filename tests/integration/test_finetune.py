@@ -7,8 +7,10 @@ import pytest
 import torch
 
 import mmpretrain
-from mmpretrain.cli import finetune
-from mmpretrain.export import export, open_clip_model_config, read_checkpoint
+from mmpretrain.commands.finetune import finetune
+from mmpretrain.export import export
+from mmpretrain.io import read_checkpoint
+from mmpretrain.interop.open_clip import open_clip_model_config
 from mmpretrain.finetune.heads import FusionClassifier, TowerClassifier
 from tests.conftest import compose_config
 from tests.integration.test_export_interop import OC_CFG, _open_clip_trainer_checkpoint

@@ -65,7 +65,7 @@ def test_fsdp_losses_equal_ddp_and_its_sharded_checkpoint_exports_the_same_model
     assert not list((fsdp / "checkpoints").glob(".*")), "a temporary checkpoint directory was left behind"
 
     # export from the sharded directory, in one process (not the 2 that wrote it) = the DDP run's export
-    from mmpretrain.cli import export_cmd
+    from mmpretrain.commands.export import export_cmd
     from tests.conftest import compose_config
 
     outs = {}
@@ -84,7 +84,7 @@ def test_fsdp_losses_equal_ddp_and_its_sharded_checkpoint_exports_the_same_model
             torch.testing.assert_close(a.encode(m, batch[m]), b.encode(m, batch[m]), atol=1e-6, rtol=0)
 
     # eval reads the sharded checkpoint directly
-    from mmpretrain.cli import evaluate
+    from mmpretrain.commands.evaluate import evaluate
 
     metrics = evaluate(compose_config("eval", [f"data.root={digits_root}", "data.num_workers=0",
                                                "trainer.enable_progress_bar=false", f"ckpt={sharded}"],
@@ -152,7 +152,7 @@ def test_fsdp_open_clip_model_with_grad_cache_exports_to_open_clip(digits_root, 
                     "trainer.enable_progress_bar=false", "callbacks.progress_bar=null", f"hydra.run.dir={run}",
                     *record(run, tensors=True)], env=env(), cwd=ROOT, check=True, capture_output=True, timeout=420)
     sharded = run / "checkpoints" / "last.ckpt"
-    from mmpretrain.cli import export_cmd
+    from mmpretrain.commands.export import export_cmd
     from mmpretrain.export import model_from_checkpoint
     from tests.conftest import compose_config
 
@@ -187,7 +187,7 @@ def test_fsdp_nan_on_one_rank_is_skipped_and_batchnorm_statistics_stay_finite(di
                     "trainer.log_every_n_steps=1", "callbacks.plots=null", "trainer.enable_progress_bar=false",
                     "callbacks.progress_bar=null", f"hydra.run.dir={run}",
                     "model.towers.text.config.text_cfg.width=32", "model.towers.text.config.text_cfg.heads=2",
-                    "model.towers.text.config.text_cfg.layers=1", "+callbacks.nan._target_=mmpretrain.callbacks.InjectNaN",
+                    "model.towers.text.config.text_cfg.layers=1", "+callbacks.nan._target_=mmpretrain.training.callbacks.InjectNaN",
                     "+callbacks.nan.steps=[2]", "+callbacks.nan.rank=1"],
                    env=env(), cwd=ROOT, check=True, capture_output=True, timeout=420)
     import csv
@@ -195,7 +195,7 @@ def test_fsdp_nan_on_one_rank_is_skipped_and_batchnorm_statistics_stay_finite(di
     rows = [r for r in csv.DictReader((run / "metrics.csv").open()) if r.get("train/nonfinite_skips")]
     assert [float(r["train/nonfinite_skips"]) for r in rows] == [0.0, 1.0, 1.0, 1.0], rows
     assert all(float(r["train/loss"]) == float(r["train/loss"]) for r in rows[2:])  # finite after the skip
-    from mmpretrain.export import read_state_dict
+    from mmpretrain.io import read_state_dict
 
     weights = read_state_dict(run / "checkpoints" / "last.ckpt")
     assert any("running_mean" in k for k in weights)

@@ -21,7 +21,7 @@ class CaptureGrads(L.Callback):
 
 
 def first_step_grads(chunks, precision="32-true"):
-    from mmpretrain.module import ContrastiveModule
+    from mmpretrain.training.module import ContrastiveModule
 
     model = make_model()
     for m in model.modules():
@@ -56,7 +56,7 @@ def test_module_grad_cache_step_gives_the_full_batch_gradient():
 
 
 def test_accumulate_grad_batches_with_contrastive_loss_is_refused(tmp_path):
-    from mmpretrain.cli import _trainer_and_optim
+    from mmpretrain.commands.train import trainer_and_optim as _trainer_and_optim
     from tests.conftest import compose_config
 
     with pytest.raises(ValueError, match="grad_cache_chunks"):

@@ -24,7 +24,7 @@ STEPS, EVERY = 20, 10
 RUN = [o for o in TINY_RUN if not o.startswith(("data.num_workers", "trainer.enable_progress_bar", "callbacks.progress_bar"))]
 RUN += ["data.num_workers=1", f"trainer.max_steps={STEPS}", f"trainer.log_every_n_steps={EVERY}",
         "trainer.limit_val_batches=1", "export_at_end=false", "callbacks.plots=null",
-        "+callbacks.count._target_=mmpretrain.monitor.CountHostSyncs"]
+        "+callbacks.count._target_=mmpretrain.training.monitor.CountHostSyncs"]
 
 
 def syncs_by_step(run: Path, rank: int) -> dict[int, dict[str, int]]:
@@ -38,7 +38,7 @@ def check(counts: dict[int, dict[str, int]]) -> None:
 
 
 def test_single_process_step_reads_the_device_only_when_logging(digits_root, tmp_path):
-    from mmpretrain.cli import train
+    from mmpretrain.commands.train import train
 
     run = tmp_path / "run"
     cfg = compose_config("train", RUN + [f"data.root={digits_root}", f"data.train_samples={16 * STEPS}",

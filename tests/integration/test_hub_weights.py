@@ -13,7 +13,8 @@ import lightning as L
 import pytest
 from huggingface_hub import constants
 
-from mmpretrain import cli
+from mmpretrain.commands import train as train_command
+from mmpretrain.commands.train import train
 from mmpretrain.pretrained import WeightsUnavailableError
 from tests.conftest import compose_config
 from tests.hub_cache import add_open_clip
@@ -66,7 +67,7 @@ def test_missing_weights_stop_train_before_data_and_trainer(tmp_path, monkeypatc
         raise AssertionError("built before the weights were checked")
 
     monkeypatch.setattr(L, "Trainer", built)
-    monkeypatch.setattr(cli, "_ensure_data", built)
+    monkeypatch.setattr(train_command, "ensure_data", built)
     cfg = compose_config(
         "train",
         ["model=openclip", "model.config=ViT-B-32", "model.pretrained=laion2b_s34b_b79k"],
@@ -75,4 +76,4 @@ def test_missing_weights_stop_train_before_data_and_trainer(tmp_path, monkeypatc
     with pytest.raises(
         WeightsUnavailableError, match="huggingface-cli download laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
     ):
-        cli.train(cfg)
+        train(cfg)

@@ -45,7 +45,7 @@ def test_ddp_from_the_console_script_runs_both_ranks(digits_root, tmp_path):
     run, record = tmp_path / "run", tmp_path / "record"
     proc = run_cli(["train", "debug=fast", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
                     "data.num_workers=0", f"data.root={digits_root}", f"hydra.run.dir={run}", *SMALL_TEXT,
-                    "+callbacks.record._target_=mmpretrain.callbacks.RecordBatches",
+                    "+callbacks.record._target_=mmpretrain.training.callbacks.RecordBatches",
                     f"+callbacks.record.dirpath={record}"], cwd=tmp_path / "elsewhere")
     for rank in (0, 1):
         steps = [json.loads(line) for line in (record / f"rank{rank}.jsonl").read_text().splitlines()]

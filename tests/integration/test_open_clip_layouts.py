@@ -10,8 +10,9 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from mmpretrain.cli import export_cmd
-from mmpretrain.export import model_from_checkpoint, open_clip_model_config
+from mmpretrain.commands.export import export_cmd
+from mmpretrain.export import model_from_checkpoint
+from mmpretrain.interop.open_clip import open_clip_model_config
 from mmpretrain.model import build_model
 from tests.conftest import compose_config
 from tests.integration.test_export_interop import CAPTIONS, OC_CFG, _images, _open_clip_trainer_checkpoint

@@ -364,9 +364,9 @@ COMMANDS: dict[str, Run | Skip] = {
         subs={"... ": "callbacks.step_checkpoint.every_n_train_steps=3 ", "step0001000": "step0000003"},
         needs=("mmpretrain train hydra.run.dir=runs/clip1 resume=auto",),
     ),
-    "mmpretrain train +callbacks.record._target_=mmpretrain.callbacks.RecordBatches "
+    "mmpretrain train +callbacks.record._target_=mmpretrain.training.callbacks.RecordBatches "
     "+callbacks.record.dirpath='${paths.output_dir}/rec'": Run(),
-    "mmpretrain train ... +callbacks.nan._target_=mmpretrain.callbacks.InjectNaN '+callbacks.nan.steps=[3,4]' "
+    "mmpretrain train ... +callbacks.nan._target_=mmpretrain.training.callbacks.InjectNaN '+callbacks.nan.steps=[3,4]' "
     "+callbacks.nan.rank=1": Run(subs={"... ": f"trainer=ddp {DDP_ON_CPU} "}),  # rank 1 exists
     # -- audio and three modalities (the spoken digits need espeak-ng)
     "mmpretrain train experiment=spoken_digits_clap": Run(

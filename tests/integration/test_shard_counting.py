@@ -49,8 +49,8 @@ def preprocess(train: bool) -> dict:  # picklable: the loader's workers may be s
 
 
 def worker(rank, port, root, queue):
-    from mmpretrain.data import shards
-    from mmpretrain.datamodule import ContrastiveDataModule
+    from mmpretrain.data.stream import shards
+    from mmpretrain.training.datamodule import ContrastiveDataModule
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -115,7 +115,8 @@ def test_a_thousand_shards_are_counted_once_across_ranks_and_remembered(tmp_path
 
 
 def test_counting_without_distributed_writes_sizes_json_and_an_unwritable_folder_still_counts(tmp_path, monkeypatch):
-    from mmpretrain.data import count_samples, shards
+    from mmpretrain.data import count_samples
+    from mmpretrain.data.stream import shards
 
     urls = [str(tmp_path / f"train-{i:04d}.tar") for i in range(4)]
     for i, url in enumerate(urls):

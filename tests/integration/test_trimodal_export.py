@@ -47,7 +47,7 @@ def test_three_tower_export_round_trip(tmp_path):
 
 
 def test_validation_reports_every_pair_including_untrained_ones():
-    from mmpretrain.module import ContrastiveModule
+    from mmpretrain.training.module import ContrastiveModule
 
     model = build_model(CONFIG).eval()
     module = ContrastiveModule(model, InfoNCE(pairs=[["image", "text"], ["audio", "text"]]), optim={},
@@ -72,7 +72,7 @@ def test_validation_reports_every_pair_including_untrained_ones():
 
 
 def test_eval_loss_of_a_per_pair_temperature_model_scores_only_its_pairs():
-    from mmpretrain.cli import _InfoNCEForAllPairs
+    from mmpretrain.commands.evaluate import all_pairs_loss as _InfoNCEForAllPairs
 
     model = build_model(CONFIG)
     loss = _InfoNCEForAllPairs(model)

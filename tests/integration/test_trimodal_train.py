@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mmpretrain
-from mmpretrain.cli import train
+from mmpretrain.commands.train import train
 from tests.conftest import compose_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")]
@@ -21,7 +21,7 @@ FAST = ["trainer.max_steps=4", "trainer.max_epochs=1", "trainer.val_check_interv
 def tiny_spoken(tmp_path_factory):
     from sklearn import datasets
 
-    from mmpretrain.data.spoken_digits import build_spoken_digits
+    from mmpretrain.data.synthetic.spoken_digits import build_spoken_digits
 
     real = datasets.load_digits()
     keep = np.concatenate([np.where(real.target == c)[0][:8] for c in range(10)])

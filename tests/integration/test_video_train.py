@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mmpretrain
-from mmpretrain.data.video import decode_video, encode_video
+from mmpretrain.data.stream.video import decode_video, encode_video
 from mmpretrain.export import export
 from mmpretrain.model import build_model
 from tests.integration.test_launch import SMALL_TEXT, run_cli

@@ -1,4 +1,4 @@
-"""mmpretrain.allocator: after keep_freed_memory(), a block allocated, touched and freed every
+"""mmpretrain.runtime.allocator: after keep_freed_memory(), a block allocated, touched and freed every
 "step" stops page-faulting in again (the cost it removes from every CPU training step)."""
 
 import subprocess
@@ -9,7 +9,7 @@ import pytest
 PROBE = """
 import resource, sys
 import numpy as np
-from mmpretrain.allocator import keep_freed_memory
+from mmpretrain.runtime.allocator import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "tuned" else False
 def step():  # one training step's activations: blocks of 1-7 MB, 160 MB in all, touched and freed
     blocks = [np.ones((k % 7 + 1) << 17) for k in range(40)]

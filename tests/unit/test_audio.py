@@ -8,7 +8,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from mmpretrain.data.decode import decode_sample
+from mmpretrain.data.stream.decode import decode_sample
 from mmpretrain.towers.audio import AudioClip, AudioTower, LogMel, SpecAugment, mel_filterbank
 
 

@@ -6,8 +6,8 @@ import json
 import torch
 
 from mmpretrain.data import ShardStream, Source
-from mmpretrain.data.captions import NEGATIVE_KINDS, pick_caption, pick_negatives
-from mmpretrain.data.decode import decode_captions
+from mmpretrain.data.stream.captions import NEGATIVE_KINDS, pick_caption, pick_negatives
+from mmpretrain.data.stream.decode import decode_captions
 from tests.unit.test_data import png_bytes, write_shard
 
 CAPTIONS = [f"caption number {i}" for i in range(8)]

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmpretrain.data.convert import convert
-from mmpretrain.data.decode import decode_sample
-from mmpretrain.data.shards import count_samples, expand_shards
-from mmpretrain.data.tario import read_samples
+from mmpretrain.data.convert.convert import convert
+from mmpretrain.data.stream.decode import decode_sample
+from mmpretrain.data.stream.shards import count_samples, expand_shards
+from mmpretrain.data.stream.tar_reader import read_samples
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "mmpretrain"
 
@@ -371,7 +371,7 @@ def test_img2dataset_output_trains_through_the_console_script(tmp_path):
 
 
 def test_the_data_command_passes_its_options(tmp_path):
-    from mmpretrain.cli import data
+    from mmpretrain.commands.data import data
     from mmpretrain.data.builders import options
     from tests.conftest import compose_config
 
@@ -420,7 +420,7 @@ def test_several_captions_of_one_file_are_several_samples_in_one_split(tmp_path)
 
 def test_a_rerun_of_a_finished_conversion_reads_no_media(tmp_path, monkeypatch):
     """Cost: finished shards are recognised from their records, so a rerun opens none of the media files."""
-    from mmpretrain.data import sources
+    from mmpretrain.data.convert import sources
 
     table, _ = image_table(tmp_path, n=12)
     convert(tmp_path / "out", table, shard_size=4, workers=1, progress=False)

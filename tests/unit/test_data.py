@@ -6,7 +6,7 @@ import webdataset as wds
 from PIL import Image
 
 from mmpretrain.data import NoShardsError, ShardStream, Source, expand_shards
-from mmpretrain.data.pipeline import SampleError
+from mmpretrain.data.stream.pipeline import SampleError
 
 
 def png_bytes(value=128):
@@ -112,7 +112,7 @@ def test_augmentations_are_seeded_per_sample_without_global_side_effects(tmp_pat
 
 def test_a_stream_where_every_sample_fails_stops_with_the_reason(tmp_path, monkeypatch):
     """A transform failing on every sample used to spin a training stream forever (all skips)."""
-    from mmpretrain.data.pipeline import SkipCounter
+    from mmpretrain.data.stream.pipeline import SkipCounter
 
     monkeypatch.setattr(SkipCounter, "MAX_CONSECUTIVE", 25)
     urls = [write_shard(tmp_path / f"f-{s}.tar", [good(s * 10 + i) for i in range(10)]) for s in range(2)]
@@ -137,7 +137,7 @@ def test_digits_shards_are_plain_ustar_and_reproducible(digits_root, tmp_path):
     """webdataset's default float mtime put a pax header on every member (2x the tar parsing)."""
     import tarfile
 
-    from mmpretrain.data.digits import build_digits
+    from mmpretrain.data.synthetic.digits import build_digits
 
     first = digits_root / "train" / "train-0000.tar"
     with tarfile.open(first) as tf:
@@ -173,7 +173,7 @@ def test_negative_or_non_integer_seeds_are_refused_saying_what_a_seed_is(tmp_pat
 
 
 def test_the_stream_seeds_each_augmentation_with_derive_of_rank_stream_and_sample(tmp_path):
-    from mmpretrain.data.seeds import derive
+    from mmpretrain.data.stream.seeds import derive
 
     urls = [write_shard(tmp_path / f"d-{s}.tar", [good(s * 10 + i) for i in range(10)]) for s in range(4)]
     # inside the augmentation, torch's CPU generator was seeded with the sample's seed
@@ -191,7 +191,7 @@ def test_the_stream_seeds_each_augmentation_with_derive_of_rank_stream_and_sampl
 def test_augmentation_seeds_never_collide_over_ranks_streams_and_samples(seed):
     """The old formula ((seed*1_000_003 + rank)*1009 + worker)*1_000_003 + n gave stream w at sample
     n + 1_000_003 the seed of stream w + 1 at sample n."""
-    from mmpretrain.data.seeds import derive
+    from mmpretrain.data.stream.seeds import derive
 
     samples = [*range(64), *range(1_000_003, 1_000_003 + 64)]
     grid = [(r, w, n) for r in range(4) for w in range(4) for n in samples]
@@ -209,7 +209,7 @@ def test_global_seed_fits_seed_everything_and_keeps_32_bit_seeds():
 
     import lightning as L
 
-    from mmpretrain.data.seeds import global_seed
+    from mmpretrain.data.stream.seeds import global_seed
 
     assert global_seed(31337) == 31337 and global_seed(2**32 - 1) == 2**32 - 1
     big = [global_seed(s) for s in (2**32, 2**63 - 1, 10**30)]
@@ -223,7 +223,7 @@ def test_global_seed_fits_seed_everything_and_keeps_32_bit_seeds():
 def test_train_batches_carry_uint8_images_a_quarter_of_the_float_bytes(digits_root):
     from omegaconf import OmegaConf
 
-    from mmpretrain.datamodule import ContrastiveDataModule
+    from mmpretrain.training.datamodule import ContrastiveDataModule
     from mmpretrain.towers.timm import TimmTower
 
     tower = TimmTower("resnet10t", img_size=32)
@@ -241,7 +241,7 @@ def test_loaders_prefetch_two_batches_and_pin_memory_only_on_cuda(digits_root, d
 
     from omegaconf import OmegaConf
 
-    from mmpretrain.datamodule import ContrastiveDataModule
+    from mmpretrain.training.datamodule import ContrastiveDataModule
 
     cfg = OmegaConf.create({"sources": {"d": {"shards": f"{digits_root}/train/*.tar"}}, "batch_size": 8,
                             "num_workers": 2, "train_samples": 64, "val": {"shards": f"{digits_root}/val/*.tar"}})

@@ -11,11 +11,12 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from mmpretrain.callbacks import AtomicCheckpointIO, is_complete_checkpoint, newest_complete_checkpoint
+from mmpretrain.runs import is_complete_checkpoint, newest_complete_checkpoint
+from mmpretrain.training.callbacks import AtomicCheckpointIO
 from mmpretrain.config import UnsafeTargetError
 from mmpretrain.data import ShardStream, Source
-from mmpretrain.data.pipeline import check_shard_counts
-from mmpretrain.export import UnsafeCheckpointError, torch_load_safe
+from mmpretrain.data.stream.pipeline import check_shard_counts
+from mmpretrain.io import UnsafeCheckpointError, torch_load_safe
 from tests.unit.test_data import PREPROCESS, good, png_bytes, write_shard
 
 
@@ -38,7 +39,7 @@ def test_a_write_that_dies_midway_leaves_the_old_checkpoint_intact(tmp_path, mon
 
 
 def test_resume_auto_picks_the_newest_complete_checkpoint(tmp_path):
-    from mmpretrain.cli import _resume_path
+    from mmpretrain.runs import resume_path as _resume_path
 
     ckpts = tmp_path / "checkpoints"
     io_ = AtomicCheckpointIO()
@@ -121,7 +122,7 @@ def test_too_few_shards_fail_fast_naming_the_fix_or_resample(tmp_path):
 
 
 def test_datamodule_refuses_to_resume_with_a_different_layout(digits_root):
-    from mmpretrain.datamodule import ContrastiveDataModule
+    from mmpretrain.training.datamodule import ContrastiveDataModule
 
     cfg = OmegaConf.create({"sources": {"d": {"shards": f"{digits_root}/train/*.tar"}}, "batch_size": 8,
                             "num_workers": 2, "train_samples": 64})
@@ -186,7 +187,7 @@ def test_pickle_and_torch_members_of_a_shard_are_never_decoded(tmp_path):
     ],
 )
 def test_configs_cannot_instantiate_arbitrary_callables(override, digits_root, tmp_path):
-    from mmpretrain.cli import train
+    from mmpretrain.commands.train import train
     from tests.conftest import compose_config
 
     marker = tmp_path / "pwned"

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from mmpretrain.gradcache import grad_cache_backward, split_batch
+from mmpretrain.training.gradcache import grad_cache_backward, split_batch
 from mmpretrain.losses import InfoNCE, SigLIP
 from mmpretrain.model import ContrastiveModel
 from mmpretrain.towers.base import Tower

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mmpretrain.model import apply_training_options, build_model
-from mmpretrain.optim import build_optimizer
+from mmpretrain.training.optim import build_optimizer
 from tests.conftest import compose_config
 
 SMALL = [

@@ -12,7 +12,7 @@ import webdataset as wds
 from PIL import Image
 
 from mmpretrain.data import ShardStream, Source
-from mmpretrain.data.collate import collate
+from mmpretrain.data.stream.collate import collate
 from mmpretrain.losses import InfoNCE, clip_loss
 
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from mmpretrain.cli import _hard_negatives, _resolve_monitor
+from mmpretrain.commands.train import _hard_negatives
+from mmpretrain.commands.train import _resolve_monitor
 from tests.conftest import compose_config
 
 
@@ -32,13 +33,13 @@ def test_hard_negatives_are_infonce_only(tmp_path):
 
 
 def test_zero_shot_tasks_are_read_from_data_val_tasks(tmp_path):
-    from mmpretrain.cli import _zeroshot_tasks
+    from mmpretrain.evaluation.zeroshot import tasks_from_config
 
     (tmp_path / "tasks" / "color").mkdir(parents=True)
     (tmp_path / "tasks" / "color" / "classnames.txt").write_text("red\ngreen\n")
     (tmp_path / "tasks" / "shape" / "nothing").mkdir(parents=True)  # no classnames.txt: not a task
     (tmp_path / "templates.txt").write_text("a photo of a {} thing\n")
     cfg = compose_config("train", ["data=shards", f"data.root={tmp_path}"], run_dir=tmp_path)
-    assert _zeroshot_tasks(cfg.data) == {"color": {"classnames": ["red", "green"], "templates": ["a photo of a {} thing"]}}
+    assert tasks_from_config(cfg.data.val) == {"color": {"classnames": ["red", "green"], "templates": ["a photo of a {} thing"]}}
     cfg = compose_config("train", ["data=shards", f"data.root={tmp_path}", "data.val.tasks=null"], run_dir=tmp_path)
-    assert _zeroshot_tasks(cfg.data) == {}
+    assert tasks_from_config(cfg.data.val) == {}

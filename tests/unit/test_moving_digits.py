@@ -15,10 +15,10 @@ import soundfile as sf
 import webdataset as wds
 from scipy.stats import ks_2samp
 
-from mmpretrain.data.digits import CLASSNAMES
-from mmpretrain.data.moving_digits import build_moving_digits, plan_clip
-from mmpretrain.data.moving_digits.captions import DIRECTION_WORDS, SPEED_ADJECTIVES, SPEED_ADVERBS
-from mmpretrain.data.moving_digits.motion import DIRECTIONS, SPEEDS, corner, render
+from mmpretrain.data.synthetic.digits import CLASSNAMES
+from mmpretrain.data.synthetic.moving_digits import build_moving_digits, plan_clip
+from mmpretrain.data.synthetic.moving_digits.captions import DIRECTION_WORDS, SPEED_ADJECTIVES, SPEED_ADVERBS
+from mmpretrain.data.synthetic.moving_digits.motion import DIRECTIONS, SPEEDS, corner, render
 
 TINY = {"train": 24, "val": 12, "shard_size": 8}
 

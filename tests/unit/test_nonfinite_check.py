@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mmpretrain.callbacks import all_finite
+from mmpretrain.training.callbacks import all_finite
 
 
 def _grads() -> list[torch.Tensor]:

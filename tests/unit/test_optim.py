@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from mmpretrain.optim import build_optimizer, can_fuse
+from mmpretrain.training.optim import build_optimizer, can_fuse
 
 CFG = {"lr": 1e-2, "weight_decay": 0.1, "betas": [0.9, 0.98], "eps": 1e-6}
 
@@ -42,7 +42,7 @@ def test_fused_auto_only_for_float_tensors_on_cpu_or_cuda():
 
 
 def test_warmup_steps_takes_a_fraction_of_the_run_or_a_step_count():
-    from mmpretrain.optim import warmup_steps
+    from mmpretrain.training.optim import warmup_steps
 
     assert warmup_steps(0.05, 400) == 20
     assert warmup_steps(30, 400) == 30
@@ -56,7 +56,7 @@ def test_the_default_fractional_warmup_reaches_the_pretraining_schedule():
     from types import SimpleNamespace
 
     from mmpretrain.losses import InfoNCE
-    from mmpretrain.module import ContrastiveModule
+    from mmpretrain.training.module import ContrastiveModule
     from tests.unit.test_gradcache import make_model
 
     module = ContrastiveModule(make_model(), InfoNCE(), {"lr": 1e-3, "weight_decay": 0.1, "warmup_steps": 0.05})

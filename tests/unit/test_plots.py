@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmpretrain import plots
+from mmpretrain.training import plots
 
 
 def _pixels(path):
@@ -122,7 +122,7 @@ def test_end_of_run_plots_reuse_the_last_validation_only_when_it_saw_the_final_w
 
     import torch
 
-    from mmpretrain.monitor import RunPlots
+    from mmpretrain.training.monitor import RunPlots
 
     batches = [{"image": torch.arange(16.0).view(2, 8), "cls": torch.tensor([0, 1])}]
     passes = []

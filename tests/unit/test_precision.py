@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from mmpretrain.cli import train
+from mmpretrain.commands.train import train
 from tests.conftest import TINY_RUN, compose_config
 
 

@@ -130,12 +130,12 @@ validate = validate_batches
 
 @pytest.mark.parametrize("item", ["image", "audio"])  # audio: Clotho-style clips with several captions
 def test_validation_reports_the_protocol_probe_and_task_zero_shot(item):
-    from mmpretrain.data.captions import NEGATIVE_KINDS
+    from mmpretrain.data.stream.captions import NEGATIVE_KINDS
     from mmpretrain.evaluation import compositional_probe, zero_shot_accuracy
     from mmpretrain.evaluation.zeroshot import class_embeddings
     from mmpretrain.losses import InfoNCE
     from mmpretrain.model import ContrastiveModel
-    from mmpretrain.module import ContrastiveModule
+    from mmpretrain.training.module import ContrastiveModule
     from tests.unit.test_gradcache import DropoutTower
 
     torch.manual_seed(0)
@@ -144,7 +144,7 @@ def test_validation_reports_the_protocol_probe_and_task_zero_shot(item):
                enumerate(["a red", "a green", "a blue"])}
     module = ContrastiveModule(model, InfoNCE(pairs=[[item, "text"]]), optim={},
                                zeroshot_tasks={"color": {"classnames": ["red", "green", "blue"], "templates": ["a {}"]}})
-    module._encode_prompts = lambda ps: model.encode("text", torch.stack([prompts[p] for p in ps]))
+    module.val.encode_prompts = lambda ps: model.encode("text", torch.stack([prompts[p] for p in ps]))
     rename = lambda bs: [{(item if k == "image" else k): v for k, v in b.items()} for b in bs]
     batches, whole = val_batches([5, 3, 6])
     got = validate(module, rename(batches))
@@ -157,7 +157,7 @@ def test_validation_reports_the_protocol_probe_and_task_zero_shot(item):
                                       item, "text")
         probe = compositional_probe(img, txt, neg, whole["neg_owner"], whole["kinds"], NEGATIVE_KINDS)
         rows = whole["color"] >= 0
-        classes = class_embeddings(["red", "green", "blue"], ["a {}"], module._encode_prompts)
+        classes = class_embeddings(["red", "green", "blue"], ["a {}"], module.val.encode_prompts)
         zs = zero_shot_accuracy(img[rows], whole["color"][rows], classes)
     for k in ("R@1/image_to_text", "R@5/text_to_image", "R@10/image_to_text", "rsum/image_text", "mean_R@1/image_text"):
         k = k.replace("image", item)

@@ -12,9 +12,9 @@ import torch
 from omegaconf import OmegaConf
 
 from mmpretrain.data import ShardStream, Source
-from mmpretrain.data import pipeline as pipeline_module
-from mmpretrain.data import reader as reader_module
-from mmpretrain.data.position import SourcePosition, StreamPosition
+from mmpretrain.data.stream import pipeline as pipeline_module
+from mmpretrain.data.stream import reader as reader_module
+from mmpretrain.data.stream.position import SourcePosition, StreamPosition
 from tests.unit.test_data import PREPROCESS, good, write_shard
 
 
@@ -53,7 +53,7 @@ class Counting:
 
 
 def test_buffered_samples_are_re_read_by_reference_from_local_and_streamed_shards(tmp_path):
-    from mmpretrain.data.tario import read_samples, read_samples_at
+    from mmpretrain.data.stream.tar_reader import read_samples, read_samples_at
 
     (url,) = shards(tmp_path, n=1)
     refs = {start: sample for start, _, sample in read_samples(url)}
@@ -91,7 +91,7 @@ def test_resuming_at_step_10_or_2000_decodes_the_same_few_samples(tmp_path, monk
 
 
 def test_a_checkpoint_position_is_that_of_the_last_consumed_batch_not_the_workers(digits_root):
-    from mmpretrain.datamodule import ContrastiveDataModule
+    from mmpretrain.training.datamodule import ContrastiveDataModule
 
     cfg = OmegaConf.create({"sources": {"d": {"shards": f"{digits_root}/train/*.tar"}}, "batch_size": 8,
                             "num_workers": 2, "train_samples": 64})
@@ -127,7 +127,7 @@ def approx_records(monkeypatch):
 
 
 def test_approx_after_two_workers_to_one_reads_the_rest_of_the_pass_once(tmp_path, monkeypatch, capsys):
-    from mmpretrain.datamodule import ContrastiveDataModule
+    from mmpretrain.training.datamodule import ContrastiveDataModule
 
     urls = shards(tmp_path, n=6, per=9)
     every = {f"s{s * 9 + i:03d}" for s in range(6) for i in range(9)}
@@ -176,7 +176,7 @@ def test_approx_after_two_workers_to_one_reads_the_rest_of_the_pass_once(tmp_pat
 def _gather_on_rank(rank: int, port: int, digits_root: str, out: str) -> None:
     import torch.distributed as dist
 
-    from mmpretrain.datamodule import ContrastiveDataModule
+    from mmpretrain.training.datamodule import ContrastiveDataModule
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     cfg = OmegaConf.create({"sources": {"d": {"shards": f"{digits_root}/train/*.tar"}}, "batch_size": 8,

@@ -12,7 +12,7 @@ from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from mmpretrain.cli import CONF_DIR
-from mmpretrain.monitor import StepStats
+from mmpretrain.training.monitor import StepStats
 from tests.conftest import compose_config
 
 
@@ -22,8 +22,8 @@ def test_wandb_is_offline_by_default_and_online_with_one_override(tmp_path):
         compose_config("train", ["logger.wandb.mode=online"], run_dir=tmp_path).logger.wandb.mode == "online"
     )
     callbacks = compose_config("train", [], run_dir=tmp_path).callbacks
-    assert callbacks.step_stats._target_ == "mmpretrain.monitor.StepStats"
-    assert callbacks.plots._target_ == "mmpretrain.monitor.RunPlots"
+    assert callbacks.step_stats._target_ == "mmpretrain.training.monitor.StepStats"
+    assert callbacks.plots._target_ == "mmpretrain.training.monitor.RunPlots"
 
 
 def _hydra_cfg(overrides):
@@ -84,7 +84,7 @@ def _csv_rows(path):
 
 @pytest.mark.parametrize("resuming", [False, True])
 def test_csv_logger_keeps_the_history_only_when_the_run_resumes(tmp_path, resuming, recwarn):
-    from mmpretrain.monitor import CSVLogger
+    from mmpretrain.training.monitor import CSVLogger
 
     (tmp_path / "config.yaml").write_text("a: 1\n")  # the run directory is never empty
     first = CSVLogger(save_dir=str(tmp_path), name="", version="")
@@ -103,7 +103,7 @@ def test_csv_logger_keeps_the_history_only_when_the_run_resumes(tmp_path, resumi
 def test_validation_before_training_stays_in_the_same_wandb_run(digits_root, tmp_path):
     """trainer.val_at_start runs trainer.validate before fit; its end used to finish the wandb run,
     so the training went to a second one."""
-    from mmpretrain.cli import train
+    from mmpretrain.commands.train import train
     from tests.conftest import TINY_RUN
 
     run = tmp_path / "run"
@@ -121,7 +121,7 @@ def test_an_offline_wandb_logger_is_offline_process_wide_and_sets_no_anonymous(t
     must not start them (they send usage data, and without a network held the exit ~2.5 s)."""
     import wandb
 
-    from mmpretrain.monitor import WandbLogger
+    from mmpretrain.training.monitor import WandbLogger
 
     seen = {}
     monkeypatch.setattr(wandb, "init", lambda **kwargs: seen.update(kwargs))

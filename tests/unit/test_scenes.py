@@ -16,8 +16,8 @@ import webdataset as wds
 from PIL import Image
 
 from mmpretrain.data import ShardStream, Source
-from mmpretrain.data.scenes import build_scenes
-from mmpretrain.data.scenes.grammar import COLOR_WORDS, COUNT_WORDS, RELATION_WORDS, SHAPE_WORDS, SIZE_WORDS
+from mmpretrain.data.synthetic.scenes import build_scenes
+from mmpretrain.data.synthetic.scenes.grammar import COLOR_WORDS, COUNT_WORDS, RELATION_WORDS, SHAPE_WORDS, SIZE_WORDS
 
 TINY = {"train": 40, "val": 20, "test": 20, "shard_size": 10, "image_size_min": 64, "image_size_max": 96}
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmpretrain.callbacks import is_complete_checkpoint, newest_complete_checkpoint
+from mmpretrain.runs import is_complete_checkpoint, newest_complete_checkpoint
 from mmpretrain.towers.audio import AudioTower
 from mmpretrain.towers.open_clip import OpenClipTower
 from mmpretrain.towers.timm import TimmTower
@@ -39,8 +39,8 @@ def test_every_tower_names_its_blocks_and_they_hold_their_groups_parameters(make
 def test_trainer_fsdp_builds_lightnings_fsdp2_strategy_with_the_configured_plan():
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    from mmpretrain.cli import _trainer_and_optim
-    from mmpretrain.sharding import FSDP2Strategy
+    from mmpretrain.commands.train import trainer_and_optim as _trainer_and_optim
+    from mmpretrain.runtime.fsdp import FSDP2Strategy
 
     cfg = compose_config("train", ["trainer=fsdp", "trainer.devices=4", "trainer.strategy.activation_checkpointing=true",
                                    "trainer.strategy.mixed_precision={param_dtype: bfloat16, reduce_dtype: float32}"])
@@ -73,7 +73,7 @@ def test_only_a_published_sharded_directory_is_a_checkpoint_to_resume(tmp_path):
 
 
 def test_clipping_across_shards_equals_torchs_clip_in_one_process():
-    from mmpretrain.distributed import clip_grad_norm_
+    from mmpretrain.runtime.distributed import clip_grad_norm_
 
     g = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(5, 3, generator=g)) for _ in range(3)]

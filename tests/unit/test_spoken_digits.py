@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 import webdataset as wds
 
-from mmpretrain.data.spoken_digits import EspeakMissingError, build_spoken_digits
+from mmpretrain.data.synthetic.spoken_digits import EspeakMissingError, build_spoken_digits
 
 
 def test_missing_espeak_says_how_to_install(monkeypatch, tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mmpretrain.data import tario
+from mmpretrain.data.stream import tar_reader as tario
 
 FORMATS = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT}
 

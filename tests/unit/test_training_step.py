@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from mmpretrain.callbacks import NonFiniteError, NonFiniteGuard
+from mmpretrain.training.callbacks import NonFiniteError, NonFiniteGuard
 from mmpretrain.losses import InfoNCE
 from mmpretrain.model import MAX_LOGIT_SCALE
-from mmpretrain.module import ContrastiveModule
-from mmpretrain.monitor import CountHostSyncs
+from mmpretrain.training.module import ContrastiveModule
+from mmpretrain.training.monitor import CountHostSyncs
 from tests.unit.test_gradcache import batch, make_model
 
 
@@ -171,8 +171,8 @@ def test_under_ddp_a_stream_that_can_yield_partial_batches_gets_masks_on_every_b
     one tensor more than the plain one, so the module decides from the data config, not per batch."""
     from types import SimpleNamespace
 
-    from mmpretrain.data.pipeline import Source
-    from mmpretrain.module import _may_yield_partial_batches
+    from mmpretrain.data.stream.pipeline import Source
+    from mmpretrain.training.module import _may_yield_partial_batches
 
     def dm(on_missing, *modalities):
         return SimpleNamespace(cfg={"on_missing": on_missing}, sources=[Source(str(i), [], 1.0, list(m)) for i, m in enumerate(modalities)])

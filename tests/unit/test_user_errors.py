@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mmpretrain.cli import train
+from mmpretrain.commands.train import train
 from mmpretrain.export import CheckpointMismatchError, check_checkpoint_matches, load_into
 from mmpretrain.losses import InfoNCE, check_modalities
 from mmpretrain.model import build_model
@@ -18,7 +18,7 @@ SMALL_TEXT = [
 
 def test_no_shards_names_the_pattern_and_the_fix(tmp_path):
     from mmpretrain.data import NoShardsError
-    from mmpretrain.datamodule import ContrastiveDataModule
+    from mmpretrain.training.datamodule import ContrastiveDataModule
 
     cfg = compose_config("train", ["data=shards", f"data.root={tmp_path}/mine"], run_dir=tmp_path / "run")
     with pytest.raises(NoShardsError) as err:

@@ -10,7 +10,7 @@ from mmpretrain.losses import InfoNCE
 @pytest.fixture(scope="module")
 def module():
     from mmpretrain.model import build_model
-    from mmpretrain.module import ContrastiveModule
+    from mmpretrain.training.module import ContrastiveModule
 
     model = build_model({"embed_dim": 8, "towers": {
         "image": {"_target_": "mmpretrain.towers.timm.TimmTower", "model_name": "test_resnet", "img_size": 32},
@@ -20,19 +20,17 @@ def module():
 
 
 def columns_after(module, batches):
-    module._val.clear()
+    module.val.take()
     with torch.no_grad():
         for i, batch in enumerate(batches):
             module.validation_step(batch, i)
-    cols = {k: torch.cat(v) for k, v in module._val.items()}
-    module._val.clear()
-    return cols
+    return module.val.take()
 
 
 def test_a_rank_without_batches_has_the_same_columns_empty(module):
     full = columns_after(module, [{"image": torch.randn(3, 3, 32, 32), "audio": torch.randn(3, 4000),
                                    "cls": torch.tensor([0, 1, 2])}])
-    empty = module._val_columns(columns_after(module, []))
+    empty = module.val.row_columns(columns_after(module, []))
     assert list(empty) == list(full) == ["image", "image_mask", "audio", "audio_mask", "cls"]
     for k in full:
         assert empty[k].dtype == full[k].dtype and empty[k].shape == (0, *full[k].shape[1:]), k
@@ -60,7 +58,7 @@ def test_kept_val_embeddings_are_the_labelled_rows_of_each_modality_up_to_the_li
     image_only = {"image": torch.randn(2, 3, 32, 32), "cls": torch.tensor([1, 1])}
     unlabelled = {"image": torch.randn(1, 3, 32, 32), "audio": torch.randn(1, 4000)}
     cols = columns_after(module, [with_audio, image_only, unlabelled])
-    kept = module._labelled_embeddings(cols, limit=5)
+    kept = module.val.labelled_embeddings(cols, limit=5, step=module.global_step)
     assert kept["step"] == module.global_step
     assert torch.equal(kept["features"]["image"], cols["image"][:5]) and kept["labels"]["image"].tolist() == [0, 1, 0, 1, 1]
     assert torch.equal(kept["features"]["audio"], cols["audio"][:4]) and kept["labels"]["audio"].tolist() == [0, 1, 0, 1]

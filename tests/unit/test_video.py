@@ -9,8 +9,8 @@ import torch
 import webdataset as wds
 
 from mmpretrain.data import ShardStream, Source
-from mmpretrain.data.decode import decode_sample
-from mmpretrain.data.video import CorruptVideoError, EncodedVideo, decode_video, encode_video, read_frames
+from mmpretrain.data.stream.decode import decode_sample
+from mmpretrain.data.stream.video import CorruptVideoError, EncodedVideo, decode_video, encode_video, read_frames
 from mmpretrain.towers.video import VideoClip, VideoTower, sample_indices, spatial_keypoints
 from tests.videos import moving_square, tone
 
@@ -262,7 +262,7 @@ def test_video_clip_takes_decoded_frames_as_well_as_a_file():
 
 def test_a_pretrained_frame_tower_counts_as_a_pretrained_model():
     """check_available resolves the frame tower's weights, and val_at_start=null turns on for it."""
-    from mmpretrain.cli import _val_at_start
+    from mmpretrain.commands.train import val_at_start as _val_at_start
     from mmpretrain.pretrained import tower_configs
     from tests.conftest import compose_config
 

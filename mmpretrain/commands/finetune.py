@@ -1,0 +1,31 @@
+"""``mmpretrain finetune task=... pretrained=PATH``: a downstream task on a pretrained model."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from mmpretrain.config import to_plain
+from mmpretrain.evaluation.zeroshot import prompts_from_config
+from mmpretrain.runs import end_run, ensure_data, start_run
+
+
+def finetune(cfg: DictConfig) -> dict[str, float]:
+    """Train ``cfg.task`` on ``cfg.pretrained``'s towers; the final metrics (also in ``metrics.json``)."""
+    import lightning as L
+
+    from mmpretrain import finetune as tasks
+    from mmpretrain.data.stream.seeds import global_seed
+    from mmpretrain.export import model_from_checkpoint
+    from mmpretrain.runtime.ddp import resolve_strategy
+
+    run_dir = start_run(cfg)
+    L.seed_everything(global_seed(cfg.seed), workers=True)
+    ensure_data(cfg.data)
+    model = model_from_checkpoint(cfg.pretrained, to_plain(cfg.get("model")))
+    prompts = prompts_from_config(cfg.data.get("val"))
+    classnames = prompts["classnames"] if prompts else None
+    metrics = tasks.run(to_plain(cfg.task), model, to_plain(cfg.data), resolve_strategy(to_plain(cfg.trainer)),
+                        run_dir, classnames=classnames, seed=cfg.seed)
+    print(f"{cfg.task.name}: val accuracy {metrics['val/accuracy']:.4f}, macro-F1 {metrics['val/f1_macro']:.4f}")
+    end_run(run_dir)
+    return metrics

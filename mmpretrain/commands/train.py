@@ -1,0 +1,149 @@
+"""``mmpretrain train``: build the model, data, loss and Trainer from a composed config, fit, export."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from omegaconf import DictConfig
+
+from mmpretrain.config import instantiate_all, safe_instantiate, to_plain
+from mmpretrain.evaluation.zeroshot import prompts_from_config, tasks_from_config
+from mmpretrain.io import write_text_atomic
+from mmpretrain.runs import end_run, ensure_data, resume_path, start_run
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Train as ``cfg`` says (resuming when ``resume=`` names a checkpoint); the final metrics."""
+    import lightning as L
+
+    from mmpretrain.data.stream.seeds import global_seed
+    from mmpretrain.export import check_checkpoint_matches, export
+    from mmpretrain.losses import check_modalities
+    from mmpretrain.model import apply_training_options, build_model
+    from mmpretrain.pretrained import check_available
+    from mmpretrain.runtime.fsdp import preload_datamodule_state
+    from mmpretrain.training.callbacks import AtomicCheckpointIO
+    from mmpretrain.training.datamodule import ContrastiveDataModule
+    from mmpretrain.training.module import ContrastiveModule
+    from mmpretrain.training.monitor import CSVLogger, one_wandb_run
+
+    run_dir = start_run(cfg)
+    L.seed_everything(global_seed(cfg.seed), workers=True)
+    check_available(cfg.model)  # pretrained files cached or downloaded now, before any data or trainer
+    ensure_data(cfg.data)
+    model = apply_training_options(build_model(cfg.model), cfg.model)
+    if cfg.get("compile"):
+        for tower in model.towers.values():
+            tower.compile()  # in place: parameter names (checkpoints, export) stay as they are
+    datamodule = ContrastiveDataModule(cfg.data, model.preprocess, seed=cfg.seed, negatives=_hard_negatives(cfg.loss))
+    loss = safe_instantiate(cfg.loss)
+    check_modalities(loss, model.modalities)
+    prompts = prompts_from_config(cfg.data.get("val"))
+    _resolve_monitor(cfg, has_classnames=prompts is not None)
+    ckpt_path = resume_path(cfg, run_dir)
+    if ckpt_path:  # a checkpoint of another model config fails here, with what differs
+        check_checkpoint_matches(model, ckpt_path)
+        preload_datamodule_state(datamodule, ckpt_path)  # trainer=fsdp restores only after building the loader
+    trainer_kwargs, optim = trainer_and_optim(cfg)
+    module = ContrastiveModule(model, loss, optim, zeroshot=prompts, hparams={"model": to_plain(cfg.model)},
+                               zeroshot_tasks=tasks_from_config(cfg.data.get("val")))
+    loggers = instantiate_all(cfg.get("logger"))
+    for logger in loggers:
+        if isinstance(logger, CSVLogger):
+            logger.resuming = bool(ckpt_path)
+    trainer = L.Trainer(**trainer_kwargs, default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()],
+                        logger=loggers, callbacks=instantiate_all(cfg.get("callbacks")))
+    if val_at_start(cfg) and not ckpt_path:  # the pretrained starting point, logged at step 0
+        with one_wandb_run(loggers):
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics["skipped_samples"] = float(module.skipped_total)
+    if cfg.export_at_end:
+        model = _whole_model(model, cfg.model)  # under trainer=fsdp: gathered from every rank
+    if trainer.is_global_zero:
+        write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
+        if cfg.export_at_end:
+            export(model, run_dir / "export", extra={"metrics": metrics, "train_config": to_plain(cfg)})
+        print(f"skipped samples: {module.skipped_total}")
+    end_run(run_dir)
+    return metrics
+
+
+def _whole_model(model, model_cfg: DictConfig):
+    """``model`` itself, or, when it is sharded (trainer=fsdp), an unsharded copy with the trained
+    weights (a collective: every rank calls it)."""
+    from mmpretrain.model import build_model
+    from mmpretrain.runtime.fsdp import full_state_dict, is_sharded
+
+    if not is_sharded(model):
+        return model
+    state = full_state_dict(model)  # the whole state on rank 0, empty on the others
+    if not state:
+        return model
+    whole = build_model(to_plain(model_cfg))
+    whole.load_state_dict(state, strict=True)
+    return whole
+
+
+def trainer_and_optim(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Trainer kwargs and optim config, refusing gradient accumulation that changes the objective."""
+    from mmpretrain.runtime.ddp import resolve_strategy
+
+    trainer, optim = to_plain(cfg.trainer), to_plain(cfg.optim)
+    trainer.pop("val_at_start", None)  # ours, not Lightning's: see val_at_start
+    trainer = resolve_strategy(trainer)
+    if int(trainer.get("accumulate_grad_batches") or 1) > 1:
+        raise ValueError(
+            "trainer.accumulate_grad_batches>1 changes a contrastive loss (each micro-batch would only see its "
+            "own negatives). For a batch too big for memory set data.batch_size to the full batch and "
+            "optim.grad_cache_chunks=K instead (same gradient as the full batch, memory of one K-th)."
+        )
+    if int(optim.get("grad_cache_chunks") or 1) > 1:
+        # manual optimisation: the module clips itself (Lightning refuses gradient_clip_val then)
+        optim["gradient_clip_val"] = trainer.pop("gradient_clip_val", None)
+    return trainer, optim
+
+
+def val_at_start(cfg: DictConfig) -> bool:
+    """``trainer.val_at_start``; ``null`` (default): on when any tower starts from pretrained weights."""
+    choice = cfg.trainer.get("val_at_start")
+    if choice is not None:
+        return bool(choice)
+    from mmpretrain.pretrained import tower_configs
+
+    return any(t.get("pretrained") or t.get("pretrained_path") or t.get("image_tower_path")
+               or str(t.get("config", "")).startswith("hf-hub:") or str(t.get("model_name", "")).startswith("hf-hub:")
+               for t in tower_configs(cfg.model))
+
+
+def _resolve_monitor(cfg: DictConfig, has_classnames: bool) -> None:
+    """Make ``optimized_metric`` (what the best checkpoint and a sweeper watch) one the run logs.
+
+    Without validation (no val shards, or ``trainer.limit_val_batches=0``) no checkpoint callback
+    monitors anything (each keeps the newest). A zero-shot metric without class names (unlabelled
+    shards: no ``classnames.txt``) becomes the pair's mean instance R@1 over both directions,
+    ``val/retrieval_mean_R@1/<pair>``, which every val set with the pair supports."""
+    val = cfg.data.get("val") or {}
+    limit = cfg.trainer.get("limit_val_batches")
+    if not val.get("shards") or (limit is not None and float(limit) == 0):
+        for callback in (cfg.get("callbacks") or {}).values():
+            if callback is not None and callback.get("monitor") is not None:
+                callback.monitor = None
+        return
+    metric = str(cfg.get("optimized_metric") or "")
+    if metric.startswith("val/zeroshot_") and metric.count("/") == 2 and not has_classnames:
+        fallback = f"val/retrieval_mean_R@1/{metric.rsplit('/', 1)[1]}"
+        print(f"no class names for zero-shot (data.val.classnames): monitoring {fallback} instead of {metric}")
+        cfg.optimized_metric = fallback
+
+
+def _hard_negatives(loss_cfg: DictConfig) -> int:
+    """Hard negative captions per training sample: ``loss.max_negatives`` with ``loss.hard_negatives``."""
+    if not loss_cfg.get("hard_negatives"):
+        return 0
+    if not str(loss_cfg.get("_target_", "")).endswith("InfoNCE"):
+        raise ValueError(f"loss.hard_negatives=true needs loss=infonce (NegCLIP); {loss_cfg.get('_target_')} "
+                         f"has no softmax over captions to add the negatives to")
+    return int(loss_cfg.get("max_negatives") or 1)

@@ -1,0 +1,214 @@
+"""The rows of a user's dataset, before conversion: a table, a folder with sidecars, or tars.
+
+A :class:`Row` names one media file (or one member of a tar), its caption and its label as found;
+nothing is opened or checked here beyond reading the table and the sidecar captions, so a bad row
+is reported by the converter with its reason instead of stopping the listing.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+# Our key conventions (decode.py): the field name of each media extension, by modality.
+MEDIA = {
+    "jpg": "image",
+    "jpeg": "image",
+    "png": "image",
+    "webp": "image",
+    "flac": "audio",
+    "wav": "audio",
+    "mp3": "audio",
+}
+TABLES = (".csv", ".tsv", ".parquet")
+
+
+@dataclass(frozen=True)
+class Options:
+    img_key: str = "filepath"
+    caption_key: str = "title"
+    label_key: str | None = None
+    separator: str = "auto"
+    labels: str | None = None  # "folders": a class per sub-folder of a folder input
+    classnames: str | None = None  # a file fixing the classes (one a line); else the sorted label values
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str  # the sample's key in the tar: a slug of ``source`` + a short hash (unique, no dots)
+    source: str  # where it comes from, as the user named it (reports, the train/val hash)
+    path: str  # the file to read (a tar for tar input)
+    ext: str  # normalised extension: the sample's field name (.JPG -> jpg)
+    caption: str | None
+    label: str | None = None
+    offset: int | None = None  # tar input: the sample's header offset in ``path``
+
+    def read(self) -> bytes:
+        if self.offset is None:
+            return Path(self.path).read_bytes()
+        from mmpretrain.data.stream.tar_reader import read_sample_at
+
+        return read_sample_at(self.path, self.offset)[self.ext]
+
+
+def sample_key(source: str, occurrence: int = 0) -> str:
+    """A tar key for ``source`` (its ``occurrence``-th row: a table may pair one image with several captions)."""
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "_", source).strip("_")[-60:]
+    tag = source if occurrence == 0 else f"{source}\0{occurrence}"
+    return f"{slug}-{hashlib.sha1(tag.encode()).hexdigest()[:10]}"
+
+
+def media_ext(name: str) -> str:
+    return name.rsplit(".", 1)[-1].lower() if "." in Path(name).name else ""
+
+
+def read_rows(src: Path, opts: Options) -> list[Row]:
+    """Every row of ``src`` (a table file, a media folder, or a folder of ``.tar`` shards), in a fixed order."""
+    if not src.exists():
+        raise FileNotFoundError(f"in={src} does not exist (give a .csv/.tsv/.parquet table or a folder)")
+    if src.is_file():
+        if src.suffix.lower() not in TABLES:
+            raise ValueError(
+                f"in={src}: unknown format '{src.suffix}'; give a table ({', '.join(TABLES)}), a folder of "
+                f"media files with .txt/.json captions, or a folder of webdataset .tar shards"
+            )
+        rows = read_table(src, opts)
+    elif any(src.glob("*.tar")) and not any(
+        p.is_file() and media_ext(p.name) in MEDIA for p in src.rglob("*")
+    ):
+        rows = read_tars(src)
+    else:
+        rows = read_folder(src, opts)
+    if not rows:
+        raise ValueError(
+            f"in={src} holds no rows: no table row, and no media file "
+            f"({', '.join('.' + e for e in MEDIA)}) found recursively"
+        )
+    return rows
+
+
+# -- tables ------------------------------------------------------------------------------------------
+def read_table(path: Path, opts: Options) -> list[Row]:
+    columns, records = _table_records(path, opts.separator)
+    wanted = {"img_key": opts.img_key, "caption_key": opts.caption_key}
+    if opts.label_key:
+        wanted["label_key"] = opts.label_key
+    for option, column in wanted.items():
+        if column not in columns:
+            raise ValueError(
+                f"table {path} has no column '{column}' ({option}={column}); its columns are {columns}. "
+                f"Set {option}=<one of them>"
+            )
+    rows, seen = [], {}
+    for rec in records:
+        name = str(rec[opts.img_key] or "").strip()
+        seen[name] = seen.get(name, -1) + 1
+        file = Path(name) if Path(name).is_absolute() else path.parent / name
+        caption = rec[opts.caption_key]
+        label = rec[opts.label_key] if opts.label_key else None
+        rows.append(
+            Row(
+                key=sample_key(name, seen[name]),
+                source=name,
+                path=str(file),
+                ext=media_ext(name),
+                caption=None if caption is None else str(caption),
+                label=None if label is None or str(label).strip() == "" else str(label).strip(),
+            )
+        )
+    return rows
+
+
+def _table_records(path: Path, separator: str) -> tuple[list[str], list[dict]]:
+    if path.suffix.lower() == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ImportError(
+                f"reading {path} needs pyarrow: `pip install pyarrow` (or `pip install 'mmpretrain[parquet]'`), "
+                f"or save the table as .csv/.tsv"
+            ) from None
+        table = pq.read_table(path)
+        return list(table.column_names), table.to_pylist()
+    sep = {"auto": "\t" if path.suffix.lower() == ".tsv" else ",", "tab": "\t", "\\t": "\t"}.get(
+        separator, separator
+    )
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter=sep)
+        records = list(reader)
+        return list(reader.fieldnames or []), records
+
+
+# -- a folder of media files with sidecar captions ------------------------------------------------------
+def read_folder(root: Path, opts: Options) -> list[Row]:
+    if opts.labels not in (None, "folders"):
+        raise ValueError(
+            f"labels={opts.labels}: choose labels=folders (a class per sub-folder) or leave it unset"
+        )
+    rows = []
+    for file in sorted(p for p in root.rglob("*") if p.is_file() and media_ext(p.name) in MEDIA):
+        rel = file.relative_to(root).as_posix()
+        label = None
+        if opts.labels == "folders" and "/" in rel:
+            label = rel.split("/", 1)[0]
+        rows.append(
+            Row(
+                key=sample_key(rel),
+                source=rel,
+                path=str(file),
+                ext=media_ext(file.name),
+                caption=_sidecar_caption(file, opts.caption_key),
+                label=label,
+            )
+        )
+    return rows
+
+
+def _sidecar_caption(file: Path, caption_key: str) -> str | None:
+    """``x.txt`` beside ``x.jpg``, else the ``caption`` (or ``caption_key``) field of ``x.json``."""
+    stem = file.with_suffix("")
+    txt, js = stem.with_name(stem.name + ".txt"), stem.with_name(stem.name + ".json")
+    if txt.exists():
+        return txt.read_text(encoding="utf-8")
+    if js.exists():
+        try:
+            obj = json.loads(js.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            return None
+        for field in ("caption", caption_key):
+            if isinstance(obj, dict) and obj.get(field) is not None:
+                return str(obj[field])
+    return None
+
+
+# -- webdataset tars (img2dataset's output) ---------------------------------------------------------------
+def read_tars(root: Path) -> list[Row]:
+    """One row per sample of ``root/*.tar`` that has a media field; the caption from ``txt`` or json ``caption``."""
+    from mmpretrain.data.stream.tar_reader import read_samples
+
+    rows = []
+    for tar in sorted(root.glob("*.tar")):
+        for start, _, sample in read_samples(str(tar)):
+            ext = next((e for e in MEDIA if e in sample), None)
+            if ext is None:
+                continue
+            caption = sample["txt"].decode("utf-8") if "txt" in sample else None
+            if caption is None and "json" in sample:
+                caption = json.loads(sample["json"]).get("caption")
+            source = f"{tar.name}/{sample['__key__']}"
+            rows.append(
+                Row(
+                    key=sample_key(source),
+                    source=source,
+                    path=str(tar),
+                    ext=ext,
+                    caption=caption,
+                    label=sample["cls"].decode().strip() if "cls" in sample else None,
+                    offset=start,
+                )
+            )
+    return rows

@@ -1,0 +1,9 @@
+"""The training and validation stream: tar shards -> samples -> decoded -> preprocessed -> batches.
+
+``tar_reader`` (members and sample keys of a tar), ``reader`` (one source's passes and shuffle buffer),
+``position`` (where a stream stands; what a checkpoint saves), ``pipeline`` (:class:`ShardStream`),
+``shards`` (discovery, counting, ``sizes.json``), ``decode``/``video`` (bytes -> values), ``collate``,
+``captions`` (which caption trains in a pass), ``seeds`` (every seed, derived in one place).
+
+May import ``runtime.distributed`` and ``io``; nothing else of ours (towers reach it only as callables).
+"""

@@ -1,0 +1,96 @@
+"""Finding shards: brace-expanded patterns, globs, and sample counts."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import braceexpand
+import torch
+
+from mmpretrain.io import write_text_atomic
+from mmpretrain.runtime import distributed
+
+
+class NoShardsError(FileNotFoundError):
+    pass
+
+
+def expand_shards(patterns: str | list[str]) -> list[str]:
+    """Expand ``{000..009}`` braces and ``*`` globs; fail with the pattern when nothing matches."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    urls: list[str] = []
+    for pattern in patterns:
+        matched: list[str] = []
+        for p in braceexpand.braceexpand(str(pattern)):
+            p = os.path.expanduser(p)
+            if any(c in p for c in "*?["):
+                matched += sorted(glob.glob(p))
+            elif "://" in p or p.startswith("pipe:") or os.path.exists(p):
+                matched.append(p)
+        if not matched:
+            raise NoShardsError(
+                f"shard pattern '{pattern}' matches no file. Check the path (brace ranges like "
+                f"shard-{{000..009}}.tar and globs like *.tar are expanded), or build the demo data with "
+                f"`mmpretrain data digits out=DIR` and pass data.root=DIR."
+            )
+        urls += matched
+    return urls
+
+
+def count_samples(urls: list[str]) -> int:
+    """Samples in local shards: from a ``sizes.json`` beside them when present, else tar headers.
+
+    Shards missing from ``sizes.json`` are counted once, not on every rank: under
+    ``torch.distributed`` each rank reads the tar headers of its share of them and one all-reduce
+    shares the counts (so every rank must call this with the same urls, as the datamodule does).
+    Rank 0 then adds the new counts to ``sizes.json`` (a temporary file renamed over it) when the
+    folder is writable, so the next run reads them instead.
+    """
+    paths = [Path(u) for u in urls]
+    sizes_by_dir = {d: _read_sizes(d / "sizes.json") for d in dict.fromkeys(p.parent for p in paths)}
+    known = [sizes_by_dir[p.parent].get(p.name) for p in paths]
+    missing = [i for i, k in enumerate(known) if k is None]
+    for i in missing:
+        if not paths[i].exists():
+            raise ValueError(f"cannot count samples of remote shard {urls[i]}; set data.train_samples")
+    # -1: not counted here. Ranks may disagree on what sizes.json held (another run writing it),
+    # so the vector covers every url and max takes any rank's count: one collective, always.
+    counts = torch.tensor([-1 if k is None else int(k) for k in known], dtype=torch.long)
+    for i in missing[distributed.share(len(missing))]:
+        counts[i] = _count_tar(paths[i])
+    counts = distributed.all_reduce_max(counts)
+    if missing and distributed.rank() == 0:
+        for d in dict.fromkeys(paths[i].parent for i in missing):
+            new = {p.name: int(c) for p, c in zip(paths, counts.tolist()) if p.parent == d}
+            write_sizes(d, new)
+    return int(counts.sum())
+
+
+def _count_tar(path: Path) -> int:
+    with tarfile.open(path) as tf:
+        return len({member.name.split(".", 1)[0] for member in tf})
+
+
+def _read_sizes(path: Path) -> dict[str, int]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def write_sizes(split_dir: str | Path, sizes: dict[str, int]) -> None:
+    """Record sample counts in ``split_dir/sizes.json`` (shard file name -> samples), the one writer of
+    that file: ``sizes`` is merged into what the file holds, entries of shards no longer in the folder
+    are dropped, and the file is replaced atomically. A read-only folder is left as it is (the counts
+    are then taken from the tar headers at each run)."""
+    path = Path(split_dir) / "sizes.json"
+    merged = {name: n for name, n in (_read_sizes(path) | sizes).items() if (path.parent / name).exists()}
+    try:
+        write_text_atomic(path, json.dumps(dict(sorted(merged.items())), indent=1))
+    except OSError:
+        pass

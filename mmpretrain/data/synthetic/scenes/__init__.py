@@ -1,0 +1,125 @@
+"""``mmpretrain data scenes out=DIR``: procedurally drawn scenes of 1-4 coloured shapes, five captions
+each, SugarCrepe-style hard negatives, and a compositional test split.
+
+Layout of ``DIR`` (README, "The scenes data")::
+
+    train/train-0000.tar ...                 ~1000 samples a shard, sizes.json beside them
+    val/val-0000.tar ...
+    test_compositional/test_compositional-0000.tar ...   scenes with a colour-shape pair never in train/val
+    heldout_pairs.json                       those pairs: [[colour, shape], ...]
+    classnames.txt, templates.txt            the count task (the one task defined for every scene)
+    tasks/{color,shape,count}/{classnames,templates}.txt
+    scenes.json                              the options the shards were built with
+
+A sample: ``jpg``; ``txt`` (the first caption); ``cls`` (the count label); ``json`` with
+``captions`` (5), ``negatives`` and ``negative_kinds`` (one per SugarCrepe kind that applies),
+``labels`` ({color, shape, count}; -1 where a task does not apply: colour and shape only for
+one-object scenes) and ``objects`` ([{shape, color, size, x, y}], centres as fractions of the side).
+
+Scene ``i`` of a split is drawn from its own seed, ``derive(seed, "scene", split, i)``, so the
+shards are byte-identical for a seed whatever the number of workers, and a rerun (after an
+interruption) writes only the shards not there yet.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmpretrain.data.synthetic.scenes import grammar
+from mmpretrain.data.synthetic.scenes.grammar import COLORS, COUNTS, SHAPES, SIZES, Obj
+from mmpretrain.data.synthetic.scenes.render import layout, render
+from mmpretrain.data.stream.seeds import derive
+from mmpretrain.data.convert.writing import (
+    claim_build,
+    finish_build,
+    parallel_map,
+    plan_shards,
+    splits_built,
+    write_shard,
+    write_text_atomic,
+)
+
+SPLITS = {"train": 0, "val": 1, "test_compositional": 2}  # name -> the split's key in each scene's seed
+
+# Colour-shape pairs never drawn in train or val: two colours per shape, 20 of the 120 (17 %), each
+# colour held out with at most two shapes, so every colour and shape is still seen in train.
+HELDOUT_PAIRS = frozenset((list(COLORS)[(5 * s + k) % len(COLORS)], shape)
+                          for s, shape in enumerate(SHAPES) for k in (0, 7))
+
+TASKS = {
+    "color": (list(COLORS), ["a picture of a {} shape.", "a {} object on a background.", "something {}.",
+                             "a drawing of a {} thing."]),
+    "shape": (SHAPES, ["a picture of a {}.", "a {} on a background.", "a drawing of a {}.", "one {}."]),
+    "count": (COUNTS, ["a picture of {} shapes.", "{} objects on a background.", "the number of shapes is {}.",
+                       "a drawing with {} things in it."]),
+}
+TOP_TASK = "count"  # classnames.txt / templates.txt at the root and ``cls``: defined for every scene
+
+
+def scene_objects(split: str, rng: random.Random) -> list[Obj]:
+    """1-4 objects; train/val avoid the held-out pairs, test_compositional has at least one."""
+    allowed = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in HELDOUT_PAIRS]
+    n = rng.randint(1, 4)
+    while True:
+        pairs: list[tuple[str, str]] = []
+        if split == "test_compositional":
+            pairs.append(rng.choice(sorted(HELDOUT_PAIRS)))
+        while len(pairs) < n:
+            # Repeats make "two red circles"; test scenes may add any pair, held out or not.
+            pool = allowed if split != "test_compositional" else [(c, s) for c in COLORS for s in SHAPES]
+            pairs.append(rng.choice(pairs) if pairs and rng.random() < 0.3 else rng.choice(pool))
+        rng.shuffle(pairs)
+        objects = layout([(s, c, rng.choice(SIZES)) for c, s in pairs], rng)
+        if objects is not None:
+            return objects
+
+
+def make_scene(seed: int, split: str, index: int, size_min: int, size_max: int) -> dict[str, Any]:
+    """One sample of ``split``: the image, captions, negatives and labels of scene ``index``."""
+    s = derive(seed, "scene", SPLITS[split], index)
+    rng, nrng = random.Random(s), np.random.default_rng(s)
+    objects = scene_objects(split, rng)
+    captions = grammar.true_captions(objects, rng)
+    forbidden = frozenset() if split == "test_compositional" else HELDOUT_PAIRS
+    negatives = grammar.negatives(objects, captions, rng, forbidden)
+    one = len(objects) == 1
+    labels = {"color": list(COLORS).index(objects[0].color) if one else -1,
+              "shape": SHAPES.index(objects[0].shape) if one else -1, "count": len(objects) - 1}
+    meta = {"captions": [grammar.realise(c) for c in captions], "negatives": [t for _, t in negatives],
+            "negative_kinds": [k for k, _ in negatives], "labels": labels,
+            "objects": [{"shape": o.shape, "color": o.color, "size": o.size, "x": o.x, "y": o.y} for o in objects]}
+    jpg = render(objects, rng.randint(size_min, size_max), rng, nrng, quality=rng.randint(70, 95))
+    return {"__key__": f"{split}_{index:06d}", "jpg": jpg, "txt": meta["captions"][0].encode(),
+            "cls": str(labels[TOP_TASK]).encode(), "json": json.dumps(meta).encode()}
+
+
+def _write(task: tuple[str, str, int, int, int, int, int]) -> int:
+    path, split, start, stop, seed, size_min, size_max = task
+    return write_shard(Path(path), (make_scene(seed, split, i, size_min, size_max) for i in range(start, stop)))
+
+
+def build_scenes(out: str | Path, seed: int = 0, train: int = 50_000, val: int = 2_000, test: int = 2_000,
+                 workers: int | None = None, image_size_min: int = 96, image_size_max: int = 160,
+                 shard_size: int = 1000, **_: Any) -> Path:
+    """Write the splits' shards (in parallel, skipping shards already there), then the task files."""
+    out = Path(out)
+    options = {"seed": seed, "train": train, "val": val, "test": test, "image_size_min": image_size_min,
+               "image_size_max": image_size_max, "shard_size": shard_size}
+    claim_build(out, "scenes.json", options, "scenes")
+    pending, sizes = plan_shards(out, {"train": train, "val": val, "test_compositional": test}, shard_size)
+    started = time.perf_counter()
+    parallel_map(_write, [(*t, seed, image_size_min, image_size_max) for t in pending], workers, label="scenes",
+                 total=sum(t[3] - t[2] for t in pending), weight=int)
+    write_text_atomic(out / "heldout_pairs.json", json.dumps(sorted([c, s] for c, s in HELDOUT_PAIRS), indent=1))
+    finish_build(out, sizes, TASKS, TOP_TASK, pending, started, "scenes")
+    return out
+
+
+def is_built(root: str | Path) -> bool:
+    return splits_built(root, SPLITS)

@@ -1,0 +1,228 @@
+"""LightningDataModule: wires ``mmpretrain.data`` into train/val loaders; nothing else."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from mmpretrain.runtime import distributed
+from mmpretrain.data import ShardStream, Source, count_samples, expand_shards
+from mmpretrain.data.stream.pipeline import check_shard_counts
+from mmpretrain.data.stream.position import StreamPosition, continue_pass, shard_plan
+
+
+def sources_from_config(cfg: Any) -> list[Source]:
+    sources = []
+    for name, src in cfg["sources"].items():
+        if src is None:
+            continue
+        sources.append(
+            Source(
+                name=name,
+                urls=expand_shards(src["shards"]),
+                weight=float(src.get("weight", 1.0)),
+                modalities=list(src.get("modalities") or []),
+            )
+        )
+    if not sources:
+        raise ValueError("data.sources is empty: configure at least one source with a shards pattern")
+    return sources
+
+
+class ContrastiveDataModule(L.LightningDataModule):
+    def __init__(self, cfg: Any, preprocess: Callable[[bool], dict[str, Callable]], seed: int = 0,
+                 negatives: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        self.negatives = int(negatives)  # hard negative captions per training sample (loss.hard_negatives)
+        self.preprocess = preprocess
+        self.seed = seed
+        self.resume_state: dict[str, Any] | None = None  # from the checkpoint (load_state_dict)
+        self._start_positions: dict[int, str] = {}  # stream -> position the resumed run starts from
+        self._consumed: dict[int, list[tuple[int, str]]] = {}  # stream -> last (batch index, position) consumed
+        # Resolve shard patterns now: a pattern that matches nothing fails before anything heavy.
+        self.sources = sources_from_config(cfg)
+        self.val_urls = expand_shards(cfg["val"]["shards"]) if cfg.get("val") else []
+
+    def _common(self) -> dict[str, Any]:
+        rank = self.trainer.global_rank if self.trainer else 0
+        world = self.trainer.world_size if self.trainer else 1
+        return {
+            "rank": rank,
+            "world_size": world,
+            "seed": self.seed,
+            "on_error": self.cfg.get("on_error", "skip"),
+            "on_missing": self.cfg.get("on_missing", "skip"),
+            "caption_field": self.cfg.get("caption_field", "caption"),
+            "caption_keys": list(self.cfg.get("caption_keys") or []) or None,
+            "modality_keys": {m: list(k) for m, k in (self.cfg.get("modality_keys") or {}).items()} or None,
+            "batch_size": int(self.cfg["batch_size"]),
+        }
+
+    def batches_per_worker(self) -> int:
+        if getattr(self, "_per_worker", None) is None:
+            self._per_worker = self._batches_per_worker()
+        return self._per_worker
+
+    def _batches_per_worker(self) -> int:
+        common = self._common()
+        samples = self.cfg.get("train_samples") or sum(count_samples(s.urls) for s in self.sources)
+        workers = max(1, int(self.cfg.get("num_workers", 0)))
+        global_batch = common["batch_size"] * common["world_size"]
+        return max(1, math.ceil(samples / (global_batch * workers)))
+
+    def train_dataloader(self) -> DataLoader:
+        workers = int(self.cfg.get("num_workers", 0))
+        common = self._common()
+        policy = self.cfg.get("shard_policy", "error")
+        check_shard_counts(self.sources, common["world_size"], workers, policy)
+        per_worker = self.batches_per_worker()
+        stream = ShardStream(
+            self.sources,
+            self.preprocess(True),
+            train=True,
+            batches_per_worker=per_worker,
+            shuffle_buffer=int(self.cfg.get("shuffle_buffer", 1000)),
+            start_batch=self._resume_batch(self._layout()),
+            shard_policy=policy,
+            positions=self._start_positions,
+            negatives=self.negatives,
+            **common,
+        )
+        stream.num_workers = max(1, workers)
+        return self._loader(stream, workers, persistent=True, pin=self._pin_memory())
+
+    # -- resume: each stream's position lives in the checkpoint (Lightning saves this state) -------
+    def _layout(self) -> dict[str, Any]:
+        common = self._common()
+        return {
+            "seed": self.seed,
+            "world_size": common["world_size"],
+            "num_workers": max(1, int(self.cfg.get("num_workers", 0))),
+            "batch_size": common["batch_size"],
+            "batches_per_worker": self.batches_per_worker(),
+            "shard_policy": self.cfg.get("shard_policy", "error"),
+            "sources": [[s.name, len(s.urls)] for s in self.sources],
+        }
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Note the position each consumed training batch leaves its stream at (the workers run ahead
+        of the trainer: their live state is not what the checkpoint must hold)."""
+        position = batch.pop("__position__", None) if isinstance(batch, dict) else None
+        if position is not None:
+            stream, batches = StreamPosition.peek(position)
+            j = (batches - 1) * max(1, int(self.cfg.get("num_workers", 0))) + stream  # the rank's batch index
+            self._consumed[stream] = [*self._consumed.get(stream, [])[-3:], (j, position)]
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The layout, the batches consumed per rank, and where every stream of every rank stands
+        after them: ``positions[rank][stream]`` is a :class:`StreamPosition` as JSON (None: a stream
+        that has produced nothing yet). Called on every rank (Lightning's save_checkpoint is)."""
+        if self.trainer is None:
+            return {}
+        layout = self._layout()
+        consumed = int(self.trainer.fit_loop.epoch_loop.batch_progress.total.processed)
+        w, per = layout["num_workers"], layout["batches_per_worker"]
+        mine: list[str | None] = []
+        for s in range(w):
+            done = [(j, p) for j, p in self._consumed.get(s, []) if j < consumed]
+            mine.append(max(done)[1] if done else self._start_positions.get(s))
+        skipped = int(getattr(self.trainer.lightning_module, "skipped_total", 0))
+        return layout | {"batches_consumed": consumed, "epoch": consumed // (w * per), "skipped_samples": skipped,
+                         "positions": self._gather(mine)}
+
+    def _gather(self, mine: list[str | None]) -> list[list[str | None]]:
+        """Every rank's stream positions (rank 0 writes the checkpoint)."""
+        if distributed.world_size() == 1:
+            return [mine]
+        device = self.trainer.strategy.root_device
+        data = torch.tensor(list(json.dumps(mine).encode()), dtype=torch.uint8, device=device)
+        sizes = distributed.all_gather_variable(torch.tensor([len(data)], device=device)).tolist()
+        flat = distributed.all_gather_variable(data).cpu().numpy().tobytes()
+        offsets = [sum(sizes[:r]) for r in range(len(sizes) + 1)]
+        return [json.loads(flat[offsets[r] : offsets[r + 1]]) for r in range(len(sizes))]
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.resume_state = dict(state)
+
+    def _resume_batch(self, layout: dict[str, Any]) -> int:
+        """The batches the resumed run already consumed; sets where each stream of this rank starts."""
+        if not self.resume_state:
+            return 0
+        state = self.resume_state
+        if "positions" not in state:
+            raise ValueError("this checkpoint predates saved stream positions: its data stream cannot be resumed. "
+                             "Start a new run from its weights instead.")
+        rank = self.trainer.global_rank if self.trainer else 0
+        consumed = int(state["batches_consumed"])
+        changed = {k: (state.get(k), v) for k, v in layout.items() if state.get(k) != v}
+        if self.trainer is not None:  # the bad-sample count continues too
+            self.trainer.lightning_module.skipped_total = int(state.get("skipped_samples", 0))
+        if not changed:
+            self._start_positions = {s: p for s, p in enumerate(state["positions"][rank]) if p is not None}
+            return consumed
+        detail = ", ".join(f"{k}: checkpoint {a} != now {b}" for k, (a, b) in changed.items())
+        mode = self.cfg.get("resume", "exact")
+        if mode != "approx":
+            raise ValueError(
+                f"cannot resume the data stream exactly: the data layout changed ({detail}). Resume with the "
+                f"same devices, num_nodes, data.num_workers, data.batch_size and seed as the checkpointed run, "
+                f"or set data.resume=approx to continue with what the current pass has not read yet."
+            )
+        self._start_positions = self._continue_pass(state, layout, rank, consumed, detail)
+        return consumed
+
+    def _continue_pass(self, state: dict[str, Any], layout: dict[str, Any], rank: int, consumed: int,
+                       detail: str) -> dict[int, str]:
+        """data.resume=approx: this rank's share of what the checkpointed pass had left to read."""
+        old = [[None if p is None else StreamPosition.from_json(p) for p in streams] for streams in state["positions"]]
+        old_sources = state.get("sources") or [[s.name, len(s.urls)] for s in self.sources]
+        index = {tuple(src): i for i, src in enumerate(old_sources)}
+        source_map = [index.get((s.name, len(s.urls))) for s in self.sources]
+
+        def old_plan(i: int, pass_idx: int, r: int, s: int) -> list[int]:
+            return shard_plan(old_sources[i][1], state["seed"], pass_idx, r, state["world_size"], s,
+                              state["num_workers"], state["shard_policy"])
+
+        w, world = layout["num_workers"], layout["world_size"]
+        before = [len(range(slot % w, consumed, w)) for slot in range(world * w)]
+        new, summary = continue_pass(old, old_plan, source_map, world * w, before)
+        if rank == 0:
+            print(f"data.resume=approx: the data layout changed ({detail}). Each source continues its current pass "
+                  f"across {world} ranks x {w} workers with the {summary['shards']} shards it had not finished and "
+                  f"the {summary['buffered']} samples that sat in shuffle buffers (re-read): no sample of the pass "
+                  f"repeats; {summary['dropped_streams']} stream(s) still in an earlier pass leave its rest unread. "
+                  f"Batches differ from an uninterrupted run.", flush=True)
+        return {slot % w: new[slot].to_json() for slot in range(rank * w, (rank + 1) * w)}
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_urls:
+            return []
+        workers = min(int(self.cfg.get("num_workers", 0)), len(self.val_urls))
+        val = Source("val", self.val_urls, modalities=list(self.cfg["val"].get("modalities") or []))
+        stream = ShardStream([val], self.preprocess(False), train=False, **self._common())
+        return self._loader(stream, workers, persistent=False, pin=self._pin_memory())
+
+    def _pin_memory(self) -> bool:
+        """Pinned batches when training on CUDA: the host-to-device copy is then asynchronous."""
+        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+
+    @staticmethod
+    def _loader(stream: ShardStream, workers: int, persistent: bool, pin: bool = False) -> DataLoader:
+        # Images travel as uint8 (the tower normalises on the device) and each worker keeps 2 batches
+        # ahead: the shared memory held per rank is ~2 x workers x a uint8 batch.
+        return DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=workers,
+            persistent_workers=persistent and workers > 0,
+            prefetch_factor=2 if workers > 0 else None,
+            pin_memory=pin,
+        )

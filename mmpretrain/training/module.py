@@ -1,0 +1,238 @@
+"""The LightningModule: a ContrastiveModel + a loss + the optimiser. The training step sums the loss's
+``*_loss`` terms; validation hands each batch to the :class:`ValidationCollector` and logs its metrics."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities.enums import GradClipAlgorithmType
+
+from mmpretrain.evaluation.validate import ValidationCollector
+from mmpretrain.model import ContrastiveModel
+from mmpretrain.runtime import distributed
+from mmpretrain.training.gradcache import batch_size, grad_cache_backward
+from mmpretrain.training.optim import build_optimizer, warmup_cosine, warmup_steps
+
+
+class ContrastiveModule(L.LightningModule):
+    def __init__(
+        self,
+        model: ContrastiveModel,
+        loss: torch.nn.Module,
+        optim: dict[str, Any],
+        zeroshot: dict[str, list[str]] | None = None,
+        hparams: dict[str, Any] | None = None,
+        zeroshot_tasks: dict[str, dict[str, list[str]]] | None = None,
+    ):
+        super().__init__()
+        self.model = model
+        self.loss = loss
+        self.optim_cfg = optim
+        self.zeroshot = zeroshot  # {"classnames": [...], "templates": [...]}
+        # {task: {"classnames", "templates"}}: zero-shot of each task over the val rows labelled for it
+        self.zeroshot_tasks = zeroshot_tasks or {}
+        self.val = ValidationCollector(model, loss, zeroshot, self.zeroshot_tasks)
+        # Set by monitor.RunPlots: keep up to this many labelled rows of each validation's embeddings
+        # (``last_val_embeddings``), so the end-of-run plots need no second pass over the val set.
+        self.keep_val_embeddings = 0
+        self.last_val_embeddings: dict[str, Any] | None = None
+        # Plain containers only: checkpoints stay loadable with torch.load(weights_only=True).
+        self.save_hyperparameters(hparams or {"model": model.config()}, logger=False)
+        self._last_step_time: float | None = None
+        self.skipped_total = 0
+        # optim.grad_cache_chunks=k: the loss of the whole batch, encoded k micro-batches at a time
+        # (feature caching), which needs manual optimisation.
+        self.grad_cache_chunks = int(optim.get("grad_cache_chunks") or 1)
+        self.automatic_optimization = self.grad_cache_chunks <= 1
+        if self.grad_cache_chunks > 1 and getattr(loss, "hard_negatives", False):
+            raise ValueError("loss.hard_negatives=true cannot be combined with optim.grad_cache_chunks>1 "
+                             "(the cached features would not include the negatives)")
+        self._partial_stream = False  # set at train start: masks on every rank (see _masks_on_every_rank)
+
+    @property
+    def skipped_total(self) -> int:
+        """Samples skipped so far, summed over ranks (a host sync: read it at log/checkpoint time)."""
+        return int(self._skipped.item())
+
+    @skipped_total.setter
+    def skipped_total(self, value: int) -> None:
+        self._skipped = torch.tensor(int(value), dtype=torch.long)
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return self.model(batch)
+
+    # -- training ---------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        batch = self._masks_on_every_rank(batch)
+        losses = self._grad_cache_step(batch) if self.grad_cache_chunks > 1 else self.loss(self.model(batch))
+        total = sum(losses.values())
+        bs = batch_size(batch)
+        self._log_losses(losses, total, bs)
+        self._log_stream_stats(batch, bs)
+        return total
+
+    def _masks_on_every_rank(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A stream that can yield partial batches gets ``<m>_mask`` for every modality, every step.
+
+        The collate adds a mask only to batches where some row lacks the modality, but under DDP
+        the masked loss gathers one tensor more than the plain one, so all ranks must take the same
+        path: decided once from the data config (identical on every rank), not per batch.
+        """
+        if not self._partial_stream:
+            return batch
+        present = [m for m in self.model.modalities if m in batch and f"{m}_mask" not in batch]
+        if not present:
+            return batch
+        rows = torch.ones(batch_size(batch), dtype=torch.bool, device=self.device)
+        return batch | {f"{m}_mask": rows for m in present}
+
+    def on_train_start(self) -> None:
+        self._partial_stream = distributed.world_size() > 1 and _may_yield_partial_batches(self.trainer.datamodule)
+
+    def _log_losses(self, losses: dict[str, torch.Tensor], total: torch.Tensor, bs: int) -> None:
+        """``train/loss`` and its terms as the loss of the global batch, at the steps whose logs are
+        written only. A rank's value is its share (DDP averages gradients), so the mean over ranks
+        is the global loss, also when a rank holds no complete row of a partial batch. One
+        all-reduce of a few scalars, no host read; nothing at other steps (but the last of an epoch or
+        of the run, so what ``train`` returns holds the final loss). Not ``prog_bar``: Lightning
+        reads those on the host after every batch (monitor.ProgressBar shows them when it redraws)."""
+        if not self._logs_written_after_this_step():
+            return
+        values = torch.stack([total.detach(), *(v.detach() for v in losses.values())])
+        values = distributed.all_reduce_sum(values) / distributed.world_size()
+        self.log("train/loss", values[0], batch_size=bs)
+        self.log_dict({f"train/{k}": v for k, v in zip(losses, values[1:])}, batch_size=bs)
+
+    def _logs_written_after_this_step(self) -> bool:
+        """Every ``log_every_n_steps`` batches, counted as Lightning's logger connector counts them (the
+        batches of the run so far, this one included; a resume continues the count), and at the last
+        batch of an epoch or of the run: the same answer on every rank (equal batch counts), so their
+        reductions match. tests/unit/test_training_step.py holds it against Lightning's own decision."""
+        t = self.trainer
+        last = t.is_last_batch or (t.max_steps > 0 and t.global_step + 1 >= t.max_steps)
+        every = t.log_every_n_steps
+        return last or (every > 0 and t.fit_loop.epoch_loop.batch_progress.total.ready % every == 0)
+
+    def _log_stream_stats(self, batch: dict[str, Any], bs: int) -> None:
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            rate = bs * distributed.world_size() / (now - self._last_step_time)
+            self.log("train/samples_per_s", rate, batch_size=bs)
+        self._last_step_time = now
+        skipped = batch.get("__skipped__")
+        if skipped is not None:
+            # Summed on the device without .item(): no host sync per step (read when logged/saved).
+            reduced = distributed.all_reduce_sum(skipped.reshape(1).to(self.device, non_blocking=True)).sum()
+            self._skipped = self._skipped.to(reduced.device) + reduced
+            self.log("train/skipped_samples", self._skipped.float(), batch_size=bs)
+        for k, v in self.model.logit_scales.items():
+            self.log(f"train/logit_scale/{k}", v.detach().exp(), batch_size=bs)
+        if self.model.logit_bias is not None:
+            self.log("train/logit_bias", self.model.logit_bias.detach(), batch_size=bs)
+
+    def _grad_cache_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        optimizer.zero_grad()
+        # Under DDP only the last micro-batch's backward all-reduces (the others accumulate locally).
+        no_sync = getattr(self.trainer.strategy, "block_backward_sync", None)
+        losses = grad_cache_backward(self.model, self.loss, batch, self.grad_cache_chunks, self.manual_backward, no_sync)
+        if self.optim_cfg.get("gradient_clip_val"):
+            self.configure_gradient_clipping(optimizer, float(self.optim_cfg["gradient_clip_val"]), "norm")
+        optimizer.step()
+        self.model.clamp_logit_scales()
+        scheduler.step()
+        return losses
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """CLIP clamps log s to [0, ln 100] right after each optimiser step: before any callback
+        (a step checkpoint) sees the weights."""
+        super().optimizer_step(*args, **kwargs)
+        self.model.clamp_logit_scales()
+
+    def configure_model(self) -> None:
+        """Under ``trainer=fsdp`` (Lightning calls this inside its strategy): shard the model as the
+        strategy's config says. Nothing to do under every other strategy."""
+        from mmpretrain.runtime.fsdp import FSDP2Strategy
+
+        try:
+            strategy = self.trainer.strategy
+        except RuntimeError:  # not attached to a Trainer
+            return
+        if isinstance(strategy, FSDP2Strategy):
+            strategy.shard(self.model)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip as configured, also for torch's fused AdamW under ``bf16-mixed``.
+
+        Lightning refuses to clip for a fused optimizer under any mixed precision, because with fp16
+        loss scaling the fused step unscales the gradients itself (clipping before it would clip
+        scaled gradients). bf16 and fp32 have no loss scaling, so the gradients are the true ones
+        and clipping them is exact; with fp16 scaling :meth:`configure_optimizers` does not fuse.
+        """
+        if not gradient_clip_val:
+            return
+        if any(hasattr(p, "to_local") for p in self.model.parameters()):  # FSDP2: the norm spans every shard
+            if (gradient_clip_algorithm or "norm") != "norm":
+                raise ValueError("under trainer=fsdp gradients are clipped by norm only; set "
+                                 "trainer.gradient_clip_algorithm=norm")
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            distributed.clip_grad_norm_(params, float(gradient_clip_val))
+        elif _loss_scaler(self.trainer) is None:
+            Precision.clip_gradients(self.trainer.precision_plugin, optimizer, gradient_clip_val,
+                                     GradClipAlgorithmType(gradient_clip_algorithm or "norm"))
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def configure_optimizers(self):
+        optim_cfg = dict(self.optim_cfg)
+        clipping = self.trainer.gradient_clip_val or optim_cfg.get("gradient_clip_val")
+        if clipping and _loss_scaler(self.trainer) is not None:  # fp16: the fused step would unscale after clipping
+            if optim_cfg.get("fused") is True:
+                raise ValueError("optim.fused=true cannot be combined with gradient clipping under fp16 loss scaling "
+                                 "(trainer.precision=16-mixed); use optim.fused=auto, or bf16-mixed")
+            optim_cfg["fused"] = False
+        optimizer = build_optimizer(self.model, optim_cfg, (self.hparams.get("model") or {}).get("towers"))
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = warmup_steps(self.optim_cfg.get("warmup_steps", 0), total)
+        factor = warmup_cosine(warmup, total, float(self.optim_cfg.get("min_lr_ratio", 0.0)))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- validation: the collector embeds every batch; at the end, gathered and scored -------------
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.val.add(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        # A rank that saw no batch (fewer val shards than ranks, or only bad samples) passes {}: the
+        # collector gives it empty columns, so it makes the same gathers as the others.
+        local = self.val.take()
+        if self.keep_val_embeddings:
+            self.last_val_embeddings = self.val.labelled_embeddings(local, self.keep_val_embeddings, self.global_step)
+        metrics = self.validation_metrics(local)
+        if metrics:
+            self.log_dict(metrics, sync_dist=False)
+            summary = ", ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in metrics.items()
+                                if "top1" in k or "mean_R@1" in k)
+            self.print(f"epoch {self.current_epoch} step {self.global_step}: {summary}")
+
+    def validation_metrics(self, local: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The metrics of a validation whose rows on this rank are ``local`` (a collective)."""
+        return self.val.metrics(local)
+
+
+def _loss_scaler(trainer: L.Trainer) -> Any:
+    """The fp16 gradient scaler of the trainer's precision plugin; None for fp32 and bf16."""
+    return getattr(trainer.precision_plugin, "scaler", None)
+
+
+def _may_yield_partial_batches(datamodule: Any) -> bool:
+    """Whether the training stream can yield rows lacking a modality: ``data.on_missing=partial``
+    or sources declaring different modalities. From the config only."""
+    cfg = getattr(datamodule, "cfg", None) or {}
+    sources = getattr(datamodule, "sources", None) or []
+    declared = {tuple(sorted(getattr(s, "modalities", None) or [])) for s in sources}
+    return cfg.get("on_missing", "skip") == "partial" or len(declared) > 1
