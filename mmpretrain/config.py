@@ -40,10 +40,17 @@ class UnsafeTargetError(ValueError):
 
 
 def to_plain(cfg: Any) -> Any:
-    """An OmegaConf config as plain dicts and lists, interpolations resolved; anything else as it is."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
+    """``cfg`` as plain dicts and lists: OmegaConf containers anywhere inside (interpolations
+    resolved) converted, tuples kept; anything else as it is."""
+    if isinstance(cfg, dict):
+        return {k: to_plain(v) for k, v in cfg.items()}
+    if isinstance(cfg, list):
+        return [to_plain(v) for v in cfg]
+    if type(cfg).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, (DictConfig, ListConfig)) else cfg
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
 
 
 def current_target(target: str) -> str:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmpretrain.towers.base import TRAINING_OPTIONS, Tower
+from mmpretrain.towers.base import BATCH_NORMS, TRAINING_OPTIONS, Tower
 
 INIT_LOGIT_SCALE = math.log(1 / 0.07)
 MAX_LOGIT_SCALE = math.log(100)
@@ -146,7 +146,7 @@ class ContrastiveModel(nn.Module):
 
 def _couples_rows(tower: nn.Module) -> bool:
     """Whether a row's features depend on the other rows of the batch (BatchNorm in training)."""
-    return any(isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training for mod in tower.modules())
+    return any(isinstance(mod, BATCH_NORMS) and mod.training for mod in tower.modules())
 
 
 

@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from mmpretrain.runtime import distributed
+from mmpretrain.towers.base import BATCH_NORMS
 from mmpretrain.io import fsync_dir, is_sharded_checkpoint, torch_load_safe
 
 #: What an FSDP2 checkpoint directory holds when complete (DCP writes ``.metadata`` last; Lightning
@@ -72,7 +73,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         for projection in model.projections.values():
             if any(True for _ in projection.parameters()):
                 fully_shard(projection, **kwargs)
-        running = [b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        running = [b for m in model.modules() if isinstance(m, BATCH_NORMS)
                    for b in m.buffers()]
         if running:  # BatchNorm statistics: rank 0's before every training forward, as DDP broadcasts them
             model.register_forward_pre_hook(lambda m, args: distributed.broadcast_(running) if m.training else None)

@@ -26,6 +26,9 @@ import torch
 from torch import nn
 
 
+#: Batch-statistics normalisation layers (timm's BatchNormAct2d and the lazy variants subclass these).
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
 #: Per-tower keys of a model config that configure training, not the architecture (not exported).
 TRAINING_OPTIONS = ("lock", "lr_scale", "grad_checkpointing", "channels_last")
 
@@ -153,6 +156,6 @@ class Tower(nn.Module):
         super().train(mode)
         if getattr(self, "_freeze_norm_stats", False):
             for m in self.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if isinstance(m, BATCH_NORMS):
                     m.eval()  # running statistics stay as loaded
         return self

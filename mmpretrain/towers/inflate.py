@@ -117,5 +117,5 @@ class InflatedViT(nn.Module):
         cls = (m.class_embedding + m.positional_embedding[0]).to(x.dtype).expand(b, 1, -1)
         x = m.ln_pre(m.patch_dropout(torch.cat([cls, x], 1)))
         x = m.transformer(x)
-        pooled, _ = m._pool(x)
+        pooled, _ = m._pool(x)  # open_clip's own pooling (private; test_private_apis.py watches it)
         return pooled @ m.proj if m.proj is not None else pooled

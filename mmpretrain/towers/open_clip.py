@@ -17,6 +17,8 @@ from typing import Any
 
 import open_clip
 import torch
+# Private in open_clip, and the only way to build one half of a CLIP without the other (its public
+# factories build both); tests/unit/test_private_apis.py fails when open_clip changes them.
 from open_clip.model import _build_text_tower, _build_vision_tower
 from open_clip.transformer import TextTransformer, text_global_pool
 
@@ -210,7 +212,7 @@ class OpenClipTower(Tower):
         mask cut to ``n`` x ``n`` (open_clip's own forward passes its full-size mask to the blocks):
         the pooled features and the per-token features."""
         enc, n = self.encoder, text.shape[-1]
-        x, _ = enc._embeds(text)
+        x, _ = enc._embeds(text)  # open_clip's own embedding step (private; no public one without the forward)
         tokens = enc.ln_final(enc.transformer(x, attn_mask=enc.attn_mask[:n, :n]))
         pooled = text_global_pool(tokens, text, pool_type=enc.pool_type, eos_token_id=getattr(enc, "eos_id", None))
         if isinstance(enc.text_projection, torch.nn.Linear):

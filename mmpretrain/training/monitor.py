@@ -50,6 +50,7 @@ class WandbLogger(_LightningWandbLogger):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # Lightning keeps wandb.init's arguments in a private attribute, with no public way to drop one.
         if self._wandb_init.get("anonymous") is None:
             del self._wandb_init["anonymous"]  # wandb warns at every start that the unset setting has no effect
         mode = self._wandb_init.get("mode")
@@ -96,6 +97,9 @@ class CSVLogger(_LightningCSVLogger):
 
 
 class _RunDirWriter(ExperimentWriter):
+    """Lightning's CSV writer with its check of an existing ``metrics.csv`` replaced (a private hook:
+    Lightning offers no option to keep or append; tests/unit/test_private_apis.py watches it)."""
+
     def __init__(self, log_dir: str, keep: bool) -> None:
         self._keep = keep
         super().__init__(log_dir=log_dir)
