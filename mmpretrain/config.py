@@ -11,7 +11,7 @@ build: a video tower builds its frame tower). Neither Hydra nor Lightning is imp
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, MutableSequence
 from typing import Any
 
 DEFAULT_ALLOWED = (
@@ -40,16 +40,12 @@ class UnsafeTargetError(ValueError):
 
 
 def to_plain(cfg: Any) -> Any:
-    """``cfg`` as plain dicts and lists: OmegaConf containers anywhere inside (interpolations
-    resolved) converted, tuples kept; anything else as it is."""
-    if isinstance(cfg, dict):
+    """``cfg`` as plain dicts and lists, as JSON holds them: mappings (OmegaConf's DictConfig too, its
+    interpolations resolved) and sequences (lists, tuples, ListConfig) anywhere inside converted."""
+    if isinstance(cfg, Mapping):  # DictConfig.items() resolves interpolations
         return {k: to_plain(v) for k, v in cfg.items()}
-    if isinstance(cfg, list):
+    if isinstance(cfg, (MutableSequence, tuple)):
         return [to_plain(v) for v in cfg]
-    if type(cfg).__module__.startswith("omegaconf"):
-        from omegaconf import OmegaConf
-
-        return OmegaConf.to_container(cfg, resolve=True)
     return cfg
 
 

@@ -1,4 +1,10 @@
-"""Evaluation on embeddings: pure functions, no Lightning, no Hydra."""
+"""Evaluation on embeddings: retrieval (``retrieval``), zero-shot (``zeroshot``), the compositional
+probe (``probe``) as pure functions, and the validation collector (``validate``) that gathers a val set's
+embeddings across ranks and scores them.
+
+May import ``losses``, ``model``, ``data.stream`` (caption conventions) and ``runtime.distributed``;
+no Lightning, no Hydra.
+"""
 
 from mmpretrain.evaluation.probe import compositional_probe
 from mmpretrain.evaluation.retrieval import (

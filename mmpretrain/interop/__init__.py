@@ -1,2 +1,5 @@
 """Other tools' formats in and out: open_clip's checkpoint layouts and directory (``open_clip``),
-TorchScript encoders (``torchscript``). Imports only :mod:`mmpretrain.io` of ours, so towers can use it."""
+TorchScript encoders (``torchscript``).
+
+May import only :mod:`mmpretrain.io` of ours, so towers can use it.
+"""

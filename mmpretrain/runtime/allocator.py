@@ -1,18 +1,14 @@
-"""Keep freed host memory for reuse: a CPU training step stops paying page faults.
+"""Keep freed host memory for reuse, so a CPU training step does not page-fault its buffers in again.
 
-glibc's malloc serves every block above its mmap threshold (128 KiB, adapting up to 32 MiB) with
-a fresh ``mmap`` and returns it to the kernel on ``free``. A training step allocates and frees
-the same large activations, gradients (a text tower's dense embedding gradient alone is ~38 MB
-for open_clip's vocabulary at width 192) and optimiser temporaries every step, so every step
-page-faults them in again: measured 12-22k minor faults and 40-75 ms of kernel time per step on
-the 2-core CPU bench model (ViT 4x192, batch 64), ~8 % of its CPU time. With mmap off and a high
-trim threshold the heap keeps those pages: <1k faults and ~5 ms of kernel time a step. This is
-what PyTorch's CPU performance guide gets from swapping in jemalloc or tcmalloc, without a
-preloaded library.
+glibc's malloc serves every block above its mmap threshold with a fresh ``mmap`` and returns it to
+the kernel on ``free``; a training step allocates and frees the same large activations, gradients
+and optimiser temporaries every step. With mmap off and a high trim threshold the heap keeps those
+pages (what PyTorch's CPU performance guide gets from jemalloc or tcmalloc, without a preloaded
+library; the measurement is in benchmarks/NOTES.md).
 
-The cost: memory freed by the process stays in its heap (up to the trim threshold at the top
-of the heap, 1 GiB) rather than going back to the kernel, so the resident size tracks the peak.
-``MMPRETRAIN_MALLOC=system`` leaves glibc's defaults. Not glibc (macOS, musl): nothing to do.
+The cost: memory freed by the process stays in its heap (up to the trim threshold at the top of
+the heap, 1 GiB), so the resident size tracks the peak. ``MMPRETRAIN_MALLOC=system`` leaves glibc's
+defaults. Not glibc (macOS, musl): nothing to do.
 """
 
 from __future__ import annotations

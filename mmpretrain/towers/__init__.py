@@ -1,4 +1,9 @@
-"""Tower families. Each file exposes one :class:`Tower` subclass; configs name it by ``_target_``."""
+"""Tower families: one file each (``timm``, ``open_clip``, ``audio``, ``video`` with ``inflate``), one
+interface (``base.Tower``); configs name a tower class by ``_target_`` (those paths are stored in
+checkpoints and exports: they stay where they are).
+
+May import ``io``, ``config``, ``pretrained`` and ``interop``; nothing else of ours, no Lightning or Hydra.
+"""
 
 from mmpretrain.towers.base import Tower
 

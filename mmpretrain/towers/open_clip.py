@@ -22,6 +22,7 @@ import torch
 from open_clip.model import _build_text_tower, _build_vision_tower
 from open_clip.transformer import TextTransformer, text_global_pool
 
+from mmpretrain.config import to_plain
 from mmpretrain.interop.open_clip import preprocess_cfg, read_open_clip_state_dict
 from mmpretrain.pretrained import is_hub_id, open_clip_config, open_clip_weights
 from mmpretrain.towers.base import ImageNormalize, Tower, uint8_transform
@@ -48,25 +49,16 @@ def resolve_model_cfg(config: str | dict) -> dict[str, Any]:
         cfg = open_clip.get_model_config(str(config))
         if cfg is None:
             raise unknown_model_error(str(config), "open_clip", open_clip.list_models())
-    cfg = _to_plain(copy.deepcopy(cfg))
+    cfg = to_plain(copy.deepcopy(cfg))
     cfg.pop("custom_text", None)
     if "embed_dim" not in cfg or not ({"vision_cfg", "text_cfg"} & set(cfg)):
         raise ValueError(f"open_clip model config {config!r} needs embed_dim and vision_cfg/text_cfg")
     return cfg
 
 
-def _to_plain(obj):
-    if hasattr(obj, "items"):
-        return {str(k): _to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)) or type(obj).__name__ == "ListConfig":
-        return [_to_plain(v) for v in obj]
-    return obj
-
-
 def build_tokenizer(model_cfg: dict[str, Any]):
-    """The text tower's tokenizer, built once per (tokenizer, context length) in a process: a run
-    asks for it for training, validation, the zero-shot prompts and the plots, and open_clip's BPE
-    tokenizer takes ~0.1 s to build (a tokenizer only reads its tables, so one can serve all)."""
+    """The text tower's tokenizer, built once per (tokenizer, context length) in a process and shared
+    by training, validation, the zero-shot prompts and the plots (a tokenizer only reads its tables)."""
     text_cfg = model_cfg["text_cfg"]
     return _tokenizer(text_cfg.get("hf_tokenizer_name") or None, int(text_cfg.get("context_length", 77)))
 
@@ -99,9 +91,8 @@ def trim_padding(x: torch.Tensor, pad_id: int) -> torch.Tensor:
     For the text transformers :func:`_trimmable_pad_id` accepts (causal attention, features pooled at
     the end token, no padding mask) this is exact: no position attends to a later one, so the pooled
     feature, the loss and every gradient are those of the full-length input, at the cost of the
-    batch's longest caption instead of the context length (captions of 7-9 tokens in a 32-token
-    context make the text tower's forward + backward ~2.4x cheaper). Reads the values: meant for host
-    tensors (the data pipeline applies it to each collated batch, in its workers)."""
+    batch's longest caption instead of the context length. Reads the values: meant for host tensors
+    (the data pipeline applies it to each collated batch, in its workers)."""
     if x.ndim < 2 or x.dtype.is_floating_point or x.shape[-1] < 2:
         return x
     used = x.reshape(-1, x.shape[-1]).ne(pad_id).any(0).nonzero()

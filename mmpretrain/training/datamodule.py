@@ -130,20 +130,20 @@ class ContrastiveDataModule(L.LightningDataModule):
         layout = self._layout()
         consumed = int(self.trainer.fit_loop.epoch_loop.batch_progress.total.processed)
         w, per = layout["num_workers"], layout["batches_per_worker"]
-        mine: list[str | None] = []
+        this_rank: list[str | None] = []
         for s in range(w):
             done = [(j, p) for j, p in self._consumed.get(s, []) if j < consumed]
-            mine.append(max(done)[1] if done else self._start_positions.get(s))
+            this_rank.append(max(done)[1] if done else self._start_positions.get(s))
         skipped = int(getattr(self.trainer.lightning_module, "skipped_total", 0))
         return layout | {"batches_consumed": consumed, "epoch": consumed // (w * per), "skipped_samples": skipped,
-                         "positions": self._gather(mine)}
+                         "positions": self._gather(this_rank)}
 
-    def _gather(self, mine: list[str | None]) -> list[list[str | None]]:
+    def _gather(self, this_rank: list[str | None]) -> list[list[str | None]]:
         """Every rank's stream positions (rank 0 writes the checkpoint)."""
         if distributed.world_size() == 1:
-            return [mine]
+            return [this_rank]
         device = self.trainer.strategy.root_device
-        data = torch.tensor(list(json.dumps(mine).encode()), dtype=torch.uint8, device=device)
+        data = torch.tensor(list(json.dumps(this_rank).encode()), dtype=torch.uint8, device=device)
         sizes = distributed.all_gather_variable(torch.tensor([len(data)], device=device)).tolist()
         flat = distributed.all_gather_variable(data).cpu().numpy().tobytes()
         offsets = [sum(sizes[:r]) for r in range(len(sizes) + 1)]

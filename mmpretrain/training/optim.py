@@ -64,8 +64,7 @@ def build_optimizer(model: nn.Module, cfg: Any, towers_cfg: Any = None) -> torch
 
 
 def can_fuse(params: list[torch.Tensor]) -> bool:
-    """torch's fused AdamW (one kernel over all tensors; ~5x faster than the per-tensor default on
-    CPU, where the optimiser step is a large part of a small model's step) takes floating-point
+    """Whether torch's fused AdamW (one kernel over all tensors) takes ``params``: floating-point
     tensors on CPU or CUDA."""
     return bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
 

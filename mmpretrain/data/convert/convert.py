@@ -241,14 +241,14 @@ def report(out: Path, splits: dict[str, list[Row]], results: list[dict]) -> None
     for col in ("split", "rows", "written", "shards", "reused", *reasons):
         table.add_column(col, justify="left" if col == "split" else "right")
     for split, rows in splits.items():
-        mine = [r for r in results if r["split"] == split]
-        skipped = [s["reason"] for r in mine for s in r["skipped"]]
+        split_results = [r for r in results if r["split"] == split]
+        skipped = [s["reason"] for r in split_results for s in r["skipped"]]
         table.add_row(
             split,
             str(len(rows)),
-            str(sum(r["samples"] for r in mine)),
-            str(len(mine)),
-            str(sum(r["reused"] for r in mine)),
+            str(sum(r["samples"] for r in split_results)),
+            str(len(split_results)),
+            str(sum(r["reused"] for r in split_results)),
             *(str(skipped.count(k)) for k in reasons),
         )
     console = Console(width=120)

@@ -44,7 +44,7 @@ def decode_captions(sample: dict[str, Any], caption_keys: list[str] | None = Non
                     caption_field: str = "caption") -> list[str] | None:
     """Every caption of ``sample`` from ``caption_keys`` in order (None when it has none of them).
 
-    Without ``caption_keys`` the first of ``txt``/``json`` present is read, as before. A key ending
+    Without ``caption_keys`` the first of ``txt``/``json`` present is read. A key ending
     in ``json`` gives its ``caption_field``: one caption (a string) or several (a list)."""
     keys = list(caption_keys) if caption_keys else [next((k for k in ("txt", "json") if k in sample), "txt")]
     captions: list[str] = []

@@ -183,7 +183,7 @@ class ShardStream(IterableDataset):
     def _reader(self, index: int, worker: int, num_workers: int, pos: Any, counter: SkipCounter) -> SourceReader:
         source = self.sources[index]
 
-        def plan(pass_idx: int) -> list[int]:
+        def shards_of_pass(pass_idx: int) -> list[int]:
             shards = shard_plan(len(source.urls), self.seed, pass_idx, self.rank, self.world_size, worker,
                                 num_workers, self.shard_policy if self.train else "error", shuffle=self.train)
             if not shards and self.train:
@@ -196,7 +196,7 @@ class ShardStream(IterableDataset):
 
         size = self.shuffle_buffer if self.train and self.shuffle_buffer > 1 else 0
         seed = derive(self.seed, "shuffle_buffer", self.rank, worker, index)
-        return SourceReader(source.name, source.urls, plan, pos, counter, buffer_size=size, seed=seed,
+        return SourceReader(source.name, source.urls, shards_of_pass, pos, counter, buffer_size=size, seed=seed,
                             endless=self.train)
 
     # -- samples -> batches -------------------------------------------------------------------
@@ -375,8 +375,7 @@ def _seeded(seed: int | None) -> Iterator[None]:
     (also when the sample fails and is skipped).
 
     Only the CPU generator is seeded (augmentations run on CPU): ``torch.manual_seed`` would also
-    queue a lazy CUDA seeding that records a Python stack trace per call, which cost ~1 ms a sample
-    (about half of the pipeline's CPU time on the digits).
+    queue a lazy CUDA seeding, which records a Python stack trace per call (benchmarks/NOTES.md).
     """
     if seed is None:
         yield

@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mmpretrain.data.stream.seeds import derive
+from mmpretrain.data.stream.tar_reader import END
 from mmpretrain.io import write_text_atomic
 
 #: ``offset`` once a shard is read to its end.
-END = -1
 _HEAD = re.compile(r'\{"stream":(\d+),"batches":(\d+),')
 
 
@@ -90,7 +90,7 @@ class StreamPosition:
     sources: list[SourcePosition] = field(default_factory=list)
 
     def to_json(self) -> str:
-        # vars(), not dataclasses.asdict: no deep copy of the buffer's references (20x faster)
+        # vars(), not dataclasses.asdict: the buffer's references are not deep-copied
         return json.dumps(vars(self) | {"sources": [vars(s) for s in self.sources]}, separators=(",", ":"))
 
     @staticmethod

@@ -17,12 +17,13 @@ from mmpretrain.data.stream.tar_reader import read_samples, read_samples_at
 
 
 class SourceReader:
-    """``plan(pass)`` gives the shards (indices into ``urls``) of each pass; ``endless`` streams start
-    the next pass at the end of one (training), others end (validation)."""
+    """Reads one source for one stream. ``shards_of_pass(p)`` gives the shards (indices into ``urls``)
+    the stream reads in pass ``p``; ``endless`` streams start the next pass at the end of one
+    (training), others end (validation)."""
 
-    def __init__(self, name: str, urls: list[str], plan: Callable[[int], list[int]], pos: SourcePosition,
+    def __init__(self, name: str, urls: list[str], shards_of_pass: Callable[[int], list[int]], pos: SourcePosition,
                  on_error: Callable[[Exception], Any], buffer_size: int = 0, seed: int = 0, endless: bool = True):
-        self.name, self.urls, self.plan_of = name, urls, plan
+        self.name, self.urls, self.shards_of_pass = name, urls, shards_of_pass
         self.pos, self.on_error = pos, on_error
         self.size, self.initial, self.endless = buffer_size, min(100, buffer_size), endless
         self.rng = restore_rng(pos.rng, seed)
@@ -30,22 +31,24 @@ class SourceReader:
         by_shard: dict[int, list[int]] = {}
         for k, off in pos.buffer:
             by_shard.setdefault(k, []).append(off)
-        got = {k: read_samples_at(urls[k], offs) for k, offs in by_shard.items()}
-        self.buffer = [((k, off), got[k][off]) for k, off in pos.buffer]
+        reread = {k: read_samples_at(urls[k], offs) for k, offs in by_shard.items()}
+        self.buffer = [((k, off), reread[k][off]) for k, off in pos.buffer]
         self._shard = None  # the current shard's samples from pos.offset on
         self._read_this_pass = pos.item > 0 or pos.offset != 0 or bool(pos.buffer) or pos.plan is not None
 
-    def _plan(self) -> list[list[int]]:
-        if self.pos.plan is not None:  # data.resume=approx: this pass's share of what was left
+    def _items(self) -> list[list[int]]:
+        """This pass's ``[shard, start offset]`` items: the computed split, or under
+        ``data.resume=approx`` this stream's share of what the checkpointed pass had left."""
+        if self.pos.plan is not None:
             return self.pos.plan
-        return [[k, 0] for k in self.plan_of(self.pos.pass_idx)]
+        return [[k, 0] for k in self.shards_of_pass(self.pos.pass_idx)]
 
     def _read(self) -> tuple[tuple[int, int], dict] | None:
         """The next sample of the shards with its reference ``(shard, offset)``; None at the end of
         a stream that is not endless."""
         pos = self.pos
         while True:
-            plan = self._plan()
+            plan = self._items()
             if pos.item >= len(plan):
                 if not self.endless:
                     return None
@@ -61,30 +64,30 @@ class SourceReader:
                 continue
             if self._shard is None:
                 self._shard = read_samples(self.urls[shard], pos.offset, on_error=self.on_error)
-            got = next(self._shard, None)
-            if got is None:
+            found = next(self._shard, None)
+            if found is None:
                 pos.offset = END
                 continue
-            start, pos.offset, sample = got
+            start, pos.offset, sample = found
             self._read_this_pass = True
             return (shard, start), sample
 
     def next(self) -> dict | None:
         """The next raw sample (through the shuffle buffer when there is one); None at the end."""
         if not self.size:
-            got = self._read()
-            return None if got is None else got[1]
+            item = self._read()
+            return None if item is None else item[1]
         while True:  # mirrors webdataset's shuffle: refill (two reads while filling), then draw one
-            got = self._read()
-            if got is not None:
-                self.buffer.append(got)
-            if len(self.buffer) < self.size and got is not None:
-                got = self._read()
-                if got is not None:
-                    self.buffer.append(got)
+            item = self._read()
+            if item is not None:
+                self.buffer.append(item)
+            if len(self.buffer) < self.size and item is not None:
+                item = self._read()
+                if item is not None:
+                    self.buffer.append(item)
             if not self.buffer:
                 return None
-            if len(self.buffer) >= self.initial or got is None:
+            if len(self.buffer) >= self.initial or item is None:
                 k = self.rng.randint(0, len(self.buffer) - 1)
                 self.buffer[k], self.buffer[-1] = self.buffer[-1], self.buffer[k]
                 return self.buffer.pop()[1]

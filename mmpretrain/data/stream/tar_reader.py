@@ -19,7 +19,7 @@ from typing import IO, Any
 
 _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _META = re.compile(r"__[^/]*__($|/)")
-_END = -1  # ``next_start`` after a shard's last sample (position.END)
+END = -1  #: ``next_start`` after a shard's last sample (a position's offset once its shard is read to the end)
 
 
 @contextmanager
@@ -63,12 +63,11 @@ _TIMES_ONLY = re.compile(rb"(?:[0-9]+ [acm]time=[0-9]+(?:[.][0-9]+)?\n)+")  # we
 
 def _members_fast(f: IO[bytes], offset: int) -> Iterator[tuple[int, str, bytes]]:
     """:func:`_members_tarfile` on a seekable local file, parsing of each header only the name,
-    size and type (and checking its checksum): ``TarInfo.frombuf`` parses every field, and that
-    was most of the CPU a data worker spent per sample. A pax header that only sets times (what
-    webdataset writes before each member) is skipped. Any header this does not read exactly as
-    :mod:`tarfile` would (other pax or GNU extensions, links, a bad checksum, a cut header …) hands
-    the rest of the shard, from that header on, to :mod:`tarfile`, which then also raises or stops
-    as it always did."""
+    size and type (and checking its checksum), where ``TarInfo.frombuf`` parses every field. A pax
+    header that only sets times (what webdataset writes before each member) is skipped. Any header
+    this does not read exactly as :mod:`tarfile` would (other pax or GNU extensions, links, a bad
+    checksum, a cut header ...) hands the rest of the shard, from that header on, to :mod:`tarfile`,
+    which then raises or stops as it does for any tar."""
     pos = offset
     while True:
         at = pos  # the member's offset: its first header, an extended one if any
@@ -88,6 +87,7 @@ def _members_fast(f: IO[bytes], offset: int) -> Iterator[tuple[int, str, bytes]]
             return
         name, size, kind = member
         data_at = f.tell()
+        # A member's data fills whole 512-byte blocks after its header; the next header follows them.
         pos = data_at + (_blocks(size) if kind in _REGULAR else 0)
         if kind not in _REGULAR or _META.match(name):
             if pos != data_at:  # tarfile seeks past the data and checks it was there
@@ -174,10 +174,10 @@ def read_samples(url: str, offset: int = 0, on_error: Callable[[Exception], Any]
             raise
         on_error(exn)  # counted before the cut sample is handed on: a position after it includes the fault
         if sample is not None:
-            yield start, _END, sample
+            yield start, END, sample
         return
     if sample is not None:
-        yield start, _END, sample
+        yield start, END, sample
 
 
 def _local(url: str) -> bool:

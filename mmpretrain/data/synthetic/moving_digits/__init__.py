@@ -49,14 +49,7 @@ from mmpretrain.data.synthetic.moving_digits.motion import (
 from mmpretrain.data.stream.seeds import derive
 from mmpretrain.data.synthetic.spoken_digits import espeak_path, speak, voice_params
 from mmpretrain.data.stream.video import encode_video
-from mmpretrain.data.convert.writing import (
-    claim_build,
-    finish_build,
-    parallel_map,
-    plan_shards,
-    splits_built,
-    write_shard,
-)
+from mmpretrain.data.convert import writing
 
 SPLITS = {"train": 0, "val": 1}  # name -> the split's key in each clip's seed
 VAL_FRACTION = 0.2  # of the digit images, as `mmpretrain data digits`
@@ -131,7 +124,7 @@ def make_clip(seed: int, split: str, index: int, frames: int, size: int, fps: in
 
 def _write(task: tuple) -> int:
     path, split, start, stop, seed, frames, size, fps, sample_rate = task
-    return write_shard(Path(path), (make_clip(seed, split, i, frames, size, fps, sample_rate) for i in range(start, stop)))
+    return writing.write_shard(Path(path), (make_clip(seed, split, i, frames, size, fps, sample_rate) for i in range(start, stop)))
 
 
 def build_moving_digits(out: str | Path, seed: int = 0, train: int = 4000, val: int = 500, frames: int = 16,
@@ -147,14 +140,14 @@ def build_moving_digits(out: str | Path, seed: int = 0, train: int = 4000, val: 
     out = Path(out)
     options = {"canvas": "bounded", "seed": seed, "train": train, "val": val, "frames": frames, "image_size": image_size, "fps": fps,
                "sample_rate": sample_rate, "shard_size": shard_size}
-    claim_build(out, "moving_digits.json", options, "moving digits")
-    pending, sizes = plan_shards(out, {"train": train, "val": val}, shard_size)
+    writing.claim_build(out, "moving_digits.json", options, "moving digits")
+    pending, sizes = writing.plan_shards(out, {"train": train, "val": val}, shard_size)
     started = time.perf_counter()
     if pending:
         digit_images(seed)  # loaded (sklearn imported) once here; the forked workers inherit it
-    parallel_map(_write, [(*t, seed, frames, image_size, fps, sample_rate) for t in pending], workers,
+    writing.parallel_map(_write, [(*t, seed, frames, image_size, fps, sample_rate) for t in pending], workers,
                  label="moving digits", total=sum(t[3] - t[2] for t in pending), weight=int)
-    finish_build(out, sizes, TASKS, TOP_TASK, pending, started, "moving digits")
+    writing.finish_build(out, sizes, TASKS, TOP_TASK, pending, started, "moving digits")
     return out
 
 
@@ -162,7 +155,7 @@ def is_built(root: str | Path) -> bool:
     """The splits are there, and not from the version whose canvas wrapped around (its
     ``moving_digits.json`` has no ``canvas``): such a root is rebuilt on first use, which refuses
     with a message to choose another ``out=`` or delete it."""
-    if not splits_built(root, SPLITS):
+    if not writing.splits_built(root, SPLITS):
         return False
     record = Path(root) / "moving_digits.json"
     return not record.exists() or json.loads(record.read_text()).get("canvas") == "bounded"
