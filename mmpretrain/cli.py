@@ -75,19 +75,33 @@ def _sweep_summary(argv: list[str]) -> int:
 COMMANDS: dict[str, tuple[Callable[[DictConfig], Any], str, str]] = {
     "train": (_train, "train", "train a contrastive model (Hydra overrides; -m for sweeps)"),
     "eval": (_evaluate, "eval", "zero-shot + retrieval of ckpt=PATH on data.val"),
-    "finetune": (_finetune, "finetune", "task=linear_probe|full|fusion pretrained=CKPT_OR_DIR: classification"),
+    "finetune": (
+        _finetune,
+        "finetune",
+        "task=linear_probe|full|fusion pretrained=CKPT_OR_DIR: classification",
+    ),
     "export": (_export, "export", "ckpt=PATH out=DIR -> model.safetensors + config.json"),
-    "data": (_data, "build_data", "NAME out=DIR: write a bundled dataset (digits, spoken-digits, scenes) as shards; "
-                                  "shards in=...: your own data"),
+    "data": (
+        _data,
+        "build_data",
+        "NAME out=DIR: write a bundled dataset (digits, spoken-digits, scenes) as shards; shards in=...: "
+        "your own data",
+    ),
 }
 #: Commands that are not Hydra apps: name -> (main(argv) -> exit code, help).
 PLAIN_COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
-    "sweep-summary": (_sweep_summary, "DIR: table of every run of a sweep (overrides, final metrics), best first"),
+    "sweep-summary": (
+        _sweep_summary,
+        "DIR: table of every run of a sweep (overrides, final metrics), best first",
+    ),
 }
 
 
 def usage() -> str:
-    lines = ["usage: mmpretrain <command> [hydra overrides]   (mmpretrain <command> --help lists config groups)", ""]
+    lines = [
+        "usage: mmpretrain <command> [hydra overrides]   (mmpretrain <command> --help lists config groups)",
+        "",
+    ]
     lines += [f"  {name:<14} {help_}" for name, (_, _, help_) in COMMANDS.items()]
     lines += [f"  {name:<14} {help_}" for name, (_, help_) in PLAIN_COMMANDS.items()]
     return "\n".join(lines)
@@ -137,8 +151,13 @@ def run_hydra(fn: Callable, config_name: str, overrides: list[str], returns_metr
     version.setbase("1.3")
     parser = get_args_parser()
     args = parser.parse_args(overrides)
-    _run_hydra(args=args, args_parser=parser, task_function=_task(fn, returns_metric),
-               config_path=CONF_DIR, config_name=config_name)
+    _run_hydra(
+        args=args,
+        args_parser=parser,
+        task_function=_task(fn, returns_metric),
+        config_path=CONF_DIR,
+        config_name=config_name,
+    )
 
 
 def _task(fn: Callable, returns_metric: bool) -> Callable[[DictConfig], Any]:
@@ -153,9 +172,10 @@ def _task(fn: Callable, returns_metric: bool) -> Callable[[DictConfig], Any]:
         value = result.get(cfg.get("optimized_metric"))
         if value is None and scored:
             raise ValueError(
-                f"this run logged no '{cfg.optimized_metric}' (the sweep's optimized_metric), so the sweeper "
-                f"cannot score it; logged: {sorted(result)}. Make validation run before training ends "
-                f"(e.g. trainer.val_check_interval=N with N <= trainer.max_steps) or set optimized_metric=KEY."
+                f"this run logged no '{cfg.optimized_metric}' (the sweep's optimized_metric), so the "
+                f"sweeper cannot score it; logged: {sorted(result)}. Make validation run before training "
+                "ends (e.g. trainer.val_check_interval=N with N <= trainer.max_steps) or set "
+                "optimized_metric=KEY."
             )
         return value
 
@@ -177,7 +197,9 @@ def _name_sweep_run(cfg: DictConfig) -> bool:
         swept = _swept_keys(hc)
         own = [o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") in swept]
         wandb_cfg.group = wandb_cfg.get("group") or Path(hc.sweep.dir).name
-        wandb_cfg.name = wandb_cfg.get("name") or f"{hc.job.num}: {' '.join(own) or hc.job.override_dirname}"[:128]
+        wandb_cfg.name = (
+            wandb_cfg.get("name") or f"{hc.job.num}: {' '.join(own) or hc.job.override_dirname}"[:128]
+        )
     return "BasicSweeper" not in str(hc.sweeper.get("_target_", ""))
 
 

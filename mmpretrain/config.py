@@ -53,7 +53,7 @@ def current_target(target: str) -> str:
     """``target`` with a moved module path replaced by where the class lives now."""
     for old, new in MOVED.items():
         if target.startswith(old):
-            return new + target[len(old):]
+            return new + target[len(old) :]
     return target
 
 
@@ -90,7 +90,8 @@ def check_targets(cfg: Any, allowed: Iterable[str] = DEFAULT_ALLOWED) -> None:
         target = current_target(target)
         if not target.startswith(allowed):
             raise UnsafeTargetError(
-                f"_target_: {target} is not allowed: configs may only build classes under {', '.join(allowed)}"
+                f"_target_: {target} is not allowed: configs may only build classes under "
+                f"{', '.join(allowed)}"
             )
         try:
             obj = locate(target)

@@ -43,10 +43,14 @@ def model_from_checkpoint(path: str | Path, model_cfg: dict[str, Any] | None = N
     open_clip layout), or an open_clip checkpoint (``.pt``/``.safetensors``; needs ``model_cfg``, a
     ``model=openclip`` config naming the open_clip model-config JSON)."""
     path = Path(path)
-    if path.is_dir() and not is_sharded_checkpoint(path):  # an export (a trainer=fsdp checkpoint is read below)
+    if path.is_dir() and not is_sharded_checkpoint(
+        path
+    ):  # an export (a trainer=fsdp checkpoint is read below)
         if not (path / CONFIG_NAME).exists() and (path / OPEN_CLIP_CONFIG).exists():
             oc = json.loads((path / OPEN_CLIP_CONFIG).read_text())
-            return model_from_open_clip_checkpoint(path / OPEN_CLIP_WEIGHTS, open_clip_model_config(oc["model_cfg"]))
+            return model_from_open_clip_checkpoint(
+                path / OPEN_CLIP_WEIGHTS, open_clip_model_config(oc["model_cfg"])
+            )
         return load_pretrained(path)
     ckpt = read_checkpoint(path)
     hp = ckpt.get("hyper_parameters") or {}
@@ -54,8 +58,9 @@ def model_from_checkpoint(path: str | Path, model_cfg: dict[str, Any] | None = N
         if model_cfg:
             return model_from_open_clip_checkpoint(path, model_cfg)
         raise ValueError(
-            f"{path} has no model config in hyper_parameters, so it is not an mmpretrain training checkpoint. "
-            f"For an open_clip checkpoint also give its model config: model=openclip model.config=PATH.json"
+            f"{path} has no model config in hyper_parameters, so it is not an mmpretrain training "
+            "checkpoint. For an open_clip checkpoint also give its model config: model=openclip "
+            "model.config=PATH.json"
         )
     model = build_model(hp["model"])
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
@@ -67,8 +72,12 @@ class CheckpointMismatchError(ValueError):
     pass
 
 
-def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
-              trained_with: dict[str, Any] | None = None) -> None:
+def load_into(
+    model: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    source: str,
+    trained_with: dict[str, Any] | None = None,
+) -> None:
     """``load_state_dict`` that, on any key or shape mismatch, says what differs and what to do."""
     error = mismatch_error(model.state_dict(), state, source, trained_with)
     if error is not None:
@@ -83,18 +92,29 @@ def check_checkpoint_matches(model: torch.nn.Module, path: str | Path) -> None:
         ckpt = {**ckpt, "state_dict": weights}
     else:
         ckpt = read_checkpoint(path)
-    state = {k.removeprefix("model."): v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("model.")}
-    error = mismatch_error(model.state_dict(), state, str(path), (ckpt.get("hyper_parameters") or {}).get("model"))
+    state = {
+        k.removeprefix("model."): v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("model.")
+    }
+    error = mismatch_error(
+        model.state_dict(), state, str(path), (ckpt.get("hyper_parameters") or {}).get("model")
+    )
     if error is not None:
         raise error
 
 
-def mismatch_error(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source: str,
-                   trained_with: dict[str, Any] | None = None) -> CheckpointMismatchError | None:
+def mismatch_error(
+    expected: dict[str, torch.Tensor],
+    found: dict[str, torch.Tensor],
+    source: str,
+    trained_with: dict[str, Any] | None = None,
+) -> CheckpointMismatchError | None:
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
-    shapes = [f"{k} {tuple(found[k].shape)} vs {tuple(expected[k].shape)}"
-              for k in expected if k in found and found[k].shape != expected[k].shape]
+    shapes = [
+        f"{k} {tuple(found[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in expected
+        if k in found and found[k].shape != expected[k].shape
+    ]
     if not (missing or unexpected or shapes):
         return None
     origin = f" It was trained with {describe_model_config(trained_with)}." if trained_with else ""
@@ -121,7 +141,8 @@ def describe_model_config(cfg: dict[str, Any]) -> str:
         arch = tower.get("model_name")
         if isinstance(tower.get("frame"), dict):  # a video tower: its pooling over a frame tower
             frame = tower["frame"]
-            arch = f"{tower.get('pooling')} x{tower.get('num_frames')} over {frame.get('model_name') or 'open_clip ViT'}"
+            over = frame.get("model_name") or "open_clip ViT"
+            arch = f"{tower.get('pooling')} x{tower.get('num_frames')} over {over}"
         elif arch is None and isinstance(tower.get("config"), dict):
             part = tower["config"].get("vision_cfg" if modality == "image" else "text_cfg") or {}
             arch = ", ".join(f"{k}={part[k]}" for k in ("width", "layers", "patch_size") if k in part)
@@ -152,7 +173,11 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Con
     (one caption -> token ids; None without a text tower)."""
     path = Path(path)
     if not (path / CONFIG_NAME).exists():
-        hint = " (it is in open_clip's layout: load it with open_clip 'local-dir:')" if (path / OPEN_CLIP_CONFIG).exists() else ""
+        hint = (
+            " (it is in open_clip's layout: load it with open_clip 'local-dir:')"
+            if (path / OPEN_CLIP_CONFIG).exists()
+            else ""
+        )
         raise FileNotFoundError(
             f"{path} is not an exported mmpretrain model (no {CONFIG_NAME}){hint}; run `mmpretrain export`"
         )
@@ -187,8 +212,11 @@ def preprocess_settings(model: ContrastiveModel) -> dict[str, Any]:
     for m, t in model.towers.items():
         if isinstance(t, OpenClipTower) and m == "text":
             tok = build_tokenizer(t.model_cfg)
-            out[m] = {"tokenizer": type(tok).__name__, "context_length": tok.context_length,
-                      "library": "open_clip"}
+            out[m] = {
+                "tokenizer": type(tok).__name__,
+                "context_length": tok.context_length,
+                "library": "open_clip",
+            }
         elif isinstance(t, OpenClipTower):
             out[m] = {"library": "open_clip", **preprocess_cfg(t.model_cfg)}
         elif hasattr(t, "data_config"):
@@ -205,13 +233,19 @@ def model_card(model: ContrastiveModel, extra: dict[str, Any]) -> str:
     )
     train_cfg = extra.get("train_config") or {}
     data = train_cfg.get("data") or {}
-    sources = ", ".join(f"`{s.get('shards')}`" for s in (data.get("sources") or {}).values() if s) or "not recorded"
+    sources = (
+        ", ".join(f"`{s.get('shards')}`" for s in (data.get("sources") or {}).values() if s) or "not recorded"
+    )
     metrics = extra.get("metrics") or {}
-    metric_lines = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items())
-                             if isinstance(v, (int, float)) and k.startswith("val/"))
+    metric_lines = "\n".join(
+        f"| {k} | {v:.4f} |"
+        for k, v in sorted(metrics.items())
+        if isinstance(v, (int, float)) and k.startswith("val/")
+    )
     loss = (train_cfg.get("loss") or {}).get("_target_", "not recorded")
     optim = train_cfg.get("optim") or {}
     trainer = train_cfg.get("trainer") or {}
+    schedule = ", ".join(f"{k} {trainer.get(k, '?')}" for k in ("max_epochs", "max_steps", "precision"))
     return f"""# mmpretrain contrastive model
 
 Modalities: {", ".join(model.modalities)} · shared embedding dim {model.embed_dim} · L2-normalised embeddings.
@@ -236,7 +270,7 @@ Files: `model.safetensors` (weights), `config.json` (model config + provenance),
 
 - source: {extra.get("source_checkpoint", "end of training run")}
 - objective: `{loss}` · optimiser lr {optim.get("lr", "?")}, weight decay {optim.get("weight_decay", "?")}
-- trainer: max_epochs {trainer.get("max_epochs", "?")}, max_steps {trainer.get("max_steps", "?")}, precision {trainer.get("precision", "?")}
+- trainer: {schedule}
 - data: {sources}; val `{(data.get("val") or {}).get("shards", "not recorded")}`
 
 ## Metrics (validation, end of training)
@@ -250,7 +284,9 @@ Files: `model.safetensors` (weights), `config.json` (model config + provenance),
 def _summary(tower) -> str:
     frame = getattr(tower, "frame", None)  # a video tower: temporal pooling over an image tower
     if frame is not None:
-        return f"{tower.config['pooling']} pooling over {tower.config['num_frames']} frames of {_summary(frame)}"
+        return (
+            f"{tower.config['pooling']} pooling over {tower.config['num_frames']} frames of {_summary(frame)}"
+        )
     return tower.config.get("model_name") or _oc_summary(tower)
 
 

@@ -53,9 +53,11 @@ def read_sharded_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     reader = dcp.FileSystemReader(str(path))
     prefix = "state_dict."
-    template = {k.removeprefix(prefix): torch.empty(m.size, dtype=m.properties.dtype)
-                for k, m in reader.read_metadata().state_dict_metadata.items()
-                if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
+    template = {
+        k.removeprefix(prefix): torch.empty(m.size, dtype=m.properties.dtype)
+        for k, m in reader.read_metadata().state_dict_metadata.items()
+        if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)
+    }
     loaded = {"state_dict": template}
     with warnings.catch_warnings():  # "torch.distributed is disabled ...": one process is what we want
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -71,8 +73,11 @@ def sharded_checkpoint_shapes(path: str | Path) -> tuple[dict[str, torch.Tensor]
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    shapes = {k.removeprefix("state_dict."): torch.empty(m.size, device="meta") for k, m in metadata.items()
-              if k.startswith("state_dict.") and isinstance(m, TensorStorageMetadata)}
+    shapes = {
+        k.removeprefix("state_dict."): torch.empty(m.size, device="meta")
+        for k, m in metadata.items()
+        if k.startswith("state_dict.") and isinstance(m, TensorStorageMetadata)
+    }
     return shapes, torch_load_safe(Path(path) / "meta.pt")
 
 
@@ -85,8 +90,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         if is_sharded_checkpoint(path):
             return read_sharded_checkpoint(path)
-        raise ValueError(f"{path} is a directory but not a complete distributed checkpoint (no .metadata and "
-                         f"meta.pt: interrupted while saving?); use another checkpoint of the run")
+        raise ValueError(
+            f"{path} is a directory but not a complete distributed checkpoint (no .metadata and "
+            f"meta.pt: interrupted while saving?); use another checkpoint of the run"
+        )
     if path.suffix == ".safetensors":
         return {"state_dict": load_file(str(path))}
     obj = torch_load_safe(path)
@@ -97,13 +104,16 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint: its ``state_dict`` (Lightning, open_clip's trainer), ``model``, or itself."""
+    """The tensors of a checkpoint: its ``state_dict`` (Lightning, open_clip's trainer), ``model``, or "
+    "itself."""
     obj = read_checkpoint(path)
     state = obj.get("state_dict", obj.get("model", obj))
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def strip_prefixes(state: dict[str, torch.Tensor], prefixes=("module.", "_orig_mod.")) -> dict[str, torch.Tensor]:
+def strip_prefixes(
+    state: dict[str, torch.Tensor], prefixes=("module.", "_orig_mod.")
+) -> dict[str, torch.Tensor]:
     """Keys without the wrappers' prefixes (DDP's ``module.``, torch.compile's ``_orig_mod.``)."""
     out = {}
     for k, v in state.items():

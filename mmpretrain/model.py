@@ -36,12 +36,16 @@ class ContrastiveModel(nn.Module):
         super().__init__()
         for name, tower in towers.items():
             if tower.modality != name:
-                raise ValueError(f"tower under key '{name}' encodes '{tower.modality}'; key towers by modality")
+                raise ValueError(
+                    f"tower under key '{name}' encodes '{tower.modality}'; key towers by modality"
+                )
         self.towers = nn.ModuleDict(dict(towers))
         self.embed_dim = embed_dim
         self.projections = nn.ModuleDict(
             {
-                m: nn.Identity() if t.has_projection and t.output_dim == embed_dim else nn.Linear(t.output_dim, embed_dim, bias=False)
+                m: nn.Identity()
+                if t.has_projection and t.output_dim == embed_dim
+                else nn.Linear(t.output_dim, embed_dim, bias=False)
                 for m, t in self.towers.items()
             }
         )
@@ -52,7 +56,9 @@ class ContrastiveModel(nn.Module):
         )
         self.max_logit_scale = max_logit_scale
         # A learnable logit bias for sigmoid losses (SigLIP: -10); None: no bias, as CLIP.
-        self.logit_bias = None if init_logit_bias is None else nn.Parameter(torch.tensor(float(init_logit_bias)))
+        self.logit_bias = (
+            None if init_logit_bias is None else nn.Parameter(torch.tensor(float(init_logit_bias)))
+        )
 
     @property
     def modalities(self) -> list[str]:
@@ -117,7 +123,10 @@ class ContrastiveModel(nn.Module):
 
     def logit_scale_outputs(self) -> dict[str, torch.Tensor]:
         """The loss's scalar parameters: ``logit_scale``(``_<a>_<b>``) and, when built, ``logit_bias``."""
-        out = {("logit_scale" if k == "shared" else f"logit_scale_{k}"): p.exp() for k, p in self.logit_scales.items()}
+        out = {
+            ("logit_scale" if k == "shared" else f"logit_scale_{k}"): p.exp()
+            for k, p in self.logit_scales.items()
+        }
         if self.logit_bias is not None:
             out["logit_bias"] = self.logit_bias
         return out
@@ -149,8 +158,6 @@ def _couples_rows(tower: nn.Module) -> bool:
     return any(isinstance(mod, BATCH_NORMS) and mod.training for mod in tower.modules())
 
 
-
-
 def apply_training_options(model: ContrastiveModel, cfg: Mapping[str, Any]) -> ContrastiveModel:
     """Apply ``towers.<m>.lock`` / ``grad_checkpointing`` / ``channels_last`` of a model config.
 
@@ -164,7 +171,10 @@ def apply_training_options(model: ContrastiveModel, cfg: Mapping[str, Any]) -> C
         if lock:
             unknown = set(lock) - {"unlocked_groups", "freeze_norm_stats"}
             if unknown:
-                raise ValueError(f"model.towers.{m}.lock has unknown keys {sorted(unknown)}; use unlocked_groups, freeze_norm_stats")
+                raise ValueError(
+                    f"model.towers.{m}.lock has unknown keys {sorted(unknown)}; use unlocked_groups, "
+                    "freeze_norm_stats"
+                )
             tower.lock(int(lock.get("unlocked_groups", 0)), bool(lock.get("freeze_norm_stats", False)))
         if tcfg.get("grad_checkpointing"):
             tower.set_grad_checkpointing(True)
@@ -178,14 +188,18 @@ def build_model(cfg: Mapping[str, Any]) -> ContrastiveModel:
     from mmpretrain.config import safe_instantiate
 
     towers = {
-        m: safe_instantiate({k: v for k, v in tcfg.items() if k not in TRAINING_OPTIONS}, allowed=("mmpretrain.towers.",))
+        m: safe_instantiate(
+            {k: v for k, v in tcfg.items() if k not in TRAINING_OPTIONS}, allowed=("mmpretrain.towers.",)
+        )
         for m, tcfg in cfg["towers"].items()
     }
     embed_dim = cfg.get("embed_dim")
     if embed_dim is None:  # towers with their own projection (open_clip) fix the shared dim
         dims = {t.output_dim for t in towers.values() if t.has_projection}
         if len(dims) != 1:
-            raise ValueError(f"model.embed_dim is null but the towers' projected dims are {dims}; set model.embed_dim")
+            raise ValueError(
+                f"model.embed_dim is null but the towers' projected dims are {dims}; set model.embed_dim"
+            )
         embed_dim = dims.pop()
     init_logit_scale = float(cfg.get("init_logit_scale", INIT_LOGIT_SCALE))
     init_logit_bias = None if cfg.get("init_logit_bias") is None else float(cfg["init_logit_bias"])
@@ -200,7 +214,9 @@ def build_model(cfg: Mapping[str, Any]) -> ContrastiveModel:
     return ContrastiveModel(
         towers,
         embed_dim=int(embed_dim),
-        temperature_pairs=[list(p) for p in cfg["temperature_pairs"]] if cfg.get("temperature_pairs") else None,
+        temperature_pairs=[list(p) for p in cfg["temperature_pairs"]]
+        if cfg.get("temperature_pairs")
+        else None,
         init_logit_scale=init_logit_scale,
         max_logit_scale=float(cfg.get("max_logit_scale", MAX_LOGIT_SCALE)),
         init_logit_bias=init_logit_bias,

@@ -38,11 +38,11 @@ class WeightsUnavailableError(FileNotFoundError):
         offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
         alternatives = f" (or {', '.join(files[1:])})" if len(files) > 1 else ""
         super().__init__(
-            f"{what} needs '{files[0]}'{alternatives} from the Hugging Face hub repo '{repo}', which is neither in "
-            f"the hub cache ({constants.HF_HUB_CACHE}) nor downloadable{offline}. Either download it on a machine "
-            f"with network: `huggingface-cli download {repo} {files[0]}` (and copy the cache here, or point "
-            f"HF_HUB_CACHE at it), or give a local file with pretrained_path=FILE (model.towers.<modality>."
-            f"pretrained_path) instead."
+            f"{what} needs '{files[0]}'{alternatives} from the Hugging Face hub repo '{repo}', which is "
+            f"neither in the hub cache ({constants.HF_HUB_CACHE}) nor downloadable{offline}. Either "
+            f"download it on a machine with network: `huggingface-cli download {repo} {files[0]}` (and copy "
+            "the cache here, or point HF_HUB_CACHE at it), or give a local file with pretrained_path=FILE "
+            "(model.towers.<modality>.pretrained_path) instead."
         )
         self.repo, self.files = repo, tuple(files)
 
@@ -100,8 +100,8 @@ def open_clip_weights(config: Any, pretrained: str | None) -> tuple[str | None, 
     if not pcfg:
         tags = open_clip.list_pretrained_tags_by_model(name) if isinstance(config, str) else []
         raise ValueError(
-            f"open_clip has no pretrained weights '{pretrained}' for model '{name}'. Tags for it: {tags or 'none'}; "
-            f"or pretrained=hf-hub:ORG/REPO, or a local file with pretrained_path=FILE."
+            f"open_clip has no pretrained weights '{pretrained}' for model '{name}'. Tags for it: "
+            f"{tags or 'none'}; or pretrained=hf-hub:ORG/REPO, or a local file with pretrained_path=FILE."
         )
     preprocess = {
         k: pcfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if pcfg.get(k) is not None

@@ -46,7 +46,9 @@ def newest_complete_checkpoint(directory: str | Path) -> Path | None:
     directory = Path(directory)
     if not directory.is_dir():
         return None
-    found = [p for p in directory.glob("*.ckpt") if not p.name.startswith(".")]  # files, or trainer=fsdp directories
+    found = [
+        p for p in directory.glob("*.ckpt") if not p.name.startswith(".")
+    ]  # files, or trainer=fsdp directories
     for path in sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"), reverse=True):
         if is_complete_checkpoint(path):
             return path
@@ -59,10 +61,14 @@ def resume_path(cfg: Any, run_dir: Path) -> str | None:
     choice = cfg.get("resume") or cfg.get("ckpt_path")
     if choice == "auto":
         found = newest_complete_checkpoint(run_dir / "checkpoints")
-        print(f"resume=auto: {'resuming from ' + str(found) if found else 'no checkpoint yet, starting fresh'}")
+        print(
+            f"resume=auto: {'resuming from ' + str(found) if found else 'no checkpoint yet, starting fresh'}"
+        )
         return str(found) if found else None
     if choice and not Path(choice).exists():
-        raise FileNotFoundError(f"resume checkpoint {choice} does not exist (resume=auto picks the newest of the run)")
+        raise FileNotFoundError(
+            f"resume checkpoint {choice} does not exist (resume=auto picks the newest of the run)"
+        )
     return choice
 
 

@@ -61,7 +61,7 @@ def brace_pattern(files: list[Path]) -> str:
     """``dir/train-{0000..0007}.tar`` for open_clip_train (it expands braces, not globs)."""
     stems = [f.stem for f in files]
     prefix = os.path.commonprefix(stems).rstrip("0123456789")
-    nums = [s[len(prefix):] for s in stems]
+    nums = [s[len(prefix) :] for s in stems]
     return str(files[0].parent / f"{prefix}{{{nums[0]}..{nums[-1]}}}.tar")
 
 
@@ -71,7 +71,9 @@ def child_env(threads: int | None = None, reference: bool = False) -> dict[str, 
     paths = [str(ROOT)]
     if reference:
         if not (REF_DIR / "webdataset").is_dir():
-            raise SystemExit(f"{REF_DIR} is missing: run `make bench-ref` (installs open_clip_train's webdataset 0.2.86)")
+            raise SystemExit(
+                f"{REF_DIR} is missing: run `make bench-ref` (installs open_clip_train's webdataset 0.2.86)"
+            )
         paths.insert(0, str(REF_DIR))
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env["PYTHONUNBUFFERED"] = "1"
@@ -85,7 +87,10 @@ def child_env(threads: int | None = None, reference: bool = False) -> dict[str, 
 def run_checked(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> None:
     proc = subprocess.run(cmd, env=env, cwd=cwd or ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise SystemExit(
+            f"command failed ({proc.returncode}): "
+            f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
 
 
 def run_timed(cmd: list[str], env: dict[str, str], log: Path, timeout: float, watch=None) -> dict:
@@ -96,8 +101,9 @@ def run_timed(cmd: list[str], env: dict[str, str], log: Path, timeout: float, wa
     """
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, bufsize=1)
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
     lines, stopped, timed_out = [], False, False
     import selectors
 
@@ -192,7 +198,8 @@ def write_results(name: str, rows: list[dict], table: str, notes: list[str]) -> 
         w.writerows(rows)
     info = machine()
     md = f"{table}\n\n" + "".join(f"- {n}\n" for n in notes)
-    md += f"- measured {info['date_utc']}, load average at the end {info['load_avg_1m']} on {info['cores']} cores\n"
+    md += f"- measured {info['date_utc']}, load average at the end {info['load_avg_1m']} "
+    md += f"on {info['cores']} cores\n"
     (RESULTS / f"{name}.md").write_text(md)
     print(md, flush=True)
 

@@ -29,8 +29,14 @@ def pipeline_rate(model, cfg, workers: int, batches: int) -> float:
     from mmpretrain.training.datamodule import sources_from_config
 
     per_worker = -(-batches // max(workers, 1))
-    stream = ShardStream(sources_from_config(cfg.data), model.preprocess(True), batch_size=int(cfg.data.batch_size),
-                         train=True, batches_per_worker=per_worker, seed=0)
+    stream = ShardStream(
+        sources_from_config(cfg.data),
+        model.preprocess(True),
+        batch_size=int(cfg.data.batch_size),
+        train=True,
+        batches_per_worker=per_worker,
+        seed=0,
+    )
     loader = DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None)
     times = [time.perf_counter() for _ in loader]
     bs = int(cfg.data.batch_size)
@@ -52,8 +58,14 @@ def bytes_per_batch(model, cfg) -> dict[str, int]:
     before = now | {"image": lambda img: tower.normalize_input(now["image"](img)[None])[0]}
     out = {}
     for name, prep in (("float32", before), ("uint8", now)):
-        stream = ShardStream(sources_from_config(cfg.data), prep, batch_size=int(cfg.data.batch_size), train=True,
-                             batches_per_worker=1, seed=0)
+        stream = ShardStream(
+            sources_from_config(cfg.data),
+            prep,
+            batch_size=int(cfg.data.batch_size),
+            train=True,
+            batches_per_worker=1,
+            seed=0,
+        )
         batch = next(iter(stream))
         out[name] = batch_bytes(batch)
         out[f"{name}_image"] = batch["image"].nbytes
@@ -78,8 +90,14 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     digits = bc.digits_root(Path(a.work))
-    cfg = compose([f"data.root={digits}", "model=openclip", f"model.config={bc.model_json(a.model)}",
-                   f"data.batch_size={a.batch}"])
+    cfg = compose(
+        [
+            f"data.root={digits}",
+            "model=openclip",
+            f"model.config={bc.model_json(a.model)}",
+            f"data.batch_size={a.batch}",
+        ]
+    )
     from mmpretrain.config import safe_instantiate as _instantiate
     from mmpretrain.config import to_plain as _plain
     from mmpretrain.model import build_model
@@ -89,15 +107,22 @@ def main() -> None:
     loss_fn = _instantiate(cfg.loss)
     train_batches = collect_batches(model, cfg, a.train_steps)
     sizes = bytes_per_batch(model, cfg)
-    rows = [{"what": "bytes per batch", "images": k, "bytes": sizes[k], "image_bytes": sizes[f"{k}_image"]}
-            for k in ("float32", "uint8")]
+    rows = [
+        {"what": "bytes per batch", "images": k, "bytes": sizes[k], "image_bytes": sizes[f"{k}_image"]}
+        for k in ("float32", "uint8")
+    ]
     for k in ("float32", "uint8"):
-        print(f"one batch of {a.batch} with {k} images: {sizes[k]:,} bytes ({sizes[f'{k}_image']:,} of them images)",
-              flush=True)
+        print(
+            f"one batch of {a.batch} with {k} images: {sizes[k]:,} bytes ({sizes[f'{k}_image']:,} of them "
+            "images)",
+            flush=True,
+        )
     for rep in range(a.reps):
         times = plain_loop(model, loss_fn, _plain(cfg.optim), train_batches, 1.0)
         model_rate = bc.steady_rate([t - times[0] for t in times], a.batch, 2)
-        rows.append({"what": "model (plain loop)", "workers": "", "rep": rep, "samples_per_s": round(model_rate, 1)})
+        rows.append(
+            {"what": "model (plain loop)", "workers": "", "rep": rep, "samples_per_s": round(model_rate, 1)}
+        )
         print(f"model consumes {model_rate:.1f} samples/s", flush=True)
         for workers in (0, 1, 2):
             rate = pipeline_rate(model, cfg, workers, a.batches)
@@ -107,18 +132,40 @@ def main() -> None:
     table_rows = [["model consumption (plain fp32 loop)", "–", model_rate, "1.00"]]
     for workers in (0, 1, 2):
         rate = bc.median([r["samples_per_s"] for r in rows if r.get("workers") == workers])
-        table_rows.append([f"our webdataset pipeline, {workers} workers", workers, rate, f"{rate / model_rate:.2f}"])
+        table_rows.append(
+            [f"our webdataset pipeline, {workers} workers", workers, rate, f"{rate / model_rate:.2f}"]
+        )
     table = bc.md_table(["what", "workers", "samples/s (median)", "vs model"], table_rows)
-    size_rows = [["float32, normalised in the worker (before)", f"{sizes['float32']:,}", 4,
-                  f"{shared_memory_gb(4, 4):.1f}"],
-                 ["uint8, normalised by the tower (now)", f"{sizes['uint8']:,}", 2, f"{shared_memory_gb(1, 2):.2f}"]]
-    table += "\n\n" + bc.md_table(["images sent as", f"bytes per batch of {a.batch} (measured)", "prefetch_factor",
-                                    "GB shared memory per rank at batch 512, 224 px, 8 workers"], size_rows)
-    notes = [(f"model `{a.model}` preprocess (open_clip transform + tokenizer), batch {a.batch}, "
-             f"{a.batches} batches per measurement (first excluded), {a.reps} interleaved reps; "
-             "the workers share the same cores as the model in real training, so the worker rates are an upper bound"),
-             ("bytes per batch: every tensor of one training batch (images, tokens, labels) as a worker sends it; "
-             "shared memory per rank = 512 x 3 x 224 x 224 x (4 or 1 bytes) x 8 workers x prefetch_factor (images only)")]
+    size_rows = [
+        [
+            "float32, normalised in the worker (before)",
+            f"{sizes['float32']:,}",
+            4,
+            f"{shared_memory_gb(4, 4):.1f}",
+        ],
+        ["uint8, normalised by the tower (now)", f"{sizes['uint8']:,}", 2, f"{shared_memory_gb(1, 2):.2f}"],
+    ]
+    table += "\n\n" + bc.md_table(
+        [
+            "images sent as",
+            f"bytes per batch of {a.batch} (measured)",
+            "prefetch_factor",
+            "GB shared memory per rank at batch 512, 224 px, 8 workers",
+        ],
+        size_rows,
+    )
+    notes = [
+        (
+            f"model `{a.model}` preprocess (open_clip transform + tokenizer), batch {a.batch}, {a.batches} "
+            f"batches per measurement (first excluded), {a.reps} interleaved reps; the workers share the "
+            "same cores as the model in real training, so the worker rates are an upper bound"
+        ),
+        (
+            "bytes per batch: every tensor of one training batch (images, tokens, labels) as a worker "
+            "sends it; shared memory per rank = 512 x 3 x 224 x 224 x (4 or 1 bytes) x 8 workers x "
+            "prefetch_factor (images only)"
+        ),
+    ]
     bc.write_results("data", rows, table, notes)
 
 

@@ -45,7 +45,11 @@ def install_step_recorder(path: str) -> None:
 
     def dump():
         if os.getpid() == pid:  # not from forked data-loader workers
-            peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+            peak = (
+                torch.cuda.max_memory_allocated()
+                if torch.cuda.is_available() and torch.cuda.is_initialized()
+                else None
+            )
             Path(path).write_text(json.dumps({"steps": steps, "step_epochs": epochs, "peak_gpu_bytes": peak}))
 
     atexit.register(dump)
@@ -111,23 +115,32 @@ def patch_open_clip_eval(digits: Path | None, scenes: Path | None) -> None:
         m.eval()
         pp = _val_transform(m)
         dev = torch.device(args.device)
-        feats = torch.cat([
-            m.encode_image(torch.stack([pp(im) for im in images[i : i + 256]]).to(dev), normalize=True).float()
-            for i in range(0, len(images), 256)
-        ])
+        feats = torch.cat(
+            [
+                m.encode_image(
+                    torch.stack([pp(im) for im in images[i : i + 256]]).to(dev), normalize=True
+                ).float()
+                for i in range(0, len(images), 256)
+            ]
+        )
         tok = tokenizer or open_clip.get_tokenizer(args.model)
 
         def encode_prompts(prompts):
             return m.encode_text(tok(prompts).to(dev), normalize=True).float()
 
         if digits is not None:
-            acc = zero_shot_accuracy(feats.cpu(), labels, class_embeddings(classnames, templates, encode_prompts).cpu())
+            acc = zero_shot_accuracy(
+                feats.cpu(), labels, class_embeddings(classnames, templates, encode_prompts).cpu()
+            )
             print(f"BENCH zeroshot epoch={epoch} top1={acc['top1']:.4f}", flush=True)
         else:
             texts = torch.cat([encode_prompts(captions[i : i + 256]) for i in range(0, len(captions), 256)])
             res = multi_caption_retrieval(feats.cpu(), texts.cpu(), owner, "image", "text")
-            print(f"BENCH retrieval epoch={epoch} mean_R@1={res['mean_R@1/image_text']:.4f} "
-                  f"rsum={res['rsum/image_text']:.2f}", flush=True)
+            print(
+                f"BENCH retrieval epoch={epoch} mean_R@1={res['mean_R@1/image_text']:.4f} "
+                f"rsum={res['rsum/image_text']:.2f}",
+                flush=True,
+            )
         m.train(was_training)
         return metrics
 
@@ -149,7 +162,9 @@ def main() -> None:
     p.add_argument("trainer", choices=["ours", "open_clip"])
     p.add_argument("--record", required=True)
     p.add_argument("--digits", default=None, help="digits root: print per-epoch zero-shot (open_clip)")
-    p.add_argument("--scenes", default=None, help="scenes root: print per-epoch 5-caption retrieval (open_clip)")
+    p.add_argument(
+        "--scenes", default=None, help="scenes root: print per-epoch 5-caption retrieval (open_clip)"
+    )
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
     a, rest = p.parse_args(argv[:cut]), argv[cut + 1 :]

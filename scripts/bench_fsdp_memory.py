@@ -49,8 +49,15 @@ def _malloc_trim() -> None:
 
 
 def worker(rank: int, world: int, port: int, queue, args: argparse.Namespace) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank), NODE_RANK="0", OMP_NUM_THREADS=str(args.threads))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+        OMP_NUM_THREADS=str(args.threads),
+    )
     import lightning as L
     import torch
     from lightning.pytorch.strategies import DDPStrategy
@@ -58,17 +65,24 @@ def worker(rank: int, world: int, port: int, queue, args: argparse.Namespace) ->
 
     from mmpretrain.losses import InfoNCE
     from mmpretrain.model import build_model
-    from mmpretrain.training.module import ContrastiveModule
     from mmpretrain.runtime.fsdp import FSDP2Strategy
+    from mmpretrain.training.module import ContrastiveModule
 
     torch.manual_seed(0)
-    cfg = {"config": args.model, "towers": {m: {"_target_": "mmpretrain.towers.open_clip.OpenClipTower", "modality": m,
-                                                "config": args.model} for m in ("image", "text")}}
+    cfg = {
+        "config": args.model,
+        "towers": {
+            m: {"_target_": "mmpretrain.towers.open_clip.OpenClipTower", "modality": m, "config": args.model}
+            for m in ("image", "text")
+        },
+    }
     model = build_model(cfg)
     module = ContrastiveModule(model, InfoNCE(), {"lr": 1e-4, "weight_decay": 0.1})
     g = torch.Generator().manual_seed(rank)
-    batch = {"image": torch.randint(0, 256, (args.batch, 3, 224, 224), dtype=torch.uint8, generator=g),
-             "text": torch.randint(1, 49407, (args.batch, 77), generator=g)}
+    batch = {
+        "image": torch.randint(0, 256, (args.batch, 3, 224, 224), dtype=torch.uint8, generator=g),
+        "text": torch.randint(1, 49407, (args.batch, 77), generator=g),
+    }
     cuda = args.device == "cuda"
     # Fewer GPUs than ranks (one lent GPU): the ranks share it as one-process "nodes", over gloo
     # (NCCL refuses two ranks on one device).
@@ -76,14 +90,19 @@ def worker(rank: int, world: int, port: int, queue, args: argparse.Namespace) ->
     if shared:
         os.environ.update(LOCAL_RANK="0", NODE_RANK=str(rank))
     backend = "nccl" if cuda and not shared else "gloo"
-    strategy = (FSDP2Strategy(process_group_backend=backend) if args.strategy == "fsdp"
-                else DDPStrategy(process_group_backend=backend))
+    strategy = (
+        FSDP2Strategy(process_group_backend=backend)
+        if args.strategy == "fsdp"
+        else DDPStrategy(process_group_backend=backend)
+    )
     record: dict = {"rank": rank, "strategy": args.strategy}
 
     class Measure(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, b, batch_idx):
             if batch_idx == 1:  # the optimizer state exists from here on
-                if not cuda:  # hand the heap freed since start-up (the whole model FSDP replaced by shards) back
+                if (
+                    not cuda
+                ):  # hand the heap freed since start-up (the whole model FSDP replaced by shards) back
                     _malloc_trim()
                 record["exact"], start_kb = bc.reset_peak_rss()
                 record["rss_start_mb"] = start_kb / 1024
@@ -94,21 +113,36 @@ def worker(rank: int, world: int, port: int, queue, args: argparse.Namespace) ->
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             if trainer.global_step >= 1:
                 params = list(pl_module.parameters())
-                state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+                state = [
+                    v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)
+                ]
                 record["params_mb"] = _bytes(params) / 2**20
                 record["grads_mb"] = _bytes(p.grad for p in params) / 2**20
                 record["optim_mb"] = _bytes(state) / 2**20
 
         def on_train_end(self, trainer, pl_module):
             record["tensors_mb"] = record["params_mb"] + record["grads_mb"] + record["optim_mb"]
-            record["peak_mb"] = (torch.cuda.max_memory_allocated() if cuda else bc.peak_rss_kb(record["exact"]) * 1024) / 2**20
+            record["peak_mb"] = (
+                torch.cuda.max_memory_allocated() if cuda else bc.peak_rss_kb(record["exact"]) * 1024
+            ) / 2**20
             record["s_per_step"] = (time.perf_counter() - self.t0) / max(1, args.steps - 1)
 
-    trainer = L.Trainer(max_steps=args.steps, accelerator="gpu" if cuda else "cpu", devices=1 if shared else world,
-                        num_nodes=world if shared else 1, strategy=strategy,
-                        precision="bf16-mixed" if cuda else "32-true", gradient_clip_val=1.0, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[Measure()], limit_val_batches=0, use_distributed_sampler=False)
+    trainer = L.Trainer(
+        max_steps=args.steps,
+        accelerator="gpu" if cuda else "cpu",
+        devices=1 if shared else world,
+        num_nodes=world if shared else 1,
+        strategy=strategy,
+        precision="bf16-mixed" if cuda else "32-true",
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Measure()],
+        limit_val_batches=0,
+        use_distributed_sampler=False,
+    )
     trainer.fit(module, train_dataloaders=DataLoader([batch] * args.steps, batch_size=None))
     buf = io.BytesIO()
     torch.save(record, buf)
@@ -138,7 +172,9 @@ def measure(args: argparse.Namespace, strategy: str) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="ViT-B-16", help="an open_clip model config name (random init)")
     parser.add_argument("--batch", type=int, default=4, help="samples per rank")
     parser.add_argument("--steps", type=int, default=3)
@@ -148,28 +184,61 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--no-write", action="store_true", help="print only (gpu_check's rehearsal)")
     args = parser.parse_args()
-    rows = [r | {"model": args.model, "batch_per_rank": args.batch, "device": args.device}
-            for s in ("ddp", "fsdp") for r in measure(args, s)]
+    rows = [
+        r | {"model": args.model, "batch_per_rank": args.batch, "device": args.device}
+        for s in ("ddp", "fsdp")
+        for r in measure(args, s)
+    ]
     by = {s: [r for r in rows if r["strategy"] == s] for s in ("ddp", "fsdp")}
     peak_name = "peak allocated MB (CUDA)" if args.device == "cuda" else "peak RSS MB (VmHWM)"
     table = bc.md_table(
-        ["strategy", "rank", "params MB", "grads MB", "AdamW state MB", "tracked tensors MB", "RSS at step 2 MB",
-         peak_name, "s/step"],
-        [[r["strategy"], r["rank"], r["params_mb"], r["grads_mb"], r["optim_mb"], r["tensors_mb"],
-          r.get("rss_start_mb", float("nan")), r["peak_mb"], r["s_per_step"]] for r in rows])
-    ratio = {k: max(r[k] for r in by["fsdp"]) / max(r[k] for r in by["ddp"]) for k in ("tensors_mb", "peak_mb")}
-    notes = [(f"open_clip {args.model} (both towers, random init), batch {args.batch} per rank, {args.world} "
-              f"{'GPUs' if args.device == 'cuda' else 'CPU processes (gloo, 1 thread each)'}, AdamW, clipping 1.0, "
-              f"{'bf16-mixed' if args.device == 'cuda' else 'fp32'}"),
-             f"FSDP / DDP, largest rank: tracked tensors {ratio['tensors_mb']:.2f}x, peak {ratio['peak_mb']:.2f}x",
-             "tracked tensors: parameters + gradients + AdamW state held by the rank (FSDP: its shards), from the "
-             "tensors' sizes; peak: from the start of step 2 to the end of training (activations, gathered blocks, "
-             "the interpreter, torch and open_clip included; RSS at step 2 minus the tracked tensors: "
-             + ", ".join(f"{s} {max(r.get('rss_start_mb', 0) - r['tensors_mb'] for r in by[s]) / 1024:.1f} GB"
-                         for s in by) + "); on CPU the "
-             "heap freed before step 2 is returned first (glibc malloc_trim), since the whole model is built on every "
-             "rank before it is sharded",
-             "s/step on CPU is the shared 2-core machine's, under other jobs' load: not a speed comparison"]
+        [
+            "strategy",
+            "rank",
+            "params MB",
+            "grads MB",
+            "AdamW state MB",
+            "tracked tensors MB",
+            "RSS at step 2 MB",
+            peak_name,
+            "s/step",
+        ],
+        [
+            [
+                r["strategy"],
+                r["rank"],
+                r["params_mb"],
+                r["grads_mb"],
+                r["optim_mb"],
+                r["tensors_mb"],
+                r.get("rss_start_mb", float("nan")),
+                r["peak_mb"],
+                r["s_per_step"],
+            ]
+            for r in rows
+        ],
+    )
+    ratio = {
+        k: max(r[k] for r in by["fsdp"]) / max(r[k] for r in by["ddp"]) for k in ("tensors_mb", "peak_mb")
+    }
+    notes = [
+        (
+            f"open_clip {args.model} (both towers, random init), batch {args.batch} per rank, {args.world} "
+            f"{'GPUs' if args.device == 'cuda' else 'CPU processes (gloo, 1 thread each)'}, AdamW, clipping "
+            f"1.0, {'bf16-mixed' if args.device == 'cuda' else 'fp32'}"
+        ),
+        f"FSDP / DDP, largest rank: tracked tensors {ratio['tensors_mb']:.2f}x, peak {ratio['peak_mb']:.2f}x",
+        "tracked tensors: parameters + gradients + AdamW state held by the rank (FSDP: its shards), from "
+        "the tensors' sizes; peak: from the start of step 2 to the end of training (activations, gathered "
+        "blocks, the interpreter, torch and open_clip included; RSS at step 2 minus the tracked tensors: "
+        + ", ".join(
+            f"{s} {max(r.get('rss_start_mb', 0) - r['tensors_mb'] for r in by[s]) / 1024:.1f} GB" for s in by
+        )
+        + "); on CPU the "
+        "heap freed before step 2 is returned first (glibc malloc_trim), since the whole model is built on "
+        "every rank before it is sharded",
+        "s/step on CPU is the shared 2-core machine's, under other jobs' load: not a speed comparison",
+    ]
     if args.no_write:
         print(table + "\n" + "\n".join(notes))
     else:
@@ -180,8 +249,8 @@ def main() -> None:
             (bc.ROOT / "benchmarks" / "FSDP_MEMORY.md").write_text(
                 f"# Peak memory per rank: trainer=ddp vs trainer=fsdp\n\nReproduce with `{cmd}` "
                 f"(about 5 minutes on 2 cores). Rows per rank; CSV in `benchmarks/results/{name}.csv`.\n\n"
-                + (bc.RESULTS / f"{name}.md").read_text())
-
+                + (bc.RESULTS / f"{name}.md").read_text()
+            )
 
 
 if __name__ == "__main__":

@@ -122,12 +122,14 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         if "skipped" in r or "error" in r:
             print(
-                f"| {r['method']:<5} | {r['n']:>12} | {r['dim']:>3} | {r.get('skipped') or r.get('error')} | | | |"
+                f"| {r['method']:<5} | {r['n']:>12} | {r['dim']:>3} | {r.get('skipped') or r.get('error')} "
+                "| | | |"
             )
         else:
             mem = f"{r['extra_mb']:.0f} MB" if r["extra_mb"] < 1024 else f"{r['extra_mb'] / 1024:.2f} GB"
             print(
-                f"| {r['method']:<5} | {r['n']:>12} | {r['dim']:>3} | {mem:>17} | {r['forward_s']:>9.1f} | {r['backward_s']:>10.1f} | {r['loss']:.6f} |"
+                f"| {r['method']:<5} | {r['n']:>12} | {r['dim']:>3} | {mem:>17} | {r['forward_s']:>9.1f} | "
+                f"{r['backward_s']:>10.1f} | {r['loss']:.6f} |"
             )
 
 

@@ -35,11 +35,17 @@ def compose(overrides: list[str]):
 
 
 def collect_batches(model, cfg, n: int) -> list[dict]:
-    from mmpretrain.training.datamodule import sources_from_config
     from mmpretrain.data import ShardStream
+    from mmpretrain.training.datamodule import sources_from_config
 
-    stream = ShardStream(sources_from_config(cfg.data), model.preprocess(True), batch_size=int(cfg.data.batch_size),
-                         train=True, batches_per_worker=n, seed=0)
+    stream = ShardStream(
+        sources_from_config(cfg.data),
+        model.preprocess(True),
+        batch_size=int(cfg.data.batch_size),
+        train=True,
+        batches_per_worker=n,
+        seed=0,
+    )
     return [dict(b) for b in stream]
 
 
@@ -76,14 +82,16 @@ def plain_loop(model, loss_fn, optim_cfg, batches, clip: float) -> list[float]:
     return clock.close()
 
 
-def lightning_loop(model, loss_fn, cfg, batches, default: bool, work: Path, drop: tuple[str, ...] = ()) -> list[float]:
+def lightning_loop(
+    model, loss_fn, cfg, batches, default: bool, work: Path, drop: tuple[str, ...] = ()
+) -> list[float]:
     import lightning as L
     from omegaconf import OmegaConf
     from torch.utils.data import DataLoader
 
+    from mmpretrain.commands.train import trainer_and_optim as _trainer_and_optim
     from mmpretrain.config import instantiate_all as _instantiate_all
     from mmpretrain.config import to_plain as _plain
-    from mmpretrain.commands.train import trainer_and_optim as _trainer_and_optim
     from mmpretrain.training.module import ContrastiveModule
 
     module = ContrastiveModule(model, loss_fn, _plain(cfg.optim))
@@ -98,7 +106,9 @@ def lightning_loop(model, loss_fn, cfg, batches, default: bool, work: Path, drop
         if "progress_bar" in drop:
             extra["enable_progress_bar"] = False
     else:
-        extra = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        extra = dict(
+            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+        )
     trainer = L.Trainer(**(trainer_cfg | extra), default_root_dir=str(work))
     loader = DataLoader(batches, batch_size=None, shuffle=False)
     clock = StepClock()
@@ -121,8 +131,15 @@ def run_one(a, mode: str, rep: int) -> list[float]:
         torch.set_num_threads(a.threads)
     os.environ.setdefault("WANDB_SILENT", "true")
     work = Path(a.work)
-    cfg = compose([f"data.root={bc.digits_root(work)}", "model=openclip", f"model.config={bc.model_json(a.model)}",
-                   f"data.batch_size={a.batch}", "data.num_workers=0"])
+    cfg = compose(
+        [
+            f"data.root={bc.digits_root(work)}",
+            "model=openclip",
+            f"model.config={bc.model_json(a.model)}",
+            f"data.batch_size={a.batch}",
+            "data.num_workers=0",
+        ]
+    )
     from mmpretrain.config import safe_instantiate as _instantiate
     from mmpretrain.config import to_plain as _plain
     from mmpretrain.model import build_model
@@ -134,8 +151,15 @@ def run_one(a, mode: str, rep: int) -> list[float]:
     if mode == "plain":
         return plain_loop(model, loss_fn, _plain(cfg.optim), batches, float(cfg.trainer.gradient_clip_val))
     drop = tuple(mode.removeprefix("lightning-default-no-").split("+")) if "-no-" in mode else ()
-    return lightning_loop(model, loss_fn, cfg, batches, mode.startswith("lightning-default"),
-                          work / "overhead" / f"{mode}_{rep}", drop)
+    return lightning_loop(
+        model,
+        loss_fn,
+        cfg,
+        batches,
+        mode.startswith("lightning-default"),
+        work / "overhead" / f"{mode}_{rep}",
+        drop,
+    )
 
 
 def main() -> None:
@@ -145,9 +169,12 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--batch", type=int, default=bc.CPU_BATCH)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--modes", default="plain,lightning-bare,lightning-default",
-                   help="comma list; lightning-default-no-<name> drops that logger/callback (wandb, csv, "
-                   "progress_bar, lr_monitor, model_checkpoint)")
+    p.add_argument(
+        "--modes",
+        default="plain,lightning-bare,lightning-default",
+        help="comma list; lightning-default-no-<name> drops that logger/callback (wandb, csv, "
+        "progress_bar, lr_monitor, model_checkpoint)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--work", default="/tmp/mmpretrain-bench")
     p.add_argument("--name", default="overhead", help="results name")
@@ -167,17 +194,40 @@ def main() -> None:
         for mode in modes if rep % 2 == 0 else modes[::-1]:
             out = Path(a.work) / "overhead" / f"{mode}_{rep}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
-            args = [bc.python(), __file__, "--one", f"{mode}:{rep}:{out}", "--model", a.model, "--steps", str(a.steps),
-                    "--batch", str(a.batch), "--work", a.work] + (["--threads", str(a.threads)] if a.threads else [])
+            args = [
+                bc.python(),
+                __file__,
+                "--one",
+                f"{mode}:{rep}:{out}",
+                "--model",
+                a.model,
+                "--steps",
+                str(a.steps),
+                "--batch",
+                str(a.batch),
+                "--work",
+                a.work,
+            ] + (["--threads", str(a.threads)] if a.threads else [])
             subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             times = json.loads(out.read_text())
             t0 = times[0]
             rate = bc.steady_rate([t - t0 for t in times], a.batch, a.warmup)
             ms = 1000 * a.batch / rate
-            typical = 1000 * bc.median([b - t for t, b in zip(times[a.warmup:], times[a.warmup + 1:])])
-            rows.append(dict(mode=mode, rep=rep, steps=len(times), samples_per_s=round(rate, 2), ms_per_step=round(ms, 2),
-                             median_step_ms=round(typical, 2)))
-            print(f"{mode} rep {rep}: {rate:.1f} samples/s, {ms:.1f} ms/step (median step {typical:.1f} ms)", flush=True)
+            typical = 1000 * bc.median([b - t for t, b in zip(times[a.warmup :], times[a.warmup + 1 :])])
+            rows.append(
+                dict(
+                    mode=mode,
+                    rep=rep,
+                    steps=len(times),
+                    samples_per_s=round(rate, 2),
+                    ms_per_step=round(ms, 2),
+                    median_step_ms=round(typical, 2),
+                )
+            )
+            print(
+                f"{mode} rep {rep}: {rate:.1f} samples/s, {ms:.1f} ms/step (median step {typical:.1f} ms)",
+                flush=True,
+            )
 
     def per_mode(key: str, mode: str) -> float:
         return bc.median([r[key] for r in rows if r["mode"] == mode])
@@ -187,16 +237,37 @@ def main() -> None:
     for mode in modes:
         ms, typical = per_mode("ms_per_step", mode), per_mode("median_step_ms", mode)
         runs = ", ".join(f"{r['ms_per_step']:.0f}" for r in rows if r["mode"] == mode)
-        table_rows.append([mode, per_mode("samples_per_s", mode), ms, f"{ms / plain:.3f}x", typical,
-                           f"{typical / plain_typical:.3f}x", runs])
-    table = bc.md_table(["loop", "samples/s (median)", "ms/step (mean over the run)", "vs plain",
-                         "median step ms", "vs plain", "ms/step per rep"], table_rows)
-    notes = [f"model `{a.model}`, batch {a.batch}, fp32 CPU, {a.steps} in-memory batches, first {a.warmup} steps "
-             f"excluded, {a.reps} reps; every loop in a fresh process, modes interleaved and their order reversed "
-             f"every other rep; same batches and initial weights for every loop",
-             "ms/step (mean over the run): the steady span over its steps, every step's cost included; median step: "
-             "the median of one run's step times, which a slow window of the machine moves less (the median "
-             "over the reps of each)"]
+        table_rows.append(
+            [
+                mode,
+                per_mode("samples_per_s", mode),
+                ms,
+                f"{ms / plain:.3f}x",
+                typical,
+                f"{typical / plain_typical:.3f}x",
+                runs,
+            ]
+        )
+    table = bc.md_table(
+        [
+            "loop",
+            "samples/s (median)",
+            "ms/step (mean over the run)",
+            "vs plain",
+            "median step ms",
+            "vs plain",
+            "ms/step per rep",
+        ],
+        table_rows,
+    )
+    notes = [
+        f"model `{a.model}`, batch {a.batch}, fp32 CPU, {a.steps} in-memory batches, first {a.warmup} steps "
+        f"excluded, {a.reps} reps; every loop in a fresh process, modes interleaved and their order reversed "
+        f"every other rep; same batches and initial weights for every loop",
+        "ms/step (mean over the run): the steady span over its steps, every step's cost included; median "
+        "step: the median of one run's step times, which a slow window of the machine moves less (the "
+        "median over the reps of each)",
+    ]
     bc.write_results(a.name, rows, table, notes)
 
 

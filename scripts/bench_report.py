@@ -9,8 +9,11 @@ import bench_common as bc
 SECTIONS = [
     ("throughput_cpu", "1. A whole training run vs open_clip_train (CPU): launch to exit"),
     ("overhead", "2. Framework overhead: Lightning step vs plain PyTorch loop"),
-    ("overhead_parts", "2b. Which of our default callbacks/loggers costs what (optional: "
-     "`bench_overhead.py --name overhead_parts --modes ...`)"),
+    (
+        "overhead_parts",
+        "2b. Which of our default callbacks/loggers costs what (optional: "
+        "`bench_overhead.py --name overhead_parts --modes ...`)",
+    ),
     ("data", "3. Data pipeline vs model consumption"),
     ("time_to_accuracy", "4. Time to accuracy (val zero-shot top-1 on the digits)"),
     ("throughput_cuda", "5. GPU: throughput at ViT-B/32 224 px bf16, MFU"),
@@ -26,9 +29,9 @@ def main() -> None:
     lines = [
         "# Benchmarks: mmpretrain vs open_clip's trainer",
         "",
-        "Reproduce with `make bench` (CPU, ~30 min on 2 quiet cores, install included; `make bench-gpu` adds section 5 on a "
-        "CUDA machine). Each table compares runs made side by side in the same `make bench`, interleaved; "
-        "CSVs with every run are in `benchmarks/results/`.",
+        "Reproduce with `make bench` (CPU, ~30 min on 2 quiet cores, install included; `make bench-gpu` "
+        "adds section 5 on a CUDA machine). Each table compares runs made side by side in the same `make "
+        "bench`, interleaved; CSVs with every run are in `benchmarks/results/`.",
         "",
         "| | |",
         "|---|---|",
@@ -45,9 +48,11 @@ def main() -> None:
             del lines[-3:]  # optional section: no heading when not run
             continue
         elif name == "throughput_cuda":
-            lines.append("Not measured: no GPU was available to this run. On a CUDA machine run "
-                         "`make bench-gpu` (`scripts/bench_throughput.py --device cuda`: open_clip `ViT-B-32`, "
-                         "224 px, bf16 autocast, batch 256, with MFU from torch's FLOP counter).")
+            lines.append(
+                "Not measured: no GPU was available to this run. On a CUDA machine run "
+                "`make bench-gpu` (`scripts/bench_throughput.py --device cuda`: open_clip `ViT-B-32`, "
+                "224 px, bf16 autocast, batch 256, with MFU from torch's FLOP counter)."
+            )
         else:
             lines.append(f"Not run (no `{md.relative_to(bc.ROOT)}`).")
     out = bc.ROOT / "benchmarks" / "RESULTS.md"
@@ -66,9 +71,15 @@ def quote_in_readme(info: dict[str, str]) -> bool:
     text = README.read_text() if README.exists() else ""
     if QUOTE_START not in text or QUOTE_END not in text:
         return False
-    block = [QUOTE_START, "", f"Assembled {info['date_utc']} ({info['host_cpu']}, {info['cores']} cores, torch "
-             f"{info['torch']}, lightning {info['lightning']}, open_clip {info['open_clip']}"
-             + (f", {info['gpu']}" if "gpu" in info else "") + ").", ""]
+    block = [
+        QUOTE_START,
+        "",
+        f"Assembled {info['date_utc']} ({info['host_cpu']}, {info['cores']} cores, torch "
+        f"{info['torch']}, lightning {info['lightning']}, open_clip {info['open_clip']}"
+        + (f", {info['gpu']}" if "gpu" in info else "")
+        + ").",
+        "",
+    ]
     for name, title in SECTIONS:
         md = bc.RESULTS / f"{name}.md"
         if name != "overhead_parts" and md.exists():  # the optional section stays in RESULTS.md only

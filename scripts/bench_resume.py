@@ -25,21 +25,41 @@ import bench_common as bc
 import torch
 
 TINY = [
-    "data.batch_size=4", "data.num_workers=2", "data.shuffle_buffer=1000", "data.train_samples=400",
-    "trainer.accelerator=cpu", "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
-    "callbacks.progress_bar=null", "logger=csv", "export_at_end=false",
-    "model.towers.image.model_name=test_vit", "model.towers.image.img_size=16",
-    "+model.towers.image.model_kwargs.img_size=16", "model.towers.text.config.text_cfg.width=32",
-    "model.towers.text.config.text_cfg.heads=2", "model.towers.text.config.text_cfg.layers=1",
-    "model.towers.text.config.text_cfg.context_length=16", "model.embed_dim=32",
+    "data.batch_size=4",
+    "data.num_workers=2",
+    "data.shuffle_buffer=1000",
+    "data.train_samples=400",
+    "trainer.accelerator=cpu",
+    "trainer.limit_val_batches=0",
+    "trainer.enable_progress_bar=false",
+    "callbacks.progress_bar=null",
+    "logger=csv",
+    "export_at_end=false",
+    "model.towers.image.model_name=test_vit",
+    "model.towers.image.img_size=16",
+    "+model.towers.image.model_kwargs.img_size=16",
+    "model.towers.text.config.text_cfg.width=32",
+    "model.towers.text.config.text_cfg.heads=2",
+    "model.towers.text.config.text_cfg.layers=1",
+    "model.towers.text.config.text_cfg.context_length=16",
+    "model.embed_dim=32",
 ]
 WORKERS = 2
 
 
 def train_cmd(run: Path, root: Path, *extra: str) -> list[str]:
-    return [bc.python(), "-m", "mmpretrain.cli", "train", *TINY, f"data.root={root}", f"hydra.run.dir={run}",
-            "+callbacks.record._target_=mmpretrain.training.callbacks.RecordBatches", f"+callbacks.record.dirpath={run}/rec",
-            *extra]
+    return [
+        bc.python(),
+        "-m",
+        "mmpretrain.cli",
+        "train",
+        *TINY,
+        f"data.root={root}",
+        f"hydra.run.dir={run}",
+        "+callbacks.record._target_=mmpretrain.training.callbacks.RecordBatches",
+        f"+callbacks.record.dirpath={run}/rec",
+        *extra,
+    ]
 
 
 def walk_to(root: Path, rank_batches: int) -> tuple[list[str], list[str], float]:
@@ -73,8 +93,14 @@ def first_step_seconds(cmd: list[str], rec: Path, timeout: float = 300) -> float
     """Seconds from the process start until its first training step is recorded."""
     shutil.rmtree(rec, ignore_errors=True)
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=bc.child_env(threads=1), cwd=bc.ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd,
+        env=bc.child_env(threads=1),
+        cwd=bc.ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     path = rec / "rank0.jsonl"
     while not (path.exists() and path.read_text().strip()):
         if proc.poll() is not None or time.perf_counter() - start > timeout:
@@ -114,24 +140,36 @@ def main() -> None:
     for _ in range(args.repeats):
         for step, path in ((100, near), (args.far, far)):
             run = base / f"resume-{step}"
-            times[step].append(first_step_seconds(train_cmd(run, root, f"resume={path}", "trainer.max_steps=101"),
-                                                  run / "rec"))
+            times[step].append(
+                first_step_seconds(
+                    train_cmd(run, root, f"resume={path}", "trainer.max_steps=101"), run / "rec"
+                )
+            )
             print(f"resume at step {step:>6,}: first step after {times[step][-1]:.2f} s", flush=True)
-    got = json.loads((base / f"resume-{args.far}" / "rec" / "rank0.jsonl").read_text().splitlines()[0])["keys"]
-    assert got == expected_keys, "the far resume did not train on the batch the uninterrupted stream has there"
+    got = json.loads((base / f"resume-{args.far}" / "rec" / "rank0.jsonl").read_text().splitlines()[0])[
+        "keys"
+    ]
+    assert got == expected_keys, (
+        "the far resume did not train on the batch the uninterrupted stream has there"
+    )
 
     near_s, far_s = bc.median(times[100]), bc.median(times[args.far])
     ratio = far_s / near_s
-    rows = [{"resume_step": 100, "first_step_s": round(near_s, 2)},
-            {"resume_step": args.far, "first_step_s": round(far_s, 2)}]
+    rows = [
+        {"resume_step": 100, "first_step_s": round(near_s, 2)},
+        {"resume_step": args.far, "first_step_s": round(far_s, 2)},
+    ]
     bc.RESULTS.mkdir(parents=True, exist_ok=True)
     with open(bc.RESULTS / "resume.csv", "w") as f:
-        f.write("resume_step,first_step_s\n" + "".join(f"{r['resume_step']},{r['first_step_s']}\n" for r in rows))
-    md = (f"| resume at step | process start -> first step (s, median of {args.repeats}) |\n|---:|---:|\n"
-          f"| 100 | {near_s:.2f} |\n| {args.far:,} | {far_s:.2f} |\n\n"
-          f"Ratio {ratio:.2f} (goal <= 1.2). Walking the stream to step {args.far:,} in one process (reading "
-          f"and decoding every sample, as a replaying resume would, without the model's preprocessing) took "
-          f"{walk_s:.1f} s.\n")
+        f.write(
+            "resume_step,first_step_s\n" + "".join(f"{r['resume_step']},{r['first_step_s']}\n" for r in rows)
+        )
+    md = (
+        f"| resume at step | process start -> first step (s, median of {args.repeats}) |\n|---:|---:|\n| "
+        f"100 | {near_s:.2f} |\n| {args.far:,} | {far_s:.2f} |\n\nRatio {ratio:.2f} (goal <= 1.2). Walking "
+        f"the stream to step {args.far:,} in one process (reading and decoding every sample, as a replaying "
+        f"resume would, without the model's preprocessing) took {walk_s:.1f} s.\n"
+    )
     (bc.RESULTS / "resume.md").write_text(md)
     print(md)
     print(f"ratio {ratio:.2f} ({'ok' if ratio <= 1.2 else 'ABOVE the 1.2 goal'})")

@@ -30,7 +30,9 @@ REF = re.compile(r"BENCH zeroshot epoch=(\d+) top1=([0-9.]+)")
 TARGETS = (0.95, 0.98)
 
 
-def run(name: str, cmd: list[str], env: dict, pattern: re.Pattern, cap: float, work: Path, epoch_offset: int) -> dict:
+def run(
+    name: str, cmd: list[str], env: dict, pattern: re.Pattern, cap: float, work: Path, epoch_offset: int
+) -> dict:
     out = work / "tta" / re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -51,8 +53,13 @@ def run(name: str, cmd: list[str], env: dict, pattern: re.Pattern, cap: float, w
     res = bc.run_timed(cmd, env, out / "log.txt", timeout=cap, watch=watch)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     shutil.rmtree(out / "run" / "checkpoints", ignore_errors=True)
-    row = dict(run=name, wall_s=round(res["wall_s"], 1), capped=res["timed_out"], epochs_seen=len(history),
-               best_top1=max((h[2] for h in history), default=float("nan")))
+    row = dict(
+        run=name,
+        wall_s=round(res["wall_s"], 1),
+        capped=res["timed_out"],
+        epochs_seen=len(history),
+        best_top1=max((h[2] for h in history), default=float("nan")),
+    )
     for target in TARGETS:
         t, epoch = reached.get(target, (float("nan"), ""))
         row[f"time_to_{int(target * 100)}_s"] = round(t, 1) if t == t else t
@@ -74,30 +81,91 @@ def main() -> None:
     digits = bc.digits_root(work)
     shards, n_train = bc.train_shards(digits)
     val_shards = sorted((digits / "val").glob("*.tar"))
-    n_val = sum(int(v) for v in __import__("json").loads((digits / "val" / "sizes.json").read_text()).values())
+    n_val = sum(
+        int(v) for v in __import__("json").loads((digits / "val" / "sizes.json").read_text()).values()
+    )
     config = str(bc.model_json(a.model))
     ref_batch = 64
     ref_steps = a.epochs * -(-n_train // ref_batch)
-    ours_common = [bc.python(), "scripts/bench_entry.py", "ours", "--record", "{out}/steps.json", "--",
-                   f"data.root={digits}", f"data.num_workers={a.workers}", "hydra.run.dir={out}"]
+    ours_common = [
+        bc.python(),
+        "scripts/bench_entry.py",
+        "ours",
+        "--record",
+        "{out}/steps.json",
+        "--",
+        f"data.root={digits}",
+        f"data.num_workers={a.workers}",
+        "hydra.run.dir={out}",
+    ]
     runs = [
-        ("ours, same arch (ViT recipe)", ours_common + ["model=openclip", f"model.config={config}", "optim.lr=5e-4",
-                                                        f"data.batch_size={ref_batch}",
-                                                        f"trainer.max_epochs={a.epochs}"], False, OURS, 0),
-        ("open_clip_train defaults, same arch", [
-            bc.python(), "scripts/bench_entry.py", "open_clip", "--record", "{out}/steps.json",
-            "--digits", str(digits), "--",
-            "--model", a.model, "--dataset-type", "webdataset",
-            "--train-data", bc.brace_pattern(shards), "--train-num-samples", str(n_train),
-            "--val-data", bc.brace_pattern(val_shards), "--val-num-samples", str(n_val),
-            "--epochs", str(a.epochs), "--workers", str(a.workers), "--precision", "fp32", "--device", "cpu",
-            "--warmup", str(ref_steps // 20), "--seed", "0", "--logs", "{out}", "--name", "run", "--report-to", "",
-        ], True, REF, -1),  # open_clip numbers completed epochs from 1
+        (
+            "ours, same arch (ViT recipe)",
+            ours_common
+            + [
+                "model=openclip",
+                f"model.config={config}",
+                "optim.lr=5e-4",
+                f"data.batch_size={ref_batch}",
+                f"trainer.max_epochs={a.epochs}",
+            ],
+            False,
+            OURS,
+            0,
+        ),
+        (
+            "open_clip_train defaults, same arch",
+            [
+                bc.python(),
+                "scripts/bench_entry.py",
+                "open_clip",
+                "--record",
+                "{out}/steps.json",
+                "--digits",
+                str(digits),
+                "--",
+                "--model",
+                a.model,
+                "--dataset-type",
+                "webdataset",
+                "--train-data",
+                bc.brace_pattern(shards),
+                "--train-num-samples",
+                str(n_train),
+                "--val-data",
+                bc.brace_pattern(val_shards),
+                "--val-num-samples",
+                str(n_val),
+                "--epochs",
+                str(a.epochs),
+                "--workers",
+                str(a.workers),
+                "--precision",
+                "fp32",
+                "--device",
+                "cpu",
+                "--warmup",
+                str(ref_steps // 20),
+                "--seed",
+                "0",
+                "--logs",
+                "{out}",
+                "--name",
+                "run",
+                "--report-to",
+                "",
+            ],
+            True,
+            REF,
+            -1,
+        ),  # open_clip numbers completed epochs from 1
         ("ours, default recipe (digits_clip)", ours_common, False, OURS, 0),
     ]
     rows = []
     for name, cmd, reference, pattern, offset in runs:
-        rows.append(run(name, cmd, bc.child_env(a.threads, reference=reference), pattern, a.cap, work, offset))
+        rows.append(
+            run(name, cmd, bc.child_env(a.threads, reference=reference), pattern, a.cap, work, offset)
+        )
     table_rows = []
     for r in rows:
         cells = [r["run"]]
@@ -106,20 +174,23 @@ def main() -> None:
             cells.append(f"{t:.0f} s (epoch {e})" if t == t else f"> {r['wall_s']:.0f} s (not reached)")
         cells += [r["best_top1"], r["epochs_seen"]]
         table_rows.append(cells)
-    table = bc.md_table(["run", "time to 95 %", "time to 98 %", "best top-1 seen", "epochs evaluated"], table_rows)
+    table = bc.md_table(
+        ["run", "time to 95 %", "time to 98 %", "best top-1 seen", "epochs evaluated"], table_rows
+    )
     same, ref = rows[0], rows[1]
     for target in TARGETS:
         k = f"time_to_{int(target * 100)}_s"
         if same[k] == same[k] and ref[k] == ref[k]:
-            table += f"\n\nratio open_clip / ours (same arch) time to {int(target * 100)} %: **{ref[k] / same[k]:.2f}x**"
+            ratio = ref[k] / same[k]
+            table += f"\n\nratio open_clip / ours (same arch) time to {int(target * 100)} %: **{ratio:.2f}x**"
     notes = [
-        f"model `{a.model}` for the same-arch runs ({a.epochs} epochs), {n_train} train / {n_val} val digits, "
-        f"{a.workers} data workers, fp32 CPU, cap {a.cap:.0f} s per run; epochs are 0-based",
-        "open_clip_train: batch 64, lr 5e-4, wd 0.2, AdamW(0.9, 0.98, 1e-6), cosine, "
-        f"warmup {ref_steps // 20} steps (5 %), no grad clipping, checkpoint every epoch; "
-        f"ours: AdamW wd 0.1, warmup 5 %, grad clip 1.0, checkpoints every epoch; batch {ref_batch} and lr 5e-4 "
-        "for the same arch (a ViT from scratch wants the lower lr; the smaller batch gives twice the updates "
-        "per epoch), batch 128 and lr 2e-3 for the default recipe",
+        f"model `{a.model}` for the same-arch runs ({a.epochs} epochs), {n_train} train / {n_val} val "
+        f"digits, {a.workers} data workers, fp32 CPU, cap {a.cap:.0f} s per run; epochs are 0-based",
+        "open_clip_train: batch 64, lr 5e-4, wd 0.2, AdamW(0.9, 0.98, 1e-6), cosine, warmup "
+        f"{ref_steps // 20} steps (5 %), no grad clipping, checkpoint every epoch; ours: AdamW wd 0.1, "
+        f"warmup 5 %, grad clip 1.0, checkpoints every epoch; batch {ref_batch} and lr 5e-4 for the same "
+        "arch (a ViT from scratch wants the lower lr; the smaller batch gives twice the updates per "
+        "epoch), batch 128 and lr 2e-3 for the default recipe",
     ]
     bc.write_results("time_to_accuracy", rows, table, notes)
 

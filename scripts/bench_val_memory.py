@@ -27,9 +27,17 @@ def build_module(dim: int):
     from mmpretrain.training.module import ContrastiveModule
 
     towers = {
-        "image": {"_target_": "mmpretrain.towers.timm.TimmTower", "model_name": "test_resnet", "img_size": 32},
-        "audio": {"_target_": "mmpretrain.towers.audio.AudioTower", "model_name": "test_resnet",
-                  "clip_seconds": 0.25, "frontend": {"n_mels": 16, "hop_length": 256}},
+        "image": {
+            "_target_": "mmpretrain.towers.timm.TimmTower",
+            "model_name": "test_resnet",
+            "img_size": 32,
+        },
+        "audio": {
+            "_target_": "mmpretrain.towers.audio.AudioTower",
+            "model_name": "test_resnet",
+            "clip_seconds": 0.25,
+            "frontend": {"n_mels": 16, "hop_length": 256},
+        },
     }
     model = build_model({"embed_dim": dim, "towers": towers}).eval()
     return ContrastiveModule(model, InfoNCE(pairs=[["image", "audio"]]), optim={})
@@ -72,8 +80,11 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=1))
     print(json.dumps(row))
-    print(f"N={args.n}: validation metrics in {row['seconds']} s ({row['cpu_seconds']} s CPU), peak extra memory {row['extra_peak_mb']} MB "
-          f"(inputs {row['inputs_mb']} MB; one N x N float32 matrix would be {row['one_nxn_float32_gb']} GB)")
+    print(
+        f"N={args.n}: validation metrics in {row['seconds']} s ({row['cpu_seconds']} s CPU), peak extra "
+        f"memory {row['extra_peak_mb']} MB "
+        f"(inputs {row['inputs_mb']} MB; one N x N float32 matrix would be {row['one_nxn_float32_gb']} GB)"
+    )
     return row
 
 

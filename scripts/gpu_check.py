@@ -55,15 +55,22 @@ def run(name: str, cmds: list[list[str]], run_dir: Path, timeout: float) -> dict
     """Run the processes of one check together; pass when all exit 0 and the loss is finite."""
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(bc.ROOT), os.environ.get("PYTHONPATH", "")]),
-               WANDB_MODE="offline", WANDB_SILENT="true", HYDRA_FULL_ERROR="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(bc.ROOT), os.environ.get("PYTHONPATH", "")]),
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        HYDRA_FULL_ERROR="1",
+    )
     start = time.perf_counter()
     logs = [run_dir.parent / f"{run_dir.name}.rank{i}.log" for i in range(len(cmds))]
     codes: list = []
     with contextlib.ExitStack() as stack:
         outs = [stack.enter_context(open(log, "w")) for log in logs]
-        procs = [subprocess.Popen(c, env=env, cwd=run_dir.parent, stdout=f, stderr=subprocess.STDOUT)
-                 for c, f in zip(cmds, outs)]
+        procs = [
+            subprocess.Popen(c, env=env, cwd=run_dir.parent, stdout=f, stderr=subprocess.STDOUT)
+            for c, f in zip(cmds, outs)
+        ]
         for p in procs:
             try:
                 codes.append(p.wait(timeout=max(1.0, timeout - (time.perf_counter() - start))))
@@ -85,41 +92,103 @@ def run(name: str, cmds: list[list[str]], run_dir: Path, timeout: float) -> dict
 
 def on_cpu(cmd: list[str]) -> list[str]:
     """The same command on CPU processes (``--cpu-rehearsal``)."""
-    swap = {"trainer=gpu": ["trainer=cpu", "trainer.precision=bf16-mixed"], "trainer.accelerator=gpu": ["trainer.accelerator=cpu"]}
+    swap = {
+        "trainer=gpu": ["trainer=cpu", "trainer.precision=bf16-mixed"],
+        "trainer.accelerator=gpu": ["trainer.accelerator=cpu"],
+    }
     return [x for arg in cmd for x in swap.get(arg, [arg])]
 
 
 def checks(digits: Path, work: Path, steps: int, gpus: int) -> list[tuple[str, Path, list[list[str]]]]:
     """(name, run directory, the command of each process) of every check."""
     common = [
-        f"data.root={digits}", "data.batch_size=128", "data.num_workers=4", f"trainer.max_steps={steps}",
-        "trainer.max_epochs=-1", f"trainer.val_check_interval={steps}", "trainer.check_val_every_n_epoch=null",
-        "trainer.limit_val_batches=4", "export_at_end=false", "callbacks.progress_bar=null",
+        f"data.root={digits}",
+        "data.batch_size=128",
+        "data.num_workers=4",
+        f"trainer.max_steps={steps}",
+        "trainer.max_epochs=-1",
+        f"trainer.val_check_interval={steps}",
+        "trainer.check_val_every_n_epoch=null",
+        "trainer.limit_val_batches=4",
+        "export_at_end=false",
+        "callbacks.progress_bar=null",
     ]
 
     def single(name: str, *overrides: str) -> tuple[str, Path, list[list[str]]]:
         run_dir = work / name.split()[0].replace("=", "_").replace(".", "_")
-        return name, run_dir, [[*mmpretrain_cmd(), "train", "trainer=gpu", *common, *overrides,
-                                f"hydra.run.dir={run_dir}"]]
+        return (
+            name,
+            run_dir,
+            [[*mmpretrain_cmd(), "train", "trainer=gpu", *common, *overrides, f"hydra.run.dir={run_dir}"]],
+        )
 
     ddp_dir = work / "ddp"
     if gpus >= 2:
-        ddp = (f"DDP over {gpus} GPUs", ddp_dir, [[*mmpretrain_cmd(), "train", "trainer=ddp", "trainer.accelerator=gpu",
-                                          f"trainer.devices={gpus}", "trainer.precision=bf16-mixed", *common,
-                                          f"hydra.run.dir={ddp_dir}"]])
+        ddp = (
+            f"DDP over {gpus} GPUs",
+            ddp_dir,
+            [
+                [
+                    *mmpretrain_cmd(),
+                    "train",
+                    "trainer=ddp",
+                    "trainer.accelerator=gpu",
+                    f"trainer.devices={gpus}",
+                    "trainer.precision=bf16-mixed",
+                    *common,
+                    f"hydra.run.dir={ddp_dir}",
+                ]
+            ],
+        )
     else:
         port = free_port()
-        ddp = ("DDP, 2 processes on 1 GPU (gloo)", ddp_dir, [[
-            sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={r}", "--nproc_per_node=1",
-            "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "mmpretrain.cli", "train",
-            "trainer=ddp_multinode", "trainer.num_nodes=2", "trainer.devices=1", "trainer.accelerator=gpu",
-            "trainer.precision=bf16-mixed",
-            "trainer.strategy={_target_: lightning.pytorch.strategies.DDPStrategy, process_group_backend: gloo}",
-            *common, f"hydra.run.dir={ddp_dir}"] for r in range(2)])
+        ddp = (
+            "DDP, 2 processes on 1 GPU (gloo)",
+            ddp_dir,
+            [
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--nnodes=2",
+                    f"--node_rank={r}",
+                    "--nproc_per_node=1",
+                    "--master_addr=127.0.0.1",
+                    f"--master_port={port}",
+                    "-m",
+                    "mmpretrain.cli",
+                    "train",
+                    "trainer=ddp_multinode",
+                    "trainer.num_nodes=2",
+                    "trainer.devices=1",
+                    "trainer.accelerator=gpu",
+                    "trainer.precision=bf16-mixed",
+                    "trainer.strategy={_target_: lightning.pytorch.strategies.DDPStrategy, "
+                    "process_group_backend: gloo}",
+                    *common,
+                    f"hydra.run.dir={ddp_dir}",
+                ]
+                for r in range(2)
+            ],
+        )
     fsdp_dir = work / "fsdp"
-    fsdp = (f"trainer=fsdp over {max(1, gpus)} GPU(s)", fsdp_dir, [[
-        *mmpretrain_cmd(), "train", "trainer=fsdp", "trainer.accelerator=gpu", f"trainer.devices={max(1, gpus)}",
-        "trainer.precision=bf16-mixed", "callbacks.plots=null", *common, f"hydra.run.dir={fsdp_dir}"]])
+    fsdp = (
+        f"trainer=fsdp over {max(1, gpus)} GPU(s)",
+        fsdp_dir,
+        [
+            [
+                *mmpretrain_cmd(),
+                "train",
+                "trainer=fsdp",
+                "trainer.accelerator=gpu",
+                f"trainer.devices={max(1, gpus)}",
+                "trainer.precision=bf16-mixed",
+                "callbacks.plots=null",
+                *common,
+                f"hydra.run.dir={fsdp_dir}",
+            ]
+        ],
+    )
     return [
         single("bf16-mixed + clipping, 1 GPU"),
         ddp,
@@ -142,13 +211,18 @@ def throughput(digits: Path, work: Path, peak: float | None) -> dict:
     run_dir.mkdir(parents=True)
     record = run_dir / "steps.json"
     try:
-        res = bc.run_timed(bt.ours_cmd(a, digits, run_dir, record), bc.child_env(), run_dir / "log.txt", timeout=300)
+        res = bc.run_timed(
+            bt.ours_cmd(a, digits, run_dir, record), bc.child_env(), run_dir / "log.txt", timeout=300
+        )
     except SystemExit as e:  # the run failed: run_timed says how
         print(f"FAIL ViT-B-32 throughput: {e}", flush=True)
         return {"ok": False}
     data = json.loads(record.read_text()) if record.exists() else {"steps": []}
     if len(data["steps"]) < a.steps or res["rc"] != 0:
-        print(f"FAIL ViT-B-32 throughput: {len(data['steps'])} of {a.steps} steps; see {run_dir}/log.txt", flush=True)
+        print(
+            f"FAIL ViT-B-32 throughput: {len(data['steps'])} of {a.steps} steps; see {run_dir}/log.txt",
+            flush=True,
+        )
         return {"ok": False}
     rate = bc.steady_rate(data["steps"], a.batch, warmup=16)
     flops = bt.flops_per_sample(a.model)
@@ -157,9 +231,12 @@ def throughput(digits: Path, work: Path, peak: float | None) -> dict:
     achieved = flops * rate / 1e12
     mfu = f"{100 * achieved / peak:.1f} %" if peak else "unknown peak (--peak-tflops)"
     mem = data.get("peak_gpu_bytes")
-    print(f"PASS ViT-B-32 224 px bf16, batch {a.batch}, {gpu}: {rate:.0f} samples/s steady, "
-          f"{achieved:.1f} TFLOP/s, MFU {mfu}, peak memory {mem / 2**30 if mem else float('nan'):.1f} GiB, "
-          f"wall {res['wall_s']:.0f} s", flush=True)
+    print(
+        f"PASS ViT-B-32 224 px bf16, batch {a.batch}, {gpu}: {rate:.0f} samples/s steady, {achieved:.1f} "
+        f"TFLOP/s, MFU {mfu}, peak memory {mem / 2**30 if mem else float('nan'):.1f} GiB, wall "
+        f"{res['wall_s']:.0f} s",
+        flush=True,
+    )
     return {"ok": True, "samples_per_s": rate, "tflops": achieved, "peak_gpu_bytes": mem}
 
 
@@ -168,21 +245,39 @@ def fsdp_memory(rehearsal: bool, timeout: float) -> dict:
     2 ranks, over 2 GPUs, or as 2 processes sharing one (gloo). Passes when FSDP's tracked tensors
     (parameters + gradients + AdamW state) per rank are at most 0.6x DDP's (ideal: 0.5x with 2
     ranks). The rehearsal runs ViT-B-32 at batch 2 on CPU processes instead."""
-    args = (["--model", "ViT-B-32", "--batch", "2", "--steps", "2", "--device", "cpu"] if rehearsal
-            else ["--model", "ViT-L-14", "--batch", "16", "--steps", "3", "--device", "cuda"])
+    args = (
+        ["--model", "ViT-B-32", "--batch", "2", "--steps", "2", "--device", "cpu"]
+        if rehearsal
+        else ["--model", "ViT-L-14", "--batch", "16", "--steps", "3", "--device", "cuda"]
+    )
     cmd = [sys.executable, str(Path(__file__).resolve().parent / "bench_fsdp_memory.py"), *args, "--no-write"]
     start = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False,
-                              env=dict(os.environ, PYTHONPATH=str(bc.ROOT)))
+        proc = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            env=dict(os.environ, PYTHONPATH=str(bc.ROOT)),
+        )
     except subprocess.TimeoutExpired:
         print(f"FAIL FSDP memory ({args[1]}): timed out after {timeout:.0f} s", flush=True)
         return {"check": "fsdp_memory", "ok": False}
-    ratio = next((float(line.split("tracked tensors ")[1].split("x")[0]) for line in proc.stdout.splitlines()
-                  if "FSDP / DDP" in line), None)
+    ratio = next(
+        (
+            float(line.split("tracked tensors ")[1].split("x")[0])
+            for line in proc.stdout.splitlines()
+            if "FSDP / DDP" in line
+        ),
+        None,
+    )
     ok = proc.returncode == 0 and ratio is not None and ratio <= 0.6
-    print(f"{'PASS' if ok else 'FAIL'} FSDP memory ({args[1]}): {time.perf_counter() - start:.0f} s, FSDP/DDP "
-          f"tracked tensors per rank {ratio}x\n{proc.stdout[-2500:]}" + ("" if ok else proc.stderr[-2500:]), flush=True)
+    print(
+        f"{'PASS' if ok else 'FAIL'} FSDP memory ({args[1]}): {time.perf_counter() - start:.0f} s, FSDP/DDP "
+        f"tracked tensors per rank {ratio}x\n{proc.stdout[-2500:]}" + ("" if ok else proc.stderr[-2500:]),
+        flush=True,
+    )
     return {"check": "fsdp_memory", "ok": ok, "ratio": ratio}
 
 
@@ -194,14 +289,20 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=240, help="seconds per check")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--skip-fsdp-memory", action="store_true")
-    p.add_argument("--cpu-rehearsal", action="store_true",
-                   help="run the same checks on CPU processes (bf16 on CPU, gloo): tests this script without a GPU")
+    p.add_argument(
+        "--cpu-rehearsal",
+        action="store_true",
+        help="run the same checks on CPU processes (bf16 on CPU, gloo): tests this script without a GPU",
+    )
     a = p.parse_args()
     import torch
 
     if not torch.cuda.is_available() and not a.cpu_rehearsal:
-        print("gpu-check needs a CUDA device (torch.cuda.is_available() is False); the CPU paths are in make test",
-              file=sys.stderr)
+        print(
+            "gpu-check needs a CUDA device (torch.cuda.is_available() is False); the CPU paths are in make "
+            "test",
+            file=sys.stderr,
+        )
         return 2
     start = time.perf_counter()
     work = Path(a.work)
@@ -216,8 +317,12 @@ def main() -> int:
         results.append(fsdp_memory(a.cpu_rehearsal, timeout=600))
     failed = [r for r in results if not r["ok"]]
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU rehearsal"
-    print(f"gpu-check: {len(results) - len(failed)} of {len(results)} passed in {time.perf_counter() - start:.0f} s "
-          f"({device}, torch {torch.__version__})", flush=True)
+    print(
+        f"gpu-check: {len(results) - len(failed)} of {len(results)} passed in "
+        f"{time.perf_counter() - start:.0f} s "
+        f"({device}, torch {torch.__version__})",
+        flush=True,
+    )
     (work / "gpu_check.json").write_text(json.dumps(results, indent=2))
     return 1 if failed else 0
 

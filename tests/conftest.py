@@ -37,7 +37,9 @@ def digits_root(tmp_path_factory) -> Path:
     return build_digits(tmp_path_factory.mktemp("digits"), image_size=32)
 
 
-def compose_config(config_name: str = "train", overrides: list[str] | None = None, run_dir: Path | None = None) -> DictConfig:
+def compose_config(
+    config_name: str = "train", overrides: list[str] | None = None, run_dir: Path | None = None
+) -> DictConfig:
     """Compose the real configs as the CLI would, with the run directory made explicit."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []))

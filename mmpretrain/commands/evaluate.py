@@ -12,8 +12,14 @@ from mmpretrain.io import write_text_atomic
 from mmpretrain.runs import end_run, ensure_data, start_run
 
 #: The metrics printed (besides every zero-shot accuracy), by key prefix.
-PRINTED = ("val/retrieval_R@", "val/retrieval_mean_rank", "val/retrieval_median_rank", "val/retrieval_rsum",
-           "val/retrieval_mean_R@1", "val/probe/")
+PRINTED = (
+    "val/retrieval_R@",
+    "val/retrieval_mean_rank",
+    "val/retrieval_median_rank",
+    "val/retrieval_rsum",
+    "val/retrieval_mean_R@1",
+    "val/probe/",
+)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -32,13 +38,22 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     model = model_from_checkpoint(cfg.ckpt, to_plain(cfg.get("model")))
     datamodule = ContrastiveDataModule(cfg.data, model.preprocess, seed=cfg.seed)
     prompts = prompts_from_config({"classnames": cfg.get("classnames"), "templates": cfg.get("templates")})
-    module = ContrastiveModule(model, loss=all_pairs_loss(model), optim={}, zeroshot=prompts,
-                               zeroshot_tasks=tasks_from_config(cfg.data.get("val")))
-    trainer = L.Trainer(**resolve_strategy(to_plain(cfg.trainer)) | {"logger": False, "enable_checkpointing": False})
+    module = ContrastiveModule(
+        model,
+        loss=all_pairs_loss(model),
+        optim={},
+        zeroshot=prompts,
+        zeroshot_tasks=tasks_from_config(cfg.data.get("val")),
+    )
+    trainer = L.Trainer(
+        **resolve_strategy(to_plain(cfg.trainer)) | {"logger": False, "enable_checkpointing": False}
+    )
     (metrics,) = trainer.validate(module, datamodule=datamodule, verbose=False)
     for key, value in sorted(metrics.items()):
         if "zeroshot_top1" in key:
-            print(f"{key.split('zeroshot_top1/', 1)[1]} zero-shot top-1: {value:.4f}")  # the pair, or task/pair
+            print(
+                f"{key.split('zeroshot_top1/', 1)[1]} zero-shot top-1: {value:.4f}"
+            )  # the pair, or task/pair
     for key, value in sorted(metrics.items()):
         if key.startswith(PRINTED):
             print(f"{key.removeprefix('val/retrieval_')}: {value:.4f}")

@@ -17,7 +17,9 @@ def export_cmd(cfg: DictConfig) -> Path:
 
     writers = {"mmpretrain": None, "open_clip": export_open_clip, "torchscript": export_torchscript}
     if cfg.format not in writers:
-        raise ValueError(f"export format '{cfg.format}' is unknown; use format=mmpretrain|open_clip|torchscript")
+        raise ValueError(
+            f"export format '{cfg.format}' is unknown; use format=mmpretrain|open_clip|torchscript"
+        )
     model = model_from_checkpoint(cfg.ckpt, to_plain(cfg.get("model")))
     if cfg.format == "mmpretrain":
         out = export(model, cfg.out, extra={"source_checkpoint": str(cfg.ckpt)} | run_provenance(cfg.ckpt))

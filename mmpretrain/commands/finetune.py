@@ -24,8 +24,17 @@ def finetune(cfg: DictConfig) -> dict[str, float]:
     model = model_from_checkpoint(cfg.pretrained, to_plain(cfg.get("model")))
     prompts = prompts_from_config(cfg.data.get("val"))
     classnames = prompts["classnames"] if prompts else None
-    metrics = tasks.run(to_plain(cfg.task), model, to_plain(cfg.data), resolve_strategy(to_plain(cfg.trainer)),
-                        run_dir, classnames=classnames, seed=cfg.seed)
-    print(f"{cfg.task.name}: val accuracy {metrics['val/accuracy']:.4f}, macro-F1 {metrics['val/f1_macro']:.4f}")
+    metrics = tasks.run(
+        to_plain(cfg.task),
+        model,
+        to_plain(cfg.data),
+        resolve_strategy(to_plain(cfg.trainer)),
+        run_dir,
+        classnames=classnames,
+        seed=cfg.seed,
+    )
+    print(
+        f"{cfg.task.name}: val accuracy {metrics['val/accuracy']:.4f}, macro-F1 {metrics['val/f1_macro']:.4f}"
+    )
     end_run(run_dir)
     return metrics

@@ -13,14 +13,27 @@ from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig
 
 
-def sweep_summary(sweep_dir: str | Path, metric: str | None = None, minimize: bool = False, as_json: bool = False):
+def sweep_summary(
+    sweep_dir: str | Path, metric: str | None = None, minimize: bool = False, as_json: bool = False
+):
     """Print every run of a sweep directory (overrides + final metrics), best first."""
     from mmpretrain.sweeps import print_summary, summarize
 
     summary = summarize(sweep_dir, metric=metric, maximize=False if minimize else None)
     if as_json:
-        print(json.dumps({"metric": summary.metric, "maximize": summary.maximize, "runs": [
-            {"path": str(r.path), "overrides": r.overrides, "metrics": r.metrics} for r in summary.runs]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "metric": summary.metric,
+                    "maximize": summary.maximize,
+                    "runs": [
+                        {"path": str(r.path), "overrides": r.overrides, "metrics": r.metrics}
+                        for r in summary.runs
+                    ],
+                },
+                indent=2,
+            )
+        )
     else:
         print_summary(summary)
     return summary

@@ -36,7 +36,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("compile"):
         for tower in model.towers.values():
             tower.compile()  # in place: parameter names (checkpoints, export) stay as they are
-    datamodule = ContrastiveDataModule(cfg.data, model.preprocess, seed=cfg.seed, negatives=_hard_negatives(cfg.loss))
+    datamodule = ContrastiveDataModule(
+        cfg.data, model.preprocess, seed=cfg.seed, negatives=_hard_negatives(cfg.loss)
+    )
     loss = safe_instantiate(cfg.loss)
     check_modalities(loss, model.modalities)
     prompts = prompts_from_config(cfg.data.get("val"))
@@ -44,16 +46,29 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = resume_path(cfg, run_dir)
     if ckpt_path:  # a checkpoint of another model config fails here, with what differs
         check_checkpoint_matches(model, ckpt_path)
-        preload_datamodule_state(datamodule, ckpt_path)  # trainer=fsdp restores only after building the loader
+        preload_datamodule_state(
+            datamodule, ckpt_path
+        )  # trainer=fsdp restores only after building the loader
     trainer_kwargs, optim = trainer_and_optim(cfg)
-    module = ContrastiveModule(model, loss, optim, zeroshot=prompts, hparams={"model": to_plain(cfg.model)},
-                               zeroshot_tasks=tasks_from_config(cfg.data.get("val")))
+    module = ContrastiveModule(
+        model,
+        loss,
+        optim,
+        zeroshot=prompts,
+        hparams={"model": to_plain(cfg.model)},
+        zeroshot_tasks=tasks_from_config(cfg.data.get("val")),
+    )
     loggers = instantiate_all(cfg.get("logger"))
     for logger in loggers:
         if isinstance(logger, CSVLogger):
             logger.resuming = bool(ckpt_path)
-    trainer = L.Trainer(**trainer_kwargs, default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()],
-                        logger=loggers, callbacks=instantiate_all(cfg.get("callbacks")))
+    trainer = L.Trainer(
+        **trainer_kwargs,
+        default_root_dir=str(run_dir),
+        plugins=[AtomicCheckpointIO()],
+        logger=loggers,
+        callbacks=instantiate_all(cfg.get("callbacks")),
+    )
     if val_at_start(cfg) and not ckpt_path:  # the pretrained starting point, logged at step 0
         with one_wandb_run(loggers):
             trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -96,8 +111,8 @@ def trainer_and_optim(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     trainer = resolve_strategy(trainer)
     if int(trainer.get("accumulate_grad_batches") or 1) > 1:
         raise ValueError(
-            "trainer.accumulate_grad_batches>1 changes a contrastive loss (each micro-batch would only see its "
-            "own negatives). For a batch too big for memory set data.batch_size to the full batch and "
+            "trainer.accumulate_grad_batches>1 changes a contrastive loss (each micro-batch would only see "
+            "its own negatives). For a batch too big for memory set data.batch_size to the full batch and "
             "optim.grad_cache_chunks=K instead (same gradient as the full batch, memory of one K-th)."
         )
     if int(optim.get("grad_cache_chunks") or 1) > 1:
@@ -113,9 +128,14 @@ def val_at_start(cfg: DictConfig) -> bool:
         return bool(choice)
     from mmpretrain.pretrained import tower_configs
 
-    return any(t.get("pretrained") or t.get("pretrained_path") or t.get("image_tower_path")
-               or str(t.get("config", "")).startswith("hf-hub:") or str(t.get("model_name", "")).startswith("hf-hub:")
-               for t in tower_configs(cfg.model))
+    return any(
+        t.get("pretrained")
+        or t.get("pretrained_path")
+        or t.get("image_tower_path")
+        or str(t.get("config", "")).startswith("hf-hub:")
+        or str(t.get("model_name", "")).startswith("hf-hub:")
+        for t in tower_configs(cfg.model)
+    )
 
 
 def _resolve_monitor(cfg: DictConfig, has_classnames: bool) -> None:
@@ -135,7 +155,9 @@ def _resolve_monitor(cfg: DictConfig, has_classnames: bool) -> None:
     metric = str(cfg.get("optimized_metric") or "")
     if metric.startswith("val/zeroshot_") and metric.count("/") == 2 and not has_classnames:
         fallback = f"val/retrieval_mean_R@1/{metric.rsplit('/', 1)[1]}"
-        print(f"no class names for zero-shot (data.val.classnames): monitoring {fallback} instead of {metric}")
+        print(
+            f"no class names for zero-shot (data.val.classnames): monitoring {fallback} instead of {metric}"
+        )
         cfg.optimized_metric = fallback
 
 
@@ -144,6 +166,8 @@ def _hard_negatives(loss_cfg: DictConfig) -> int:
     if not loss_cfg.get("hard_negatives"):
         return 0
     if not str(loss_cfg.get("_target_", "")).endswith("InfoNCE"):
-        raise ValueError(f"loss.hard_negatives=true needs loss=infonce (NegCLIP); {loss_cfg.get('_target_')} "
-                         f"has no softmax over captions to add the negatives to")
+        raise ValueError(
+            f"loss.hard_negatives=true needs loss=infonce (NegCLIP); {loss_cfg.get('_target_')} "
+            f"has no softmax over captions to add the negatives to"
+        )
     return int(loss_cfg.get("max_negatives") or 1)

@@ -7,11 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from mmpretrain.data.convert import convert
-from mmpretrain.data.synthetic import digits
-from mmpretrain.data.synthetic import digits_classifier
-from mmpretrain.data.synthetic import moving_digits
-from mmpretrain.data.synthetic import scenes
-from mmpretrain.data.synthetic import spoken_digits
+from mmpretrain.data.synthetic import digits, digits_classifier, moving_digits, scenes, spoken_digits
 
 BUILDERS: dict[str, Callable[..., Path]] = {
     "digits": digits.build_digits,
@@ -65,6 +61,9 @@ def options(name: str, cfg: Any) -> dict[str, Any]:
 
 def is_built(root: str | Path, name: str = "digits") -> bool:
     """Whether ``root`` holds what builder ``name`` writes (the shard layout; the classifier's weights)."""
-    checks = {"digits-classifier": digits_classifier.is_built, "scenes": scenes.is_built,
-              "moving-digits": moving_digits.is_built}
+    checks = {
+        "digits-classifier": digits_classifier.is_built,
+        "scenes": scenes.is_built,
+        "moving-digits": moving_digits.is_built,
+    }
     return checks.get(name, digits.is_built)(root)

@@ -8,8 +8,14 @@ import torch.nn.functional as F
 CHUNK = 65536  # negatives scored at once
 
 
-def compositional_probe(items: torch.Tensor, captions: torch.Tensor, negatives: torch.Tensor, owner: torch.Tensor,
-                        kinds: torch.Tensor, kind_names: tuple[str, ...] | list[str]) -> dict[str, float]:
+def compositional_probe(
+    items: torch.Tensor,
+    captions: torch.Tensor,
+    negatives: torch.Tensor,
+    owner: torch.Tensor,
+    kinds: torch.Tensor,
+    kind_names: tuple[str, ...] | list[str],
+) -> dict[str, float]:
     """Per kind, the fraction of (item, negative) pairs where the item's true caption (row i of
     ``captions``: the sample's FIRST caption) scores strictly above the negative; ties and NaN fail.
 

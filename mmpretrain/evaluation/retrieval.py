@@ -49,11 +49,21 @@ def _sort_rows(x: torch.Tensor) -> torch.Tensor:
     return x.sort(dim=1).values
 
 
-def _per_query(q: torch.Tensor, g: torch.Tensor, rows: torch.Tensor, *, ql: torch.Tensor | None = None,
-               gl: torch.Tensor | None = None, ks: tuple[int, ...] = (), chunk: int | None = None,
-               paired: bool = True, targets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def _per_query(
+    q: torch.Tensor,
+    g: torch.Tensor,
+    rows: torch.Tensor,
+    *,
+    ql: torch.Tensor | None = None,
+    gl: torch.Tensor | None = None,
+    ks: tuple[int, ...] = (),
+    chunk: int | None = None,
+    paired: bool = True,
+    targets: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """For the queries ``rows`` of ``q`` against the gallery ``g``, one similarity chunk at a time:
-    ``ranks`` ``[n]`` of the true match (row i of ``g`` when ``paired``) and, with labels, class ``hits`` ``[n, len(ks)]`` at each k
+    ``ranks`` ``[n]`` of the true match (row i of ``g`` when ``paired``) and, with labels, class ``hits``
+    ``[n, len(ks)]`` at each k
     and average precision ``ap`` ``[n]``.
 
     The rank of the true match is 1 + #(other items not scoring below it) = #(items not below it),
@@ -104,23 +114,32 @@ def _per_query(q: torch.Tensor, g: torch.Tensor, rows: torch.Tensor, *, ql: torc
     return out
 
 
-def _class_hits_and_ap(sims: torch.Tensor, lo: int, hi: int, ks, nan: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _class_hits_and_ap(
+    sims: torch.Tensor, lo: int, hi: int, ks, nan: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Hits at each k and AP of rows whose relevant items are the columns ``[lo, hi)``."""
     rel, irr = sims[:, lo:hi], torch.cat([sims[:, :lo], sims[:, hi:]], 1)
     if nan:
-        rel, irr = rel.nan_to_num(nan=-torch.inf), irr.nan_to_num(nan=torch.inf)  # NaN: worst relevant, best irrelevant
+        rel, irr = (
+            rel.nan_to_num(nan=-torch.inf),
+            irr.nan_to_num(nan=torch.inf),
+        )  # NaN: worst relevant, best irrelevant
     rel, irr = _sort_rows(rel), _sort_rows(irr)  # ascending; rel column i is the (m - i)-th best relevant
     ahead = irr.shape[1] - torch.searchsorted(irr, rel)  # irrelevant items scoring >= each relevant one
     m = hi - lo
     j = torch.arange(m, 0, -1, device=sims.device, dtype=torch.float64)
     ap = (j / (j + ahead)).sum(1) / m
-    hits = (ahead[:, -1:] + 1) <= torch.tensor(ks, device=sims.device)  # the best relevant item's position <= k
+    hits = (ahead[:, -1:] + 1) <= torch.tensor(
+        ks, device=sims.device
+    )  # the best relevant item's position <= k
     return hits, ap
 
 
 def _directional(q, g, ql, gl, ks, chunk, across_ranks, paired=True) -> dict[str, torch.Tensor]:
     """Per-query results of ``q`` against ``g`` for every query (gathered when split)."""
-    res = _per_query(q, g, _query_rows(q.shape[0], across_ranks), ql=ql, gl=gl, ks=ks, chunk=chunk, paired=paired)
+    res = _per_query(
+        q, g, _query_rows(q.shape[0], across_ranks), ql=ql, gl=gl, ks=ks, chunk=chunk, paired=paired
+    )
     if "hits" in res:
         res["hits"] = res["hits"].to(torch.uint8)
     res = {k: _gather(v, across_ranks) for k, v in res.items()}
@@ -130,8 +149,14 @@ def _directional(q, g, ql, gl, ks, chunk, across_ranks, paired=True) -> dict[str
 
 
 def multi_caption_retrieval(
-    items: torch.Tensor, captions: torch.Tensor, owner: torch.Tensor, item_name: str, caption_name: str,
-    ks=(1, 5, 10), chunk: int | None = None, across_ranks: bool = False,
+    items: torch.Tensor,
+    captions: torch.Tensor,
+    owner: torch.Tensor,
+    item_name: str,
+    caption_name: str,
+    ks=(1, 5, 10),
+    chunk: int | None = None,
+    across_ranks: bool = False,
 ) -> dict[str, float]:
     """The COCO/Flickr protocol: ``items [N, D]`` (images, audio clips) each with one or more
     ``captions [C, D]``; ``owner [C]`` is the item of each caption.
@@ -150,8 +175,9 @@ def multi_caption_retrieval(
     forward, backward = f"{item_name}_to_{caption_name}", f"{caption_name}_to_{item_name}"
     rows = _query_rows(items.shape[0], across_ranks)
     ranks = {forward: _gather(_best_owned_ranks(items, captions, owner, rows, chunk), across_ranks)}
-    back = _per_query(captions, items, _query_rows(captions.shape[0], across_ranks), chunk=chunk,
-                      targets=owner)["ranks"]
+    back = _per_query(
+        captions, items, _query_rows(captions.shape[0], across_ranks), chunk=chunk, targets=owner
+    )["ranks"]
     ranks[backward] = _gather(back, across_ranks)
     for direction, r in ranks.items():
         r = r.float()
@@ -166,8 +192,14 @@ def multi_caption_retrieval(
 
 
 def rows_multi_caption_retrieval(
-    items: torch.Tensor, first: torch.Tensor, extra: torch.Tensor, extra_owner: torch.Tensor, rows: torch.Tensor,
-    item_name: str, caption_name: str, **kwargs,
+    items: torch.Tensor,
+    first: torch.Tensor,
+    extra: torch.Tensor,
+    extra_owner: torch.Tensor,
+    rows: torch.Tensor,
+    item_name: str,
+    caption_name: str,
+    **kwargs,
 ) -> dict[str, float]:
     """:func:`multi_caption_retrieval` over the rows ``rows`` (``[N]`` bool) of a val set whose row i
     has the caption ``first[i]`` and the ``extra`` captions owned by i (``extra_owner``)."""
@@ -202,9 +234,15 @@ def _pairs(a, b, a_labels, b_labels, a_name, b_name):
 
 
 def retrieval_metrics(
-    a: torch.Tensor, b: torch.Tensor, a_name: str, b_name: str, ks=(1, 5, 10),
-    a_labels: torch.Tensor | None = None, b_labels: torch.Tensor | None = None,
-    chunk: int | None = None, across_ranks: bool = False,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_name: str,
+    b_name: str,
+    ks=(1, 5, 10),
+    a_labels: torch.Tensor | None = None,
+    b_labels: torch.Tensor | None = None,
+    chunk: int | None = None,
+    across_ranks: bool = False,
 ) -> dict[str, float]:
     """R@k, mean and median rank in both directions, keyed ``R@1/a_to_b`` etc.; with labels also
     the class metrics of :func:`class_retrieval_metrics`."""
@@ -229,8 +267,15 @@ def _class_summary(res: dict[str, torch.Tensor], ks, direction: str) -> dict[str
 
 
 def class_retrieval_metrics(
-    a: torch.Tensor, b: torch.Tensor, a_labels: torch.Tensor, b_labels: torch.Tensor, a_name: str, b_name: str,
-    ks=(1, 5, 10), chunk: int | None = None, across_ranks: bool = False,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_labels: torch.Tensor,
+    b_labels: torch.Tensor,
+    a_name: str,
+    b_name: str,
+    ks=(1, 5, 10),
+    chunk: int | None = None,
+    across_ranks: bool = False,
 ) -> dict[str, float]:
     """Retrieval where a gallery item is relevant when it has the query's class.
 
@@ -242,5 +287,7 @@ def class_retrieval_metrics(
     """
     out: dict[str, float] = {}
     for q, g, ql, gl, direction in _pairs(a, b, a_labels, b_labels, a_name, b_name):
-        out |= _class_summary(_directional(q, g, ql, gl, ks, chunk, across_ranks, paired=False), ks, direction)
+        out |= _class_summary(
+            _directional(q, g, ql, gl, ks, chunk, across_ranks, paired=False), ks, direction
+        )
     return out

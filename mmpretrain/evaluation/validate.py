@@ -28,8 +28,13 @@ class ValidationCollector:
     same}``, scored on the rows whose json ``labels[<task>]`` >= 0.
     """
 
-    def __init__(self, model: torch.nn.Module, loss: torch.nn.Module, zeroshot: dict[str, list[str]] | None = None,
-                 zeroshot_tasks: dict[str, dict[str, list[str]]] | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss: torch.nn.Module,
+        zeroshot: dict[str, list[str]] | None = None,
+        zeroshot_tasks: dict[str, dict[str, list[str]]] | None = None,
+    ):
         self.model, self.loss = model, loss
         self.zeroshot = zeroshot
         self.zeroshot_tasks = zeroshot_tasks or {}
@@ -44,8 +49,11 @@ class ValidationCollector:
         """Embed one val batch and append its columns."""
         out = self.model(batch)
         local = {m: out[f"{m}_features"] for m in self.model.modalities if f"{m}_features" in out}
-        local |= {k: batch[k] for k in [f"{m}_mask" for m in self.model.modalities] + ["cls"] + self._task_columns()
-                  if k in batch}
+        local |= {
+            k: batch[k]
+            for k in [f"{m}_mask" for m in self.model.modalities] + ["cls"] + self._task_columns()
+            if k in batch
+        }
         cols = self.row_columns(local) | self._caption_columns(batch, self.rows)
         self.rows += len(cols["cls"])
         for k, v in cols.items():
@@ -82,13 +90,17 @@ class ValidationCollector:
         for m in self.model.modalities:
             feats, mask = local.get(m), local.get(f"{m}_mask")
             present = torch.full((n,), feats is not None, dtype=torch.bool, device=device)
-            cols[m] = feats.float() if feats is not None else torch.zeros(n, self.model.embed_dim, device=device)
+            cols[m] = (
+                feats.float() if feats is not None else torch.zeros(n, self.model.embed_dim, device=device)
+            )
             cols[f"{m}_mask"] = present & mask.to(device).bool() if mask is not None else present
         labels = local.get("cls")
         cols["cls"] = labels.to(device).long() if labels is not None else torch.full((n,), -1, device=device)
         for key in self._task_columns():  # a task's label per row, -1 where it does not apply
             labels = local.get(key)
-            cols[key] = labels.to(device).long() if labels is not None else torch.full((n,), -1, device=device)
+            cols[key] = (
+                labels.to(device).long() if labels is not None else torch.full((n,), -1, device=device)
+            )
         return cols
 
     def _task_columns(self) -> list[str]:
@@ -115,8 +127,9 @@ class ValidationCollector:
                 cols[f"{key}_owner"] = torch.zeros(0, dtype=torch.long, device=self.device)
         kinds = batch.get("probe_negatives_kind")
         has = kinds is not None and len(cols["probe_negatives"])
-        cols["probe_negatives_kind"] = kinds.to(self.device).long() if has else torch.zeros(0, dtype=torch.long,
-                                                                                             device=self.device)
+        cols["probe_negatives_kind"] = (
+            kinds.to(self.device).long() if has else torch.zeros(0, dtype=torch.long, device=self.device)
+        )
         return cols
 
     def _gather_captions(self, local: dict[str, torch.Tensor], n_local: int) -> dict[str, torch.Tensor]:
@@ -147,7 +160,9 @@ class ValidationCollector:
         # Every rank gathers the same columns, in the same order, even with no rows of its own.
         rows_local = self.row_columns(local)
         emb = {k: distributed.all_gather_variable(v) for k, v in rows_local.items()}
-        extra = self._gather_captions(local, len(rows_local["cls"])) if "text" in self.model.modalities else {}
+        extra = (
+            self._gather_captions(local, len(rows_local["cls"])) if "text" in self.model.modalities else {}
+        )
         task_labels = {k: emb.pop(k) for k in self._task_columns()}
         labels = emb.pop("cls")
         masks = {m: emb.pop(f"{m}_mask") for m in self.model.modalities}
@@ -161,22 +176,41 @@ class ValidationCollector:
                     continue
                 ea, eb = emb[a][both], emb[b][both]
                 pair_labels = labels[both] if labelled[both].all() else None
-                scores = retrieval_metrics(ea, eb, a, b, a_labels=pair_labels, b_labels=pair_labels, across_ranks=True)
+                scores = retrieval_metrics(
+                    ea, eb, a, b, a_labels=pair_labels, b_labels=pair_labels, across_ranks=True
+                )
                 if "text" in (a, b) and len(extra.get("text_more", ())):
-                    other = b if a == "text" else a  # every caption: replaces the first-caption instance numbers
-                    multi = rows_multi_caption_retrieval(emb[other], emb["text"], extra["text_more"],
-                                                         extra["text_more_owner"], both, other, "text",
-                                                         across_ranks=True)
-                    scores |= {k: v for k, v in multi.items() if k.startswith(("R@", "mean_rank/", "median_rank/"))}
+                    other = (
+                        b if a == "text" else a
+                    )  # every caption: replaces the first-caption instance numbers
+                    multi = rows_multi_caption_retrieval(
+                        emb[other],
+                        emb["text"],
+                        extra["text_more"],
+                        extra["text_more_owner"],
+                        both,
+                        other,
+                        "text",
+                        across_ranks=True,
+                    )
+                    scores |= {
+                        k: v for k, v in multi.items() if k.startswith(("R@", "mean_rank/", "median_rank/"))
+                    }
                 forward, backward = f"{a}_to_{b}", f"{b}_to_{a}"
-                scores[f"rsum/{a}_{b}"] = 100 * sum(scores[f"R@{k}/{d}"] for k in (1, 5, 10) for d in (forward, backward))
+                scores[f"rsum/{a}_{b}"] = 100 * sum(
+                    scores[f"R@{k}/{d}"] for k in (1, 5, 10) for d in (forward, backward)
+                )
                 scores[f"mean_R@1/{a}_{b}"] = (scores[f"R@1/{forward}"] + scores[f"R@1/{backward}"]) / 2
                 metrics.update({f"val/retrieval_{k}": v for k, v in scores.items()})
-                metrics.update({f"val/{name}": v.item() for name, v in self._full_set_loss(ea, eb, a, b).items()})
+                metrics.update(
+                    {f"val/{name}": v.item() for name, v in self._full_set_loss(ea, eb, a, b).items()}
+                )
         if labelled.any():
             metrics |= self._zero_shot(emb, masks, labels, labelled, mods)
         if "text" in mods:
-            metrics |= self._probe(emb, masks, extra, mods) | self._zero_shot_tasks(emb, masks, task_labels, mods)
+            metrics |= self._probe(emb, masks, extra, mods) | self._zero_shot_tasks(
+                emb, masks, task_labels, mods
+            )
         return metrics
 
     @staticmethod
@@ -192,7 +226,9 @@ class ValidationCollector:
             if m == "text":
                 continue
             keep = (masks[m] & masks["text"])[owner]
-            scores = compositional_probe(emb[m], emb["text"], negatives[keep], owner[keep], kinds[keep], NEGATIVE_KINDS)
+            scores = compositional_probe(
+                emb[m], emb["text"], negatives[keep], owner[keep], kinds[keep], NEGATIVE_KINDS
+            )
             prefix = "val/probe" if m == "image" else f"val/probe/{m}"
             metrics |= {f"{prefix}/{k}": v for k, v in scores.items()}
         return metrics
@@ -208,8 +244,12 @@ class ValidationCollector:
                 if q == "text" or not rows.any():
                     continue
                 if classes is None:
-                    classes = class_embeddings(prompts["classnames"], prompts["templates"], self.encode_prompts)
-                acc = zero_shot_accuracy(emb[q][rows], labels[rows], classes.to(emb[q].dtype), across_ranks=True)
+                    classes = class_embeddings(
+                        prompts["classnames"], prompts["templates"], self.encode_prompts
+                    )
+                acc = zero_shot_accuracy(
+                    emb[q][rows], labels[rows], classes.to(emb[q].dtype), across_ranks=True
+                )
                 metrics[f"val/zeroshot_top1/{task}/{q}_text"] = acc["top1"]
                 metrics[f"val/zeroshot_top5/{task}/{q}_text"] = acc["top5"]
         return metrics
@@ -229,7 +269,9 @@ class ValidationCollector:
             if c == "text":
                 if not self.zeroshot:
                     continue
-                classes = class_embeddings(self.zeroshot["classnames"], self.zeroshot["templates"], self.encode_prompts)
+                classes = class_embeddings(
+                    self.zeroshot["classnames"], self.zeroshot["templates"], self.encode_prompts
+                )
             else:
                 rows = masks[c] & labelled
                 if not rows.any():
@@ -239,14 +281,18 @@ class ValidationCollector:
                 rows = masks[q] & labelled
                 if q == c or (q == "text" and c != "text") or not rows.any():
                     continue
-                acc = zero_shot_accuracy(emb[q][rows], labels[rows], classes.to(emb[q].dtype), across_ranks=True)
+                acc = zero_shot_accuracy(
+                    emb[q][rows], labels[rows], classes.to(emb[q].dtype), across_ranks=True
+                )
                 metrics[f"val/zeroshot_top1/{q}_{c}"] = acc["top1"]
                 metrics[f"val/zeroshot_top5/{q}_{c}"] = acc["top5"]
         return metrics
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         tokenize = self._text_preprocess()
-        tokens = self.model.towers["text"].trim_input(torch.stack([tokenize(p) for p in prompts])).to(self.device)
+        tokens = (
+            self.model.towers["text"].trim_input(torch.stack([tokenize(p) for p in prompts])).to(self.device)
+        )
         return self.model.encode_text(tokens)
 
     def _text_preprocess(self):

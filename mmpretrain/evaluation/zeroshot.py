@@ -25,7 +25,9 @@ def read_tasks(root: str | Path | None, default_templates: list[str]) -> dict[st
         return {}
     tasks = {}
     for d in sorted(p for p in Path(root).iterdir() if (p / "classnames.txt").is_file()):
-        templates = read_lines(str(d / "templates.txt")) if (d / "templates.txt").is_file() else default_templates
+        templates = (
+            read_lines(str(d / "templates.txt")) if (d / "templates.txt").is_file() else default_templates
+        )
         tasks[d.name] = {"classnames": read_lines(str(d / "classnames.txt")), "templates": templates}
     return tasks
 
@@ -63,8 +65,12 @@ def class_embeddings(
 
 
 def zero_shot_accuracy(
-    queries: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor, topk: tuple[int, ...] = (1, 5),
-    chunk: int = 8192, across_ranks: bool = False,
+    queries: torch.Tensor,
+    labels: torch.Tensor,
+    classes: torch.Tensor,
+    topk: tuple[int, ...] = (1, 5),
+    chunk: int = 8192,
+    across_ranks: bool = False,
 ) -> dict[str, float]:
     """Top-k accuracy of ``queries [N, D]`` classified by nearest class embedding ``[C, D]``.
 

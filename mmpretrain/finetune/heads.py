@@ -52,7 +52,9 @@ class TowerClassifier(nn.Module):
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         return self.head(features(self.model, self.modality, batch[self.modality], self.kind))
 
-    def param_groups(self, lr: float, tower_lr_scale: float, layer_decay: float | None) -> list[dict[str, Any]]:
+    def param_groups(
+        self, lr: float, tower_lr_scale: float, layer_decay: float | None
+    ) -> list[dict[str, Any]]:
         """Head at ``lr``; the tower at ``lr * tower_lr_scale``, each of its groups (input -> output)
         further scaled by ``layer_decay ** (distance from the top)`` when layer_decay is set."""
         tower = self.model.towers[self.modality]
@@ -60,8 +62,13 @@ class TowerClassifier(nn.Module):
         n = len(groups)
         out = [{"params": list(self.head.parameters()), "lr": lr, "name": "head"}]
         if self.kind == "embedding":  # the projection is used (and trained) only for embedding features
-            out.append({"params": list(self.model.projections[self.modality].parameters()),
-                        "lr": lr * tower_lr_scale, "name": "projection"})
+            out.append(
+                {
+                    "params": list(self.model.projections[self.modality].parameters()),
+                    "lr": lr * tower_lr_scale,
+                    "name": "projection",
+                }
+            )
         for i, params in enumerate(groups):
             scale = tower_lr_scale * (layer_decay ** (n - 1 - i) if layer_decay else 1.0)
             out.append({"params": params, "lr": lr * scale, "name": f"tower.{i}"})
@@ -69,7 +76,9 @@ class TowerClassifier(nn.Module):
 
 
 # -- fusion --------------------------------------------------------------------------------------
-def tower_tokens(model: ContrastiveModel, modality: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def tower_tokens(
+    model: ContrastiveModel, modality: str, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``[B, N, C]`` token features of a tower and a ``[B, N]`` padding mask (True = ignore) or None.
 
     open_clip towers give their transformer tokens, timm towers their feature map (``[B, C, H, W]``
@@ -116,7 +125,9 @@ class FusionClassifier(nn.Module):
             raise ValueError(f"task=fusion needs two or more modalities (task.modalities), got {modalities}")
         missing = [m for m in modalities if m not in model.towers]
         if missing:
-            raise ValueError(f"task.modalities names {missing}, but the pretrained model has towers {model.modalities}")
+            raise ValueError(
+                f"task.modalities names {missing}, but the pretrained model has towers {model.modalities}"
+            )
         self.model, self.modalities, self.fusion = model, list(modalities), fusion
         self.freeze_towers = freeze_towers
         if freeze_towers:
@@ -125,9 +136,14 @@ class FusionClassifier(nn.Module):
         if self.query not in self.modalities:
             raise ValueError(f"task.query={self.query} is not one of task.modalities {self.modalities}")
         if fusion == "late":
-            # LayerNorm first: unit-norm embeddings have tiny per-dimension scale, which a bare linear layer learns slowly
-            self.heads = nn.ModuleDict({m: nn.Sequential(nn.LayerNorm(model.embed_dim), nn.Linear(model.embed_dim, num_classes))
-                                        for m in self.modalities})
+            # LayerNorm first: unit-norm embeddings have tiny per-dimension scale, which a bare linear layer
+            # learns slowly
+            self.heads = nn.ModuleDict(
+                {
+                    m: nn.Sequential(nn.LayerNorm(model.embed_dim), nn.Linear(model.embed_dim, num_classes))
+                    for m in self.modalities
+                }
+            )
             self.weights = nn.Parameter(torch.zeros(len(self.modalities)))
             return
         was_training = model.training
@@ -139,12 +155,16 @@ class FusionClassifier(nn.Module):
         self.type_embed = nn.ParameterDict({m: nn.Parameter(torch.zeros(width)) for m in self.modalities})
         if fusion == "early":
             self.cls = nn.Parameter(torch.zeros(1, 1, width))
-            layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.1, batch_first=True, norm_first=True)
+            layer = nn.TransformerEncoderLayer(
+                width, heads, 2 * width, dropout=0.1, batch_first=True, norm_first=True
+            )
             self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         else:
             self.attn = nn.MultiheadAttention(width, heads, dropout=0.1, batch_first=True)
             self.norm_q = nn.LayerNorm(width)
-            self.ffn = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+            self.ffn = nn.Sequential(
+                nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width)
+            )
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, num_classes)
 
@@ -175,7 +195,9 @@ class FusionClassifier(nn.Module):
         if self.fusion == "early":
             b = next(iter(toks.values()))[0].shape[0]
             x = torch.cat([self.cls.expand(b, -1, -1)] + [t for t, _ in toks.values()], 1)
-            mask = torch.cat([torch.zeros(b, 1, dtype=torch.bool, device=x.device)] + [m for _, m in toks.values()], 1)
+            mask = torch.cat(
+                [torch.zeros(b, 1, dtype=torch.bool, device=x.device)] + [m for _, m in toks.values()], 1
+            )
             return self.head(self.norm(self.encoder(x, src_key_padding_mask=mask)[:, 0]))
         q, q_mask = toks[self.query]
         kv = torch.cat([toks[m][0] for m in self.modalities if m != self.query], 1)

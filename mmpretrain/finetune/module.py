@@ -70,7 +70,9 @@ class ClassifierModule(L.LightningModule):
             [{k: v for k, v in g.items() if k != "name"} for g in self.groups], weight_decay=self.weight_decay
         )
         total = int(self.trainer.estimated_stepping_batches)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps(self.warmup_steps, total), total))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(warmup_steps(self.warmup_steps, total), total)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 

@@ -27,8 +27,12 @@ OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 TOWER_TARGET = "mmpretrain.towers.open_clip.OpenClipTower"
 # Our keys -> CustomTextCLIP keys (the open_clip towers keep open_clip's own sub-keys).
-_OURS_TO_OPEN_CLIP = {"towers.image.": "", "towers.text.": "", "logit_scales.shared": "logit_scale",
-                      "logit_bias": "logit_bias"}
+_OURS_TO_OPEN_CLIP = {
+    "towers.image.": "",
+    "towers.text.": "",
+    "logit_scales.shared": "logit_scale",
+    "logit_bias": "logit_bias",
+}
 # The text tower's top-level modules in open_clip's CLIP layout (under ``text.`` in CustomTextCLIP).
 _CLIP_TEXT_KEYS = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
 _SCALARS = ("logit_scale", "logit_bias")
@@ -52,7 +56,7 @@ def open_clip_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
         for k, v in ours.items():
             for prefix, theirs in _OURS_TO_OPEN_CLIP.items():
                 if k.startswith(prefix):
-                    state[theirs + k[len(prefix):]] = v
+                    state[theirs + k[len(prefix) :]] = v
                     break
     clip_layout = any(k == "token_embedding.weight" or k == "positional_embedding" for k in state)
     out = {}
@@ -66,7 +70,8 @@ def open_clip_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 
 def read_open_clip_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """:func:`open_clip_state_dict` of a file (``.pt``/``.bin``/``.ckpt`` read safely, or ``.safetensors``)."""
+    """:func:`open_clip_state_dict` of a file (``.pt``/``.bin``/``.ckpt`` read safely, or "
+    "``.safetensors``)."""
     state = open_clip_state_dict(read_state_dict(path))
     if not any(k.startswith(("visual.", "text.")) for k in state):
         raise ValueError(
@@ -91,7 +96,9 @@ def from_open_clip_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
-def open_clip_model_config(model_cfg: dict[str, Any] | str, init_logit_bias: float | None = None) -> dict[str, Any]:
+def open_clip_model_config(
+    model_cfg: dict[str, Any] | str, init_logit_bias: float | None = None
+) -> dict[str, Any]:
     """The ``model=openclip`` config (both towers from one open_clip model config); SigLIP configs
     (``init_logit_bias`` in ``model_cfg``, or given) get the learnable logit bias."""
     if init_logit_bias is None and hasattr(model_cfg, "get"):
@@ -100,13 +107,16 @@ def open_clip_model_config(model_cfg: dict[str, Any] | str, init_logit_bias: flo
         "embed_dim": None,
         "temperature_pairs": None,
         "init_logit_bias": init_logit_bias,
-        "towers": {m: {"_target_": TOWER_TARGET, "modality": m, "config": model_cfg} for m in ("image", "text")},
+        "towers": {
+            m: {"_target_": TOWER_TARGET, "modality": m, "config": model_cfg} for m in ("image", "text")
+        },
     }
 
 
 # -- out -------------------------------------------------------------------------------------------
 def open_clip_model_cfg(model) -> dict[str, Any]:
-    """The one open_clip model_cfg behind every tower, or a clear error if the model is not open_clip-native."""
+    """The one open_clip model_cfg behind every tower, or a clear error if the model is not "
+    "open_clip-native."""
     kinds = {m: type(t).__name__ for m, t in model.towers.items()}
     if set(model.modalities) != {"image", "text"} or not all(
         t.config.get("_target_") == TOWER_TARGET for t in model.towers.values()
@@ -132,7 +142,7 @@ def to_open_clip_state_dict(model) -> dict[str, torch.Tensor]:
     for k, v in model.state_dict().items():
         for ours, theirs in _OURS_TO_OPEN_CLIP.items():
             if k.startswith(ours):
-                out[theirs + k[len(ours):]] = v.detach().contiguous().cpu()
+                out[theirs + k[len(ours) :]] = v.detach().contiguous().cpu()
                 break
         else:
             raise ValueError(f"tensor '{k}' has no open_clip counterpart")

@@ -30,9 +30,11 @@ def export_torchscript(model, out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     prep = model.preprocess(train=False)
-    examples = {"image": lambda: prep["image"](Image.new("RGB", (64, 64)))[None],
-                "text": lambda: prep["text"]("a caption")[None],
-                "video": lambda: prep["video"](np.zeros((2, 64, 64, 3), dtype=np.uint8))[None]}
+    examples = {
+        "image": lambda: prep["image"](Image.new("RGB", (64, 64)))[None],
+        "text": lambda: prep["text"]("a caption")[None],
+        "video": lambda: prep["video"](np.zeros((2, 64, 64, 3), dtype=np.uint8))[None],
+    }
     for m in model.modalities:
         if m not in examples:
             raise ValueError(f"format=torchscript supports image, text and video towers, not '{m}'")

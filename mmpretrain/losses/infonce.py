@@ -57,7 +57,9 @@ def clip_loss(
     return total * world / (2 * n_valid.clamp(min=1))
 
 
-def _clip_loss_all_valid(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, gather: bool) -> torch.Tensor:
+def _clip_loss_all_valid(
+    a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, gather: bool
+) -> torch.Tensor:
     """Every row valid (the default): open_clip's loss, no masking work and no extra collective.
 
     Under DDP the local rows score against the gathered columns with labels offset by rank; the
@@ -95,7 +97,10 @@ def negclip_loss(
     labels = torch.arange(a.shape[0], device=a.device)
     if gather and distributed.world_size() > 1:
         all_a, all_b = distributed.gather_with_grad(a), distributed.gather_with_grad(b)
-        all_neg, all_valid = distributed.gather_with_grad(neg), distributed.all_gather(valid.to(torch.uint8)).bool()
+        all_neg, all_valid = (
+            distributed.gather_with_grad(neg),
+            distributed.all_gather(valid.to(torch.uint8)).bool(),
+        )
         labels = labels + distributed.rank() * a.shape[0]
     else:
         all_a, all_b, all_neg, all_valid = a, b, neg, valid
@@ -145,13 +150,19 @@ class InfoNCE(PairLoss):
         for a, b, w, fa, fb in self.present_pairs(outputs):
             valid = rows_with_both(outputs, a, b)
             scale = logit_scale_for(outputs, a, b)
-            negatives = outputs.get("text_negatives_features") if self.hard_negatives and "text" in (a, b) else None
+            negatives = (
+                outputs.get("text_negatives_features") if self.hard_negatives and "text" in (a, b) else None
+            )
             if negatives is not None:
                 if valid is not None or self.tiled:
-                    raise ValueError("loss.hard_negatives=true supports neither partial-pair batches "
-                                     "(data.on_missing=partial) nor loss.tiled=true")
+                    raise ValueError(
+                        "loss.hard_negatives=true supports neither partial-pair batches "
+                        "(data.on_missing=partial) nor loss.tiled=true"
+                    )
                 query, captions = (fb, fa) if a == "text" else (fa, fb)
-                value = negclip_loss(query, captions, negatives, outputs["text_negatives_mask"], scale, gather)
+                value = negclip_loss(
+                    query, captions, negatives, outputs["text_negatives_mask"], scale, gather
+                )
             else:
                 value = self.pair_loss(fa, fb, scale, gather, valid)
             losses[f"{pair_name(a, b)}_loss"] = w * value
@@ -164,12 +175,16 @@ class InfoNCE(PairLoss):
         for (x, y), w in zip(self.pairs, self.weights):
             if {x, y} == {a, b}:
                 scale = logit_scale_for(outputs, x, y)
-                value = split_clip_loss(outputs[f"{x}_features"], outputs[f"{y}_features"], scale, self.tile_size)
+                value = split_clip_loss(
+                    outputs[f"{x}_features"], outputs[f"{y}_features"], scale, self.tile_size
+                )
                 out[f"{pair_name(x, y)}_loss"] = w * value
         return out
 
 
-def split_clip_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, tile: int = DEFAULT_TILE) -> torch.Tensor:
+def split_clip_loss(
+    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, tile: int = DEFAULT_TILE
+) -> torch.Tensor:
     """CLIP's symmetric InfoNCE of ``a``/``b`` (identical on every rank), tiled.
 
     The rows are cut into blocks of ``tile`` at the same places whatever the world size; each rank

@@ -15,7 +15,8 @@ def pair_name(a: str, b: str) -> str:
 
 
 def logit_scale_for(outputs: dict[str, torch.Tensor], a: str, b: str) -> torch.Tensor:
-    """The pair's own ``logit_scale_<a>_<b>`` when the model has per-pair temperatures, else the shared one."""
+    """The pair's own ``logit_scale_<a>_<b>`` when the model has per-pair temperatures, else the shared "
+    "one."""
     return outputs.get(f"logit_scale_{pair_name(a, b)}", outputs.get("logit_scale"))
 
 
@@ -32,15 +33,18 @@ class PairLoss(nn.Module):
     per pair (default 1). Subclasses compute one pair's term; a pair whose features the batch lacks is
     skipped."""
 
-    def __init__(self, pairs: Sequence[Sequence[str]] = (("image", "text"),), weights: Sequence[float] | None = None):
+    def __init__(
+        self, pairs: Sequence[Sequence[str]] = (("image", "text"),), weights: Sequence[float] | None = None
+    ):
         super().__init__()
         self.pairs = [tuple(p) for p in pairs]
         self.weights = list(weights) if weights is not None else [1.0] * len(self.pairs)
         if len(self.weights) != len(self.pairs):
             raise ValueError(f"loss.weights has {len(self.weights)} entries for {len(self.pairs)} pairs")
 
-    def present_pairs(self, outputs: dict[str, torch.Tensor]) -> Iterator[tuple[str, str, float, torch.Tensor,
-                                                                                torch.Tensor]]:
+    def present_pairs(
+        self, outputs: dict[str, torch.Tensor]
+    ) -> Iterator[tuple[str, str, float, torch.Tensor, torch.Tensor]]:
         """``(a, b, weight, a_features, b_features)`` of each configured pair the outputs carry."""
         for (a, b), w in zip(self.pairs, self.weights):
             fa, fb = outputs.get(f"{a}_features"), outputs.get(f"{b}_features")
@@ -58,8 +62,8 @@ def check_modalities(loss: nn.Module, modalities: Sequence[str]) -> None:
         raise ValueError(
             f"the loss ({type(loss).__name__}) couples the pairs {_names(pairs)}, but no tower of the model "
             f"encodes {_names(missing)} (the model's towers: {_names(mods)}). Fix: add a tower for "
-            f"{', '.join(missing)} to the model config (model.towers.{missing[0]} with modality: {missing[0]}, "
-            f"or a model= preset that has one), or restrict the loss to the towers you have, "
+            f"{', '.join(missing)} to the model config (model.towers.{missing[0]} with modality: "
+            f"{missing[0]}, or a model= preset that has one), or restrict the loss to the towers you have, "
             f"e.g. loss.pairs=[{usable[0] if usable else '[a,b]'}]."
         )
 

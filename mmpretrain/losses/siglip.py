@@ -12,8 +12,10 @@ from mmpretrain.losses.pairs import PairLoss, logit_scale_for, pair_name, rows_w
 from mmpretrain.losses.tiled import DEFAULT_TILE
 from mmpretrain.runtime import distributed
 
+
 def _sigmoid_block(a, b, scale, bias, positives: int | None) -> torch.Tensor:
-    """Summed ``-log sigmoid(z_ij (scale a_i . b_j + bias))`` with z = +1 at the entries ``(i, i + positives)``
+    """Summed ``-log sigmoid(z_ij (scale a_i . b_j + bias))`` with z = +1 at the entries ``(i, i +
+    positives)``
     (a's row i pairs with b's row i + positives; None: no positive in this block) and -1 elsewhere."""
     logits = scale * a @ b.T + bias
     signs = -torch.ones_like(logits)
@@ -39,8 +41,9 @@ def siglip_loss(a, b, logit_scale, logit_bias, gather: bool = True) -> torch.Ten
     return loss / a.shape[0]
 
 
-def split_siglip_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
-                      tile: int = DEFAULT_TILE) -> torch.Tensor:
+def split_siglip_loss(
+    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, tile: int = DEFAULT_TILE
+) -> torch.Tensor:
     """SigLIP's loss of ``a`` against ``b`` (identical on every rank; ``siglip_loss(gather=False)``),
     ``tile`` rows of logits at a time, each rank summing its share of the row blocks in float64."""
     n = a.shape[0]
@@ -71,7 +74,9 @@ class SigLIP(PairLoss):
     ``model.init_logit_scale`` to ln 10). Masks select rows as for :class:`InfoNCE`.
     """
 
-    def __init__(self, pairs: Sequence[Sequence[str]] = (("image", "text"),), weights: Sequence[float] | None = None):
+    def __init__(
+        self, pairs: Sequence[Sequence[str]] = (("image", "text"),), weights: Sequence[float] | None = None
+    ):
         super().__init__(pairs, weights)
 
     def forward(self, outputs: dict[str, torch.Tensor], gather: bool = True) -> dict[str, torch.Tensor]:

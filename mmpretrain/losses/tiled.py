@@ -115,10 +115,12 @@ class _TiledSymmetricCE(torch.autograd.Function):
                     logits = (ar @ b[c0 : c0 + tile].T).mul_(s)
                     new_row = torch.maximum(run_max, logits.max(dim=1).values)
                     new_col = torch.maximum(col_max[c0 : c0 + tile], logits.max(dim=0).values)
-                    run_sum = run_sum * torch.exp(run_max - new_row) + torch.exp(logits - new_row[:, None]).sum(dim=1)
-                    col_sum[c0 : c0 + tile] = col_sum[c0 : c0 + tile] * torch.exp(col_max[c0 : c0 + tile] - new_col) + (
-                        logits.sub_(new_col[None, :]).exp_().sum(dim=0)
-                    )
+                    run_sum = run_sum * torch.exp(run_max - new_row) + torch.exp(
+                        logits - new_row[:, None]
+                    ).sum(dim=1)
+                    col_sum[c0 : c0 + tile] = col_sum[c0 : c0 + tile] * torch.exp(
+                        col_max[c0 : c0 + tile] - new_col
+                    ) + (logits.sub_(new_col[None, :]).exp_().sum(dim=0))
                     run_max, col_max[c0 : c0 + tile] = new_row, new_col
                 row_lse[r0 : r0 + tile] = run_max + torch.log(run_sum)
             col_lse = col_max + torch.log(col_sum)
@@ -153,7 +155,9 @@ class _TiledSymmetricCE(torch.autograd.Function):
         return da.to(a_type), db.to(b_type), dscale.to(scale_type).reshape(scale.shape), None
 
 
-def tiled_cross_entropy(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, offset: int = 0, tile: int = DEFAULT_TILE):
+def tiled_cross_entropy(
+    q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, offset: int = 0, tile: int = DEFAULT_TILE
+):
     """Exact ``F.cross_entropy(scale * q @ k.T, arange(len(q)) + offset)``, memory-tiled."""
     if not torch.is_tensor(scale):
         scale = torch.tensor(float(scale), device=q.device)
@@ -170,4 +174,7 @@ def tiled_clip_loss(a, b, logit_scale, gather: bool = True, tile: int = DEFAULT_
         return _TiledSymmetricCE.apply(a, b, logit_scale, int(tile))
     all_a, all_b = distributed.gather_with_grad(a), distributed.gather_with_grad(b)
     offset = distributed.rank() * a.shape[0]
-    return (tiled_cross_entropy(a, all_b, logit_scale, offset, tile) + tiled_cross_entropy(b, all_a, logit_scale, offset, tile)) / 2
+    return (
+        tiled_cross_entropy(a, all_b, logit_scale, offset, tile)
+        + tiled_cross_entropy(b, all_a, logit_scale, offset, tile)
+    ) / 2

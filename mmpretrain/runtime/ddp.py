@@ -23,7 +23,9 @@ from mmpretrain.runtime import distributed
 
 
 class DDPStrategy(LightningDDPStrategy):
-    def _direct(self, context: Callable[[], AbstractContextManager], hook: str, *args: Any, **kwargs: Any) -> Any:
+    def _direct(
+        self, context: Callable[[], AbstractContextManager], hook: str, *args: Any, **kwargs: Any
+    ) -> Any:
         with context():
             return getattr(self.lightning_module, hook)(*args, **kwargs)
 

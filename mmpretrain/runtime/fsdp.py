@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from mmpretrain.io import fsync_dir, is_sharded_checkpoint, torch_load_safe
 from mmpretrain.runtime import distributed
 from mmpretrain.towers.base import BATCH_NORMS
-from mmpretrain.io import fsync_dir, is_sharded_checkpoint, torch_load_safe
 
 #: What an FSDP2 checkpoint directory holds when complete (DCP writes ``.metadata`` last; Lightning
 #: writes ``meta.pt``).
@@ -41,11 +41,21 @@ class FSDP2Strategy(ModelParallelStrategy):
     (ZeRO-3; false keeps them until backward, ZeRO-2-like).
     """
 
-    def __init__(self, mixed_precision: dict[str, str] | None = None, cpu_offload: bool = False,
-                 activation_checkpointing: bool = False, reshard_after_forward: bool = True,
-                 save_distributed_checkpoint: bool = True, **kwargs: Any):
-        super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
-                         save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+    def __init__(
+        self,
+        mixed_precision: dict[str, str] | None = None,
+        cpu_offload: bool = False,
+        activation_checkpointing: bool = False,
+        reshard_after_forward: bool = True,
+        save_distributed_checkpoint: bool = True,
+        **kwargs: Any,
+    ):
+        super().__init__(
+            data_parallel_size="auto",
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            **kwargs,
+        )
         self.mixed_precision = dict(mixed_precision) if mixed_precision else None
         self.cpu_offload = bool(cpu_offload)
         self.activation_checkpointing = bool(activation_checkpointing)
@@ -73,10 +83,11 @@ class FSDP2Strategy(ModelParallelStrategy):
         for projection in model.projections.values():
             if any(True for _ in projection.parameters()):
                 fully_shard(projection, **kwargs)
-        running = [b for m in model.modules() if isinstance(m, BATCH_NORMS)
-                   for b in m.buffers()]
+        running = [b for m in model.modules() if isinstance(m, BATCH_NORMS) for b in m.buffers()]
         if running:  # BatchNorm statistics: rank 0's before every training forward, as DDP broadcasts them
-            model.register_forward_pre_hook(lambda m, args: distributed.broadcast_(running) if m.training else None)
+            model.register_forward_pre_hook(
+                lambda m, args: distributed.broadcast_(running) if m.training else None
+            )
         scalars = {p for p in model.parameters() if p.ndim == 0}
         fully_shard(model, **kwargs, ignored_params=scalars)
         for p in scalars:  # replicated: average their gradients as DDP would
@@ -87,17 +98,23 @@ class FSDP2Strategy(ModelParallelStrategy):
     def _fully_shard_kwargs(self) -> dict[str, Any]:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
 
-        kwargs: dict[str, Any] = {"mesh": self.device_mesh["data_parallel"],
-                                  "reshard_after_forward": self.reshard_after_forward,
-                                  "offload_policy": OffloadPolicy()}
+        kwargs: dict[str, Any] = {
+            "mesh": self.device_mesh["data_parallel"],
+            "reshard_after_forward": self.reshard_after_forward,
+            "offload_policy": OffloadPolicy(),
+        }
         if self.cpu_offload:  # pinned host memory only where there is a GPU to copy to
             kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
         if self.mixed_precision:
             unknown = set(self.mixed_precision) - {"param_dtype", "reduce_dtype"}
             if unknown:
-                raise ValueError(f"trainer.strategy.mixed_precision has unknown keys {sorted(unknown)}; "
-                                 f"use param_dtype, reduce_dtype (e.g. bfloat16, float32)")
-            kwargs["mp_policy"] = MixedPrecisionPolicy(**{k: _dtype(v) for k, v in self.mixed_precision.items()})
+                raise ValueError(
+                    f"trainer.strategy.mixed_precision has unknown keys {sorted(unknown)}; "
+                    f"use param_dtype, reduce_dtype (e.g. bfloat16, float32)"
+                )
+            kwargs["mp_policy"] = MixedPrecisionPolicy(
+                **{k: _dtype(v) for k, v in self.mixed_precision.items()}
+            )
         return kwargs
 
     # -- checkpoints: the directory appears complete or not at all -----------------------------

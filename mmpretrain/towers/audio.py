@@ -65,10 +65,14 @@ def mel_filterbank(
     """``[n_mels, n_fft // 2 + 1]`` triangular filters, centres evenly spaced on the mel scale."""
     f_max = sample_rate / 2 if f_max is None else f_max
     if not 0 <= f_min < f_max <= sample_rate / 2:
-        raise ValueError(f"need 0 <= f_min < f_max <= sample_rate/2, got f_min={f_min} f_max={f_max} sr={sample_rate}")
+        raise ValueError(
+            f"need 0 <= f_min < f_max <= sample_rate/2, got f_min={f_min} f_max={f_max} sr={sample_rate}"
+        )
     fft_hz = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64)
     # n_mels + 2 edges: filter i rises from edge i to edge i+1 and falls to edge i+2.
-    mels = torch.linspace(hz_to_mel(f_min, htk).item(), hz_to_mel(f_max, htk).item(), n_mels + 2, dtype=torch.float64)
+    mels = torch.linspace(
+        hz_to_mel(f_min, htk).item(), hz_to_mel(f_max, htk).item(), n_mels + 2, dtype=torch.float64
+    )
     edges = mel_to_hz(mels, htk)
     width = edges.diff()
     rising = (fft_hz[None, :] - edges[:-2, None]) / width[:-1, None]
@@ -133,8 +137,14 @@ class LogMel(nn.Module):
     def mel(self, wave: torch.Tensor) -> torch.Tensor:
         """Mel power spectrogram ``[B, n_mels, frames]`` (before the log)."""
         spec = torch.stft(
-            wave.float(), self.n_fft, self.hop_length, self.win_length, self.window,
-            center=self.center, pad_mode="constant", return_complex=True,
+            wave.float(),
+            self.n_fft,
+            self.hop_length,
+            self.win_length,
+            self.window,
+            center=self.center,
+            pad_mode="constant",
+            return_complex=True,
         )
         return self.filterbank @ spec.abs().pow(self.power)
 
@@ -145,7 +155,9 @@ class LogMel(nn.Module):
         elif self.log == "ln":
             mel = torch.log(torch.clamp(mel, min=self.amin))
         if self.top_db is not None and self.log != "none":
-            floor = mel.amax(dim=(-2, -1), keepdim=True) - self.top_db * (1.0 if self.log == "db" else math.log(10) / 10)
+            floor = mel.amax(dim=(-2, -1), keepdim=True) - self.top_db * (
+                1.0 if self.log == "db" else math.log(10) / 10
+            )
             mel = torch.maximum(mel, floor)
         if self.normalize == "instance":
             mean = mel.mean(dim=(-2, -1), keepdim=True)
@@ -250,7 +262,8 @@ class AudioTower(Tower):
         model_kwargs: dict[str, Any] | None = None,
         pretrained: bool | None = None,
     ):
-        """``pretrained=True`` or ``model_name=hf-hub:ORG/REPO``: timm's weights, first conv summed to 1 channel."""
+        """``pretrained=True`` or ``model_name=hf-hub:ORG/REPO``: timm's weights, first conv summed to 1 "
+        "channel."""
         super().__init__(
             {
                 "_target_": f"{__name__}.AudioTower",

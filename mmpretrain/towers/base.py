@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from torch import nn
 
-
 #: Batch-statistics normalisation layers (timm's BatchNormAct2d and the lazy variants subclass these).
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -45,8 +44,12 @@ class ImageNormalize(nn.Module):
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
-        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1), persistent=False)
+        self.register_buffer(
+            "mean", torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "std", torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1), persistent=False
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.uint8:
@@ -115,7 +118,9 @@ class Tower(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} does not support gradient checkpointing")
 
     def set_channels_last(self, enable: bool = True) -> None:
-        raise NotImplementedError(f"{type(self).__name__} has no channels_last option (it is for CNN image towers: timm)")
+        raise NotImplementedError(
+            f"{type(self).__name__} has no channels_last option (it is for CNN image towers: timm)"
+        )
 
     def param_groups(self) -> list[list[nn.Parameter]]:
         """Parameters in groups ordered input -> output (stem, blocks..., head)."""

@@ -25,8 +25,13 @@ def inflate_conv(conv: nn.Conv2d) -> nn.Conv3d:
     """A Conv3d over ``TUBELET`` frames equal to ``conv`` applied to each frame and averaged."""
     if not isinstance(conv, nn.Conv2d) or conv.kernel_size != conv.stride:
         raise ValueError(f"pooling=inflate needs a non-overlapping 2D patch convolution, found {conv}")
-    conv3d = nn.Conv3d(conv.in_channels, conv.out_channels, (TUBELET, *conv.kernel_size),
-                       stride=(TUBELET, *conv.stride), bias=conv.bias is not None)
+    conv3d = nn.Conv3d(
+        conv.in_channels,
+        conv.out_channels,
+        (TUBELET, *conv.kernel_size),
+        stride=(TUBELET, *conv.stride),
+        bias=conv.bias is not None,
+    )
     with torch.no_grad():
         conv3d.weight.copy_(conv.weight[:, :, None].repeat(1, 1, TUBELET, 1, 1) / TUBELET)
         if conv.bias is not None:
@@ -38,7 +43,11 @@ def vit_kind(encoder: nn.Module) -> str | None:
     """``timm`` / ``open_clip`` for the ViTs this module inflates, else None."""
     if hasattr(encoder, "patch_embed") and hasattr(encoder, "blocks") and hasattr(encoder, "pos_embed"):
         return "timm"
-    if hasattr(encoder, "conv1") and hasattr(encoder, "positional_embedding") and hasattr(encoder, "transformer"):
+    if (
+        hasattr(encoder, "conv1")
+        and hasattr(encoder, "positional_embedding")
+        and hasattr(encoder, "transformer")
+    ):
         return "open_clip"
     return None
 
@@ -75,9 +84,13 @@ class InflatedViT(nn.Module):
     def tokens(self, clips: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
         """``[B, T, C, H, W]`` normalised frames -> ``[B, T', N, D]`` tubelet tokens with time embeddings."""
         if clips.shape[1] % TUBELET:
-            clips = torch.cat([clips, clips[:, -1:].expand(-1, TUBELET - clips.shape[1] % TUBELET, -1, -1, -1)], 1)
+            clips = torch.cat(
+                [clips, clips[:, -1:].expand(-1, TUBELET - clips.shape[1] % TUBELET, -1, -1, -1)], 1
+            )
         if clips.shape[1] // TUBELET != self.tubelets:
-            raise ValueError(f"the inflated tower was built for {self.tubelets * TUBELET} frames, got {clips.shape[1]}")
+            raise ValueError(
+                f"the inflated tower was built for {self.tubelets * TUBELET} frames, got {clips.shape[1]}"
+            )
         x = conv(clips.transpose(1, 2).to(conv.weight.dtype))  # [B, D, T', h, w]
         x = x.flatten(3).permute(0, 2, 3, 1)  # [B, T', N, D]
         return x + self.time_embed.to(x.dtype)
@@ -93,10 +106,14 @@ class InflatedViT(nn.Module):
         prefix = m.num_prefix_tokens
         spatial = m.pos_embed if m.no_embed_class else m.pos_embed[:, prefix:]
         if spatial.shape[1] != n:
-            raise ValueError(f"the ViT's position embedding has {spatial.shape[1]} patches, the frames give {n}: "
-                             f"set the frame tower's img_size to the clip's frame size")
+            raise ValueError(
+                f"the ViT's position embedding has {spatial.shape[1]} patches, the frames give {n}: "
+                f"set the frame tower's img_size to the clip's frame size"
+            )
         x = (x + spatial[:, None]).reshape(b, t * n, d)
-        tokens = [tok.expand(b, -1, -1) for tok in (m.cls_token, getattr(m, "reg_token", None)) if tok is not None]
+        tokens = [
+            tok.expand(b, -1, -1) for tok in (m.cls_token, getattr(m, "reg_token", None)) if tok is not None
+        ]
         if tokens:
             head = torch.cat(tokens, 1)
             if not m.no_embed_class:
@@ -111,8 +128,10 @@ class InflatedViT(nn.Module):
         b, t, n, d = x.shape
         spatial = m.positional_embedding[1:]
         if spatial.shape[0] != n:
-            raise ValueError(f"the ViT's position embedding has {spatial.shape[0]} patches, the frames give {n}: "
-                             f"the clip's frame size must be the open_clip config's image_size")
+            raise ValueError(
+                f"the ViT's position embedding has {spatial.shape[0]} patches, the frames give {n}: "
+                f"the clip's frame size must be the open_clip config's image_size"
+            )
         x = (x + spatial.to(x.dtype)).reshape(b, t * n, d)
         cls = (m.class_embedding + m.positional_embedding[0]).to(x.dtype).expand(b, 1, -1)
         x = m.ln_pre(m.patch_dropout(torch.cat([cls, x], 1)))

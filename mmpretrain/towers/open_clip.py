@@ -17,6 +17,7 @@ from typing import Any
 
 import open_clip
 import torch
+
 # Private in open_clip, and the only way to build one half of a CLIP without the other (its public
 # factories build both); tests/unit/test_private_apis.py fails when open_clip changes them.
 from open_clip.model import _build_text_tower, _build_vision_tower
@@ -42,7 +43,9 @@ def resolve_model_cfg(config: str | dict) -> dict[str, Any]:
     elif str(config).endswith(".json") or Path(str(config)).is_file():
         path = Path(str(config))
         if not path.is_file():
-            raise FileNotFoundError(f"open_clip model config '{config}' does not exist; give an existing JSON file")
+            raise FileNotFoundError(
+                f"open_clip model config '{config}' does not exist; give an existing JSON file"
+            )
         cfg = json.loads(path.read_text())
         cfg = cfg.get("model_cfg", cfg)
     else:
@@ -86,7 +89,8 @@ def _trimmable_pad_id(encoder: torch.nn.Module) -> int | None:
 
 
 def trim_padding(x: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """Token ids ``[..., L]`` without the trailing columns that are ``pad_id`` in every row (at least one kept).
+    """Token ids ``[..., L]`` without the trailing columns that are ``pad_id`` in every row (at least one
+    kept).
 
     For the text transformers :func:`_trimmable_pad_id` accepts (causal attention, features pooled at
     the end token, no padding mask) this is exact: no position attends to a later one, so the pooled
@@ -137,7 +141,12 @@ class OpenClipTower(Tower):
             if preprocess:  # the tag's own mean/std/resize (e.g. OpenAI's or SigLIP's)
                 model_cfg["preprocess_cfg"] = dict(model_cfg.get("preprocess_cfg", {})) | preprocess
         super().__init__(
-            {"_target_": f"{__name__}.OpenClipTower", "modality": modality, "config": model_cfg, "aug": dict(aug or {})}
+            {
+                "_target_": f"{__name__}.OpenClipTower",
+                "modality": modality,
+                "config": model_cfg,
+                "aug": dict(aug or {}),
+            }
         )
         self.modality = modality
         self.model_cfg = model_cfg
@@ -147,7 +156,9 @@ class OpenClipTower(Tower):
             raise ValueError(f"open_clip config for the {modality} tower has no {self.part}_cfg")
         # The same builders CustomTextCLIP uses, for our half only: keys match open_clip's.
         build = _build_vision_tower if modality == "image" else _build_text_tower
-        setattr(self, self.part, build(model_cfg["embed_dim"], part_cfg, model_cfg.get("quick_gelu", False), None))
+        setattr(
+            self, self.part, build(model_cfg["embed_dim"], part_cfg, model_cfg.get("quick_gelu", False), None)
+        )
         self.output_dim = model_cfg["embed_dim"]
         self.pad_id = _trimmable_pad_id(self.encoder)
         self.aug = dict(aug or {})
@@ -203,9 +214,13 @@ class OpenClipTower(Tower):
         mask cut to ``n`` x ``n`` (open_clip's own forward passes its full-size mask to the blocks):
         the pooled features and the per-token features."""
         enc, n = self.encoder, text.shape[-1]
-        x, _ = enc._embeds(text)  # open_clip's own embedding step (private; no public one without the forward)
+        x, _ = enc._embeds(
+            text
+        )  # open_clip's own embedding step (private; no public one without the forward)
         tokens = enc.ln_final(enc.transformer(x, attn_mask=enc.attn_mask[:n, :n]))
-        pooled = text_global_pool(tokens, text, pool_type=enc.pool_type, eos_token_id=getattr(enc, "eos_id", None))
+        pooled = text_global_pool(
+            tokens, text, pool_type=enc.pool_type, eos_token_id=getattr(enc, "eos_id", None)
+        )
         if isinstance(enc.text_projection, torch.nn.Linear):
             pooled = enc.text_projection(pooled)
         elif enc.text_projection is not None:
@@ -217,15 +232,17 @@ class OpenClipTower(Tower):
             return _Tokenize(build_tokenizer(self.model_cfg), self.pad_id)
         pp = preprocess_cfg(self.model_cfg)
         # uint8 [C, H, W] (open_clip's transform without ToTensor + Normalize): forward normalises.
-        return uint8_transform(open_clip.image_transform(
-            pp["size"],
-            is_train=train,
-            mean=pp["mean"],
-            std=pp["std"],
-            resize_mode=pp["resize_mode"],
-            interpolation=pp["interpolation"],
-            aug_cfg=self.aug if train else None,
-        ))
+        return uint8_transform(
+            open_clip.image_transform(
+                pp["size"],
+                is_train=train,
+                mean=pp["mean"],
+                std=pp["std"],
+                resize_mode=pp["resize_mode"],
+                interpolation=pp["interpolation"],
+                aug_cfg=self.aug if train else None,
+            )
+        )
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.set_grad_checkpointing(enable)

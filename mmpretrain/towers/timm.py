@@ -1,4 +1,5 @@
-"""Towers backed by timm: any ``timm.create_model`` name; timm's pretrained weights, a local file, or random init."""
+"""Towers backed by timm: any ``timm.create_model`` name; timm's pretrained weights, a local file, or "
+"random init."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def unknown_model_error(name: str, library: str, known: list[str]) -> ValueError
         pattern, key, where = "", "config", "NAME (or a path to an open_clip model-config JSON)"
     return ValueError(
         f"{library} has no model named '{name}'.{hint} "
-        f"Pick a name from {library}'s list (`python -c \"import {library}; print({library}.list_models({pattern}))\"`) "
+        f"Pick a name from {library}'s list (`python -c \"import {library}; "
+        f'print({library}.list_models({pattern}))"`) '
         f"and set it as model.towers.<modality>.{key}={where}."
     )
 
@@ -35,13 +37,16 @@ def load_local_weights(module: torch.nn.Module, path: str, strict: bool = False)
     missing, unexpected = module.load_state_dict(state, strict=False)
     unexpected = [k for k in unexpected if not k.startswith(("fc.", "head.", "classifier."))]
     if strict and (missing or unexpected):
-        raise ValueError(f"weights in {path} do not match the tower: missing={missing} unexpected={unexpected}")
+        raise ValueError(
+            f"weights in {path} do not match the tower: missing={missing} unexpected={unexpected}"
+        )
     if len(missing) == len(module.state_dict()):
         raise ValueError(f"no tensor in {path} matches the tower's parameter names; is it the right file?")
 
 
-def timm_weights_wanted(config: dict[str, Any], model_name: str, pretrained: bool | None,
-                        pretrained_path: str | None) -> bool:
+def timm_weights_wanted(
+    config: dict[str, Any], model_name: str, pretrained: bool | None, pretrained_path: str | None
+) -> bool:
     """Whether timm should load hub weights for ``model_name`` (checked to exist first, for a clear
     error rather than one from inside huggingface_hub); fails on an unknown name.
 
@@ -97,7 +102,11 @@ class TimmTower(Tower):
         kwargs = dict(model_kwargs or {})
         self.modality = modality
         self.model = timm.create_model(
-            model_name, pretrained=pretrained and not pretrained_path, num_classes=0, in_chans=in_chans, **kwargs
+            model_name,
+            pretrained=pretrained and not pretrained_path,
+            num_classes=0,
+            in_chans=in_chans,
+            **kwargs,
         )
         if pretrained_path:
             load_local_weights(self.model, pretrained_path)
@@ -143,4 +152,3 @@ class TimmTower(Tower):
         named = dict(self.model.named_parameters())
         grouped = group_parameters(self.model, matcher, reverse=False)
         return [[named[n] for n in names] for _, names in sorted(grouped.items())]
-

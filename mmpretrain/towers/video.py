@@ -50,8 +50,14 @@ FRAME_POOLS = ("avg", "grid", "spatial_softmax")
 PADS = ("loop", "last")
 
 
-def sample_indices(n: int, num_frames: int, stride: int | None, train: bool, rng: random.Random | None = None,
-                   pad: str = "loop") -> list[int]:
+def sample_indices(
+    n: int,
+    num_frames: int,
+    stride: int | None,
+    train: bool,
+    rng: random.Random | None = None,
+    pad: str = "loop",
+) -> list[int]:
     """``num_frames`` indices into a clip of ``n`` frames.
 
     ``stride``: frames ``start, start + stride, ...``; the window starts at random (train) or is
@@ -87,8 +93,14 @@ class VideoClip:
     ``uint8 [N, H, W, 3]``) -> ``uint8 [num_frames, C, H, W]``, the frame transform applied per frame
     with one random draw per clip."""
 
-    def __init__(self, frame_transform: Callable[[Any], torch.Tensor], num_frames: int, stride: int | None,
-                 train: bool, pad: str = "loop"):
+    def __init__(
+        self,
+        frame_transform: Callable[[Any], torch.Tensor],
+        num_frames: int,
+        stride: int | None,
+        train: bool,
+        pad: str = "loop",
+    ):
         self.frame_transform, self.num_frames, self.stride = frame_transform, int(num_frames), stride
         self.train, self.pad = train, pad
 
@@ -110,28 +122,48 @@ class VideoClip:
 
 
 class TemporalTransformer(nn.Module):
-    """Frame features ``[B, T, D]`` + learned frame positions -> pre-norm transformer -> residual -> LayerNorm ->
+    """Frame features ``[B, T, D]`` + learned frame positions -> pre-norm transformer -> residual ->
+    LayerNorm ->
     mean over T. ``motion``: a linear map of each frame's change to the next joins its feature, and the output
     is the plain mean over T of the residual stream (no LayerNorm), so the frame features keep their scale."""
 
-    def __init__(self, dim: int, num_frames: int, layers: int = 2, heads: int = 4, mlp_ratio: float = 2.0,
-                 motion: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        num_frames: int,
+        layers: int = 2,
+        heads: int = 4,
+        mlp_ratio: float = 2.0,
+        motion: bool = False,
+    ):
         super().__init__()
         if dim % heads:
-            raise ValueError(f"temporal transformer: the frame feature dim {dim} is not divisible by heads={heads}")
+            raise ValueError(
+                f"temporal transformer: the frame feature dim {dim} is not divisible by heads={heads}"
+            )
         self.position = nn.Parameter(torch.randn(1, num_frames, dim) * 0.02)
-        # motion: each frame also gets W (f[t+1] - f[t]) (the last frame 0), so the output depends on the change
+        # motion: each frame also gets W (f[t+1] - f[t]) (the last frame 0), so the output depends on the
+        # change
         # between frames from the first step; without it, attention starts near uniform (an average of the
         # frames, blind to order) and order is learned only as the position embeddings grow.
         self.motion = nn.Linear(dim, dim, bias=False) if motion else None
         self.norm = None if motion else nn.LayerNorm(dim)  # with motion the output is not layer-normalised
-        layer = nn.TransformerEncoderLayer(dim, heads, int(dim * mlp_ratio), dropout=0.0, activation="gelu",
-                                           batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            dim,
+            heads,
+            int(dim * mlp_ratio),
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
         self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] != self.position.shape[1]:
-            raise ValueError(f"the temporal transformer was built for {self.position.shape[1]} frames, got {x.shape[1]}")
+            raise ValueError(
+                f"the temporal transformer was built for {self.position.shape[1]} frames, got {x.shape[1]}"
+            )
         if self.motion is None:
             return self.norm(x + self.blocks(x + self.position.to(x.dtype))).mean(1)
         # With motion the output is the mean over time of (frame feature + its motion term + the blocks'
@@ -159,8 +191,10 @@ class FramePool(nn.Module):
 
     def forward(self, fmap: torch.Tensor) -> torch.Tensor:
         if fmap.ndim != 4:
-            raise ValueError(f"frame_pool={self.kind} needs a frame backbone whose forward_features is a map "
-                             f"[N, C, h, w] (a CNN), got shape {tuple(fmap.shape)}: use frame_pool=avg")
+            raise ValueError(
+                f"frame_pool={self.kind} needs a frame backbone whose forward_features is a map "
+                f"[N, C, h, w] (a CNN), got shape {tuple(fmap.shape)}: use frame_pool=avg"
+            )
         if self.kind == "grid":
             return self.proj(nn.functional.adaptive_avg_pool2d(fmap, self.grid_size).flatten(1))
         keypoints = spatial_keypoints(fmap, self.log_temperature.exp())
@@ -172,8 +206,11 @@ def spatial_keypoints(fmap: torch.Tensor, temperature: torch.Tensor | float = 1.
     positions, in [-1, 1] (left/top -1, right/bottom 1; the centres of the corner cells)."""
     n, c, h, w = fmap.shape
     attn = (fmap.flatten(2).float() / temperature).softmax(-1)  # [N, C, h*w]
-    ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, device=fmap.device),
-                            torch.linspace(-1, 1, w, device=fmap.device), indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.linspace(-1, 1, h, device=fmap.device),
+        torch.linspace(-1, 1, w, device=fmap.device),
+        indexing="ij",
+    )
     return attn @ torch.stack([xs.flatten(), ys.flatten()], 1)
 
 
@@ -200,19 +237,35 @@ class VideoTower(Tower):
         if frame_pool not in FRAME_POOLS:
             raise ValueError(f"video frame_pool must be one of {', '.join(FRAME_POOLS)}, not '{frame_pool}'")
         if frame_pool != "avg" and pooling == "inflate":
-            raise ValueError(f"frame_pool={frame_pool} pools a CNN's frame features; pooling=inflate takes a ViT's "
-                             "tokens: use frame_pool=avg with it")
+            raise ValueError(
+                f"frame_pool={frame_pool} pools a CNN's frame features; pooling=inflate takes a ViT's "
+                "tokens: use frame_pool=avg with it"
+            )
         if pad not in PADS:
             raise ValueError(f"video pad must be one of {', '.join(PADS)}, not '{pad}'")
         if int(num_frames) < 1 or (stride is not None and int(stride) < 1):
-            raise ValueError(f"video needs num_frames >= 1 and stride >= 1 or null, got {num_frames}, {stride}")
-        frame_cfg = {k: v for k, v in dict(frame).items() if k not in TRAINING_OPTIONS} | {"modality": "image"}
+            raise ValueError(
+                f"video needs num_frames >= 1 and stride >= 1 or null, got {num_frames}, {stride}"
+            )
+        frame_cfg = {k: v for k, v in dict(frame).items() if k not in TRAINING_OPTIONS} | {
+            "modality": "image"
+        }
         frame_tower = safe_instantiate(frame_cfg, allowed=("mmpretrain.towers.",))
-        super().__init__({
-            "_target_": f"{__name__}.VideoTower", "_recursive_": False, "frame": frame_tower.config, "modality": modality,
-            "num_frames": int(num_frames), "stride": None if stride is None else int(stride), "pad": pad,
-            "pooling": pooling, "temporal": dict(temporal or {}), "frame_pool": frame_pool, "grid_size": int(grid_size),
-        })
+        super().__init__(
+            {
+                "_target_": f"{__name__}.VideoTower",
+                "_recursive_": False,
+                "frame": frame_tower.config,
+                "modality": modality,
+                "num_frames": int(num_frames),
+                "stride": None if stride is None else int(stride),
+                "pad": pad,
+                "pooling": pooling,
+                "temporal": dict(temporal or {}),
+                "frame_pool": frame_pool,
+                "grid_size": int(grid_size),
+            }
+        )
         self.modality = modality
         self.frame = frame_tower
         if image_tower_path:
@@ -223,8 +276,10 @@ class VideoTower(Tower):
         self.frame_pool: FramePool | None = None
         if frame_pool != "avg":
             if not hasattr(self.frame, "feature_map"):
-                raise ValueError(f"frame_pool={frame_pool} needs a timm frame tower (its forward_features map), "
-                                 f"not {type(self.frame).__name__}: use frame_pool=avg")
+                raise ValueError(
+                    f"frame_pool={frame_pool} needs a timm frame tower (its forward_features map), "
+                    f"not {type(self.frame).__name__}: use frame_pool=avg"
+                )
             self.frame_pool = FramePool(frame_pool, self.output_dim, grid_size)
         self.temporal: nn.Module | None = None
         if pooling == "transformer":
@@ -246,7 +301,8 @@ class VideoTower(Tower):
         return feats.mean(1) if self.pooling == "mean" else self.temporal(feats)
 
     def frame_features(self, frames: torch.Tensor) -> torch.Tensor:
-        """``[N, C, H, W]`` frames -> ``[N, D]``: the frame tower's output, or its map through ``frame_pool``."""
+        """``[N, C, H, W]`` frames -> ``[N, D]``: the frame tower's output, or its map through "
+        "``frame_pool``."""
         if self.frame_pool is None:
             return self.frame(frames)
         return self.frame_pool(self.frame.feature_map(frames))
@@ -261,7 +317,8 @@ class VideoTower(Tower):
         self.frame.set_channels_last(enable)
 
     def param_groups(self) -> list[list[nn.Parameter]]:
-        """The frame tower's groups (stem, blocks, head), the frame pool's, then the temporal module's parameters."""
+        """The frame tower's groups (stem, blocks, head), the frame pool's, then the temporal module's "
+        "parameters."""
         groups = self.frame.param_groups()
         if self.frame_pool is not None:
             groups.append(list(self.frame_pool.parameters()))
@@ -273,8 +330,13 @@ class VideoTower(Tower):
     def data_config(self) -> dict[str, Any]:
         """Export settings: the frame transform's and the sampling's."""
         frame = dict(getattr(self.frame, "data_config", {}))
-        return frame | {"num_frames": self.num_frames, "stride": self.stride, "pad": self.pad, "pooling": self.pooling,
-                         "frame_pool": self.config["frame_pool"]}
+        return frame | {
+            "num_frames": self.num_frames,
+            "stride": self.stride,
+            "pad": self.pad,
+            "pooling": self.pooling,
+            "frame_pool": self.config["frame_pool"],
+        }
 
 
 def load_image_tower(frame: Tower, path: str) -> None:
@@ -285,11 +347,15 @@ def load_image_tower(frame: Tower, path: str) -> None:
 
     file = Path(path) / "model.safetensors" if Path(path).is_dir() else Path(path)
     prefix = "towers.image."
-    state = {k[len(prefix):]: v for k, v in read_state_dict(str(file)).items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in read_state_dict(str(file)).items() if k.startswith(prefix)}
     if not state:
-        raise ValueError(f"{file} holds no image tower ('{prefix}*' tensors): give an mmpretrain export of a model "
-                         f"with an image tower, or name the frame tower's own weights (frame.pretrained_path)")
+        raise ValueError(
+            f"{file} holds no image tower ('{prefix}*' tensors): give an mmpretrain export of a model "
+            f"with an image tower, or name the frame tower's own weights (frame.pretrained_path)"
+        )
     missing, unexpected = frame.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"the image tower in {file} does not match the frame tower (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}): configure the frame tower as that image tower was")
+        raise ValueError(
+            f"the image tower in {file} does not match the frame tower (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}): configure the frame tower as that image tower was"
+        )

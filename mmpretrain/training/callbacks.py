@@ -4,7 +4,8 @@
 the target, so a crash mid-write never leaves a corrupt ``last.ckpt``, and reads checkpoints with
 ``weights_only=True``. ``NonFiniteGuard`` skips a step on every rank when any rank sees a
 non-finite loss or gradient. ``PreemptionCheckpoint`` saves a checkpoint when Lightning stops on
-SIGTERM. Neither reads the device every step: their flags are read every ``check_every`` steps. ``RecordBatches`` (debug) writes the sample keys and loss of every step per rank.
+SIGTERM. Neither reads the device every step: their flags are read every ``check_every`` steps.
+``RecordBatches`` (debug) writes the sample keys and loss of every step per rank.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
-from mmpretrain.runtime import distributed
 from mmpretrain.io import atomic_write, torch_load_safe
+from mmpretrain.runtime import distributed
 
 
 # -- checkpoints -----------------------------------------------------------------------------
@@ -34,7 +35,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: _torch_save(checkpoint, tmp), durable=True)
 
-    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: Any, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         return torch_load_safe(path)
 
 
@@ -60,7 +63,9 @@ class PreemptionCheckpoint(L.Callback):
         self.saved: Path | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if threading.current_thread() is threading.main_thread():  # Lightning restores its handlers at teardown
+        if (
+            threading.current_thread() is threading.main_thread()
+        ):  # Lightning restores its handlers at teardown
             signal.signal(signal.SIGTERM, self._on_sigterm)
             # Under DDP, Lightning (>= 2.5) broadcasts its own SIGTERM flag before every batch and reads
             # it with .item() (a collective and a host sync per step). Its handler is replaced above, so
@@ -76,16 +81,22 @@ class PreemptionCheckpoint(L.Callback):
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self.received = True
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         # global_step is the same on every rank, so all ranks take part in the same reductions.
-        if trainer.global_step % self.check_every or not distributed.any_rank(self.received, pl_module.device):
+        if trainer.global_step % self.check_every or not distributed.any_rank(
+            self.received, pl_module.device
+        ):
             return
         self.saved = self.dirpath / f"preempted-step{trainer.global_step:07d}.ckpt"
         trainer.save_checkpoint(self.saved)
         trainer.should_stop = True
         if trainer.is_global_zero:
-            print(f"SIGTERM: saved {self.saved} at step {trainer.global_step}; continue with resume=auto", flush=True)
+            print(
+                f"SIGTERM: saved {self.saved} at step {trainer.global_step}; continue with resume=auto",
+                flush=True,
+            )
 
 
 def _no_broadcast() -> None:
@@ -140,14 +151,22 @@ class NonFiniteGuard(L.Callback):
         self.check_every = max(1, int(check_every))
         self.skipped = 0  # host copies, as of the last read
         self.consecutive = 0
-        self._counts: torch.Tensor | None = None  # device: [skipped, current streak, longest streak since read]
+        self._counts: torch.Tensor | None = (
+            None  # device: [skipped, current streak, longest streak since read]
+        )
         self._loss_ok: torch.Tensor | None = None
 
-    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
-        ok = torch.isfinite(loss.detach()).all()  # several backwards per step (grad cache): all must be finite
+    def on_before_backward(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
+    ) -> None:
+        ok = torch.isfinite(
+            loss.detach()
+        ).all()  # several backwards per step (grad cache): all must be finite
         self._loss_ok = ok if self._loss_ok is None else self._loss_ok & ok
 
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
+    ) -> None:
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the torch one
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         ok = finite_flag(grads).to(pl_module.device)
@@ -169,14 +188,16 @@ class NonFiniteGuard(L.Callback):
                 path = self.dirpath / "nonfinite-stop.ckpt"
                 trainer.save_checkpoint(path)
                 raise NonFiniteError(
-                    f"{worst} consecutive steps had a non-finite loss or gradient (on some rank); "
-                    f"stopped at step {trainer.global_step}. The last good weights are in {path}. Lower optim.lr, "
-                    f"check the data, or raise callbacks.nonfinite_guard.max_consecutive."
+                    f"{worst} consecutive steps had a non-finite loss or gradient (on some rank); stopped "
+                    f"at step {trainer.global_step}. The last good weights are in {path}. Lower optim.lr, "
+                    "check the data, or raise callbacks.nonfinite_guard.max_consecutive."
                 )
 
     def _count(self, bad: torch.Tensor) -> None:
         if self._counts is None:
-            self._counts = torch.tensor([self.skipped, self.consecutive, self.consecutive], dtype=torch.float32)
+            self._counts = torch.tensor(
+                [self.skipped, self.consecutive, self.consecutive], dtype=torch.float32
+            )
         counts = self._counts.to(bad.device)
         streak = (counts[1] + bad) * bad  # +1 on a skipped step, back to 0 on a good one
         self._counts = torch.stack([counts[0] + bad, streak, torch.maximum(counts[2], streak)])
@@ -215,13 +236,18 @@ class RecordBatches(L.Callback):
         self.dirpath = Path(dirpath)
         self.tensors = tensors
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.dirpath.mkdir(parents=True, exist_ok=True)
         rank, step = trainer.global_rank, trainer.global_step
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        record = {"step": step, "rank": rank, "keys": list(batch.get("__key__", [])),
-                  "loss": None if loss is None else float(loss)}
+        record = {
+            "step": step,
+            "rank": rank,
+            "keys": list(batch.get("__key__", [])),
+            "loss": None if loss is None else float(loss),
+        }
         with open(self.dirpath / f"rank{rank}.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tensors:
@@ -235,7 +261,9 @@ class InjectNaN(L.Callback):
     def __init__(self, steps: list[int], rank: int = 0, modality: str = "image"):
         self.steps, self.rank, self.modality = {int(s) for s in steps}, int(rank), modality
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.global_rank == self.rank and trainer.global_step + 1 in self.steps:
             # float: uint8 images cannot hold NaN, and a float image is taken by the tower as normalised
             batch[self.modality] = torch.full_like(batch[self.modality], float("nan"), dtype=torch.float32)

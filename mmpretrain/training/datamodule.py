@@ -11,10 +11,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from mmpretrain.runtime import distributed
 from mmpretrain.data import ShardStream, Source, count_samples, expand_shards
 from mmpretrain.data.stream.pipeline import check_shard_counts
 from mmpretrain.data.stream.position import StreamPosition, continue_pass, shard_plan
+from mmpretrain.runtime import distributed
 
 
 def sources_from_config(cfg: Any) -> list[Source]:
@@ -36,8 +36,9 @@ def sources_from_config(cfg: Any) -> list[Source]:
 
 
 class ContrastiveDataModule(L.LightningDataModule):
-    def __init__(self, cfg: Any, preprocess: Callable[[bool], dict[str, Callable]], seed: int = 0,
-                 negatives: int = 0):
+    def __init__(
+        self, cfg: Any, preprocess: Callable[[bool], dict[str, Callable]], seed: int = 0, negatives: int = 0
+    ):
         super().__init__()
         self.cfg = cfg
         self.negatives = int(negatives)  # hard negative captions per training sample (loss.hard_negatives)
@@ -45,7 +46,9 @@ class ContrastiveDataModule(L.LightningDataModule):
         self.seed = seed
         self.resume_state: dict[str, Any] | None = None  # from the checkpoint (load_state_dict)
         self._start_positions: dict[int, str] = {}  # stream -> position the resumed run starts from
-        self._consumed: dict[int, list[tuple[int, str]]] = {}  # stream -> last (batch index, position) consumed
+        self._consumed: dict[
+            int, list[tuple[int, str]]
+        ] = {}  # stream -> last (batch index, position) consumed
         # Resolve shard patterns now: a pattern that matches nothing fails before anything heavy.
         self.sources = sources_from_config(cfg)
         self.val_urls = expand_shards(cfg["val"]["shards"]) if cfg.get("val") else []
@@ -135,8 +138,12 @@ class ContrastiveDataModule(L.LightningDataModule):
             done = [(j, p) for j, p in self._consumed.get(s, []) if j < consumed]
             this_rank.append(max(done)[1] if done else self._start_positions.get(s))
         skipped = int(getattr(self.trainer.lightning_module, "skipped_total", 0))
-        return layout | {"batches_consumed": consumed, "epoch": consumed // (w * per), "skipped_samples": skipped,
-                         "positions": self._gather(this_rank)}
+        return layout | {
+            "batches_consumed": consumed,
+            "epoch": consumed // (w * per),
+            "skipped_samples": skipped,
+            "positions": self._gather(this_rank),
+        }
 
     def _gather(self, this_rank: list[str | None]) -> list[list[str | None]]:
         """Every rank's stream positions (rank 0 writes the checkpoint)."""
@@ -158,8 +165,10 @@ class ContrastiveDataModule(L.LightningDataModule):
             return 0
         state = self.resume_state
         if "positions" not in state:
-            raise ValueError("this checkpoint predates saved stream positions: its data stream cannot be resumed. "
-                             "Start a new run from its weights instead.")
+            raise ValueError(
+                "this checkpoint predates saved stream positions: its data stream cannot be resumed. "
+                "Start a new run from its weights instead."
+            )
         rank = self.trainer.global_rank if self.trainer else 0
         consumed = int(state["batches_consumed"])
         changed = {k: (state.get(k), v) for k, v in layout.items() if state.get(k) != v}
@@ -172,34 +181,50 @@ class ContrastiveDataModule(L.LightningDataModule):
         mode = self.cfg.get("resume", "exact")
         if mode != "approx":
             raise ValueError(
-                f"cannot resume the data stream exactly: the data layout changed ({detail}). Resume with the "
-                f"same devices, num_nodes, data.num_workers, data.batch_size and seed as the checkpointed run, "
-                f"or set data.resume=approx to continue with what the current pass has not read yet."
+                f"cannot resume the data stream exactly: the data layout changed ({detail}). Resume with "
+                "the same devices, num_nodes, data.num_workers, data.batch_size and seed as the "
+                "checkpointed run, or set data.resume=approx to continue with what the current pass has "
+                "not read yet."
             )
         self._start_positions = self._continue_pass(state, layout, rank, consumed, detail)
         return consumed
 
-    def _continue_pass(self, state: dict[str, Any], layout: dict[str, Any], rank: int, consumed: int,
-                       detail: str) -> dict[int, str]:
+    def _continue_pass(
+        self, state: dict[str, Any], layout: dict[str, Any], rank: int, consumed: int, detail: str
+    ) -> dict[int, str]:
         """data.resume=approx: this rank's share of what the checkpointed pass had left to read."""
-        old = [[None if p is None else StreamPosition.from_json(p) for p in streams] for streams in state["positions"]]
+        old = [
+            [None if p is None else StreamPosition.from_json(p) for p in streams]
+            for streams in state["positions"]
+        ]
         old_sources = state.get("sources") or [[s.name, len(s.urls)] for s in self.sources]
         index = {tuple(src): i for i, src in enumerate(old_sources)}
         source_map = [index.get((s.name, len(s.urls))) for s in self.sources]
 
         def old_plan(i: int, pass_idx: int, r: int, s: int) -> list[int]:
-            return shard_plan(old_sources[i][1], state["seed"], pass_idx, r, state["world_size"], s,
-                              state["num_workers"], state["shard_policy"])
+            return shard_plan(
+                old_sources[i][1],
+                state["seed"],
+                pass_idx,
+                r,
+                state["world_size"],
+                s,
+                state["num_workers"],
+                state["shard_policy"],
+            )
 
         w, world = layout["num_workers"], layout["world_size"]
         before = [len(range(slot % w, consumed, w)) for slot in range(world * w)]
         new, summary = continue_pass(old, old_plan, source_map, world * w, before)
         if rank == 0:
-            print(f"data.resume=approx: the data layout changed ({detail}). Each source continues its current pass "
-                  f"across {world} ranks x {w} workers with the {summary['shards']} shards it had not finished and "
-                  f"the {summary['buffered']} samples that sat in shuffle buffers (re-read): no sample of the pass "
-                  f"repeats; {summary['dropped_streams']} stream(s) still in an earlier pass leave its rest unread. "
-                  f"Batches differ from an uninterrupted run.", flush=True)
+            print(
+                f"data.resume=approx: the data layout changed ({detail}). Each source continues its current "
+                f"pass across {world} ranks x {w} workers with the {summary['shards']} shards it had not "
+                f"finished and the {summary['buffered']} samples that sat in shuffle buffers (re-read): no "
+                f"sample of the pass repeats; {summary['dropped_streams']} stream(s) still in an earlier "
+                "pass leave its rest unread. Batches differ from an uninterrupted run.",
+                flush=True,
+            )
         return {slot % w: new[slot].to_json() for slot in range(rank * w, (rank + 1) * w)}
 
     def val_dataloader(self) -> DataLoader | list:

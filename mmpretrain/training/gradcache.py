@@ -30,7 +30,8 @@ def split_batch(batch: Mapping[str, Any], chunks: int) -> list[dict[str, Any]]:
     size = batch_size(batch)
     if size < chunks:
         raise ValueError(
-            f"a batch of {size} cannot be split into {chunks} grad-cache chunks; lower optim.grad_cache_chunks"
+            f"a batch of {size} cannot be split into {chunks} grad-cache chunks; lower "
+            "optim.grad_cache_chunks"
         )
     bounds = [round(i * size / chunks) for i in range(chunks + 1)]
     parts = []

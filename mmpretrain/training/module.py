@@ -49,8 +49,10 @@ class ContrastiveModule(L.LightningModule):
         self.grad_cache_chunks = int(optim.get("grad_cache_chunks") or 1)
         self.automatic_optimization = self.grad_cache_chunks <= 1
         if self.grad_cache_chunks > 1 and getattr(loss, "hard_negatives", False):
-            raise ValueError("loss.hard_negatives=true cannot be combined with optim.grad_cache_chunks>1 "
-                             "(the cached features would not include the negatives)")
+            raise ValueError(
+                "loss.hard_negatives=true cannot be combined with optim.grad_cache_chunks>1 "
+                "(the cached features would not include the negatives)"
+            )
         self._partial_stream = False  # set at train start: masks on every rank (see _masks_on_every_rank)
 
     @property
@@ -91,7 +93,9 @@ class ContrastiveModule(L.LightningModule):
         return batch | {f"{m}_mask": rows for m in present}
 
     def on_train_start(self) -> None:
-        self._partial_stream = distributed.world_size() > 1 and _may_yield_partial_batches(self.trainer.datamodule)
+        self._partial_stream = distributed.world_size() > 1 and _may_yield_partial_batches(
+            self.trainer.datamodule
+        )
 
     def _log_losses(self, losses: dict[str, torch.Tensor], total: torch.Tensor, bs: int) -> None:
         """``train/loss`` and its terms as the loss of the global batch, at the steps whose logs are
@@ -139,7 +143,9 @@ class ContrastiveModule(L.LightningModule):
         optimizer.zero_grad()
         # Under DDP only the last micro-batch's backward all-reduces (the others accumulate locally).
         no_sync = getattr(self.trainer.strategy, "block_backward_sync", None)
-        losses = grad_cache_backward(self.model, self.loss, batch, self.grad_cache_chunks, self.manual_backward, no_sync)
+        losses = grad_cache_backward(
+            self.model, self.loss, batch, self.grad_cache_chunks, self.manual_backward, no_sync
+        )
         if self.optim_cfg.get("gradient_clip_val"):
             self.configure_gradient_clipping(optimizer, float(self.optim_cfg["gradient_clip_val"]), "norm")
         optimizer.step()
@@ -165,7 +171,9 @@ class ContrastiveModule(L.LightningModule):
         if isinstance(strategy, FSDP2Strategy):
             strategy.shard(self.model)
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
         """Clip as configured, also for torch's fused AdamW under ``bf16-mixed``.
 
         Lightning refuses to clip for a fused optimizer under any mixed precision, because with fp16
@@ -177,23 +185,33 @@ class ContrastiveModule(L.LightningModule):
             return
         if any(hasattr(p, "to_local") for p in self.model.parameters()):  # FSDP2: the norm spans every shard
             if (gradient_clip_algorithm or "norm") != "norm":
-                raise ValueError("under trainer=fsdp gradients are clipped by norm only; set "
-                                 "trainer.gradient_clip_algorithm=norm")
+                raise ValueError(
+                    "under trainer=fsdp gradients are clipped by norm only; set "
+                    "trainer.gradient_clip_algorithm=norm"
+                )
             params = [p for group in optimizer.param_groups for p in group["params"]]
             distributed.clip_grad_norm_(params, float(gradient_clip_val))
         elif _loss_scaler(self.trainer) is None:
-            Precision.clip_gradients(self.trainer.precision_plugin, optimizer, gradient_clip_val,
-                                     GradClipAlgorithmType(gradient_clip_algorithm or "norm"))
+            Precision.clip_gradients(
+                self.trainer.precision_plugin,
+                optimizer,
+                gradient_clip_val,
+                GradClipAlgorithmType(gradient_clip_algorithm or "norm"),
+            )
         else:
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         optim_cfg = dict(self.optim_cfg)
         clipping = self.trainer.gradient_clip_val or optim_cfg.get("gradient_clip_val")
-        if clipping and _loss_scaler(self.trainer) is not None:  # fp16: the fused step would unscale after clipping
+        if (
+            clipping and _loss_scaler(self.trainer) is not None
+        ):  # fp16: the fused step would unscale after clipping
             if optim_cfg.get("fused") is True:
-                raise ValueError("optim.fused=true cannot be combined with gradient clipping under fp16 loss scaling "
-                                 "(trainer.precision=16-mixed); use optim.fused=auto, or bf16-mixed")
+                raise ValueError(
+                    "optim.fused=true cannot be combined with gradient clipping under fp16 loss scaling "
+                    "(trainer.precision=16-mixed); use optim.fused=auto, or bf16-mixed"
+                )
             optim_cfg["fused"] = False
         optimizer = build_optimizer(self.model, optim_cfg, (self.hparams.get("model") or {}).get("towers"))
         total = int(self.trainer.estimated_stepping_batches)
@@ -211,12 +229,17 @@ class ContrastiveModule(L.LightningModule):
         # collector gives it empty columns, so it makes the same gathers as the others.
         local = self.val.take()
         if self.keep_val_embeddings:
-            self.last_val_embeddings = self.val.labelled_embeddings(local, self.keep_val_embeddings, self.global_step)
+            self.last_val_embeddings = self.val.labelled_embeddings(
+                local, self.keep_val_embeddings, self.global_step
+            )
         metrics = self.validation_metrics(local)
         if metrics:
             self.log_dict(metrics, sync_dist=False)
-            summary = ", ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in metrics.items()
-                                if "top1" in k or "mean_R@1" in k)
+            summary = ", ".join(
+                f"{k.removeprefix('val/')} {v:.4f}"
+                for k, v in metrics.items()
+                if "top1" in k or "mean_R@1" in k
+            )
             self.print(f"epoch {self.current_epoch} step {self.global_step}: {summary}")
 
     def validation_metrics(self, local: dict[str, torch.Tensor]) -> dict[str, float]:

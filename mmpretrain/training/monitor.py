@@ -1,6 +1,7 @@
 """Lightning callbacks for what a user sees of a run: step statistics and PNG plots.
 
-``WandbLogger`` closes its wandb run at the end of fit. ``StepStats`` logs what the module does not: the fraction of each step spent waiting for data and
+``WandbLogger`` closes its wandb run at the end of fit. ``StepStats`` logs what the module does not: the
+fraction of each step spent waiting for data and
 the temperature(s). ``RunPlots`` draws ``<run>/plots/*.png`` at the end of training (and logs
 them to wandb): curves from ``metrics.csv``, a similarity heatmap of val samples vs class prompts
 and a 2-D projection of the val embeddings. The drawing itself is :mod:`mmpretrain.training.plots`.
@@ -31,9 +32,9 @@ from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only
 
-from mmpretrain.training import plots
 from mmpretrain.evaluation import class_embeddings
 from mmpretrain.io import write_text_atomic
+from mmpretrain.training import plots
 
 
 class WandbLogger(_LightningWandbLogger):
@@ -45,14 +46,17 @@ class WandbLogger(_LightningWandbLogger):
     from its process-wide settings, which send usage data from an offline run (and, with no
     network, try to until their timeout)."""
 
-    #: set while a ``trainer.validate`` runs before ``fit`` (the step-0 baseline): its end must not end the run
+    # : set while a ``trainer.validate`` runs before ``fit`` (the step-0 baseline): its end must not end the
+    # run
     keep_open: bool = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # Lightning keeps wandb.init's arguments in a private attribute, with no public way to drop one.
         if self._wandb_init.get("anonymous") is None:
-            del self._wandb_init["anonymous"]  # wandb warns at every start that the unset setting has no effect
+            del self._wandb_init[
+                "anonymous"
+            ]  # wandb warns at every start that the unset setting has no effect
         mode = self._wandb_init.get("mode")
         if mode in ("offline", "disabled"):
             os.environ["WANDB_MODE"] = mode
@@ -60,7 +64,11 @@ class WandbLogger(_LightningWandbLogger):
     @rank_zero_only
     def finalize(self, status: str) -> None:
         super().finalize(status)
-        if self._experiment is not None and status in ("success", "failed") and not (self.keep_open and status == "success"):
+        if (
+            self._experiment is not None
+            and status in ("success", "failed")
+            and not (self.keep_open and status == "success")
+        ):
             self._experiment.finish(exit_code=0 if status == "success" else 1)
             self._experiment = None
 
@@ -136,7 +144,9 @@ class StepStats(L.Callback):
     ) -> None:
         self._end = time.perf_counter()
         for key, log_scale in pl_module.model.logit_scales.items():
-            pl_module.log(f"train/temperature/{key}", torch.exp(-log_scale.detach()), batch_size=1)  # a tensor: no host sync per step
+            pl_module.log(
+                f"train/temperature/{key}", torch.exp(-log_scale.detach()), batch_size=1
+            )  # a tensor: no host sync per step
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = self._end = None
@@ -205,7 +215,9 @@ class CountHostSyncs(L.Callback):
 
             setattr(torch.Tensor, name, counted)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._training = True
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -217,7 +229,9 @@ class CountHostSyncs(L.Callback):
         counts = {step: dict(c) for step, c in sorted(self.counts.items())}
         write_text_atomic(self.dirpath / f"rank{trainer.global_rank}.json", json.dumps(counts, indent=1))
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
         self._restore()
 
     def _restore(self) -> None:
@@ -251,12 +265,19 @@ class RunPlots(L.Callback):
         for logger in trainer.loggers:
             logger.save()
         csv_file = next(
-            (Path(lg.log_dir) / "metrics.csv" for lg in trainer.loggers if isinstance(lg, _LightningCSVLogger)), None
+            (
+                Path(lg.log_dir) / "metrics.csv"
+                for lg in trainer.loggers
+                if isinstance(lg, _LightningCSVLogger)
+            ),
+            None,
         )
         sharded = any(hasattr(p, "to_local") for p in pl_module.parameters())
         if sharded:  # rank 0 alone cannot run a sharded model (every block gathers from all ranks)
-            pl_module.print("plots: embedding plots skipped under trainer=fsdp (curves only); plot the export "
-                            "with a single-process run instead")
+            pl_module.print(
+                "plots: embedding plots skipped under trainer=fsdp (curves only); plot the export "
+                "with a single-process run instead"
+            )
         # The val loader's workers (when the val set must be embedded again) are forked first, while
         # this is the only thread: a fork during another thread's import can deadlock the child.
         source = None if sharded else self._val_source(trainer, pl_module)
@@ -329,7 +350,9 @@ class RunPlots(L.Callback):
         for batch in batches:
             if "cls" not in batch:
                 return None
-            batch = {k: v.to(pl_module.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            batch = {
+                k: v.to(pl_module.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+            }
             for m in queries:
                 if m in batch:
                     feats[m].append(model.encode(m, batch[m]).float().cpu())
@@ -337,11 +360,19 @@ class RunPlots(L.Callback):
             seen += len(batch["cls"])
             if seen >= self.max_samples:
                 break
-        return ({m: torch.cat(v) for m, v in feats.items() if v},
-                {m: torch.cat(v) for m, v in labels.items() if v})
+        return (
+            {m: torch.cat(v) for m, v in feats.items() if v},
+            {m: torch.cat(v) for m, v in labels.items() if v},
+        )
 
-    def _embedding_plots(self, feats: dict[str, torch.Tensor], labels: dict[str, torch.Tensor],
-                         class_feats, names: list[str], out: Path) -> list[Path]:
+    def _embedding_plots(
+        self,
+        feats: dict[str, torch.Tensor],
+        labels: dict[str, torch.Tensor],
+        class_feats,
+        names: list[str],
+        out: Path,
+    ) -> list[Path]:
         written = []
         for m, x in feats.items():
             x, y = x.numpy(), labels[m].numpy()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -74,7 +75,9 @@ def warmup_steps(value: float | int | None, total_steps: int) -> int:
     anything else a step count."""
     value = float(value or 0)
     if value < 0:
-        raise ValueError(f"warmup_steps must be >= 0 (steps, or a fraction of the run in (0, 1)), got {value}")
+        raise ValueError(
+            f"warmup_steps must be >= 0 (steps, or a fraction of the run in (0, 1)), got {value}"
+        )
     return int(value * total_steps) if value < 1 else int(value)
 
 

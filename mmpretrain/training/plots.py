@@ -1,7 +1,8 @@
 """PNG plots of a run: curves from ``metrics.csv`` and pictures of the val embeddings.
 
 Pure matplotlib (object-oriented API on the Agg canvas: no pyplot state, no display needed) and
-numpy (scikit-learn only for t-SNE); neither Lightning nor Hydra. Every function writes one PNG and returns its path.
+numpy (scikit-learn only for t-SNE); neither Lightning nor Hydra. Every function writes one PNG and returns
+its path.
 """
 
 from __future__ import annotations

@@ -20,8 +20,18 @@ def test_train_with_a_large_seed_runs_without_skipping_samples(digits_root, tmp_
     with '1000 samples in a row failed ... Overflow when unpacking long long'; ``2**63-1`` also made
     ``lightning.seed_everything`` raise (it takes 32-bit seeds only)."""
     run = tmp_path / "run"
-    proc = run_cli(["train", "debug=fast", f"seed={seed}", f"data.root={digits_root}", f"hydra.run.dir={run}",
-             "export_at_end=false", *SMALL_TEXT], cwd=tmp_path / "elsewhere")
+    proc = run_cli(
+        [
+            "train",
+            "debug=fast",
+            f"seed={seed}",
+            f"data.root={digits_root}",
+            f"hydra.run.dir={run}",
+            "export_at_end=false",
+            *SMALL_TEXT,
+        ],
+        cwd=tmp_path / "elsewhere",
+    )
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["skipped_samples"] == 0
     assert metrics["train/loss"] > 0

@@ -28,8 +28,11 @@ def make_problem():
         for enc in encs.values():
             for p in enc.parameters():
                 p.copy_(torch.randn(p.shape, generator=g))
-    xs = {"image": torch.randn(8, 6, generator=g), "text": torch.randn(8, 5, generator=g),
-          "audio": torch.randn(8, 3, generator=g)}
+    xs = {
+        "image": torch.randn(8, 6, generator=g),
+        "text": torch.randn(8, 5, generator=g),
+        "audio": torch.randn(8, 3, generator=g),
+    }
     return encs, xs
 
 

@@ -21,10 +21,16 @@ def make_module():
     from tests.unit.test_gradcache import make_model
 
     model = make_model().eval()
-    prompts = {f"a {c}": torch.randn(5, generator=torch.Generator().manual_seed(i))
-               for i, c in enumerate(["red", "green", "blue"])}
-    module = ContrastiveModule(model, InfoNCE(), optim={},
-                               zeroshot_tasks={"color": {"classnames": ["red", "green", "blue"], "templates": ["a {}"]}})
+    prompts = {
+        f"a {c}": torch.randn(5, generator=torch.Generator().manual_seed(i))
+        for i, c in enumerate(["red", "green", "blue"])
+    }
+    module = ContrastiveModule(
+        model,
+        InfoNCE(),
+        optim={},
+        zeroshot_tasks={"color": {"classnames": ["red", "green", "blue"], "templates": ["a {}"]}},
+    )
     module.val.encode_prompts = lambda ps: model.encode("text", torch.stack([prompts[p] for p in ps]))
     return module
 
@@ -64,8 +70,11 @@ def negclip_problem():
         for enc in encs.values():
             for p in enc.parameters():
                 p.copy_(torch.randn(p.shape, generator=g))
-    xs = {"image": torch.randn(8, 6, generator=g), "text": torch.randn(8, 5, generator=g),
-          "neg": torch.randn(8, 2, 5, generator=g)}
+    xs = {
+        "image": torch.randn(8, 6, generator=g),
+        "text": torch.randn(8, 5, generator=g),
+        "neg": torch.randn(8, 2, 5, generator=g),
+    }
     valid = torch.rand(8, 2, generator=g) > 0.4
     return encs, xs, valid
 
@@ -76,10 +85,13 @@ def negclip_loss_and_grads(rows):
     encs, xs, valid = negclip_problem()
     unit = torch.nn.functional.normalize
     scale = torch.tensor(5.0, requires_grad=True)
-    out = {"image_features": unit(encs["image"](xs["image"][rows]), dim=-1),
-           "text_features": unit(encs["text"](xs["text"][rows]), dim=-1),
-           "text_negatives_features": unit(encs["text"](xs["neg"][rows]), dim=-1),
-           "text_negatives_mask": valid[rows], "logit_scale": scale}
+    out = {
+        "image_features": unit(encs["image"](xs["image"][rows]), dim=-1),
+        "text_features": unit(encs["text"](xs["text"][rows]), dim=-1),
+        "text_negatives_features": unit(encs["text"](xs["neg"][rows]), dim=-1),
+        "text_negatives_mask": valid[rows],
+        "logit_scale": scale,
+    }
     loss = InfoNCE(hard_negatives=True)(out)["image_text_loss"]
     loss.backward()
     grads = [p.grad for enc in encs.values() for p in enc.parameters()] + [scale.grad]

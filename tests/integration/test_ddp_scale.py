@@ -8,10 +8,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mmpretrain.training.gradcache import grad_cache_backward
 from mmpretrain.losses import InfoNCE, SigLIP
 from mmpretrain.model import ContrastiveModel
 from mmpretrain.towers.base import Tower
+from mmpretrain.training.gradcache import grad_cache_backward
 from tests.integration.gloo import run_workers
 
 WORLD, GLOBAL_BATCH = 2, 8

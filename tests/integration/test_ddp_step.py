@@ -67,17 +67,33 @@ def fit_one_step(rank: int, chunks: int, masked: bool, hook) -> Capture:
     module = ContrastiveModule(no_dropout(make_model()), InfoNCE(), optim)
     capture = Capture(hook)
     trainer = L.Trainer(
-        max_steps=1, accelerator="cpu", devices=WORLD, strategy=DDPStrategy(process_group_backend="gloo"),
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[capture], limit_val_batches=0, log_every_n_steps=1, use_distributed_sampler=False,
+        max_steps=1,
+        accelerator="cpu",
+        devices=WORLD,
+        strategy=DDPStrategy(process_group_backend="gloo"),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[capture],
+        limit_val_batches=0,
+        log_every_n_steps=1,
+        use_distributed_sampler=False,
     )
     trainer.fit(module, train_dataloaders=DataLoader([local_batch(rank, masked)], batch_size=None))
     return capture
 
 
 def worker(rank: int, world: int, port: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank),
-                      LOCAL_RANK=str(rank), NODE_RANK="0", OMP_NUM_THREADS="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(WORLD),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+        OMP_NUM_THREADS="1",
+    )
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     calls = []

@@ -27,8 +27,14 @@ SIZES = (37, 1, 200)
 def problem(n: int, seed: int = 0):
     """Tie-heavy embeddings (signed one-hot: similarities are exactly -1, 0 or 1), one NaN row."""
     g = torch.Generator().manual_seed(seed + n)
-    a, b = (torch.zeros(n, 4).scatter_(1, torch.randint(0, 4, (n, 1), generator=g),
-                                      torch.randint(0, 2, (n, 1), generator=g).float() * 2 - 1) for _ in range(2))
+    a, b = (
+        torch.zeros(n, 4).scatter_(
+            1,
+            torch.randint(0, 4, (n, 1), generator=g),
+            torch.randint(0, 2, (n, 1), generator=g).float() * 2 - 1,
+        )
+        for _ in range(2)
+    )
     if n > 3:
         a[2] = math.nan
         b[n // 2 :] += 0.1 * torch.randn(n - n // 2, 4, generator=g)  # and half of the gallery tie-free
@@ -41,22 +47,34 @@ def metrics(n: int, across_ranks: bool) -> dict[str, float]:
     from mmpretrain.losses import split_siglip_loss as _split_siglip_loss
 
     a, b, labels, classes = problem(n)
-    out = retrieval_metrics(a, b, "a", "b", a_labels=labels, b_labels=labels, chunk=3, across_ranks=across_ranks)
-    out |= {f"only_{k}": v for k, v in class_retrieval_metrics(a, b, labels, labels, "a", "b",
-                                                                across_ranks=across_ranks).items()}
+    out = retrieval_metrics(
+        a, b, "a", "b", a_labels=labels, b_labels=labels, chunk=3, across_ranks=across_ranks
+    )
+    out |= {
+        f"only_{k}": v
+        for k, v in class_retrieval_metrics(a, b, labels, labels, "a", "b", across_ranks=across_ranks).items()
+    }
     out |= zero_shot_accuracy(b, labels, classes, topk=(1, 2), chunk=5, across_ranks=across_ranks)
     owner = torch.cat([torch.arange(n), labels % n])  # extra captions: some rows have several
     captions = torch.cat([b, a.flip(0)])
-    out |= {f"multi_{k}": v for k, v in multi_caption_retrieval(a, captions, owner, "a", "b", chunk=3,
-                                                                  across_ranks=across_ranks).items()}
+    out |= {
+        f"multi_{k}": v
+        for k, v in multi_caption_retrieval(
+            a, captions, owner, "a", "b", chunk=3, across_ranks=across_ranks
+        ).items()
+    }
     out["loss"] = _split_clip_loss(*loss_features(n), torch.tensor(10.0), tile=4).item()
-    out["siglip_loss"] = _split_siglip_loss(*loss_features(n), torch.tensor(10.0), torch.tensor(-3.0), tile=4).item()
+    out["siglip_loss"] = _split_siglip_loss(
+        *loss_features(n), torch.tensor(10.0), torch.tensor(-3.0), tile=4
+    ).item()
     return out
 
 
 def loss_features(n: int):
     unit = torch.nn.functional.normalize
-    return unit(torch.randn(n, 4, generator=torch.Generator().manual_seed(n)), dim=-1), unit(problem(n)[1], dim=-1)
+    return unit(torch.randn(n, 4, generator=torch.Generator().manual_seed(n)), dim=-1), unit(
+        problem(n)[1], dim=-1
+    )
 
 
 def worker(rank, world, port, queue):

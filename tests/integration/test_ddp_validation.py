@@ -40,17 +40,35 @@ def exported(tmp_path_factory):
     return export(build_model(cfg.model).eval(), tmp_path_factory.mktemp("export"))
 
 
-def test_ddp_validation_with_an_empty_rank_completes_and_matches_one_process(one_val_shard, exported, tmp_path):
+def test_ddp_validation_with_an_empty_rank_completes_and_matches_one_process(
+    one_val_shard, exported, tmp_path
+):
     from mmpretrain.commands.evaluate import evaluate
 
     assert len(list((one_val_shard / "val").glob("*.tar"))) == 1
-    common = [f"ckpt={exported}", f"data.root={one_val_shard}", "data.num_workers=0", "data.batch_size=64",
-              "trainer.enable_progress_bar=false"]
+    common = [
+        f"ckpt={exported}",
+        f"data.root={one_val_shard}",
+        "data.num_workers=0",
+        "data.batch_size=64",
+        "trainer.enable_progress_bar=false",
+    ]
     run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "mmpretrain.cli", "eval", *common, "trainer=ddp", "trainer.devices=2",
-           "trainer.accelerator=cpu", f"hydra.run.dir={run}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mmpretrain.cli",
+        "eval",
+        *common,
+        "trainer=ddp",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        f"hydra.run.dir={run}",
+    ]
     try:
-        proc = subprocess.run(cmd, check=False, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            cmd, check=False, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300
+        )
     except subprocess.TimeoutExpired as e:
         raise AssertionError(f"DDP validation hung\n{(e.stderr or b'')[-3000:]!r}") from None
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"

@@ -17,15 +17,25 @@ FAST = TINY_RUN + ["trainer.max_steps=6", "trainer.limit_val_batches=2"]
 @pytest.fixture(scope="module")
 def trained(digits_root, tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
-    cfg = compose_config("train", FAST + [f"data.root={digits_root}", "trainer.val_check_interval=6"], run_dir=run)
+    cfg = compose_config(
+        "train", FAST + [f"data.root={digits_root}", "trainer.val_check_interval=6"], run_dir=run
+    )
     metrics = train(cfg)
     return run, metrics
 
 
 def test_train_writes_the_run_directory(trained):
     run, metrics = trained
-    for name in ("config.yaml", "metrics.csv", "metrics.json", "checkpoints/last.ckpt", "export/model.safetensors",
-                 "plots/loss.png", "plots/similarity_image_text.png", "plots/projection_image.png"):
+    for name in (
+        "config.yaml",
+        "metrics.csv",
+        "metrics.json",
+        "checkpoints/last.ckpt",
+        "export/model.safetensors",
+        "plots/loss.png",
+        "plots/similarity_image_text.png",
+        "plots/projection_image.png",
+    ):
         assert (run / name).exists(), name
     assert "val/zeroshot_top1/image_text" in metrics
     assert "train/loss" in (run / "metrics.csv").read_text().splitlines()[0]
@@ -42,11 +52,15 @@ def test_export_load_and_eval_reproduce_the_checkpoint(trained, digits_root, tmp
     assert torch.equal(model.encode_text(tokens), ckpt_model.encode_text(tokens))
 
     base = [f"data.root={digits_root}", "data.num_workers=0", "trainer.enable_progress_bar=false"]
-    from_ckpt = evaluate(compose_config("eval", base + [f"ckpt={run}/checkpoints/last.ckpt"], run_dir=tmp_path / "e1"))
+    from_ckpt = evaluate(
+        compose_config("eval", base + [f"ckpt={run}/checkpoints/last.ckpt"], run_dir=tmp_path / "e1")
+    )
     from_export = evaluate(compose_config("eval", base + [f"ckpt={out}"], run_dir=tmp_path / "e2"))
     key = "val/zeroshot_top1/image_text"
     assert from_ckpt[key] == pytest.approx(from_export[key])
-    assert json.loads((tmp_path / "e2" / "eval_metrics.json").read_text())[key] == pytest.approx(from_export[key])
+    assert json.loads((tmp_path / "e2" / "eval_metrics.json").read_text())[key] == pytest.approx(
+        from_export[key]
+    )
     assert {"val/retrieval_R@1/image_to_text", "val/retrieval_R@10/text_to_image"} <= set(from_export)
 
 
@@ -70,8 +84,15 @@ def test_corrupt_samples_are_skipped_counted_and_reported(digits_root, tmp_path)
     steps = good // 16  # one pass over the shard (the corrupt samples come first), no second pass
     cfg = compose_config(
         "train",
-        FAST + [f"data.root={root}", f"trainer.max_steps={steps}", "trainer.limit_val_batches=0", "export_at_end=false",
-                "data.shuffle_buffer=1", "data.train_samples=16"],
+        FAST
+        + [
+            f"data.root={root}",
+            f"trainer.max_steps={steps}",
+            "trainer.limit_val_batches=0",
+            "export_at_end=false",
+            "data.shuffle_buffer=1",
+            "data.train_samples=16",
+        ],
         run_dir=tmp_path / "run",
     )
     metrics = train(cfg)

@@ -14,8 +14,8 @@ from PIL import Image
 import mmpretrain
 from mmpretrain.commands.export import export_cmd
 from mmpretrain.export import export, model_from_checkpoint
-from mmpretrain.io import UnsafeCheckpointError
 from mmpretrain.interop.open_clip import export_open_clip, open_clip_model_config
+from mmpretrain.io import UnsafeCheckpointError
 from tests.conftest import compose_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,8 +89,13 @@ def test_open_clip_layout_loads_in_a_process_without_mmpretrain(oc_model, tmp_pa
     assert sorted(p.name for p in out.iterdir()) == ["open_clip_config.json", "open_clip_model.safetensors"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = tmp_path / "emb.pt"
-    subprocess.run([sys.executable, "-c", CHILD, str(out), json.dumps(CAPTIONS), str(result)],
-                   env=env, cwd=tmp_path, check=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-c", CHILD, str(out), json.dumps(CAPTIONS), str(result)],
+        env=env,
+        cwd=tmp_path,
+        check=True,
+        timeout=120,
+    )
     theirs = torch.load(result, weights_only=True)
     img, txt = _embed(oc_model)
     torch.testing.assert_close(theirs["image"], img, atol=1e-5, rtol=0)
@@ -104,7 +109,9 @@ def test_open_clip_layout_loads_in_a_process_without_mmpretrain(oc_model, tmp_pa
 def test_open_clip_format_is_refused_for_non_open_clip_towers(tmp_path):
     cfg = compose_config("train", ["model=tiny"])
     model = mmpretrain.create_model(cfg.model)
-    with pytest.raises(ValueError, match="format=open_clip needs an image and a text tower both built by open_clip"):
+    with pytest.raises(
+        ValueError, match="format=open_clip needs an image and a text tower both built by open_clip"
+    ):
         export_open_clip(model, tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
@@ -124,15 +131,24 @@ def _open_clip_trainer_checkpoint(path: Path, seed: int = 1) -> dict:
 def test_open_clip_trainer_checkpoint_loads_with_its_model_config(tmp_path):
     oc = _open_clip_trainer_checkpoint(tmp_path / "epoch_3.pt")
     (tmp_path / "cfg.json").write_text(json.dumps(OC_CFG))
-    cfg = compose_config("export", ["model=openclip", f"model.config={tmp_path}/cfg.json",
-                                    f"ckpt={tmp_path}/epoch_3.pt", f"out={tmp_path}/exp"])
+    cfg = compose_config(
+        "export",
+        [
+            "model=openclip",
+            f"model.config={tmp_path}/cfg.json",
+            f"ckpt={tmp_path}/epoch_3.pt",
+            f"out={tmp_path}/exp",
+        ],
+    )
     export_cmd(cfg)
     ours = mmpretrain.load_pretrained(tmp_path / "exp")
     import open_clip
 
     tok = open_clip.get_tokenizer("ViT-B-32", context_length=16)(CAPTIONS)
     with torch.no_grad():
-        torch.testing.assert_close(ours.encode_text(tok), oc.encode_text(tok, normalize=True), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            ours.encode_text(tok), oc.encode_text(tok, normalize=True), atol=1e-5, rtol=0
+        )
     with pytest.raises(ValueError, match="model=openclip model.config="):
         model_from_checkpoint(tmp_path / "epoch_3.pt")
 
@@ -147,7 +163,9 @@ class _WritesAFile:
 
 def test_malicious_pickle_checkpoint_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
-    torch.save({"state_dict": {}, "hyper_parameters": {"model": _WritesAFile(str(marker))}}, tmp_path / "evil.ckpt")
+    torch.save(
+        {"state_dict": {}, "hyper_parameters": {"model": _WritesAFile(str(marker))}}, tmp_path / "evil.ckpt"
+    )
     assert not marker.exists()
     with pytest.raises(UnsafeCheckpointError, match="refusing to load .*evil.ckpt"):
         model_from_checkpoint(tmp_path / "evil.ckpt")
@@ -179,34 +197,61 @@ def test_eval_reads_prompts_from_files_and_accepts_an_open_clip_directory(oc_mod
     names = ["nought", "uno", "deux", "drei", "quattro", "cinco", "sei", "sieben", "huit", "nueve"]
     (tmp_path / "classes.txt").write_text("\n".join(names) + "\n")
     (tmp_path / "templates.txt").write_text("digit {}\n{} written by hand\n")
-    metrics = evaluate(compose_config("eval", [
-        f"ckpt={out}", f"data.root={digits_root}", "data.num_workers=0", "data.batch_size=40",
-        "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
-        f"classnames={tmp_path}/classes.txt", f"templates={tmp_path}/templates.txt"], run_dir=tmp_path / "e"))
+    metrics = evaluate(
+        compose_config(
+            "eval",
+            [
+                f"ckpt={out}",
+                f"data.root={digits_root}",
+                "data.num_workers=0",
+                "data.batch_size=40",
+                "trainer.limit_val_batches=1",
+                "trainer.enable_progress_bar=false",
+                f"classnames={tmp_path}/classes.txt",
+                f"templates={tmp_path}/templates.txt",
+            ],
+            run_dir=tmp_path / "e",
+        )
+    )
     # the same 40 samples scored by hand with those prompts
     prep = oc_model.preprocess(False)
-    batch = next(iter(ShardStream([Source("v", expand_shards(f"{digits_root}/val/*.tar"))], prep, batch_size=40, train=False)))
+    batch = next(
+        iter(
+            ShardStream(
+                [Source("v", expand_shards(f"{digits_root}/val/*.tar"))], prep, batch_size=40, train=False
+            )
+        )
+    )
     with torch.no_grad():
-        classes = class_embeddings(names, ["digit {}", "{} written by hand"],
-                                   lambda p: oc_model.encode_text(torch.stack([prep["text"](x) for x in p])))
+        classes = class_embeddings(
+            names,
+            ["digit {}", "{} written by hand"],
+            lambda p: oc_model.encode_text(torch.stack([prep["text"](x) for x in p])),
+        )
         expected = zero_shot_accuracy(oc_model.encode_image(batch["image"]), batch["cls"], classes)
     assert metrics["val/zeroshot_top1/image_text"] == pytest.approx(expected["top1"])
     assert metrics["val/zeroshot_top5/image_text"] == pytest.approx(expected["top5"])
-    assert {"val/retrieval_mean_rank/image_to_text", "val/retrieval_median_rank/text_to_image"} <= set(metrics)
+    assert {"val/retrieval_mean_rank/image_to_text", "val/retrieval_median_rank/text_to_image"} <= set(
+        metrics
+    )
 
 
 def test_open_clip_safetensors_state_dict_loads_like_the_trainer_checkpoint(tmp_path):
     from safetensors.torch import save_file
 
     oc = _open_clip_trainer_checkpoint(tmp_path / "epoch_3.pt", seed=2)
-    save_file({f"module.{k}": v.contiguous() for k, v in oc.state_dict().items()}, str(tmp_path / "oc.safetensors"))
+    save_file(
+        {f"module.{k}": v.contiguous() for k, v in oc.state_dict().items()}, str(tmp_path / "oc.safetensors")
+    )
     a = model_from_checkpoint(tmp_path / "oc.safetensors", open_clip_model_config(OC_CFG)).eval()
     b = model_from_checkpoint(tmp_path / "epoch_3.pt", open_clip_model_config(OC_CFG)).eval()
     assert torch.equal(_embed(a)[0], _embed(b)[0])
     with torch.no_grad():
         x = torch.stack([a.preprocess(False)["image"](im) for im in _images()])  # uint8: our tower normalises
         pixels = a.towers["image"].normalize_input(x)  # what open_clip's own float transform gives
-        torch.testing.assert_close(a.encode_image(x), oc.encode_image(pixels, normalize=True), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            a.encode_image(x), oc.encode_image(pixels, normalize=True), atol=1e-5, rtol=0
+        )
     wrong = dict(OC_CFG, vision_cfg=dict(OC_CFG["vision_cfg"], width=32, head_width=16))
     with pytest.raises(ValueError, match="another model config"):
         model_from_checkpoint(tmp_path / "oc.safetensors", open_clip_model_config(wrong))

@@ -45,22 +45,39 @@ TINY = [
 
 
 def record(run: Path, tensors: bool = False) -> list[str]:
-    return ["+callbacks.record._target_=mmpretrain.training.callbacks.RecordBatches", f"+callbacks.record.dirpath={run}/rec",
-            f"+callbacks.record.tensors={str(tensors).lower()}"]
+    return [
+        "+callbacks.record._target_=mmpretrain.training.callbacks.RecordBatches",
+        f"+callbacks.record.dirpath={run}/rec",
+        f"+callbacks.record.tensors={str(tensors).lower()}",
+    ]
 
 
 def env() -> dict[str, str]:
-    return os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
-                         "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+    return os.environ | {
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 def train_cmd(run: Path, *overrides: str) -> list[str]:
     return [sys.executable, "-m", "mmpretrain.cli", "train", *TINY, f"hydra.run.dir={run}", *overrides]
 
 
-def run_cli(run: Path, *overrides: str, check: bool = True, timeout: int = 240) -> subprocess.CompletedProcess:
-    proc = subprocess.run(train_cmd(run, *overrides), env=env(), cwd=ROOT, capture_output=True, text=True, check=False,
-                          timeout=timeout)
+def run_cli(
+    run: Path, *overrides: str, check: bool = True, timeout: int = 240
+) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        train_cmd(run, *overrides),
+        env=env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -99,7 +116,9 @@ def single_process_losses(run: Path, overrides: list[str], steps: int, digits_ro
         parts = [torch.load(run / "rec" / f"rank{r}-step{step:06d}.pt", weights_only=True) for r in (0, 1)]
         # each rank's text comes cut to its own longest caption: pad back with the padding id (exact)
         width = max(p["text"].shape[-1] for p in parts)
-        text = torch.cat([torch.nn.functional.pad(p["text"], (0, width - p["text"].shape[-1])) for p in parts])
+        text = torch.cat(
+            [torch.nn.functional.pad(p["text"], (0, width - p["text"].shape[-1])) for p in parts]
+        )
         batches.append({"image": torch.cat([p["image"] for p in parts]), "text": text})
     losses: list[float] = []
 
@@ -107,9 +126,18 @@ def single_process_losses(run: Path, overrides: list[str], steps: int, digits_ro
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(float(outputs["loss"]))
 
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, gradient_clip_val=cfg.trainer.gradient_clip_val,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[Grab()],
-                        num_sanity_val_steps=0, limit_val_batches=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        gradient_clip_val=cfg.trainer.gradient_clip_val,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[Grab()],
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     return losses
 
@@ -120,12 +148,19 @@ def ddp_losses(run: Path, steps: int) -> list[float]:
 
 
 # 2 ranks x 2 workers x batch 8, 64 samples per epoch: an epoch is 4 steps, then validation.
-DDP = ["trainer.accelerator=cpu", "data.train_samples=64", "trainer.max_steps=4", "trainer.limit_val_batches=null"]
+DDP = [
+    "trainer.accelerator=cpu",
+    "data.train_samples=64",
+    "trainer.max_steps=4",
+    "trainer.limit_val_batches=null",
+]
 
 
 def test_ddp_two_processes_match_single_process_and_validate_on_the_whole_val_set(digits_root, tmp_path):
     run = tmp_path / "ddp"
-    run_cli(run, f"data.root={digits_root}", "trainer=ddp", "trainer.devices=2", *DDP, *record(run, tensors=True))
+    run_cli(
+        run, f"data.root={digits_root}", "trainer=ddp", "trainer.devices=2", *DDP, *record(run, tensors=True)
+    )
     rec = records(run)
     assert sorted(rec) == [(r, s) for r in (0, 1) for s in range(1, 5)]
     for s in range(1, 5):  # the ranks read disjoint samples
@@ -139,9 +174,18 @@ def test_ddp_two_processes_match_single_process_and_validate_on_the_whole_val_se
     from tests.conftest import compose_config
 
     ddp_metrics = json.loads((run / "metrics.json").read_text())
-    single = evaluate(compose_config("eval", [f"data.root={digits_root}", "data.num_workers=0",
-                                              "trainer.enable_progress_bar=false",
-                                              f"ckpt={run}/checkpoints/last.ckpt"], run_dir=tmp_path / "eval"))
+    single = evaluate(
+        compose_config(
+            "eval",
+            [
+                f"data.root={digits_root}",
+                "data.num_workers=0",
+                "trainer.enable_progress_bar=false",
+                f"ckpt={run}/checkpoints/last.ckpt",
+            ],
+            run_dir=tmp_path / "eval",
+        )
+    )
     keys = [k for k in single if k.startswith("val/")]
     assert "val/zeroshot_top1/image_text" in keys and "val/retrieval_R@1/image_to_text" in keys
     for k in keys:
@@ -156,13 +200,40 @@ def test_two_torchrun_nodes_on_loopback_match_single_process(digits_root, tmp_pa
     port = free_port()
     procs = []
     for node in (0, 1):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-               "--node-rank", str(node), "--rdzv-backend", "static", "--master-addr", "127.0.0.1",
-               "--master-port", str(port), "-m", "mmpretrain.cli", "train", *TINY, f"hydra.run.dir={run}",
-               f"data.root={digits_root}", "trainer=ddp_multinode", "trainer.num_nodes=2", "trainer.devices=1",
-               *DDP, "trainer.limit_val_batches=1", *record(run, tensors=True)]
-        procs.append(subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--nproc-per-node",
+            "1",
+            "--node-rank",
+            str(node),
+            "--rdzv-backend",
+            "static",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+            "-m",
+            "mmpretrain.cli",
+            "train",
+            *TINY,
+            f"hydra.run.dir={run}",
+            f"data.root={digits_root}",
+            "trainer=ddp_multinode",
+            "trainer.num_nodes=2",
+            "trainer.devices=1",
+            *DDP,
+            "trainer.limit_val_batches=1",
+            *record(run, tensors=True),
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd, env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
     assert sorted(records(run)) == [(r, s) for r in (0, 1) for s in range(1, 5)]
@@ -171,8 +242,12 @@ def test_two_torchrun_nodes_on_loopback_match_single_process(digits_root, tmp_pa
 
 
 # -- SIGKILL at step k, resume=auto: the same batches and losses as the uninterrupted run ---------
-RESUME = ["data.train_samples=48", "trainer.max_steps=10", "trainer.limit_val_batches=1",
-          "callbacks.step_checkpoint.every_n_train_steps=3"]
+RESUME = [
+    "data.train_samples=48",
+    "trainer.max_steps=10",
+    "trainer.limit_val_batches=1",
+    "callbacks.step_checkpoint.every_n_train_steps=3",
+]
 
 
 def test_sigkill_then_resume_auto_continues_exactly(digits_root, tmp_path):
@@ -181,8 +256,14 @@ def test_sigkill_then_resume_auto_continues_exactly(digits_root, tmp_path):
     run_cli(full, *common, *record(full))
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(killed, *common, *record(killed), "resume=auto"), env=env(), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        train_cmd(killed, *common, *record(killed), "resume=auto"),
+        env=env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     marker = killed / "checkpoints" / "step0000003.ckpt"
     deadline = time.time() + 180
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
@@ -212,9 +293,17 @@ def test_sigkill_then_resume_auto_continues_exactly(digits_root, tmp_path):
 def test_ddp_resume_continues_every_ranks_stream_exactly(digits_root, tmp_path):
     """Each rank's streams resume from their own checkpointed positions (gathered into rank 0's
     checkpoint): at step 3 of 2 workers, across the epoch boundary at step 4."""
-    common = [f"data.root={digits_root}", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
-              "data.train_samples=64", "trainer.max_steps=6", "trainer.limit_val_batches=1",
-              "callbacks.step_checkpoint.every_n_train_steps=3", "callbacks.step_checkpoint.save_top_k=-1"]
+    common = [
+        f"data.root={digits_root}",
+        "trainer=ddp",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        "data.train_samples=64",
+        "trainer.max_steps=6",
+        "trainer.limit_val_batches=1",
+        "callbacks.step_checkpoint.every_n_train_steps=3",
+        "callbacks.step_checkpoint.save_top_k=-1",
+    ]
     full = tmp_path / "full"
     run_cli(full, *common, *record(full))
     resumed = tmp_path / "resumed"
@@ -229,10 +318,24 @@ def test_ddp_resume_continues_every_ranks_stream_exactly(digits_root, tmp_path):
 # -- SIGTERM (preemption): every rank stops, one checkpoint, exit 0; resume=auto picks it up ------
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly_on_every_rank(digits_root, tmp_path):
     run = tmp_path / "preempt"
-    args = [f"data.root={digits_root}", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
-            "data.train_samples=64", "trainer.max_steps=400", "trainer.limit_val_batches=1", *record(run)]
-    proc = subprocess.Popen(train_cmd(run, *args), env=env(), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    args = [
+        f"data.root={digits_root}",
+        "trainer=ddp",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        "data.train_samples=64",
+        "trainer.max_steps=400",
+        "trainer.limit_val_batches=1",
+        *record(run),
+    ]
+    proc = subprocess.Popen(
+        train_cmd(run, *args),
+        env=env(),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None:  # wait until both ranks train
         rec = records(run) if (run / "rec").exists() else {}
@@ -254,7 +357,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly_on_every_rank(digits_root,
 
 
 # -- bad data: exact skip count across 2 workers x 2 ranks; on_error=raise names key and shard -----
-def write_bad_shards(digits_root: Path, dest: Path, n_shards: int = 8, per_shard: int = 12) -> dict[str, list]:
+def write_bad_shards(
+    digits_root: Path, dest: Path, n_shards: int = 8, per_shard: int = 12
+) -> dict[str, list]:
     """Small shards from the digits where every shard starts with a corrupt image and a sample without
     text, and the last shard is cut inside sample 6's image. Returns each shard's items in read
     order: a key for a good sample, or an int (skips counted there)."""
@@ -270,8 +375,10 @@ def write_bad_shards(digits_root: Path, dest: Path, n_shards: int = 8, per_shard
     items: dict[str, list] = {}
     for i in range(n_shards):
         path = dest / "train" / f"bad-{i:02d}.tar"
-        samples = [{k: v for k, v in next(source).items() if k in ("__key__", "png", "txt", "cls")}
-                   for _ in range(per_shard)]
+        samples = [
+            {k: v for k, v in next(source).items() if k in ("__key__", "png", "txt", "cls")}
+            for _ in range(per_shard)
+        ]
         samples[0]["png"] = b"\x89PNG but not really"  # corrupt image bytes
         del samples[1]["txt"]  # a sample missing its text
         with wds.TarWriter(str(path)) as sink:
@@ -294,11 +401,19 @@ def expected_skips(items: dict[str, list], rec: dict, world: int, workers: int, 
     urls = sorted(items)
     total = 0
     for rank in range(world):
-        split = ShardStream([Source("x", urls)], {}, batch_size=1, train=True, rank=rank, world_size=world, seed=seed)
+        split = ShardStream(
+            [Source("x", urls)], {}, batch_size=1, train=True, rank=rank, world_size=world, seed=seed
+        )
         for worker in range(workers):
-            delivered = [k for (r, s), v in sorted(rec.items()) if r == rank and (s - 1) % workers == worker
-                         for k in v["keys"]]
-            stream = [x for p in range(10) for u in split._my_shards(urls, p, worker, workers) for x in items[u]]
+            delivered = [
+                k
+                for (r, s), v in sorted(rec.items())
+                if r == rank and (s - 1) % workers == worker
+                for k in v["keys"]
+            ]
+            stream = [
+                x for p in range(10) for u in split._my_shards(urls, p, worker, workers) for x in items[u]
+            ]
             got, pos = [], 0
             while len(got) < len(delivered):
                 if isinstance(stream[pos], str):
@@ -314,9 +429,19 @@ def test_bad_data_skips_are_counted_exactly_across_workers_and_ranks(digits_root
     items = write_bad_shards(digits_root, data)
     run = tmp_path / "bad"
     # 8 steps x batch 8: every reader (2 ranks x 2 workers, 2 shards each) goes into its second pass.
-    out = run_cli(run, f"data.root={data}", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
-                  "data.train_samples=64", "trainer.max_steps=8", "trainer.limit_val_batches=1",
-                  "data.shuffle_buffer=0", "trainer.log_every_n_steps=1", *record(run)).stdout
+    out = run_cli(
+        run,
+        f"data.root={data}",
+        "trainer=ddp",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        "data.train_samples=64",
+        "trainer.max_steps=8",
+        "trainer.limit_val_batches=1",
+        "data.shuffle_buffer=0",
+        "trainer.log_every_n_steps=1",
+        *record(run),
+    ).stdout
     skipped = json.loads((run / "metrics.json").read_text())["skipped_samples"]
     expected = expected_skips(items, records(run), world=2, workers=2)
     assert skipped == expected, (skipped, expected, out[-2000:])
@@ -332,8 +457,16 @@ def test_on_error_raise_stops_at_the_first_bad_sample_naming_key_and_shard(digit
     items = write_bad_shards(digits_root, data, n_shards=2)
     first = min(items)
     Path(sorted(items)[1]).unlink()
-    proc = run_cli(tmp_path / "raise", f"data.root={data}", "data.num_workers=1", "data.on_error=raise",
-                   "trainer.max_steps=3", "data.shuffle_buffer=0", "data.train_samples=64", check=False)
+    proc = run_cli(
+        tmp_path / "raise",
+        f"data.root={data}",
+        "data.num_workers=1",
+        "data.on_error=raise",
+        "trainer.max_steps=3",
+        "data.shuffle_buffer=0",
+        "data.train_samples=64",
+        check=False,
+    )
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
     assert "SampleError" in text and "sample 'digits_" in text and Path(first).name in text, text[-3000:]
@@ -342,9 +475,17 @@ def test_on_error_raise_stops_at_the_first_bad_sample_naming_key_and_shard(digit
 
 # -- NaN on one rank: both ranks skip together; K in a row stops with a checkpoint -----------------
 def test_nan_on_one_rank_is_skipped_by_all_ranks_then_stops_after_k(digits_root, tmp_path):
-    base = [f"data.root={digits_root}", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
-            "data.train_samples=64", "trainer.limit_val_batches=1", "callbacks.nonfinite_guard.max_consecutive=3",
-            "+callbacks.nan._target_=mmpretrain.training.callbacks.InjectNaN", "+callbacks.nan.rank=1"]
+    base = [
+        f"data.root={digits_root}",
+        "trainer=ddp",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        "data.train_samples=64",
+        "trainer.limit_val_batches=1",
+        "callbacks.nonfinite_guard.max_consecutive=3",
+        "+callbacks.nan._target_=mmpretrain.training.callbacks.InjectNaN",
+        "+callbacks.nan.rank=1",
+    ]
     run = tmp_path / "nan"
     out = run_cli(run, *base, "trainer.max_steps=8", "+callbacks.nan.steps=[3]", *record(run)).stdout
     rec = records(run)
@@ -360,10 +501,17 @@ def test_nan_on_one_rank_is_skipped_by_all_ranks_then_stops_after_k(digits_root,
     assert all(torch.isfinite(v).all() for v in weights.values())
 
     stop = tmp_path / "stop"  # single process: the stop logic; the all-ranks decision is checked above
-    proc = run_cli(stop, *base[:1], *base[4:-1], "trainer.max_steps=20", "+callbacks.nan.rank=0",
-                   "+callbacks.nan.steps=[2,3,4,5,6]",
-                   "callbacks.step_checkpoint.every_n_train_steps=1", "callbacks.step_checkpoint.save_top_k=-1",
-                   check=False)
+    proc = run_cli(
+        stop,
+        *base[:1],
+        *base[4:-1],
+        "trainer.max_steps=20",
+        "+callbacks.nan.rank=0",
+        "+callbacks.nan.steps=[2,3,4,5,6]",
+        "callbacks.step_checkpoint.every_n_train_steps=1",
+        "callbacks.step_checkpoint.save_top_k=-1",
+        check=False,
+    )
     assert proc.returncode != 0
     # The guard reads its device-side streak every check_every (= log_every_n_steps = 5) steps: the
     # read inside step 5 finds 4 skipped steps in a row (2-5) and stops before step 5's update.
@@ -380,10 +528,24 @@ def test_nan_on_one_rank_is_skipped_by_all_ranks_then_stops_after_k(digits_root,
 def test_wandb_key_in_env_never_reaches_the_run_directory(digits_root, tmp_path):
     secret = "0123456789abcdef0123456789abcdef01234567"  # 40 hex chars, the shape of a real key
     run = tmp_path / "wandb"
-    cmd = train_cmd(run, f"data.root={digits_root}", "logger=default", "trainer.max_steps=2",
-                    "data.train_samples=64", "trainer.limit_val_batches=1", "data.num_workers=0")
-    proc = subprocess.run(cmd, env=env() | {"WANDB_API_KEY": secret}, cwd=ROOT, capture_output=True, text=True, check=False,
-                          timeout=240)
+    cmd = train_cmd(
+        run,
+        f"data.root={digits_root}",
+        "logger=default",
+        "trainer.max_steps=2",
+        "data.train_samples=64",
+        "trainer.limit_val_batches=1",
+        "data.num_workers=0",
+    )
+    proc = subprocess.run(
+        cmd,
+        env=env() | {"WANDB_API_KEY": secret},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert any(run.rglob("*.wandb")), "the wandb offline run was not written"
     leaks = [p for p in run.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]

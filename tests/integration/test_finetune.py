@@ -9,9 +9,9 @@ import torch
 import mmpretrain
 from mmpretrain.commands.finetune import finetune
 from mmpretrain.export import export
-from mmpretrain.io import read_checkpoint
-from mmpretrain.interop.open_clip import open_clip_model_config
 from mmpretrain.finetune.heads import FusionClassifier, TowerClassifier
+from mmpretrain.interop.open_clip import open_clip_model_config
+from mmpretrain.io import read_checkpoint
 from tests.conftest import compose_config
 from tests.integration.test_export_interop import OC_CFG, _open_clip_trainer_checkpoint
 
@@ -19,7 +19,9 @@ FAST = ["trainer.enable_progress_bar=false", "data.num_workers=0", "data.batch_s
 
 
 def _check_run(run, metrics, n_val):
-    assert json.loads((run / "metrics.json").read_text())["val/accuracy"] == pytest.approx(metrics["val/accuracy"])
+    assert json.loads((run / "metrics.json").read_text())["val/accuracy"] == pytest.approx(
+        metrics["val/accuracy"]
+    )
     cm = torch.tensor(json.loads((run / "confusion_matrix.json").read_text())["matrix"])
     assert cm.sum() == n_val  # every val sample scored exactly once
     assert metrics["val/accuracy"] == pytest.approx((cm.trace() / cm.sum()).item(), abs=1e-6)
@@ -39,19 +41,44 @@ def oc_trainer_ckpt(tmp_path_factory):
 
 def test_linear_probe_from_open_clip_trainer_checkpoint(oc_trainer_ckpt, digits_root, tmp_path):
     d, _ = oc_trainer_ckpt
-    cfg = compose_config("finetune", FAST + [
-        "task=linear_probe", f"pretrained={d}/epoch_3.pt", "model=openclip", f"model.config={d}/cfg.json",
-        f"data.root={digits_root}", "task.epochs=2"], run_dir=tmp_path / "run")
+    cfg = compose_config(
+        "finetune",
+        FAST
+        + [
+            "task=linear_probe",
+            f"pretrained={d}/epoch_3.pt",
+            "model=openclip",
+            f"model.config={d}/cfg.json",
+            f"data.root={digits_root}",
+            "task.epochs=2",
+        ],
+        run_dir=tmp_path / "run",
+    )
     metrics = finetune(cfg)
     _check_run(tmp_path / "run", metrics, n_val=359)
 
 
-def test_fusion_from_open_clip_trainer_checkpoint_keeps_the_loaded_towers(oc_trainer_ckpt, digits_root, tmp_path):
+def test_fusion_from_open_clip_trainer_checkpoint_keeps_the_loaded_towers(
+    oc_trainer_ckpt, digits_root, tmp_path
+):
     d, oc = oc_trainer_ckpt
-    cfg = compose_config("finetune", FAST + [
-        "task=fusion", "fusion=attention", f"pretrained={d}/epoch_3.pt", "model=openclip", f"model.config={d}/cfg.json",
-        f"data.root={digits_root}", "task.epochs=1", "task.width=32", "task.layers=1", "trainer.limit_train_batches=3"],
-        run_dir=tmp_path / "run")
+    cfg = compose_config(
+        "finetune",
+        FAST
+        + [
+            "task=fusion",
+            "fusion=attention",
+            f"pretrained={d}/epoch_3.pt",
+            "model=openclip",
+            f"model.config={d}/cfg.json",
+            f"data.root={digits_root}",
+            "task.epochs=1",
+            "task.width=32",
+            "task.layers=1",
+            "trainer.limit_train_batches=3",
+        ],
+        run_dir=tmp_path / "run",
+    )
     metrics = finetune(cfg)
     _check_run(tmp_path / "run", metrics, n_val=359)
     state = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["state_dict"]
@@ -67,12 +94,28 @@ def test_full_finetune_from_an_export_trains_the_tower_at_its_own_lr(digits_root
     export(model, tmp_path / "exp")
     before = {k: v.clone() for k, v in model.towers.image.state_dict().items()}
     run = tmp_path / "run"
-    metrics = finetune(compose_config("finetune", FAST + [
-        "task=full", f"pretrained={tmp_path}/exp", f"data.root={digits_root}", "task.epochs=1",
-        "trainer.limit_train_batches=2", "trainer.limit_val_batches=2"], run_dir=run))
+    metrics = finetune(
+        compose_config(
+            "finetune",
+            FAST
+            + [
+                "task=full",
+                f"pretrained={tmp_path}/exp",
+                f"data.root={digits_root}",
+                "task.epochs=1",
+                "trainer.limit_train_batches=2",
+                "trainer.limit_val_batches=2",
+            ],
+            run_dir=run,
+        )
+    )
     assert 0 <= metrics["val/accuracy"] <= 1 and "train/loss" in metrics
     state = read_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
-    changed = [k for k, v in before.items() if v.is_floating_point() and not torch.equal(state[f"net.model.towers.image.{k}"], v)]
+    changed = [
+        k
+        for k, v in before.items()
+        if v.is_floating_point() and not torch.equal(state[f"net.model.towers.image.{k}"], v)
+    ]
     assert changed, "the tower did not train"
     assert "net.model.towers.text.text.token_embedding.weight" in state  # the whole model is kept
 
@@ -83,7 +126,9 @@ def test_layer_decay_groups_scale_lr_from_the_top():
     groups = net.param_groups(lr=1.0, tower_lr_scale=0.1, layer_decay=0.5)
     tower = [g for g in groups if g["name"].startswith("tower.")]
     assert len(tower) > 2
-    assert [g["lr"] for g in tower] == pytest.approx([0.1 * 0.5 ** (len(tower) - 1 - i) for i in range(len(tower))])
+    assert [g["lr"] for g in tower] == pytest.approx(
+        [0.1 * 0.5 ** (len(tower) - 1 - i) for i in range(len(tower))]
+    )
     assert groups[0]["name"] == "head" and groups[0]["lr"] == 1.0
     n_params = sum(len(g["params"]) for g in groups)
     assert n_params == len(list(net.head.parameters())) + len(list(net.model.towers.image.parameters()))
@@ -98,7 +143,9 @@ def test_fusion_modes_use_every_modality_and_never_the_frozen_towers(fusion):
 
     images = torch.stack([prep["image"](Image.new("RGB", (32, 32), c)) for c in ("red", "blue", "white")])
     text = torch.stack([prep["text"](t) for t in ("one", "a photo of the digit two", "3")])
-    net = FusionClassifier(model, ["image", "text"], 10, fusion, {"image": images, "text": text}, width=32, layers=1)
+    net = FusionClassifier(
+        model, ["image", "text"], 10, fusion, {"image": images, "text": text}, width=32, layers=1
+    )
     net.train()
     logits = net({"image": images, "text": text})
     assert logits.shape == (3, 10)
@@ -116,12 +163,21 @@ def test_bad_task_inputs_fail_with_clear_messages(digits_root, tmp_path):
     export(mmpretrain.create_model(cfg.model), tmp_path / "exp")
     base = FAST + [f"pretrained={tmp_path}/exp", f"data.root={digits_root}"]
     with pytest.raises(ValueError, match="the pretrained model has"):
-        finetune(compose_config("finetune", base + ["task=linear_probe", "task.modality=audio"], run_dir=tmp_path / "a"))
+        finetune(
+            compose_config(
+                "finetune", base + ["task=linear_probe", "task.modality=audio"], run_dir=tmp_path / "a"
+            )
+        )
     with pytest.raises(ValueError, match="fusion=mid is unknown"):
         finetune(compose_config("finetune", base + ["task=fusion", "fusion=mid"], run_dir=tmp_path / "b"))
     with pytest.raises(ValueError, match="model=openclip model.config="):
-        finetune(compose_config("finetune", FAST + [f"pretrained={tmp_path}/exp/model.safetensors",
-                                                    f"data.root={digits_root}"], run_dir=tmp_path / "c"))
+        finetune(
+            compose_config(
+                "finetune",
+                FAST + [f"pretrained={tmp_path}/exp/model.safetensors", f"data.root={digits_root}"],
+                run_dir=tmp_path / "c",
+            )
+        )
 
 
 @pytest.mark.slow
@@ -132,14 +188,26 @@ def test_frozen_fusion_towers_keep_their_norm_statistics(digits_root, tmp_path):
     before = {k: v.clone() for k, v in model.towers.image.state_dict().items() if "running" in k}
     from mmpretrain.finetune import run
 
-    fcfg = compose_config("finetune", ["task=fusion", "fusion=late", "pretrained=unused", f"data.root={digits_root}",
-                                       "data.num_workers=0", "data.batch_size=32"])
+    fcfg = compose_config(
+        "finetune",
+        [
+            "task=fusion",
+            "fusion=late",
+            "pretrained=unused",
+            f"data.root={digits_root}",
+            "data.num_workers=0",
+            "data.batch_size=32",
+        ],
+    )
     task = dict(fcfg.task) | {"epochs": 1, "fusion": "late"}
     from omegaconf import OmegaConf
 
     data = OmegaConf.to_container(fcfg.data, resolve=True)
-    trainer = OmegaConf.to_container(fcfg.trainer, resolve=True) | {"limit_train_batches": 2, "limit_val_batches": 1,
-                                                                     "enable_progress_bar": False}
+    trainer = OmegaConf.to_container(fcfg.trainer, resolve=True) | {
+        "limit_train_batches": 2,
+        "limit_val_batches": 1,
+        "enable_progress_bar": False,
+    }
     run(task, model, data, trainer, tmp_path, classnames=[str(i) for i in range(10)])
     after = model.towers.image.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())

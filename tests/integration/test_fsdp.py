@@ -25,10 +25,20 @@ from tests.integration.test_fault_tolerance import ROOT, env, record, records, r
 pytestmark = pytest.mark.slow
 
 STEPS = 10
-TWO_RANKS = ["trainer.devices=2", "trainer.accelerator=cpu", "data.train_samples=64", f"trainer.max_steps={STEPS}",
-             "trainer.limit_val_batches=1", "callbacks.plots=null"]
+TWO_RANKS = [
+    "trainer.devices=2",
+    "trainer.accelerator=cpu",
+    "data.train_samples=64",
+    f"trainer.max_steps={STEPS}",
+    "trainer.limit_val_batches=1",
+    "callbacks.plots=null",
+]
 # A tower locked but for its last 2 parameter groups, another learning rate for the text tower, layer decay.
-OPTIONS = ["+model.towers.image.lock={unlocked_groups:2}", "model.towers.text.lr_scale=0.5", "optim.layer_decay=0.8"]
+OPTIONS = [
+    "+model.towers.image.lock={unlocked_groups:2}",
+    "model.towers.text.lr_scale=0.5",
+    "optim.layer_decay=0.8",
+]
 
 
 def mean_losses(run: Path) -> list[float]:
@@ -42,9 +52,17 @@ def train_pair(tmp_path: Path, digits_root: Path, *overrides: str) -> tuple[Path
     runs = []
     for trainer in ("ddp", "fsdp"):
         run = tmp_path / trainer
-        run_cli(run, f"data.root={digits_root}", f"trainer={trainer}", *TWO_RANKS, *OPTIONS, "export_at_end=true",
-                *overrides,
-                *record(run, tensors=True), timeout=420)
+        run_cli(
+            run,
+            f"data.root={digits_root}",
+            f"trainer={trainer}",
+            *TWO_RANKS,
+            *OPTIONS,
+            "export_at_end=true",
+            *overrides,
+            *record(run, tensors=True),
+            timeout=420,
+        )
         runs.append(run)
     ddp, fsdp = runs
     a, b = records(ddp), records(fsdp)
@@ -60,8 +78,12 @@ def test_fsdp_losses_equal_ddp_and_its_sharded_checkpoint_exports_the_same_model
     assert ref[-1] < ref[0]  # it trained
 
     sharded = fsdp / "checkpoints" / "last.ckpt"
-    assert sharded.is_dir() and {p.name for p in sharded.iterdir()} >= {".metadata", "meta.pt", "__0_0.distcp",
-                                                                       "__1_0.distcp"}
+    assert sharded.is_dir() and {p.name for p in sharded.iterdir()} >= {
+        ".metadata",
+        "meta.pt",
+        "__0_0.distcp",
+        "__1_0.distcp",
+    }
     assert not list((fsdp / "checkpoints").glob(".*")), "a temporary checkpoint directory was left behind"
 
     # export from the sharded directory, in one process (not the 2 that wrote it) = the DDP run's export
@@ -86,13 +108,24 @@ def test_fsdp_losses_equal_ddp_and_its_sharded_checkpoint_exports_the_same_model
     # eval reads the sharded checkpoint directly
     from mmpretrain.commands.evaluate import evaluate
 
-    metrics = evaluate(compose_config("eval", [f"data.root={digits_root}", "data.num_workers=0",
-                                               "trainer.enable_progress_bar=false", f"ckpt={sharded}"],
-                                      run_dir=tmp_path / "eval"))
+    metrics = evaluate(
+        compose_config(
+            "eval",
+            [
+                f"data.root={digits_root}",
+                "data.num_workers=0",
+                "trainer.enable_progress_bar=false",
+                f"ckpt={sharded}",
+            ],
+            run_dir=tmp_path / "eval",
+        )
+    )
     assert 0 <= metrics["val/zeroshot_top1/image_text"] <= 1
 
 
-@pytest.mark.parametrize("loss", [["loss=siglip"], ["loss.tiled=true", "loss.tile_size=4"]], ids=["siglip", "tiled"])
+@pytest.mark.parametrize(
+    "loss", [["loss=siglip"], ["loss.tiled=true", "loss.tile_size=4"]], ids=["siglip", "tiled"]
+)
 def test_fsdp_siglip_and_the_tiled_infonce_equal_ddp(digits_root, tmp_path, loss):
     ddp, fsdp = train_pair(tmp_path, digits_root, *loss)
     got, ref = mean_losses(fsdp), mean_losses(ddp)
@@ -100,13 +133,24 @@ def test_fsdp_siglip_and_the_tiled_infonce_equal_ddp(digits_root, tmp_path, loss
 
 
 def test_fsdp_sigkill_then_resume_auto_continues_exactly(digits_root, tmp_path):
-    common = [f"data.root={digits_root}", "trainer=fsdp", *TWO_RANKS, "callbacks.step_checkpoint.every_n_train_steps=3"]
+    common = [
+        f"data.root={digits_root}",
+        "trainer=fsdp",
+        *TWO_RANKS,
+        "callbacks.step_checkpoint.every_n_train_steps=3",
+    ]
     full = tmp_path / "full"
     run_cli(full, *common, *record(full), timeout=420)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(killed, *common, *record(killed), "resume=auto"), env=env(), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        train_cmd(killed, *common, *record(killed), "resume=auto"),
+        env=env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     marker = killed / "checkpoints" / "step0000003.ckpt"
     deadline = time.time() + 300
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
@@ -141,22 +185,51 @@ def test_fsdp_open_clip_model_with_grad_cache_exports_to_open_clip(digits_root, 
     """An open_clip model trained under trainer=fsdp (GradCache on): its sharded checkpoint exports to
     open_clip's layout, which open_clip itself loads with the same embeddings."""
     cfg = tmp_path / "oc.json"
-    cfg.write_text(json.dumps({
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "embed_dim": 32,
+                "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+                "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+            }
+        )
+    )
     run = tmp_path / "oc"
-    subprocess.run([sys.executable, "-m", "mmpretrain.cli", "train", "model=openclip", f"model.config={cfg}",
-                    f"data.root={digits_root}", "trainer=fsdp", *TWO_RANKS, "trainer.max_steps=3",
-                    "optim.grad_cache_chunks=2", "data.batch_size=8", "data.num_workers=0", "logger=csv",
-                    "trainer.enable_progress_bar=false", "callbacks.progress_bar=null", f"hydra.run.dir={run}",
-                    *record(run, tensors=True)], env=env(), cwd=ROOT, check=True, capture_output=True, timeout=420)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mmpretrain.cli",
+            "train",
+            "model=openclip",
+            f"model.config={cfg}",
+            f"data.root={digits_root}",
+            "trainer=fsdp",
+            *TWO_RANKS,
+            "trainer.max_steps=3",
+            "optim.grad_cache_chunks=2",
+            "data.batch_size=8",
+            "data.num_workers=0",
+            "logger=csv",
+            "trainer.enable_progress_bar=false",
+            "callbacks.progress_bar=null",
+            f"hydra.run.dir={run}",
+            *record(run, tensors=True),
+        ],
+        env=env(),
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=420,
+    )
     sharded = run / "checkpoints" / "last.ckpt"
     from mmpretrain.commands.export import export_cmd
     from mmpretrain.export import model_from_checkpoint
     from tests.conftest import compose_config
 
-    out = export_cmd(compose_config("export", [f"ckpt={sharded}", f"out={tmp_path}/oc-export", "format=open_clip"]))
+    out = export_cmd(
+        compose_config("export", [f"ckpt={sharded}", f"out={tmp_path}/oc-export", "format=open_clip"])
+    )
     ours = model_from_checkpoint(sharded).eval()
     batch = torch.load(next((run / "rec").glob("rank0-step000001.pt")), weights_only=True)
     # open_clip takes normalised float images (our towers normalise uint8 pixels themselves) and text at its
@@ -168,8 +241,13 @@ def test_fsdp_open_clip_model_with_grad_cache_exports_to_open_clip(digits_root, 
     torch.save(batch, batch_file)
     result = tmp_path / "theirs.pt"
     child_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    subprocess.run([sys.executable, "-c", OPEN_CLIP_CHILD, str(out), str(batch_file), str(result)], env=child_env,
-                   cwd=tmp_path, check=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-c", OPEN_CLIP_CHILD, str(out), str(batch_file), str(result)],
+        env=child_env,
+        cwd=tmp_path,
+        check=True,
+        timeout=120,
+    )
     theirs = torch.load(result, weights_only=True)
     with torch.no_grad():
         for m in ("image", "text"):
@@ -182,14 +260,37 @@ def test_fsdp_nan_on_one_rank_is_skipped_and_batchnorm_statistics_stay_finite(di
     finite, and rank 1's NaN running statistics do not reach the checkpoint (rank 0's are taken
     before every training forward, as DDP broadcasts them)."""
     run = tmp_path / "nan"
-    subprocess.run([sys.executable, "-m", "mmpretrain.cli", "train", "debug=fast", "trainer=fsdp", "trainer.devices=2",
-                    "trainer.accelerator=cpu", f"data.root={digits_root}", "data.num_workers=0", "logger=csv",
-                    "trainer.log_every_n_steps=1", "callbacks.plots=null", "trainer.enable_progress_bar=false",
-                    "callbacks.progress_bar=null", f"hydra.run.dir={run}",
-                    "model.towers.text.config.text_cfg.width=32", "model.towers.text.config.text_cfg.heads=2",
-                    "model.towers.text.config.text_cfg.layers=1", "+callbacks.nan._target_=mmpretrain.training.callbacks.InjectNaN",
-                    "+callbacks.nan.steps=[2]", "+callbacks.nan.rank=1"],
-                   env=env(), cwd=ROOT, check=True, capture_output=True, timeout=420)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mmpretrain.cli",
+            "train",
+            "debug=fast",
+            "trainer=fsdp",
+            "trainer.devices=2",
+            "trainer.accelerator=cpu",
+            f"data.root={digits_root}",
+            "data.num_workers=0",
+            "logger=csv",
+            "trainer.log_every_n_steps=1",
+            "callbacks.plots=null",
+            "trainer.enable_progress_bar=false",
+            "callbacks.progress_bar=null",
+            f"hydra.run.dir={run}",
+            "model.towers.text.config.text_cfg.width=32",
+            "model.towers.text.config.text_cfg.heads=2",
+            "model.towers.text.config.text_cfg.layers=1",
+            "+callbacks.nan._target_=mmpretrain.training.callbacks.InjectNaN",
+            "+callbacks.nan.steps=[2]",
+            "+callbacks.nan.rank=1",
+        ],
+        env=env(),
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=420,
+    )
     import csv
 
     rows = [r for r in csv.DictReader((run / "metrics.csv").open()) if r.get("train/nonfinite_skips")]

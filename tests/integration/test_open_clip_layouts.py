@@ -25,7 +25,9 @@ def _write_clip_layout(tmp_path, kind: str):
         return _open_clip_trainer_checkpoint(tmp_path / "epoch_3.pt", seed=4), tmp_path / "epoch_3.pt"
     torch.manual_seed(4)
     oc = open_clip.CLIP(**OC_CFG).eval()
-    assert "token_embedding.weight" in oc.state_dict() and not any(k.startswith("text.") for k in oc.state_dict())
+    assert "token_embedding.weight" in oc.state_dict() and not any(
+        k.startswith("text.") for k in oc.state_dict()
+    )
     if kind == "laion_bin":
         path = tmp_path / "open_clip_pytorch_model.bin"
         torch.save(oc.state_dict(), path)
@@ -39,9 +41,15 @@ def _write_clip_layout(tmp_path, kind: str):
 def test_towers_load_a_clip_layout_checkpoint_through_pretrained_path(tmp_path, kind):
     oc, path = _write_clip_layout(tmp_path, kind)
     (tmp_path / "cfg.json").write_text(json.dumps(OC_CFG))
-    cfg = compose_config("train", ["model=openclip", f"model.config={tmp_path}/cfg.json",
-                                   f"model.towers.text.pretrained_path={path}",
-                                   f"model.towers.image.pretrained_path={path}"])
+    cfg = compose_config(
+        "train",
+        [
+            "model=openclip",
+            f"model.config={tmp_path}/cfg.json",
+            f"model.towers.text.pretrained_path={path}",
+            f"model.towers.image.pretrained_path={path}",
+        ],
+    )
     model = build_model(OmegaConf.to_container(cfg.model, resolve=True)).eval()
     prep = model.preprocess(train=False)
     tokens = torch.stack([prep["text"](c) for c in CAPTIONS])
@@ -49,9 +57,13 @@ def test_towers_load_a_clip_layout_checkpoint_through_pretrained_path(tmp_path, 
     text, image = model.towers["text"], model.towers["image"]
     with torch.no_grad():
         torch.testing.assert_close(text(tokens), oc.encode_text(tokens), atol=1e-6, rtol=0)
-        torch.testing.assert_close(image(pixels), oc.encode_image(image.normalize_input(pixels)), atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            image(pixels), oc.encode_image(image.normalize_input(pixels)), atol=1e-6, rtol=0
+        )
         # and through the model: normalised, same as open_clip's normalize=True
-        torch.testing.assert_close(model.encode_text(tokens), oc.encode_text(tokens, normalize=True), atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            model.encode_text(tokens), oc.encode_text(tokens, normalize=True), atol=1e-6, rtol=0
+        )
 
 
 def test_tower_pretrained_path_without_open_clip_tensors_says_so(tmp_path):
@@ -83,7 +95,9 @@ def _logits(img, txt, scale, bias):
 
 def test_siglip_model_round_trips_through_open_clip_local_dir(tmp_path):
     ours = _siglip_checkpoint(tmp_path)
-    out = export_cmd(compose_config("export", [f"ckpt={tmp_path}/last.ckpt", f"out={tmp_path}/oc", "format=open_clip"]))
+    out = export_cmd(
+        compose_config("export", [f"ckpt={tmp_path}/last.ckpt", f"out={tmp_path}/oc", "format=open_clip"])
+    )
     assert json.loads((out / "open_clip_config.json").read_text())["model_cfg"]["init_logit_bias"] == -6.5
     theirs, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
@@ -91,15 +105,20 @@ def test_siglip_model_round_trips_through_open_clip_local_dir(tmp_path):
     assert theirs.logit_bias is not None
     prep = ours.preprocess(train=False)
     with torch.no_grad():
-        expected = _logits(ours.encode_image(torch.stack([prep["image"](im) for im in _images()])),
-                           ours.encode_text(torch.stack([prep["text"](c) for c in CAPTIONS])),
-                           ours.logit_scales["shared"], ours.logit_bias)
+        expected = _logits(
+            ours.encode_image(torch.stack([prep["image"](im) for im in _images()])),
+            ours.encode_text(torch.stack([prep["text"](c) for c in CAPTIONS])),
+            ours.logit_scales["shared"],
+            ours.logit_bias,
+        )
         img = theirs.encode_image(torch.stack([preprocess(im) for im in _images()]), normalize=True)
         txt = theirs.encode_text(tokenizer(CAPTIONS), normalize=True)
         got = _logits(img, txt, theirs.logit_scale, theirs.logit_bias)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
         # open_clip's own forward agrees on scale and bias
-        assert theirs.logit_scale.item() == pytest.approx(2.75) and theirs.logit_bias.item() == pytest.approx(-6.5)
+        assert theirs.logit_scale.item() == pytest.approx(2.75) and theirs.logit_bias.item() == pytest.approx(
+            -6.5
+        )
     # ... and back in: the directory is an eval ckpt= / finetune pretrained= source with its bias
     back = model_from_checkpoint(out)
     assert back.logit_bias is not None and back.logit_bias.item() == pytest.approx(-6.5)

@@ -91,7 +91,9 @@ DIGITS = "data/digits"  # the default data.root of the digits configs, relative 
 SPOKEN = "data/spoken_digits"
 MOVING = "data/moving-digits-small"  # 40 train / 20 val clips
 SMALL = "data/digits-small"
-SCENES = "data/scenes-small"  # a few hundred scenes: the README's command at 50,000 takes minutes  # a quarter of the digits: a linear probe embeds every sample of its data
+# a few hundred scenes: the README's command at 50,000 takes minutes  # a quarter of the digits: a linear
+# probe embeds every sample of its data
+SCENES = "data/scenes-small"
 LINEAR_PROBE = (f"data.root={SMALL}", *FINETUNE)
 
 MAKE_DIGITS = "mmpretrain data digits out=DIR"
@@ -167,7 +169,8 @@ def _write_open_clip_trainer_checkpoint(workdir: Path) -> None:
 
 
 def _write_own_data(workdir: Path) -> None:
-    """Tiny stand-ins for the README's own data: own/pairs.csv, own/pairs.tsv, own/photos/<class>/, own/i2d."""
+    """Tiny stand-ins for the README's own data: own/pairs.csv, own/pairs.tsv, own/photos/<class>/, "
+    "own/i2d."""
     from tests.unit.test_convert import image_table, write_img2dataset
 
     own = workdir / "own"
@@ -227,7 +230,9 @@ COMMANDS: dict[str, Run | Skip] = {
     "mmpretrain data moving-digits out=DIR": Run(
         subs={"out=DIR": f"out={MOVING} train=40 val=20"}, budget=HYDRA_RUN, requires=("espeak-ng",)
     ),
-    "mmpretrain data shards in=TABLE_OR_FOLDER out=DIR": Skip(USAGE + "`mmpretrain data shards in=/data/pairs.csv ...`"),
+    "mmpretrain data shards in=TABLE_OR_FOLDER out=DIR": Skip(
+        USAGE + "`mmpretrain data shards in=/data/pairs.csv ...`"
+    ),
     "mmpretrain data shards in=/data/pairs.csv out=/data/my_shards": Run(
         subs=OWN, budget=HYDRA_RUN, prepare=(_write_own_data,), expect=("converted into own/shards",)
     ),
@@ -239,7 +244,8 @@ COMMANDS: dict[str, Run | Skip] = {
     "mmpretrain data shards in=/data/i2d out=DIR": Run(
         subs={"/data/": "own/", "out=DIR": "out=own/i2d_split"}, budget=HYDRA_RUN, prepare=(_write_own_data,)
     ),
-    "mmpretrain train data=shards data.root=/data/i2d 'data.sources.main.shards=\"/data/i2d/{00000..00008}.tar\"' "
+    "mmpretrain train data=shards data.root=/data/i2d "
+    "'data.sources.main.shards=\"/data/i2d/{00000..00008}.tar\"' "
     "data.val.shards=/data/i2d/00009.tar optimized_metric=val/retrieval_R@1/image_to_text": Run(
         subs={"/data/": "own/", "00008": "00001", "00009": "00002"}, prepare=(_write_own_data,)
     ),
@@ -309,7 +315,10 @@ COMMANDS: dict[str, Run | Skip] = {
     "mmpretrain train model=openclip model.config=hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K": Skip(HUB),
     "mmpretrain train model.towers.image.model_name=resnet50 model.towers.image.pretrained=true": Skip(HUB),
     "mmpretrain train model.towers.image.model_name=hf-hub:timm/resnet50.a1_in1k": Skip(HUB),
-    "mmpretrain train model.towers.image.model_name=resnet50 model.towers.image.pretrained_path=/weights/resnet50.safetensors": Run(
+    (
+        "mmpretrain train model.towers.image.model_name=resnet50 "
+        "model.towers.image.pretrained_path=/weights/resnet50.safetensors"
+    ): Run(
         subs={"/weights/resnet50.safetensors": "weights/resnet10t.safetensors", "=resnet50": "=resnet10t"},
         prepare=(_write_timm_weights,),
     ),
@@ -337,8 +346,9 @@ COMMANDS: dict[str, Run | Skip] = {
     ),
     # trainer=fsdp: ViT-L-14 shrunk to the 4x192 ViT (the same open_clip factory and sharding plan)
     "mmpretrain train trainer=fsdp trainer.devices=8 trainer.precision=bf16-mixed model=openclip "
-    "model.config=ViT-L-14": Run(subs={"trainer.devices=8": DDP_ON_CPU,
-                                       "model.config=ViT-L-14": "model.config=path/to/model_cfg.json"}),
+    "model.config=ViT-L-14": Run(
+        subs={"trainer.devices=8": DDP_ON_CPU, "model.config=ViT-L-14": "model.config=path/to/model_cfg.json"}
+    ),
     "mmpretrain train trainer=fsdp trainer.devices=8 trainer.precision=bf16-true "
     "trainer.strategy.mixed_precision='{param_dtype: bfloat16, reduce_dtype: float32}' "
     "trainer.strategy.activation_checkpointing=true trainer.strategy.cpu_offload=true": Run(
@@ -366,26 +376,35 @@ COMMANDS: dict[str, Run | Skip] = {
     ),
     "mmpretrain train +callbacks.record._target_=mmpretrain.training.callbacks.RecordBatches "
     "+callbacks.record.dirpath='${paths.output_dir}/rec'": Run(),
-    "mmpretrain train ... +callbacks.nan._target_=mmpretrain.training.callbacks.InjectNaN '+callbacks.nan.steps=[3,4]' "
+    "mmpretrain train ... +callbacks.nan._target_=mmpretrain.training.callbacks.InjectNaN "
+    "'+callbacks.nan.steps=[3,4]' "
     "+callbacks.nan.rank=1": Run(subs={"... ": f"trainer=ddp {DDP_ON_CPU} "}),  # rank 1 exists
     # -- audio and three modalities (the spoken digits need espeak-ng)
     "mmpretrain train experiment=spoken_digits_clap": Run(
         requires=("espeak-ng",), needs=("mmpretrain data spoken-digits out=DIR",)
     ),
     "mmpretrain train experiment=moving_digits_clip": Run(
-        extra=(f"data.root={MOVING}", "hydra.run.dir=runs/video"), requires=("espeak-ng",),
+        extra=(f"data.root={MOVING}", "hydra.run.dir=runs/video"),
+        requires=("espeak-ng",),
         needs=("mmpretrain data moving-digits out=DIR",),
     ),
     "mmpretrain train experiment=moving_digits_clip model.towers.video.pooling=mean": Run(
-        extra=(f"data.root={MOVING}",), requires=("espeak-ng",), needs=("mmpretrain data moving-digits out=DIR",)
+        extra=(f"data.root={MOVING}",),
+        requires=("espeak-ng",),
+        needs=("mmpretrain data moving-digits out=DIR",),
     ),
     "mmpretrain train experiment=moving_digits_quadmodal": Run(
         extra=(f"data.root={MOVING}", f"data.spoken_root={SPOKEN}", f"data.digits_root={DIGITS}"),
         requires=("espeak-ng",),
         needs=("mmpretrain data moving-digits out=DIR", "mmpretrain data spoken-digits out=DIR"),
     ),
-    "mmpretrain finetune task=linear_probe task.modality=video pretrained=runs/video/export data=moving_digits": Run(
-        extra=(f"data.root={MOVING}",), budget=FINETUNE, requires=("espeak-ng",),
+    (
+        "mmpretrain finetune task=linear_probe task.modality=video pretrained=runs/video/export "
+        "data=moving_digits"
+    ): Run(
+        extra=(f"data.root={MOVING}",),
+        budget=FINETUNE,
+        requires=("espeak-ng",),
         needs=("mmpretrain train experiment=moving_digits_clip",),
     ),
     "mmpretrain train experiment=scenes_clip": Run(
@@ -421,9 +440,9 @@ COMMANDS: dict[str, Run | Skip] = {
         budget=SWEEP,
         expect=("2 runs, best first",),
     ),
-    "mmpretrain train -m hydra/launcher=slurm hydra.launcher.partition=gpu trainer=gpu optim.lr=1e-4,3e-4": Skip(
-        SLURM
-    ),
+    (
+        "mmpretrain train -m hydra/launcher=slurm hydra.launcher.partition=gpu trainer=gpu optim.lr=1e-4,3e-4"
+    ): Skip(SLURM),
 }
 
 
@@ -484,14 +503,9 @@ def test_every_readme_command_has_an_entry():
 
 def test_the_parser_joins_continuations_strips_comments_and_unescapes_tables():
     text = (
-        "```bash\n"
-        "mmpretrain train a=1 \\\n"
-        "  'b={x: 1}'   # a comment\n"
-        "make demo   # not ours\n"
-        "srun mmpretrain train c=2\n"
-        "```\n"
-        "| x | `mmpretrain finetune task=a\\|b` |\n"
-        "prose `mmpretrain.load_pretrained(DIR)` and `mmpretrain data` and `mmpretrain train a=1 'b={x: 1}'`\n"
+        "```bash\nmmpretrain train a=1 \\\n  'b={x: 1}'   # a comment\nmake demo   # not ours\nsrun "
+        "mmpretrain train c=2\n```\n| x | `mmpretrain finetune task=a\\|b` |\nprose "
+        "`mmpretrain.load_pretrained(DIR)` and `mmpretrain data` and `mmpretrain train a=1 'b={x: 1}'`\n"
         "```python\nmmpretrain train d=3\n```\n"
     )
     assert readme_commands(text) == [

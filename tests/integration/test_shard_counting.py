@@ -57,13 +57,20 @@ def worker(rank, port, root, queue):
     opened = []
     count_tar = shards._count_tar
     shards._count_tar = lambda path: opened.append(path.name) or count_tar(path)
-    cfg = {"sources": {"s": {"shards": f"{root}/train-{{0000..{SHARDS - 1:04d}}}.tar"}},
-           "batch_size": BATCH, "num_workers": WORKERS, "shuffle_buffer": 8}
+    cfg = {
+        "sources": {"s": {"shards": f"{root}/train-{{0000..{SHARDS - 1:04d}}}.tar"}},
+        "batch_size": BATCH,
+        "num_workers": WORKERS,
+        "shuffle_buffer": 8,
+    }
     runs = []
     for _ in range(2):  # the second run finds sizes.json
         dm = ContrastiveDataModule(cfg, preprocess, seed=0)
-        dm.trainer = SimpleNamespace(global_rank=rank, world_size=WORLD,
-                                     strategy=SimpleNamespace(root_device=SimpleNamespace(type="cpu")))
+        dm.trainer = SimpleNamespace(
+            global_rank=rank,
+            world_size=WORLD,
+            strategy=SimpleNamespace(root_device=SimpleNamespace(type="cpu")),
+        )
         opened.clear()
         t0 = time.perf_counter()
         loader = dm.train_dataloader()
@@ -71,8 +78,14 @@ def worker(rank, port, root, queue):
         next(batches)
         first_batch_s = time.perf_counter() - t0
         n_batches = 1 + sum(1 for _ in batches) if not runs else None  # the whole epoch once
-        runs.append({"per_worker": dm.batches_per_worker(), "opened": sorted(opened), "first_batch_s": first_batch_s,
-                     "batches": n_batches})
+        runs.append(
+            {
+                "per_worker": dm.batches_per_worker(),
+                "opened": sorted(opened),
+                "first_batch_s": first_batch_s,
+                "batches": n_batches,
+            }
+        )
         dist.barrier()  # rank 0 has written sizes.json before anyone starts the second run
         del batches, loader
     queue.put((rank, runs))
@@ -114,7 +127,9 @@ def test_a_thousand_shards_are_counted_once_across_ranks_and_remembered(tmp_path
         assert results[r][1]["opened"] == [] and results[r][1]["per_worker"] == per_worker
 
 
-def test_counting_without_distributed_writes_sizes_json_and_an_unwritable_folder_still_counts(tmp_path, monkeypatch):
+def test_counting_without_distributed_writes_sizes_json_and_an_unwritable_folder_still_counts(
+    tmp_path, monkeypatch
+):
     from mmpretrain.data import count_samples
     from mmpretrain.data.stream import shards
 
@@ -126,7 +141,9 @@ def test_counting_without_distributed_writes_sizes_json_and_an_unwritable_folder
                     info = tarfile.TarInfo(f"k{i}_{j}.{ext}")
                     tf.addfile(info)
     assert count_samples(urls) == 1 + 2 + 3 + 1
-    assert json.loads((tmp_path / "sizes.json").read_text()) == {Path(u).name: samples_in(i) for i, u in enumerate(urls)}
+    assert json.loads((tmp_path / "sizes.json").read_text()) == {
+        Path(u).name: samples_in(i) for i, u in enumerate(urls)
+    }
     (tmp_path / "sizes.json").unlink()
 
     def refuse(*args):

@@ -11,10 +11,21 @@ import mmpretrain
 from mmpretrain.commands.train import train
 from tests.conftest import compose_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng"),
+]
 
-FAST = ["trainer.max_steps=4", "trainer.max_epochs=1", "trainer.val_check_interval=4", "trainer.enable_progress_bar=false",
-        "callbacks.progress_bar=null", "logger=csv", "data.batch_size=8", "data.num_workers=0"]
+FAST = [
+    "trainer.max_steps=4",
+    "trainer.max_epochs=1",
+    "trainer.val_check_interval=4",
+    "trainer.enable_progress_bar=false",
+    "callbacks.progress_bar=null",
+    "logger=csv",
+    "data.batch_size=8",
+    "data.num_workers=0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +49,21 @@ def tiny_spoken(tmp_path_factory):
 
 
 def test_trimodal_reports_untrained_pairs_and_exports(tiny_spoken, digits_root, tmp_path):
-    cfg = compose_config("train", ["experiment=digits_trimodal", *FAST, f"data.root={tiny_spoken}",
-                                   f"data.digits_root={digits_root}"], run_dir=tmp_path)
+    cfg = compose_config(
+        "train",
+        ["experiment=digits_trimodal", *FAST, f"data.root={tiny_spoken}", f"data.digits_root={digits_root}"],
+        run_dir=tmp_path,
+    )
     metrics = train(cfg)
-    for key in ("val/zeroshot_top1/audio_image", "val/retrieval_class_R@1/audio_to_image",
-                "val/zeroshot_top1/audio_text", "val/zeroshot_top1/image_text", "train/image_text_loss",
-                "train/audio_text_loss", "train/logit_scale/audio_text"):
+    for key in (
+        "val/zeroshot_top1/audio_image",
+        "val/retrieval_class_R@1/audio_to_image",
+        "val/zeroshot_top1/audio_text",
+        "val/zeroshot_top1/image_text",
+        "train/image_text_loss",
+        "train/audio_text_loss",
+        "train/logit_scale/audio_text",
+    ):
         assert key in metrics, key
     assert "train/audio_image_loss" not in metrics
     model = mmpretrain.load_pretrained(tmp_path / "export")
@@ -53,7 +73,9 @@ def test_trimodal_reports_untrained_pairs_and_exports(tiny_spoken, digits_root, 
 
 
 def test_spoken_digits_clap_runs(tiny_spoken, tmp_path):
-    cfg = compose_config("train", ["experiment=spoken_digits_clap", *FAST, f"data.root={tiny_spoken}"], run_dir=tmp_path)
+    cfg = compose_config(
+        "train", ["experiment=spoken_digits_clap", *FAST, f"data.root={tiny_spoken}"], run_dir=tmp_path
+    )
     metrics = train(cfg)
     assert 0.0 <= metrics["val/zeroshot_top1/audio_text"] <= 1.0
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))

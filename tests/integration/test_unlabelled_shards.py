@@ -18,13 +18,26 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 COLORS = ["red", "green", "blue"]
 TINY = [
-    "data=shards", "debug=fast", "data.batch_size=8", "data.num_workers=0", "data.shuffle_buffer=10",
-    "data.caption_keys=[json]", "data.caption_field=captions", "loss.hard_negatives=true", "loss.max_negatives=2",
-    "export_at_end=false", "callbacks.plots=null", "logger=csv",
-    "model.towers.image.model_name=test_vit", "model.towers.image.img_size=16",
-    "+model.towers.image.model_kwargs.img_size=16", "model.towers.text.config.text_cfg.width=32",
-    "model.towers.text.config.text_cfg.heads=2", "model.towers.text.config.text_cfg.layers=1",
-    "model.towers.text.config.text_cfg.context_length=16", "model.embed_dim=32",
+    "data=shards",
+    "debug=fast",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "data.shuffle_buffer=10",
+    "data.caption_keys=[json]",
+    "data.caption_field=captions",
+    "loss.hard_negatives=true",
+    "loss.max_negatives=2",
+    "export_at_end=false",
+    "callbacks.plots=null",
+    "logger=csv",
+    "model.towers.image.model_name=test_vit",
+    "model.towers.image.img_size=16",
+    "+model.towers.image.model_kwargs.img_size=16",
+    "model.towers.text.config.text_cfg.width=32",
+    "model.towers.text.config.text_cfg.heads=2",
+    "model.towers.text.config.text_cfg.layers=1",
+    "model.towers.text.config.text_cfg.context_length=16",
+    "model.embed_dim=32",
 ]
 
 
@@ -32,10 +45,18 @@ def scene(i):
     color = i % 3
     buf = io.BytesIO()
     Image.new("RGB", (16, 16), tuple(255 if c == color else 0 for c in range(3))).save(buf, format="PNG")
-    meta = {"captions": [f"a {COLORS[color]} square", f"a square colored {COLORS[color]}"][: 1 + i % 2],
-            "negatives": [f"a {COLORS[(color + 1) % 3]} square"], "negative_kinds": ["replace_att"],
-            "labels": {"color": color}}
-    return {"__key__": f"s{i:04d}", "png": buf.getvalue(), "txt": meta["captions"][0], "json": json.dumps(meta)}
+    meta = {
+        "captions": [f"a {COLORS[color]} square", f"a square colored {COLORS[color]}"][: 1 + i % 2],
+        "negatives": [f"a {COLORS[(color + 1) % 3]} square"],
+        "negative_kinds": ["replace_att"],
+        "labels": {"color": color},
+    }
+    return {
+        "__key__": f"s{i:04d}",
+        "png": buf.getvalue(),
+        "txt": meta["captions"][0],
+        "json": json.dumps(meta),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +74,18 @@ def unlabelled_root(tmp_path_factory):
 
 
 def train(root, run, *overrides):
-    cmd = [str(Path(sys.executable).parent / "mmpretrain"), "train", *TINY, f"data.root={root}",
-           f"hydra.run.dir={run}", *overrides]
+    cmd = [
+        str(Path(sys.executable).parent / "mmpretrain"),
+        "train",
+        *TINY,
+        f"data.root={root}",
+        f"hydra.run.dir={run}",
+        *overrides,
+    ]
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    proc = subprocess.run(cmd, cwd=run.parent, env=env, capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        cmd, cwd=run.parent, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-6000:]}"
     assert "could not find the monitored key" not in out, out[-6000:]
@@ -67,8 +96,13 @@ def test_unlabelled_shards_train_validate_and_keep_a_best_checkpoint(unlabelled_
     out = train(unlabelled_root, tmp_path / "run")
     assert "monitoring val/retrieval_mean_R@1/image_text" in out
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    for key in ("val/retrieval_mean_R@1/image_text", "val/retrieval_rsum/image_text", "val/probe/replace_att",
-                "val/probe/mean", "val/zeroshot_top1/color/image_text"):
+    for key in (
+        "val/retrieval_mean_R@1/image_text",
+        "val/retrieval_rsum/image_text",
+        "val/probe/replace_att",
+        "val/probe/mean",
+        "val/zeroshot_top1/color/image_text",
+    ):
         assert key in metrics, sorted(metrics)
     assert "val/zeroshot_top1/image_text" not in metrics
     assert list((tmp_path / "run" / "checkpoints").glob("best-*.ckpt"))

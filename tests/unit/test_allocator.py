@@ -23,7 +23,9 @@ print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 
 
 
 def _faults_per_step(mode: str, env=None) -> tuple[str, int]:
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True, env=env
+    )
     applied, faults = out.stdout.split()
     return applied, int(faults)
 

@@ -14,8 +14,10 @@ from mmpretrain.towers.audio import AudioClip, AudioTower, LogMel, SpecAugment, 
 
 @pytest.mark.parametrize("htk", [False, True])
 @pytest.mark.parametrize("norm", ["slaney", None])
-@pytest.mark.parametrize("sr,n_fft,n_mels,f_min,f_max", [(16000, 512, 64, 0.0, None), (22050, 2048, 128, 50.0, 8000.0),
-                                                         (16000, 400, 40, 20.0, 7600.0)])
+@pytest.mark.parametrize(
+    "sr,n_fft,n_mels,f_min,f_max",
+    [(16000, 512, 64, 0.0, None), (22050, 2048, 128, 50.0, 8000.0), (16000, 400, 40, 20.0, 7600.0)],
+)
 def test_mel_filterbank_matches_librosa(htk, norm, sr, n_fft, n_mels, f_min, f_max):
     ours = mel_filterbank(sr, n_fft, n_mels, f_min, f_max, htk=htk, norm=norm).double().numpy()
     ref = librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels, fmin=f_min, fmax=f_max, htk=htk, norm=norm)
@@ -84,13 +86,19 @@ def test_spec_augment_masks_only_in_training():
 
 
 def test_audio_tower_cnn_and_vit():
-    tower = AudioTower("resnet10t", frontend={"n_mels": 32, "hop_length": 256}, spec_augment={"freq_masks": 1})
+    tower = AudioTower(
+        "resnet10t", frontend={"n_mels": 32, "hop_length": 256}, spec_augment={"freq_masks": 1}
+    )
     wave = tower.preprocess(train=True)((np.random.randn(20000).astype(np.float32), 16000))
     assert wave.shape == (16000,)
     assert tower(torch.stack([wave, wave])).shape == (2, tower.output_dim)
     assert tower.input_shape == (32, 63)
-    vit = AudioTower("vit_tiny_patch16_224", clip_seconds=0.96, frontend={"n_mels": 32, "hop_length": 160},
-                     model_kwargs={"img_size": "auto", "depth": 1})
+    vit = AudioTower(
+        "vit_tiny_patch16_224",
+        clip_seconds=0.96,
+        frontend={"n_mels": 32, "hop_length": 160},
+        model_kwargs={"img_size": "auto", "depth": 1},
+    )
     assert vit.model.patch_embed.img_size == (32, 97)
     assert vit(torch.randn(2, vit.num_samples)).shape == (2, 192)
     assert len(vit.param_groups()) > 1

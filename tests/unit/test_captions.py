@@ -11,16 +11,25 @@ from mmpretrain.data.stream.decode import decode_captions
 from tests.unit.test_data import png_bytes, write_shard
 
 CAPTIONS = [f"caption number {i}" for i in range(8)]
-TOKENIZE = {"image": lambda img: torch.tensor(next(iter(img.getdata())), dtype=torch.float32),
-            "text": lambda t: torch.tensor([len(t), sum(map(ord, t))])}
+TOKENIZE = {
+    "image": lambda img: torch.tensor(next(iter(img.getdata())), dtype=torch.float32),
+    "text": lambda t: torch.tensor([len(t), sum(map(ord, t))]),
+}
 
 
 def scene(i, n_caps=3, n_negs=2):
-    meta = {"captions": [f"scene {i} caption {c}" for c in range(n_caps)],
-            "negatives": [f"scene {i} negative {c}" for c in range(n_negs)],
-            "negative_kinds": ["swap_att", "replace_obj", "made_up"][:n_negs],
-            "labels": {"color": i % 3, "count": -1 if i % 2 else 2}}
-    return {"__key__": f"k{i:03d}", "png": png_bytes(i), "txt": meta["captions"][0], "json": json.dumps(meta).encode()}
+    meta = {
+        "captions": [f"scene {i} caption {c}" for c in range(n_caps)],
+        "negatives": [f"scene {i} negative {c}" for c in range(n_negs)],
+        "negative_kinds": ["swap_att", "replace_obj", "made_up"][:n_negs],
+        "labels": {"color": i % 3, "count": -1 if i % 2 else 2},
+    }
+    return {
+        "__key__": f"k{i:03d}",
+        "png": png_bytes(i),
+        "txt": meta["captions"][0],
+        "json": json.dumps(meta).encode(),
+    }
 
 
 def test_the_pick_is_a_pure_function_of_seed_key_and_pass():
@@ -30,6 +39,7 @@ def test_the_pick_is_a_pure_function_of_seed_key_and_pass():
     assert [pick_caption(CAPTIONS, 1, "a", p) for p in range(10)] != by_pass  # and seeds too
     assert [pick_caption(CAPTIONS, 0, "b", p) for p in range(10)] != by_pass  # and keys
     import random
+
     random.seed(123)
     again = [pick_caption(CAPTIONS, 0, "a", p) for p in range(10)]
     assert again == by_pass  # no global RNG involved
@@ -49,15 +59,24 @@ def test_caption_sources():
 
 
 def _stream(urls, train, **kw):
-    return ShardStream([Source("s", urls)], TOKENIZE, batch_size=4, train=train, batches_per_worker=8,
-                       shuffle_buffer=1, caption_keys=["json"], caption_field="captions", **kw)
+    return ShardStream(
+        [Source("s", urls)],
+        TOKENIZE,
+        batch_size=4,
+        train=train,
+        batches_per_worker=8,
+        shuffle_buffer=1,
+        caption_keys=["json"],
+        caption_field="captions",
+        **kw,
+    )
 
 
 def test_training_picks_one_caption_per_pass_and_resume_sees_the_same(tmp_path):
     urls = [write_shard(tmp_path / "a.tar", [scene(i) for i in range(8)])]
     full = list(iter(_stream(urls, True)))  # 4 passes of 2 batches
     batches = [b["text"] for b in full]
-    picked = [sorted(map(tuple, torch.cat(batches[2 * p: 2 * p + 2]).tolist())) for p in range(4)]
+    picked = [sorted(map(tuple, torch.cat(batches[2 * p : 2 * p + 2]).tolist())) for p in range(4)]
     assert len({tuple(p) for p in picked}) > 1  # another pass, other captions
     # an exact resume after batch 3 (from its saved position) yields the same batches 4..7
     resumed = _stream(urls, True, start_batch=4, positions={0: full[3]["__position__"]})
@@ -83,6 +102,8 @@ def test_validation_carries_every_caption_negative_and_label(tmp_path):
     owners = torch.cat([b["text_more_owner"] + 4 * j for j, b in enumerate(batches)])
     assert owners.tolist() == [i for i in range(6) for _ in range(i % 3)]
     kinds = torch.cat([b["probe_negatives_kind"] for b in batches]).tolist()
-    assert kinds == [NEGATIVE_KINDS.index(k) for i in range(6) for k in ["swap_att", "replace_obj", "other"][: i % 3]]
+    assert kinds == [
+        NEGATIVE_KINDS.index(k) for i in range(6) for k in ["swap_att", "replace_obj", "other"][: i % 3]
+    ]
     assert torch.cat([b["label/color"] for b in batches]).tolist() == [i % 3 for i in range(6)]
     assert torch.cat([b["label/count"] for b in batches]).tolist() == [2, -1, 2, -1, 2, -1]

@@ -35,12 +35,22 @@ def test_unknown_key_fails():
         compose_config("train", ["trainer.not_a_trainer_arg=1"])
 
 
-@pytest.mark.parametrize("data", sorted(p.stem for p in (Path(__file__).parents[2] / "conf" / "data").glob("*.yaml")))
+@pytest.mark.parametrize(
+    "data", sorted(p.stem for p in (Path(__file__).parents[2] / "conf" / "data").glob("*.yaml"))
+)
 def test_every_data_config_takes_the_overrides_our_error_messages_suggest(data):
     """Error messages tell users to set data.shard_policy=, data.on_missing=, data.caption_keys=,
     data.modality_keys=: each bundled data config must accept them without a '+' (a run of
     experiment=moving_digits_clip on too few shards was told to set data.shard_policy=resample, and
     Hydra refused the key)."""
-    cfg = compose_config("train", [f"data={data}", "data.shard_policy=resample", "data.on_missing=partial",
-                                   "data.caption_keys=[json]", "data.modality_keys={audio: [mp4]}"])
+    cfg = compose_config(
+        "train",
+        [
+            f"data={data}",
+            "data.shard_policy=resample",
+            "data.on_missing=partial",
+            "data.caption_keys=[json]",
+            "data.modality_keys={audio: [mp4]}",
+        ],
+    )
     assert cfg.data.shard_policy == "resample" and cfg.data.on_missing == "partial"

@@ -393,7 +393,9 @@ def test_the_data_command_passes_its_options(tmp_path):
     assert len(list(out.glob("train/train-*.tar"))) >= 2 and (out / "classnames.txt").exists()
     with pytest.raises(ValueError, match="needs in="):
         options("shards", compose_config("build_data", ["name=shards", f"out={out}"]))
-    assert options("digits", compose_config("build_data", [])) == {"seed": 0}  # null: the builder's default size
+    assert options("digits", compose_config("build_data", [])) == {
+        "seed": 0
+    }  # null: the builder's default size
     assert options("digits", compose_config("build_data", ["image_size=16"])) == {"seed": 0, "image_size": 16}
     scenes = options("scenes", compose_config("build_data", ["name=scenes", "train=10", "val=4"]))
     assert scenes == {"seed": 0, "train": 10, "val": 4, "shard_size": 1000}

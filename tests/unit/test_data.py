@@ -71,8 +71,17 @@ def test_train_stream_has_fixed_length_and_is_deterministic(tmp_path):
     urls = [write_shard(tmp_path / f"t-{s}.tar", [good(s * 10 + i) for i in range(10)]) for s in range(4)]
 
     def keys(rank):
-        stream = ShardStream([Source("s", urls)], PREPROCESS, batch_size=4, train=True, batches_per_worker=7,
-                             rank=rank, world_size=2, seed=3, shuffle_buffer=8)
+        stream = ShardStream(
+            [Source("s", urls)],
+            PREPROCESS,
+            batch_size=4,
+            train=True,
+            batches_per_worker=7,
+            rank=rank,
+            world_size=2,
+            seed=3,
+            shuffle_buffer=8,
+        )
         return [k for b in stream for k in b["__key__"]]
 
     k0, k1 = keys(0), keys(1)
@@ -83,8 +92,9 @@ def test_train_stream_has_fixed_length_and_is_deterministic(tmp_path):
 
 def test_too_few_shards_for_ranks_fails_fast(tmp_path):
     url = write_shard(tmp_path / "one.tar", [good(0)])
-    stream = ShardStream([Source("s", [url])], PREPROCESS, batch_size=1, train=True, batches_per_worker=1,
-                         rank=1, world_size=2)
+    stream = ShardStream(
+        [Source("s", [url])], PREPROCESS, batch_size=1, train=True, batches_per_worker=1, rank=1, world_size=2
+    )
     with pytest.raises(ValueError, match="1 shards for 2 ranks"):
         list(stream)
 
@@ -94,7 +104,9 @@ def test_augmentations_are_seeded_per_sample_without_global_side_effects(tmp_pat
     noisy = {"image": lambda img: torch.rand(3), "text": lambda t: torch.tensor([len(t)])}
 
     def images():
-        stream = ShardStream([Source("s", urls)], noisy, batch_size=4, train=True, batches_per_worker=3, seed=1)
+        stream = ShardStream(
+            [Source("s", urls)], noisy, batch_size=4, train=True, batches_per_worker=3, seed=1
+        )
         return torch.cat([b["image"] for b in stream])
 
     # torch.manual_seed also queues a lazy CUDA seeding that records a stack trace on every call
@@ -120,16 +132,21 @@ def test_a_stream_where_every_sample_fails_stops_with_the_reason(tmp_path, monke
     def broken(img):
         raise ValueError("resize to a negative size")
 
-    stream = ShardStream([Source("s", urls)], {**PREPROCESS, "image": broken}, batch_size=4, train=True,
-                         batches_per_worker=3)
+    stream = ShardStream(
+        [Source("s", urls)], {**PREPROCESS, "image": broken}, batch_size=4, train=True, batches_per_worker=3
+    )
     with pytest.raises(SampleError, match=r"25 samples in a row failed.*negative size.*on_error=raise"):
         next(iter(stream))
     # isolated failures still count as skips and reset the run of failures
     samples = [good(i) for i in range(60)]
     for i in range(0, 60, 3):
         samples[i]["png"] = b"broken"
-    stream = ShardStream([Source("s", [write_shard(tmp_path / "some-bad.tar", samples)])], PREPROCESS,
-                         batch_size=4, train=False)
+    stream = ShardStream(
+        [Source("s", [write_shard(tmp_path / "some-bad.tar", samples)])],
+        PREPROCESS,
+        batch_size=4,
+        train=False,
+    )
     assert sum(int(b["__skipped__"]) for b in stream) == 20
 
 
@@ -156,20 +173,38 @@ def test_any_non_negative_seed_streams_samples_without_skips(tmp_path, seed):
     """The old hand-written seeds (~seed * 1e15) overflowed int64 from seed ~18,300 on: every sample
     was skipped with 'Overflow when unpacking long long'."""
     urls = [write_shard(tmp_path / f"z-{s}.tar", [good(s * 10 + i) for i in range(10)]) for s in range(2)]
-    stream = ShardStream([Source("a", urls, weight=1.0), Source("b", urls, weight=2.0)], SEEDED, batch_size=4,
-                         train=True, batches_per_worker=3, seed=seed, shuffle_buffer=8)
+    stream = ShardStream(
+        [Source("a", urls, weight=1.0), Source("b", urls, weight=2.0)],
+        SEEDED,
+        batch_size=4,
+        train=True,
+        batches_per_worker=3,
+        seed=seed,
+        shuffle_buffer=8,
+    )
     batches = list(stream)
     assert len(batches) == 3 and all(len(b["__key__"]) == 4 for b in batches)
     assert sum(int(b["__skipped__"]) for b in batches) == 0
-    again = list(ShardStream([Source("a", urls, weight=1.0), Source("b", urls, weight=2.0)], SEEDED, batch_size=4,
-                             train=True, batches_per_worker=3, seed=seed, shuffle_buffer=8))
+    again = list(
+        ShardStream(
+            [Source("a", urls, weight=1.0), Source("b", urls, weight=2.0)],
+            SEEDED,
+            batch_size=4,
+            train=True,
+            batches_per_worker=3,
+            seed=seed,
+            shuffle_buffer=8,
+        )
+    )
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(batches, again))
 
 
 def test_negative_or_non_integer_seeds_are_refused_saying_what_a_seed_is(tmp_path):
     for bad in (-1, 1.5, "3"):
         with pytest.raises(ValueError, match="seed must be a non-negative integer"):
-            ShardStream([Source("s", ["x.tar"])], SEEDED, batch_size=1, train=True, batches_per_worker=1, seed=bad)
+            ShardStream(
+                [Source("s", ["x.tar"])], SEEDED, batch_size=1, train=True, batches_per_worker=1, seed=bad
+            )
 
 
 def test_the_stream_seeds_each_augmentation_with_derive_of_rank_stream_and_sample(tmp_path):
@@ -177,10 +212,21 @@ def test_the_stream_seeds_each_augmentation_with_derive_of_rank_stream_and_sampl
 
     urls = [write_shard(tmp_path / f"d-{s}.tar", [good(s * 10 + i) for i in range(10)]) for s in range(4)]
     # inside the augmentation, torch's CPU generator was seeded with the sample's seed
-    spy = {"image": lambda img: torch.tensor([torch.initial_seed()]), "text": lambda t: torch.tensor([len(t)])}
+    spy = {
+        "image": lambda img: torch.tensor([torch.initial_seed()]),
+        "text": lambda t: torch.tensor([len(t)]),
+    }
     for rank in (0, 1):
-        stream = ShardStream([Source("s", urls)], spy, batch_size=3, train=True, batches_per_worker=2, rank=rank,
-                             world_size=2, seed=2**63 - 1)
+        stream = ShardStream(
+            [Source("s", urls)],
+            spy,
+            batch_size=3,
+            train=True,
+            batches_per_worker=2,
+            rank=rank,
+            world_size=2,
+            seed=2**63 - 1,
+        )
         for worker in (0, 1):
             gen = stream._batch_stream(worker, 2)
             seen = torch.cat([next(gen)["image"] for _ in range(2)]).flatten().tolist()
@@ -223,12 +269,18 @@ def test_global_seed_fits_seed_everything_and_keeps_32_bit_seeds():
 def test_train_batches_carry_uint8_images_a_quarter_of_the_float_bytes(digits_root):
     from omegaconf import OmegaConf
 
-    from mmpretrain.training.datamodule import ContrastiveDataModule
     from mmpretrain.towers.timm import TimmTower
+    from mmpretrain.training.datamodule import ContrastiveDataModule
 
     tower = TimmTower("resnet10t", img_size=32)
-    cfg = OmegaConf.create({"sources": {"d": {"shards": f"{digits_root}/train/*.tar"}}, "batch_size": 8,
-                            "num_workers": 0, "train_samples": 32})
+    cfg = OmegaConf.create(
+        {
+            "sources": {"d": {"shards": f"{digits_root}/train/*.tar"}},
+            "batch_size": 8,
+            "num_workers": 0,
+            "train_samples": 32,
+        }
+    )
     dm = ContrastiveDataModule(cfg, preprocess=lambda train: {"image": tower.preprocess(train)}, seed=0)
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (8, 3, 32, 32)
@@ -243,11 +295,22 @@ def test_loaders_prefetch_two_batches_and_pin_memory_only_on_cuda(digits_root, d
 
     from mmpretrain.training.datamodule import ContrastiveDataModule
 
-    cfg = OmegaConf.create({"sources": {"d": {"shards": f"{digits_root}/train/*.tar"}}, "batch_size": 8,
-                            "num_workers": 2, "train_samples": 64, "val": {"shards": f"{digits_root}/val/*.tar"}})
+    cfg = OmegaConf.create(
+        {
+            "sources": {"d": {"shards": f"{digits_root}/train/*.tar"}},
+            "batch_size": 8,
+            "num_workers": 2,
+            "train_samples": 64,
+            "val": {"shards": f"{digits_root}/val/*.tar"},
+        }
+    )
     dm = ContrastiveDataModule(cfg, preprocess=lambda train: {}, seed=0)
     fit_loop = SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=None))
-    dm.trainer = SimpleNamespace(global_rank=0, world_size=1, fit_loop=fit_loop,
-                                 strategy=SimpleNamespace(root_device=torch.device(device)))
+    dm.trainer = SimpleNamespace(
+        global_rank=0,
+        world_size=1,
+        fit_loop=fit_loop,
+        strategy=SimpleNamespace(root_device=torch.device(device)),
+    )
     for loader in (dm.train_dataloader(), dm.val_dataloader()):
         assert loader.prefetch_factor == 2 and loader.pin_memory is pinned

@@ -19,7 +19,9 @@ def test_the_classifier_backbone_loads_as_the_locked_lit_image_tower(digits_root
     info = json.loads((out / "info.json").read_text())
     assert info["epochs"] == 1 and 0.0 <= info["val_accuracy"] <= 1.0
 
-    cfg = compose_config("train", ["experiment=lit_digits", f"paths.data_dir={tmp_path}"], run_dir=tmp_path / "run")
+    cfg = compose_config(
+        "train", ["experiment=lit_digits", f"paths.data_dir={tmp_path}"], run_dir=tmp_path / "run"
+    )
     assert cfg.model.towers.image.pretrained_path == str(out / "model.safetensors")
     assert dict(cfg.data.build) == {"digits": str(tmp_path / "digits"), "digits-classifier": str(out)}
     model = apply_training_options(build_model(cfg.model), cfg.model)

@@ -18,6 +18,7 @@ N, C, D = 23, 5, 8
 
 def cosine(q, g):
     """Pure Python, so equal vectors give exactly equal similarities (no BLAS blocking)."""
+
     def unit(v):
         norm = max(math.sqrt(sum(x * x for x in v)), 1e-12)
         return [x / norm for x in v]
@@ -45,7 +46,8 @@ def reference_zero_shot(q, labels, classes, k):
 
 
 def reference_class_retrieval(q, g, ql, gl, k):
-    """(R@k, mAP): gallery sorted by similarity, irrelevant items first among ties, NaN worst for a relevant one."""
+    """(R@k, mAP): gallery sorted by similarity, irrelevant items first among ties, NaN worst for a "
+    "relevant one."""
     r_at_k, aps = [], []
     for row, y in zip(cosine(q, g), ql.tolist()):
         rel = [int(lbl == y) for lbl in gl.tolist()]
@@ -102,7 +104,9 @@ def test_random_embeddings_score_the_plain_definitions():
 @pytest.mark.parametrize("broken", ["constant", "zeros", "nan"])
 def test_collapsed_or_diverged_embeddings_score_no_better_than_chance(broken):
     a, b, labels, classes = random_problem(1)
-    fill = {"constant": torch.ones(N, D), "zeros": torch.zeros(N, D), "nan": torch.full((N, D), math.nan)}[broken]
+    fill = {"constant": torch.ones(N, D), "zeros": torch.zeros(N, D), "nan": torch.full((N, D), math.nan)}[
+        broken
+    ]
     a = b = fill
 
     got = retrieval_metrics(a, b, "a", "b")
@@ -112,7 +116,10 @@ def test_collapsed_or_diverged_embeddings_score_no_better_than_chance(broken):
 
     assert zero_shot_accuracy(a, labels, classes)["top1"] <= 1 / C
     # Also when the class embeddings collapse (top-5 of 5 classes is still a miss for NaN).
-    queries, collapsed = torch.randn(N, D), torch.ones(C, D) if broken != "nan" else torch.full((C, D), math.nan)
+    queries, collapsed = (
+        torch.randn(N, D),
+        torch.ones(C, D) if broken != "nan" else torch.full((C, D), math.nan),
+    )
     for k in (1, 5):
         top = zero_shot_accuracy(queries, labels, collapsed, topk=(k,))[f"top{k}"]
         assert top == pytest.approx(reference_zero_shot(queries, labels, collapsed, k))
@@ -132,7 +139,9 @@ def test_one_nan_query_gets_the_worst_rank_and_misses():
     ranks = _ranks(a, b)
     assert ranks[3] == N and ranks.tolist() == reference_ranks(a, b)
     assert _ranks(b, a).tolist() == reference_ranks(b, a)  # a NaN gallery item beats every query's match
-    hits = [zero_shot_accuracy(a[i : i + 1], labels[i : i + 1], classes, topk=(C,))[f"top{C}"] for i in range(N)]
+    hits = [
+        zero_shot_accuracy(a[i : i + 1], labels[i : i + 1], classes, topk=(C,))[f"top{C}"] for i in range(N)
+    ]
     assert hits[3] == 0.0 and sum(hits) == N - 1
     got = class_retrieval_metrics(a, b, labels, labels, "a", "b")
     assert got["class_mAP/a_to_b"] == pytest.approx(reference_class_retrieval(a, b, labels, labels, 1)[1])
@@ -144,12 +153,17 @@ def test_exact_ties_count_against_the_model():
     txt = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     assert _ranks(img, txt).tolist() == [2, 2, 1]
     # A query scoring two classes equally is a top-1 miss and a top-2 hit.
-    assert zero_shot_accuracy(torch.tensor([[1.0, 1.0]]), torch.tensor([0]), torch.eye(2), topk=(1, 2)) == \
-        {"top1": 0.0, "top2": 1.0}
+    assert zero_shot_accuracy(torch.tensor([[1.0, 1.0]]), torch.tensor([0]), torch.eye(2), topk=(1, 2)) == {
+        "top1": 0.0,
+        "top2": 1.0,
+    }
     # Class retrieval: the relevant item tied with an irrelevant one is ranked second.
-    got = class_retrieval_metrics(torch.tensor([[1.0, 0.0]]), txt[:2], torch.tensor([1]), torch.tensor([0, 1]), "q", "g",
-                                  ks=(1, 2))
-    assert got["class_R@1/q_to_g"] == 0.0 and got["class_R@2/q_to_g"] == 1.0 and got["class_mAP/q_to_g"] == 0.5
+    got = class_retrieval_metrics(
+        torch.tensor([[1.0, 0.0]]), txt[:2], torch.tensor([1]), torch.tensor([0, 1]), "q", "g", ks=(1, 2)
+    )
+    assert (
+        got["class_R@1/q_to_g"] == 0.0 and got["class_R@2/q_to_g"] == 1.0 and got["class_mAP/q_to_g"] == 0.5
+    )
 
 
 @pytest.mark.parametrize("chunk", [None, 1, 3])
@@ -164,16 +178,24 @@ def test_chunked_split_free_metrics_keep_every_tie_and_nan_rule(chunk):
 
     a, b = signed_one_hot(N), signed_one_hot(N)
     a[4], b[7] = math.nan, math.nan
-    la, lb = torch.randint(0, C + 1, (N,), generator=g), torch.randint(0, C, (N,), generator=g)  # class C: no match
+    la, lb = (
+        torch.randint(0, C + 1, (N,), generator=g),
+        torch.randint(0, C, (N,), generator=g),
+    )  # class C: no match
     got = retrieval_metrics(a, b, "a", "b", a_labels=la, b_labels=lb, chunk=chunk)
     for k in (1, 5, 10):
         assert got[f"R@{k}/a_to_b"] == pytest.approx(sum(r <= k for r in reference_ranks(a, b)) / N)
         r_at_k, mean_ap = reference_class_retrieval(a, b, la, lb, k)
         assert got[f"class_R@{k}/a_to_b"] == pytest.approx(r_at_k, abs=1e-6)
         assert got["class_mAP/a_to_b"] == pytest.approx(mean_ap, abs=1e-6)
-        assert got[f"class_R@{k}/b_to_a"] == pytest.approx(reference_class_retrieval(b, a, lb, la, k)[0], abs=1e-6)
+        assert got[f"class_R@{k}/b_to_a"] == pytest.approx(
+            reference_class_retrieval(b, a, lb, la, k)[0], abs=1e-6
+        )
     assert got["class_mAP/b_to_a"] == pytest.approx(reference_class_retrieval(b, a, lb, la, 1)[1], abs=1e-6)
     assert got == class_retrieval_metrics(a, b, la, lb, "a", "b", chunk=chunk) | {
-        k: v for k, v in got.items() if "class" not in k}
+        k: v for k, v in got.items() if "class" not in k
+    }
     few = class_retrieval_metrics(a[:5], b, la[:5], lb, "q", "g", chunk=chunk)  # 5 queries, 23 gallery items
-    assert few["class_mAP/q_to_g"] == pytest.approx(reference_class_retrieval(a[:5], b, la[:5], lb, 1)[1], abs=1e-6)
+    assert few["class_mAP/q_to_g"] == pytest.approx(
+        reference_class_retrieval(a[:5], b, la[:5], lb, 1)[1], abs=1e-6
+    )

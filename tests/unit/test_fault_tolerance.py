@@ -11,12 +11,12 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from mmpretrain.runs import is_complete_checkpoint, newest_complete_checkpoint
-from mmpretrain.training.callbacks import AtomicCheckpointIO
 from mmpretrain.config import UnsafeTargetError
 from mmpretrain.data import ShardStream, Source
 from mmpretrain.data.stream.pipeline import check_shard_counts
 from mmpretrain.io import UnsafeCheckpointError, torch_load_safe
+from mmpretrain.runs import is_complete_checkpoint, newest_complete_checkpoint
+from mmpretrain.training.callbacks import AtomicCheckpointIO
 from tests.unit.test_data import PREPROCESS, good, png_bytes, write_shard
 
 
@@ -54,7 +54,9 @@ def test_resume_auto_picks_the_newest_complete_checkpoint(tmp_path):
     assert newest_complete_checkpoint(ckpts) == ckpts / "last.ckpt"
     cfg = OmegaConf.create({"resume": "auto", "ckpt_path": None})
     assert _resume_path(cfg, tmp_path) == str(ckpts / "last.ckpt")
-    assert _resume_path(OmegaConf.create({"resume": None, "ckpt_path": "auto"}), tmp_path) == str(ckpts / "last.ckpt")
+    assert _resume_path(OmegaConf.create({"resume": None, "ckpt_path": "auto"}), tmp_path) == str(
+        ckpts / "last.ckpt"
+    )
     assert _resume_path(cfg, tmp_path / "fresh") is None
     with pytest.raises(FileNotFoundError, match="does not exist"):
         _resume_path(OmegaConf.create({"resume": str(tmp_path / "nope.ckpt")}), tmp_path)
@@ -65,13 +67,26 @@ def uneven_shards(tmp_path, n=5):
     return [write_shard(tmp_path / f"t-{s}.tar", [good(s * 10 + i) for i in range(7 + s)]) for s in range(n)]
 
 
-def loader(urls, rank, start_batch=0, workers=2, per_worker=3, policy="error", transform=None, positions=None):
+def loader(
+    urls, rank, start_batch=0, workers=2, per_worker=3, policy="error", transform=None, positions=None
+):
     preprocess = dict(PREPROCESS)
     if transform:
         preprocess["image"] = transform
-    stream = ShardStream([Source("s", urls)], preprocess, batch_size=4, train=True, batches_per_worker=per_worker,
-                         rank=rank, world_size=2, seed=1, shuffle_buffer=6, start_batch=start_batch,
-                         shard_policy=policy, positions=positions)
+    stream = ShardStream(
+        [Source("s", urls)],
+        preprocess,
+        batch_size=4,
+        train=True,
+        batches_per_worker=per_worker,
+        rank=rank,
+        world_size=2,
+        seed=1,
+        shuffle_buffer=6,
+        start_batch=start_batch,
+        shard_policy=policy,
+        positions=positions,
+    )
     return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=True)
 
 
@@ -124,8 +139,14 @@ def test_too_few_shards_fail_fast_naming_the_fix_or_resample(tmp_path):
 def test_datamodule_refuses_to_resume_with_a_different_layout(digits_root):
     from mmpretrain.training.datamodule import ContrastiveDataModule
 
-    cfg = OmegaConf.create({"sources": {"d": {"shards": f"{digits_root}/train/*.tar"}}, "batch_size": 8,
-                            "num_workers": 2, "train_samples": 64})
+    cfg = OmegaConf.create(
+        {
+            "sources": {"d": {"shards": f"{digits_root}/train/*.tar"}},
+            "batch_size": 8,
+            "num_workers": 2,
+            "train_samples": 64,
+        }
+    )
     dm = ContrastiveDataModule(cfg, preprocess=lambda train: {}, seed=0)
     state = dm._layout() | {"batches_consumed": 5, "positions": [[None, None]]}
     dm.load_state_dict(state)
@@ -173,7 +194,12 @@ def test_pickle_and_torch_members_of_a_shard_are_never_decoded(tmp_path):
     assert not {"pyd", "pth", "pickle"} & set(batch)
     # validation's lists of further captions and probe negatives (empty here) ride along
     assert set(batch) - {"__key__", "image", "text", "__skipped__"} <= {
-        "text_more", "text_more_owner", "probe_negatives", "probe_negatives_owner", "probe_negatives_kind"}
+        "text_more",
+        "text_more_owner",
+        "probe_negatives",
+        "probe_negatives_owner",
+        "probe_negatives_kind",
+    }
     assert not marker.exists()
 
 
@@ -193,8 +219,17 @@ def test_configs_cannot_instantiate_arbitrary_callables(override, digits_root, t
     marker = tmp_path / "pwned"
     arg = "command" if "system" in override else "source"
     key = override.split("._target_")[0].lstrip("+")
-    cfg = compose_config("train", [f"data.root={digits_root}", "logger=csv", "data.num_workers=0", override,
-                                   f"+{key}.{arg}='touch {marker}'"], run_dir=tmp_path / "run")
+    cfg = compose_config(
+        "train",
+        [
+            f"data.root={digits_root}",
+            "logger=csv",
+            "data.num_workers=0",
+            override,
+            f"+{key}.{arg}='touch {marker}'",
+        ],
+        run_dir=tmp_path / "run",
+    )
     with pytest.raises(UnsafeTargetError, match="not allowed|not an allowed class"):
         train(cfg)
     assert not marker.exists()

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from mmpretrain.cli import CONF_DIR, COMMANDS
+from mmpretrain.cli import COMMANDS, CONF_DIR
 from tests.conftest import compose_config
 
 TASKS = sorted(p.stem for p in (Path(CONF_DIR) / "task").glob("*.yaml"))
@@ -13,7 +13,9 @@ TASKS = sorted(p.stem for p in (Path(CONF_DIR) / "task").glob("*.yaml"))
 
 @pytest.mark.parametrize("task", TASKS)
 def test_every_task_composes_and_resolves(task, tmp_path):
-    cfg = compose_config("finetune", [f"task={task}", "pretrained=x.ckpt", "fusion=attention"], run_dir=tmp_path)
+    cfg = compose_config(
+        "finetune", [f"task={task}", "pretrained=x.ckpt", "fusion=attention"], run_dir=tmp_path
+    )
     resolved = OmegaConf.to_container(cfg.task, resolve=True)
     assert resolved["name"] == task
     if task == "fusion":
@@ -21,8 +23,14 @@ def test_every_task_composes_and_resolves(task, tmp_path):
 
 
 def test_open_clip_model_config_is_accepted_by_finetune_eval_and_export():
-    for name, extra in (("finetune", ["pretrained=x.pt"]), ("eval", ["ckpt=x.pt"]), ("export", ["ckpt=x.pt", "out=o"])):
-        cfg = compose_config(name, [*extra, "model=openclip", "model.config=conf/model/open_clip/vit-4x192-p8-64.json"])
+    for name, extra in (
+        ("finetune", ["pretrained=x.pt"]),
+        ("eval", ["ckpt=x.pt"]),
+        ("export", ["ckpt=x.pt", "out=o"]),
+    ):
+        cfg = compose_config(
+            name, [*extra, "model=openclip", "model.config=conf/model/open_clip/vit-4x192-p8-64.json"]
+        )
         assert OmegaConf.to_container(cfg.model, resolve=True)["towers"]["image"]["config"].endswith(".json")
     assert "finetune" in COMMANDS
 

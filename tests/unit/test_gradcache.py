@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from mmpretrain.training.gradcache import grad_cache_backward, split_batch
 from mmpretrain.losses import InfoNCE, SigLIP
 from mmpretrain.model import ContrastiveModel
 from mmpretrain.towers.base import Tower
+from mmpretrain.training.gradcache import grad_cache_backward, split_batch
 
 
 class DropoutTower(Tower):

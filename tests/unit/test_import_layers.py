@@ -12,8 +12,13 @@ PACKAGE = Path(__file__).resolve().parents[2] / "mmpretrain"
 
 #: Bottom first. A module belongs to the longest prefix listed; it may import its own layer and below.
 LAYERS: list[tuple[str, ...]] = [
-    ("mmpretrain.io", "mmpretrain.config", "mmpretrain.runtime.distributed", "mmpretrain.runtime.allocator",
-     "mmpretrain.sweeps"),
+    (
+        "mmpretrain.io",
+        "mmpretrain.config",
+        "mmpretrain.runtime.distributed",
+        "mmpretrain.runtime.allocator",
+        "mmpretrain.sweeps",
+    ),
     ("mmpretrain.pretrained", "mmpretrain.interop"),
     ("mmpretrain.towers",),
     ("mmpretrain.model", "mmpretrain.losses"),
@@ -51,8 +56,10 @@ def imports(path: Path, names: set[str]) -> set[str]:
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in names else node.module
-                      for a in node.names}
+            found |= {
+                f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in names else node.module
+                for a in node.names
+            }
     return found
 
 
@@ -81,8 +88,11 @@ def test_every_module_has_a_layer_and_imports_nothing_above_it():
 
 
 def test_no_import_circle():
-    edges = {name: {o for o in imported if o in graph_names and o != name} for name, imported in graph().items()
-             for graph_names in [set(modules())]}
+    edges = {
+        name: {o for o in imported if o in graph_names and o != name}
+        for name, imported in graph().items()
+        for graph_names in [set(modules())]
+    }
     # Parent packages are imported implicitly with their modules: an edge into a package's own
     # __init__ from inside it is no circle of ours, so only edges between modules are followed.
     edges = {a: {b for b in bs if not a.startswith(b + ".")} for a, bs in edges.items()}
@@ -95,7 +105,7 @@ def test_no_import_circle():
         stack.append(node)
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == 1:
-                circles.append(stack[stack.index(nxt):] + [nxt])
+                circles.append(stack[stack.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt)
         stack.pop()
@@ -108,8 +118,13 @@ def test_no_import_circle():
 
 
 def test_the_lower_layers_import_neither_lightning_nor_hydra():
-    found = [f"{name} imports {other}" for name, imported in graph().items()
-             if layer(name) <= WITHOUT_LIGHTNING_OR_HYDRA for other in imported if other.split(".")[0] in FRAMEWORKS]
+    found = [
+        f"{name} imports {other}"
+        for name, imported in graph().items()
+        if layer(name) <= WITHOUT_LIGHTNING_OR_HYDRA
+        for other in imported
+        if other.split(".")[0] in FRAMEWORKS
+    ]
     assert not found, "\n".join(sorted(found))
 
 

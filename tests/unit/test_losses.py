@@ -40,6 +40,8 @@ def test_infonce_sums_weighted_pairs_and_skips_absent_modalities():
     loss = InfoNCE(pairs=[["image", "text"], ["audio", "text"]], weights=[1.0, 0.5])
     terms = loss(out)
     assert set(terms) == {"image_text_loss", "audio_text_loss"}
-    assert torch.allclose(terms["audio_text_loss"], 0.5 * clip_loss(feats["audio"], feats["text"], torch.tensor(5.0)))
+    assert torch.allclose(
+        terms["audio_text_loss"], 0.5 * clip_loss(feats["audio"], feats["text"], torch.tensor(5.0))
+    )
     del out["audio_features"]
     assert set(loss(out)) == {"image_text_loss"}

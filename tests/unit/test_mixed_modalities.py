@@ -45,11 +45,18 @@ def test_no_valid_rows_gives_zero_loss_with_finite_gradients():
 def test_infonce_uses_each_pairs_rows_and_temperature():
     f = {m: feats(6, seed=i) for i, m in enumerate(("image", "text", "audio"))}
     out = {f"{m}_features": v for m, v in f.items()}
-    out |= {"image_mask": torch.tensor([1, 1, 1, 0, 0, 0]).bool(), "audio_mask": torch.tensor([0, 0, 1, 1, 1, 1]).bool()}
+    out |= {
+        "image_mask": torch.tensor([1, 1, 1, 0, 0, 0]).bool(),
+        "audio_mask": torch.tensor([0, 0, 1, 1, 1, 1]).bool(),
+    }
     out |= {"logit_scale_image_text": torch.tensor(3.0), "logit_scale_audio_text": torch.tensor(9.0)}
     terms = InfoNCE(pairs=[["image", "text"], ["audio", "text"]], weights=[1.0, 0.5])(out)
-    assert torch.allclose(terms["image_text_loss"], clip_loss(f["image"][:3], f["text"][:3], torch.tensor(3.0)))
-    assert torch.allclose(terms["audio_text_loss"], 0.5 * clip_loss(f["audio"][2:], f["text"][2:], torch.tensor(9.0)))
+    assert torch.allclose(
+        terms["image_text_loss"], clip_loss(f["image"][:3], f["text"][:3], torch.tensor(3.0))
+    )
+    assert torch.allclose(
+        terms["audio_text_loss"], 0.5 * clip_loss(f["audio"][2:], f["text"][2:], torch.tensor(9.0))
+    )
 
 
 def test_collate_fills_modalities_no_sample_has():
@@ -62,10 +69,24 @@ def test_collate_fills_modalities_no_sample_has():
 def test_model_encodes_only_present_rows():
     from mmpretrain.model import build_model
 
-    model = build_model({"embed_dim": 8, "towers": {
-        "image": {"_target_": "mmpretrain.towers.timm.TimmTower", "model_name": "test_resnet", "img_size": 32},
-        "audio": {"_target_": "mmpretrain.towers.audio.AudioTower", "model_name": "test_resnet", "clip_seconds": 0.25,
-                  "frontend": {"n_mels": 16, "hop_length": 256}}}}).eval()
+    model = build_model(
+        {
+            "embed_dim": 8,
+            "towers": {
+                "image": {
+                    "_target_": "mmpretrain.towers.timm.TimmTower",
+                    "model_name": "test_resnet",
+                    "img_size": 32,
+                },
+                "audio": {
+                    "_target_": "mmpretrain.towers.audio.AudioTower",
+                    "model_name": "test_resnet",
+                    "clip_seconds": 0.25,
+                    "frontend": {"n_mels": 16, "hop_length": 256},
+                },
+            },
+        }
+    ).eval()
     x = torch.randn(4, 3, 32, 32)
     mask = torch.tensor([True, False, True, True])
     out = model({"image": x, "image_mask": mask, "audio": torch.randn(4, 4000)})
@@ -101,12 +122,21 @@ def write(path, samples):
 
 
 def test_sources_with_different_modalities_mix_by_weight(tmp_path):
-    it = write(tmp_path / "it.tar", [{"__key__": f"i{i}", "png": png(i), "txt": "a" * i, "cls": "1"} for i in range(200)])
-    at = write(tmp_path / "at.tar", [{"__key__": f"a{i}", "wav": wav(), "txt": "b", "png": png(9), "cls": "2"}
-                                     for i in range(200)])
-    sources = [Source("it", [it], weight=3.0, modalities=["image", "text", "cls"]),
-               Source("at", [at], weight=1.0, modalities=["audio", "text", "cls"])]
-    stream = ShardStream(sources, PREPROCESS, batch_size=20, train=True, batches_per_worker=5, shuffle_buffer=1)
+    it = write(
+        tmp_path / "it.tar",
+        [{"__key__": f"i{i}", "png": png(i), "txt": "a" * i, "cls": "1"} for i in range(200)],
+    )
+    at = write(
+        tmp_path / "at.tar",
+        [{"__key__": f"a{i}", "wav": wav(), "txt": "b", "png": png(9), "cls": "2"} for i in range(200)],
+    )
+    sources = [
+        Source("it", [it], weight=3.0, modalities=["image", "text", "cls"]),
+        Source("at", [at], weight=1.0, modalities=["audio", "text", "cls"]),
+    ]
+    stream = ShardStream(
+        sources, PREPROCESS, batch_size=20, train=True, batches_per_worker=5, shuffle_buffer=1
+    )
     batches = list(stream)
     for b in batches:  # every batch carries every modality; masks say which rows have it
         assert {"image", "text", "audio"} <= set(b)
@@ -132,10 +162,15 @@ def test_missing_modality_is_skipped_or_kept_as_partial(tmp_path, on_missing):
         assert skipped == 4 and set(keys) == {f"s{i}" for i in (0, 1, 3, 4, 6, 9)}
     else:
         assert skipped == 1 and len(keys) == 9
-        audio_mask = torch.cat([b.get("audio_mask", torch.ones(len(b["__key__"]), dtype=torch.bool)) for b in batches])
+        audio_mask = torch.cat(
+            [b.get("audio_mask", torch.ones(len(b["__key__"]), dtype=torch.bool)) for b in batches]
+        )
         assert [k for k, m in zip(keys, audio_mask) if not m] == ["s2", "s7"]
         # The loss over such a batch runs: rows without both modalities drop out of that pair only.
-        out = {f"{m}_features": F.normalize(torch.randn(len(keys), 4), dim=-1) for m in ("image", "text", "audio")}
+        out = {
+            f"{m}_features": F.normalize(torch.randn(len(keys), 4), dim=-1)
+            for m in ("image", "text", "audio")
+        }
         out |= {"audio_mask": audio_mask, "logit_scale": torch.tensor(10.0)}
         terms = InfoNCE(pairs=[["image", "text"], ["audio", "text"]])(out)
         assert torch.isfinite(terms["audio_text_loss"]) and torch.isfinite(terms["image_text_loss"])

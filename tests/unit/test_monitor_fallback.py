@@ -2,8 +2,7 @@
 
 import pytest
 
-from mmpretrain.commands.train import _hard_negatives
-from mmpretrain.commands.train import _resolve_monitor
+from mmpretrain.commands.train import _hard_negatives, _resolve_monitor
 from tests.conftest import compose_config
 
 
@@ -40,6 +39,10 @@ def test_zero_shot_tasks_are_read_from_data_val_tasks(tmp_path):
     (tmp_path / "tasks" / "shape" / "nothing").mkdir(parents=True)  # no classnames.txt: not a task
     (tmp_path / "templates.txt").write_text("a photo of a {} thing\n")
     cfg = compose_config("train", ["data=shards", f"data.root={tmp_path}"], run_dir=tmp_path)
-    assert tasks_from_config(cfg.data.val) == {"color": {"classnames": ["red", "green"], "templates": ["a photo of a {} thing"]}}
-    cfg = compose_config("train", ["data=shards", f"data.root={tmp_path}", "data.val.tasks=null"], run_dir=tmp_path)
+    assert tasks_from_config(cfg.data.val) == {
+        "color": {"classnames": ["red", "green"], "templates": ["a photo of a {} thing"]}
+    }
+    cfg = compose_config(
+        "train", ["data=shards", f"data.root={tmp_path}", "data.val.tasks=null"], run_dir=tmp_path
+    )
     assert tasks_from_config(cfg.data.val) == {}

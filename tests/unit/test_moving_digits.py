@@ -148,7 +148,10 @@ def test_audio_track_is_the_spoken_caption(root):
         assert rate == 16000 and 0.5 < len(speech) / rate < 10 and np.abs(speech).max() > 0.05
         with av.open(io.BytesIO(s["mp4"])) as c:
             assert [st.type for st in c.streams] == ["video", "audio"]
-            assert c.streams.video[0].codec_context.name == "h264" and c.streams.audio[0].codec_context.name == "aac"
+            assert (
+                c.streams.video[0].codec_context.name == "h264"
+                and c.streams.audio[0].codec_context.name == "aac"
+            )
             decoded = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)])
             assert c.streams.audio[0].sample_rate == rate
         # AAC adds up to a frame of priming and pads the end to whole 1024-sample frames.
@@ -156,7 +159,7 @@ def test_audio_track_is_the_spoken_caption(root):
         decoded = np.pad(decoded, (0, len(speech) + 2048 - len(decoded)))
         lags = np.correlate(decoded, speech, "valid")
         lag = int(np.argmax(lags))
-        aligned = decoded[lag:lag + len(speech)]
+        aligned = decoded[lag : lag + len(speech)]
         assert np.corrcoef(aligned, speech)[0, 1] > 0.9, lag
         assert 0.8 < np.sqrt(np.mean(aligned**2) / np.mean(speech**2)) < 1.25
 
@@ -190,7 +193,9 @@ def test_no_single_frame_nor_the_unordered_frames_tell_the_direction():
         profiles = [frame.sum(0), frame.sum(1)]
         if t1 is not None:
             later = [clip[t1].sum(0), clip[t1].sum(1)]
-            profiles = [np.real(np.fft.ifft(np.conj(np.fft.fft(a)) * np.fft.fft(b))) for a, b in zip(profiles, later)]
+            profiles = [
+                np.real(np.fft.ifft(np.conj(np.fft.fft(a)) * np.fft.fft(b))) for a, b in zip(profiles, later)
+            ]
         return np.concatenate(profiles)
 
     clips = [render(p.tracks, frames, size)[..., 0].astype(np.float64) / 255.0 for p in plans]
@@ -238,8 +243,22 @@ def test_the_console_command_builds_with_its_options(tmp_path):
     from tests.integration.test_launch import run_cli
 
     out = tmp_path / "md"
-    run_cli(["data", "moving-digits", f"out={out}", "train=3", "val=2", "workers=1", "frames=8", "image_size=32",
-             "fps=4", f"hydra.run.dir={tmp_path}/h"], cwd=tmp_path / "elsewhere", timeout=180)
+    run_cli(
+        [
+            "data",
+            "moving-digits",
+            f"out={out}",
+            "train=3",
+            "val=2",
+            "workers=1",
+            "frames=8",
+            "image_size=32",
+            "fps=4",
+            f"hydra.run.dir={tmp_path}/h",
+        ],
+        cwd=tmp_path / "elsewhere",
+        timeout=180,
+    )
     assert json.loads((out / "train" / "sizes.json").read_text()) == {"train-0000.tar": 3}
     sample = samples(out, "val")[0]
     assert decode_frames(sample["mp4"]).shape == (8, 32, 32)

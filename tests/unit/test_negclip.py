@@ -28,7 +28,10 @@ def reference(a, b, neg, valid, scale):
 
 def problem(dtype=torch.float64):
     g = torch.Generator().manual_seed(0)
-    unit = lambda *s: F.normalize(torch.randn(*s, generator=g, dtype=dtype), dim=-1)
+
+    def unit(*s):
+        return F.normalize(torch.randn(*s, generator=g, dtype=dtype), dim=-1)
+
     valid = torch.tensor([[1, 1], [1, 0], [0, 0], [1, 1], [0, 1]], dtype=torch.bool)
     return unit(B, D), unit(B, D), unit(B, M, D), valid, torch.tensor(3.0, dtype=dtype)
 
@@ -49,16 +52,27 @@ def test_negclip_equals_the_written_out_reference_with_gradients():
 def test_no_valid_negative_is_clip_and_infonce_routes_the_text_side():
     a, b, neg, valid, scale = problem()
     none = torch.zeros_like(valid)
-    assert negclip_loss(a, b, neg, none, scale).item() == pytest.approx(clip_loss(a, b, scale).item(), rel=1e-12)
-    out = {"image_features": a, "text_features": b, "text_negatives_features": neg, "text_negatives_mask": valid,
-           "logit_scale": scale}
+    assert negclip_loss(a, b, neg, none, scale).item() == pytest.approx(
+        clip_loss(a, b, scale).item(), rel=1e-12
+    )
+    out = {
+        "image_features": a,
+        "text_features": b,
+        "text_negatives_features": neg,
+        "text_negatives_mask": valid,
+        "logit_scale": scale,
+    }
     assert InfoNCE(hard_negatives=True)(out)["image_text_loss"].item() == pytest.approx(
-        reference(a, b, neg, valid, scale).item())
+        reference(a, b, neg, valid, scale).item()
+    )
     swapped = InfoNCE(pairs=[["text", "image"]], hard_negatives=True)(out)["text_image_loss"]
-    assert swapped.item() == pytest.approx(reference(a, b, neg, valid, scale).item())  # negatives go to image->text
+    assert swapped.item() == pytest.approx(
+        reference(a, b, neg, valid, scale).item()
+    )  # negatives go to image->text
     plain = InfoNCE()(out)["image_text_loss"]
-    assert plain.item() == pytest.approx(clip_loss(a, b, scale).item()) and not math.isclose(plain.item(),
-                                                                                             swapped.item())
+    assert plain.item() == pytest.approx(clip_loss(a, b, scale).item()) and not math.isclose(
+        plain.item(), swapped.item()
+    )
 
 
 def test_the_model_encodes_the_batchs_hard_negatives():
@@ -66,11 +80,16 @@ def test_the_model_encodes_the_batchs_hard_negatives():
 
     model = make_model().eval()
     g = torch.Generator().manual_seed(0)
-    batch = {"image": torch.randn(3, 6, generator=g), "text": torch.randn(3, 5, generator=g),
-             "text_negatives": torch.randn(3, 2, 5, generator=g),
-             "text_negatives_mask": torch.tensor([[1, 0], [1, 1], [0, 0]], dtype=torch.bool)}
+    batch = {
+        "image": torch.randn(3, 6, generator=g),
+        "text": torch.randn(3, 5, generator=g),
+        "text_negatives": torch.randn(3, 2, 5, generator=g),
+        "text_negatives_mask": torch.tensor([[1, 0], [1, 1], [0, 0]], dtype=torch.bool),
+    }
     out = model(batch)
     assert out["text_negatives_features"].shape == (3, 2, 4)
-    torch.testing.assert_close(out["text_negatives_features"][1, 0], model.encode("text", batch["text_negatives"][1, :1])[0])
+    torch.testing.assert_close(
+        out["text_negatives_features"][1, 0], model.encode("text", batch["text_negatives"][1, :1])[0]
+    )
     hard = InfoNCE(hard_negatives=True)(out)["image_text_loss"]
     assert hard.item() > InfoNCE()(out)["image_text_loss"].item()  # more columns in the softmax

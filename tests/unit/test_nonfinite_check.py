@@ -10,7 +10,11 @@ from mmpretrain.training.callbacks import all_finite
 
 def _grads() -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return [torch.randn(64, 32, generator=g), torch.randn(32, generator=g), torch.randn(3, 3, 8, 8, generator=g)]
+    return [
+        torch.randn(64, 32, generator=g),
+        torch.randn(32, generator=g),
+        torch.randn(3, 3, 8, 8, generator=g),
+    ]
 
 
 def test_all_finite_grads_pass():

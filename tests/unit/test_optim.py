@@ -59,7 +59,9 @@ def test_the_default_fractional_warmup_reaches_the_pretraining_schedule():
     from mmpretrain.training.module import ContrastiveModule
     from tests.unit.test_gradcache import make_model
 
-    module = ContrastiveModule(make_model(), InfoNCE(), {"lr": 1e-3, "weight_decay": 0.1, "warmup_steps": 0.05})
+    module = ContrastiveModule(
+        make_model(), InfoNCE(), {"lr": 1e-3, "weight_decay": 0.1, "warmup_steps": 0.05}
+    )
     module.__dict__["_trainer_stub"] = SimpleNamespace(estimated_stepping_batches=400, gradient_clip_val=None)
     type(module).trainer = property(lambda self: self.__dict__["_trainer_stub"])
     try:

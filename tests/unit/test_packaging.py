@@ -14,8 +14,11 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 def test_every_package_and_config_folder_is_in_the_wheel():
     listed = set(PYPROJECT["tool"]["setuptools"]["packages"])
     code = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "mmpretrain").rglob("__init__.py")}
-    conf = {".".join(("mmpretrain", *d.relative_to(ROOT).parts)) for d in [ROOT / "conf", *(ROOT / "conf").rglob("*")]
-            if d.is_dir() and any(f.suffix in (".yaml", ".json") for f in d.iterdir())}
+    conf = {
+        ".".join(("mmpretrain", *d.relative_to(ROOT).parts))
+        for d in [ROOT / "conf", *(ROOT / "conf").rglob("*")]
+        if d.is_dir() and any(f.suffix in (".yaml", ".json") for f in d.iterdir())
+    }
     assert code | conf <= listed, f"add to [tool.setuptools] packages: {sorted((code | conf) - listed)}"
     assert PYPROJECT["tool"]["setuptools"]["package-dir"] == {"mmpretrain.conf": "conf"}
 

@@ -23,10 +23,7 @@ def test_read_metrics_csv_keeps_each_metric_with_its_own_steps(tmp_path):
     csv = tmp_path / "metrics.csv"
     csv.write_text(
         "epoch,lr-AdamW,step,train/logit_scale/shared,train/loss,val/zeroshot_top1/image_text\n"
-        "0,0.001,0,14.0,4.0,\n"
-        "0,0.002,1,20.0,3.5,\n"
-        "0,,1,,,0.25\n"
-        "0,0.003,2,25.0,nan,\n"
+        "0,0.001,0,14.0,4.0,\n0,0.002,1,20.0,3.5,\n0,,1,,,0.25\n0,0.003,2,25.0,nan,\n"
     )
     series = plots.read_metrics_csv(csv)
     assert series["train/loss"][0].tolist() == [0, 1] and series["train/loss"][1].tolist() == [4.0, 3.5]
@@ -92,7 +89,11 @@ class _FakeModel:
         import torch
 
         self.training = True
-        self.towers = {"text": type("T", (), {"preprocess": staticmethod(lambda train: lambda s: torch.tensor([len(s)]))})()}
+        self.towers = {
+            "text": type(
+                "T", (), {"preprocess": staticmethod(lambda train: lambda s: torch.tensor([len(s)]))}
+            )()
+        }
 
     def eval(self):
         self.training = False
@@ -112,8 +113,12 @@ def _plots_module(kept):
 
     import torch
 
-    return SimpleNamespace(model=_FakeModel(), zeroshot={"classnames": ["a", "b"], "templates": ["{}"]},
-                           last_val_embeddings=kept, device=torch.device("cpu"))
+    return SimpleNamespace(
+        model=_FakeModel(),
+        zeroshot={"classnames": ["a", "b"], "templates": ["{}"]},
+        last_val_embeddings=kept,
+        device=torch.device("cpu"),
+    )
 
 
 def test_end_of_run_plots_reuse_the_last_validation_only_when_it_saw_the_final_weights():
@@ -136,7 +141,9 @@ def test_end_of_run_plots_reuse_the_last_validation_only_when_it_saw_the_final_w
     trainer = SimpleNamespace(global_step=10, datamodule=Data())
     plots_cb, module = RunPlots(), _plots_module(kept)
     feats, labels, classes, names = plots_cb._val_embeddings(module, plots_cb._val_source(trainer, module))
-    assert not passes and torch.equal(feats["image"], torch.ones(3, 4)) and labels["image"].tolist() == [1, 0, 1]
+    assert (
+        not passes and torch.equal(feats["image"], torch.ones(3, 4)) and labels["image"].tolist() == [1, 0, 1]
+    )
     assert classes.shape == (2, 4) and names == ["a", "b"]
 
     trainer.global_step = 11  # trained on after that validation: its embeddings are stale
@@ -144,5 +151,9 @@ def test_end_of_run_plots_reuse_the_last_validation_only_when_it_saw_the_final_w
     source = plots_cb._val_source(trainer, module)
     assert passes == [1]  # the val loader is opened (its workers forked) before any plotting thread starts
     feats, labels, _, _ = plots_cb._val_embeddings(module, source)
-    assert passes == [1] and torch.equal(feats["image"], batches[0]["image"][:, :4]) and labels["image"].tolist() == [0, 1]
+    assert (
+        passes == [1]
+        and torch.equal(feats["image"], batches[0]["image"][:, :4])
+        and labels["image"].tolist() == [0, 1]
+    )
     assert module.model.training  # put back in training mode

@@ -82,7 +82,8 @@ def test_registry_tag_names_open_clips_repo_and_fails_offline_with_both_ways_out
 
 
 def test_registry_tag_resolves_to_the_cached_file_open_clip_names(hub_cache):
-    # open_clip's registry: laion2b_s34b_b79k -> hf_hub 'laion/CLIP-ViT-B-32-laion2B-s34B-b79K/' (default file)
+    # open_clip's registry: laion2b_s34b_b79k -> hf_hub 'laion/CLIP-ViT-B-32-laion2B-s34B-b79K/' (default
+    # file)
     add_open_clip(hub_cache, "laion/CLIP-ViT-B-32-laion2B-s34B-b79K")
     path, _ = open_clip_weights("ViT-B-32", "laion2b_s34b_b79k")
     assert path.endswith("open_clip_model.safetensors") and str(hub_cache) in path

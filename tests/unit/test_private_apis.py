@@ -16,7 +16,8 @@ def test_hydra_run_hydra_takes_the_arguments_the_cli_passes():
     from hydra._internal.utils import _run_hydra, get_args_parser
 
     assert {"args", "args_parser", "task_function", "config_path", "config_name"} <= set(
-        inspect.signature(_run_hydra).parameters)
+        inspect.signature(_run_hydra).parameters
+    )
     args = get_args_parser().parse_args(["-m", "a=1", "--cfg", "job"])
     assert args.multirun and args.overrides == ["a=1"] and args.cfg == "job"
 
@@ -33,6 +34,12 @@ def test_lightning_logger_internals_our_loggers_extend():
 
 def test_open_clip_tower_builders_and_the_steps_our_towers_call():
     for fn in (open_clip.model._build_vision_tower, open_clip.model._build_text_tower):
-        assert list(inspect.signature(fn).parameters)[:4] == ["embed_dim", f"{fn.__name__.split('_')[2]}_cfg",
-                                                               "quick_gelu", "cast_dtype"]
-    assert callable(getattr(TextTransformer, "_embeds", None)) and callable(getattr(VisionTransformer, "_pool", None))
+        assert list(inspect.signature(fn).parameters)[:4] == [
+            "embed_dim",
+            f"{fn.__name__.split('_')[2]}_cfg",
+            "quick_gelu",
+            "cast_dtype",
+        ]
+    assert callable(getattr(TextTransformer, "_embeds", None)) and callable(
+        getattr(VisionTransformer, "_pool", None)
+    )

@@ -24,7 +24,9 @@ def reference(items, captions, owner, k):
     t2i = []
     for c, row in enumerate(zip(*sims)):
         true = row[owner[c]]
-        ahead = sum(1 for j, s in enumerate(row) if j != owner[c] and (math.isnan(s) or math.isnan(true) or s >= true))
+        ahead = sum(
+            1 for j, s in enumerate(row) if j != owner[c] and (math.isnan(s) or math.isnan(true) or s >= true)
+        )
         t2i.append(ahead + 1 <= k)
     return sum(i2t) / len(i2t), sum(t2i) / len(t2i)
 
@@ -37,7 +39,11 @@ def problem(kind, seed=0):
         return torch.randn(n, d, generator=g), torch.randn(len(owner), d, generator=g), owner
     # one-hot rows: similarities are exactly -1/0/1, so ties are everywhere
     eye = torch.eye(d)
-    return eye[torch.randint(0, d, (n,), generator=g)], eye[torch.randint(0, d, (len(owner),), generator=g)], owner
+    return (
+        eye[torch.randint(0, d, (n,), generator=g)],
+        eye[torch.randint(0, d, (len(owner),), generator=g)],
+        owner,
+    )
 
 
 @pytest.mark.parametrize("kind", ["random", "ties"])
@@ -52,12 +58,16 @@ def test_multi_caption_retrieval_matches_brute_force(kind, chunk):
         assert got[f"R@{k}/text_to_image"] == pytest.approx(t2i)
         rsum += 100 * (i2t + t2i)
     assert got["rsum/image_text"] == pytest.approx(rsum)
-    assert got["mean_R@1/image_text"] == pytest.approx((got["R@1/image_to_text"] + got["R@1/text_to_image"]) / 2)
+    assert got["mean_R@1/image_text"] == pytest.approx(
+        (got["R@1/image_to_text"] + got["R@1/text_to_image"]) / 2
+    )
 
 
 def test_nan_and_collapse_score_the_worst_rank():
     items, captions, owner = problem("random")
-    collapsed = multi_caption_retrieval(torch.ones_like(items), torch.ones_like(captions), owner, "image", "text")
+    collapsed = multi_caption_retrieval(
+        torch.ones_like(items), torch.ones_like(captions), owner, "image", "text"
+    )
     assert collapsed["R@1/image_to_text"] == 0.0 and collapsed["R@1/text_to_image"] == 0.0
     broken = items.clone()
     broken[0] = float("nan")
@@ -76,7 +86,9 @@ def test_one_caption_per_item_equals_the_single_caption_metrics(kind):
 
 
 def reference_probe(items, captions, negatives, owner, kinds):
-    sims = lambda x, y: cosine(x[None], y[None])[0][0]
+    def sims(x, y):
+        return cosine(x[None], y[None])[0][0]
+
     per_kind: dict[int, list[bool]] = {}
     for g, (o, k) in enumerate(zip(owner.tolist(), kinds.tolist())):
         true, neg = sims(items[o], captions[o]), sims(items[o], negatives[g])
@@ -97,7 +109,9 @@ def test_compositional_probe_matches_brute_force(kind):
     names = ("a", "b", "c")
     got = compositional_probe(items, captions, negatives, owner, kinds, names)
     ref = reference_probe(items, captions, negatives, owner, kinds)
-    assert {k: v for k, v in got.items() if k != "mean"} == pytest.approx({names[k]: v for k, v in ref.items()})
+    assert {k: v for k, v in got.items() if k != "mean"} == pytest.approx(
+        {names[k]: v for k, v in ref.items()}
+    )
     assert got["mean"] == pytest.approx(sum(ref.values()) / len(ref))
 
 
@@ -115,13 +129,33 @@ def val_batches(sizes, seed=0):
     batches, start = [], 0
     for n in sizes:
         rows = slice(start, start + n)
-        mo, no = (more_owner >= start) & (more_owner < start + n), (neg_owner >= start) & (neg_owner < start + n)
-        batches.append({"image": image[rows], "text": text[rows], "text_more": more[mo], "text_more_owner": more_owner[mo] - start,
-                        "probe_negatives": neg[no], "probe_negatives_owner": neg_owner[no] - start,
-                        "probe_negatives_kind": kinds[no], "label/color": color[rows]})
+        mo, no = (
+            (more_owner >= start) & (more_owner < start + n),
+            (neg_owner >= start) & (neg_owner < start + n),
+        )
+        batches.append(
+            {
+                "image": image[rows],
+                "text": text[rows],
+                "text_more": more[mo],
+                "text_more_owner": more_owner[mo] - start,
+                "probe_negatives": neg[no],
+                "probe_negatives_owner": neg_owner[no] - start,
+                "probe_negatives_kind": kinds[no],
+                "label/color": color[rows],
+            }
+        )
         start += n
-    whole = {"image": image, "text": text, "more": more, "more_owner": more_owner, "neg": neg, "neg_owner": neg_owner,
-             "kinds": kinds, "color": color}
+    whole = {
+        "image": image,
+        "text": text,
+        "more": more,
+        "more_owner": more_owner,
+        "neg": neg,
+        "neg_owner": neg_owner,
+        "kinds": kinds,
+        "color": color,
+    }
     return batches, whole
 
 
@@ -140,26 +174,44 @@ def test_validation_reports_the_protocol_probe_and_task_zero_shot(item):
 
     torch.manual_seed(0)
     model = ContrastiveModel({item: DropoutTower(item, 6), "text": DropoutTower("text", 5)}, 4).eval()
-    prompts = {name: torch.randn(5, generator=torch.Generator().manual_seed(i)) for i, name in
-               enumerate(["a red", "a green", "a blue"])}
-    module = ContrastiveModule(model, InfoNCE(pairs=[[item, "text"]]), optim={},
-                               zeroshot_tasks={"color": {"classnames": ["red", "green", "blue"], "templates": ["a {}"]}})
+    prompts = {
+        name: torch.randn(5, generator=torch.Generator().manual_seed(i))
+        for i, name in enumerate(["a red", "a green", "a blue"])
+    }
+    module = ContrastiveModule(
+        model,
+        InfoNCE(pairs=[[item, "text"]]),
+        optim={},
+        zeroshot_tasks={"color": {"classnames": ["red", "green", "blue"], "templates": ["a {}"]}},
+    )
     module.val.encode_prompts = lambda ps: model.encode("text", torch.stack([prompts[p] for p in ps]))
-    rename = lambda bs: [{(item if k == "image" else k): v for k, v in b.items()} for b in bs]
+
+    def rename(bs):
+        return [{(item if k == "image" else k): v for k, v in b.items()} for b in bs]
+
     batches, whole = val_batches([5, 3, 6])
     got = validate(module, rename(batches))
-    assert validate(module, rename(val_batches([2, 12])[0])) == pytest.approx(got)  # batch boundaries do not matter
+    assert validate(module, rename(val_batches([2, 12])[0])) == pytest.approx(
+        got
+    )  # batch boundaries do not matter
     with torch.no_grad():
         img, txt = model.encode(item, whole["image"]), model.encode("text", whole["text"])
         more, neg = model.encode("text", whole["more"]), model.encode("text", whole["neg"])
         n = len(img)
-        ref = multi_caption_retrieval(img, torch.cat([txt, more]), torch.cat([torch.arange(n), whole["more_owner"]]),
-                                      item, "text")
+        ref = multi_caption_retrieval(
+            img, torch.cat([txt, more]), torch.cat([torch.arange(n), whole["more_owner"]]), item, "text"
+        )
         probe = compositional_probe(img, txt, neg, whole["neg_owner"], whole["kinds"], NEGATIVE_KINDS)
         rows = whole["color"] >= 0
         classes = class_embeddings(["red", "green", "blue"], ["a {}"], module.val.encode_prompts)
         zs = zero_shot_accuracy(img[rows], whole["color"][rows], classes)
-    for k in ("R@1/image_to_text", "R@5/text_to_image", "R@10/image_to_text", "rsum/image_text", "mean_R@1/image_text"):
+    for k in (
+        "R@1/image_to_text",
+        "R@5/text_to_image",
+        "R@10/image_to_text",
+        "rsum/image_text",
+        "mean_R@1/image_text",
+    ):
         k = k.replace("image", item)
         assert got[f"val/retrieval_{k}"] == pytest.approx(ref[k]), k
     prefix = "val/probe/" if item == "image" else f"val/probe/{item}/"

@@ -32,7 +32,11 @@ class Counting:
 
     def __init__(self, monkeypatch):
         self.decoded = self.read = self.reread = 0
-        decode, read, reread = pipeline_module.decode_sample, reader_module.read_samples, reader_module.read_samples_at
+        decode, read, reread = (
+            pipeline_module.decode_sample,
+            reader_module.read_samples,
+            reader_module.read_samples_at,
+        )
 
         def counted_decode(*a, **k):
             self.decoded += 1
@@ -65,8 +69,13 @@ def test_buffered_samples_are_re_read_by_reference_from_local_and_streamed_shard
 
 
 def test_position_round_trips_through_json():
-    pos = StreamPosition(stream=1, batches=7, samples=30, mix_rng=None,
-                         sources=[SourcePosition(pass_idx=2, item=1, offset=3072, buffer=[[0, 512], [3, 0]])])
+    pos = StreamPosition(
+        stream=1,
+        batches=7,
+        samples=30,
+        mix_rng=None,
+        sources=[SourcePosition(pass_idx=2, item=1, offset=3072, buffer=[[0, 512], [3, 0]])],
+    )
     assert StreamPosition.from_json(pos.to_json()) == pos
     assert json.loads(pos.to_json())["sources"][0]["buffer"] == [[0, 512], [3, 0]]
 
@@ -93,13 +102,22 @@ def test_resuming_at_step_10_or_2000_decodes_the_same_few_samples(tmp_path, monk
 def test_a_checkpoint_position_is_that_of_the_last_consumed_batch_not_the_workers(digits_root):
     from mmpretrain.training.datamodule import ContrastiveDataModule
 
-    cfg = OmegaConf.create({"sources": {"d": {"shards": f"{digits_root}/train/*.tar"}}, "batch_size": 8,
-                            "num_workers": 2, "train_samples": 64})
+    cfg = OmegaConf.create(
+        {
+            "sources": {"d": {"shards": f"{digits_root}/train/*.tar"}},
+            "batch_size": 8,
+            "num_workers": 2,
+            "train_samples": 64,
+        }
+    )
     dm = ContrastiveDataModule(cfg, preprocess=lambda train: {}, seed=0)
     processed = SimpleNamespace(processed=0)
-    dm.trainer = SimpleNamespace(global_rank=0, world_size=1, lightning_module=SimpleNamespace(skipped_total=0),
-                                 fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(
-                                     batch_progress=SimpleNamespace(total=processed))))
+    dm.trainer = SimpleNamespace(
+        global_rank=0,
+        world_size=1,
+        lightning_module=SimpleNamespace(skipped_total=0),
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(total=processed))),
+    )
     # Batches 0..5 of the rank (streams 0,1,0,1,...) reached the main process; 4 were trained on.
     for j in range(6):
         pos = StreamPosition.start(j % 2, 1)
@@ -109,7 +127,10 @@ def test_a_checkpoint_position_is_that_of_the_last_consumed_batch_not_the_worker
     processed.processed = 4
     state = dm.state_dict()
     assert state["batches_consumed"] == 4
-    assert [json.loads(p)["batches"] for p in state["positions"][0]] == [2, 2]  # after batches 2 and 3, not 4 and 5
+    assert [json.loads(p)["batches"] for p in state["positions"][0]] == [
+        2,
+        2,
+    ]  # after batches 2 and 3, not 4 and 5
 
 
 def approx_records(monkeypatch):
@@ -131,9 +152,15 @@ def test_approx_after_two_workers_to_one_reads_the_rest_of_the_pass_once(tmp_pat
 
     urls = shards(tmp_path, n=6, per=9)
     every = {f"s{s * 9 + i:03d}" for s in range(6) for i in range(9)}
-    cfg = {"sources": {"s": {"shards": str(tmp_path / "r-*.tar")}}, "batch_size": 4, "train_samples": 54,
-           "shuffle_buffer": 6}
-    old = ContrastiveDataModule(OmegaConf.create(cfg | {"num_workers": 2}), preprocess=lambda t: PREPROCESS, seed=3)
+    cfg = {
+        "sources": {"s": {"shards": str(tmp_path / "r-*.tar")}},
+        "batch_size": 4,
+        "train_samples": 54,
+        "shuffle_buffer": 6,
+    }
+    old = ContrastiveDataModule(
+        OmegaConf.create(cfg | {"num_workers": 2}), preprocess=lambda t: PREPROCESS, seed=3
+    )
     # The old run (2 workers) consumed 5 batches: 3 of stream 0, 2 of stream 1.
     reads = approx_records(monkeypatch)
     old_stream = stream(urls, seed=3, shuffle_buffer=6)
@@ -149,13 +176,17 @@ def test_approx_after_two_workers_to_one_reads_the_rest_of_the_pass_once(tmp_pat
     assert buffered  # some samples sat in the shuffle buffers
     state = old._layout() | {"batches_consumed": 5, "positions": [positions], "skipped_samples": 0}
 
-    new = ContrastiveDataModule(OmegaConf.create(cfg | {"num_workers": 1, "resume": "exact"}),
-                                preprocess=lambda t: PREPROCESS, seed=3)
+    new = ContrastiveDataModule(
+        OmegaConf.create(cfg | {"num_workers": 1, "resume": "exact"}), preprocess=lambda t: PREPROCESS, seed=3
+    )
     new.load_state_dict(state)
     with pytest.raises(ValueError, match=r"num_workers: checkpoint 2 != now 1.*data.resume=approx"):
         new._resume_batch(new._layout())
-    new = ContrastiveDataModule(OmegaConf.create(cfg | {"num_workers": 1, "resume": "approx"}),
-                                preprocess=lambda t: PREPROCESS, seed=3)
+    new = ContrastiveDataModule(
+        OmegaConf.create(cfg | {"num_workers": 1, "resume": "approx"}),
+        preprocess=lambda t: PREPROCESS,
+        seed=3,
+    )
     new.load_state_dict(state)
     assert new._resume_batch(new._layout()) == 5
     log = capsys.readouterr().out
@@ -179,8 +210,14 @@ def _gather_on_rank(rank: int, port: int, digits_root: str, out: str) -> None:
     from mmpretrain.training.datamodule import ContrastiveDataModule
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    cfg = OmegaConf.create({"sources": {"d": {"shards": f"{digits_root}/train/*.tar"}}, "batch_size": 8,
-                            "num_workers": 2, "train_samples": 64})
+    cfg = OmegaConf.create(
+        {
+            "sources": {"d": {"shards": f"{digits_root}/train/*.tar"}},
+            "batch_size": 8,
+            "num_workers": 2,
+            "train_samples": 64,
+        }
+    )
     dm = ContrastiveDataModule(cfg, preprocess=lambda train: {}, seed=0)
     dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))
     mine = [f"rank {rank} stream 0 " + "x" * (100 * rank), None]  # ranks' positions differ in length

@@ -107,13 +107,23 @@ def test_validation_before_training_stays_in_the_same_wandb_run(digits_root, tmp
     from tests.conftest import TINY_RUN
 
     run = tmp_path / "run"
-    cfg = compose_config("train", [*TINY_RUN, "logger=default", f"data.root={digits_root}", "trainer.max_steps=2",
-                                   "trainer.limit_val_batches=1", "trainer.val_at_start=true", "export_at_end=false",
-                                   "callbacks.plots=null"], run_dir=run)
+    cfg = compose_config(
+        "train",
+        [
+            *TINY_RUN,
+            "logger=default",
+            f"data.root={digits_root}",
+            "trainer.max_steps=2",
+            "trainer.limit_val_batches=1",
+            "trainer.val_at_start=true",
+            "export_at_end=false",
+            "callbacks.plots=null",
+        ],
+        run_dir=run,
+    )
     train(cfg)
     runs = sorted((run / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, runs
-
 
 
 def test_an_offline_wandb_logger_is_offline_process_wide_and_sets_no_anonymous(tmp_path, monkeypatch):

@@ -17,7 +17,13 @@ from PIL import Image
 
 from mmpretrain.data import ShardStream, Source
 from mmpretrain.data.synthetic.scenes import build_scenes
-from mmpretrain.data.synthetic.scenes.grammar import COLOR_WORDS, COUNT_WORDS, RELATION_WORDS, SHAPE_WORDS, SIZE_WORDS
+from mmpretrain.data.synthetic.scenes.grammar import (
+    COLOR_WORDS,
+    COUNT_WORDS,
+    RELATION_WORDS,
+    SHAPE_WORDS,
+    SIZE_WORDS,
+)
 
 TINY = {"train": 40, "val": 20, "test": 20, "shard_size": 10, "image_size_min": 64, "image_size_max": 96}
 
@@ -63,11 +69,13 @@ def read_caption(text: str) -> tuple[list[dict], tuple[int, str, int] | None]:
             groups[-1]["n"] += 1
             spans[-1] = (spans[-1][0], m.end())
             continue
-        groups.append({"n": COUNT[count], "size": SIZE.get(size), "color": COLOR[color], "shape": SHAPE[shape]})
+        groups.append(
+            {"n": COUNT[count], "size": SIZE.get(size), "color": COLOR[color], "shape": SHAPE[shape]}
+        )
         spans.append((m.start(), m.end()))
     relation = None
     if len(spans) >= 2:
-        between = text[spans[0][1]:spans[1][0]]
+        between = text[spans[0][1] : spans[1][0]]
         for word, rel in REL:
             if re.search(rf"\b{re.escape(word)}\b", between):
                 relation = (0, rel, 1)
@@ -86,8 +94,12 @@ def is_true(text: str, objects: list[dict], margin: float) -> bool:
     a, rel, b = relation
     left = [o for o in objects if (o["color"], o["shape"]) == (groups[a]["color"], groups[a]["shape"])]
     right = [o for o in objects if (o["color"], o["shape"]) == (groups[b]["color"], groups[b]["shape"])]
-    gap = {"left": lambda p, q: q["x"] - p["x"], "right": lambda p, q: p["x"] - q["x"],
-           "above": lambda p, q: q["y"] - p["y"], "below": lambda p, q: p["y"] - q["y"]}[rel]
+    gap = {
+        "left": lambda p, q: q["x"] - p["x"],
+        "right": lambda p, q: p["x"] - q["x"],
+        "above": lambda p, q: q["y"] - p["y"],
+        "below": lambda p, q: p["y"] - q["y"],
+    }[rel]
     return all(gap(p, q) > margin for p in left for q in right)
 
 
@@ -101,7 +113,9 @@ def test_byte_identical_for_a_seed_whatever_the_workers_and_seeds_differ(scenes_
         for name in names:
             assert (scenes_root / split / name).read_bytes() == (one / split / name).read_bytes()
             assert (scenes_root / split / name).read_bytes() != (other_seed / split / name).read_bytes()
-    assert json.loads((scenes_root / "train" / "sizes.json").read_text()) == {f"train-{k:04d}.tar": 10 for k in range(4)}
+    assert json.loads((scenes_root / "train" / "sizes.json").read_text()) == {
+        f"train-{k:04d}.tar": 10 for k in range(4)
+    }
 
 
 def test_captions_are_distinct_and_describe_every_object(scenes_root):
@@ -147,7 +161,15 @@ def test_every_negative_is_false_for_its_scene_and_unlike_its_captions(scenes_ro
                 groups, relation = read_caption(negatives[kinds.index("swap_att")])
                 assert {(g["color"], g["shape"]) for g in groups} != distinct or relation is not None
             kinds_seen |= set(kinds)
-    assert kinds_seen == {"replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att", "add_obj", "add_att"}
+    assert kinds_seen == {
+        "replace_obj",
+        "replace_att",
+        "replace_rel",
+        "swap_obj",
+        "swap_att",
+        "add_obj",
+        "add_att",
+    }
 
 
 def test_compositional_split_holds_exactly_the_heldout_pairs(scenes_root):
@@ -157,7 +179,11 @@ def test_compositional_split_holds_exactly_the_heldout_pairs(scenes_root):
         for s in samples(scenes_root, split):
             meta = json.loads(s["json"])
             assert not {(o["color"], o["shape"]) for o in meta["objects"]} & heldout
-            named = {(g["color"], g["shape"]) for t in meta["captions"] + meta["negatives"] for g in read_caption(t)[0]}
+            named = {
+                (g["color"], g["shape"])
+                for t in meta["captions"] + meta["negatives"]
+                for g in read_caption(t)[0]
+            }
             assert not named & heldout  # not even a negative names a held-out pair
     for s in samples(scenes_root, "test_compositional"):
         assert {(o["color"], o["shape"]) for o in json.loads(s["json"])["objects"]} & heldout
@@ -169,7 +195,9 @@ def test_task_files_match_the_digits_format(scenes_root):
         assert len((scenes_root / "tasks" / task / "classnames.txt").read_text().splitlines()) == n
         templates = (scenes_root / "tasks" / task / "templates.txt").read_text().splitlines()
         assert templates and all(t.count("{}") == 1 for t in templates)
-    assert (scenes_root / "templates.txt").read_text() == (scenes_root / "tasks" / "count" / "templates.txt").read_text()
+    assert (scenes_root / "templates.txt").read_text() == (
+        scenes_root / "tasks" / "count" / "templates.txt"
+    ).read_text()
 
 
 def test_rerun_skips_finished_shards_and_rewrites_missing_ones(tmp_path):
@@ -195,11 +223,19 @@ def test_shards_read_back_through_the_project_stream(scenes_root):
     negatives = {n for m in meta for n in m["negatives"]}
     for train in (True, False):
         texts = []
-        preprocess = {"image": lambda img: torch.tensor(img.size, dtype=torch.float32),
-                      "text": lambda t, seen=texts: (seen.append(t), torch.tensor([len(t)]))[1]}
-        stream = ShardStream([Source("scenes", urls, modalities=["image", "text", "cls"])], preprocess,
-                             batch_size=5, train=train, caption_field="captions", caption_keys=["json"],
-                             **({"batches_per_worker": 4} if train else {}))
+        preprocess = {
+            "image": lambda img: torch.tensor(img.size, dtype=torch.float32),
+            "text": lambda t, seen=texts: (seen.append(t), torch.tensor([len(t)]))[1],
+        }
+        stream = ShardStream(
+            [Source("scenes", urls, modalities=["image", "text", "cls"])],
+            preprocess,
+            batch_size=5,
+            train=train,
+            caption_field="captions",
+            caption_keys=["json"],
+            **({"batches_per_worker": 4} if train else {}),
+        )
         batches = list(stream)
         assert sum(len(b["cls"]) for b in batches) == 20
         shown = [t for t in texts if t]
@@ -215,8 +251,19 @@ def test_train_on_scenes_through_the_console_script(scenes_root, tmp_path):
     from tests.integration.test_launch import run_cli
 
     run = tmp_path / "run"
-    run_cli(["train", "experiment=scenes_clip", "debug=fast", f"data.root={scenes_root}", f"hydra.run.dir={run}",
-             "export_at_end=false", "data.batch_size=8", "callbacks.plots=null"], cwd=tmp_path / "elsewhere")
+    run_cli(
+        [
+            "train",
+            "experiment=scenes_clip",
+            "debug=fast",
+            f"data.root={scenes_root}",
+            f"hydra.run.dir={run}",
+            "export_at_end=false",
+            "data.batch_size=8",
+            "callbacks.plots=null",
+        ],
+        cwd=tmp_path / "elsewhere",
+    )
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["skipped_samples"] == 0 and metrics["train/loss"] > 0
     assert "val/zeroshot_top1/image_text" in metrics
@@ -224,8 +271,21 @@ def test_train_on_scenes_through_the_console_script(scenes_root, tmp_path):
 
 def test_cli_builds_with_split_sizes(tmp_path):
     env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    cmd = [sys.executable, "-m", "mmpretrain.cli", "data", "scenes", f"out={tmp_path}/s", "train=12", "val=6", "test=6",
-           "workers=1", "image_size_min=48", "image_size_max=48", f"hydra.run.dir={tmp_path}/h"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mmpretrain.cli",
+        "data",
+        "scenes",
+        f"out={tmp_path}/s",
+        "train=12",
+        "val=6",
+        "test=6",
+        "workers=1",
+        "image_size_min=48",
+        "image_size_max=48",
+        f"hydra.run.dir={tmp_path}/h",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "s" / "train" / "sizes.json").read_text()) == {"train-0000.tar": 12}

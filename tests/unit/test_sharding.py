@@ -13,8 +13,11 @@ from mmpretrain.towers.open_clip import OpenClipTower
 from mmpretrain.towers.timm import TimmTower
 from tests.conftest import compose_config
 
-OC = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "head_width": 32, "patch_size": 8},
-      "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+OC = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
 
 
 def block_names(tower) -> list[str]:
@@ -22,12 +25,18 @@ def block_names(tower) -> list[str]:
     return [names[id(b)] for b in tower.blocks()]
 
 
-@pytest.mark.parametrize("make, expected", [
-    (lambda: TimmTower("test_vit", img_size=16, model_kwargs={"img_size": 16}), [f"model.blocks.{i}" for i in range(5)]),
-    (lambda: OpenClipTower("image", OC), [f"visual.transformer.resblocks.{i}" for i in range(3)]),
-    (lambda: OpenClipTower("text", OC), [f"text.transformer.resblocks.{i}" for i in range(2)]),
-    (lambda: AudioTower("resnet10t"), ["model.layer1.0", "model.layer2.0", "model.layer3.0"]),
-])
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (
+            lambda: TimmTower("test_vit", img_size=16, model_kwargs={"img_size": 16}),
+            [f"model.blocks.{i}" for i in range(5)],
+        ),
+        (lambda: OpenClipTower("image", OC), [f"visual.transformer.resblocks.{i}" for i in range(3)]),
+        (lambda: OpenClipTower("text", OC), [f"text.transformer.resblocks.{i}" for i in range(2)]),
+        (lambda: AudioTower("resnet10t"), ["model.layer1.0", "model.layer2.0", "model.layer3.0"]),
+    ],
+)
 def test_every_tower_names_its_blocks_and_they_hold_their_groups_parameters(make, expected):
     tower = make()
     assert block_names(tower) == expected
@@ -42,13 +51,22 @@ def test_trainer_fsdp_builds_lightnings_fsdp2_strategy_with_the_configured_plan(
     from mmpretrain.commands.train import trainer_and_optim as _trainer_and_optim
     from mmpretrain.runtime.fsdp import FSDP2Strategy
 
-    cfg = compose_config("train", ["trainer=fsdp", "trainer.devices=4", "trainer.strategy.activation_checkpointing=true",
-                                   "trainer.strategy.mixed_precision={param_dtype: bfloat16, reduce_dtype: float32}"])
+    cfg = compose_config(
+        "train",
+        [
+            "trainer=fsdp",
+            "trainer.devices=4",
+            "trainer.strategy.activation_checkpointing=true",
+            "trainer.strategy.mixed_precision={param_dtype: bfloat16, reduce_dtype: float32}",
+        ],
+    )
     trainer, _ = _trainer_and_optim(cfg)
     strategy = trainer["strategy"]
     assert isinstance(strategy, FSDP2Strategy) and isinstance(strategy, ModelParallelStrategy)
-    assert strategy.activation_checkpointing and strategy.mixed_precision == {"param_dtype": "bfloat16",
-                                                                                 "reduce_dtype": "float32"}
+    assert strategy.activation_checkpointing and strategy.mixed_precision == {
+        "param_dtype": "bfloat16",
+        "reduce_dtype": "float32",
+    }
     assert trainer["devices"] == 4 and trainer["use_distributed_sampler"] is False
     multi = compose_config("train", ["trainer=fsdp_multinode"])
     assert multi.trainer.num_nodes == 2 and multi.trainer.strategy._target_.endswith("FSDP2Strategy")

@@ -24,8 +24,22 @@ def test_cli_without_espeak_fails_with_the_install_hint(tmp_path):
     import os
 
     env = {"PATH": "", "PYTHONPATH": os.getcwd(), "HOME": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "mmpretrain.cli", "data", "spoken-digits", f"out={tmp_path}/sd",
-                           f"hydra.run.dir={tmp_path}/h"], check=False, capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mmpretrain.cli",
+            "data",
+            "spoken-digits",
+            f"out={tmp_path}/sd",
+            f"hydra.run.dir={tmp_path}/h",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "apt-get install espeak-ng" in proc.stderr + proc.stdout
 
@@ -43,8 +57,18 @@ def test_tiny_build_writes_paired_shards(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets, "load_digits", lambda: Small)
     out = build_spoken_digits(tmp_path / "sd", train_shards=2, val_shards=1)
-    assert (out / "classnames.txt").read_text().split() == ["zero", "one", "two", "three", "four", "five", "six",
-                                                            "seven", "eight", "nine"]
+    assert (out / "classnames.txt").read_text().split() == [
+        "zero",
+        "one",
+        "two",
+        "three",
+        "four",
+        "five",
+        "six",
+        "seven",
+        "eight",
+        "nine",
+    ]
     samples = list(wds.WebDataset(str(out / "train" / "train-{0000..0001}.tar"), shardshuffle=False))
     samples += list(wds.WebDataset(str(out / "val" / "val-0000.tar"), shardshuffle=False))
     assert len(samples) == 30

@@ -20,8 +20,15 @@ def write_wds(path: Path, n: int = 20) -> Path:
 
     with wds.TarWriter(str(path)) as sink:
         for i in range(n):
-            sink.write({"__key__": f"{i:06d}", "png": bytes(i * 97), "txt": b"t" * i, "cls": b"%d" % i,
-                        "json": b"{}"})
+            sink.write(
+                {
+                    "__key__": f"{i:06d}",
+                    "png": bytes(i * 97),
+                    "txt": b"t" * i,
+                    "cls": b"%d" % i,
+                    "json": b"{}",
+                }
+            )
     return path
 
 
@@ -33,7 +40,12 @@ def write_tar(path: Path, fmt: int | str) -> Path:
 
     def add(tf, name, data=b"", kind=tarfile.REGTYPE, link=""):
         info = tarfile.TarInfo(name)
-        info.type, info.size, info.linkname, info.mtime = kind, len(data) if kind == tarfile.REGTYPE else 0, link, 7
+        info.type, info.size, info.linkname, info.mtime = (
+            kind,
+            len(data) if kind == tarfile.REGTYPE else 0,
+            link,
+            7,
+        )
         tf.addfile(info, io.BytesIO(data) if info.size else None)
 
     long_dir = "d" * 90 + "/" + "e" * 60  # 151 chars: fits as ustar prefix + name
@@ -68,8 +80,10 @@ def slow(path: Path, offset: int = 0) -> list:
 
 def no_fallback(monkeypatch) -> None:
     """Make the fast path fail if it hands any header to tarfile."""
+
     def refuse(tf, offset):
         raise AssertionError("fell back to tarfile")
+
     monkeypatch.setattr(tario, "_members_tarfile", refuse)
 
 
@@ -121,13 +135,17 @@ def test_webdataset_shards_are_read_without_tarfile(tmp_path, monkeypatch):
     want = slow(path)
     no_fallback(monkeypatch)
     assert fast(path) == want and len(want) == 80  # an empty png (sample 0) is a member too
-    assert [s["__key__"] for _, _, s in tario.read_samples(str(path), want[40][0])] == [f"{i:06d}" for i in range(10, 20)]
+    assert [s["__key__"] for _, _, s in tario.read_samples(str(path), want[40][0])] == [
+        f"{i:06d}" for i in range(10, 20)
+    ]
 
 
 def test_samples_are_read_the_same_as_before(tmp_path, monkeypatch):
     path = str(write_tar(tmp_path / "s.tar", tarfile.PAX_FORMAT))
     want = list(tario.read_samples(path))
-    monkeypatch.setattr(tario, "_members_fast", lambda f, offset: tario._members_tarfile(tarfile.TarFile(fileobj=f), offset))
+    monkeypatch.setattr(
+        tario, "_members_fast", lambda f, offset: tario._members_tarfile(tarfile.TarFile(fileobj=f), offset)
+    )
     assert list(tario.read_samples(path)) == want
     assert [s["__key__"] for _, _, s in want][:2] == ["dir/0001", "dir/0002"]
 
@@ -144,7 +162,14 @@ def damaged(path: Path, tmp_path: Path) -> dict[str, Path]:
         bad[m.offset + 148] = ord("7") if bad[m.offset + 148] != ord("7") else ord("6")
         out[f"checksum-{label}"] = bytes(bad)
     for m in members:
-        for cut in (m.offset + 100, m.offset + 600, m.offset + 1024 + 100, m.offset_data + m.size // 2, m.offset_data + m.size, m.offset_data + m.size + 1):
+        for cut in (
+            m.offset + 100,
+            m.offset + 600,
+            m.offset + 1024 + 100,
+            m.offset_data + m.size // 2,
+            m.offset_data + m.size,
+            m.offset_data + m.size + 1,
+        ):
             out[f"cut-{m.name[-12:]}-{cut}"] = raw[:cut]
     out["cut-end-blocks"] = raw[: members[-1].offset_data + 512 + 200]
     out["empty"] = b""
@@ -185,6 +210,8 @@ def test_read_samples_counts_a_truncated_shards_fault_once_and_keeps_the_cut_sam
     got, errors = read()
     assert [type(e) for e in errors] == [tarfile.ReadError] and errors[0].args[-1] == str(cut)
     assert [sorted(s) for _, _, s in got] == [["__key__", "__url__", "png", "txt"]]
-    monkeypatch.setattr(tario, "_members_fast", lambda f, offset: tario._members_tarfile(tarfile.TarFile(fileobj=f), offset))
+    monkeypatch.setattr(
+        tario, "_members_fast", lambda f, offset: tario._members_tarfile(tarfile.TarFile(fileobj=f), offset)
+    )
     before, before_errors = read()
     assert got == before and [repr(e) for e in errors] == [repr(e) for e in before_errors]

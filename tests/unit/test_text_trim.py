@@ -81,13 +81,23 @@ def test_the_data_stream_trims_every_text_tensor_of_a_batch_in_its_workers(tmp_p
     second = "a much longer second caption of this sample, with many more words"
     samples = []
     for i, caption in enumerate(CAPTIONS * 2):
-        meta = {"captions": [caption, second],
-                "negatives": ["a short negative"], "negative_kinds": ["swap_att"]}
-        samples.append({"__key__": f"k{i}", "png": png_bytes(i), "txt": caption, "json": json.dumps(meta).encode()})
+        meta = {
+            "captions": [caption, second],
+            "negatives": ["a short negative"],
+            "negative_kinds": ["swap_att"],
+        }
+        samples.append(
+            {"__key__": f"k{i}", "png": png_bytes(i), "txt": caption, "json": json.dumps(meta).encode()}
+        )
     urls = [write_shard(tmp_path / "a.tar", samples)]
     common = dict(batch_size=4, shuffle_buffer=1, caption_keys=["json"], caption_field="captions")
-    train = next(iter(ShardStream([Source("s", urls)], preprocess, train=True, batches_per_worker=2, negatives=1,
-                                  **common)))
+    train = next(
+        iter(
+            ShardStream(
+                [Source("s", urls)], preprocess, train=True, batches_per_worker=2, negatives=1, **common
+            )
+        )
+    )
     val = next(iter(ShardStream([Source("s", urls)], preprocess, train=False, **common)))
     longest = lambda captions: int(tokenize(captions).ne(0).sum(1).max())  # noqa: E731
     assert val["text"].shape == (4, longest(CAPTIONS))

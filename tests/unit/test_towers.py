@@ -8,7 +8,10 @@ from mmpretrain.model import build_model
 from mmpretrain.towers.open_clip import OpenClipTower
 from mmpretrain.towers.timm import TimmTower
 
-TINY_TEXT = {"embed_dim": 32, "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+TINY_TEXT = {
+    "embed_dim": 32,
+    "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
 
 
 def test_timm_tower_features_and_transforms():
@@ -40,7 +43,10 @@ def test_timm_pretrained_path_loads_a_local_file(tmp_path):
 
 
 def test_open_clip_tower_from_json_config(tmp_path):
-    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16}} | TINY_TEXT
+    cfg = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    } | TINY_TEXT
     path = tmp_path / "tiny.json"
     path.write_text(json.dumps(cfg))
     image, text = OpenClipTower("image", str(path)), OpenClipTower("text", str(path))
@@ -55,8 +61,16 @@ def test_model_encodes_normalised_features():
         {
             "embed_dim": 16,
             "towers": {
-                "image": {"_target_": "mmpretrain.towers.timm.TimmTower", "model_name": "resnet10t", "img_size": 32},
-                "text": {"_target_": "mmpretrain.towers.open_clip.OpenClipTower", "modality": "text", "config": TINY_TEXT},
+                "image": {
+                    "_target_": "mmpretrain.towers.timm.TimmTower",
+                    "model_name": "resnet10t",
+                    "img_size": 32,
+                },
+                "text": {
+                    "_target_": "mmpretrain.towers.open_clip.OpenClipTower",
+                    "modality": "text",
+                    "config": TINY_TEXT,
+                },
             },
         }
     )
@@ -67,12 +81,17 @@ def test_model_encodes_normalised_features():
 
 
 # -- images travel as uint8; the tower normalises on the device ------------------------------------
-TINY_VIT = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16}}
+TINY_VIT = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+}
 
 
 def photo(seed=0, size=(45, 38)):
     gen = torch.Generator().manual_seed(seed)
-    return Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=gen, dtype=torch.uint8).numpy())
+    return Image.fromarray(
+        torch.randint(0, 256, (size[1], size[0], 3), generator=gen, dtype=torch.uint8).numpy()
+    )
 
 
 def library_transform(tower, train):
@@ -85,12 +104,21 @@ def library_transform(tower, train):
     if isinstance(tower, TimmTower):
         return create_transform(**tower.data_config, is_training=train)
     pp = preprocess_cfg(tower.model_cfg)
-    return open_clip.image_transform(pp["size"], is_train=train, mean=pp["mean"], std=pp["std"],
-                                     resize_mode=pp["resize_mode"], interpolation=pp["interpolation"])
+    return open_clip.image_transform(
+        pp["size"],
+        is_train=train,
+        mean=pp["mean"],
+        std=pp["std"],
+        resize_mode=pp["resize_mode"],
+        interpolation=pp["interpolation"],
+    )
 
 
-@pytest.mark.parametrize("make", [lambda: TimmTower("resnet10t", img_size=32),
-                                  lambda: OpenClipTower("image", TINY_VIT)], ids=["timm", "open_clip"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: TimmTower("resnet10t", img_size=32), lambda: OpenClipTower("image", TINY_VIT)],
+    ids=["timm", "open_clip"],
+)
 @pytest.mark.parametrize("train", [False, True])
 def test_uint8_images_normalised_in_the_tower_match_the_float_transform(make, train):
     import random

@@ -11,22 +11,32 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from mmpretrain.training.callbacks import NonFiniteError, NonFiniteGuard
 from mmpretrain.losses import InfoNCE
 from mmpretrain.model import MAX_LOGIT_SCALE
+from mmpretrain.training.callbacks import NonFiniteError, NonFiniteGuard
 from mmpretrain.training.module import ContrastiveModule
 from mmpretrain.training.monitor import CountHostSyncs
 from tests.unit.test_gradcache import batch, make_model
 
 
 def module(lr: float, **optim) -> ContrastiveModule:
-    return ContrastiveModule(make_model(), InfoNCE(), {"lr": lr, "weight_decay": 0.0, "gradient_clip_val": None} | optim)
+    return ContrastiveModule(
+        make_model(), InfoNCE(), {"lr": lr, "weight_decay": 0.0, "gradient_clip_val": None} | optim
+    )
 
 
 def fit(mod: ContrastiveModule, steps: int, callbacks: list, tmp_path, **trainer) -> L.Trainer:
-    kwargs = {"max_steps": steps, "accelerator": "cpu", "logger": False, "enable_checkpointing": False,
-              "enable_progress_bar": False, "enable_model_summary": False, "callbacks": callbacks,
-              "limit_val_batches": 0, "default_root_dir": str(tmp_path)}
+    kwargs = {
+        "max_steps": steps,
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "callbacks": callbacks,
+        "limit_val_batches": 0,
+        "default_root_dir": str(tmp_path),
+    }
     t = L.Trainer(**(kwargs | trainer))
     t.fit(mod, train_dataloaders=DataLoader([batch(12) for _ in range(steps)], batch_size=None))
     return t
@@ -67,7 +77,11 @@ class Snapshots(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         opt = trainer.optimizers[0]
         state = {f"w/{n}": p.detach().clone() for n, p in pl_module.named_parameters()}
-        state |= {f"m/{n}": opt.state[p]["exp_avg"].clone() for n, p in pl_module.named_parameters() if p in opt.state}
+        state |= {
+            f"m/{n}": opt.state[p]["exp_avg"].clone()
+            for n, p in pl_module.named_parameters()
+            if p in opt.state
+        }
         self.after[trainer.global_step] = state
 
 
@@ -101,7 +115,10 @@ def test_a_streak_that_ends_before_the_read_is_counted_but_training_goes_on(tmp_
     fit(mod, 8, [NaNImages([2, 3]), guard, snaps], tmp_path)
     assert guard.skipped == 2 and guard.consecutive == 0
     assert all(torch.isfinite(v).all() for v in snaps.after[8].values())
-    assert not torch.equal(snaps.after[8]["w/model.towers.image.net.0.weight"], snaps.after[1]["w/model.towers.image.net.0.weight"])
+    assert not torch.equal(
+        snaps.after[8]["w/model.towers.image.net.0.weight"],
+        snaps.after[1]["w/model.towers.image.net.0.weight"],
+    )
     assert json.dumps(guard.state_dict()) == json.dumps({"skipped": 2, "consecutive": 0})
 
 
@@ -175,7 +192,10 @@ def test_under_ddp_a_stream_that_can_yield_partial_batches_gets_masks_on_every_b
     from mmpretrain.training.module import _may_yield_partial_batches
 
     def dm(on_missing, *modalities):
-        return SimpleNamespace(cfg={"on_missing": on_missing}, sources=[Source(str(i), [], 1.0, list(m)) for i, m in enumerate(modalities)])
+        return SimpleNamespace(
+            cfg={"on_missing": on_missing},
+            sources=[Source(str(i), [], 1.0, list(m)) for i, m in enumerate(modalities)],
+        )
 
     assert not _may_yield_partial_batches(dm("skip", ["image", "text"]))
     assert not _may_yield_partial_batches(dm("skip", []))

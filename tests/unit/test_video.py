@@ -10,7 +10,13 @@ import webdataset as wds
 
 from mmpretrain.data import ShardStream, Source
 from mmpretrain.data.stream.decode import decode_sample
-from mmpretrain.data.stream.video import CorruptVideoError, EncodedVideo, decode_video, encode_video, read_frames
+from mmpretrain.data.stream.video import (
+    CorruptVideoError,
+    EncodedVideo,
+    decode_video,
+    encode_video,
+    read_frames,
+)
 from mmpretrain.towers.video import VideoClip, VideoTower, sample_indices, spatial_keypoints
 from tests.videos import moving_square, tone
 
@@ -117,7 +123,10 @@ def test_corrupt_and_truncated_clips_are_counted_skips(tmp_path):
     samples[1]["mp4"] = good[: len(good) // 3]
     samples[4]["mp4"] = b"\x00" * 300
     url = write(tmp_path / "v.tar", samples)
-    prep = {"video": VideoTower(FRAME, num_frames=4).preprocess(False), "text": lambda t: torch.tensor([len(t)])}
+    prep = {
+        "video": VideoTower(FRAME, num_frames=4).preprocess(False),
+        "text": lambda t: torch.tensor([len(t)]),
+    }
     batches = list(ShardStream([Source("v", [url])], prep, batch_size=2, train=False))
     assert sum(int(b["__skipped__"]) for b in batches) == 2
     assert [k for b in batches for k in b["__key__"]] == ["s0", "s2", "s3", "s5"]
@@ -131,15 +140,29 @@ def test_a_video_text_source_mixed_with_image_text_fills_blank_clips(tmp_path):
 
     buf = io.BytesIO()
     Image.new("RGB", (32, 32), (9, 9, 9)).save(buf, format="PNG")
-    vids = write(tmp_path / "v.tar", [{"__key__": f"v{i}", "mp4": encode_video(moving_square(8), 8), "txt": "v"}
-                                      for i in range(4)])
-    imgs = write(tmp_path / "i.tar", [{"__key__": f"i{i}", "png": buf.getvalue(), "txt": "i"} for i in range(4)])
+    vids = write(
+        tmp_path / "v.tar",
+        [{"__key__": f"v{i}", "mp4": encode_video(moving_square(8), 8), "txt": "v"} for i in range(4)],
+    )
+    imgs = write(
+        tmp_path / "i.tar", [{"__key__": f"i{i}", "png": buf.getvalue(), "txt": "i"} for i in range(4)]
+    )
     from mmpretrain.towers.timm import TimmTower
 
-    prep = {"video": VideoTower(FRAME, num_frames=2).preprocess(False), "image": TimmTower("resnet10t", img_size=32)
-            .preprocess(False), "text": lambda t: torch.tensor([len(t)])}
-    stream = ShardStream([Source("v", [vids], modalities=["video", "text"]),
-                          Source("i", [imgs], modalities=["image", "text"])], prep, batch_size=8, train=False)
+    prep = {
+        "video": VideoTower(FRAME, num_frames=2).preprocess(False),
+        "image": TimmTower("resnet10t", img_size=32).preprocess(False),
+        "text": lambda t: torch.tensor([len(t)]),
+    }
+    stream = ShardStream(
+        [
+            Source("v", [vids], modalities=["video", "text"]),
+            Source("i", [imgs], modalities=["image", "text"]),
+        ],
+        prep,
+        batch_size=8,
+        train=False,
+    )
     (batch,) = list(stream)
     assert batch["video"].shape == (8, 2, 3, 32, 32)
     assert batch["video_mask"].tolist() == [True] * 4 + [False] * 4
@@ -161,13 +184,15 @@ def test_transformer_pooling_sees_time_order_and_mean_pooling_does_not():
 
 @pytest.mark.parametrize("frame_pool", ["avg", "grid", "spatial_softmax"])
 def test_mean_pooling_stays_order_blind_whatever_the_frame_pool(frame_pool):
-    """A clip and its reverse (the opposite direction): equal under mean pooling, not under the transformer."""
+    """A clip and its reverse (the opposite direction): equal under mean pooling, not under the "
+    "transformer."""
     torch.manual_seed(0)
     clip = torch.randint(0, 256, (2, 4, 3, 64, 64), dtype=torch.uint8)
     frame = FRAME | {"img_size": 64, "model_kwargs": {"output_stride": 16}}
     mean = VideoTower(frame, num_frames=4, pooling="mean", frame_pool=frame_pool).eval()
-    seq = VideoTower(frame, num_frames=4, pooling="transformer", frame_pool=frame_pool,
-                     temporal={"layers": 1, "heads": 4}).eval()
+    seq = VideoTower(
+        frame, num_frames=4, pooling="transformer", frame_pool=frame_pool, temporal={"layers": 1, "heads": 4}
+    ).eval()
     with torch.no_grad():
         torch.testing.assert_close(mean(clip), mean(clip.flip(1)), rtol=1e-5, atol=1e-5)
         a, b = seq(clip), seq(clip.flip(1))
@@ -201,8 +226,11 @@ def test_frame_pool_features_see_a_move_that_the_global_average_pool_cannot(kind
 
 
 def test_a_frame_pool_runs_on_the_frame_backbone_map():
-    tower = VideoTower(FRAME | {"img_size": 64, "model_kwargs": {"output_stride": 16}}, num_frames=2,
-                       frame_pool="spatial_softmax").eval()
+    tower = VideoTower(
+        FRAME | {"img_size": 64, "model_kwargs": {"output_stride": 16}},
+        num_frames=2,
+        frame_pool="spatial_softmax",
+    ).eval()
     frames = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
     with torch.no_grad():
         assert tower.frame.feature_map(frames).shape == (3, 512, 4, 4)
@@ -217,21 +245,35 @@ def test_inflated_patch_embedding_sees_a_still_clip_as_its_image(family):
     from mmpretrain.config import safe_instantiate
 
     if family == "timm":
-        frame = {"_target_": "mmpretrain.towers.timm.TimmTower", "model_name": "vit_tiny_patch16_224",
-                 "img_size": 32, "model_kwargs": {"img_size": 32}}
+        frame = {
+            "_target_": "mmpretrain.towers.timm.TimmTower",
+            "model_name": "vit_tiny_patch16_224",
+            "img_size": 32,
+            "model_kwargs": {"img_size": 32},
+        }
     else:
-        frame = {"_target_": "mmpretrain.towers.open_clip.OpenClipTower", "modality": "image", "config": {
-            "embed_dim": 64, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32}}}
+        frame = {
+            "_target_": "mmpretrain.towers.open_clip.OpenClipTower",
+            "modality": "image",
+            "config": {
+                "embed_dim": 64,
+                "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+            },
+        }
     torch.manual_seed(0)
     video = VideoTower(frame, num_frames=2, pooling="inflate").eval()
     torch.manual_seed(0)
     image = safe_instantiate(frame).eval()
     still = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     with torch.no_grad():
-        torch.testing.assert_close(video(still[:, None].expand(-1, 2, -1, -1, -1)), image(still), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            video(still[:, None].expand(-1, 2, -1, -1, -1)), image(still), rtol=1e-4, atol=1e-4
+        )
         moving = torch.randint(0, 256, (2, 2, 3, 32, 32), dtype=torch.uint8)
         assert video(moving).shape == image(still).shape
-    if family == "timm":  # 5 frames: 3 tubelets (the last padded with its frame), each with its own time embedding
+    if (
+        family == "timm"
+    ):  # 5 frames: 3 tubelets (the last padded with its frame), each with its own time embedding
         five = VideoTower(frame, num_frames=5, pooling="inflate")
         assert five.temporal.time_embed.shape == (1, 3, 1, 192)
         assert five(torch.randint(0, 256, (1, 5, 3, 32, 32), dtype=torch.uint8)).shape == (1, 192)
@@ -247,9 +289,17 @@ def test_inflate_refuses_a_cnn_and_bad_options_are_named():
     with pytest.raises(ValueError, match="use frame_pool=avg with it"):
         VideoTower(FRAME, pooling="inflate", frame_pool="grid")
     with pytest.raises(ValueError, match="needs a timm frame tower"):
-        VideoTower({"_target_": "mmpretrain.towers.open_clip.OpenClipTower", "modality": "image", "config": {
-            "embed_dim": 64, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8}}},
-            frame_pool="spatial_softmax")
+        VideoTower(
+            {
+                "_target_": "mmpretrain.towers.open_clip.OpenClipTower",
+                "modality": "image",
+                "config": {
+                    "embed_dim": 64,
+                    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8},
+                },
+            },
+            frame_pool="spatial_softmax",
+        )
     with pytest.raises(ValueError, match=r"clips \[B, T, C, H, W\]"):
         VideoTower(FRAME)(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
 
@@ -266,7 +316,9 @@ def test_a_pretrained_frame_tower_counts_as_a_pretrained_model():
     from mmpretrain.pretrained import tower_configs
     from tests.conftest import compose_config
 
-    cfg = compose_config("train", ["model=tiny_video_text", "model.towers.video.frame.pretrained_path=/w.safetensors"])
+    cfg = compose_config(
+        "train", ["model=tiny_video_text", "model.towers.video.frame.pretrained_path=/w.safetensors"]
+    )
     frames = [t for t in tower_configs(cfg.model) if t.get("modality") == "image"]
     assert [f.pretrained_path for f in frames] == ["/w.safetensors"]
     assert _val_at_start(cfg)
@@ -274,7 +326,8 @@ def test_a_pretrained_frame_tower_counts_as_a_pretrained_model():
 
 
 def test_motion_feeds_the_frame_to_frame_change_to_the_temporal_transformer():
-    """``temporal.motion``: a still clip is unchanged by the motion map (no change between frames), a moving one is;
+    """``temporal.motion``: a still clip is unchanged by the motion map (no change between frames), a moving
+    one is;
     at initialisation it makes the pooled feature far more sensitive to the order of the frames than
     the transformer's own (near-uniform) attention does."""
     from mmpretrain.towers.video import TemporalTransformer

@@ -161,7 +161,9 @@ def write_shard(task: ShardTask) -> dict:
         for row in task.rows:
             sample, why = build_sample(row, task.classes)
             if sample is None:
-                skipped.append({"split": task.split, "source": row.source, "reason": why[0], "detail": why[1]})
+                skipped.append(
+                    {"split": task.split, "source": row.source, "reason": why[0], "detail": why[1]}
+                )
             else:
                 yield sample
 
@@ -256,7 +258,7 @@ def report(out: Path, splits: dict[str, list[Row]], results: list[dict]) -> None
     n_skipped = sum(len(r["skipped"]) for r in results)
     if n_skipped:
         console.print(f"skipped {n_skipped} rows; each is listed with its reason in {out / 'skipped.jsonl'}")
-    for split, rows in splits.items():
+    for split in splits:
         if not any(r["samples"] for r in results if r["split"] == split):
             console.print(
                 f"[bold]warning[/]: split '{split}' has no sample (data=shards needs {out}/{split}/*.tar)"

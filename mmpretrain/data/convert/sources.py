@@ -56,7 +56,8 @@ class Row:
 
 
 def sample_key(source: str, occurrence: int = 0) -> str:
-    """A tar key for ``source`` (its ``occurrence``-th row: a table may pair one image with several captions)."""
+    """A tar key for ``source`` (its ``occurrence``-th row: a table may pair one image with several "
+    "captions)."""
     slug = re.sub(r"[^A-Za-z0-9_-]+", "_", source).strip("_")[-60:]
     tag = source if occurrence == 0 else f"{source}\0{occurrence}"
     return f"{slug}-{hashlib.sha1(tag.encode()).hexdigest()[:10]}"
@@ -67,7 +68,8 @@ def media_ext(name: str) -> str:
 
 
 def read_rows(src: Path, opts: Options) -> list[Row]:
-    """Every row of ``src`` (a table file, a media folder, or a folder of ``.tar`` shards), in a fixed order."""
+    """Every row of ``src`` (a table file, a media folder, or a folder of ``.tar`` shards), in a fixed "
+    "order."""
     if not src.exists():
         raise FileNotFoundError(f"in={src} does not exist (give a .csv/.tsv/.parquet table or a folder)")
     if src.is_file():
@@ -100,8 +102,8 @@ def read_table(path: Path, opts: Options) -> list[Row]:
     for option, column in wanted.items():
         if column not in columns:
             raise ValueError(
-                f"table {path} has no column '{column}' ({option}={column}); its columns are {columns}. "
-                f"Set {option}=<one of them>"
+                f"table {path} has no column '{column}' ({option}={column}); its columns are {columns}. Set "
+                f"{option}=<one of them>"
             )
     rows, seen = [], {}
     for rec in records:
@@ -129,8 +131,8 @@ def _table_records(path: Path, separator: str) -> tuple[list[str], list[dict]]:
             import pyarrow.parquet as pq
         except ImportError:
             raise ImportError(
-                f"reading {path} needs pyarrow: `pip install pyarrow` (or `pip install 'mmpretrain[parquet]'`), "
-                f"or save the table as .csv/.tsv"
+                f"reading {path} needs pyarrow: `pip install pyarrow` (or `pip install "
+                "'mmpretrain[parquet]'`), or save the table as .csv/.tsv"
             ) from None
         table = pq.read_table(path)
         return list(table.column_names), table.to_pylist()
@@ -187,7 +189,8 @@ def _sidecar_caption(file: Path, caption_key: str) -> str | None:
 
 # -- webdataset tars (img2dataset's output) ---------------------------------------------------------------
 def read_tars(root: Path) -> list[Row]:
-    """One row per sample of ``root/*.tar`` that has a media field; the caption from ``txt`` or json ``caption``."""
+    """One row per sample of ``root/*.tar`` that has a media field; the caption from ``txt`` or json "
+    "``caption``."""
     from mmpretrain.data.stream.tar_reader import read_samples
 
     rows = []

@@ -68,7 +68,12 @@ def parallel_map(
 
     workers = max(1, min(workers or os.cpu_count() or 1, len(tasks) or 1))
     results: list = [None] * len(tasks)
-    columns = [TextColumn(f"{label} ({workers} workers)"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    columns = [
+        TextColumn(f"{label} ({workers} workers)"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+    ]
     pool = multiprocessing.Pool(workers) if workers > 1 else None
     try:
         with Progress(*columns, disable=not progress) as bar:
@@ -102,14 +107,17 @@ def claim_build(out: Path, record: str, options: dict[str, Any], what: str) -> N
     if path.exists():
         before = json.loads(path.read_text())
         if before != options:
-            raise ValueError(f"{out} holds {what} built with {before}, not {options}: choose another out= "
-                             f"(or delete it)")
+            raise ValueError(
+                f"{out} holds {what} built with {before}, not {options}: choose another out= (or delete it)"
+            )
         return
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(options, indent=1))
 
 
-def plan_shards(out: Path, counts: dict[str, int], shard_size: int) -> tuple[list[tuple[str, str, int, int]], dict[str, dict[str, int]]]:
+def plan_shards(
+    out: Path, counts: dict[str, int], shard_size: int
+) -> tuple[list[tuple[str, str, int, int]], dict[str, dict[str, int]]]:
     """``(path, split, start, stop)`` of every shard not written yet (``split/split-0000.tar`` ...,
     ``shard_size`` items each), and the size of every shard per split (for ``sizes.json``)."""
     pending, sizes = [], {}
@@ -125,8 +133,15 @@ def plan_shards(out: Path, counts: dict[str, int], shard_size: int) -> tuple[lis
     return pending, sizes
 
 
-def finish_build(out: Path, sizes: dict[str, dict[str, int]], tasks: dict[str, tuple[list[str], list[str]]],
-                 top_task: str, pending: list[tuple], started: float, what: str) -> None:
+def finish_build(
+    out: Path,
+    sizes: dict[str, dict[str, int]],
+    tasks: dict[str, tuple[list[str], list[str]]],
+    top_task: str,
+    pending: list[tuple],
+    started: float,
+    what: str,
+) -> None:
     """``sizes.json`` per split, ``tasks/<task>/`` prompt files with ``top_task``'s at the root, and
     the one-line report of what was written."""
     for split, split_sizes in sizes.items():
@@ -136,8 +151,10 @@ def finish_build(out: Path, sizes: dict[str, dict[str, int]], tasks: dict[str, t
     write_prompt_files(out, *tasks[top_task])
     written = sum(t[3] - t[2] for t in pending)
     kept = sum(len(v) for v in sizes.values()) - len(pending)
-    print(f"{what}: {written} written in {len(pending)} shards in {time.perf_counter() - started:.1f} s "
-          f"({kept} shards already there) -> {out}")
+    print(
+        f"{what}: {written} written in {len(pending)} shards in {time.perf_counter() - started:.1f} s "
+        f"({kept} shards already there) -> {out}"
+    )
 
 
 def splits_built(root: str | Path, splits: Iterable[str]) -> bool:

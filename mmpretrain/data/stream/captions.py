@@ -15,7 +15,16 @@ import random
 from mmpretrain.data.stream.seeds import derive, key_hash
 
 #: SugarCrepe's categories of hard negatives; another kind in a shard is scored as "other".
-NEGATIVE_KINDS = ("replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att", "add_obj", "add_att", "other")
+NEGATIVE_KINDS = (
+    "replace_obj",
+    "replace_att",
+    "replace_rel",
+    "swap_obj",
+    "swap_att",
+    "add_obj",
+    "add_att",
+    "other",
+)
 
 
 def kind_index(kind: str) -> int:

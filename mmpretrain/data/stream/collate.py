@@ -33,9 +33,12 @@ def collate(samples: list[dict[str, Any]], fill: dict[str, torch.Tensor] | None 
     return out
 
 
-def ragged_rows(per_sample: list[list[Any]], example: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def ragged_rows(
+    per_sample: list[list[Any]], example: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Variable-length per-sample lists (tensors, or ints when ``example`` is None) as one ``[E, ...]``
-    tensor and the ``[E]`` row of the batch each entry belongs to; ``E`` may be 0 (shaped like ``example``)."""
+    tensor and the ``[E]`` row of the batch each entry belongs to; ``E`` may be 0 (shaped like
+    ``example``)."""
     flat = [v for values in per_sample for v in values]
     owner = torch.tensor([i for i, values in enumerate(per_sample) for _ in values], dtype=torch.long)
     if example is None:

@@ -1,12 +1,13 @@
 """Per-modality decoding of raw webdataset samples (bytes by extension) into Python values.
 
 Conventions (README): image ``jpg|jpeg|png|webp``; text ``txt`` or ``json`` with a caption field;
-audio ``flac|wav|mp3``; video ``mp4|webm|avi`` (PyAV, :mod:`mmpretrain.data.stream.video`); integer class ``cls``. Text decodes to the sample's *captions*, a list:
-``caption_keys`` (default: the first of ``txt``, ``json``) are read in order, a text key giving one
-caption and a json key its ``caption_field`` (a string, or a list of captions). The json may also
-carry ``negatives`` (captions that do not match, with ``negative_kinds``) and ``labels``
-(``{task: int}``, -1 where the task does not apply): :func:`read_meta` reads them. Only these decoders run: webdataset's pickle and
-torch decoders are never enabled, so a shard cannot execute code.
+audio ``flac|wav|mp3``; video ``mp4|webm|avi`` (PyAV, :mod:`mmpretrain.data.stream.video`); integer
+class ``cls``. Text decodes to the sample's *captions*, a list: ``caption_keys`` (default: the first
+of ``txt``, ``json``) are read in order, a text key giving one caption and a json key its
+``caption_field`` (a string, or a list of captions). The json may also carry ``negatives`` (captions
+that do not match, with ``negative_kinds``) and ``labels`` (``{task: int}``, -1 where the task does
+not apply): :func:`read_meta` reads them. Only these decoders run: webdataset's pickle and torch
+decoders are never enabled, so a shard cannot execute code.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ def decode_text(data: bytes, ext: str, caption_field: str = "caption") -> str:
     return data.decode("utf-8").strip()
 
 
-def decode_captions(sample: dict[str, Any], caption_keys: list[str] | None = None,
-                    caption_field: str = "caption") -> list[str] | None:
+def decode_captions(
+    sample: dict[str, Any], caption_keys: list[str] | None = None, caption_field: str = "caption"
+) -> list[str] | None:
     """Every caption of ``sample`` from ``caption_keys`` in order (None when it has none of them).
 
     Without ``caption_keys`` the first of ``txt``/``json`` present is read. A key ending
@@ -113,7 +115,10 @@ def decode_cls(data: bytes) -> int:
 #: modality -> (extensions in priority order, decoder(bytes, ext) -> value)
 DECODERS: dict[str, tuple[tuple[str, ...], Callable[..., Any]]] = {
     "image": (("jpg", "jpeg", "png", "webp"), lambda b, ext, **_: decode_image(b)),
-    "text": (("txt", "json"), lambda b, ext, caption_field="caption", **_: decode_text(b, ext, caption_field)),
+    "text": (
+        ("txt", "json"),
+        lambda b, ext, caption_field="caption", **_: decode_text(b, ext, caption_field),
+    ),
     "audio": (("flac", "wav", "mp3"), lambda b, ext, **_: decode_audio(b, ext)),
     "cls": (("cls",), lambda b, ext, **_: decode_cls(b)),
     "video": (("mp4", "webm", "avi"), lambda b, ext, **_: _decode_video(b, ext)),
@@ -124,6 +129,7 @@ def _decode_video(data: bytes, ext: str):
     from mmpretrain.data.stream.video import decode_video
 
     return decode_video(data, ext)
+
 
 DECODERS_TEXT = DECODERS["text"][1]  # text goes through decode_captions (a list) unless re-registered
 
@@ -166,11 +172,14 @@ def decode_sample(
         exts, fn = DECODERS[modality]
         exts = (*exts, *extra_keys.get(modality, ()))
         if modality == "text" and fn is DECODERS_TEXT:
-            captions = decode_captions(sample, options.get("caption_keys"), options.get("caption_field", "caption"))
+            captions = decode_captions(
+                sample, options.get("caption_keys"), options.get("caption_field", "caption")
+            )
             if captions is None and modality in required:
                 raise MissingKeyError(
                     f"sample '{sample.get('__key__')}' in {sample.get('__url__')} has no text (looked for "
-                    f"{options.get('caption_keys') or '.txt/.json'}; it has {sorted(k for k in sample if not k.startswith('__'))})"
+                    f"{options.get('caption_keys') or '.txt/.json'}; it has "
+                    f"{sorted(k for k in sample if not k.startswith('__'))})"
                 )
             if captions is not None:
                 out[modality] = captions
@@ -180,7 +189,8 @@ def decode_sample(
             if modality in required:
                 raise MissingKeyError(
                     f"sample '{sample.get('__key__')}' in {sample.get('__url__')} has no {modality} "
-                    f"(looked for .{'/.'.join(exts)}; it has {sorted(k for k in sample if not k.startswith('__'))})"
+                    f"(looked for .{'/.'.join(exts)}; it has "
+                    f"{sorted(k for k in sample if not k.startswith('__'))})"
                 )
             continue
         out[modality] = fn(sample[ext], ext, **options)

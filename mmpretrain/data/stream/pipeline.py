@@ -77,15 +77,18 @@ class SkipCounter:
 
     def __call__(self, exn: Exception) -> bool:
         if self.on_error == "raise":
-            raise SampleError(f"bad sample ({type(exn).__name__}: {exn}); set data.on_error=skip to skip it") from exn
+            raise SampleError(
+                f"bad sample ({type(exn).__name__}: {exn}); set data.on_error=skip to skip it"
+            ) from exn
         self.pending += 1
         self.reasons[type(exn).__name__] += 1
         self.consecutive += 1
         if self.consecutive >= self.MAX_CONSECUTIVE:
             raise SampleError(
-                f"{self.consecutive} samples in a row failed and were skipped (by reason: {dict(self.reasons)}); "
-                f"the last: {type(exn).__name__}: {exn}. The shards or the preprocessing are broken, not a few "
-                f"samples: fix that (set data.on_error=raise to stop at the first failure with its traceback)."
+                f"{self.consecutive} samples in a row failed and were skipped (by reason: "
+                f"{dict(self.reasons)}); the last: {type(exn).__name__}: {exn}. The shards or the "
+                "preprocessing are broken, not a few samples: fix that (set data.on_error=raise to stop at "
+                "the first failure with its traceback)."
             ) from exn
         return True
 
@@ -104,9 +107,10 @@ def check_shard_counts(sources: list[Source], world_size: int, num_workers: int,
     for source in sources:
         if shard_policy == "error" and len(source.urls) < slots:
             raise ValueError(
-                f"source '{source.name}' has {len(source.urls)} shards for {world_size} ranks x {max(1, num_workers)} "
-                f"workers = {slots} readers: every reader needs at least one shard. Lower data.num_workers, write "
-                f"more, smaller shards, or set data.shard_policy=resample (each reader samples shards with replacement)."
+                f"source '{source.name}' has {len(source.urls)} shards for {world_size} ranks x "
+                f"{max(1, num_workers)} workers = {slots} readers: every reader needs at least one shard. "
+                "Lower data.num_workers, write more, smaller shards, or set data.shard_policy=resample "
+                "(each reader samples shards with replacement)."
             )
 
 
@@ -166,8 +170,10 @@ class ShardStream(IterableDataset):
         if on_missing not in ("skip", "partial"):
             raise ValueError(f"data.on_missing must be 'skip' or 'partial', not '{on_missing}'")
         self.on_missing = on_missing
-        self.positions = {int(s): p if isinstance(p, StreamPosition) else StreamPosition.from_json(p)
-                          for s, p in (positions or {}).items()}
+        self.positions = {
+            int(s): p if isinstance(p, StreamPosition) else StreamPosition.from_json(p)
+            for s, p in (positions or {}).items()
+        }
         self._fill: dict[str, torch.Tensor] | None = None
         self._streams: dict[int, tuple[Iterator[dict], int]] = {}  # stream -> (generator, next batch)
         self._next_start: int | None = None
@@ -180,12 +186,23 @@ class ShardStream(IterableDataset):
         return self.batches_per_worker * max(self.num_workers, 1)
 
     # -- shards -> raw samples, per source ------------------------------------------------------
-    def _reader(self, index: int, worker: int, num_workers: int, pos: Any, counter: SkipCounter) -> SourceReader:
+    def _reader(
+        self, index: int, worker: int, num_workers: int, pos: Any, counter: SkipCounter
+    ) -> SourceReader:
         source = self.sources[index]
 
         def shards_of_pass(pass_idx: int) -> list[int]:
-            shards = shard_plan(len(source.urls), self.seed, pass_idx, self.rank, self.world_size, worker,
-                                num_workers, self.shard_policy if self.train else "error", shuffle=self.train)
+            shards = shard_plan(
+                len(source.urls),
+                self.seed,
+                pass_idx,
+                self.rank,
+                self.world_size,
+                worker,
+                num_workers,
+                self.shard_policy if self.train else "error",
+                shuffle=self.train,
+            )
             if not shards and self.train:
                 raise ValueError(
                     f"source '{source.name}' has {len(source.urls)} shards for {self.world_size} ranks x "
@@ -196,8 +213,16 @@ class ShardStream(IterableDataset):
 
         size = self.shuffle_buffer if self.train and self.shuffle_buffer > 1 else 0
         seed = derive(self.seed, "shuffle_buffer", self.rank, worker, index)
-        return SourceReader(source.name, source.urls, shards_of_pass, pos, counter, buffer_size=size, seed=seed,
-                            endless=self.train)
+        return SourceReader(
+            source.name,
+            source.urls,
+            shards_of_pass,
+            pos,
+            counter,
+            buffer_size=size,
+            seed=seed,
+            endless=self.train,
+        )
 
     # -- samples -> batches -------------------------------------------------------------------
     def _modalities(self, source: Source) -> list[str]:
@@ -211,8 +236,14 @@ class ShardStream(IterableDataset):
             required = []
         else:
             required = [m for m in modalities if m != "cls"]
-        sample = decode_sample(raw, modalities, required, caption_field=self.caption_field,
-                               caption_keys=self.caption_keys, modality_keys=self.modality_keys)
+        sample = decode_sample(
+            raw,
+            modalities,
+            required,
+            caption_field=self.caption_field,
+            caption_keys=self.caption_keys,
+            modality_keys=self.modality_keys,
+        )
         texts = self._texts(raw, sample, pass_idx) if "text" in sample else {}
         with _seeded(aug_seed):
             for m, fn in self.preprocess.items():
@@ -225,7 +256,9 @@ class ShardStream(IterableDataset):
             if self.train and self.negatives:
                 sample["text_negatives"] = torch.stack(sample["text_negatives"])
         if not any(m in sample for m in self.preprocess):
-            raise SampleError(f"sample '{raw.get('__key__')}' in {raw.get('__url__')} has none of {sorted(self.preprocess)}")
+            raise SampleError(
+                f"sample '{raw.get('__key__')}' in {raw.get('__url__')} has none of {sorted(self.preprocess)}"
+            )
         sample.pop("__url__", None)
         return sample
 
@@ -241,16 +274,22 @@ class ShardStream(IterableDataset):
                 return {}
             negs = pick_negatives(list(meta.get("negatives") or []), self.negatives, self.seed, key, pass_idx)
             mask = [True] * len(negs) + [False] * (self.negatives - len(negs))
-            return {"text_negatives": negs + [""] * (self.negatives - len(negs)),
-                    "text_negatives_mask": torch.tensor(mask)}
+            return {
+                "text_negatives": negs + [""] * (self.negatives - len(negs)),
+                "text_negatives_mask": torch.tensor(mask),
+            }
         sample["text"] = captions[0]
         if "text" not in self.preprocess:
             return {}
         negatives = [str(n) for n in meta.get("negatives") or []]
         kinds = list(meta.get("negative_kinds") or [])
-        out: dict[str, Any] = {"text_more": captions[1:], "probe_negatives": negatives,
-                               "probe_negatives_kind": [kind_index(kinds[i] if i < len(kinds) else "")
-                                                        for i in range(len(negatives))]}
+        out: dict[str, Any] = {
+            "text_more": captions[1:],
+            "probe_negatives": negatives,
+            "probe_negatives_kind": [
+                kind_index(kinds[i] if i < len(kinds) else "") for i in range(len(negatives))
+            ],
+        }
         for task, label in (meta.get("labels") or {}).items():
             out[f"label/{task}"] = int(label)
         return out
@@ -258,15 +297,25 @@ class ShardStream(IterableDataset):
     def fill_values(self) -> dict[str, torch.Tensor]:
         """A zero tensor per modality this stream can yield (what absent rows are filled with)."""
         if self._fill is None:
-            wanted = dict.fromkeys(m for s in self.sources for m in self._modalities(s) if m in self.preprocess)
+            wanted = dict.fromkeys(
+                m for s in self.sources for m in self._modalities(s) if m in self.preprocess
+            )
             with _seeded(0):  # a random augmentation of the blank must not move the caller's RNG
-                self._fill = {m: torch.zeros_like(self.preprocess[m](BLANKS[m]())) for m in wanted if m in BLANKS}
+                self._fill = {
+                    m: torch.zeros_like(self.preprocess[m](BLANKS[m]())) for m in wanted if m in BLANKS
+                }
         return self._fill
 
-    def _batch_stream(self, worker: int, num_workers: int, position: StreamPosition | None = None) -> Iterator[dict]:
+    def _batch_stream(
+        self, worker: int, num_workers: int, position: StreamPosition | None = None
+    ) -> Iterator[dict]:
         """Stream ``worker``'s batches from ``position`` on (the start when None). Each training batch
         carries ``__position__``: the stream's position after it, as JSON."""
-        pos = copy.deepcopy(position) if position is not None else StreamPosition.start(worker, len(self.sources))
+        pos = (
+            copy.deepcopy(position)
+            if position is not None
+            else StreamPosition.start(worker, len(self.sources))
+        )
         pos.stream = worker
         counter = SkipCounter(self.on_error)
         readers = [self._reader(i, worker, num_workers, p, counter) for i, p in enumerate(pos.sources)]
@@ -303,7 +352,10 @@ class ShardStream(IterableDataset):
         ragged = {}
         if not self.train and "text" in self.preprocess:  # every val batch carries them, maybe empty
             example = self.fill_values().get("text")
-            ragged = {k: ragged_rows([s.pop(k, []) for s in batch], example if k in _TEXT_LISTS else None) for k in _RAGGED}
+            ragged = {
+                k: ragged_rows([s.pop(k, []) for s in batch], example if k in _TEXT_LISTS else None)
+                for k in _RAGGED
+            }
         out = collate(batch, self.fill_values())
         for k, (values, owner) in ragged.items():
             out[k] = values

@@ -42,8 +42,17 @@ from mmpretrain.io import write_text_atomic
 _HEAD = re.compile(r'\{"stream":(\d+),"batches":(\d+),')
 
 
-def shard_plan(n_shards: int, seed: int, pass_idx: int, rank: int, world_size: int, stream: int,
-               num_streams: int, policy: str = "error", shuffle: bool = True) -> list[int]:
+def shard_plan(
+    n_shards: int,
+    seed: int,
+    pass_idx: int,
+    rank: int,
+    world_size: int,
+    stream: int,
+    num_streams: int,
+    policy: str = "error",
+    shuffle: bool = True,
+) -> list[int]:
     """The shards (indices into the source's list) that ``stream`` of ``rank`` reads in pass ``pass_idx``."""
     order = list(range(n_shards))
     if policy == "resample":
@@ -75,7 +84,9 @@ class SourcePosition:
     offset: int = 0  # where its next sample starts (END: read to its end)
     buffer: list[list[int]] = field(default_factory=list)  # [shard, offset] of each buffered sample
     rng: list | None = None  # the shuffle buffer's RNG state; None: freshly seeded
-    plan: list[list[int]] | None = None  # [shard, start offset] items of this pass when not the computed split
+    plan: list[list[int]] | None = (
+        None  # [shard, start offset] items of this pass when not the computed split
+    )
 
     def advance_pass(self) -> None:
         self.pass_idx, self.item, self.offset, self.plan = self.pass_idx + 1, 0, 0, None
@@ -141,8 +152,13 @@ def _remove_if_owner(path: str, pid: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def continue_pass(old: list[list[StreamPosition | None]], old_plan: Any, source_map: list[int | None],
-                  new_slots: int, batches_before: list[int]) -> tuple[list[StreamPosition], dict[str, int]]:
+def continue_pass(
+    old: list[list[StreamPosition | None]],
+    old_plan: Any,
+    source_map: list[int | None],
+    new_slots: int,
+    batches_before: list[int],
+) -> tuple[list[StreamPosition], dict[str, int]]:
     """Positions for ``new_slots`` streams (rank-major: slot = rank x workers + stream) that read the
     rest of the current pass of every source across the new layout.
 
@@ -162,8 +178,11 @@ def continue_pass(old: list[list[StreamPosition | None]], old_plan: Any, source_
             for pos in new:
                 pos.sources.append(SourcePosition())
             continue
-        flat = [(r, s, pos.sources[old_i] if pos is not None else SourcePosition())
-                for r, streams in enumerate(old) for s, pos in enumerate(streams)]
+        flat = [
+            (r, s, pos.sources[old_i] if pos is not None else SourcePosition())
+            for r, streams in enumerate(old)
+            for s, pos in enumerate(streams)
+        ]
         current = max(p.pass_idx for _, _, p in flat)
         items: list[list[int]] = []
         buffered: list[list[int]] = []
@@ -184,6 +203,12 @@ def continue_pass(old: list[list[StreamPosition | None]], old_plan: Any, source_
         summary["buffered"] += len(buffered)
         for slot, pos in enumerate(new):
             mine = items[slot::new_slots]
-            pos.sources.append(SourcePosition(pass_idx=current, offset=mine[0][1] if mine else 0,
-                                              buffer=buffered[slot::new_slots], plan=mine))
+            pos.sources.append(
+                SourcePosition(
+                    pass_idx=current,
+                    offset=mine[0][1] if mine else 0,
+                    buffer=buffered[slot::new_slots],
+                    plan=mine,
+                )
+            )
     return new, summary

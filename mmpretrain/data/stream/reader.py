@@ -21,8 +21,17 @@ class SourceReader:
     the stream reads in pass ``p``; ``endless`` streams start the next pass at the end of one
     (training), others end (validation)."""
 
-    def __init__(self, name: str, urls: list[str], shards_of_pass: Callable[[int], list[int]], pos: SourcePosition,
-                 on_error: Callable[[Exception], Any], buffer_size: int = 0, seed: int = 0, endless: bool = True):
+    def __init__(
+        self,
+        name: str,
+        urls: list[str],
+        shards_of_pass: Callable[[int], list[int]],
+        pos: SourcePosition,
+        on_error: Callable[[Exception], Any],
+        buffer_size: int = 0,
+        seed: int = 0,
+        endless: bool = True,
+    ):
         self.name, self.urls, self.shards_of_pass = name, urls, shards_of_pass
         self.pos, self.on_error = pos, on_error
         self.size, self.initial, self.endless = buffer_size, min(100, buffer_size), endless

@@ -42,7 +42,9 @@ def check_seed(seed: int) -> int:
     try:
         value = operator.index(seed)
     except TypeError:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r} ({type(seed).__name__})") from None
+        raise ValueError(
+            f"seed must be a non-negative integer, got {seed!r} ({type(seed).__name__})"
+        ) from None
     if value < 0:
         raise ValueError(f"seed must be a non-negative integer, got {value}")
     return value

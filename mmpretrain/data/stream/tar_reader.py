@@ -19,7 +19,9 @@ from typing import IO, Any
 
 _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _META = re.compile(r"__[^/]*__($|/)")
-END = -1  #: ``next_start`` after a shard's last sample (a position's offset once its shard is read to the end)
+END = (
+    -1
+)  #: ``next_start`` after a shard's last sample (a position's offset once its shard is read to the end)
 
 
 @contextmanager
@@ -144,8 +146,11 @@ def _times_only(extended: bytes, size: int) -> bool:
     return all(int(r.split(b" ", 1)[0]) == len(r) + 1 for r in records[:-1].split(b"\n"))
 
 
-def read_samples(url: str, offset: int = 0, on_error: Callable[[Exception], Any] | None = None,
-                 ) -> Iterator[tuple[int, int, dict]]:
+def read_samples(
+    url: str,
+    offset: int = 0,
+    on_error: Callable[[Exception], Any] | None = None,
+) -> Iterator[tuple[int, int, dict]]:
     """``(start, next_start, sample)`` for each sample from ``offset`` to the end of the shard.
 
     ``next_start`` is where the following sample begins (the end of the shard after the last one).

@@ -83,11 +83,15 @@ def _check_complete(container, stream, packets: list, fps: float, ext: str) -> N
         return
     duration = stream.duration * stream.time_base if stream.duration else None
     if duration is None and container.duration and len(container.streams) == 1:
-        duration = container.duration / 1_000_000  # the container's, in microseconds: only when it is the video's
+        duration = (
+            container.duration / 1_000_000
+        )  # the container's, in microseconds: only when it is the video's
     step = 1 / fps if fps else 0.0
     end = float(max(pts) * stream.time_base) + step
     if duration is not None and end < float(duration) - 1.5 * step:
-        raise CorruptVideoError(f"the .{ext} file is truncated: its frames end at {end:.2f} s of its {float(duration):.2f} s")
+        raise CorruptVideoError(
+            f"the .{ext} file is truncated: its frames end at {end:.2f} s of its {float(duration):.2f} s"
+        )
 
 
 def read_frames(video: EncodedVideo, indices: list[int]) -> np.ndarray:
@@ -150,8 +154,13 @@ def decode_video_audio(data: bytes, ext: str = "mp4") -> tuple[np.ndarray, int]:
     return np.concatenate(chunks).astype(np.float32), int(rate)
 
 
-def encode_video(frames: np.ndarray, fps: int = 10, ext: str = "mp4", audio: np.ndarray | None = None,
-                 sample_rate: int = 16000) -> bytes:
+def encode_video(
+    frames: np.ndarray,
+    fps: int = 10,
+    ext: str = "mp4",
+    audio: np.ndarray | None = None,
+    sample_rate: int = 16000,
+) -> bytes:
     """``uint8 [T, H, W, 3]`` frames (H, W even) as an ``mp4`` (H.264), ``webm`` (VP8) or ``avi`` (MPEG-4)
     file, with an optional mono ``float32 [N]`` audio track (AAC / Opus / PCM): for tests and data builders.
     Every encoder and the muxer run with FFmpeg's ``bitexact`` flags and one thread, and no creation
@@ -167,18 +176,31 @@ def encode_video(frames: np.ndarray, fps: int = 10, ext: str = "mp4", audio: np.
     video_codec, audio_codec = codecs[ext]
     bitexact = av.codec.context.Flags.bitexact
     buf = io.BytesIO()
-    with av.open(buf, mode="w", format={"mp4": "mp4", "webm": "webm", "avi": "avi"}[ext],
-                 options={"fflags": "+bitexact"}) as out:
+    with av.open(
+        buf,
+        mode="w",
+        format={"mp4": "mp4", "webm": "webm", "avi": "avi"}[ext],
+        options={"fflags": "+bitexact"},
+    ) as out:
         stream = out.add_stream(video_codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        stream.options = {"threads": "1", **{"libx264": {"preset": "ultrafast", "crf": "18"},
-                          "libvpx": {"deadline": "realtime", "cpu-used": "8", "crf": "10", "b": "2M"}}.get(video_codec, {})}
+        stream.options = {
+            "threads": "1",
+            **{
+                "libx264": {"preset": "ultrafast", "crf": "18"},
+                "libvpx": {"deadline": "realtime", "cpu-used": "8", "crf": "10", "b": "2M"},
+            }.get(video_codec, {}),
+        }
         stream.codec_context.flags |= bitexact
         astream = None
         if audio is not None:
             rate = 48000 if audio_codec == "libopus" else sample_rate
-            astream = out.add_stream(audio_codec, rate=rate, layout="mono",
-                                     options={"aac_coder": "fast"} if audio_codec == "aac" else {})
+            astream = out.add_stream(
+                audio_codec,
+                rate=rate,
+                layout="mono",
+                options={"aac_coder": "fast"} if audio_codec == "aac" else {},
+            )
             astream.codec_context.flags |= bitexact
             wave = np.asarray(audio, dtype=np.float32)
             if rate != sample_rate:
@@ -195,8 +217,9 @@ def encode_video(frames: np.ndarray, fps: int = 10, ext: str = "mp4", audio: np.
             samples = (np.clip(wave, -1, 1) * 32767).astype(np.int16) if fmt == "s16" else wave
             step = 960 if audio_codec == "libopus" else 1024  # the codec's frame size: fed as is, fast
             for start in range(0, len(samples), step):
-                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[None, start:start + step]),
-                                                   format=fmt, layout="mono")
+                frame = av.AudioFrame.from_ndarray(
+                    np.ascontiguousarray(samples[None, start : start + step]), format=fmt, layout="mono"
+                )
                 frame.sample_rate, frame.pts = astream.rate, start
                 for packet in astream.encode(frame):
                     out.mux(packet)

@@ -59,8 +59,14 @@ def write_split(out: Path, name: str, items: list[dict], shards: int) -> dict[st
     return sizes
 
 
-def build_digits(out: str | Path, image_size: int = 32, seed: int = 0, val_fraction: float = 0.2,
-                 train_shards: int = 8, val_shards: int = 4) -> Path:
+def build_digits(
+    out: str | Path,
+    image_size: int = 32,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+    train_shards: int = 8,
+    val_shards: int = 4,
+) -> Path:
     """Write ``out/train/*.tar``, ``out/val/*.tar``, ``classnames.txt``, ``templates.txt``."""
     from sklearn.datasets import load_digits
 
@@ -92,4 +98,8 @@ def write_prompt_files(out: Path, templates: list[str]) -> None:
 
 def is_built(root: str | Path) -> bool:
     root = Path(root)
-    return (root / "classnames.txt").exists() and any((root / "train").glob("*.tar")) and any((root / "val").glob("*.tar"))
+    return (
+        (root / "classnames.txt").exists()
+        and any((root / "train").glob("*.tar"))
+        and any((root / "val").glob("*.tar"))
+    )

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mmpretrain.data.synthetic import digits
 from mmpretrain.data.stream.pipeline import ShardStream, Source
 from mmpretrain.data.stream.shards import count_samples
+from mmpretrain.data.synthetic import digits
 from mmpretrain.io import atomic_write, write_text_atomic
 
 WEIGHTS = "model.safetensors"
@@ -32,8 +32,15 @@ def is_built(out: str | Path) -> bool:
 
 
 def build_digits_classifier(
-    out: str | Path, digits_root: str | Path | None = None, model_name: str = "resnet10t", image_size: int = 32,
-    epochs: int = 15, batch_size: int = 64, lr: float = 3e-3, seed: int = 0, **_: object,
+    out: str | Path,
+    digits_root: str | Path | None = None,
+    model_name: str = "resnet10t",
+    image_size: int = 32,
+    epochs: int = 15,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+    **_: object,
 ) -> Path:
     from safetensors.torch import save_file
 
@@ -48,8 +55,13 @@ def build_digits_classifier(
     def batches_of(split: str, train: bool = False) -> ShardStream:
         """One pass over a split's shards in order (augmented when ``train``)."""
         urls = sorted(str(p) for p in (root / split).glob("*.tar"))
-        return ShardStream([Source(split, urls, modalities=["image", "cls"])], {"image": tower.preprocess(train)},
-                           batch_size=batch_size, train=False, seed=seed)
+        return ShardStream(
+            [Source(split, urls, modalities=["image", "cls"])],
+            {"image": tower.preprocess(train)},
+            batch_size=batch_size,
+            train=False,
+            seed=seed,
+        )
 
     tower = TimmTower(model_name=model_name, img_size=image_size)
     head = nn.Linear(tower.output_dim, 10)
@@ -58,9 +70,8 @@ def build_digits_classifier(
     steps = math.ceil(count_samples(sorted(str(p) for p in (root / "train").glob("*.tar"))) / batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps)
 
-
     start = time.perf_counter()
-    for epoch in range(epochs):
+    for _ in range(epochs):
         net.train()
         for batch in batches_of("train", train=True):
             loss = nn.functional.cross_entropy(net(batch["image"]), batch["cls"])
@@ -77,9 +88,17 @@ def build_digits_classifier(
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in tower.model.state_dict().items()}
     atomic_write(out / WEIGHTS, lambda tmp: save_file(state, tmp))
-    info = {"model_name": model_name, "image_size": image_size, "epochs": epochs, "val_accuracy": correct / max(total, 1),
-            "seconds": round(time.perf_counter() - start, 1), "digits_root": str(root)}
+    info = {
+        "model_name": model_name,
+        "image_size": image_size,
+        "epochs": epochs,
+        "val_accuracy": correct / max(total, 1),
+        "seconds": round(time.perf_counter() - start, 1),
+        "digits_root": str(root),
+    }
     write_text_atomic(out / "info.json", json.dumps(info, indent=2))
-    print(f"digits classifier ({model_name}, {epochs} epochs): val accuracy {info['val_accuracy']:.4f} "
-          f"in {info['seconds']} s -> {out / WEIGHTS}")
+    print(
+        f"digits classifier ({model_name}, {epochs} epochs): val accuracy {info['val_accuracy']:.4f} "
+        f"in {info['seconds']} s -> {out / WEIGHTS}"
+    )
     return out

@@ -67,10 +67,14 @@ def speak(exe: str, word: str, voice: str, speed: int, pitch: int, sample_rate: 
     """The word as a 16-bit PCM wav at ``sample_rate`` (espeak-ng writes 22.05 kHz)."""
     proc = subprocess.run(
         [exe, "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", word],
-        capture_output=True, check=False, timeout=60,
+        capture_output=True,
+        check=False,
+        timeout=60,
     )
     if proc.returncode != 0 or not proc.stdout:
-        raise RuntimeError(f"{ESPEAK} -v {voice} failed ({proc.returncode}): {proc.stderr.decode(errors='replace')}")
+        raise RuntimeError(
+            f"{ESPEAK} -v {voice} failed ({proc.returncode}): {proc.stderr.decode(errors='replace')}"
+        )
     wave, sr = sf.read(io.BytesIO(proc.stdout), dtype="float32")
     if sr != sample_rate:
         from mmpretrain.towers.audio import resample
@@ -114,7 +118,9 @@ def build_spoken_digits(
     }
     # Identical (word, voice, speed, pitch) requests are synthesised once; a small pool of
     # threads runs the espeak-ng processes in parallel.
-    requests = sorted({(CLASSNAMES[int(digits.target[i])], *p) for items in plan.values() for i, _, p in items})
+    requests = sorted(
+        {(CLASSNAMES[int(digits.target[i])], *p) for items in plan.values() for i, _, p in items}
+    )
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         audio = dict(zip(requests, pool.map(lambda r: speak(exe, *r, sample_rate), requests)))
     for name, items in plan.items():

@@ -34,6 +34,9 @@ from typing import Any
 
 import numpy as np
 
+from mmpretrain.data.convert import writing
+from mmpretrain.data.stream.seeds import derive
+from mmpretrain.data.stream.video import encode_video
 from mmpretrain.data.synthetic.digits import CLASSNAMES
 from mmpretrain.data.synthetic.moving_digits import captions as grammar
 from mmpretrain.data.synthetic.moving_digits.media import speech_flac
@@ -46,10 +49,7 @@ from mmpretrain.data.synthetic.moving_digits.motion import (
     render,
     still_track,
 )
-from mmpretrain.data.stream.seeds import derive
 from mmpretrain.data.synthetic.spoken_digits import espeak_path, speak, voice_params
-from mmpretrain.data.stream.video import encode_video
-from mmpretrain.data.convert import writing
 
 SPLITS = {"train": 0, "val": 1}  # name -> the split's key in each clip's seed
 VAL_FRACTION = 0.2  # of the digit images, as `mmpretrain data digits`
@@ -57,12 +57,33 @@ SECOND_DIGIT = 0.3  # the share of clips with a second, still digit
 ESPEAK_RATE = 22050  # what espeak-ng writes: asked for as is, so speak() does not resample
 
 TASKS = {
-    "digit": (CLASSNAMES, ["a video of the digit {} moving.", "a {} moving across the screen.",
-                           "the number {} in motion.", "a clip of a moving {}."]),
-    "direction": (list(DIRECTIONS), ["a digit moving {}.", "a number going {}.", "a video of a digit heading {}.",
-                                     "something that moves {}."]),
-    "speed": (list(SPEEDS), ["a {} moving digit.", "a digit moving at a {} speed.", "a {} video of a number.",
-                             "a number that moves, {}."]),
+    "digit": (
+        CLASSNAMES,
+        [
+            "a video of the digit {} moving.",
+            "a {} moving across the screen.",
+            "the number {} in motion.",
+            "a clip of a moving {}.",
+        ],
+    ),
+    "direction": (
+        list(DIRECTIONS),
+        [
+            "a digit moving {}.",
+            "a number going {}.",
+            "a video of a digit heading {}.",
+            "something that moves {}.",
+        ],
+    ),
+    "speed": (
+        list(SPEEDS),
+        [
+            "a {} moving digit.",
+            "a digit moving at a {} speed.",
+            "a {} video of a number.",
+            "a number that moves, {}.",
+        ],
+    ),
 }
 TOP_TASK = "digit"  # classnames.txt / templates.txt at the root and ``cls``
 
@@ -105,48 +126,98 @@ def plan_clip(seed: int, split: str, index: int, frames: int = 16) -> Plan:
     return Plan(tracks, direction, speed, texts, voice_params(rng))
 
 
-def make_clip(seed: int, split: str, index: int, frames: int, size: int, fps: int, sample_rate: int) -> dict[str, Any]:
+def make_clip(
+    seed: int, split: str, index: int, frames: int, size: int, fps: int, sample_rate: int
+) -> dict[str, Any]:
     """One sample of ``split``: the mp4, speech, captions and labels of clip ``index``."""
     plan = plan_clip(seed, split, index, frames)
     voice, wpm, pitch = plan.voice
     wav = speak(espeak_path(), plan.captions[0], voice, wpm, pitch, ESPEAK_RATE)  # espeak-ng's own rate
     flac, speech = speech_flac(wav, sample_rate)
-    mp4 = encode_video(render(plan.tracks, frames, size), fps, "mp4", speech.astype(np.float32) / 32767.0, sample_rate)
+    mp4 = encode_video(
+        render(plan.tracks, frames, size), fps, "mp4", speech.astype(np.float32) / 32767.0, sample_rate
+    )
     label = plan.tracks[0].label
-    labels = {"digit": label, "direction": list(DIRECTIONS).index(plan.direction),
-              "speed": list(SPEEDS).index(plan.speed)}
-    meta = {"captions": plan.captions, "labels": labels, "frames": frames, "fps": fps, "size": size,
-            "digits": [{"label": t.label, "x": t.x, "y": t.y, "vx": t.vx, "vy": t.vy} for t in plan.tracks],
-            "voice": {"voice": voice, "wpm": wpm, "pitch": pitch}}
-    return {"__key__": f"{split}_{index:06d}", "mp4": mp4, "flac": flac, "txt": plan.captions[0].encode(),
-            "cls": str(label).encode(), "json": json.dumps(meta).encode()}
+    labels = {
+        "digit": label,
+        "direction": list(DIRECTIONS).index(plan.direction),
+        "speed": list(SPEEDS).index(plan.speed),
+    }
+    meta = {
+        "captions": plan.captions,
+        "labels": labels,
+        "frames": frames,
+        "fps": fps,
+        "size": size,
+        "digits": [{"label": t.label, "x": t.x, "y": t.y, "vx": t.vx, "vy": t.vy} for t in plan.tracks],
+        "voice": {"voice": voice, "wpm": wpm, "pitch": pitch},
+    }
+    return {
+        "__key__": f"{split}_{index:06d}",
+        "mp4": mp4,
+        "flac": flac,
+        "txt": plan.captions[0].encode(),
+        "cls": str(label).encode(),
+        "json": json.dumps(meta).encode(),
+    }
 
 
 def _write(task: tuple) -> int:
     path, split, start, stop, seed, frames, size, fps, sample_rate = task
-    return writing.write_shard(Path(path), (make_clip(seed, split, i, frames, size, fps, sample_rate) for i in range(start, stop)))
+    return writing.write_shard(
+        Path(path), (make_clip(seed, split, i, frames, size, fps, sample_rate) for i in range(start, stop))
+    )
 
 
-def build_moving_digits(out: str | Path, seed: int = 0, train: int = 4000, val: int = 500, frames: int = 16,
-                        image_size: int = 64, fps: int = 8, sample_rate: int = 16000, workers: int | None = None,
-                        shard_size: int = 250, **_: Any) -> Path:
+def build_moving_digits(
+    out: str | Path,
+    seed: int = 0,
+    train: int = 4000,
+    val: int = 500,
+    frames: int = 16,
+    image_size: int = 64,
+    fps: int = 8,
+    sample_rate: int = 16000,
+    workers: int | None = None,
+    shard_size: int = 250,
+    **_: Any,
+) -> Path:
     """Write the splits' shards (in parallel, skipping shards already there), then the task files."""
     if not 2 <= frames <= max_frames():
-        raise ValueError(f"frames={frames}: a clip needs at least 2 frames to show motion and at most {max_frames()} "
-                         "(a fast digit must stay whole on the canvas)")
+        raise ValueError(
+            f"frames={frames}: a clip needs at least 2 frames to show motion and at most {max_frames()} "
+            "(a fast digit must stay whole on the canvas)"
+        )
     if image_size < 16 or image_size % 2:
-        raise ValueError(f"image_size={image_size}: the frames must be an even side of at least 16 px (yuv420p)")
+        raise ValueError(
+            f"image_size={image_size}: the frames must be an even side of at least 16 px (yuv420p)"
+        )
     espeak_path()  # a clear error before any worker starts
     out = Path(out)
-    options = {"canvas": "bounded", "seed": seed, "train": train, "val": val, "frames": frames, "image_size": image_size, "fps": fps,
-               "sample_rate": sample_rate, "shard_size": shard_size}
+    options = {
+        "canvas": "bounded",
+        "seed": seed,
+        "train": train,
+        "val": val,
+        "frames": frames,
+        "image_size": image_size,
+        "fps": fps,
+        "sample_rate": sample_rate,
+        "shard_size": shard_size,
+    }
     writing.claim_build(out, "moving_digits.json", options, "moving digits")
     pending, sizes = writing.plan_shards(out, {"train": train, "val": val}, shard_size)
     started = time.perf_counter()
     if pending:
         digit_images(seed)  # loaded (sklearn imported) once here; the forked workers inherit it
-    writing.parallel_map(_write, [(*t, seed, frames, image_size, fps, sample_rate) for t in pending], workers,
-                 label="moving digits", total=sum(t[3] - t[2] for t in pending), weight=int)
+    writing.parallel_map(
+        _write,
+        [(*t, seed, frames, image_size, fps, sample_rate) for t in pending],
+        workers,
+        label="moving digits",
+        total=sum(t[3] - t[2] for t in pending),
+        weight=int,
+    )
     writing.finish_build(out, sizes, TASKS, TOP_TASK, pending, started, "moving digits")
     return out
 

@@ -16,7 +16,10 @@ DIRECTION_WORDS = {
     "up": ["up", "upwards", "towards the top"],
     "down": ["down", "downwards", "towards the bottom"],
 }
-SPEED_ADVERBS = {"slow": ["slowly", "at a slow pace", "gently"], "fast": ["quickly", "fast", "at a fast pace", "rapidly"]}
+SPEED_ADVERBS = {
+    "slow": ["slowly", "at a slow pace", "gently"],
+    "fast": ["quickly", "fast", "at a fast pace", "rapidly"],
+}
 SPEED_ADJECTIVES = {"slow": ["slow", "slow-moving", "sluggish"], "fast": ["fast", "fast-moving", "speedy"]}
 VERBS = ["moving", "sliding", "travelling", "heading", "drifting", "going"]
 
@@ -32,7 +35,12 @@ PATTERNS = [
     "a {adj} digit {d} {v} {dir}",
     "a clip where the number {d} is {v} {dir} {adv}",
 ]
-STILL = [", while a {s} stays still", " next to a motionless {s}", ", passing a still {s}", "; a {s} does not move"]
+STILL = [
+    ", while a {s} stays still",
+    " next to a motionless {s}",
+    ", passing a still {s}",
+    "; a {s} does not move",
+]
 
 
 def digit_word(label: int, rng: random.Random) -> str:
@@ -41,14 +49,20 @@ def digit_word(label: int, rng: random.Random) -> str:
 
 def caption(label: int, direction: str, speed: str, still: int | None, rng: random.Random) -> str:
     text = rng.choice(PATTERNS).format(
-        d=digit_word(label, rng), v=rng.choice(VERBS), dir=rng.choice(DIRECTION_WORDS[direction]),
-        adv=rng.choice(SPEED_ADVERBS[speed]), adj=rng.choice(SPEED_ADJECTIVES[speed]))
+        d=digit_word(label, rng),
+        v=rng.choice(VERBS),
+        dir=rng.choice(DIRECTION_WORDS[direction]),
+        adv=rng.choice(SPEED_ADVERBS[speed]),
+        adj=rng.choice(SPEED_ADJECTIVES[speed]),
+    )
     if still is not None:
         text += rng.choice(STILL).format(s=digit_word(still, rng))
     return text + "."
 
 
-def captions(label: int, direction: str, speed: str, still: int | None, rng: random.Random, n: int = 5) -> list[str]:
+def captions(
+    label: int, direction: str, speed: str, still: int | None, rng: random.Random, n: int = 5
+) -> list[str]:
     """``n`` distinct captions (the first is the sample's ``txt`` and its spoken track)."""
     out: list[str] = []
     while len(out) < n:

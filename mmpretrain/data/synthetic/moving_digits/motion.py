@@ -46,15 +46,19 @@ def max_frames() -> int:
     return int((1 - DIGIT_SCALE) / max(SPEEDS.values()) + 1e-9) + 1
 
 
-def moving_track(label: int, pixels: np.ndarray, direction: str, speed: str, rng: random.Random,
-                 frames: int = 16) -> Track:
-    """A digit that crosses ``v * (frames - 1)`` of the side along its direction without leaving the canvas."""
+def moving_track(
+    label: int, pixels: np.ndarray, direction: str, speed: str, rng: random.Random, frames: int = 16
+) -> Track:
+    """A digit that crosses ``v * (frames - 1)`` of the side along its direction without leaving the "
+    "canvas."""
     dx, dy = DIRECTIONS[direction]
     v = SPEEDS[speed]
     travel = v * (frames - 1)
     free = 1 - DIGIT_SCALE - travel  # the room left for where the trajectory lies
     if free < 0:
-        raise ValueError(f"a {speed} digit crosses the canvas in fewer than {frames} frames: at most {max_frames()}")
+        raise ValueError(
+            f"a {speed} digit crosses the canvas in fewer than {frames} frames: at most {max_frames()}"
+        )
     low = rng.random() * free  # the trajectory's lowest corner coordinate along the motion
     along = low + (travel if dx + dy < 0 else 0.0)
     across = rng.random() * free + v * rng.randrange(frames)  # the law of `along` in a frame at a random time
@@ -77,8 +81,10 @@ def digit_patch(pixels: tuple[float, ...], side: int) -> np.ndarray:
 def corner(track: Track, t: int, size: int) -> tuple[int, int]:
     """The digit's top-left pixel in frame ``t`` (kept on the canvas, the digit whole)."""
     top = size - max(4, round(size * DIGIT_SCALE))
-    return (min(max(int(np.floor((track.x + track.vx * t) * size)), 0), top),
-            min(max(int(np.floor((track.y + track.vy * t) * size)), 0), top))
+    return (
+        min(max(int(np.floor((track.x + track.vx * t) * size)), 0), top),
+        min(max(int(np.floor((track.y + track.vy * t) * size)), 0), top),
+    )
 
 
 def render(tracks: list[Track], frames: int, size: int) -> np.ndarray:

@@ -31,10 +31,6 @@ from typing import Any
 
 import numpy as np
 
-from mmpretrain.data.synthetic.scenes import grammar
-from mmpretrain.data.synthetic.scenes.grammar import COLORS, COUNTS, SHAPES, SIZES, Obj
-from mmpretrain.data.synthetic.scenes.render import layout, render
-from mmpretrain.data.stream.seeds import derive
 from mmpretrain.data.convert.writing import (
     claim_build,
     finish_build,
@@ -44,20 +40,39 @@ from mmpretrain.data.convert.writing import (
     write_shard,
     write_text_atomic,
 )
+from mmpretrain.data.stream.seeds import derive
+from mmpretrain.data.synthetic.scenes import grammar
+from mmpretrain.data.synthetic.scenes.grammar import COLORS, COUNTS, SHAPES, SIZES, Obj
+from mmpretrain.data.synthetic.scenes.render import layout, render
 
 SPLITS = {"train": 0, "val": 1, "test_compositional": 2}  # name -> the split's key in each scene's seed
 
 # Colour-shape pairs never drawn in train or val: two colours per shape, 20 of the 120 (17 %), each
 # colour held out with at most two shapes, so every colour and shape is still seen in train.
-HELDOUT_PAIRS = frozenset((list(COLORS)[(5 * s + k) % len(COLORS)], shape)
-                          for s, shape in enumerate(SHAPES) for k in (0, 7))
+HELDOUT_PAIRS = frozenset(
+    (list(COLORS)[(5 * s + k) % len(COLORS)], shape) for s, shape in enumerate(SHAPES) for k in (0, 7)
+)
 
 TASKS = {
-    "color": (list(COLORS), ["a picture of a {} shape.", "a {} object on a background.", "something {}.",
-                             "a drawing of a {} thing."]),
+    "color": (
+        list(COLORS),
+        [
+            "a picture of a {} shape.",
+            "a {} object on a background.",
+            "something {}.",
+            "a drawing of a {} thing.",
+        ],
+    ),
     "shape": (SHAPES, ["a picture of a {}.", "a {} on a background.", "a drawing of a {}.", "one {}."]),
-    "count": (COUNTS, ["a picture of {} shapes.", "{} objects on a background.", "the number of shapes is {}.",
-                       "a drawing with {} things in it."]),
+    "count": (
+        COUNTS,
+        [
+            "a picture of {} shapes.",
+            "{} objects on a background.",
+            "the number of shapes is {}.",
+            "a drawing with {} things in it.",
+        ],
+    ),
 }
 TOP_TASK = "count"  # classnames.txt / templates.txt at the root and ``cls``: defined for every scene
 
@@ -89,34 +104,74 @@ def make_scene(seed: int, split: str, index: int, size_min: int, size_max: int) 
     forbidden = frozenset() if split == "test_compositional" else HELDOUT_PAIRS
     negatives = grammar.negatives(objects, captions, rng, forbidden)
     one = len(objects) == 1
-    labels = {"color": list(COLORS).index(objects[0].color) if one else -1,
-              "shape": SHAPES.index(objects[0].shape) if one else -1, "count": len(objects) - 1}
-    meta = {"captions": [grammar.realise(c) for c in captions], "negatives": [t for _, t in negatives],
-            "negative_kinds": [k for k, _ in negatives], "labels": labels,
-            "objects": [{"shape": o.shape, "color": o.color, "size": o.size, "x": o.x, "y": o.y} for o in objects]}
+    labels = {
+        "color": list(COLORS).index(objects[0].color) if one else -1,
+        "shape": SHAPES.index(objects[0].shape) if one else -1,
+        "count": len(objects) - 1,
+    }
+    meta = {
+        "captions": [grammar.realise(c) for c in captions],
+        "negatives": [t for _, t in negatives],
+        "negative_kinds": [k for k, _ in negatives],
+        "labels": labels,
+        "objects": [
+            {"shape": o.shape, "color": o.color, "size": o.size, "x": o.x, "y": o.y} for o in objects
+        ],
+    }
     jpg = render(objects, rng.randint(size_min, size_max), rng, nrng, quality=rng.randint(70, 95))
-    return {"__key__": f"{split}_{index:06d}", "jpg": jpg, "txt": meta["captions"][0].encode(),
-            "cls": str(labels[TOP_TASK]).encode(), "json": json.dumps(meta).encode()}
+    return {
+        "__key__": f"{split}_{index:06d}",
+        "jpg": jpg,
+        "txt": meta["captions"][0].encode(),
+        "cls": str(labels[TOP_TASK]).encode(),
+        "json": json.dumps(meta).encode(),
+    }
 
 
 def _write(task: tuple[str, str, int, int, int, int, int]) -> int:
     path, split, start, stop, seed, size_min, size_max = task
-    return write_shard(Path(path), (make_scene(seed, split, i, size_min, size_max) for i in range(start, stop)))
+    return write_shard(
+        Path(path), (make_scene(seed, split, i, size_min, size_max) for i in range(start, stop))
+    )
 
 
-def build_scenes(out: str | Path, seed: int = 0, train: int = 50_000, val: int = 2_000, test: int = 2_000,
-                 workers: int | None = None, image_size_min: int = 96, image_size_max: int = 160,
-                 shard_size: int = 1000, **_: Any) -> Path:
+def build_scenes(
+    out: str | Path,
+    seed: int = 0,
+    train: int = 50_000,
+    val: int = 2_000,
+    test: int = 2_000,
+    workers: int | None = None,
+    image_size_min: int = 96,
+    image_size_max: int = 160,
+    shard_size: int = 1000,
+    **_: Any,
+) -> Path:
     """Write the splits' shards (in parallel, skipping shards already there), then the task files."""
     out = Path(out)
-    options = {"seed": seed, "train": train, "val": val, "test": test, "image_size_min": image_size_min,
-               "image_size_max": image_size_max, "shard_size": shard_size}
+    options = {
+        "seed": seed,
+        "train": train,
+        "val": val,
+        "test": test,
+        "image_size_min": image_size_min,
+        "image_size_max": image_size_max,
+        "shard_size": shard_size,
+    }
     claim_build(out, "scenes.json", options, "scenes")
     pending, sizes = plan_shards(out, {"train": train, "val": val, "test_compositional": test}, shard_size)
     started = time.perf_counter()
-    parallel_map(_write, [(*t, seed, image_size_min, image_size_max) for t in pending], workers, label="scenes",
-                 total=sum(t[3] - t[2] for t in pending), weight=int)
-    write_text_atomic(out / "heldout_pairs.json", json.dumps(sorted([c, s] for c, s in HELDOUT_PAIRS), indent=1))
+    parallel_map(
+        _write,
+        [(*t, seed, image_size_min, image_size_max) for t in pending],
+        workers,
+        label="scenes",
+        total=sum(t[3] - t[2] for t in pending),
+        weight=int,
+    )
+    write_text_atomic(
+        out / "heldout_pairs.json", json.dumps(sorted([c, s] for c, s in HELDOUT_PAIRS), indent=1)
+    )
     finish_build(out, sizes, TASKS, TOP_TASK, pending, started, "scenes")
     return out
 

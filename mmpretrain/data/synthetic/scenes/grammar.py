@@ -19,11 +19,31 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, replace
 
-SHAPES = ["circle", "square", "triangle", "star", "hexagon", "pentagon", "diamond", "cross", "ring", "semicircle"]
+SHAPES = [
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "hexagon",
+    "pentagon",
+    "diamond",
+    "cross",
+    "ring",
+    "semicircle",
+]
 COLORS = {
-    "red": (215, 35, 35), "orange": (245, 135, 20), "yellow": (240, 215, 30), "green": (40, 160, 60),
-    "blue": (35, 75, 215), "purple": (125, 45, 170), "pink": (245, 125, 185), "brown": (125, 75, 35),
-    "black": (20, 20, 20), "white": (245, 245, 245), "gray": (128, 128, 128), "cyan": (35, 200, 215),
+    "red": (215, 35, 35),
+    "orange": (245, 135, 20),
+    "yellow": (240, 215, 30),
+    "green": (40, 160, 60),
+    "blue": (35, 75, 215),
+    "purple": (125, 45, 170),
+    "pink": (245, 125, 185),
+    "brown": (125, 75, 35),
+    "black": (20, 20, 20),
+    "white": (245, 245, 245),
+    "gray": (128, 128, 128),
+    "cyan": (35, 200, 215),
 }
 SIZES = ["small", "medium", "large"]
 COUNTS = ["one", "two", "three", "four"]
@@ -39,16 +59,27 @@ SHAPE_WORDS = {
     "diamond": [("diamond", "diamonds"), ("rhombus", "rhombuses")],
     "cross": [("cross", "crosses"), ("plus sign", "plus signs")],
     "ring": [("ring", "rings"), ("hollow circle", "hollow circles"), ("donut", "donuts")],
-    "semicircle": [("semicircle", "semicircles"), ("half circle", "half circles"), ("half disc", "half discs")],
+    "semicircle": [
+        ("semicircle", "semicircles"),
+        ("half circle", "half circles"),
+        ("half disc", "half discs"),
+    ],
 }
 COLOR_WORDS = {c: [c] for c in COLORS} | {"gray": ["gray", "grey"], "purple": ["purple", "violet"]}
-SIZE_WORDS = {"small": ["small", "little", "tiny"], "medium": ["medium-sized", "medium", "mid-sized"],
-              "large": ["large", "big", "huge"]}
+SIZE_WORDS = {
+    "small": ["small", "little", "tiny"],
+    "medium": ["medium-sized", "medium", "mid-sized"],
+    "large": ["large", "big", "huge"],
+}
 COUNT_WORDS = {1: ["a", "one"], 2: ["two", "a pair of"], 3: ["three"], 4: ["four"]}
 RELATIONS = ["left", "right", "above", "below"]
 OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
-RELATION_WORDS = {"left": ["to the left of", "left of", "on the left of"], "right": ["to the right of", "right of"],
-                  "above": ["above", "over"], "below": ["below", "under", "beneath"]}
+RELATION_WORDS = {
+    "left": ["to the left of", "left of", "on the left of"],
+    "right": ["to the right of", "right of"],
+    "above": ["above", "over"],
+    "below": ["below", "under", "beneath"],
+}
 MARGIN = 0.06  # a relation holds when the centres differ by more than this (a fraction of the image)
 
 NEGATIVE_KINDS = ["replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att", "add_obj", "add_att"]
@@ -111,8 +142,11 @@ def holds(caption: Caption, objects: list[Obj], margin: float = MARGIN) -> bool:
     if caption.relation is None:
         return True
     r = caption.relation
-    return all(rel_holds(a, r.rel, b, margin) for a in members(caption.mentions[r.a], objects)
-               for b in members(caption.mentions[r.b], objects))
+    return all(
+        rel_holds(a, r.rel, b, margin)
+        for a in members(caption.mentions[r.a], objects)
+        for b in members(caption.mentions[r.b], objects)
+    )
 
 
 # -- true captions -------------------------------------------------------------------------------
@@ -139,7 +173,8 @@ def clear_relations(objects: list[Obj], gs: list[list[Obj]]) -> list[tuple[int, 
                 continue
             for rel in RELATIONS:
                 if all(rel_holds(a, rel, b, MARGIN) for a in gs[i] for b in gs[j]) and all(
-                        _dominant(a, b, rel) for a in gs[i] for b in gs[j]):
+                    _dominant(a, b, rel) for a in gs[i] for b in gs[j]
+                ):
                     found.append((i, rel, j))
     return found
 
@@ -175,9 +210,22 @@ def true_captions(objects: list[Obj], rng: random.Random, k: int = 5) -> list[Ca
 
 
 # -- words ---------------------------------------------------------------------------------------
-LIST_FRAMES = ["{L}", "a picture with {L}", "an image showing {L}", "there {be} {L}", "{L} on a background",
-               "a drawing of {L}", "{L} in the picture", "a scene containing {L}"]
-REL_FRAMES = ["{A} {R} {B}", "{A} {be} {R} {B}", "a picture of {A} {R} {B}", "an image where {A} {be} {R} {B}"]
+LIST_FRAMES = [
+    "{L}",
+    "a picture with {L}",
+    "an image showing {L}",
+    "there {be} {L}",
+    "{L} on a background",
+    "a drawing of {L}",
+    "{L} in the picture",
+    "a scene containing {L}",
+]
+REL_FRAMES = [
+    "{A} {R} {B}",
+    "{A} {be} {R} {B}",
+    "a picture of {A} {R} {B}",
+    "an image where {A} {be} {R} {B}",
+]
 REST_FRAMES = ["{S}, and {L}", "{S}, with {L}", "{S}. there {be} also {L}", "{S}; also {L}"]
 
 
@@ -220,8 +268,9 @@ def realise(c: Caption) -> str:
     if rel.inverted:
         a, b, word = b, a, OPPOSITE[word]
     words = RELATION_WORDS[word]
-    sentence = REL_FRAMES[frame % len(REL_FRAMES)].format(A=join(phrase(a, c.expand)), B=join(phrase(b, c.expand)),
-                                                          be=_be(a), R=words[rel_word % len(words)])
+    sentence = REL_FRAMES[frame % len(REL_FRAMES)].format(
+        A=join(phrase(a, c.expand)), B=join(phrase(b, c.expand)), be=_be(a), R=words[rel_word % len(words)]
+    )
     rest = [m for i, m in enumerate(c.mentions) if i not in (rel.a, rel.b)]
     if not rest:
         return sentence
@@ -234,20 +283,29 @@ def _be(m: Mention) -> str:
 
 
 # -- hard negatives ------------------------------------------------------------------------------
-def negatives(objects: list[Obj], captions: list[Caption], rng: random.Random,
-              forbidden: frozenset[tuple[str, str]] = frozenset()) -> list[tuple[str, str]]:
+def negatives(
+    objects: list[Obj],
+    captions: list[Caption],
+    rng: random.Random,
+    forbidden: frozenset[tuple[str, str]] = frozenset(),
+) -> list[tuple[str, str]]:
     """(kind, text): at most one negative per kind, each a true caption with one minimal edit, false
     for ``objects`` (even counting near-ties as true) and unlike every true caption. Kinds that cannot
     apply to the scene are left out; ``forbidden`` (colour, shape) pairs are never named."""
     true_texts = {realise(c) for c in captions}
     with_rel = [c for c in captions if c.relation is not None]
     mentions = captions[0].mentions
-    applies = {"replace_rel": bool(with_rel), "swap_obj": len({m.shape for m in mentions}) > 1,
-               "swap_att": len({m.color for m in mentions}) > 1}
+    applies = {
+        "replace_rel": bool(with_rel),
+        "swap_obj": len({m.shape for m in mentions}) > 1,
+        "swap_att": len({m.color for m in mentions}) > 1,
+    }
     out = []
     for kind in NEGATIVE_KINDS:
         for _ in range(30 if applies.get(kind, True) else 0):
-            base = rng.choice(with_rel if kind in ("replace_rel", "swap_obj", "swap_att") and with_rel else captions)
+            base = rng.choice(
+                with_rel if kind in ("replace_rel", "swap_obj", "swap_att") and with_rel else captions
+            )
             edited = EDITS[kind](base, rng, objects)
             if edited is None:
                 continue
@@ -295,7 +353,9 @@ def _swap_pair(c: Caption, rng: random.Random, field: str) -> Caption | None:
     mi, mj = c.mentions[i], c.mentions[j]
     if getattr(mi, field) == getattr(mj, field):
         return None
-    return _with(_with(c, i, replace(mi, **{field: getattr(mj, field)})), j, replace(mj, **{field: getattr(mi, field)}))
+    return _with(
+        _with(c, i, replace(mi, **{field: getattr(mj, field)})), j, replace(mj, **{field: getattr(mi, field)})
+    )
 
 
 def _swap_obj(c: Caption, rng: random.Random, objects: list[Obj]) -> Caption | None:
@@ -322,5 +382,12 @@ def _add_att(c: Caption, rng: random.Random, objects: list[Obj]) -> Caption | No
     return _with(c, i, replace(m, size=rng.choice(wrong)))
 
 
-EDITS = {"replace_obj": _replace_obj, "replace_att": _replace_att, "replace_rel": _replace_rel,
-         "swap_obj": _swap_obj, "swap_att": _swap_att, "add_obj": _add_obj, "add_att": _add_att}
+EDITS = {
+    "replace_obj": _replace_obj,
+    "replace_att": _replace_att,
+    "replace_rel": _replace_rel,
+    "swap_obj": _swap_obj,
+    "swap_att": _swap_att,
+    "add_obj": _add_obj,
+    "add_att": _add_att,
+}

@@ -35,8 +35,9 @@ def layout(kinds: list[tuple[str, str, str]], rng: random.Random) -> list[Obj] |
     return placed
 
 
-def _background(side: int, avoid: list[tuple[int, int, int]], rng: random.Random, nrng: np.random.Generator
-                ) -> np.ndarray:
+def _background(
+    side: int, avoid: list[tuple[int, int, int]], rng: random.Random, nrng: np.random.Generator
+) -> np.ndarray:
     """A solid, gradient or noise-texture background whose colours stay far from every object colour."""
 
     def far_colour() -> np.ndarray:
@@ -64,8 +65,13 @@ def _background(side: int, avoid: list[tuple[int, int, int]], rng: random.Random
 
 def _points(shape: str, cx: float, cy: float, r: float, turn: float) -> list[tuple[float, float]]:
     def ring(n: int, radii: list[float], start: float, sx: float = 1.0) -> list[tuple[float, float]]:
-        return [(cx + sx * radii[i % len(radii)] * math.cos(start + turn + 2 * math.pi * i / n),
-                 cy + radii[i % len(radii)] * math.sin(start + turn + 2 * math.pi * i / n)) for i in range(n)]
+        return [
+            (
+                cx + sx * radii[i % len(radii)] * math.cos(start + turn + 2 * math.pi * i / n),
+                cy + radii[i % len(radii)] * math.sin(start + turn + 2 * math.pi * i / n),
+            )
+            for i in range(n)
+        ]
 
     up = -math.pi / 2
     if shape == "square":
@@ -82,13 +88,28 @@ def _points(shape: str, cx: float, cy: float, r: float, turn: float) -> list[tup
         return ring(4, [r * 1.1], up, sx=0.7)
     if shape == "cross":
         w = r * 0.36
-        pts = [(w, r), (w, w), (r, w), (r, -w), (w, -w), (w, -r), (-w, -r), (-w, -w), (-r, -w), (-r, w), (-w, w), (-w, r)]
+        pts = [
+            (w, r),
+            (w, w),
+            (r, w),
+            (r, -w),
+            (w, -w),
+            (w, -r),
+            (-w, -r),
+            (-w, -w),
+            (-r, -w),
+            (-r, w),
+            (-w, w),
+            (-w, r),
+        ]
         c, s = math.cos(turn), math.sin(turn)
         return [(cx + c * px - s * py, cy + s * px + c * py) for px, py in pts]
     raise ValueError(f"unknown polygon shape {shape}")
 
 
-def _draw(draw: ImageDraw.ImageDraw, o: Obj, side: int, fill: tuple[int, int, int], rng: random.Random) -> None:
+def _draw(
+    draw: ImageDraw.ImageDraw, o: Obj, side: int, fill: tuple[int, int, int], rng: random.Random
+) -> None:
     cx, cy = o.x * side, o.y * side
     r = RADIUS[o.size] * side * rng.uniform(0.9, 1.1)
     turn = math.radians(rng.uniform(-8, 8))
@@ -103,7 +124,9 @@ def _draw(draw: ImageDraw.ImageDraw, o: Obj, side: int, fill: tuple[int, int, in
         draw.polygon(_points(o.shape, cx, cy, r, turn), fill=fill)
 
 
-def render(objects: list[Obj], side: int, rng: random.Random, nrng: np.random.Generator, quality: int) -> bytes:
+def render(
+    objects: list[Obj], side: int, rng: random.Random, nrng: np.random.Generator, quality: int
+) -> bytes:
     """JPEG bytes of ``objects`` on a ``side`` x ``side`` image."""
     avoid = [COLORS[o.color] for o in objects]
     pixels = _background(side, avoid, rng, nrng)
