@@ -67,6 +67,7 @@ bench-scale: install ## tiled vs plain InfoNCE memory (4k..65k batch), the speed
 
 lint: install ## ruff
 	$(VENV)/bin/ruff check mmpretrain tests scripts
+	$(VENV)/bin/ruff format --check mmpretrain tests scripts
 
 format: install ## ruff format
 	$(VENV)/bin/ruff format mmpretrain tests scripts

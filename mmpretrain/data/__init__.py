@@ -5,7 +5,7 @@ May import: ``towers`` (a tower's preprocessing, the audio resampler), ``runtime
 Never Lightning or Hydra. Inside: ``stream`` < ``convert`` < ``synthetic`` < ``builders``.
 """
 
-from mmpretrain.data.stream.pipeline import ShardStream, Source
-from mmpretrain.data.stream.shards import NoShardsError, count_samples, expand_shards
+from mmpretrain.data.stream.pipeline import ShardStream
+from mmpretrain.data.stream.shards import NoShardsError, Source, count_samples, expand_shards
 
 __all__ = ["NoShardsError", "ShardStream", "Source", "count_samples", "expand_shards"]

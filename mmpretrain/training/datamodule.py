@@ -12,8 +12,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmpretrain.data import ShardStream, Source, count_samples, expand_shards
-from mmpretrain.data.stream.pipeline import check_shard_counts
 from mmpretrain.data.stream.position import StreamPosition, continue_pass, shard_plan
+from mmpretrain.data.stream.shards import check_shard_counts
 from mmpretrain.runtime import distributed
 
 

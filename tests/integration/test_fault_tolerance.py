@@ -396,7 +396,8 @@ def write_bad_shards(
 def expected_skips(items: dict[str, list], rec: dict, world: int, workers: int, seed: int = 0) -> int:
     """Naive reference: walk each reader's stream (its shards pass after pass, as ShardStream splits
     them) along the keys it really delivered; count the bad samples before its last delivered one."""
-    from mmpretrain.data.stream.pipeline import ShardStream, Source
+    from mmpretrain.data.stream.pipeline import ShardStream
+    from mmpretrain.data.stream.shards import Source
 
     urls = sorted(items)
     total = 0

@@ -6,7 +6,7 @@ import webdataset as wds
 from PIL import Image
 
 from mmpretrain.data import NoShardsError, ShardStream, Source, expand_shards
-from mmpretrain.data.stream.pipeline import SampleError
+from mmpretrain.data.stream.skips import SampleError
 
 
 def png_bytes(value=128):
@@ -124,7 +124,7 @@ def test_augmentations_are_seeded_per_sample_without_global_side_effects(tmp_pat
 
 def test_a_stream_where_every_sample_fails_stops_with_the_reason(tmp_path, monkeypatch):
     """A transform failing on every sample used to spin a training stream forever (all skips)."""
-    from mmpretrain.data.stream.pipeline import SkipCounter
+    from mmpretrain.data.stream.skips import SkipCounter
 
     monkeypatch.setattr(SkipCounter, "MAX_CONSECUTIVE", 25)
     urls = [write_shard(tmp_path / f"f-{s}.tar", [good(s * 10 + i) for i in range(10)]) for s in range(2)]

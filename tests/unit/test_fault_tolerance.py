@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from mmpretrain.config import UnsafeTargetError
 from mmpretrain.data import ShardStream, Source
-from mmpretrain.data.stream.pipeline import check_shard_counts
+from mmpretrain.data.stream.shards import check_shard_counts
 from mmpretrain.io import UnsafeCheckpointError, torch_load_safe
 from mmpretrain.runs import is_complete_checkpoint, newest_complete_checkpoint
 from mmpretrain.training.callbacks import AtomicCheckpointIO

@@ -188,7 +188,7 @@ def test_under_ddp_a_stream_that_can_yield_partial_batches_gets_masks_on_every_b
     one tensor more than the plain one, so the module decides from the data config, not per batch."""
     from types import SimpleNamespace
 
-    from mmpretrain.data.stream.pipeline import Source
+    from mmpretrain.data.stream.shards import Source
     from mmpretrain.training.module import _may_yield_partial_batches
 
     def dm(on_missing, *modalities):

@@ -30,11 +30,8 @@ so the count is exact across workers and ranks once summed by the training modul
 from __future__ import annotations
 
 import copy
-import random
-from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -45,73 +42,9 @@ from mmpretrain.data.stream.collate import collate, ragged_rows
 from mmpretrain.data.stream.decode import BLANKS, decode_sample, read_meta
 from mmpretrain.data.stream.position import PositionFiles, StreamPosition, restore_rng, rng_state, shard_plan
 from mmpretrain.data.stream.reader import SourceReader
-from mmpretrain.data.stream.seeds import check_seed, derive
-
-
-class SampleError(RuntimeError):
-    pass
-
-
-@dataclass
-class Source:
-    name: str
-    urls: list[str]
-    weight: float = 1.0
-    modalities: list[str] = field(default_factory=list)
-
-
-class SkipCounter:
-    """webdataset handler that counts what it skips, or raises with the shard named."""
-
-    #: this many failures in a row (no good sample between) stop the stream with an error: a
-    #: transform or decoder that fails on every sample would otherwise spin a training stream forever.
-    MAX_CONSECUTIVE = 1000
-
-    def __init__(self, on_error: str = "skip"):
-        if on_error not in ("skip", "raise"):
-            raise ValueError(f"data.on_error must be 'skip' or 'raise', not '{on_error}'")
-        self.on_error = on_error
-        self.pending = 0
-        self.consecutive = 0
-        self.reasons: Counter[str] = Counter()
-
-    def __call__(self, exn: Exception) -> bool:
-        if self.on_error == "raise":
-            raise SampleError(
-                f"bad sample ({type(exn).__name__}: {exn}); set data.on_error=skip to skip it"
-            ) from exn
-        self.pending += 1
-        self.reasons[type(exn).__name__] += 1
-        self.consecutive += 1
-        if self.consecutive >= self.MAX_CONSECUTIVE:
-            raise SampleError(
-                f"{self.consecutive} samples in a row failed and were skipped (by reason: "
-                f"{dict(self.reasons)}); the last: {type(exn).__name__}: {exn}. The shards or the "
-                "preprocessing are broken, not a few samples: fix that (set data.on_error=raise to stop at "
-                "the first failure with its traceback)."
-            ) from exn
-        return True
-
-    def ok(self) -> None:
-        self.consecutive = 0
-
-    def take(self) -> int:
-        n, self.pending = self.pending, 0
-        return n
-
-
-def check_shard_counts(sources: list[Source], world_size: int, num_workers: int, shard_policy: str) -> None:
-    """Fail before training (on every rank alike, so no rank waits in a collective) when a source
-    has fewer shards than ranks x workers and ``shard_policy`` is ``error``."""
-    slots = world_size * max(1, num_workers)
-    for source in sources:
-        if shard_policy == "error" and len(source.urls) < slots:
-            raise ValueError(
-                f"source '{source.name}' has {len(source.urls)} shards for {world_size} ranks x "
-                f"{max(1, num_workers)} workers = {slots} readers: every reader needs at least one shard. "
-                "Lower data.num_workers, write more, smaller shards, or set data.shard_policy=resample "
-                "(each reader samples shards with replacement)."
-            )
+from mmpretrain.data.stream.seeds import check_seed, derive, seeded
+from mmpretrain.data.stream.shards import Source
+from mmpretrain.data.stream.skips import SampleError, SkipCounter
 
 
 def _worker() -> tuple[int, int]:
@@ -245,7 +178,7 @@ class ShardStream(IterableDataset):
             modality_keys=self.modality_keys,
         )
         texts = self._texts(raw, sample, pass_idx) if "text" in sample else {}
-        with _seeded(aug_seed):
+        with seeded(aug_seed):
             for m, fn in self.preprocess.items():
                 if m in sample:
                     sample[m] = fn(sample[m])
@@ -300,7 +233,7 @@ class ShardStream(IterableDataset):
             wanted = dict.fromkeys(
                 m for s in self.sources for m in self._modalities(s) if m in self.preprocess
             )
-            with _seeded(0):  # a random augmentation of the blank must not move the caller's RNG
+            with seeded(0):  # a random augmentation of the blank must not move the caller's RNG
                 self._fill = {
                     m: torch.zeros_like(self.preprocess[m](BLANKS[m]())) for m in wanted if m in BLANKS
                 }
@@ -419,24 +352,3 @@ class ShardStream(IterableDataset):
 #: per-sample lists of tokenized captions (validation), flattened by the collate with their owner row
 _TEXT_LISTS = ("text_more", "probe_negatives")
 _RAGGED = (*_TEXT_LISTS, "probe_negatives_kind")
-
-
-@contextmanager
-def _seeded(seed: int | None) -> Iterator[None]:
-    """Run the augmentations with ``random``/``torch`` seeded by ``seed``; restore the state after
-    (also when the sample fails and is skipped).
-
-    Only the CPU generator is seeded (augmentations run on CPU): ``torch.manual_seed`` would also
-    queue a lazy CUDA seeding, which records a Python stack trace per call (benchmarks/NOTES.md).
-    """
-    if seed is None:
-        yield
-        return
-    py_state = random.getstate()
-    with torch.random.fork_rng(devices=[]):
-        random.seed(seed)
-        torch.default_generator.manual_seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(py_state)

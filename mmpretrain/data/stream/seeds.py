@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import operator
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
+import torch
 
 #: what a derived seed is for: part of its spawn key, so two purposes never share a stream.
 #: Append new purposes; never renumber (that would change every existing run's data order).
@@ -70,3 +74,24 @@ def global_seed(seed: int) -> int:
     if seed <= _MAX_32:
         return seed
     return derive(seed, "global") & _MAX_32
+
+
+@contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """Run the augmentations with ``random``/``torch`` seeded by ``seed``; restore the state after
+    (also when the sample fails and is skipped).
+
+    Only the CPU generator is seeded (augmentations run on CPU): ``torch.manual_seed`` would also
+    queue a lazy CUDA seeding, which records a Python stack trace per call (benchmarks/NOTES.md).
+    """
+    if seed is None:
+        yield
+        return
+    py_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        torch.default_generator.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)

@@ -1,4 +1,4 @@
-"""Finding shards: brace-expanded patterns, globs, and sample counts."""
+"""Finding shards: sources, brace-expanded patterns and globs, sample counts and their ``sizes.json``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import tarfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import braceexpand
@@ -17,6 +18,28 @@ from mmpretrain.runtime import distributed
 
 class NoShardsError(FileNotFoundError):
     pass
+
+
+@dataclass
+class Source:
+    name: str
+    urls: list[str]
+    weight: float = 1.0
+    modalities: list[str] = field(default_factory=list)
+
+
+def check_shard_counts(sources: list[Source], world_size: int, num_workers: int, shard_policy: str) -> None:
+    """Fail before training (on every rank alike, so no rank waits in a collective) when a source
+    has fewer shards than ranks x workers and ``shard_policy`` is ``error``."""
+    slots = world_size * max(1, num_workers)
+    for source in sources:
+        if shard_policy == "error" and len(source.urls) < slots:
+            raise ValueError(
+                f"source '{source.name}' has {len(source.urls)} shards for {world_size} ranks x "
+                f"{max(1, num_workers)} workers = {slots} readers: every reader needs at least one shard. "
+                "Lower data.num_workers, write more, smaller shards, or set data.shard_policy=resample "
+                "(each reader samples shards with replacement)."
+            )
 
 
 def expand_shards(patterns: str | list[str]) -> list[str]:

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mmpretrain.data.stream.pipeline import ShardStream, Source
-from mmpretrain.data.stream.shards import count_samples
+from mmpretrain.data.stream.pipeline import ShardStream
+from mmpretrain.data.stream.shards import Source, count_samples
 from mmpretrain.data.synthetic import digits
 from mmpretrain.io import atomic_write, write_text_atomic
 

@@ -1,5 +1,5 @@
-"""The console script skips the interpreter's module teardown (~2 s with torch + Lightning loaded)
-but keeps everything a finished command needs at exit: exit code, atexit handlers, threads, output."""
+"""The console script ends the process through the interpreter's own exit: the command's exit code,
+the atexit handlers, non-daemon threads and buffered output all happen as Python does them."""
 
 from __future__ import annotations
 
@@ -36,6 +36,6 @@ def test_console_exit_keeps_exit_code_atexit_handlers_threads_and_output(tmp_pat
     assert "buffered, no newline" in proc.stdout and "no-such-sweep" in proc.stderr
 
 
-def test_the_console_script_is_the_fast_exit_entry():
+def test_the_console_script_is_the_cli_entry():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["mmpretrain"] == "mmpretrain.cli:console"
