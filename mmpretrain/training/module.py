@@ -146,12 +146,19 @@ class ContrastiveModule(L.LightningModule):
         losses = grad_cache_backward(
             self.model, self.loss, batch, self.grad_cache_chunks, self.manual_backward, no_sync
         )
-        if self.optim_cfg.get("gradient_clip_val"):
-            self.configure_gradient_clipping(optimizer, float(self.optim_cfg["gradient_clip_val"]), "norm")
-        optimizer.step()
+        optimizer.step()  # clipping happens in on_before_optimizer_step, once fp16 gradients are unscaled
         self.model.clamp_logit_scales()
         scheduler.step()
         return losses
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Manual optimisation (``optim.grad_cache_chunks>1``) clips here: Lightning calls this hook inside
+        ``optimizer.step()`` after the fp16 loss scaler has unscaled the gradients and before the update,
+        so the norm clipped is the true one (clipping before the step clipped the scaled gradients).
+        Under automatic optimisation Lightning clips by itself at this point."""
+        clip = self.optim_cfg.get("gradient_clip_val")
+        if not self.automatic_optimization and clip:
+            self.configure_gradient_clipping(optimizer, float(clip), "norm")
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """CLIP clamps log s to [0, ln 100] right after each optimiser step: before any callback

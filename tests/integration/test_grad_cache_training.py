@@ -75,3 +75,69 @@ def test_bf16_mixed_precision_gives_the_fp32_gradient_to_bf16_accuracy():
         for other in (bf16, bf16_cached):
             cos = torch.nn.functional.cosine_similarity(other[name].flatten(), g.flatten(), dim=0)
             assert cos > 0.98, (name, cos)
+
+
+class CaptureStepGrads(L.Callback):
+    """The gradients the optimiser really applied (clipped, unscaled): read in its step post-hook."""
+
+    def __init__(self):
+        self.grads = None
+
+    def on_train_start(self, trainer, pl_module):
+        def capture(optimizer, args, kwargs):
+            if self.grads is None:
+                self.grads = {
+                    n: p.grad.clone() for n, p in pl_module.model.named_parameters() if p.grad is not None
+                }
+
+        trainer.optimizers[0].register_step_post_hook(capture)
+
+
+def clipped_step_grads(chunks, fp16_scaler):
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from mmpretrain.training.module import ContrastiveModule
+
+    model = make_model()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    optim = {
+        "lr": 1e-3,
+        "weight_decay": 0.1,
+        "grad_cache_chunks": chunks,
+        "gradient_clip_val": 0.05,
+        "fused": False,
+    }
+    module = ContrastiveModule(model, InfoNCE(), optim)
+    capture = CaptureStepGrads()
+    plugins = []
+    if fp16_scaler:  # Lightning gives CPU runs no scaler; CUDA's fp16 path is the same code with one
+        plugins = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8))]
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[capture],
+        limit_val_batches=0,
+        plugins=plugins,
+    )
+    trainer.fit(module, train_dataloaders=DataLoader([batch(12)], batch_size=None))
+    return capture.grads
+
+
+def test_fp16_loss_scaling_with_grad_cache_clips_the_unscaled_gradients():
+    """16-mixed + grad_cache_chunks>1 + clipping: the gradient the optimiser applies is the fp32 run's,
+    clipped to the same norm (it was clipped while still multiplied by the loss scale: 1/256 of it here)."""
+    fp32 = clipped_step_grads(3, fp16_scaler=False)
+    fp16 = clipped_step_grads(3, fp16_scaler=True)
+    norm = lambda grads: torch.cat([g.flatten() for g in grads.values()]).norm()  # noqa: E731
+    assert norm(fp32) == pytest.approx(0.05, rel=1e-3)
+    assert norm(fp16) == pytest.approx(0.05, rel=2e-2)
+    for name, g in fp32.items():
+        if g.abs().max() > 0:
+            cos = torch.nn.functional.cosine_similarity(fp16[name].flatten(), g.flatten(), dim=0)
+            assert cos > 0.95, (name, cos)
