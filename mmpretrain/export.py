@@ -30,7 +30,7 @@ from mmpretrain.io import (
     sharded_checkpoint_shapes,
     write_text_atomic,
 )
-from mmpretrain.model import ContrastiveModel, build_model
+from mmpretrain.model import ContrastiveModel, build_model, weights_free
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -41,11 +41,11 @@ FORMAT_VERSION = 1
 def model_from_checkpoint(path: str | Path, model_cfg: dict[str, Any] | None = None) -> ContrastiveModel:
     """Rebuild a ContrastiveModel from an mmpretrain ``.ckpt``, an exported directory (mmpretrain or
     open_clip layout), or an open_clip checkpoint (``.pt``/``.safetensors``; needs ``model_cfg``, a
-    ``model=openclip`` config naming the open_clip model-config JSON)."""
+    ``model=openclip`` config naming the open_clip model-config JSON). The weights come from ``path``
+    alone: no starting-weights source the model was trained from is read (:func:`weights_free`)."""
     path = Path(path)
-    if path.is_dir() and not is_sharded_checkpoint(
-        path
-    ):  # an export (a trainer=fsdp checkpoint is read below)
+    export_dir = path.is_dir() and not is_sharded_checkpoint(path)  # a trainer=fsdp checkpoint is read below
+    if export_dir:
         if not (path / CONFIG_NAME).exists() and (path / OPEN_CLIP_CONFIG).exists():
             oc = json.loads((path / OPEN_CLIP_CONFIG).read_text())
             return model_from_open_clip_checkpoint(
@@ -62,7 +62,7 @@ def model_from_checkpoint(path: str | Path, model_cfg: dict[str, Any] | None = N
             "checkpoint. For an open_clip checkpoint also give its model config: model=openclip "
             "model.config=PATH.json"
         )
-    model = build_model(hp["model"])
+    model = build_model(weights_free(hp["model"]))
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     load_into(model, state, str(path), trained_with=hp["model"])
     return model
@@ -182,7 +182,7 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Con
             f"{path} is not an exported mmpretrain model (no {CONFIG_NAME}){hint}; run `mmpretrain export`"
         )
     config = json.loads((path / CONFIG_NAME).read_text())
-    model = build_model(config["model"])
+    model = build_model(weights_free(config["model"]))
     load_into(model, load_file(str(path / WEIGHTS_NAME)), str(path))
     model = model.to(device).eval()
     model.transforms = model.preprocess(train=False)
@@ -198,7 +198,7 @@ def model_from_open_clip_checkpoint(path: str | Path, model_cfg: dict[str, Any])
     state = from_open_clip_state_dict(read_open_clip_state_dict(path))
     if "logit_bias" in state and model_cfg.get("init_logit_bias") is None:
         model_cfg = {**model_cfg, "init_logit_bias": 0.0}  # the value comes from the checkpoint
-    model = build_model(model_cfg)
+    model = build_model(weights_free(model_cfg))
     load_into(model, state, str(path))
     return model
 

@@ -183,6 +183,31 @@ def apply_training_options(model: ContrastiveModel, cfg: Mapping[str, Any]) -> C
     return model
 
 
+#: Keys of a tower config that name where its starting weights come from.
+WEIGHT_SOURCES = ("pretrained_path", "image_tower_path")
+
+
+def weights_free(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``cfg`` (a model config) with every source of starting weights removed: the towers (and a video
+    tower's frame tower) get ``pretrained: false`` and no ``pretrained_path``/``image_tower_path``, and
+    the top-level open_clip ``config``/``pretrained`` (read only for the starting temperature) go. What
+    rebuilds a model whose weights come from a checkpoint or an export: it never reads a weights file
+    or contacts a hub for weights."""
+    from mmpretrain.config import to_plain
+
+    def tower(t: dict[str, Any]) -> dict[str, Any]:
+        t = {k: v for k, v in t.items() if k not in WEIGHT_SOURCES}
+        if isinstance(t.get("frame"), dict):  # a video tower: its frame tower holds the weights source
+            t["frame"] = tower(t["frame"])
+        else:
+            t["pretrained"] = False
+        return t
+
+    out = {k: v for k, v in to_plain(cfg).items() if k not in ("config", "pretrained")}
+    out["towers"] = {m: tower(t) for m, t in out["towers"].items() if t is not None}
+    return out
+
+
 def build_model(cfg: Mapping[str, Any]) -> ContrastiveModel:
     """Build from a model config (``towers: {modality: {_target_: ..., ...}}``, ``embed_dim`` ...)."""
     from mmpretrain.config import safe_instantiate

@@ -55,7 +55,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         loss,
         optim,
         zeroshot=prompts,
-        hparams={"model": to_plain(cfg.model)},
+        # The checkpoint rebuilds the model from its own config (no weights source); the training config
+        # (per-tower lr scales, locks, where the starting weights came from) is kept beside it.
+        hparams={"model": model.config(), "model_training": to_plain(cfg.model)},
         zeroshot_tasks=tasks_from_config(cfg.data.get("val")),
     )
     loggers = instantiate_all(cfg.get("logger"))

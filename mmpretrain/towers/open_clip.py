@@ -129,14 +129,15 @@ class OpenClipTower(Tower):
         config: str | dict,
         pretrained_path: str | None = None,
         aug: dict[str, Any] | None = None,
-        pretrained: str | None = None,
+        pretrained: str | bool | None = None,
     ):
         """``pretrained``: an open_clip tag of ``config`` (``laion2b_s34b_b79k``) or ``hf-hub:ORG/REPO``;
-        ``config=hf-hub:ORG/REPO`` brings its own weights. A local ``pretrained_path`` wins over both."""
+        ``config=hf-hub:ORG/REPO`` brings its own weights. A local ``pretrained_path`` wins over both;
+        ``pretrained=False`` loads none (the weights come from a checkpoint or an export)."""
         if modality not in _PARTS:
             raise ValueError(f"open_clip towers are 'image' or 'text', not '{modality}'")
         model_cfg = resolve_model_cfg(config)
-        if not pretrained_path:
+        if not pretrained_path and pretrained is not False:
             pretrained_path, preprocess = open_clip_weights(config, pretrained)
             if preprocess:  # the tag's own mean/std/resize (e.g. OpenAI's or SigLIP's)
                 model_cfg["preprocess_cfg"] = dict(model_cfg.get("preprocess_cfg", {})) | preprocess

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 from timm.data import create_transform, resolve_data_config
 
 from mmpretrain.io import read_state_dict
-from mmpretrain.pretrained import check_timm_weights, is_hub_id
+from mmpretrain.pretrained import HUB_PREFIX, check_timm_weights, is_hub_id
 from mmpretrain.towers.base import ImageNormalize, Tower, uint8_transform
 
 
@@ -66,6 +67,24 @@ def timm_weights_wanted(
     return bool(pretrained)
 
 
+def record_hub_architecture(config: dict[str, Any], model_name: str, kwargs: dict[str, Any]) -> None:
+    """For a model named by hub id, record in ``config`` what the hub's ``config.json`` said (the
+    architecture, its arguments, the weights' preprocessing settings), so that rebuilding the tower from
+    a checkpoint or an export contacts no hub (its weights come from there anyway)."""
+    if not is_hub_id(model_name):
+        return
+    from timm.models import load_model_config_from_hf
+
+    pcfg, architecture, model_args = load_model_config_from_hf(model_name.removeprefix(HUB_PREFIX))  # cached
+    model_args = {k: v for k, v in model_args.items() if k not in ("num_classes", "in_chans")}
+    config.update(
+        model_name=architecture,
+        model_kwargs=model_args | kwargs,
+        pretrained_cfg=json.loads(json.dumps(pcfg, default=str)),
+        pretrained=False,
+    )
+
+
 class TimmTower(Tower):
     """An image (or spectrogram) encoder from timm, with timm's own transforms.
 
@@ -83,9 +102,11 @@ class TimmTower(Tower):
         model_kwargs: dict[str, Any] | None = None,
         transform: dict[str, Any] | None = None,
         pretrained: bool | None = None,
+        pretrained_cfg: dict[str, Any] | None = None,
     ):
         """``pretrained=True``: timm's default weights for ``model_name``; ``model_name=hf-hub:ORG/REPO``
-        loads that repo's weights unless ``pretrained=False``. A local ``pretrained_path`` replaces both."""
+        loads that repo's weights unless ``pretrained=False``. A local ``pretrained_path`` replaces both.
+        ``pretrained_cfg``: timm's preprocessing settings of the weights (recorded for hub models)."""
         super().__init__(
             {
                 "_target_": f"{__name__}.TimmTower",
@@ -97,6 +118,8 @@ class TimmTower(Tower):
                 "transform": dict(transform or {}),
             }
         )
+        if pretrained_cfg:
+            self.config["pretrained_cfg"] = dict(pretrained_cfg)
         pretrained = timm_weights_wanted(self.config, model_name, pretrained, pretrained_path)
         # img_size sizes the transforms; ViT-style models also need it in model_kwargs.
         kwargs = dict(model_kwargs or {})
@@ -106,8 +129,10 @@ class TimmTower(Tower):
             pretrained=pretrained and not pretrained_path,
             num_classes=0,
             in_chans=in_chans,
+            pretrained_cfg=pretrained_cfg,
             **kwargs,
         )
+        record_hub_architecture(self.config, model_name, kwargs)
         if pretrained_path:
             load_local_weights(self.model, pretrained_path)
         self.output_dim = self.model.num_features

@@ -220,7 +220,8 @@ class ContrastiveModule(L.LightningModule):
                     "(trainer.precision=16-mixed); use optim.fused=auto, or bf16-mixed"
                 )
             optim_cfg["fused"] = False
-        optimizer = build_optimizer(self.model, optim_cfg, (self.hparams.get("model") or {}).get("towers"))
+        model_cfg = self.hparams.get("model_training") or self.hparams.get("model") or {}
+        optimizer = build_optimizer(self.model, optim_cfg, model_cfg.get("towers"))
         total = int(self.trainer.estimated_stepping_batches)
         warmup = warmup_steps(self.optim_cfg.get("warmup_steps", 0), total)
         factor = warmup_cosine(warmup, total, float(self.optim_cfg.get("min_lr_ratio", 0.0)))
