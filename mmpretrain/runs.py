@@ -6,6 +6,7 @@ No Lightning and no Hydra: configs are read as mappings.
 
 from __future__ import annotations
 
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -41,24 +42,63 @@ def is_complete_checkpoint(path: str | Path) -> bool:
         return False
 
 
+#: What a run's divergence guard writes when it stops: the weights at the divergence, never resumed
+#: from unless named (resume=PATH), since training would restart exactly where it diverged.
+NONFINITE_STOP = "nonfinite-stop.ckpt"
+
+
 def newest_complete_checkpoint(directory: str | Path) -> Path | None:
-    """The most recently written complete ``*.ckpt`` in ``directory`` (temporary files ignored)."""
+    """The most recently written complete ``*.ckpt`` in ``directory`` (files, or ``trainer=fsdp``
+    directories): temporary files ignored, the divergence guard's :data:`NONFINITE_STOP` skipped, and a
+    sharded checkpoint caught between the two renames of its publication (only ``.<name>.old`` there,
+    see :mod:`mmpretrain.runtime.fsdp`) counted."""
     directory = Path(directory)
     if not directory.is_dir():
         return None
-    found = [
-        p for p in directory.glob("*.ckpt") if not p.name.startswith(".")
-    ]  # files, or trainer=fsdp directories
+    found = [p for p in directory.glob("*.ckpt") if not p.name.startswith(".") and p.name != NONFINITE_STOP]
+    found += [p for p in directory.glob(".*.ckpt.old") if not (directory / p.name[1:-4]).exists()]
     for path in sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"), reverse=True):
         if is_complete_checkpoint(path):
             return path
     return None
 
 
+def remove_interrupted_writes(directory: str | Path) -> list[Path]:
+    """Remove what interrupted checkpoint writes left in ``directory``: hidden ``*.tmp*`` files and
+    directories (a sharded checkpoint's ``.<name>.old`` is left: without ``<name>`` it is the complete
+    one). The paths removed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for path in directory.glob(".*"):
+        if ".tmp" not in path.name:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The optimizer steps a checkpoint was saved after (``global_step``), read without its tensors."""
+    import torch
+
+    path = Path(path)
+    meta = path / "meta.pt" if path.is_dir() else path
+    return int(torch.load(meta, map_location="cpu", weights_only=True, mmap=not path.is_dir())["global_step"])
+
+
 def resume_path(cfg: Any, run_dir: Path) -> str | None:
     """``resume=auto`` (or ``ckpt_path=auto``): the newest complete checkpoint of the run, if any; a path
     as given (it must exist); None for a fresh start."""
     choice = cfg.get("resume") or cfg.get("ckpt_path")
+    removed = remove_interrupted_writes(run_dir / "checkpoints")
+    if removed:
+        where = run_dir / "checkpoints"
+        print(f"removed {len(removed)} temporary file(s) of interrupted checkpoint writes in {where}")
     if choice == "auto":
         found = newest_complete_checkpoint(run_dir / "checkpoints")
         print(

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from mmpretrain.config import instantiate_all, safe_instantiate, to_plain
 from mmpretrain.evaluation.zeroshot import prompts_from_config, tasks_from_config
 from mmpretrain.io import write_text_atomic
-from mmpretrain.runs import end_run, ensure_data, resume_path, start_run
+from mmpretrain.runs import checkpoint_step, end_run, ensure_data, resume_path, start_run
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -64,6 +64,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         if isinstance(logger, CSVLogger):
             logger.resuming = bool(ckpt_path)
+            logger.resume_step = checkpoint_step(ckpt_path) if ckpt_path else None
     trainer = L.Trainer(
         **trainer_kwargs,
         default_root_dir=str(run_dir),

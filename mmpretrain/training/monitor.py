@@ -12,6 +12,7 @@ and a 2-D projection of the val embeddings. The drawing itself is :mod:`mmpretra
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import threading
@@ -91,16 +92,20 @@ class CSVLogger(_LightningCSVLogger):
     """Lightning's CSVLogger writing ``metrics.csv`` into the run directory, which already holds the
     run's ``config.yaml``: it does not warn that the directory is not empty, and when the run
     resumes (``resuming=True``, set by ``mmpretrain train`` for ``resume=``) it appends to the
-    existing ``metrics.csv`` instead of deleting the history before the resume."""
+    existing ``metrics.csv`` instead of deleting the history before the resume, first dropping the rows
+    logged at or after the checkpoint's step (``resume_step``), which the resumed run logs again."""
 
     resuming: bool = False
+    resume_step: int | None = None
 
     @property
     @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _RunDirWriter(log_dir=self.log_dir, keep=self.resuming)
+            self._experiment = _RunDirWriter(
+                log_dir=self.log_dir, keep=self.resuming, before=self.resume_step
+            )
         return self._experiment
 
 
@@ -108,8 +113,8 @@ class _RunDirWriter(ExperimentWriter):
     """Lightning's CSV writer with its check of an existing ``metrics.csv`` replaced (a private hook:
     Lightning offers no option to keep or append; tests/unit/test_private_apis.py watches it)."""
 
-    def __init__(self, log_dir: str, keep: bool) -> None:
-        self._keep = keep
+    def __init__(self, log_dir: str, keep: bool, before: int | None = None) -> None:
+        self._keep, self._before = keep, before
         super().__init__(log_dir=log_dir)
 
     def _check_log_dir_exists(self) -> None:
@@ -119,7 +124,19 @@ class _RunDirWriter(ExperimentWriter):
             self._fs.rm_file(self.metrics_file_path)
             return
         with self._fs.open(self.metrics_file_path, "r", newline="") as f:
-            self.metrics_keys = sorted(next(csv.reader(f), []))
+            reader = csv.DictReader(f)
+            header, rows = list(reader.fieldnames or []), list(reader)
+        self.metrics_keys = sorted(header)
+        if self._before is None:
+            return
+        # The rows logged at or after the checkpoint's step: the resumed run logs those steps again.
+        kept = [r for r in rows if not (r.get("step") or "").isdigit() or int(r["step"]) < self._before]
+        if len(kept) < len(rows):
+            out = io.StringIO()
+            writer = csv.DictWriter(out, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(kept)
+            write_text_atomic(self.metrics_file_path, out.getvalue())
 
 
 class StepStats(L.Callback):
