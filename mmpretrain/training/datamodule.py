@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -83,7 +85,7 @@ class ContrastiveDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         workers = int(self.cfg.get("num_workers", 0))
         common = self._common()
-        policy = self.cfg.get("shard_policy", "error")
+        policy = self.shard_policy()
         check_shard_counts(self.sources, common["world_size"], workers, policy)
         per_worker = self.batches_per_worker()
         stream = ShardStream(
@@ -110,9 +112,38 @@ class ContrastiveDataModule(L.LightningDataModule):
             "num_workers": max(1, int(self.cfg.get("num_workers", 0))),
             "batch_size": common["batch_size"],
             "batches_per_worker": self.batches_per_worker(),
-            "shard_policy": self.cfg.get("shard_policy", "error"),
-            "sources": [[s.name, len(s.urls)] for s in self.sources],
+            "shard_policy": self.shard_policy(),
+            "sources": [[s.name, len(s.urls), fp] for s, fp in zip(self.sources, self._fingerprints())],
         }
+
+    def shard_policy(self) -> str:
+        """``data.shard_policy``, with ``auto`` (the default) resolved: ``error`` (each reader its own share
+        of every source's shards) when every source has at least one shard per reader (ranks x workers),
+        else ``resample`` (each reader draws shards with replacement), said once on rank 0."""
+        policy = self.cfg.get("shard_policy", "auto")
+        if policy != "auto":
+            return policy
+        common = self._common()
+        workers = max(1, int(self.cfg.get("num_workers", 0)))
+        readers = common["world_size"] * workers
+        few = [s for s in self.sources if len(s.urls) < readers]
+        if not few:
+            return "error"
+        if common["rank"] == 0 and not getattr(self, "_said_policy", False):
+            names = ", ".join(f"'{s.name}' ({len(s.urls)})" for s in few)
+            print(
+                f"data.shard_policy=auto: fewer shards than the {readers} readers ({common['world_size']} "
+                f"ranks x {workers} workers) in {names}: every reader draws shards with replacement "
+                f"(data.shard_policy=resample); write at least {readers} shards per source for an exact split"
+            )
+            self._said_policy = True
+        return "resample"
+
+    def _fingerprints(self) -> list[str]:
+        """Per source, :func:`shards_fingerprint` of its shard list (computed once: one stat per shard)."""
+        if getattr(self, "_shard_fingerprints", None) is None:
+            self._shard_fingerprints = [shards_fingerprint(s.urls) for s in self.sources]
+        return self._shard_fingerprints
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Note the position each consumed training batch leaves its stream at (the workers run ahead
@@ -171,13 +202,17 @@ class ContrastiveDataModule(L.LightningDataModule):
             )
         rank = self.trainer.global_rank if self.trainer else 0
         consumed = int(state["batches_consumed"])
-        changed = {k: (state.get(k), v) for k, v in layout.items() if state.get(k) != v}
+        changed = {k: (state.get(k), v) for k, v in layout.items() if k != "sources" and state.get(k) != v}
+        for name, why in changed_sources(state.get("sources"), layout["sources"]).items():
+            changed[f"source '{name}'"] = why
         if self.trainer is not None:  # the bad-sample count continues too
             self.trainer.lightning_module.skipped_total = int(state.get("skipped_samples", 0))
         if not changed:
             self._start_positions = {s: p for s, p in enumerate(state["positions"][rank]) if p is not None}
             return consumed
-        detail = ", ".join(f"{k}: checkpoint {a} != now {b}" for k, (a, b) in changed.items())
+        detail = ", ".join(
+            v if isinstance(v, str) else f"{k}: checkpoint {v[0]} != now {v[1]}" for k, v in changed.items()
+        )
         mode = self.cfg.get("resume", "exact")
         if mode != "approx":
             raise ValueError(
@@ -197,9 +232,13 @@ class ContrastiveDataModule(L.LightningDataModule):
             [None if p is None else StreamPosition.from_json(p) for p in streams]
             for streams in state["positions"]
         ]
-        old_sources = state.get("sources") or [[s.name, len(s.urls)] for s in self.sources]
-        index = {tuple(src): i for i, src in enumerate(old_sources)}
-        source_map = [index.get((s.name, len(s.urls))) for s in self.sources]
+        old_sources = state.get("sources") or layout["sources"]
+        # A source continues its pass only where its shards are the checkpointed ones (a checkpoint from
+        # before shards were fingerprinted: the same name and count); any other starts afresh.
+        source_map = [
+            next((i for i, old in enumerate(old_sources) if not changed_sources([old], [new])), None)
+            for new in layout["sources"]
+        ]
 
         def old_plan(i: int, pass_idx: int, r: int, s: int) -> list[int]:
             return shard_plan(
@@ -251,3 +290,36 @@ class ContrastiveDataModule(L.LightningDataModule):
             prefetch_factor=2 if workers > 0 else None,
             pin_memory=pin,
         )
+
+
+def shards_fingerprint(urls: list[str]) -> str:
+    """What identifies a source's shard list: a hash of every shard's name and size, in order (the size
+    of a remote shard is not looked up: its url alone)."""
+    h = hashlib.sha1()
+    for url in urls:
+        size = os.stat(url).st_size if os.path.exists(url) else "?"
+        h.update(f"{os.path.basename(url)}\0{size}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def changed_sources(saved: list[list[Any]] | None, now: list[list[Any]]) -> dict[str, str]:
+    """``{source: why}`` for each source whose shards differ between a checkpoint's layout (``saved``:
+    ``[name, count, fingerprint]`` each; a checkpoint from before fingerprints has ``[name, count]``)
+    and the current one."""
+    saved = saved or []
+    out = {}
+    for new in now:
+        old = next((o for o in saved if o[0] == new[0]), None)
+        if old is None:
+            out[new[0]] = f"source '{new[0]}' is not in the checkpoint"
+        elif old[1] != new[1]:
+            out[new[0]] = f"source '{new[0]}' has {new[1]} shards, the checkpoint's had {old[1]}"
+        elif len(old) > 2 and old[2] != new[2]:
+            out[new[0]] = (
+                f"source '{new[0]}': its {new[1]} shards are not the checkpointed ones (a name or a "
+                f"size changed)"
+            )
+    for old in saved:
+        if not any(n[0] == old[0] for n in now):
+            out[old[0]] = f"source '{old[0]}' of the checkpoint is not configured now"
+    return out

@@ -8,6 +8,7 @@ import csv
 import os
 import time
 from collections import Counter
+from pathlib import Path
 
 import torch
 
@@ -79,3 +80,50 @@ def test_metrics_csv_holds_each_step_once_after_resuming_from_an_earlier_checkpo
     with open(run / "metrics.csv", newline="") as f:
         steps = Counter(int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss"))
     assert sorted(steps) == list(range(6)) and set(steps.values()) == {1}, steps
+
+
+def test_resume_refuses_shards_that_are_not_the_checkpointed_ones(digits_root, tmp_path):
+    """The same number of shards under other names (a re-glob, a replaced download) would get the byte
+    offsets saved for other files: an exact resume is refused, naming data.resume=approx."""
+    import shutil
+    import subprocess
+    import sys
+
+    root = tmp_path / "digits"
+    shutil.copytree(digits_root, root)
+    run = tmp_path / "run"
+    common = [
+        "debug=fast",
+        f"data.root={root}",
+        "data.num_workers=0",
+        "logger=csv",
+        "callbacks.plots=null",
+        "model.towers.text.config.text_cfg.width=32",
+        "model.towers.text.config.text_cfg.heads=2",
+        "model.towers.text.config.text_cfg.layers=1",
+        f"hydra.run.dir={run}",
+    ]
+    run_cli(["train", *common, "trainer.max_steps=2"], cwd=tmp_path)
+    for i, shard in enumerate(sorted((root / "train").glob("*.tar"))):
+        shard.rename(shard.with_name(f"renamed-{i:04d}.tar"))
+    (root / "train" / "sizes.json").unlink()
+    cmd = [
+        str(Path(sys.executable).parent / "mmpretrain"),
+        "train",
+        *common,
+        "trainer.max_steps=4",
+        "resume=auto",
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ | {"WANDB_MODE": "offline"},
+    )
+    assert proc.returncode != 0
+    assert "not the checkpointed ones" in proc.stderr and "data.resume=approx" in proc.stderr, proc.stderr[
+        -3000:
+    ]
+    run_cli(["train", *common, "trainer.max_steps=4", "resume=auto", "data.resume=approx"], cwd=tmp_path)
