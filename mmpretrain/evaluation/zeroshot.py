@@ -109,9 +109,13 @@ def class_prototypes(embeddings: torch.Tensor, labels: torch.Tensor, num_classes
     """``[C, D]`` normalised mean of each class's normalised embeddings (zeros for an absent class).
 
     Zero-shot across two non-text modalities: e.g. audio queries classified by the nearest image
-    class prototype. The prototypes use the labels of the *other* modality's embeddings only.
+    class prototype. The prototypes use the labels of the *other* modality's embeddings only; rows
+    labelled outside ``[0, num_classes)`` are left out (as queries :func:`zero_shot_accuracy` counts
+    them as misses, as it does for text prompts).
     """
     emb = F.normalize(embeddings, dim=-1)
+    labels = labels.long().to(emb.device)
+    known = (labels >= 0) & (labels < num_classes)  # a label without a class name builds no prototype
     sums = torch.zeros(num_classes, emb.shape[1], dtype=emb.dtype, device=emb.device)
-    sums.index_add_(0, labels.long(), emb)
+    sums.index_add_(0, labels[known], emb[known])
     return F.normalize(sums, dim=-1)

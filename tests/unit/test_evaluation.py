@@ -199,3 +199,16 @@ def test_chunked_split_free_metrics_keep_every_tie_and_nan_rule(chunk):
     assert few["class_mAP/q_to_g"] == pytest.approx(
         reference_class_retrieval(a[:5], b, la[:5], lb, 1)[1], abs=1e-6
     )
+
+
+def test_class_prototypes_leave_out_labels_without_a_class_name():
+    """A val label >= the number of class names (a classnames.txt shorter than the labels) crashed the
+    prototype zero-shot (index_add_; a device assert on CUDA); it is a miss, as in the text path."""
+    from mmpretrain.evaluation.zeroshot import class_prototypes
+
+    emb = torch.eye(4)
+    labels = torch.tensor([0, 1, 2, 5])
+    protos = class_prototypes(emb, labels, num_classes=3)
+    assert torch.allclose(protos, torch.eye(4)[:3])
+    acc = zero_shot_accuracy(emb, labels, protos, topk=(1,))
+    assert acc["top1"] == pytest.approx(0.75)
