@@ -209,3 +209,28 @@ def test_under_ddp_a_stream_that_can_yield_partial_batches_gets_masks_on_every_b
     out = mod._masks_on_every_rank(batch(4))
     assert out["image_mask"].all() and out["text_mask"].all() and out["image_mask"].shape == (4,)
     assert torch.equal(mod._masks_on_every_rank(b)["image_mask"], b["image_mask"])
+
+
+class LoggingDecisions(L.Callback):
+    """Per training batch: our module's decision to log and Lightning's own (a private property, read
+    here only to hold ours against it)."""
+
+    def __init__(self):
+        self.ours, self.lightnings = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        # Lightning's decision for the batch that just ran, as its logger connector takes it after the step
+        self.lightnings.append(trainer._logger_connector.should_update_logs)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.ours.append(pl_module._logs_written_after_this_step())
+
+
+@pytest.mark.parametrize("every", [1, 3, 5])
+def test_the_module_logs_on_the_steps_lightning_writes_logs(tmp_path, every):
+    """``_logs_written_after_this_step`` (public attributes only) decides as Lightning's logger connector
+    does at every batch (besides the last one of the run, which the module always logs)."""
+    decisions = LoggingDecisions()
+    fit(module(1e-3), 11, [decisions], tmp_path, log_every_n_steps=every)
+    assert decisions.ours[:-1] == [d for d in decisions.lightnings[:-1]]
+    assert sum(decisions.ours[:-1]) == 10 // every
