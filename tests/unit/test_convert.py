@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -197,6 +198,20 @@ def test_a_rerun_keeps_finished_shards_and_rewrites_lost_ones_identically(tmp_pa
     assert sum(json.loads((out / "train" / "sizes.json").read_text()).values()) == len(
         samples_of(out, "train")
     )
+
+
+def test_a_csv_saved_by_excel_with_a_byte_order_mark(tmp_path):
+    table, files = image_table(tmp_path, n=4)
+    table.write_bytes(codecs.BOM_UTF8 + table.read_bytes())  # Excel's "CSV UTF-8": BOM + CRLF lines
+    out = convert(tmp_path / "out", table, label_key="label", val_fraction=0.0, workers=1, progress=False)
+    assert {s["txt"].decode() for s in samples_of(out, "train")} == set(files)
+    assert (out / "classnames.txt").read_text() == "cat\ndog\nemu\n"
+    table.write_text(table.read_text(encoding="utf-8-sig").replace("caption 1", "café 1"), encoding="cp1252")
+    with pytest.raises(ValueError, match="is not UTF-8 text.*'CSV UTF-8'"):  # Excel's "CSV": cp1252
+        convert(tmp_path / "out", table, workers=1, progress=False)
+    table.write_text(table.read_text(encoding="cp1252").replace(",", ";"), encoding="utf-8")
+    with pytest.raises(ValueError, match="no column 'filepath'.*or separator=';'"):  # Excel in some locales
+        convert(tmp_path / "out", table, workers=1, progress=False)
 
 
 def test_parquet_table(tmp_path):

@@ -101,9 +101,11 @@ def read_table(path: Path, opts: Options) -> list[Row]:
         wanted["label_key"] = opts.label_key
     for option, column in wanted.items():
         if column not in columns:
+            other = next((s for s in ";\t," if len(columns) == 1 and s in columns[0]), None)
+            hint = f" or separator='{other}'" if other else ""  # Excel writes ';' in some locales
             raise ValueError(
                 f"table {path} has no column '{column}' ({option}={column}); its columns are {columns}. Set "
-                f"{option}=<one of them>"
+                f"{option}=<one of them>{hint}"
             )
     rows, seen = [], {}
     for rec in records:
@@ -139,9 +141,15 @@ def _table_records(path: Path, separator: str) -> tuple[list[str], list[dict]]:
     sep = {"auto": "\t" if path.suffix.lower() == ".tsv" else ",", "tab": "\t", "\\t": "\t"}.get(
         separator, separator
     )
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte order mark
         reader = csv.DictReader(f, delimiter=sep)
-        records = list(reader)
+        try:
+            records = list(reader)
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"table {path} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8 (Excel: "
+                f"'CSV UTF-8')"
+            ) from None
         return list(reader.fieldnames or []), records
 
 
