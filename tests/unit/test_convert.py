@@ -87,7 +87,7 @@ def test_csv_round_trip_keeps_bytes_captions_and_classes(tmp_path):
         assert int(s["cls"]) == i % 3
     sizes = json.loads((out / "train" / "sizes.json").read_text())
     assert sum(sizes.values()) == len(train) and all(name.startswith("train-") for name in sizes)
-    assert max(sizes.values()) == 6
+    assert max(sizes.values()) <= 6
     assert count_samples(expand_shards(f"{out}/val/*.tar")) == len(val)
     assert (out / "skipped.jsonl").read_text() == ""
 
@@ -168,7 +168,7 @@ def test_folder_with_sidecars_and_a_class_per_folder(tmp_path):
     assert decoded["audio"][1] == 8000 and decoded["cls"] == 1
 
 
-def test_a_corrupt_image_is_counted_reported_and_not_written(tmp_path, capsys):
+def test_a_corrupt_image_is_counted_reported_and_not_written(tmp_path, capsys, monkeypatch):
     table, _ = image_table(tmp_path, n=6)
     (tmp_path / "img" / "3.png").write_bytes(png(3)[:40])  # truncated
     out = convert(tmp_path / "out", table, val_fraction=0.0, workers=1)
@@ -178,7 +178,15 @@ def test_a_corrupt_image_is_counted_reported_and_not_written(tmp_path, capsys):
     assert json.loads(line)["source"] == "img/3.png" and json.loads(line)["reason"] == "corrupt file"
     printed = capsys.readouterr().out
     assert "corrupt file" in printed and "skipped.jsonl" in printed
-    assert json.loads((out / "train" / "sizes.json").read_text()) == {"train-000000.tar": 5}
+    sizes = json.loads((out / "train" / "sizes.json").read_text())
+    assert sum(sizes.values()) == 5 and min(sizes.values()) == 1  # 6 shards of 1 row: no empty tar
+    assert sorted(p.name for p in (out / "train").glob("*.tar")) == sorted(sizes)
+    from mmpretrain.data.convert import sources
+
+    reads = []
+    monkeypatch.setattr(sources.Row, "read", lambda row: reads.append(row.source))
+    convert(tmp_path / "out", table, val_fraction=0.0, workers=1)
+    assert reads == []  # a rerun knows the shard without a tar from its record
 
 
 def test_a_rerun_keeps_finished_shards_and_rewrites_lost_ones_identically(tmp_path):
@@ -212,6 +220,42 @@ def test_a_csv_saved_by_excel_with_a_byte_order_mark(tmp_path):
     table.write_text(table.read_text(encoding="cp1252").replace(",", ";"), encoding="utf-8")
     with pytest.raises(ValueError, match="no column 'filepath'.*or separator=';'"):  # Excel in some locales
         convert(tmp_path / "out", table, workers=1, progress=False)
+
+
+# -- shard sizes --------------------------------------------------------------------------------
+def test_shard_bounds_keep_shard_size_until_a_split_would_have_under_16_shards():
+    from mmpretrain.data.convert.convert import shard_bounds
+
+    assert shard_bounds(16_000, 1000) == [(a, a + 1000) for a in range(0, 16_000, 1000)]
+    assert shard_bounds(16_500, 1000)[-1] == (16_000, 16_500)  # a large split: shard_size, then the rest
+    small = shard_bounds(3000, 1000)
+    assert len(small) == 16 and {b - a for a, b in small} == {187, 188}
+    assert [a for a, _ in small[1:]] == [b for _, b in small[:-1]] and small[-1][1] == 3000
+    assert shard_bounds(5, 1000) == [(i, i + 1) for i in range(5)]
+    assert shard_bounds(0, 1000) == []
+
+
+def test_a_small_set_with_default_options_has_a_shard_for_every_loader_worker(tmp_path):
+    """3,000 rows at the default shard_size (1000) made 3 train shards, and `mmpretrain train
+    data=shards` refused them: 1 rank x 4 loader workers need 4."""
+    from mmpretrain.data.stream.position import shard_plan
+
+    table, _ = image_table(tmp_path, n=3000)
+    out = convert(tmp_path / "out", table, progress=False)
+    sizes = {split: json.loads((out / split / "sizes.json").read_text()) for split in ("train", "val")}
+    assert len(sizes["train"]) == len(sizes["val"]) == 16
+    assert sum(sizes["train"].values()) + sum(sizes["val"].values()) == 3000
+    assert max(sizes["train"].values()) - min(sizes["train"].values()) <= 1
+    for world in (1, 4):  # 1 or 4 ranks x 4 workers, every pass
+        plans = [
+            shard_plan(16, 0, p, r, world, w, 4) for p in range(3) for r in range(world) for w in range(4)
+        ]
+        assert all(plans)
+    (tmp_path / "tiny").mkdir()
+    tiny, _ = image_table(tmp_path / "tiny", n=5)
+    out = convert(tmp_path / "tiny_out", tiny, progress=False)  # 1 val sample, a shard per train sample
+    train, val = samples_of(out, "train"), samples_of(out, "val")
+    assert len(val) == 1 and len(train) == 4 and len(list((out / "train").glob("*.tar"))) == 4
 
 
 def test_parquet_table(tmp_path):
@@ -334,7 +378,6 @@ def test_converted_table_trains_through_the_console_script(tmp_path):
             f"in={table}",
             f"out={tmp_path / 'out'}",
             "label_key=label",
-            "shard_size=16",
             "val_fraction=0.25",
             "workers=2",
             f"hydra.run.dir={tmp_path / 'd'}",
@@ -349,6 +392,7 @@ def test_converted_table_trains_through_the_console_script(tmp_path):
             "data=shards",
             f"data.root={tmp_path / 'out'}",
             "debug=fast",
+            "data.num_workers=4",  # the default loader workers: 48 rows at the default shard_size feed them
             f"hydra.run.dir={run}",
             *SMALL_TEXT,
         ],
@@ -449,4 +493,5 @@ def test_a_rerun_of_a_finished_conversion_reads_no_media(tmp_path, monkeypatch):
     assert reads == []
     (tmp_path / "out" / "train" / "train-000000.tar").unlink()
     convert(tmp_path / "out", table, shard_size=4, workers=1, progress=False)
-    assert len(reads) == 4  # the one lost shard
+    sizes = json.loads((tmp_path / "out" / "train" / "sizes.json").read_text())
+    assert len(reads) == sizes["train-000000.tar"]  # the one lost shard

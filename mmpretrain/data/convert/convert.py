@@ -24,6 +24,7 @@ from typing import Any
 from mmpretrain.data.convert.sources import MEDIA, Options, Row, read_rows
 
 DEFAULT_TEMPLATES = ["a photo of a {}."]
+MIN_SHARDS = 16  # a split this small still feeds 4 ranks x 4 loader workers (each needs a shard)
 RECORDS = ".convert"  # out/.convert/<shard>.json: what each finished shard holds
 
 
@@ -112,10 +113,8 @@ def shard_tasks(
         raise ValueError(f"shard_size={shard_size}: give a positive number of samples per tar")
     classes = {c: i for i, c in enumerate(classnames)} if classnames is not None else None
     tasks = [
-        ShardTask(
-            str(out), split, f"{split}-{i // shard_size:06d}.tar", tuple(rows[i : i + shard_size]), classes
-        )
-        for i in range(0, len(rows), shard_size)
+        ShardTask(str(out), split, f"{split}-{i:06d}.tar", tuple(rows[a:b]), classes)
+        for i, (a, b) in enumerate(shard_bounds(len(rows), shard_size))
     ]
     wanted = {t.name for t in tasks}
     for tmp in (out / split).glob(f".{split}-*.tmp"):  # a shard an interrupted run was writing
@@ -125,6 +124,15 @@ def shard_tasks(
             old.unlink()
             (out / RECORDS / f"{old.name}.json").unlink(missing_ok=True)
     return tasks
+
+
+def shard_bounds(n: int, shard_size: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each shard of ``n`` rows: ``shard_size`` each, except that fewer than
+    ``MIN_SHARDS * shard_size`` rows make ``min(MIN_SHARDS, n)`` shards of near-equal size."""
+    if n >= MIN_SHARDS * shard_size:
+        return [(a, min(a + shard_size, n)) for a in range(0, n, shard_size)]
+    k = min(MIN_SHARDS, n)
+    return [(j * n // k, (j + 1) * n // k) for j in range(k)]
 
 
 # -- writing one shard (in a worker process) ----------------------------------------------------
@@ -139,13 +147,16 @@ def finished(task: ShardTask) -> dict | None:
         record = json.loads(_record_path(out, task).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-    if record.get("fingerprint") != task.fingerprint() or not (out / task.split / task.name).exists():
+    if record.get("fingerprint") != task.fingerprint():
+        return None
+    if record["samples"] and not (out / task.split / task.name).exists():
         return None
     return record
 
 
 def write_shard(task: ShardTask) -> dict:
-    """Write one tar (temporary name, then renamed) and its record; return the record."""
+    """Write one tar (temporary name, then renamed; none when no row is usable) and its record;
+    return the record."""
     from mmpretrain.data.convert.writing import write_json_atomic
     from mmpretrain.data.convert.writing import write_shard as write_tar
 
@@ -168,6 +179,8 @@ def write_shard(task: ShardTask) -> dict:
                 yield sample
 
     written = write_tar(out / task.split / task.name, samples())
+    if not written:  # every row skipped: no tar (a loader worker given only empty shards has nothing)
+        (out / task.split / task.name).unlink()
     record = {"fingerprint": task.fingerprint(), "samples": written, "skipped": skipped}
     write_json_atomic(_record_path(out, task), record)
     return record | {"reused": False}
@@ -209,7 +222,7 @@ def run_tasks(tasks: list[ShardTask], workers: int | None, progress: bool) -> li
     from mmpretrain.data.convert.writing import parallel_map
 
     records = parallel_map(write_shard, tasks, workers, progress=progress)
-    return [r | {"split": t.split, "name": t.name} for r, t in zip(records, tasks)]
+    return [r | {"split": t.split, "name": t.name, "rows": len(t.rows)} for r, t in zip(records, tasks)]
 
 
 # -- what the run leaves beside the shards --------------------------------------------------------
@@ -228,28 +241,31 @@ def write_outputs(
     skipped = [s for r in results for s in r["skipped"]]
     write_text_atomic(out / "skipped.jsonl", "".join(json.dumps(s) + "\n" for s in skipped))
     for split in splits:
-        sizes = {r["name"]: r["samples"] for r in results if r["split"] == split}
+        sizes = {r["name"]: r["samples"] for r in results if r["split"] == split and r["samples"]}
         (out / split).mkdir(parents=True, exist_ok=True)
         write_sizes(out / split, sizes)
 
 
 def report(out: Path, splits: dict[str, list[Row]], results: list[dict]) -> None:
-    """A table per split: rows read, samples written, shards (reused), and every reason rows were skipped."""
+    """A table per split: rows read, samples written, shards and their size (rows), shards reused, and
+    every reason rows were skipped."""
     from rich.console import Console
     from rich.table import Table
 
     reasons = sorted({s["reason"] for r in results for s in r["skipped"]})
     table = Table(title=f"converted into {out}")
-    for col in ("split", "rows", "written", "shards", "reused", *reasons):
+    for col in ("split", "rows", "written", "shards", "shard size", "reused", *reasons):
         table.add_column(col, justify="left" if col == "split" else "right")
     for split, rows in splits.items():
         split_results = [r for r in results if r["split"] == split]
         skipped = [s["reason"] for r in split_results for s in r["skipped"]]
+        sizes = sorted({r["rows"] for r in split_results})
         table.add_row(
             split,
             str(len(rows)),
             str(sum(r["samples"] for r in split_results)),
-            str(len(split_results)),
+            str(sum(bool(r["samples"]) for r in split_results)),
+            "-".join(map(str, dict.fromkeys(sizes[:1] + sizes[-1:]))),  # smallest-largest
             str(sum(r["reused"] for r in split_results)),
             *(str(skipped.count(k)) for k in reasons),
         )
