@@ -460,25 +460,6 @@ def test_the_data_command_passes_its_options(tmp_path):
     assert scenes == {"seed": 0, "train": 10, "val": 4, "shard_size": 1000}
 
 
-def test_several_captions_of_one_file_are_several_samples_in_one_split(tmp_path):
-    image_table(tmp_path, n=10)
-    rows = [
-        {"filepath": f"img/{i}.png", "title": f"caption {i} take {t}"} for i in range(10) for t in range(3)
-    ]
-    out = convert(
-        tmp_path / "out",
-        write_table(tmp_path / "multi.csv", rows),
-        val_fraction=0.3,
-        workers=1,
-        progress=False,
-    )
-    splits = {split: [s["txt"].decode() for s in samples_of(out, split)] for split in ("train", "val")}
-    assert sum(map(len, splits.values())) == 30
-    for split, captions in splits.items():
-        files = {c.split()[1] for c in captions}
-        assert all(f"caption {f} take {t}" in captions for f in files for t in range(3)), split
-
-
 def test_a_rerun_of_a_finished_conversion_reads_no_media(tmp_path, monkeypatch):
     """Cost: finished shards are recognised from their records, so a rerun opens none of the media files."""
     from mmpretrain.data.convert import sources

@@ -1,10 +1,13 @@
 """Your own data into our shard layout: ``mmpretrain data shards in=... out=DIR``.
 
-Reads a table (CSV / TSV / parquet of ``filepath,caption[,label]``, open_clip's layout), a folder
+Reads a table (CSV / TSV / parquet of ``filepath,caption[,label]``, open_clip's layout; the rows of
+one file make one sample with all their captions), a folder
 of media files with sidecar captions (``x.jpg`` + ``x.txt`` or ``x.json``; a class per sub-folder
 with ``labels=folders``) or a folder of webdataset tars (img2dataset's output), and writes what
 ``data=shards`` reads: ``out/{train,val}/<split>-NNNNNN.tar``, ``sizes.json`` per split and, when
 there are labels, ``classnames.txt`` + ``templates.txt`` with ``cls`` = the class's line number.
+A sample holds ``txt`` = its first caption and, when it has several, ``json`` = ``{"caption": [all]}``
+(what :func:`~mmpretrain.data.stream.decode.decode_captions` reads by default).
 
 Every step is deterministic (the order of the input, the split by a hash of each row's path), so a
 rerun assigns the same rows to the same shards: a shard whose record in ``out/.convert/`` matches
@@ -190,10 +193,14 @@ def build_sample(row: Row, classes: dict[str, int] | None) -> tuple[dict | None,
     """``(sample, ("", ""))`` or ``(None, (reason, detail))``."""
     from mmpretrain.data.stream.decode import decode_audio, decode_image
 
-    caption = (row.caption or "").strip()
-    if not caption:
+    if row.problem is not None:
+        return None, row.problem
+    captions = [c.strip() for c in row.captions if c and c.strip()]
+    if not captions:
         return None, ("empty caption", "no caption text")
-    sample: dict[str, Any] = {"__key__": row.key, "txt": caption}
+    sample: dict[str, Any] = {"__key__": row.key, "txt": captions[0]}
+    if len(captions) > 1:
+        sample["json"] = json.dumps({"caption": captions}, ensure_ascii=False).encode()
     if classes is not None:
         if row.label not in classes:
             return None, ("unknown label", f"label {row.label!r} is not one of the {len(classes)} classes")
@@ -247,14 +254,14 @@ def write_outputs(
 
 
 def report(out: Path, splits: dict[str, list[Row]], results: list[dict]) -> None:
-    """A table per split: rows read, samples written, shards and their size (rows), shards reused, and
-    every reason rows were skipped."""
+    """A table per split: input rows, samples (a file's rows make one), samples written, shards and
+    their size, shards reused, and every reason samples were skipped."""
     from rich.console import Console
     from rich.table import Table
 
     reasons = sorted({s["reason"] for r in results for s in r["skipped"]})
     table = Table(title=f"converted into {out}")
-    for col in ("split", "rows", "written", "shards", "shard size", "reused", *reasons):
+    for col in ("split", "rows", "samples", "written", "shards", "shard size", "reused", *reasons):
         table.add_column(col, justify="left" if col == "split" else "right")
     for split, rows in splits.items():
         split_results = [r for r in results if r["split"] == split]
@@ -262,6 +269,7 @@ def report(out: Path, splits: dict[str, list[Row]], results: list[dict]) -> None
         sizes = sorted({r["rows"] for r in split_results})
         table.add_row(
             split,
+            str(sum(max(len(r.captions), 1) for r in rows)),
             str(len(rows)),
             str(sum(r["samples"] for r in split_results)),
             str(sum(bool(r["samples"]) for r in split_results)),
@@ -273,7 +281,9 @@ def report(out: Path, splits: dict[str, list[Row]], results: list[dict]) -> None
     console.print(table)
     n_skipped = sum(len(r["skipped"]) for r in results)
     if n_skipped:
-        console.print(f"skipped {n_skipped} rows; each is listed with its reason in {out / 'skipped.jsonl'}")
+        console.print(
+            f"skipped {n_skipped} samples; each is listed with its reason in {out / 'skipped.jsonl'}"
+        )
     for split in splits:
         if not any(r["samples"] for r in results if r["split"] == split):
             console.print(

@@ -1,8 +1,10 @@
 """The rows of a user's dataset, before conversion: a table, a folder with sidecars, or tars.
 
-A :class:`Row` names one media file (or one member of a tar), its caption and its label as found;
-nothing is opened or checked here beyond reading the table and the sidecar captions, so a bad row
-is reported by the converter with its reason instead of stopping the listing.
+A :class:`Row` names one media file (or one sample of a tar) with every caption and the label found
+for it: the rows of a table that name the same file (COCO, Flickr: one row per caption) make ONE
+row, its captions in table order. Nothing is opened or checked here beyond reading the table and the
+sidecar captions; what the listing finds unusable (labels that disagree) becomes a row carrying its
+``problem``, so the converter reports it with its reason instead of stopping.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,9 +46,10 @@ class Row:
     source: str  # where it comes from, as the user named it (reports, the train/val hash)
     path: str  # the file to read (a tar for tar input)
     ext: str  # normalised extension: the sample's field name (.JPG -> jpg)
-    caption: str | None
+    captions: tuple[str | None, ...]  # one per input row naming the file, in input order
     label: str | None = None
     offset: int | None = None  # tar input: the sample's header offset in ``path``
+    problem: tuple[str, str] | None = None  # (reason, detail): found unusable while listing
 
     def read(self) -> bytes:
         if self.offset is None:
@@ -55,12 +59,10 @@ class Row:
         return read_sample_at(self.path, self.offset)[self.ext]
 
 
-def sample_key(source: str, occurrence: int = 0) -> str:
-    """A tar key for ``source`` (its ``occurrence``-th row: a table may pair one image with several "
-    "captions)."""
+def sample_key(source: str) -> str:
+    """A tar key for ``source``: a slug of it and a short hash (unique, no dots)."""
     slug = re.sub(r"[^A-Za-z0-9_-]+", "_", source).strip("_")[-60:]
-    tag = source if occurrence == 0 else f"{source}\0{occurrence}"
-    return f"{slug}-{hashlib.sha1(tag.encode()).hexdigest()[:10]}"
+    return f"{slug}-{hashlib.sha1(source.encode()).hexdigest()[:10]}"
 
 
 def media_ext(name: str) -> str:
@@ -95,6 +97,8 @@ def read_rows(src: Path, opts: Options) -> list[Row]:
 
 # -- tables ------------------------------------------------------------------------------------------
 def read_table(path: Path, opts: Options) -> list[Row]:
+    """One row per media file: the table's rows naming it (the same path once normalised) give its
+    captions in table order and its label (they must agree: else the row's problem says so)."""
     columns, records = _table_records(path, opts.separator)
     wanted = {"img_key": opts.img_key, "caption_key": opts.caption_key}
     if opts.label_key:
@@ -107,21 +111,42 @@ def read_table(path: Path, opts: Options) -> list[Row]:
                 f"table {path} has no column '{column}' ({option}={column}); its columns are {columns}. Set "
                 f"{option}=<one of them>{hint}"
             )
-    rows, seen = [], {}
-    for rec in records:
+    groups: dict[str, dict] = {}  # one per media file (its normalised path), in order of first appearance
+    for i, rec in enumerate(records, 1):
         name = str(rec[opts.img_key] or "").strip()
-        seen[name] = seen.get(name, -1) + 1
         file = Path(name) if Path(name).is_absolute() else path.parent / name
+        # a row without a file name is a group of its own, reported as such
+        group = groups.setdefault(
+            os.path.normpath(file) if name else f"\0{i}",
+            {
+                "name": name or f"{path.name} row {i}",
+                "file": file if name else "",
+                "captions": [],
+                "labels": [],
+            },
+        )
         caption = rec[opts.caption_key]
+        group["captions"].append(None if caption is None else str(caption))
         label = rec[opts.label_key] if opts.label_key else None
+        if label is not None and str(label).strip():
+            group["labels"].append(str(label).strip())
+    rows = []
+    for g in groups.values():
+        labels = sorted(set(g["labels"]))
+        problem = None
+        if not g["file"]:
+            problem = ("missing file", f"empty {opts.img_key} cell")
+        elif len(labels) > 1:
+            problem = ("conflicting labels", f"the rows of {g['name']} give the labels {labels}")
         rows.append(
             Row(
-                key=sample_key(name, seen[name]),
-                source=name,
-                path=str(file),
-                ext=media_ext(name),
-                caption=None if caption is None else str(caption),
-                label=None if label is None or str(label).strip() == "" else str(label).strip(),
+                key=sample_key(g["name"]),
+                source=g["name"],
+                path=str(g["file"]),
+                ext=media_ext(g["name"]),
+                captions=tuple(g["captions"]),
+                label=labels[0] if len(labels) == 1 else None,
+                problem=problem,
             )
         )
     return rows
@@ -171,7 +196,7 @@ def read_folder(root: Path, opts: Options) -> list[Row]:
                 source=rel,
                 path=str(file),
                 ext=media_ext(file.name),
-                caption=_sidecar_caption(file, opts.caption_key),
+                captions=(_sidecar_caption(file, opts.caption_key),),
                 label=label,
             )
         )
@@ -217,7 +242,7 @@ def read_tars(root: Path) -> list[Row]:
                     source=source,
                     path=str(tar),
                     ext=ext,
-                    caption=caption,
+                    captions=(caption,),
                     label=sample["cls"].decode().strip() if "cls" in sample else None,
                     offset=start,
                 )
