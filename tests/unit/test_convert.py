@@ -146,6 +146,8 @@ def test_folder_with_sidecars_and_a_class_per_folder(tmp_path):
     (src / "cars" / "e.png").write_bytes(png(5))  # no caption: skipped
     (src / "loose.png").write_bytes(png(6))  # no class folder: skipped
     (src / "loose.txt").write_text("no class")
+    (src / "cars" / "f.png").write_bytes(png(7))
+    (src / "cars" / "f.json").write_text('{"caption": "cut')  # a bad json: skipped
     out = convert(tmp_path / "out", src, labels="folders", val_fraction=0.0, workers=1, progress=False)
     got = {s["txt"].decode(): s for s in samples_of(out, "train")}
     assert set(got) == {"a bird", "another bird", "a car", "an engine"}
@@ -163,7 +165,7 @@ def test_folder_with_sidecars_and_a_class_per_folder(tmp_path):
         json.loads(line)["source"]: json.loads(line)["reason"]
         for line in (out / "skipped.jsonl").read_text().splitlines()
     }
-    assert skipped == {"cars/e.png": "empty caption", "loose.png": "unknown label"}
+    assert skipped == {"cars/e.png": "empty caption", "cars/f.png": "bad json", "loose.png": "unknown label"}
     decoded = decode_sample(got["an engine"], ["audio", "text", "cls"], required=["audio"])
     assert decoded["audio"][1] == 8000 and decoded["cls"] == 1
 
@@ -312,6 +314,39 @@ def write_img2dataset(root: Path, shards: int = 3, per_shard: int = 12) -> int:
         (root / f"{s:05d}.parquet").write_bytes(b"PAR1 not read by us PAR1")
         (root / f"{s:05d}_stats.json").write_text(json.dumps({"count": per_shard, "successes": per_shard}))
     return shards * per_shard
+
+
+def test_a_corrupt_tar_and_a_bad_json_are_counted_and_the_rest_converted(tmp_path):
+    root = tmp_path / "i2d"
+    write_img2dataset(root)
+    cut = root / "00001.tar"
+    with tarfile.open(cut) as tf:
+        jpg7 = next(m for m in tf.getmembers() if m.name == "000010006.jpg")
+    cut.write_bytes(cut.read_bytes()[: jpg7.offset_data + jpg7.size // 2])  # cut inside the 7th sample
+    with tarfile.open(root / "00002.tar", "w") as tf:
+        for j in range(12):
+            key, meta = f"00002{j:04d}", json.dumps({"caption": f"photo 2 {j}"}).encode()
+            members = {"jpg": jpg(200 + j), "txt": f"photo 2 {j}".encode(), "json": meta}
+            if j in (3, 4):
+                members["json"] = b'{"caption": "photo'  # cut short
+            if j == 3:
+                del members["txt"]  # and the caption is in it only
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    out = convert(tmp_path / "out", root, val_fraction=0.0, workers=1, progress=False)
+    written = {s["txt"].decode(): s["jpg"] for s in samples_of(out, "train")}
+    expected = (
+        [(0, j) for j in range(12)] + [(1, j) for j in range(6)] + [(2, j) for j in range(12) if j != 3]
+    )
+    assert written == {f"photo {s} {j}": jpg(s * 100 + j) for s, j in expected}
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    reasons = {(s["source"], s["reason"]) for s in skipped}
+    assert ("00001.tar", "corrupt tar") in reasons and ("00002.tar/000020003", "bad json") in reasons
+    # anything else: the fault reported again, or what the reader hands on of the sample cut there
+    assert {src for src, _ in reasons} <= {"00001.tar", "00001.tar/000010006", "00002.tar/000020003"}
+    assert sum(json.loads((out / "train" / "sizes.json").read_text()).values()) == len(expected)
 
 
 def test_img2dataset_output_is_read_directly_and_counted_without_sizes_json(tmp_path):

@@ -2,9 +2,10 @@
 
 A :class:`Row` names one media file (or one sample of a tar) with every caption and the label found
 for it: the rows of a table that name the same file (COCO, Flickr: one row per caption) make ONE
-row, its captions in table order. Nothing is opened or checked here beyond reading the table and the
-sidecar captions; what the listing finds unusable (labels that disagree) becomes a row carrying its
-``problem``, so the converter reports it with its reason instead of stopping.
+row, its captions in table order. Nothing is opened or checked here beyond reading the table, the
+sidecar captions and the tars; what the listing finds unusable (a corrupt tar, a bad json, labels
+that disagree) becomes a row carrying its ``problem``, so the converter reports it with its reason
+instead of stopping.
 """
 
 from __future__ import annotations
@@ -190,61 +191,89 @@ def read_folder(root: Path, opts: Options) -> list[Row]:
         label = None
         if opts.labels == "folders" and "/" in rel:
             label = rel.split("/", 1)[0]
+        stem = file.with_suffix("")
+        txt, js = (stem.with_name(stem.name + ext) for ext in (".txt", ".json"))
+        captions, problem = text_captions(
+            txt.read_bytes() if txt.exists() else None,
+            js.read_bytes() if js.exists() else None,
+            stem.name,
+            opts.caption_key,
+        )
         rows.append(
             Row(
                 key=sample_key(rel),
                 source=rel,
                 path=str(file),
                 ext=media_ext(file.name),
-                captions=(_sidecar_caption(file, opts.caption_key),),
+                captions=captions,
                 label=label,
+                problem=problem,
             )
         )
     return rows
 
 
-def _sidecar_caption(file: Path, caption_key: str) -> str | None:
-    """``x.txt`` beside ``x.jpg``, else the ``caption`` (or ``caption_key``) field of ``x.json``."""
-    stem = file.with_suffix("")
-    txt, js = stem.with_name(stem.name + ".txt"), stem.with_name(stem.name + ".json")
-    if txt.exists():
-        return txt.read_text(encoding="utf-8")
-    if js.exists():
+def text_captions(
+    txt: bytes | None, js: bytes | None, stem: str, caption_key: str = "caption"
+) -> tuple[tuple[str | None, ...], tuple[str, str] | None]:
+    """``(captions, problem)`` of a sample's ``stem.txt`` and ``stem.json``, read as
+    :func:`~mmpretrain.data.stream.decode.decode_captions` does by default: a json whose ``caption``
+    (else ``caption_key``) field is a list gives all of them, else the txt, else that field. A bad
+    json is a problem only when the caption has to come from it."""
+    value, problem = None, None
+    if js is not None:
         try:
-            obj = json.loads(js.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            return None
-        for field in ("caption", caption_key):
-            if isinstance(obj, dict) and obj.get(field) is not None:
-                return str(obj[field])
-    return None
+            obj = json.loads(js)
+            if not isinstance(obj, dict):
+                raise ValueError(f"a json {type(obj).__name__}, not an object")
+            value = obj.get("caption") if obj.get("caption") is not None else obj.get(caption_key)
+        except ValueError as e:  # UnicodeDecodeError too
+            problem = ("bad json", f"{stem}.json: {e}")
+    if isinstance(value, list):
+        return tuple(str(c) for c in value), None
+    if txt is not None:
+        try:
+            return (txt.decode("utf-8"),), None
+        except UnicodeDecodeError as e:
+            return (None,), ("bad caption", f"{stem}.txt: {e}")
+    return (None if value is None else str(value),), problem
 
 
 # -- webdataset tars (img2dataset's output) ---------------------------------------------------------------
 def read_tars(root: Path) -> list[Row]:
-    """One row per sample of ``root/*.tar`` that has a media field; the caption from ``txt`` or json "
-    "``caption``."""
+    """One row per sample of ``root/*.tar`` that has a media field, the caption from ``txt`` or json
+    ``caption``; and one per fault a corrupt tar reports (its samples from the fault on are lost)."""
     from mmpretrain.data.stream.tar_reader import read_samples
 
     rows = []
     for tar in sorted(root.glob("*.tar")):
-        for start, _, sample in read_samples(str(tar)):
+        faults: list[Exception] = []
+        for start, _, sample in read_samples(str(tar), on_error=faults.append):
             ext = next((e for e in MEDIA if e in sample), None)
-            if ext is None:
-                continue
-            caption = sample["txt"].decode("utf-8") if "txt" in sample else None
-            if caption is None and "json" in sample:
-                caption = json.loads(sample["json"]).get("caption")
-            source = f"{tar.name}/{sample['__key__']}"
+            if ext is not None:
+                rows.append(_tar_row(tar, start, sample, ext))
+        for i, exc in enumerate(faults):
             rows.append(
                 Row(
-                    key=sample_key(source),
-                    source=source,
+                    key=sample_key(f"{tar.name}\0fault {i}"),
+                    source=tar.name,
                     path=str(tar),
-                    ext=ext,
-                    captions=(caption,),
-                    label=sample["cls"].decode().strip() if "cls" in sample else None,
-                    offset=start,
+                    ext="",
+                    captions=(),
+                    problem=("corrupt tar", f"{type(exc).__name__}: {exc}"),
                 )
             )
     return rows
+
+
+def _tar_row(tar: Path, start: int, sample: dict, ext: str) -> Row:
+    key = sample["__key__"]
+    source = f"{tar.name}/{key}"
+    captions, problem = text_captions(sample.get("txt"), sample.get("json"), key)
+    label = None
+    if "cls" in sample:
+        try:
+            label = sample["cls"].decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            problem = problem or ("bad label", f"{key}.cls: {e}")
+    return Row(sample_key(source), source, str(tar), ext, captions, label, start, problem)
