@@ -1,10 +1,13 @@
 """Your own data into our shard layout: ``mmpretrain data shards in=... out=DIR``.
 
-Reads a table (CSV / TSV / parquet of ``filepath,caption[,label]``, open_clip's layout), a folder
+Reads a table (CSV / TSV / parquet of ``filepath,caption[,label]``, open_clip's layout; the rows of
+one file make one sample with all their captions), a folder
 of media files with sidecar captions (``x.jpg`` + ``x.txt`` or ``x.json``; a class per sub-folder
 with ``labels=folders``) or a folder of webdataset tars (img2dataset's output), and writes what
 ``data=shards`` reads: ``out/{train,val}/<split>-NNNNNN.tar``, ``sizes.json`` per split and, when
 there are labels, ``classnames.txt`` + ``templates.txt`` with ``cls`` = the class's line number.
+A sample holds ``txt`` = its first caption and, when it has several, ``json`` = ``{"caption": [all]}``
+(what :func:`~mmpretrain.data.stream.decode.decode_captions` reads by default).
 
 Every step is deterministic (the order of the input, the split by a hash of each row's path), so a
 rerun assigns the same rows to the same shards: a shard whose record in ``out/.convert/`` matches
@@ -24,6 +27,7 @@ from typing import Any
 from mmpretrain.data.convert.sources import MEDIA, Options, Row, read_rows
 
 DEFAULT_TEMPLATES = ["a photo of a {}."]
+MIN_SHARDS = 16  # a split this small still feeds 4 ranks x 4 loader workers (each needs a shard)
 RECORDS = ".convert"  # out/.convert/<shard>.json: what each finished shard holds
 
 
@@ -112,10 +116,8 @@ def shard_tasks(
         raise ValueError(f"shard_size={shard_size}: give a positive number of samples per tar")
     classes = {c: i for i, c in enumerate(classnames)} if classnames is not None else None
     tasks = [
-        ShardTask(
-            str(out), split, f"{split}-{i // shard_size:06d}.tar", tuple(rows[i : i + shard_size]), classes
-        )
-        for i in range(0, len(rows), shard_size)
+        ShardTask(str(out), split, f"{split}-{i:06d}.tar", tuple(rows[a:b]), classes)
+        for i, (a, b) in enumerate(shard_bounds(len(rows), shard_size))
     ]
     wanted = {t.name for t in tasks}
     for tmp in (out / split).glob(f".{split}-*.tmp"):  # a shard an interrupted run was writing
@@ -125,6 +127,15 @@ def shard_tasks(
             old.unlink()
             (out / RECORDS / f"{old.name}.json").unlink(missing_ok=True)
     return tasks
+
+
+def shard_bounds(n: int, shard_size: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each shard of ``n`` rows: ``shard_size`` each, except that fewer than
+    ``MIN_SHARDS * shard_size`` rows make ``min(MIN_SHARDS, n)`` shards of near-equal size."""
+    if n >= MIN_SHARDS * shard_size:
+        return [(a, min(a + shard_size, n)) for a in range(0, n, shard_size)]
+    k = min(MIN_SHARDS, n)
+    return [(j * n // k, (j + 1) * n // k) for j in range(k)]
 
 
 # -- writing one shard (in a worker process) ----------------------------------------------------
@@ -139,13 +150,16 @@ def finished(task: ShardTask) -> dict | None:
         record = json.loads(_record_path(out, task).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-    if record.get("fingerprint") != task.fingerprint() or not (out / task.split / task.name).exists():
+    if record.get("fingerprint") != task.fingerprint():
+        return None
+    if record["samples"] and not (out / task.split / task.name).exists():
         return None
     return record
 
 
 def write_shard(task: ShardTask) -> dict:
-    """Write one tar (temporary name, then renamed) and its record; return the record."""
+    """Write one tar (temporary name, then renamed; none when no row is usable) and its record;
+    return the record."""
     from mmpretrain.data.convert.writing import write_json_atomic
     from mmpretrain.data.convert.writing import write_shard as write_tar
 
@@ -168,6 +182,8 @@ def write_shard(task: ShardTask) -> dict:
                 yield sample
 
     written = write_tar(out / task.split / task.name, samples())
+    if not written:  # every row skipped: no tar (a loader worker given only empty shards has nothing)
+        (out / task.split / task.name).unlink()
     record = {"fingerprint": task.fingerprint(), "samples": written, "skipped": skipped}
     write_json_atomic(_record_path(out, task), record)
     return record | {"reused": False}
@@ -177,10 +193,14 @@ def build_sample(row: Row, classes: dict[str, int] | None) -> tuple[dict | None,
     """``(sample, ("", ""))`` or ``(None, (reason, detail))``."""
     from mmpretrain.data.stream.decode import decode_audio, decode_image
 
-    caption = (row.caption or "").strip()
-    if not caption:
+    if row.problem is not None:
+        return None, row.problem
+    captions = [c.strip() for c in row.captions if c and c.strip()]
+    if not captions:
         return None, ("empty caption", "no caption text")
-    sample: dict[str, Any] = {"__key__": row.key, "txt": caption}
+    sample: dict[str, Any] = {"__key__": row.key, "txt": captions[0]}
+    if len(captions) > 1:
+        sample["json"] = json.dumps({"caption": captions}, ensure_ascii=False).encode()
     if classes is not None:
         if row.label not in classes:
             return None, ("unknown label", f"label {row.label!r} is not one of the {len(classes)} classes")
@@ -209,7 +229,7 @@ def run_tasks(tasks: list[ShardTask], workers: int | None, progress: bool) -> li
     from mmpretrain.data.convert.writing import parallel_map
 
     records = parallel_map(write_shard, tasks, workers, progress=progress)
-    return [r | {"split": t.split, "name": t.name} for r, t in zip(records, tasks)]
+    return [r | {"split": t.split, "name": t.name, "rows": len(t.rows)} for r, t in zip(records, tasks)]
 
 
 # -- what the run leaves beside the shards --------------------------------------------------------
@@ -228,28 +248,32 @@ def write_outputs(
     skipped = [s for r in results for s in r["skipped"]]
     write_text_atomic(out / "skipped.jsonl", "".join(json.dumps(s) + "\n" for s in skipped))
     for split in splits:
-        sizes = {r["name"]: r["samples"] for r in results if r["split"] == split}
+        sizes = {r["name"]: r["samples"] for r in results if r["split"] == split and r["samples"]}
         (out / split).mkdir(parents=True, exist_ok=True)
         write_sizes(out / split, sizes)
 
 
 def report(out: Path, splits: dict[str, list[Row]], results: list[dict]) -> None:
-    """A table per split: rows read, samples written, shards (reused), and every reason rows were skipped."""
+    """A table per split: input rows, samples (a file's rows make one), samples written, shards and
+    their size, shards reused, and every reason samples were skipped."""
     from rich.console import Console
     from rich.table import Table
 
     reasons = sorted({s["reason"] for r in results for s in r["skipped"]})
     table = Table(title=f"converted into {out}")
-    for col in ("split", "rows", "written", "shards", "reused", *reasons):
+    for col in ("split", "rows", "samples", "written", "shards", "shard size", "reused", *reasons):
         table.add_column(col, justify="left" if col == "split" else "right")
     for split, rows in splits.items():
         split_results = [r for r in results if r["split"] == split]
         skipped = [s["reason"] for r in split_results for s in r["skipped"]]
+        sizes = sorted({r["rows"] for r in split_results})
         table.add_row(
             split,
+            str(sum(max(len(r.captions), 1) for r in rows)),
             str(len(rows)),
             str(sum(r["samples"] for r in split_results)),
-            str(len(split_results)),
+            str(sum(bool(r["samples"]) for r in split_results)),
+            "-".join(map(str, dict.fromkeys(sizes[:1] + sizes[-1:]))),  # smallest-largest
             str(sum(r["reused"] for r in split_results)),
             *(str(skipped.count(k)) for k in reasons),
         )
@@ -257,7 +281,9 @@ def report(out: Path, splits: dict[str, list[Row]], results: list[dict]) -> None
     console.print(table)
     n_skipped = sum(len(r["skipped"]) for r in results)
     if n_skipped:
-        console.print(f"skipped {n_skipped} rows; each is listed with its reason in {out / 'skipped.jsonl'}")
+        console.print(
+            f"skipped {n_skipped} samples; each is listed with its reason in {out / 'skipped.jsonl'}"
+        )
     for split in splits:
         if not any(r["samples"] for r in results if r["split"] == split):
             console.print(

@@ -1,8 +1,11 @@
 """The rows of a user's dataset, before conversion: a table, a folder with sidecars, or tars.
 
-A :class:`Row` names one media file (or one member of a tar), its caption and its label as found;
-nothing is opened or checked here beyond reading the table and the sidecar captions, so a bad row
-is reported by the converter with its reason instead of stopping the listing.
+A :class:`Row` names one media file (or one sample of a tar) with every caption and the label found
+for it: the rows of a table that name the same file (COCO, Flickr: one row per caption) make ONE
+row, its captions in table order. Nothing is opened or checked here beyond reading the table, the
+sidecar captions and the tars; what the listing finds unusable (a corrupt tar, a bad json, labels
+that disagree) becomes a row carrying its ``problem``, so the converter reports it with its reason
+instead of stopping.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,9 +47,10 @@ class Row:
     source: str  # where it comes from, as the user named it (reports, the train/val hash)
     path: str  # the file to read (a tar for tar input)
     ext: str  # normalised extension: the sample's field name (.JPG -> jpg)
-    caption: str | None
+    captions: tuple[str | None, ...]  # one per input row naming the file, in input order
     label: str | None = None
     offset: int | None = None  # tar input: the sample's header offset in ``path``
+    problem: tuple[str, str] | None = None  # (reason, detail): found unusable while listing
 
     def read(self) -> bytes:
         if self.offset is None:
@@ -55,12 +60,10 @@ class Row:
         return read_sample_at(self.path, self.offset)[self.ext]
 
 
-def sample_key(source: str, occurrence: int = 0) -> str:
-    """A tar key for ``source`` (its ``occurrence``-th row: a table may pair one image with several "
-    "captions)."""
+def sample_key(source: str) -> str:
+    """A tar key for ``source``: a slug of it and a short hash (unique, no dots)."""
     slug = re.sub(r"[^A-Za-z0-9_-]+", "_", source).strip("_")[-60:]
-    tag = source if occurrence == 0 else f"{source}\0{occurrence}"
-    return f"{slug}-{hashlib.sha1(tag.encode()).hexdigest()[:10]}"
+    return f"{slug}-{hashlib.sha1(source.encode()).hexdigest()[:10]}"
 
 
 def media_ext(name: str) -> str:
@@ -95,31 +98,56 @@ def read_rows(src: Path, opts: Options) -> list[Row]:
 
 # -- tables ------------------------------------------------------------------------------------------
 def read_table(path: Path, opts: Options) -> list[Row]:
+    """One row per media file: the table's rows naming it (the same path once normalised) give its
+    captions in table order and its label (they must agree: else the row's problem says so)."""
     columns, records = _table_records(path, opts.separator)
     wanted = {"img_key": opts.img_key, "caption_key": opts.caption_key}
     if opts.label_key:
         wanted["label_key"] = opts.label_key
     for option, column in wanted.items():
         if column not in columns:
+            other = next((s for s in ";\t," if len(columns) == 1 and s in columns[0]), None)
+            hint = f" or separator='{other}'" if other else ""  # Excel writes ';' in some locales
             raise ValueError(
                 f"table {path} has no column '{column}' ({option}={column}); its columns are {columns}. Set "
-                f"{option}=<one of them>"
+                f"{option}=<one of them>{hint}"
             )
-    rows, seen = [], {}
-    for rec in records:
+    groups: dict[str, dict] = {}  # one per media file (its normalised path), in order of first appearance
+    for i, rec in enumerate(records, 1):
         name = str(rec[opts.img_key] or "").strip()
-        seen[name] = seen.get(name, -1) + 1
         file = Path(name) if Path(name).is_absolute() else path.parent / name
+        # a row without a file name is a group of its own, reported as such
+        group = groups.setdefault(
+            os.path.normpath(file) if name else f"\0{i}",
+            {
+                "name": name or f"{path.name} row {i}",
+                "file": file if name else "",
+                "captions": [],
+                "labels": [],
+            },
+        )
         caption = rec[opts.caption_key]
+        group["captions"].append(None if caption is None else str(caption))
         label = rec[opts.label_key] if opts.label_key else None
+        if label is not None and str(label).strip():
+            group["labels"].append(str(label).strip())
+    rows = []
+    for g in groups.values():
+        labels = sorted(set(g["labels"]))
+        problem = None
+        if not g["file"]:
+            problem = ("missing file", f"empty {opts.img_key} cell")
+        elif len(labels) > 1:
+            problem = ("conflicting labels", f"the rows of {g['name']} give the labels {labels}")
         rows.append(
             Row(
-                key=sample_key(name, seen[name]),
-                source=name,
-                path=str(file),
-                ext=media_ext(name),
-                caption=None if caption is None else str(caption),
-                label=None if label is None or str(label).strip() == "" else str(label).strip(),
+                key=sample_key(g["name"]),
+                source=g["name"],
+                path=str(g["file"]),
+                ext=media_ext(g["name"]),
+                captions=tuple(g["captions"]),
+                label=labels[0] if len(labels) == 1 else None,
+                problem=problem,
             )
         )
     return rows
@@ -139,9 +167,15 @@ def _table_records(path: Path, separator: str) -> tuple[list[str], list[dict]]:
     sep = {"auto": "\t" if path.suffix.lower() == ".tsv" else ",", "tab": "\t", "\\t": "\t"}.get(
         separator, separator
     )
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte order mark
         reader = csv.DictReader(f, delimiter=sep)
-        records = list(reader)
+        try:
+            records = list(reader)
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"table {path} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8 (Excel: "
+                f"'CSV UTF-8')"
+            ) from None
         return list(reader.fieldnames or []), records
 
 
@@ -157,61 +191,89 @@ def read_folder(root: Path, opts: Options) -> list[Row]:
         label = None
         if opts.labels == "folders" and "/" in rel:
             label = rel.split("/", 1)[0]
+        stem = file.with_suffix("")
+        txt, js = (stem.with_name(stem.name + ext) for ext in (".txt", ".json"))
+        captions, problem = text_captions(
+            txt.read_bytes() if txt.exists() else None,
+            js.read_bytes() if js.exists() else None,
+            stem.name,
+            opts.caption_key,
+        )
         rows.append(
             Row(
                 key=sample_key(rel),
                 source=rel,
                 path=str(file),
                 ext=media_ext(file.name),
-                caption=_sidecar_caption(file, opts.caption_key),
+                captions=captions,
                 label=label,
+                problem=problem,
             )
         )
     return rows
 
 
-def _sidecar_caption(file: Path, caption_key: str) -> str | None:
-    """``x.txt`` beside ``x.jpg``, else the ``caption`` (or ``caption_key``) field of ``x.json``."""
-    stem = file.with_suffix("")
-    txt, js = stem.with_name(stem.name + ".txt"), stem.with_name(stem.name + ".json")
-    if txt.exists():
-        return txt.read_text(encoding="utf-8")
-    if js.exists():
+def text_captions(
+    txt: bytes | None, js: bytes | None, stem: str, caption_key: str = "caption"
+) -> tuple[tuple[str | None, ...], tuple[str, str] | None]:
+    """``(captions, problem)`` of a sample's ``stem.txt`` and ``stem.json``, read as
+    :func:`~mmpretrain.data.stream.decode.decode_captions` does by default: a json whose ``caption``
+    (else ``caption_key``) field is a list gives all of them, else the txt, else that field. A bad
+    json is a problem only when the caption has to come from it."""
+    value, problem = None, None
+    if js is not None:
         try:
-            obj = json.loads(js.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            return None
-        for field in ("caption", caption_key):
-            if isinstance(obj, dict) and obj.get(field) is not None:
-                return str(obj[field])
-    return None
+            obj = json.loads(js)
+            if not isinstance(obj, dict):
+                raise ValueError(f"a json {type(obj).__name__}, not an object")
+            value = obj.get("caption") if obj.get("caption") is not None else obj.get(caption_key)
+        except ValueError as e:  # UnicodeDecodeError too
+            problem = ("bad json", f"{stem}.json: {e}")
+    if isinstance(value, list):
+        return tuple(str(c) for c in value), None
+    if txt is not None:
+        try:
+            return (txt.decode("utf-8"),), None
+        except UnicodeDecodeError as e:
+            return (None,), ("bad caption", f"{stem}.txt: {e}")
+    return (None if value is None else str(value),), problem
 
 
 # -- webdataset tars (img2dataset's output) ---------------------------------------------------------------
 def read_tars(root: Path) -> list[Row]:
-    """One row per sample of ``root/*.tar`` that has a media field; the caption from ``txt`` or json "
-    "``caption``."""
+    """One row per sample of ``root/*.tar`` that has a media field, the caption from ``txt`` or json
+    ``caption``; and one per fault a corrupt tar reports (its samples from the fault on are lost)."""
     from mmpretrain.data.stream.tar_reader import read_samples
 
     rows = []
     for tar in sorted(root.glob("*.tar")):
-        for start, _, sample in read_samples(str(tar)):
+        faults: list[Exception] = []
+        for start, _, sample in read_samples(str(tar), on_error=faults.append):
             ext = next((e for e in MEDIA if e in sample), None)
-            if ext is None:
-                continue
-            caption = sample["txt"].decode("utf-8") if "txt" in sample else None
-            if caption is None and "json" in sample:
-                caption = json.loads(sample["json"]).get("caption")
-            source = f"{tar.name}/{sample['__key__']}"
+            if ext is not None:
+                rows.append(_tar_row(tar, start, sample, ext))
+        for i, exc in enumerate(faults):
             rows.append(
                 Row(
-                    key=sample_key(source),
-                    source=source,
+                    key=sample_key(f"{tar.name}\0fault {i}"),
+                    source=tar.name,
                     path=str(tar),
-                    ext=ext,
-                    caption=caption,
-                    label=sample["cls"].decode().strip() if "cls" in sample else None,
-                    offset=start,
+                    ext="",
+                    captions=(),
+                    problem=("corrupt tar", f"{type(exc).__name__}: {exc}"),
                 )
             )
     return rows
+
+
+def _tar_row(tar: Path, start: int, sample: dict, ext: str) -> Row:
+    key = sample["__key__"]
+    source = f"{tar.name}/{key}"
+    captions, problem = text_captions(sample.get("txt"), sample.get("json"), key)
+    label = None
+    if "cls" in sample:
+        try:
+            label = sample["cls"].decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            problem = problem or ("bad label", f"{key}.cls: {e}")
+    return Row(sample_key(source), source, str(tar), ext, captions, label, start, problem)

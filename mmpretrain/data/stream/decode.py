@@ -2,12 +2,14 @@
 
 Conventions (README): image ``jpg|jpeg|png|webp``; text ``txt`` or ``json`` with a caption field;
 audio ``flac|wav|mp3``; video ``mp4|webm|avi`` (PyAV, :mod:`mmpretrain.data.stream.video`); integer
-class ``cls``. Text decodes to the sample's *captions*, a list: ``caption_keys`` (default: the first
-of ``txt``, ``json``) are read in order, a text key giving one caption and a json key its
-``caption_field`` (a string, or a list of captions). The json may also carry ``negatives`` (captions
-that do not match, with ``negative_kinds``) and ``labels`` (``{task: int}``, -1 where the task does
-not apply): :func:`read_meta` reads them. Only these decoders run: webdataset's pickle and torch
-decoders are never enabled, so a shard cannot execute code.
+class ``cls``. Text decodes to the sample's *captions*, a list: ``caption_keys`` are read in order,
+a text key giving one caption and a json key its ``caption_field`` (a string, or a list of
+captions); by default every caption of a json list (``mmpretrain data shards`` writes a file's
+captions so, with the first as ``txt``), else the first of ``txt``, ``json``. The json may also
+carry ``negatives`` (captions that do not match, with ``negative_kinds``) and ``labels``
+(``{task: int}``, -1 where the task does not apply): :func:`read_meta` reads them. Only these
+decoders run: webdataset's pickle and torch decoders are never enabled, so a shard cannot execute
+code.
 """
 
 from __future__ import annotations
@@ -46,9 +48,10 @@ def decode_captions(
 ) -> list[str] | None:
     """Every caption of ``sample`` from ``caption_keys`` in order (None when it has none of them).
 
-    Without ``caption_keys`` the first of ``txt``/``json`` present is read. A key ending
-    in ``json`` gives its ``caption_field``: one caption (a string) or several (a list)."""
-    keys = list(caption_keys) if caption_keys else [next((k for k in ("txt", "json") if k in sample), "txt")]
+    A key ending in ``json`` gives its ``caption_field``: one caption (a string) or several (a
+    list). Without ``caption_keys``: ``json`` when its ``caption_field`` is a list, else the first
+    of ``txt``/``json`` present (a json that does not parse is then read only without a txt)."""
+    keys = list(caption_keys) if caption_keys else [_default_caption_key(sample, caption_field)]
     captions: list[str] = []
     found = False
     for key in keys:
@@ -66,6 +69,17 @@ def decode_captions(
     if found and not captions:
         raise MissingKeyError(f"sample '{sample.get('__key__')}' has an empty caption list")
     return captions if found else None
+
+
+def _default_caption_key(sample: dict[str, Any], caption_field: str) -> str:
+    if "json" in sample:
+        try:
+            obj = _parsed_json(sample, "json")
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict) and isinstance(obj.get(caption_field), list):
+            return "json"
+    return next((k for k in ("txt", "json") if k in sample), "txt")
 
 
 def read_meta(sample: dict[str, Any]) -> dict[str, Any]:
