@@ -20,26 +20,34 @@ class CaptureGrads(L.Callback):
             }
 
 
-def first_step_grads(chunks, precision="32-true"):
+def first_step_grads(chunks, precision="32-true", clip=None, plugins=(), capture=None):
+    """The first step's gradients (``capture``: at on_before_optimizer_step by default) and the module."""
     from mmpretrain.training.module import ContrastiveModule
 
     model = make_model()
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0  # deterministic, so the reference is one forward of the whole batch
-    optim = {"lr": 1e-3, "weight_decay": 0.1, "grad_cache_chunks": chunks, "gradient_clip_val": None}
+    optim = {
+        "lr": 1e-3,
+        "weight_decay": 0.1,
+        "grad_cache_chunks": chunks,
+        "gradient_clip_val": clip,
+        "fused": False,
+    }
     module = ContrastiveModule(model, InfoNCE(), optim)
-    capture = CaptureGrads()
+    capture = capture or CaptureGrads()
     trainer = L.Trainer(
         max_steps=1,
         accelerator="cpu",
-        precision=precision,
+        precision=None if plugins else precision,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[capture],
         limit_val_batches=0,
+        plugins=list(plugins),
     )
     data = [batch(12)]
     trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None))
@@ -96,37 +104,10 @@ class CaptureStepGrads(L.Callback):
 def clipped_step_grads(chunks, fp16_scaler):
     from lightning.pytorch.plugins.precision import MixedPrecision
 
-    from mmpretrain.training.module import ContrastiveModule
-
-    model = make_model()
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    optim = {
-        "lr": 1e-3,
-        "weight_decay": 0.1,
-        "grad_cache_chunks": chunks,
-        "gradient_clip_val": 0.05,
-        "fused": False,
-    }
-    module = ContrastiveModule(model, InfoNCE(), optim)
-    capture = CaptureStepGrads()
     plugins = []
     if fp16_scaler:  # Lightning gives CPU runs no scaler; CUDA's fp16 path is the same code with one
         plugins = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8))]
-    trainer = L.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[capture],
-        limit_val_batches=0,
-        plugins=plugins,
-    )
-    trainer.fit(module, train_dataloaders=DataLoader([batch(12)], batch_size=None))
-    return capture.grads
+    return first_step_grads(chunks, clip=0.05, plugins=plugins, capture=CaptureStepGrads())[0]
 
 
 def test_fp16_loss_scaling_with_grad_cache_clips_the_unscaled_gradients():
