@@ -396,15 +396,15 @@ def write_bad_shards(
 def expected_skips(items: dict[str, list], rec: dict, world: int, workers: int, seed: int = 0) -> int:
     """Naive reference: walk each reader's stream (its shards pass after pass, as ShardStream splits
     them) along the keys it really delivered; count the bad samples before its last delivered one."""
-    from mmpretrain.data.stream.pipeline import ShardStream
-    from mmpretrain.data.stream.shards import Source
+    from mmpretrain.data.stream.position import shard_plan
 
     urls = sorted(items)
     total = 0
     for rank in range(world):
-        split = ShardStream(
-            [Source("x", urls)], {}, batch_size=1, train=True, rank=rank, world_size=world, seed=seed
-        )
+
+        def shards_of_pass(p, worker, rank=rank):
+            return [urls[k] for k in shard_plan(len(urls), seed, p, rank, world, worker, workers)]
+
         for worker in range(workers):
             delivered = [
                 k
@@ -412,9 +412,7 @@ def expected_skips(items: dict[str, list], rec: dict, world: int, workers: int, 
                 if r == rank and (s - 1) % workers == worker
                 for k in v["keys"]
             ]
-            stream = [
-                x for p in range(10) for u in split._my_shards(urls, p, worker, workers) for x in items[u]
-            ]
+            stream = [x for p in range(10) for u in shards_of_pass(p, worker) for x in items[u]]
             got, pos = [], 0
             while len(got) < len(delivered):
                 if isinstance(stream[pos], str):
