@@ -101,7 +101,7 @@ class ContrastiveDataModule(L.LightningDataModule):
             **common,
         )
         stream.num_workers = max(1, workers)
-        return self._loader(stream, workers, persistent=True, pin=self._pin_memory())
+        return self._loader(stream, workers, persistent=True, pin=self._pin_memory(), cls=TrainLoader)
 
     # -- resume: each stream's position lives in the checkpoint (Lightning saves this state) -------
     def _layout(self) -> dict[str, Any]:
@@ -209,6 +209,12 @@ class ContrastiveDataModule(L.LightningDataModule):
             self.trainer.lightning_module.skipped_total = int(state.get("skipped_samples", 0))
         if not changed:
             self._start_positions = {s: p for s, p in enumerate(state["positions"][rank]) if p is not None}
+            if rank == 0:
+                print(
+                    f"resumed the data stream exactly: after the {consumed} batches each rank had consumed "
+                    f"(epoch {state.get('epoch', 0)}), at the saved position of every stream",
+                    flush=True,
+                )
             return consumed
         detail = ", ".join(
             v if isinstance(v, str) else f"{k}: checkpoint {v[0]} != now {v[1]}" for k, v in changed.items()
@@ -279,10 +285,16 @@ class ContrastiveDataModule(L.LightningDataModule):
         return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
 
     @staticmethod
-    def _loader(stream: ShardStream, workers: int, persistent: bool, pin: bool = False) -> DataLoader:
+    def _loader(
+        stream: ShardStream,
+        workers: int,
+        persistent: bool,
+        pin: bool = False,
+        cls: type[DataLoader] = DataLoader,
+    ) -> DataLoader:
         # Images travel as uint8 (the tower normalises on the device) and each worker keeps 2 batches
         # ahead: the shared memory held per rank is ~2 x workers x a uint8 batch.
-        return DataLoader(
+        return cls(
             stream,
             batch_size=None,
             num_workers=workers,
@@ -290,6 +302,18 @@ class ContrastiveDataModule(L.LightningDataModule):
             prefetch_factor=2 if workers > 0 else None,
             pin_memory=pin,
         )
+
+
+class TrainLoader(DataLoader):
+    """The training DataLoader, which Lightning may take for resumable: the stream's position is the
+    datamodule's state, saved with every checkpoint and restored exactly (:meth:`ContrastiveDataModule.
+    state_dict`), so the loader's own state is empty."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
 
 def shards_fingerprint(urls: list[str]) -> str:
