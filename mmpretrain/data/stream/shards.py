@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
-import tarfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import braceexpand
 import torch
 
+from mmpretrain.data.stream.tar_reader import count_shard
 from mmpretrain.io import write_text_atomic
 from mmpretrain.runtime import distributed
+
+log = logging.getLogger(__name__)
 
 
 class NoShardsError(FileNotFoundError):
@@ -95,8 +99,15 @@ def count_samples(urls: list[str]) -> int:
 
 
 def _count_tar(path: Path) -> int:
-    with tarfile.open(path) as tf:
-        return len({member.name.split(".", 1)[0] for member in tf})
+    """The samples of one shard, with a warning when some cannot be read whole (training skips them)."""
+    lost: list[Exception] = []
+    n = count_shard(str(path), on_error=lost.append)
+    if lost:
+        reasons = Counter(getattr(exn, "reason", type(exn).__name__) for exn in lost)
+        log.warning(
+            "%s: %d samples cannot be read whole and will be skipped: %s", path, len(lost), dict(reasons)
+        )
+    return n
 
 
 def _read_sizes(path: Path) -> dict[str, int]:
