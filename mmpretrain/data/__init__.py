@@ -6,6 +6,12 @@ Never Lightning or Hydra. Inside: ``stream`` < ``convert`` < ``synthetic`` < ``b
 """
 
 from mmpretrain.data.stream.pipeline import ShardStream
-from mmpretrain.data.stream.shards import NoShardsError, Source, count_samples, expand_shards
+from mmpretrain.data.stream.shards import (
+    MissingShardsError,
+    NoShardsError,
+    Source,
+    count_samples,
+    expand_shards,
+)
 
-__all__ = ["NoShardsError", "ShardStream", "Source", "count_samples", "expand_shards"]
+__all__ = ["MissingShardsError", "NoShardsError", "ShardStream", "Source", "count_samples", "expand_shards"]

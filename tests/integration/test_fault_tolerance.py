@@ -388,8 +388,8 @@ def write_bad_shards(
     with tarfile.open(path) as tf:  # truncate the last shard inside sample 6's image
         png = next(m for m in tf.getmembers() if m.name == f"{samples[6]['__key__']}.png")
     path.write_bytes(path.read_bytes()[: png.offset_data + png.size // 2])
-    # the 4 good samples, then the cut: the partial sample 6 (no image) and the truncation itself
-    items[str(path)] = items[str(path)][:6] + [2]
+    # the 4 good samples, then the cut: sample 6, which the tar holds in part, is dropped and counted
+    items[str(path)] = items[str(path)][:6] + [1]
     return items
 
 

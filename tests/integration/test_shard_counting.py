@@ -152,3 +152,69 @@ def test_counting_without_distributed_writes_sizes_json_and_an_unwritable_folder
     monkeypatch.setattr(shards.os, "replace", refuse)
     assert count_samples(urls) == 7
     assert set(tmp_path.iterdir()) == set(tmp_path.glob("*.tar"))  # no sizes.json, no temporary file left
+
+
+def users_tars(root: Path) -> dict[str, tuple[Path, int | None]]:
+    """Five samples (jpg + txt + json) tarred the ways users tar them; each tar with the samples it
+    holds whole (None: whatever GNU tar's directory order leaves whole)."""
+    import gzip
+    import subprocess
+
+    import webdataset as wds
+
+    def fill(folder: Path) -> Path:
+        folder.mkdir(parents=True)
+        for i in range(5):  # img2dataset's names: 00000.jpg, 00000.txt, 00000.json
+            for ext, data in (("jpg", b"\xff\xd8 %d" % i), ("txt", b"caption %d" % i), ("json", b"{}")):
+                (folder / f"{i:05d}.{ext}").write_bytes(data)
+        return folder
+
+    tars: dict[str, tuple[Path, int | None]] = {}
+    out = fill(root / "out")
+    for label, args in {
+        "gnu-tar-of-a-folder": ["-C", out, "."],  # ./, ./00003.txt, ... in the folder's order
+        "gnu-tar-sorted": ["--sort=name", "-C", out, "."],
+        "gnu-tar-posix": ["--sort=name", "--format=posix", "-C", out, "."],  # a pax header per member
+        "dotted-folder": ["--sort=name", "-C", fill(root / "cc3m.v1").parent, "cc3m.v1"],
+    }.items():
+        tars[label] = (root / f"{label}.tar", None if label == "gnu-tar-of-a-folder" else 5)
+        subprocess.run(["tar", "-cf", tars[label][0], *args], check=True)
+    python = root / "python-tarfile.tar"
+    with tarfile.open(python, "w") as tf:  # a folder, ./ names, __meta__ members: only samples count
+        tf.add(out, arcname="./", recursive=False)
+        for name in ("__index__", "__meta__/info.json", "./.DS_Store", "./._00000.jpg"):
+            info = tarfile.TarInfo(name)
+            tf.addfile(info)
+        for path in sorted(out.iterdir()):
+            tf.add(path, arcname=f"./{path.name}")
+    tars["python-tarfile"] = (python, 5)
+    writer = root / "webdataset.tar"
+    with wds.TarWriter(str(writer)) as sink:
+        for i in range(5):
+            sink.write({"__key__": f"{i:05d}", "jpg": b"\xff\xd8", "txt": b"c", "json": b"{}"})
+    tars["webdataset"] = (writer, 5)
+    gz = root / "gnu-tar-sorted.tar.gz"
+    gz.write_bytes(gzip.compress(tars["gnu-tar-sorted"][0].read_bytes()))
+    tars["gzip"] = (gz, 5)
+    return tars
+
+
+def test_tars_made_the_ways_users_make_them_count_what_the_reader_reads(tmp_path):
+    from mmpretrain.data import count_samples
+    from mmpretrain.data.stream.tar_reader import count_shard, read_samples
+
+    tars = users_tars(tmp_path / "users")
+    for label, (path, want) in tars.items():
+        samples = [s for _, _, s in read_samples(str(path), on_error=lambda exn: None)]
+        assert count_shard(str(path)) == len(samples), label
+        assert want is None or len(samples) == want, (label, len(samples))
+        if want is not None:
+            keys = [s["__key__"] for s in samples]
+            assert [k.rsplit("/", 1)[-1] for k in keys] == [f"{i:05d}" for i in range(5)], (label, keys)
+            assert all({"jpg", "txt", "json"} <= set(s) for s in samples), label
+    assert [s["__key__"] for _, _, s in read_samples(str(tars["dotted-folder"][0]))][0] == "cc3m.v1/00000"
+    urls = [str(path) for path, _ in tars.values()]  # through sizes.json, as a run counts them
+    total = sum(count_shard(u) for u in urls)
+    assert count_samples(urls) == total and total >= 5 * (len(tars) - 1)
+    sizes = json.loads((tmp_path / "users" / "sizes.json").read_text())
+    assert sizes["python-tarfile.tar"] == 5 and sizes["gnu-tar-sorted.tar.gz"] == 5

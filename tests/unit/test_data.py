@@ -44,6 +44,33 @@ def test_brace_and_glob_expansion(tmp_path):
     assert len(expand_shards([str(tmp_path / "x-*.tar")])) == 3
 
 
+def test_a_brace_range_naming_missing_shards_fails_saying_how_many_and_how_to_go_on(tmp_path, caplog):
+    from mmpretrain.data import MissingShardsError
+
+    for i in (0, 1, 3):  # a partial download: 2 of 5 shards never arrived
+        write_shard(tmp_path / f"x-{i:03d}.tar", [good(i)])
+    pattern = str(tmp_path / "x-{000..004}.tar")
+    with pytest.raises(MissingShardsError, match=r"2 of the 5 shards .* are missing") as err:
+        expand_shards(pattern)
+    assert isinstance(err.value, NoShardsError) and isinstance(err.value, FileNotFoundError)
+    assert "x-002.tar, " in str(err.value) and "x-004.tar)" in str(err.value)
+    assert "data.missing_shards=warn" in str(err.value)
+    with pytest.raises(MissingShardsError, match="1 of the 2"):  # a plain path names a shard too
+        expand_shards([str(tmp_path / "x-000.tar"), str(tmp_path / "x-002.tar")])
+    with caplog.at_level("WARNING"):
+        present = expand_shards(pattern, missing="warn")
+    assert [p.rsplit("/", 1)[1] for p in present] == ["x-000.tar", "x-001.tar", "x-003.tar"]
+    assert "2 of the 5 shards" in caplog.text and "training on the 3 present" in caplog.text
+    assert len(expand_shards(str(tmp_path / "x-*.tar"))) == 3  # a glob names what exists
+    assert expand_shards(["pipe:cat a.tar", "https://host/b-{0..1}.tar"]) == [
+        "pipe:cat a.tar",
+        "https://host/b-0.tar",
+        "https://host/b-1.tar",
+    ]
+    with pytest.raises(ValueError, match="'error' or 'warn'"):
+        expand_shards(pattern, missing="ignore")
+
+
 def test_corrupt_and_incomplete_samples_are_skipped_and_counted(tmp_path):
     samples = [good(i) for i in range(10)]
     samples[2]["png"] = b"not a png at all"

@@ -4,20 +4,28 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
-import tarfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import braceexpand
 import torch
 
+from mmpretrain.data.stream.tar_reader import count_shard
 from mmpretrain.io import write_text_atomic
 from mmpretrain.runtime import distributed
+
+log = logging.getLogger(__name__)
 
 
 class NoShardsError(FileNotFoundError):
     pass
+
+
+class MissingShardsError(NoShardsError):
+    """Some of the local shards a pattern names explicitly do not exist."""
 
 
 @dataclass
@@ -42,27 +50,57 @@ def check_shard_counts(sources: list[Source], world_size: int, num_workers: int,
             )
 
 
-def expand_shards(patterns: str | list[str]) -> list[str]:
-    """Expand ``{000..009}`` braces and ``*`` globs; fail with the pattern when nothing matches."""
+def expand_shards(patterns: str | list[str], missing: str = "error") -> list[str]:
+    """Expand ``{000..009}`` braces and ``*`` globs; fail with the pattern when nothing matches.
+
+    A glob names what exists; a brace range or a plain path names shards that should. When some of those
+    (local ones) are missing, a partial download would train on part of the data: that fails
+    (:class:`MissingShardsError`), or under ``missing="warn"`` leaves them out with a warning."""
+    if missing not in ("error", "warn"):
+        raise ValueError(f"data.missing_shards must be 'error' or 'warn', not '{missing}'")
     if isinstance(patterns, str):
         patterns = [patterns]
     urls: list[str] = []
+    named, absent = 0, []  # local shards named explicitly; those of them missing
     for pattern in patterns:
-        matched: list[str] = []
+        matched, missed = [], []
         for p in braceexpand.braceexpand(str(pattern)):
             p = os.path.expanduser(p)
             if any(c in p for c in "*?["):
                 matched += sorted(glob.glob(p))
-            elif "://" in p or p.startswith("pipe:") or os.path.exists(p):
+            elif "://" in p or p.startswith("pipe:"):
                 matched.append(p)
-        if not matched:
-            raise NoShardsError(
-                f"shard pattern '{pattern}' matches no file. Check the path (brace ranges like "
-                f"shard-{{000..009}}.tar and globs like *.tar are expanded), or build the demo data with "
-                f"`mmpretrain data digits out=DIR` and pass data.root=DIR."
-            )
+            else:
+                named += 1
+                (matched if os.path.exists(p) else missed).append(p)
+        if not matched and not missed:  # a glob that matches nothing
+            raise NoShardsError(_matches_nothing(pattern))
         urls += matched
+        absent += missed
+    if not urls:
+        raise NoShardsError(_matches_nothing(patterns[0]))
+    if absent:
+        message = (
+            f"{len(absent)} of the {named} shards named by {patterns} are missing "
+            f"({', '.join(absent[:3])}{', ...' if len(absent) > 3 else ''})"
+        )
+        if missing == "error":
+            raise MissingShardsError(
+                f"{message}: a partial download? Fetch them, or set data.missing_shards=warn to train "
+                f"on the {named - len(absent)} present."
+            )
+        log.warning(
+            "%s: training on the %d present (data.missing_shards=warn).", message, named - len(absent)
+        )
     return urls
+
+
+def _matches_nothing(pattern: str) -> str:
+    return (
+        f"shard pattern '{pattern}' matches no file. Check the path (brace ranges like "
+        f"shard-{{000..009}}.tar and globs like *.tar are expanded), or build the demo data with "
+        f"`mmpretrain data digits out=DIR` and pass data.root=DIR."
+    )
 
 
 def count_samples(urls: list[str]) -> int:
@@ -95,8 +133,15 @@ def count_samples(urls: list[str]) -> int:
 
 
 def _count_tar(path: Path) -> int:
-    with tarfile.open(path) as tf:
-        return len({member.name.split(".", 1)[0] for member in tf})
+    """The samples of one shard, with a warning when some cannot be read whole (training skips them)."""
+    lost: list[Exception] = []
+    n = count_shard(str(path), on_error=lost.append)
+    if lost:
+        reasons = Counter(getattr(exn, "reason", type(exn).__name__) for exn in lost)
+        log.warning(
+            "%s: %d samples cannot be read whole and will be skipped: %s", path, len(lost), dict(reasons)
+        )
+    return n
 
 
 def _read_sizes(path: Path) -> dict[str, int]:

@@ -10,7 +10,8 @@ class SampleError(RuntimeError):
 
 
 class SkipCounter:
-    """webdataset handler that counts what it skips, or raises with the shard named."""
+    """webdataset handler that counts what it skips, one sample per call, or raises with the shard named.
+    ``reasons`` counts by exception type (and ``reason``, where the exception has one)."""
 
     #: this many failures in a row (no good sample between) stop the stream with an error: a
     #: transform or decoder that fails on every sample would otherwise spin a training stream forever.
@@ -30,7 +31,8 @@ class SkipCounter:
                 f"bad sample ({type(exn).__name__}: {exn}); set data.on_error=skip to skip it"
             ) from exn
         self.pending += 1
-        self.reasons[type(exn).__name__] += 1
+        reason = getattr(exn, "reason", None)  # the tar reader's: one call per sample it lost
+        self.reasons[f"{type(exn).__name__}: {reason}" if reason else type(exn).__name__] += 1
         self.consecutive += 1
         if self.consecutive >= self.MAX_CONSECUTIVE:
             raise SampleError(
