@@ -150,8 +150,11 @@ def extract(
 
 
 def _linear_probe(task, model, data, num_classes):
-    urls = [u for src in data["sources"].values() if src for u in expand_shards(src["shards"])]
-    val_urls = expand_shards(data["val"]["shards"])
+    missing = data.get("missing_shards", "error")
+    urls = [
+        u for src in data["sources"].values() if src for u in expand_shards(src["shards"], missing=missing)
+    ]
+    val_urls = expand_shards(data["val"]["shards"], missing=missing)
     kind = task.get("features", "embedding")
     caption_field = data.get("caption_field", "caption")
     x_train, y_train = extract(model, task["modality"], urls, kind, caption_field=caption_field)

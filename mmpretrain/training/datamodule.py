@@ -27,7 +27,7 @@ def sources_from_config(cfg: Any) -> list[Source]:
         sources.append(
             Source(
                 name=name,
-                urls=expand_shards(src["shards"]),
+                urls=expand_shards(src["shards"], missing=cfg.get("missing_shards", "error")),
                 weight=float(src.get("weight", 1.0)),
                 modalities=list(src.get("modalities") or []),
             )
@@ -53,7 +53,8 @@ class ContrastiveDataModule(L.LightningDataModule):
         ] = {}  # stream -> last (batch index, position) consumed
         # Resolve shard patterns now: a pattern that matches nothing fails before anything heavy.
         self.sources = sources_from_config(cfg)
-        self.val_urls = expand_shards(cfg["val"]["shards"]) if cfg.get("val") else []
+        missing = cfg.get("missing_shards", "error")
+        self.val_urls = expand_shards(cfg["val"]["shards"], missing=missing) if cfg.get("val") else []
 
     def _common(self) -> dict[str, Any]:
         rank = self.trainer.global_rank if self.trainer else 0

@@ -31,3 +31,40 @@ def test_a_source_with_fewer_shards_than_readers_trains_with_default_options(dig
     )
     assert "data.shard_policy=auto: fewer shards than the 2 readers" in proc.stdout, proc.stdout[-2000:]
     assert (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_a_partial_download_stops_the_run_unless_allowed(digits_root, tmp_path):
+    """A brace pattern naming shards that are missing: the run stops at the start saying how many are
+    missing; data.missing_shards=warn trains on the ones present."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = tmp_path / "digits"
+    shutil.copytree(digits_root, root)
+    (root / "train" / "train-0007.tar").unlink()
+    common = [
+        "train",
+        "debug=fast",
+        f"data.root={root}",
+        "data.num_workers=0",
+        "logger=csv",
+        "callbacks.plots=null",
+        f'data.sources.digits.shards="{root}/train/train-{{0000..0007}}.tar"',
+        "model.towers.text.config.text_cfg.width=32",
+        "model.towers.text.config.text_cfg.heads=2",
+        "model.towers.text.config.text_cfg.layers=1",
+    ]
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "mmpretrain"), *common, f"hydra.run.dir={tmp_path / 'a'}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ | {"WANDB_MODE": "offline"},
+    )
+    assert proc.returncode != 0 and "1 of" in proc.stderr and "data.missing_shards=warn" in proc.stderr, (
+        proc.stderr[-2000:]
+    )
+    run_cli([*common, "data.missing_shards=warn", f"hydra.run.dir={tmp_path / 'b'}"], cwd=tmp_path)

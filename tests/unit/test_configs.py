@@ -40,9 +40,9 @@ def test_unknown_key_fails():
 )
 def test_every_data_config_takes_the_overrides_our_error_messages_suggest(data):
     """Error messages tell users to set data.shard_policy=, data.on_missing=, data.caption_keys=,
-    data.modality_keys=: each bundled data config must accept them without a '+' (a run of
-    experiment=moving_digits_clip on too few shards was told to set data.shard_policy=resample, and
-    Hydra refused the key)."""
+    data.modality_keys=, data.missing_shards=: each bundled data config must accept them without a
+    '+' (a run of experiment=moving_digits_clip on too few shards was told to set
+    data.shard_policy=resample, and Hydra refused the key)."""
     cfg = compose_config(
         "train",
         [
@@ -51,6 +51,8 @@ def test_every_data_config_takes_the_overrides_our_error_messages_suggest(data):
             "data.on_missing=partial",
             "data.caption_keys=[json]",
             "data.modality_keys={audio: [mp4]}",
+            "data.missing_shards=warn",
         ],
     )
     assert cfg.data.shard_policy == "resample" and cfg.data.on_missing == "partial"
+    assert cfg.data.missing_shards == "warn"
