@@ -104,8 +104,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint: its ``state_dict`` (Lightning, open_clip's trainer), ``model``, or "
-    "itself."""
+    """The tensors of a checkpoint: its ``state_dict`` (Lightning, open_clip's trainer), ``model``, or
+    itself."""
     obj = read_checkpoint(path)
     state = obj.get("state_dict", obj.get("model", obj))
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}

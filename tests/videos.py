@@ -9,8 +9,8 @@ from mmpretrain.data.stream.video import encode_video
 
 
 def moving_square(frames: int = 8, size: int = 32, direction: int = 1, shade: int = 255) -> np.ndarray:
-    """``uint8 [frames, size, size, 3]``: a 6-px square crossing the frame left->right (``direction`` 1) or "
-    "back."""
+    """``uint8 [frames, size, size, 3]``: a 6-px square crossing the frame left->right (``direction`` 1) or
+    back."""
     out = np.zeros((frames, size, size, 3), dtype=np.uint8)
     for t in range(frames):
         x = round((size - 6) * t / max(frames - 1, 1))

@@ -70,8 +70,8 @@ def open_clip_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 
 def read_open_clip_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """:func:`open_clip_state_dict` of a file (``.pt``/``.bin``/``.ckpt`` read safely, or "
-    "``.safetensors``)."""
+    """:func:`open_clip_state_dict` of a file (``.pt``/``.bin``/``.ckpt`` read safely, or
+    ``.safetensors``)."""
     state = open_clip_state_dict(read_state_dict(path))
     if not any(k.startswith(("visual.", "text.")) for k in state):
         raise ValueError(
@@ -115,8 +115,8 @@ def open_clip_model_config(
 
 # -- out -------------------------------------------------------------------------------------------
 def open_clip_model_cfg(model) -> dict[str, Any]:
-    """The one open_clip model_cfg behind every tower, or a clear error if the model is not "
-    "open_clip-native."""
+    """The one open_clip model_cfg behind every tower, or a clear error if the model is not
+    open_clip-native."""
     kinds = {m: type(t).__name__ for m, t in model.towers.items()}
     if set(model.modalities) != {"image", "text"} or not all(
         t.config.get("_target_") == TOWER_TARGET for t in model.towers.values()

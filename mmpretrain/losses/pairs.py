@@ -15,8 +15,8 @@ def pair_name(a: str, b: str) -> str:
 
 
 def logit_scale_for(outputs: dict[str, torch.Tensor], a: str, b: str) -> torch.Tensor:
-    """The pair's own ``logit_scale_<a>_<b>`` when the model has per-pair temperatures, else the shared "
-    "one."""
+    """The pair's own ``logit_scale_<a>_<b>`` when the model has per-pair temperatures, else the shared
+    one."""
     return outputs.get(f"logit_scale_{pair_name(a, b)}", outputs.get("logit_scale"))
 
 

@@ -262,8 +262,8 @@ class AudioTower(Tower):
         model_kwargs: dict[str, Any] | None = None,
         pretrained: bool | None = None,
     ):
-        """``pretrained=True`` or ``model_name=hf-hub:ORG/REPO``: timm's weights, first conv summed to 1 "
-        "channel."""
+        """``pretrained=True`` or ``model_name=hf-hub:ORG/REPO``: timm's weights, first conv summed to 1
+        channel."""
         super().__init__(
             {
                 "_target_": f"{__name__}.AudioTower",

@@ -1,5 +1,5 @@
-"""Towers backed by timm: any ``timm.create_model`` name; timm's pretrained weights, a local file, or "
-"random init."""
+"""Towers backed by timm: any ``timm.create_model`` name; timm's pretrained weights, a local file, or
+random init."""
 
 from __future__ import annotations
 

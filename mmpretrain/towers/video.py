@@ -301,8 +301,8 @@ class VideoTower(Tower):
         return feats.mean(1) if self.pooling == "mean" else self.temporal(feats)
 
     def frame_features(self, frames: torch.Tensor) -> torch.Tensor:
-        """``[N, C, H, W]`` frames -> ``[N, D]``: the frame tower's output, or its map through "
-        "``frame_pool``."""
+        """``[N, C, H, W]`` frames -> ``[N, D]``: the frame tower's output, or its map through
+        ``frame_pool``."""
         if self.frame_pool is None:
             return self.frame(frames)
         return self.frame_pool(self.frame.feature_map(frames))
@@ -317,8 +317,8 @@ class VideoTower(Tower):
         self.frame.set_channels_last(enable)
 
     def param_groups(self) -> list[list[nn.Parameter]]:
-        """The frame tower's groups (stem, blocks, head), the frame pool's, then the temporal module's "
-        "parameters."""
+        """The frame tower's groups (stem, blocks, head), the frame pool's, then the temporal module's
+        parameters."""
         groups = self.frame.param_groups()
         if self.frame_pool is not None:
             groups.append(list(self.frame_pool.parameters()))

@@ -169,8 +169,8 @@ def _write_open_clip_trainer_checkpoint(workdir: Path) -> None:
 
 
 def _write_own_data(workdir: Path) -> None:
-    """Tiny stand-ins for the README's own data: own/pairs.csv, own/pairs.tsv, own/photos/<class>/, "
-    "own/i2d."""
+    """Tiny stand-ins for the README's own data: own/pairs.csv, own/pairs.tsv, own/photos/<class>/,
+    own/i2d."""
     from tests.unit.test_convert import image_table, write_img2dataset
 
     own = workdir / "own"

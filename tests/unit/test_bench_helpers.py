@@ -1,5 +1,5 @@
-"""The arithmetic and command building of scripts/bench_*.py (the benchmarks themselves run in `make "
-"bench`)."""
+"""The arithmetic and command building of scripts/bench_*.py (the benchmarks themselves run in `make
+bench`)."""
 
 import sys
 from pathlib import Path

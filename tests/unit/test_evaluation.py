@@ -46,8 +46,8 @@ def reference_zero_shot(q, labels, classes, k):
 
 
 def reference_class_retrieval(q, g, ql, gl, k):
-    """(R@k, mAP): gallery sorted by similarity, irrelevant items first among ties, NaN worst for a "
-    "relevant one."""
+    """(R@k, mAP): gallery sorted by similarity, irrelevant items first among ties, NaN worst for a
+    relevant one."""
     r_at_k, aps = [], []
     for row, y in zip(cosine(q, g), ql.tolist()):
         rel = [int(lbl == y) for lbl in gl.tolist()]

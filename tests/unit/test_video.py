@@ -184,8 +184,8 @@ def test_transformer_pooling_sees_time_order_and_mean_pooling_does_not():
 
 @pytest.mark.parametrize("frame_pool", ["avg", "grid", "spatial_softmax"])
 def test_mean_pooling_stays_order_blind_whatever_the_frame_pool(frame_pool):
-    """A clip and its reverse (the opposite direction): equal under mean pooling, not under the "
-    "transformer."""
+    """A clip and its reverse (the opposite direction): equal under mean pooling, not under the
+    transformer."""
     torch.manual_seed(0)
     clip = torch.randint(0, 256, (2, 4, 3, 64, 64), dtype=torch.uint8)
     frame = FRAME | {"img_size": 64, "model_kwargs": {"output_stride": 16}}

@@ -71,8 +71,8 @@ def media_ext(name: str) -> str:
 
 
 def read_rows(src: Path, opts: Options) -> list[Row]:
-    """Every row of ``src`` (a table file, a media folder, or a folder of ``.tar`` shards), in a fixed "
-    "order."""
+    """Every row of ``src`` (a table file, a media folder, or a folder of ``.tar`` shards), in a fixed
+    order."""
     if not src.exists():
         raise FileNotFoundError(f"in={src} does not exist (give a .csv/.tsv/.parquet table or a folder)")
     if src.is_file():

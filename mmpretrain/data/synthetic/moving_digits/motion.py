@@ -49,8 +49,8 @@ def max_frames() -> int:
 def moving_track(
     label: int, pixels: np.ndarray, direction: str, speed: str, rng: random.Random, frames: int = 16
 ) -> Track:
-    """A digit that crosses ``v * (frames - 1)`` of the side along its direction without leaving the "
-    "canvas."""
+    """A digit that crosses ``v * (frames - 1)`` of the side along its direction without leaving the
+    canvas."""
     dx, dy = DIRECTIONS[direction]
     v = SPEEDS[speed]
     travel = v * (frames - 1)
