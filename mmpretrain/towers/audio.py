@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from mmpretrain.towers.base import Tower
-from mmpretrain.towers.timm import load_local_weights, timm_weights_wanted
+from mmpretrain.towers.timm import load_local_weights, record_hub_architecture, timm_weights_wanted
 
 
 # -- mel scale ------------------------------------------------------------------------------
@@ -261,9 +261,10 @@ class AudioTower(Tower):
         pretrained_path: str | None = None,
         model_kwargs: dict[str, Any] | None = None,
         pretrained: bool | None = None,
+        pretrained_cfg: dict[str, Any] | None = None,
     ):
         """``pretrained=True`` or ``model_name=hf-hub:ORG/REPO``: timm's weights, first conv summed to 1
-        channel."""
+        channel (``pretrained_cfg``: what the hub said of them, recorded for a rebuild)."""
         super().__init__(
             {
                 "_target_": f"{__name__}.AudioTower",
@@ -287,8 +288,16 @@ class AudioTower(Tower):
         if kwargs.get("img_size") == "auto":  # ViT-style models: the spectrogram's exact size
             kwargs["img_size"] = self.input_shape
         self.model = timm.create_model(
-            model_name, pretrained=pretrained and not pretrained_path, num_classes=0, in_chans=1, **kwargs
+            model_name,
+            pretrained=pretrained and not pretrained_path,
+            num_classes=0,
+            in_chans=1,
+            pretrained_cfg=pretrained_cfg,
+            **kwargs,
         )
+        if pretrained_cfg:
+            self.config["pretrained_cfg"] = dict(pretrained_cfg)
+        record_hub_architecture(self.config, model_name, kwargs)
         if pretrained_path:
             load_local_weights(self.model, pretrained_path)
         self.output_dim = self.model.num_features
