@@ -7,6 +7,8 @@ Hydra (overrides, ``-m`` sweeps, ``--help``, ``--cfg``).
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 import sys
 from collections.abc import Callable
@@ -35,40 +37,22 @@ def _find_conf_dir() -> str:
 CONF_DIR = _find_conf_dir()
 
 
-def _train(cfg: DictConfig):
-    from mmpretrain.commands.train import train
-
-    return train(cfg)
-
-
-def _evaluate(cfg: DictConfig):
-    from mmpretrain.commands.evaluate import evaluate
-
-    return evaluate(cfg)
+def _command(module: str, name: str) -> Callable[..., Any]:
+    """``module.name``, imported when called: ``mmpretrain --help`` loads no command's dependencies.
+    A partial of a module-level function, so a launcher that pickles the task (submitit) can."""
+    return functools.partial(_call, module, name)
 
 
-def _finetune(cfg: DictConfig):
-    from mmpretrain.commands.finetune import finetune
-
-    return finetune(cfg)
+def _call(module: str, name: str, *args: Any) -> Any:
+    return getattr(importlib.import_module(module), name)(*args)
 
 
-def _export(cfg: DictConfig):
-    from mmpretrain.commands.export import export_cmd
-
-    return export_cmd(cfg)
-
-
-def _data(cfg: DictConfig):
-    from mmpretrain.commands.data import data
-
-    return data(cfg)
-
-
-def _sweep_summary(argv: list[str]) -> int:
-    from mmpretrain.commands.sweep_summary import main as sweep_summary_main
-
-    return sweep_summary_main(argv)
+_train = _command("mmpretrain.commands.train", "train")
+_evaluate = _command("mmpretrain.commands.evaluate", "evaluate")
+_finetune = _command("mmpretrain.commands.finetune", "finetune")
+_export = _command("mmpretrain.commands.export", "export_cmd")
+_data = _command("mmpretrain.commands.data", "data")
+_sweep_summary = _command("mmpretrain.commands.sweep_summary", "main")
 
 
 #: Hydra commands: name -> (function of the composed config, config name, help).

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from mmpretrain.data import ShardStream, Source, count_samples, expand_shards
 from mmpretrain.data.stream.position import StreamPosition, continue_pass, shard_plan
-from mmpretrain.data.stream.shards import check_shard_counts
+from mmpretrain.data.stream.shards import check_shard_counts, shards_fingerprint
 from mmpretrain.runtime import distributed
 
 
@@ -315,16 +313,6 @@ class TrainLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
-
-
-def shards_fingerprint(urls: list[str]) -> str:
-    """What identifies a source's shard list: a hash of every shard's name and size, in order (the size
-    of a remote shard is not looked up: its url alone)."""
-    h = hashlib.sha1()
-    for url in urls:
-        size = os.stat(url).st_size if os.path.exists(url) else "?"
-        h.update(f"{os.path.basename(url)}\0{size}\n".encode())
-    return h.hexdigest()[:16]
 
 
 def changed_sources(saved: list[list[Any]] | None, now: list[list[Any]]) -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -162,3 +163,13 @@ def write_sizes(split_dir: str | Path, sizes: dict[str, int]) -> None:
         write_text_atomic(path, json.dumps(dict(sorted(merged.items())), indent=1))
     except OSError:
         pass
+
+
+def shards_fingerprint(urls: list[str]) -> str:
+    """What identifies a source's shard list: a hash of every shard's name and size, in order (the size
+    of a remote shard is not looked up: its url alone)."""
+    h = hashlib.sha1()
+    for url in urls:
+        size = os.stat(url).st_size if os.path.exists(url) else "?"
+        h.update(f"{os.path.basename(url)}\0{size}\n".encode())
+    return h.hexdigest()[:16]
