@@ -16,10 +16,12 @@ mmpretrain.cli` where none is installed), as a user launches it, validating once
 7. `trainer=fsdp` (Lightning's FSDP2 strategy) over every visible GPU
 
 then samples/s, peak memory and MFU of open_clip ViT-B-32 at 224 px, bf16, batch 256 (FLOPs from
-torch's FlopCounter, peak bf16 TFLOP/s by GPU name or --peak-tflops), and DDP vs FSDP peak memory per
-rank for open_clip ViT-L-14 (scripts/bench_fsdp_memory.py, 2 ranks). Prints one line per check and
-exits non-zero when any failed. About 7 minutes on one H100/H200 (budget: 10; `--skip-fsdp-memory`
-leaves out the ViT-L-14 comparison, ~2 minutes).
+torch's FlopCounter, peak bf16 TFLOP/s by GPU name or --peak-tflops), the Trainer's fixed cost per
+step on the GPU (plain loop vs the default Trainer on the same model, scripts/bench_overhead.py,
+~1.5 minutes; --skip-overhead), and DDP vs FSDP peak memory per rank for open_clip ViT-L-14
+(scripts/bench_fsdp_memory.py, 2 ranks). Prints one line per check and exits non-zero when any
+failed. About 8.5 minutes on one H100/H200 (budget: 10; `--skip-fsdp-memory` leaves out the
+ViT-L-14 comparison, ~2 minutes).
 """
 
 from __future__ import annotations
@@ -240,6 +242,53 @@ def throughput(digits: Path, work: Path, peak: float | None) -> dict:
     return {"ok": True, "samples_per_s": rate, "tflops": achieved, "peak_gpu_bytes": mem}
 
 
+def step_overhead(work: Path, rehearsal: bool, timeout: float) -> dict:
+    """The Trainer's fixed cost per step on the GPU (scripts/bench_overhead.py): plain loop vs the
+    default Trainer (trainer=gpu: bf16-mixed, logs every 50 steps), ViT-B-32 at 224 px, batch 256,
+    100 steps of 8 distinct in-memory batches, 2 interleaved reps. The rehearsal: the micro model on CPU."""
+    args = (
+        ["--model", "bench-micro-vit-1x64-p16-32", "--batch", "8", "--steps", "60", "--warmup", "10"]
+        if rehearsal
+        else [
+            "--device",
+            "cuda",
+            "--model",
+            bc.GPU_MODEL,
+            "--batch",
+            "256",
+            "--steps",
+            "100",
+            "--warmup",
+            "20",
+        ]
+    )
+    args += ["--distinct", "8", "--reps", "2", "--modes", "plain,lightning-default", "--name", "overhead_gpu"]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve().parent / "bench_overhead.py"),
+        *args,
+        "--work",
+        str(work),
+    ]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, check=False, env=bc.child_env()
+        )
+    except subprocess.TimeoutExpired:
+        print(f"FAIL step overhead: timed out after {timeout:.0f} s", flush=True)
+        return {"check": "step_overhead", "ok": False}
+    verdict = next((line for line in proc.stdout.splitlines() if "over the plain loop" in line), None)
+    ok = proc.returncode == 0 and verdict is not None
+    table = (bc.RESULTS / "overhead_gpu.md").read_text() if ok else proc.stdout[-2500:] + proc.stderr[-2500:]
+    print(
+        f"{'PASS' if ok else 'FAIL'} step overhead ({args[1]}): {time.perf_counter() - start:.0f} s, "
+        f"{verdict}\n{table}",
+        flush=True,
+    )
+    return {"check": "step_overhead", "ok": ok, "verdict": verdict}
+
+
 def fsdp_memory(rehearsal: bool, timeout: float) -> dict:
     """Peak memory per rank of DDP vs FSDP for open_clip ViT-L-14 (scripts/bench_fsdp_memory.py):
     2 ranks, over 2 GPUs, or as 2 processes sharing one (gloo). Passes when FSDP's tracked tensors
@@ -289,6 +338,7 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=240, help="seconds per check")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--skip-fsdp-memory", action="store_true")
+    p.add_argument("--skip-overhead", action="store_true", help="leave out the per-step overhead (~1.5 min)")
     p.add_argument(
         "--cpu-rehearsal",
         action="store_true",
@@ -313,6 +363,8 @@ def main() -> int:
     results = [run(name, cmds, run_dir, a.timeout) for name, run_dir, cmds in planned]
     if not a.skip_throughput and not a.cpu_rehearsal:
         results.append(throughput(digits, work, a.peak_tflops))
+    if not a.skip_overhead:
+        results.append(step_overhead(work, a.cpu_rehearsal, timeout=300))
     if not a.skip_fsdp_memory:
         results.append(fsdp_memory(a.cpu_rehearsal, timeout=600))
     failed = [r for r in results if not r["ok"]]

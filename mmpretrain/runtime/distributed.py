@@ -6,6 +6,8 @@ unconditionally and the same code runs on one CPU or many GPUs.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -166,22 +168,44 @@ def all_reduce_mean_(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` over parameters that are sharded (DTensors) or whole.
-
-    The norm is the one of the full gradient: the squares of every rank's shards are summed over
-    ranks, those of whole parameters (identical on every rank) are counted once. Every gradient is
-    then scaled by ``min(1, max_norm / (norm + 1e-6))``, torch's formula. Returns the norm."""
+def total_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of the gradients of ``params``, sharded (DTensors) or whole: the squares of every
+    rank's shards are summed over ranks, those of whole parameters (identical on every rank) are
+    counted once. Whole gradients only: torch's fused ``get_total_norm``, as ``clip_grad_norm_``."""
     grads = [p.grad for p in params if p.grad is not None]
-    sharded = [local_tensor(g).float() for g in grads if hasattr(g, "to_local")]
-    whole = [g.float() for g in grads if not hasattr(g, "to_local")]
+    sharded = [local_tensor(g) for g in grads if hasattr(g, "to_local")]
+    whole = [g for g in grads if not hasattr(g, "to_local")]
     device = grads[0].device if grads else torch.device("cpu")
-    sq_sharded = sum((g.pow(2).sum() for g in sharded), torch.zeros((), device=device))
-    sq_whole = sum((g.pow(2).sum() for g in whole), torch.zeros((), device=device))
-    total = (all_reduce_sum(sq_sharded) + sq_whole).sqrt()
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        local_tensor(g).mul_(coef.to(g.dtype))
+    if not sharded:
+        return torch.nn.utils.get_total_norm(whole) if whole else torch.zeros((), device=device)
+    sq_sharded = sum((g.float().pow(2).sum() for g in sharded), torch.zeros((), device=device))
+    sq_whole = sum((g.float().pow(2).sum() for g in whole), torch.zeros((), device=device))
+    return (all_reduce_sum(sq_sharded) + sq_whole).sqrt()
+
+
+@torch.no_grad()
+def clip_grads_with_norm_(params: list[torch.Tensor], max_norm: float, total: torch.Tensor) -> None:
+    """Scale every gradient by ``min(1, max_norm / (total + 1e-6))``, torch's formula, on the device."""
+    grads = [local_tensor(p.grad) for p in params if p.grad is not None]
+    if not grads:
+        return
+    coef = (max_norm / (total.float() + 1e-6)).clamp(max=1.0)
+    for dtype_grads in _by_dtype(grads).values():
+        torch._foreach_mul_(dtype_grads, coef.to(dtype_grads[0].dtype))
+
+
+def _by_dtype(tensors: list[torch.Tensor]) -> dict[Any, list[torch.Tensor]]:
+    groups: dict[Any, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    return groups
+
+
+def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` over parameters that are sharded (DTensors) or whole
+    (:func:`total_grad_norm`, :func:`clip_grads_with_norm_`). Returns the norm."""
+    total = total_grad_norm(params)
+    clip_grads_with_norm_(params, max_norm, total)
     return total
 
 

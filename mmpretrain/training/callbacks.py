@@ -49,18 +49,20 @@ def _torch_save(obj: Any, path: str) -> None:
 class PreemptionCheckpoint(L.Callback):
     """SIGTERM (preemption): every rank finishes the same step, saves ``preempted-step<N>.ckpt``, stops.
 
-    The handler only sets a flag; every ``check_every`` optimizer steps the flag is all-reduced
-    (one host read), so a signal that reached one rank (or all, as under SLURM/torchrun) stops
-    every rank after the same step, at most ``check_every - 1`` steps after it arrived, and the
-    run ends normally (exit status 0). Lightning's own SIGTERM handler is replaced for the
-    duration of fit (it raises at an arbitrary point and can leave ranks waiting on each other).
+    The handler only sets a flag. The flag is summed over ranks at the steps that write logs, in the
+    step log's one reduction and host read (``check_every: null``), or every ``check_every``
+    optimizer steps with a read of its own; so a signal that reached one rank (or all, as under
+    SLURM/torchrun) stops every rank after the same step, at most one check interval after it
+    arrived, and the run ends normally (exit status 0). Lightning's own SIGTERM handler is replaced
+    for the duration of fit (it raises at an arbitrary point and can leave ranks waiting on each other).
     """
 
-    def __init__(self, dirpath: str, check_every: int = 10):
+    def __init__(self, dirpath: str, check_every: int | None = None):
         self.dirpath = Path(dirpath)
-        self.check_every = max(1, int(check_every))
+        self.check_every = None if check_every is None else max(1, int(check_every))
         self.received = False
         self.saved: Path | None = None
+        self._stop = False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if (
@@ -81,14 +83,27 @@ class PreemptionCheckpoint(L.Callback):
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self.received = True
 
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
+    ) -> None:
+        steplog = _steplog(pl_module, self.check_every)
+        if steplog is not None and steplog.due:
+            steplog.read([float(self.received)], self._on_flag, reduce="sum")
+
+    def _on_flag(self, values: list[float]) -> None:
+        self._stop = values[0] > 0
+
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        # global_step is the same on every rank, so all ranks take part in the same reductions.
-        if trainer.global_step % self.check_every or not distributed.any_rank(
-            self.received, pl_module.device
-        ):
+        if _steplog(pl_module, self.check_every) is None:
+            # global_step is the same on every rank, so all ranks take part in the same reductions.
+            every = self.check_every or max(1, trainer.log_every_n_steps)
+            if trainer.global_step % every == 0:
+                self._stop = distributed.any_rank(self.received, pl_module.device)
+        if not self._stop:
             return
+        self._stop = False
         self.saved = self.dirpath / f"preempted-step{trainer.global_step:07d}.ckpt"
         trainer.save_checkpoint(self.saved)
         trainer.should_stop = True
@@ -97,6 +112,12 @@ class PreemptionCheckpoint(L.Callback):
                 f"SIGTERM: saved {self.saved} at step {trainer.global_step}; continue with resume=auto",
                 flush=True,
             )
+
+
+def _steplog(pl_module: L.LightningModule, check_every: int | None) -> Any:
+    """The module's step log when a check rides on it (``check_every: null`` and a module that has
+    one, as :class:`~mmpretrain.training.module.ContrastiveModule`), else None: the check reads itself."""
+    return getattr(pl_module, "steplog", None) if check_every is None else None
 
 
 def _no_broadcast() -> None:
@@ -134,21 +155,24 @@ class NonFiniteGuard(L.Callback):
     Adam/AdamW kernels (the default ``optim.fused: auto``) read on the device to skip a step
     entirely: weights, both moments and the step count stay untouched, as torch's GradScaler
     skips inf steps. An optimizer without that kernel gets the old host decision every step (its
-    gradients are set to ``None``, which leaves weights and moments untouched).
+    gradients are set to ``None``, which leaves weights and moments untouched). The gradients'
+    verdict is the finiteness of their total norm, the one gradient clipping computes anyway (the
+    module's ``grad_norm``: one fused norm per step for both).
 
-    The skip counters live on the device too and are read every ``check_every`` steps (and when a
-    checkpoint is saved): ``train/nonfinite_skips`` counts the skipped steps; when the longest
-    streak of skipped steps seen at a read reaches ``max_consecutive``, the current weights (all
-    updates of non-finite steps were skipped, so they are finite: the last good ones when the
-    streak lasts until the read) are saved to ``<dirpath>/nonfinite-stop.ckpt`` and the run
-    stops with :class:`NonFiniteError`. With ``check_every: 1`` it stops inside the step that
-    completes the streak, before its (skipped) update.
+    The skip counters live on the device too and are read at the steps that write logs, in the step
+    log's one host read (``check_every: null``), or every ``check_every`` steps with a read of
+    their own (and when a checkpoint is saved): ``train/nonfinite_skips`` counts the skipped steps;
+    when the longest streak of skipped steps seen at a read reaches ``max_consecutive``, the
+    current weights (all updates of non-finite steps were skipped, so they are finite: the last
+    good ones when the streak lasts until the read) are saved to ``<dirpath>/nonfinite-stop.ckpt``
+    and the run stops with :class:`NonFiniteError`. With ``check_every: 1`` it stops inside the
+    step that completes the streak, before its (skipped) update.
     """
 
-    def __init__(self, dirpath: str, max_consecutive: int = 5, check_every: int = 10):
+    def __init__(self, dirpath: str, max_consecutive: int = 5, check_every: int | None = None):
         self.dirpath = Path(dirpath)
         self.max_consecutive = int(max_consecutive)
-        self.check_every = max(1, int(check_every))
+        self.check_every = None if check_every is None else max(1, int(check_every))
         self.skipped = 0  # host copies, as of the last read
         self.consecutive = 0
         self._counts: torch.Tensor | None = (
@@ -168,8 +192,11 @@ class NonFiniteGuard(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
     ) -> None:
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the torch one
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        ok = finite_flag(grads).to(pl_module.device)
+        if hasattr(pl_module, "grad_norm"):
+            ok = torch.isfinite(pl_module.grad_norm(optimizer)).to(pl_module.device)
+        else:
+            ok = finite_flag([p.grad for p in pl_module.parameters() if p.grad is not None])
+            ok = ok.to(pl_module.device)
         if self._loss_ok is not None:
             ok = ok & self._loss_ok.to(ok.device)
         self._loss_ok = None
@@ -181,17 +208,35 @@ class NonFiniteGuard(L.Callback):
         elif bool(bad):  # host decision each step: only for optimizers without a found_inf kernel
             optimizer.zero_grad(set_to_none=True)
         self._count(bad)
-        pl_module.log("train/nonfinite_skips", self._counts[0], rank_zero_only=True)
-        if not fused or (trainer.global_step + 1) % self.check_every == 0:
-            worst = self._read()
-            if worst >= self.max_consecutive:
-                path = self.dirpath / "nonfinite-stop.ckpt"
-                trainer.save_checkpoint(path)
-                raise NonFiniteError(
-                    f"{worst} consecutive steps had a non-finite loss or gradient (on some rank); stopped "
-                    f"at step {trainer.global_step}. The last good weights are in {path}. Lower optim.lr, "
-                    "check the data, or raise callbacks.nonfinite_guard.max_consecutive."
-                )
+        steplog = getattr(pl_module, "steplog", None)
+        if steplog is not None and steplog.due:
+            if self.check_every is None:  # the streak rides on the step log's one read
+                steplog.read(self._counts, lambda v: self._on_read(trainer, v))
+            else:
+                steplog.log({"train/nonfinite_skips": self._counts[0]})
+        every = self.check_every or (None if steplog is not None else max(1, trainer.log_every_n_steps))
+        if not fused or (every is not None and (trainer.global_step + 1) % every == 0):
+            counts = self._host_counts()
+            self._on_read(trainer, counts)
+            if steplog is None:
+                pl_module.log("train/nonfinite_skips", float(counts[0]), rank_zero_only=True)
+
+    def _on_read(self, trainer: L.Trainer, counts: list[float]) -> dict[str, float]:
+        """The host values of the counters: stop when the longest streak since the last read is too
+        long; the next read's longest streak starts from the current one."""
+        skipped, consecutive, worst = (int(v) for v in counts)
+        self.skipped, self.consecutive = skipped, consecutive
+        if self._counts is not None:
+            self._counts = torch.stack([self._counts[0], self._counts[1], self._counts[1]])
+        if worst >= self.max_consecutive:
+            path = self.dirpath / "nonfinite-stop.ckpt"
+            trainer.save_checkpoint(path)
+            raise NonFiniteError(
+                f"{worst} consecutive steps had a non-finite loss or gradient (on some rank); stopped "
+                f"at step {trainer.global_step}. The last good weights are in {path}. Lower optim.lr, "
+                "check the data, or raise callbacks.nonfinite_guard.max_consecutive."
+            )
+        return {"train/nonfinite_skips": float(skipped)}
 
     def _count(self, bad: torch.Tensor) -> None:
         if self._counts is None:
@@ -202,23 +247,14 @@ class NonFiniteGuard(L.Callback):
         streak = (counts[1] + bad) * bad  # +1 on a skipped step, back to 0 on a good one
         self._counts = torch.stack([counts[0] + bad, streak, torch.maximum(counts[2], streak)])
 
-    def _host_counts(self) -> tuple[int, int, int]:
-        """One host read: skipped steps, current streak, longest streak since the last :meth:`_read`."""
+    def _host_counts(self) -> list[float]:
+        """One host read: skipped steps, current streak, longest streak since the last read."""
         if self._counts is None:
-            return self.skipped, self.consecutive, self.consecutive
-        skipped, consecutive, worst = (int(v) for v in self._counts.tolist())
-        self.skipped, self.consecutive = skipped, consecutive
-        return skipped, consecutive, worst
-
-    def _read(self) -> int:
-        """The longest streak since the last read; the next one starts from the current streak."""
-        worst = self._host_counts()[2]
-        if self._counts is not None:
-            self._counts = torch.stack([self._counts[0], self._counts[1], self._counts[1]])
-        return worst
+            return [self.skipped, self.consecutive, self.consecutive]
+        return self._counts.tolist()
 
     def state_dict(self) -> dict[str, Any]:
-        skipped, consecutive, _ = self._host_counts()
+        skipped, consecutive, _ = (int(v) for v in self._host_counts())
         return {"skipped": skipped, "consecutive": consecutive}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

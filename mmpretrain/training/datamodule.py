@@ -167,7 +167,9 @@ class ContrastiveDataModule(L.LightningDataModule):
         for s in range(w):
             done = [(j, p) for j, p in self._consumed.get(s, []) if j < consumed]
             this_rank.append(max(done)[1] if done else self._start_positions.get(s))
-        skipped = int(getattr(self.trainer.lightning_module, "skipped_total", 0))
+        module = self.trainer.lightning_module
+        sync = getattr(module, "sync_skipped", None)  # a collective: every rank saves (see above)
+        skipped = int(sync() if sync is not None else getattr(module, "skipped_total", 0))
         return layout | {
             "batches_consumed": consumed,
             "epoch": consumed // (w * per),

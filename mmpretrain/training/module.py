@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -16,6 +17,7 @@ from mmpretrain.model import ContrastiveModel
 from mmpretrain.runtime import distributed
 from mmpretrain.training.gradcache import batch_size, grad_cache_backward
 from mmpretrain.training.optim import build_optimizer, warmup_cosine, warmup_steps
+from mmpretrain.training.steplog import StepLog
 
 
 class ContrastiveModule(L.LightningModule):
@@ -42,8 +44,14 @@ class ContrastiveModule(L.LightningModule):
         self.last_val_embeddings: dict[str, Any] | None = None
         # Plain containers only: checkpoints stay loadable with torch.load(weights_only=True).
         self.save_hyperparameters(hparams or {"model": model.config()}, logger=False)
-        self._last_step_time: float | None = None
-        self.skipped_total = 0
+        # The metrics of the steps that write logs: one reduction and one host read per such step.
+        self.steplog = StepLog()
+        self._rate_clock: tuple[float, int] | None = None  # (time, samples seen) at the last flush
+        self._samples_seen = 0  # this rank's training samples (host count)
+        self._log_at = (0, 0)  # (step, epoch) of the rows the next flush writes
+        self._skipped_total = 0  # summed over ranks, as of the last flush or checkpoint
+        self._skipped_local = 0  # this rank's samples skipped since then (host ints from the collate)
+        self._grad_norm: tuple[int, torch.Tensor] | None = None  # (step, total norm) of this step's gradients
         # optim.grad_cache_chunks=k: the loss of the whole batch, encoded k micro-batches at a time
         # (feature caching), which needs manual optimisation.
         self.grad_cache_chunks = int(optim.get("grad_cache_chunks") or 1)
@@ -57,24 +65,39 @@ class ContrastiveModule(L.LightningModule):
 
     @property
     def skipped_total(self) -> int:
-        """Samples skipped so far, summed over ranks (a host sync: read it at log/checkpoint time)."""
-        return int(self._skipped.item())
+        """Samples skipped so far, summed over ranks, as of the last step that logged; with
+        :meth:`sync_skipped` (a collective: every rank calls it) up to now."""
+        return self._skipped_total
 
     @skipped_total.setter
     def skipped_total(self, value: int) -> None:
-        self._skipped = torch.tensor(int(value), dtype=torch.long)
+        self._skipped_total, self._skipped_local = int(value), 0
+
+    def sync_skipped(self) -> int:
+        """The skipped samples summed over ranks up to now (every rank must call it: a collective)."""
+        if distributed.world_size() > 1:
+            local = torch.tensor([self._skipped_local], dtype=torch.float64, device=self.device)
+            self._skipped_local = int(distributed.all_reduce_sum(local).item())
+        self._skipped_total, self._skipped_local = self._skipped_total + self._skipped_local, 0
+        return self._skipped_total
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return self.model(batch)
 
     # -- training ---------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        # Due until the optimizer step flushes it (with gradient accumulation, a later batch's step).
+        newly_due = not self.steplog.due and self._logs_written_after_this_step()
+        if newly_due:
+            self.steplog.due = True
+            self._log_at = (self.trainer.global_step, self.current_epoch)  # as Lightning numbers its rows
+        self._skipped_local += int(batch.pop("__skipped__", 0))  # a host int (the collate's count)
         batch = self._masks_on_every_rank(batch)
         losses = self._grad_cache_step(batch) if self.grad_cache_chunks > 1 else self.loss(self.model(batch))
         total = sum(losses.values())
-        bs = batch_size(batch)
-        self._log_losses(losses, total, bs)
-        self._log_stream_stats(batch, bs)
+        self._samples_seen += batch_size(batch)
+        if newly_due:
+            self._log_step(losses, total)
         return total
 
     def _masks_on_every_rank(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -97,19 +120,33 @@ class ContrastiveModule(L.LightningModule):
             self.trainer.datamodule
         )
 
-    def _log_losses(self, losses: dict[str, torch.Tensor], total: torch.Tensor, bs: int) -> None:
-        """``train/loss`` and its terms as the loss of the global batch, at the steps whose logs are
-        written only. A rank's value is its share (DDP averages gradients), so the mean over ranks
-        is the global loss, also when a rank holds no complete row of a partial batch. One
-        all-reduce of a few scalars, no host read; nothing at other steps (but the last of an epoch or
-        of the run, so what ``train`` returns holds the final loss). Not ``prog_bar``: Lightning
-        reads those on the host after every batch (monitor.ProgressBar shows them when it redraws)."""
-        if not self._logs_written_after_this_step():
-            return
-        values = torch.stack([total.detach(), *(v.detach() for v in losses.values())])
-        values = distributed.all_reduce_sum(values) / distributed.world_size()
-        self.log("train/loss", values[0], batch_size=bs)
-        self.log_dict({f"train/{k}": v for k, v in zip(losses, values[1:])}, batch_size=bs)
+    def _log_step(self, losses: dict[str, torch.Tensor], total: torch.Tensor) -> None:
+        """What a step that writes logs logs, handed to the step log (flushed after the optimizer step):
+        ``train/loss`` and its terms as the loss of the global batch (a rank's value is its share, DDP
+        averages gradients, so the mean over ranks is the global loss, also when a rank holds no
+        complete row of a partial batch), the samples skipped (summed over ranks), the temperature
+        parameters, and the samples per second over the steps since the last flush."""
+        log = self.steplog
+        terms = [total.detach(), *(v.detach() for v in losses.values())]
+        log.log_vector(["train/loss", *(f"train/{k}" for k in losses)], torch.stack(terms), reduce="mean")
+        log.read([self._skipped_local], self._count_skipped, reduce="sum")
+        self._skipped_local = 0
+        names = list(self.model.logit_scales)
+        scales = [v.detach().reshape(()) for v in self.model.logit_scales.values()]
+        if self.model.logit_bias is not None:
+            scales.append(self.model.logit_bias.detach().reshape(()))
+        log.read(torch.stack(scales), lambda v: _scale_metrics(names, v))
+        now, samples = time.perf_counter(), self._samples_seen * distributed.world_size()
+        if self._rate_clock is not None and now > self._rate_clock[0]:
+            log.log({"train/samples_per_s": (samples - self._rate_clock[1]) / (now - self._rate_clock[0])})
+        self._rate_clock = (now, samples)
+
+    def _count_skipped(self, values: list[float]) -> dict[str, float]:
+        self._skipped_total += int(values[0])
+        return {"train/skipped_samples": float(self._skipped_total)}
+
+    def on_validation_end(self) -> None:
+        self._rate_clock = None  # the rate of the next steps leaves the validation out
 
     def _logs_written_after_this_step(self) -> bool:
         """Every ``log_every_n_steps`` batches, counted as Lightning's logger connector counts them (the
@@ -120,23 +157,6 @@ class ContrastiveModule(L.LightningModule):
         last = t.is_last_batch or (t.max_steps > 0 and t.global_step + 1 >= t.max_steps)
         every = t.log_every_n_steps
         return last or (every > 0 and t.fit_loop.epoch_loop.batch_progress.total.ready % every == 0)
-
-    def _log_stream_stats(self, batch: dict[str, Any], bs: int) -> None:
-        now = time.perf_counter()
-        if self._last_step_time is not None:
-            rate = bs * distributed.world_size() / (now - self._last_step_time)
-            self.log("train/samples_per_s", rate, batch_size=bs)
-        self._last_step_time = now
-        skipped = batch.get("__skipped__")
-        if skipped is not None:
-            # Summed on the device without .item(): no host sync per step (read when logged/saved).
-            reduced = distributed.all_reduce_sum(skipped.reshape(1).to(self.device, non_blocking=True)).sum()
-            self._skipped = self._skipped.to(reduced.device) + reduced
-            self.log("train/skipped_samples", self._skipped.float(), batch_size=bs)
-        for k, v in self.model.logit_scales.items():
-            self.log(f"train/logit_scale/{k}", v.detach().exp(), batch_size=bs)
-        if self.model.logit_bias is not None:
-            self.log("train/logit_bias", self.model.logit_bias.detach(), batch_size=bs)
 
     def _grad_cache_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
@@ -149,6 +169,7 @@ class ContrastiveModule(L.LightningModule):
         optimizer.step()  # clipping happens in on_before_optimizer_step, once fp16 gradients are unscaled
         self.model.clamp_logit_scales()
         scheduler.step()
+        self._flush_step_log()
         return losses
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -165,6 +186,33 @@ class ContrastiveModule(L.LightningModule):
         (a step checkpoint) sees the weights."""
         super().optimizer_step(*args, **kwargs)
         self.model.clamp_logit_scales()
+        self._flush_step_log()
+
+    def _flush_step_log(self) -> None:
+        """At the end of an optimizer step that logs (before any ``on_train_batch_end``, so the bar,
+        the preemption check and a step checkpoint see this step's values): one reduction and one
+        host read (:class:`StepLog`), then one ``log_metrics`` call per logger, rows numbered as
+        Lightning numbers its own."""
+        self.steplog.due = False
+        metrics = self.steplog.flush(self.device)
+        if not metrics:
+            return
+        trainer = self.trainer
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+        step, epoch = self._log_at
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics | {"epoch": epoch}, step=step)
+            logger.save()  # as Lightning's logger connector: metrics.csv on disk at every logging step
+
+    def grad_norm(self, optimizer) -> torch.Tensor:
+        """The total 2-norm of this step's gradients of ``optimizer``'s parameters, computed once per
+        optimizer step: gradient clipping and the non-finite guard share it (sharded FSDP2 gradients:
+        the norm of the whole gradient)."""
+        step = self.trainer.global_step
+        if self._grad_norm is None or self._grad_norm[0] != step:
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            self._grad_norm = (step, distributed.total_grad_norm(params))
+        return self._grad_norm[1]
 
     def configure_model(self) -> None:
         """Under ``trainer=fsdp`` (Lightning calls this inside its strategy): shard the model as the
@@ -190,20 +238,24 @@ class ContrastiveModule(L.LightningModule):
         """
         if not gradient_clip_val:
             return
-        if any(hasattr(p, "to_local") for p in self.model.parameters()):  # FSDP2: the norm spans every shard
-            if (gradient_clip_algorithm or "norm") != "norm":
-                raise ValueError(
-                    "under trainer=fsdp gradients are clipped by norm only; set "
-                    "trainer.gradient_clip_algorithm=norm"
-                )
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            distributed.clip_grad_norm_(params, float(gradient_clip_val))
+        algorithm = gradient_clip_algorithm or "norm"
+        sharded = any(hasattr(p, "to_local") for p in self.model.parameters())
+        if sharded and algorithm != "norm":  # FSDP2: the norm spans every shard
+            raise ValueError(
+                "under trainer=fsdp gradients are clipped by norm only; set "
+                "trainer.gradient_clip_algorithm=norm"
+            )
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the torch one
+        if algorithm == "norm" and (sharded or _loss_scaler(self.trainer) is None):
+            # torch's clip_grad_norm_, with the norm the non-finite guard already computed this step
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            distributed.clip_grads_with_norm_(params, float(gradient_clip_val), self.grad_norm(optimizer))
         elif _loss_scaler(self.trainer) is None:
             Precision.clip_gradients(
                 self.trainer.precision_plugin,
                 optimizer,
                 gradient_clip_val,
-                GradClipAlgorithmType(gradient_clip_algorithm or "norm"),
+                GradClipAlgorithmType(algorithm),
             )
         else:
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
@@ -253,6 +305,14 @@ class ContrastiveModule(L.LightningModule):
     def validation_metrics(self, local: dict[str, torch.Tensor]) -> dict[str, float]:
         """The metrics of a validation whose rows on this rank are ``local`` (a collective)."""
         return self.val.metrics(local)
+
+
+def _scale_metrics(names: list[str], values: list[float]) -> dict[str, float]:
+    """``train/logit_scale/<k>`` = exp(log s) of each scale, then ``train/logit_bias`` where there is one."""
+    out = {f"train/logit_scale/{k}": math.exp(v) for k, v in zip(names, values)}
+    if len(values) > len(names):
+        out["train/logit_bias"] = values[len(names)]
+    return out
 
 
 def _loss_scaler(trainer: L.Trainer) -> Any:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import threading
 import time
@@ -140,30 +141,42 @@ class _RunDirWriter(ExperimentWriter):
 
 
 class StepStats(L.Callback):
-    """``train/data_wait_frac``: time from the end of one batch to the start of the next (the
-    loader's wait, as seen by the loop) over the whole start-to-start step time; and
-    ``train/temperature/<k>`` = 1 / exp(log s). Intervals that span a validation are not counted."""
+    """At the steps that write logs (the module's step log): ``train/data_wait_frac``, over the steps
+    since the last log, the time from the end of one batch to the start of the next (the loader's
+    wait, as the loop sees it) over the start-to-start step time, from host clocks; and
+    ``train/temperature/<k>`` = 1 / exp(log s), in the step log's one host read. Intervals that
+    span a validation are not counted."""
 
     def __init__(self) -> None:
         self._start: float | None = None
         self._end: float | None = None
+        self._wait = self._total = 0.0
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         now = time.perf_counter()
         if self._start is not None and self._end is not None and now > self._start:
-            pl_module.log("train/data_wait_frac", (now - self._end) / (now - self._start), batch_size=1)
+            self._wait, self._total = self._wait + now - self._end, self._total + now - self._start
         self._start = now
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
+    ) -> None:
+        steplog = getattr(pl_module, "steplog", None)
+        if steplog is None or not steplog.due:
+            return
+        if self._total > 0:
+            steplog.log({"train/data_wait_frac": self._wait / self._total})
+            self._wait = self._total = 0.0
+        names = list(pl_module.model.logit_scales)
+        scales = torch.stack([v.detach().reshape(()) for v in pl_module.model.logit_scales.values()])
+        steplog.read(scales, lambda v: {f"train/temperature/{k}": math.exp(-x) for k, x in zip(names, v)})
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._end = time.perf_counter()
-        for key, log_scale in pl_module.model.logit_scales.items():
-            pl_module.log(
-                f"train/temperature/{key}", torch.exp(-log_scale.detach()), batch_size=1
-            )  # a tensor: no host sync per step
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = self._end = None
@@ -190,7 +203,8 @@ class ProgressBar(RichProgressBar):
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         shown = super().get_metrics(trainer, pl_module)
-        logged = trainer.callback_metrics
+        # the host values of the last step that logged, where the module keeps them (no tensor read)
+        logged = getattr(getattr(pl_module, "steplog", None), "last", None) or trainer.callback_metrics
         return shown | {k: float(logged[k]) for k in self.metrics if k in logged}
 
     def on_train_batch_end(
@@ -226,7 +240,13 @@ class CountHostSyncs(L.Callback):
             self._saved[name] = torch.Tensor.__dict__.get(name)  # None: inherited from the C base
 
             def counted(t, *args, __name=name, __original=original, **kwargs):
-                if self._training and os.getpid() == pid and threading.current_thread() is main:
+                # trainer.training: not the validation loop (nor its loader's start, which reads a seed)
+                if (
+                    self._training
+                    and trainer.training
+                    and os.getpid() == pid
+                    and threading.current_thread() is main
+                ):
                     self.counts.setdefault(progress.ready, Counter())[__name] += 1
                 return __original(t, *args, **kwargs)
 

@@ -1,4 +1,5 @@
-"""Logging and sweep configs compose; StepStats measures the data-wait fraction and temperature."""
+"""Logging and sweep configs compose; StepStats measures the data-wait fraction and temperature
+over the steps since the last log and hands them to the step log at the steps that log."""
 
 import math
 import os
@@ -13,6 +14,7 @@ from omegaconf import OmegaConf
 
 from mmpretrain.cli import CONF_DIR
 from mmpretrain.training.monitor import StepStats
+from mmpretrain.training.steplog import StepLog
 from tests.conftest import compose_config
 
 
@@ -50,29 +52,36 @@ def test_slurm_launcher_config_composes():
     OmegaConf.to_container(launcher, resolve=True)
 
 
-class _Recorder:
+class _Module:
     def __init__(self):
-        self.logged = {}
+        self.steplog = StepLog()
         self.model = SimpleNamespace(logit_scales={"shared": torch.tensor(math.log(20.0))})
 
-    def log(self, key, value, **kwargs):
-        self.logged.setdefault(key, []).append(float(value))
+
+def _step(stats, module, i, compute, wait, due):
+    """One training step as the loop runs it: batch start, (due: set by the module's training step),
+    the optimizer step's hook, batch end, then the wait for the next batch."""
+    stats.on_train_batch_start(None, module, {}, i)
+    module.steplog.due = due
+    time.sleep(compute)
+    stats.on_before_optimizer_step(None, module, None)
+    stats.on_train_batch_end(None, module, None, {}, i)
+    time.sleep(wait)
 
 
-def test_step_stats_data_wait_fraction_and_temperature():
-    stats, module = StepStats(), _Recorder()
-    stats.on_train_batch_start(None, module, {}, 0)
-    time.sleep(0.06)  # "compute"
-    stats.on_train_batch_end(None, module, None, {}, 0)
-    time.sleep(0.02)  # waiting for the next batch
-    stats.on_train_batch_start(None, module, {}, 1)
-    (frac,) = module.logged["train/data_wait_frac"]
-    assert frac == pytest.approx(0.02 / 0.08, abs=0.08)
-    assert module.logged["train/temperature/shared"] == [pytest.approx(0.05)]
-    stats.on_train_batch_end(None, module, None, {}, 1)
+def test_step_stats_data_wait_fraction_over_the_steps_since_the_last_log_and_temperature():
+    stats, module = StepStats(), _Module()
+    _step(stats, module, 0, 0.03, 0.03, due=False)
+    _step(stats, module, 1, 0.03, 0.01, due=False)
+    assert module.steplog.flush(torch.device("cpu")) == {}  # nothing handed over at steps that do not log
+    _step(stats, module, 2, 0.03, 0.0, due=True)
+    logged = module.steplog.flush(torch.device("cpu"))
+    # the intervals before steps 1 and 2: waits 0.03 + 0.01 of 0.06 + 0.04 start-to-start
+    assert logged["train/data_wait_frac"] == pytest.approx(0.04 / 0.10, abs=0.08)
+    assert logged["train/temperature/shared"] == pytest.approx(0.05)
     stats.on_validation_start(None, module)  # the interval spanning validation is not counted
-    stats.on_train_batch_start(None, module, {}, 2)
-    assert len(module.logged["train/data_wait_frac"]) == 1
+    _step(stats, module, 3, 0.01, 0.0, due=True)
+    assert "train/data_wait_frac" not in module.steplog.flush(torch.device("cpu"))
 
 
 def _csv_rows(path):

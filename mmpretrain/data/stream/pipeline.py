@@ -299,7 +299,7 @@ class ShardStream(IterableDataset):
             for k in ("text", "text_negatives", *_TEXT_LISTS):
                 if isinstance(out.get(k), torch.Tensor):
                     out[k] = trim(out[k])
-        out["__skipped__"] = torch.tensor(counter.take())
+        out["__skipped__"] = counter.take()  # a host int: no device copy, no read
         return out
 
     # -- batches -> the rank's epoch ------------------------------------------------------------
