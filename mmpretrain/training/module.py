@@ -51,6 +51,7 @@ class ContrastiveModule(L.LightningModule):
         self._log_at = (0, 0)  # (step, epoch) of the rows the next flush writes
         self._skipped_total = 0  # summed over ranks, as of the last flush or checkpoint
         self._skipped_local = 0  # this rank's samples skipped since then (host ints from the collate)
+        self._sharded: bool | None = None  # FSDP2 parameters (DTensors), known once the strategy has run
         self._grad_norm: tuple[int, torch.Tensor] | None = None  # (step, total norm) of this step's gradients
         # optim.grad_cache_chunks=k: the loss of the whole batch, encoded k micro-batches at a time
         # (feature caching), which needs manual optimisation.
@@ -115,7 +116,11 @@ class ContrastiveModule(L.LightningModule):
         rows = torch.ones(batch_size(batch), dtype=torch.bool, device=self.device)
         return batch | {f"{m}_mask": rows for m in present}
 
+    def on_fit_start(self) -> None:
+        self._sharded = None
+
     def on_train_start(self) -> None:
+        self._rate_clock = (time.perf_counter(), self._samples_seen * distributed.world_size())
         self._partial_stream = distributed.world_size() > 1 and _may_yield_partial_batches(
             self.trainer.datamodule
         )
@@ -146,7 +151,8 @@ class ContrastiveModule(L.LightningModule):
         return {"train/skipped_samples": float(self._skipped_total)}
 
     def on_validation_end(self) -> None:
-        self._rate_clock = None  # the rate of the next steps leaves the validation out
+        if self._rate_clock is not None:  # the rate of the next steps leaves the validation out
+            self._rate_clock = (time.perf_counter(), self._samples_seen * distributed.world_size())
 
     def _logs_written_after_this_step(self) -> bool:
         """Every ``log_every_n_steps`` batches, counted as Lightning's logger connector counts them (the
@@ -239,7 +245,9 @@ class ContrastiveModule(L.LightningModule):
         if not gradient_clip_val:
             return
         algorithm = gradient_clip_algorithm or "norm"
-        sharded = any(hasattr(p, "to_local") for p in self.model.parameters())
+        if self._sharded is None:  # once per fit (after configure_model): a walk over every parameter
+            self._sharded = any(hasattr(p, "to_local") for p in self.model.parameters())
+        sharded = self._sharded
         if sharded and algorithm != "norm":  # FSDP2: the norm spans every shard
             raise ValueError(
                 "under trainer=fsdp gradients are clipped by norm only; set "
