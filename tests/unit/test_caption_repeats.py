@@ -28,6 +28,8 @@ def test_permuted_or_shifted_captions_differ():
 
 def test_repeated_fraction_counts_every_row_sharing_its_caption():
     keys = caption_keys(tokens([[7, 8], [7, 8], [9], [7, 8], [10]], 3), PAD)
-    assert repeated_caption_fraction(keys) == pytest.approx(0.6)  # the three "7 8" rows; "9" and "10" are unique
+    assert repeated_caption_fraction(keys) == pytest.approx(
+        0.6
+    )  # the three "7 8" rows; "9" and "10" are unique
     assert repeated_caption_fraction(keys[2:3]) == 0.0
     assert repeated_caption_fraction(torch.zeros(0, dtype=torch.long)) == 0.0
