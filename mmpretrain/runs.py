@@ -6,6 +6,7 @@ No Lightning and no Hydra: configs are read as mappings.
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import zipfile
 from pathlib import Path
@@ -181,13 +182,13 @@ def summary(
         if (run_dir / name).is_file():
             rows.append(("metrics", _shown(run_dir / name)))
     next_commands = []
-    if model is not None:
-        shown, data = _shown(model), " ".join(data_args)
+    if model is not None:  # the commands as a shell takes them: an override with a space is quoted
+        shown, data = shlex.quote(_shown(model)), " ".join(map(shlex.quote, data_args))
         if suggest_eval:
             next_commands.append(f"mmpretrain eval ckpt={shown} {data}".rstrip())
         next_commands.append(f"mmpretrain finetune task=linear_probe pretrained={shown} {data}".rstrip())
-    sweep_dir = _shown(run_dir.parent / f"{run_dir.name}-lr-sweep")
-    swept = [a for a in train_args if not a.startswith("optim.lr=")]
+    sweep_dir = shlex.quote(_shown(run_dir.parent / f"{run_dir.name}-lr-sweep"))
+    swept = [shlex.quote(a) for a in train_args if not a.startswith("optim.lr=")]
     next_commands += [
         " ".join(["mmpretrain train -m", *swept, f"optim.lr=1e-3,3e-3 hydra.sweep.dir={sweep_dir}"]),
         f"mmpretrain sweep-summary {sweep_dir}",
