@@ -138,6 +138,7 @@ def summary(
     model: Path | None = None,
     train_args: list[str] | tuple[str, ...] = (),
     suggest_eval: bool = True,
+    sweep_beside: Path | None = None,
 ) -> str:
     """The lines a command prints when it ends, read in five seconds: the zero-shot and retrieval
     figures, where the run's files are, and the next commands to try.
@@ -145,7 +146,8 @@ def summary(
     ``data_args`` are the overrides that pick the run's data (repeated in the eval and finetune
     commands); ``model`` is what those commands take (the export, else a checkpoint); ``train_args``
     the run's other training overrides (repeated in the sweep command); ``suggest_eval``: whether
-    ``mmpretrain eval`` is one of the next commands. Retrieval shows class recall
+    ``mmpretrain eval`` is one of the next commands; the sweep goes to ``<sweep_beside>-lr-sweep``
+    (default: beside ``run_dir``). Retrieval shows class recall
     where most val captions repeat (``val/caption_repeat_frac``), instance recall otherwise."""
     from mmpretrain.evaluation.retrieval import CAPTIONS_REPEAT
 
@@ -187,7 +189,8 @@ def summary(
         if suggest_eval:
             next_commands.append(f"mmpretrain eval ckpt={shown} {data}".rstrip())
         next_commands.append(f"mmpretrain finetune task=linear_probe pretrained={shown} {data}".rstrip())
-    sweep_dir = shlex.quote(_shown(run_dir.parent / f"{run_dir.name}-lr-sweep"))
+    beside = sweep_beside or run_dir
+    sweep_dir = shlex.quote(_shown(beside.parent / f"{beside.name}-lr-sweep"))
     swept = [shlex.quote(a) for a in train_args if not a.startswith("optim.lr=")]
     next_commands += [
         " ".join(["mmpretrain train -m", *swept, f"optim.lr=1e-3,3e-3 hydra.sweep.dir={sweep_dir}"]),

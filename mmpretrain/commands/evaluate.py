@@ -61,14 +61,27 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             print(f"{key.removeprefix('val/retrieval_')}: {value:.4f}")
     if trainer.is_global_zero:
         write_text_atomic(run_dir / "eval_metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
-        data = data_overrides(run_overrides())
+        data, ckpt = data_overrides(run_overrides()), Path(cfg.ckpt)
         print(
             summary(
-                metrics, run_dir, data_args=data, model=Path(cfg.ckpt), train_args=data, suggest_eval=False
+                metrics,
+                run_dir,
+                data_args=data,
+                model=ckpt,
+                train_args=data,
+                suggest_eval=False,
+                sweep_beside=trained_run(ckpt) or run_dir,
             )
         )
     end_run(run_dir)
     return metrics
+
+
+def trained_run(ckpt: Path) -> Path | None:
+    """The run directory that made ``ckpt`` (``RUN/export``, ``RUN/checkpoints/X.ckpt``), else None."""
+    if ckpt.name == "export":
+        return ckpt.parent
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
 
 
 def all_pairs_loss(model):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -30,7 +31,7 @@ def two_epochs(digits_root, tmp_path_factory):
             "train",
             f"data.root={digits_root}",
             "data.num_workers=0",
-            "data.batch_size=256",  # 6 steps an epoch
+            "data.batch_size=512",  # 3 steps an epoch
             "trainer.max_epochs=2",
             "model.towers.text.config.text_cfg.width=32",
             "model.towers.text.config.text_cfg.heads=2",
@@ -114,7 +115,9 @@ def test_eval_of_the_suggested_command_ends_with_its_own_summary(two_epochs):
     rows = summary_of(out)
     assert rows["zero-shot top-1"] == f"image_text {metrics['val/zeroshot_top1/image_text']:.3f}"
     assert rows["metrics"] == "run/eval/eval_metrics.json"
-    assert [c.split()[1] for c in rows["next"].splitlines()] == ["finetune", "train", "sweep-summary"]
+    commands = rows["next"].splitlines()
+    assert [c.split()[1] for c in commands] == ["finetune", "train", "sweep-summary"]
+    assert commands[-1] == "mmpretrain sweep-summary run-lr-sweep"  # beside the run that trained the export
 
 
 # -- --help ---------------------------------------------------------------------------------------
@@ -143,3 +146,19 @@ def test_train_help_is_hydras_headed_by_the_command(tmp_path):
     out = run_cli(["train", "--help"], cwd=tmp_path).stdout
     assert out.startswith(f"mmpretrain train: {COMMANDS['train'][2]}")
     assert "== Configuration groups ==" in out and "experiment: " in out and "== Config ==" in out
+
+
+def test_readme_shows_the_summaries_as_they_print(two_epochs):
+    """The README's demo section pastes both summaries: same rows and next commands as the code prints."""
+    _, train, evaluate = two_epochs
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### What the demo prints at the end", 1)[1].split("\n## ", 1)[0]
+    pasted = re.findall(r"```text\n(.*?)```", section, re.DOTALL)
+    assert len(pasted) == 2
+
+    def shape(rows: dict[str, str]) -> tuple[list[str], list[str]]:
+        labels = [re.sub(r"\d+%", "N%", label) for label in rows if label != "next"]
+        return labels, [c.split()[1] for c in rows["next"].splitlines()]
+
+    assert shape(summary_of(pasted[0])) == shape(summary_of(train))
+    assert shape(summary_of(pasted[1])) == shape(summary_of(evaluate))
