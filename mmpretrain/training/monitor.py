@@ -5,7 +5,8 @@ fraction of each step spent waiting for data and
 the temperature(s). ``RunPlots`` draws ``<run>/plots/*.png`` at the end of training (and logs
 them to wandb): curves from ``metrics.csv``, a similarity heatmap of val samples vs class prompts
 and a 2-D projection of the val embeddings. The drawing itself is :mod:`mmpretrain.training.plots`.
-``ProgressBar`` redraws every N steps (reading the displayed metrics is a host sync);
+``ProgressBar`` redraws every N steps (reading the displayed metrics is a host sync), counting
+epochs from one; ``ModelSummary`` is Lightning's start-up table without its FLOPs column;
 ``CountHostSyncs`` (debug) counts the host reads of tensors made in each training step.
 """
 
@@ -214,9 +215,8 @@ class ProgressBar(RichProgressBar):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if (batch_idx + 1) % self.refresh_every == 0 or trainer.is_last_batch:
-            created = (
-                self.train_progress_bar_id is None
-            )  # Lightning makes the bar here after a mid-epoch resume
+            # After a mid-epoch resume Lightning makes the bar here, not at the epoch's start.
+            created = self.train_progress_bar_id is None
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
             if created:
                 self._count_epochs_from_one(trainer)
