@@ -68,8 +68,7 @@ COMMANDS: dict[str, tuple[Callable[[DictConfig], Any], str, str]] = {
     "data": (
         _data,
         "build_data",
-        "NAME out=DIR: write a bundled dataset (digits, spoken-digits, scenes) as shards; shards in=...: "
-        "your own data",
+        "NAME out=DIR [options]: write a bundled dataset as shards, or `shards in=...` your own data",
     ),
 }
 #: Commands that are not Hydra apps: name -> (main(argv) -> exit code, help).
@@ -82,12 +81,41 @@ PLAIN_COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
 
 
 def usage() -> str:
+    """``mmpretrain --help``: every command of :data:`COMMANDS` and :data:`PLAIN_COMMANDS`, and the
+    names of the data builders (:data:`mmpretrain.data.builders.BUILDERS`)."""
+    from mmpretrain.data.builders import BUILDERS
+
     lines = [
-        "usage: mmpretrain <command> [hydra overrides]   (mmpretrain <command> --help lists config groups)",
+        "usage: mmpretrain <command> [hydra overrides]   (mmpretrain <command> --help: what it takes)",
         "",
     ]
     lines += [f"  {name:<14} {help_}" for name, (_, _, help_) in COMMANDS.items()]
     lines += [f"  {name:<14} {help_}" for name, (_, help_) in PLAIN_COMMANDS.items()]
+    lines += ["", f"mmpretrain data NAME: {', '.join(BUILDERS)}   (mmpretrain data --help: their options)"]
+    return "\n".join(lines)
+
+
+def data_usage() -> str:
+    """``mmpretrain data --help``: every builder of :data:`mmpretrain.data.builders.BUILDERS`, what
+    it writes and its options with their defaults (``conf/build_data.yaml``, else the builder's own)."""
+    from omegaconf import OmegaConf
+
+    from mmpretrain.data.builders import BUILDERS, describe
+
+    cfg = OmegaConf.load(Path(CONF_DIR) / "build_data.yaml")
+    lines = [
+        "usage: mmpretrain data NAME [out=DIR] [OPTION=VALUE ...]   (out: data/NAME under paths.data_dir)",
+        "",
+        "NAME, what it writes, and its options (null: the builder decides, e.g. workers = all cores):",
+    ]
+    for name in BUILDERS:
+        about, defaults = describe(name, cfg)
+        options = " ".join(
+            f"{k}={'(required)' if k == 'in' and v is None else 'null' if v is None else v}"
+            for k, v in defaults.items()
+        )
+        lines += [f"  {name:<18} {about}", f"  {'':<18} {options}"]
+    lines += ["", "Hydra's own flags still apply: mmpretrain data NAME --cfg job shows the composed config."]
     return "\n".join(lines)
 
 
@@ -103,7 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"mmpretrain: unknown command '{command}'\n\n{usage()}", file=sys.stderr)
         return 2
-    fn, config_name, _ = COMMANDS[command]
+    fn, config_name, help_ = COMMANDS[command]
+    if command == "data" and ("-h" in rest or "--help" in rest):
+        print(data_usage())
+        return 0
+    if "-h" in rest or "--help" in rest:  # Hydra's help (config groups, the config) follows
+        print(f"mmpretrain {command}: {help_}\n")
     from mmpretrain.runtime.allocator import keep_freed_memory
 
     keep_freed_memory()  # no page faults per training step on the CPU (see mmpretrain/runtime/allocator.py)

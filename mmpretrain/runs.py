@@ -6,6 +6,7 @@ No Lightning and no Hydra: configs are read as mappings.
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import zipfile
 from pathlib import Path
@@ -126,3 +127,85 @@ def ensure_data(data_cfg: Any) -> None:
         if not is_built(root, name):
             print(f"building bundled '{name}' data in {root}")
             build(name, root)
+
+
+# -- what a run says at its end --------------------------------------------------------------------
+def summary(
+    metrics: dict[str, float],
+    run_dir: Path,
+    *,
+    data_args: list[str],
+    model: Path | None = None,
+    train_args: list[str] | tuple[str, ...] = (),
+    suggest_eval: bool = True,
+    sweep_beside: Path | None = None,
+) -> str:
+    """The lines a command prints when it ends, read in five seconds: the zero-shot and retrieval
+    figures, where the run's files are, and the next commands to try.
+
+    ``data_args`` are the overrides that pick the run's data (repeated in the eval and finetune
+    commands); ``model`` is what those commands take (the export, else a checkpoint); ``train_args``
+    the run's other training overrides (repeated in the sweep command); ``suggest_eval``: whether
+    ``mmpretrain eval`` is one of the next commands; the sweep goes to ``<sweep_beside>-lr-sweep``
+    (default: beside ``run_dir``). Retrieval shows class recall
+    where most val captions repeat (``val/caption_repeat_frac``), instance recall otherwise."""
+    from mmpretrain.evaluation.retrieval import CAPTIONS_REPEAT
+
+    rows: list[tuple[str, str]] = []
+    zeroshot = {k.split("zeroshot_top1/", 1)[1]: v for k, v in metrics.items() if "/zeroshot_top1/" in k}
+    if zeroshot:
+        rows.append(("zero-shot top-1", "  ".join(f"{k} {v:.3f}" for k, v in sorted(zeroshot.items()))))
+    repeat = metrics.get("val/caption_repeat_frac")
+    by_class = repeat is not None and repeat > CAPTIONS_REPEAT
+    prefix = "val/retrieval_class_R@1/" if by_class else "val/retrieval_R@1/"
+    recall = {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix)}
+    if recall:
+        what = f"class R@1 ({repeat:.0%} of val captions repeat)" if by_class else "R@1"
+        pairs = "  ".join(f"{k.replace('_to_', '→')} {v:.3f}" for k, v in sorted(recall.items()))
+        rows.append((f"retrieval {what}", pairs))
+    for name in ("plots", "checkpoints", "export"):
+        where = run_dir / name
+        files = (
+            sorted(p.name for p in where.iterdir() if not p.name.startswith(".")) if where.is_dir() else []
+        )
+        if not files:
+            continue
+        if name == "plots":
+            first = [f for f in ("loss.png", "zeroshot.png", "retrieval.png") if f in files] or files[:3]
+            note = ", ".join(first) + (
+                f" and {len(files) - len(first)} more" if len(files) > len(first) else ""
+            )
+        elif name == "export":
+            note = f'mmpretrain.load_pretrained("{_shown(where)}")'
+        else:
+            note = ", ".join(files)
+        rows.append((name, f"{_shown(where)}/  ({note})"))
+    for name in ("metrics.json", "eval_metrics.json"):
+        if (run_dir / name).is_file():
+            rows.append(("metrics", _shown(run_dir / name)))
+    next_commands = []
+    if model is not None:  # the commands as a shell takes them: an override with a space is quoted
+        shown, data = shlex.quote(_shown(model)), " ".join(map(shlex.quote, data_args))
+        if suggest_eval:
+            next_commands.append(f"mmpretrain eval ckpt={shown} {data}".rstrip())
+        next_commands.append(f"mmpretrain finetune task=linear_probe pretrained={shown} {data}".rstrip())
+    beside = sweep_beside or run_dir
+    sweep_dir = shlex.quote(_shown(beside.parent / f"{beside.name}-lr-sweep"))
+    swept = [shlex.quote(a) for a in train_args if not a.startswith("optim.lr=")]
+    next_commands += [
+        " ".join(["mmpretrain train -m", *swept, f"optim.lr=1e-3,3e-3 hydra.sweep.dir={sweep_dir}"]),
+        f"mmpretrain sweep-summary {sweep_dir}",
+    ]
+    width = max(len(label) for label, _ in rows) if rows else 0
+    lines = [f"{label:<{width}}  {value}" for label, value in rows]
+    lines += ["next:"] + [f"  {c}" for c in next_commands]
+    return "\n".join(lines)
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when below it (``runs/demo/export``), else absolute."""
+    path = Path(path).absolute()
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from omegaconf import DictConfig
 
+from mmpretrain.commands.train import data_overrides, run_overrides
 from mmpretrain.config import to_plain
 from mmpretrain.evaluation.zeroshot import prompts_from_config, tasks_from_config
 from mmpretrain.io import write_text_atomic
-from mmpretrain.runs import end_run, ensure_data, start_run
+from mmpretrain.runs import end_run, ensure_data, start_run, summary
 
 #: The metrics printed (besides every zero-shot accuracy), by key prefix.
 PRINTED = (
@@ -59,8 +61,27 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             print(f"{key.removeprefix('val/retrieval_')}: {value:.4f}")
     if trainer.is_global_zero:
         write_text_atomic(run_dir / "eval_metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
+        data, ckpt = data_overrides(run_overrides()), Path(cfg.ckpt)
+        print(
+            summary(
+                metrics,
+                run_dir,
+                data_args=data,
+                model=ckpt,
+                train_args=data,
+                suggest_eval=False,
+                sweep_beside=trained_run(ckpt) or run_dir,
+            )
+        )
     end_run(run_dir)
     return metrics
+
+
+def trained_run(ckpt: Path) -> Path | None:
+    """The run directory that made ``ckpt`` (``RUN/export``, ``RUN/checkpoints/X.ckpt``), else None."""
+    if ckpt.name == "export":
+        return ckpt.parent
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
 
 
 def all_pairs_loss(model):

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from mmpretrain.config import instantiate_all, safe_instantiate, to_plain
 from mmpretrain.evaluation.zeroshot import prompts_from_config, tasks_from_config
 from mmpretrain.io import write_text_atomic
-from mmpretrain.runs import checkpoint_step, end_run, ensure_data, resume_path, start_run
+from mmpretrain.runs import checkpoint_step, end_run, ensure_data, resume_path, start_run, summary
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -85,8 +85,36 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if cfg.export_at_end:
             export(model, run_dir / "export", extra={"metrics": metrics, "train_config": to_plain(cfg)})
         print(f"skipped samples: {module.skipped_total}")
+        last = run_dir / "checkpoints" / "last.ckpt"
+        overrides = run_overrides()
+        print(
+            summary(
+                metrics,
+                run_dir,
+                data_args=data_overrides(overrides),
+                model=run_dir / "export" if cfg.export_at_end else last if last.exists() else None,
+                train_args=[o for o in overrides if not o.startswith(("resume=", "ckpt_path="))],
+            )
+        )
     end_run(run_dir)
     return metrics
+
+
+def run_overrides() -> list[str]:
+    """The command line's overrides of this run (not Hydra's own); [] outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def data_overrides(overrides: list[str]) -> list[str]:
+    """What picks a run's data, as ``mmpretrain eval`` and ``finetune`` take it: ``data=CHOICE``
+    (when not their default, the digits) and the ``data.*`` overrides."""
+    from hydra.core.hydra_config import HydraConfig
+
+    choice = HydraConfig.get().runtime.choices.get("data") if HydraConfig.initialized() else None
+    picked = [f"data={choice}"] if choice and choice != "digits" else []
+    return picked + [o for o in overrides if o.startswith("data.")]
 
 
 def _whole_model(model, model_cfg: DictConfig):

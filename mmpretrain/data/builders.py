@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,16 @@ OPTIONS: dict[str, tuple[str, ...]] = {
 }
 DEFAULT_OPTIONS = ("seed", "image_size")
 
+#: What each builder writes, one line for ``mmpretrain data --help`` (else its docstring's first line).
+ABOUT: dict[str, str] = {
+    "digits": "scikit-learn's 8x8 digits as captioned images (seeded 80/20 train/val split)",
+    "spoken-digits": "the digits spoken by espeak-ng (wav) beside their image and caption",
+    "digits-classifier": "a small supervised digits backbone (weights for LiT's locked image tower)",
+    "scenes": "drawn scenes of 1-4 coloured shapes, 5 captions and hard negatives each",
+    "moving-digits": "short mp4 clips of moving digits with captions, the first one spoken",
+    "shards": "your own data (a table, a folder of media, img2dataset tars) as our shards",
+}
+
 
 def build(name: str, out: str | Path, **kwargs: Any) -> Path:
     if name not in BUILDERS:
@@ -57,6 +68,23 @@ def options(name: str, cfg: Any) -> dict[str, Any]:
                 "mmpretrain data shards needs in=TABLE_OR_FOLDER (a .csv/.tsv/.parquet or a folder)"
             )
     return picked
+
+
+def describe(name: str, cfg: Any) -> tuple[str, dict[str, Any]]:
+    """``(what builder name writes, {option: default})`` for the help: an option's default is its
+    value in the ``build_data`` config ``cfg``, else the builder's own (None: none; ``in``: required)."""
+    fn = BUILDERS[name]
+    about = ABOUT.get(name) or (inspect.getdoc(fn) or "").split("\n", 1)[0]
+    own = {
+        key: p.default
+        for key, p in inspect.signature(fn).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    defaults = {}
+    for key in OPTIONS.get(name, DEFAULT_OPTIONS):
+        value = cfg.get(key)
+        defaults[key] = value if value is not None else own.get("src" if key == "in" else key)
+    return about, defaults
 
 
 def is_built(root: str | Path, name: str = "digits") -> bool:

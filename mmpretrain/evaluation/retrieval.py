@@ -291,3 +291,28 @@ def class_retrieval_metrics(
             _directional(q, g, ql, gl, ks, chunk, across_ranks, paired=False), ks, direction
         )
     return out
+
+
+# -- repeated captions ----------------------------------------------------------------------------
+#: Above this fraction of val rows sharing their caption with another row (class templates: "a photo
+#: of the digit seven."), instance recall mostly measures ties, which count against the model; the
+#: plots and the end-of-run summary show class recall instead.
+CAPTIONS_REPEAT = 0.5
+
+
+def caption_keys(tokens: torch.Tensor, pad_id: int | None = None) -> torch.Tensor:
+    """One int64 per row of token ids ``[n, L]``: equal for equal captions, whatever the number of
+    trailing ``pad_id`` columns (batches are trimmed to their longest caption), and different for
+    different ones but with a chance of ~2^-32 per pair."""
+    x = tokens.long() - (pad_id or 0)  # padding becomes 0, so trailing columns add nothing
+    weights = torch.randint(1, 2**32, (x.shape[-1],), generator=torch.Generator().manual_seed(0))
+    # |token| < 2^20 and weight < 2^32: each product < 2^52, a sum of up to 2048 of them fits int64
+    return (x * weights.to(x.device)).sum(-1)
+
+
+def repeated_caption_fraction(keys: torch.Tensor) -> float:
+    """The fraction of rows whose caption key (:func:`caption_keys`) another row shares; 0.0 for none."""
+    if not len(keys):
+        return 0.0
+    _, inverse, counts = keys.unique(return_inverse=True, return_counts=True)
+    return (counts[inverse] > 1).float().mean().item()

@@ -15,7 +15,12 @@ import torch
 
 from mmpretrain.data.stream.captions import NEGATIVE_KINDS
 from mmpretrain.evaluation.probe import compositional_probe
-from mmpretrain.evaluation.retrieval import retrieval_metrics, rows_multi_caption_retrieval
+from mmpretrain.evaluation.retrieval import (
+    caption_keys,
+    repeated_caption_fraction,
+    retrieval_metrics,
+    rows_multi_caption_retrieval,
+)
 from mmpretrain.evaluation.zeroshot import class_embeddings, class_prototypes, zero_shot_accuracy
 from mmpretrain.runtime import distributed
 
@@ -54,6 +59,13 @@ class ValidationCollector:
             for k in [f"{m}_mask" for m in self.model.modalities] + ["cls"] + self._task_columns()
             if k in batch
         }
+        tokens = batch.get("text")
+        if (
+            "text" in self.model.modalities
+            and isinstance(tokens, torch.Tensor)
+            and not tokens.is_floating_point()
+        ):
+            local["caption_key"] = caption_keys(tokens, getattr(self.model.towers["text"], "pad_id", None))
         cols = self.row_columns(local) | self._caption_columns(batch, self.rows)
         self.rows += len(cols["cls"])
         for k, v in cols.items():
@@ -96,6 +108,11 @@ class ValidationCollector:
             cols[f"{m}_mask"] = present & mask.to(device).bool() if mask is not None else present
         labels = local.get("cls")
         cols["cls"] = labels.to(device).long() if labels is not None else torch.full((n,), -1, device=device)
+        if "text" in self.model.modalities:  # equal for equal first captions (-> val/caption_repeat_frac)
+            keys = local.get("caption_key")
+            cols["caption_key"] = (
+                keys.to(device) if keys is not None else torch.zeros(n, dtype=torch.long, device=device)
+            )
         for key in self._task_columns():  # a task's label per row, -1 where it does not apply
             labels = local.get(key)
             cols[key] = (
@@ -151,7 +168,9 @@ class ValidationCollector:
         class retrieval ``val/retrieval_class_R@k/a_to_b``, ``val/retrieval_class_mAP/a_to_b``
         (relevant = same class). Zero-shot ``val/zeroshot_top1/q_c`` classifies modality q by
         class prototypes of modality c: prompt embeddings when c is text, otherwise the mean
-        embedding of each class among the val set's c samples.
+        embedding of each class among the val set's c samples. ``val/caption_repeat_frac``: the
+        fraction of text rows whose first caption another row shares (class templates: ~1; above
+        :data:`~mmpretrain.evaluation.retrieval.CAPTIONS_REPEAT` read class recall, not instance recall).
 
         Every rank gathers the embeddings (the keys), then scores only its share of the queries,
         a chunk at a time, and the per-query results are gathered: the metrics cover the whole
@@ -165,10 +184,13 @@ class ValidationCollector:
         )
         task_labels = {k: emb.pop(k) for k in self._task_columns()}
         labels = emb.pop("cls")
+        caption_keys_ = emb.pop("caption_key", None)
         masks = {m: emb.pop(f"{m}_mask") for m in self.model.modalities}
         mods = [m for m in self.model.modalities if masks[m].any()]
         labelled = labels >= 0
         metrics: dict[str, float] = {}
+        if caption_keys_ is not None and "text" in mods:
+            metrics["val/caption_repeat_frac"] = repeated_caption_fraction(caption_keys_[masks["text"]])
         for i, a in enumerate(mods):
             for b in mods[i + 1 :]:
                 both = masks[a] & masks[b]

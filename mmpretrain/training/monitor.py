@@ -5,7 +5,8 @@ fraction of each step spent waiting for data and
 the temperature(s). ``RunPlots`` draws ``<run>/plots/*.png`` at the end of training (and logs
 them to wandb): curves from ``metrics.csv``, a similarity heatmap of val samples vs class prompts
 and a 2-D projection of the val embeddings. The drawing itself is :mod:`mmpretrain.training.plots`.
-``ProgressBar`` redraws every N steps (reading the displayed metrics is a host sync);
+``ProgressBar`` redraws every N steps (reading the displayed metrics is a host sync), counting
+epochs from one; ``ModelSummary`` is Lightning's start-up table without its FLOPs column;
 ``CountHostSyncs`` (debug) counts the host reads of tensors made in each training step.
 """
 
@@ -28,7 +29,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.loggers.logger import rank_zero_experiment
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -203,15 +204,82 @@ class ProgressBar(RichProgressBar):
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         shown = super().get_metrics(trainer, pl_module)
+        shown.pop("v_num", None)  # the logger's version (a wandb id): the run directory names the run
         # the host values of the last step that logged, where the module keeps them (no tensor read)
         logged = getattr(getattr(pl_module, "steplog", None), "last", None) or trainer.callback_metrics
         return shown | {k: float(logged[k]) for k in self.metrics if k in logged}
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self._count_epochs_from_one(trainer)
+
+    def _count_epochs_from_one(self, trainer: L.Trainer) -> None:
+        """Lightning labels the bar ``Epoch 1/1`` on the second of two epochs (0-based, the last index);
+        the label becomes ``Epoch 2/2``, the way users count (``Epoch 2`` when no epoch count is set)."""
+        if self.progress is None or self.train_progress_bar_id is None:
+            return
+        label = f"Epoch {trainer.current_epoch + 1}"
+        if trainer.max_epochs is not None and trainer.max_epochs > 0:
+            label += f"/{trainer.max_epochs}"
+        label = f"{label:{len(self.validation_description)}}"  # as wide as the val bar's: no flicker
+        style = self.theme.description
+        self.progress.update(self.train_progress_bar_id, description=f"[{style}]{label}" if style else label)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if (batch_idx + 1) % self.refresh_every == 0 or trainer.is_last_batch:
+            # After a mid-epoch resume Lightning makes the bar here, not at the epoch's start.
+            created = self.train_progress_bar_id is None
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            if created:
+                self._count_epochs_from_one(trainer)
+
+
+class ModelSummary(RichModelSummary):
+    """Lightning's start-up table of the module's children (name, type, parameters, mode) and the
+    parameter totals, without the FLOPs column: Lightning counts FLOPs only by running the module's
+    ``example_input_array``, which a contrastive module (a batch is a dict of modalities) does not
+    have, so it printed ``Total FLOPs: 0``. ``make bench`` measures FLOPs per step and MFU."""
+
+    @staticmethod
+    def summarize(
+        summary_data: list[tuple[str, list[str]]],
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict[str, int],
+        total_flops: int,
+        **summarize_kwargs: Any,
+    ) -> None:
+        from lightning.pytorch.utilities.model_summary import get_human_readable_count
+        from rich import get_console
+        from rich.table import Table
+
+        columns = dict(summary_data)
+        if not total_flops:
+            columns.pop("FLOPs", None)
+        table = Table(header_style=summarize_kwargs.get("header_style", "bold magenta"))
+        for name in columns:
+            table.add_column(name, justify="right" if name in ("Params", "FLOPs") else "left")
+        for row in zip(*columns.values()):
+            table.add_row(*row)
+        console = get_console()
+        console.print(table)
+
+        def count(n: float) -> str:
+            return get_human_readable_count(int(n)).strip()
+
+        lines = [
+            f"Trainable params: {count(trainable_parameters)}",
+            f"Non-trainable params: {count(total_parameters - trainable_parameters)}",
+            f"Total params: {count(total_parameters)} ({model_size:,.1f} MB)",
+            f"Modules in train mode: {total_training_modes['train']}, "
+            f"in eval mode: {total_training_modes['eval']}",
+        ]
+        if total_flops:
+            lines.append(f"Total FLOPs (example input): {count(total_flops)}")
+        console.print("\n".join(lines), highlight=False)
 
 
 #: The tensor methods that read a value on the host (for a device tensor: wait for the device).

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from mmpretrain.evaluation.retrieval import CAPTIONS_REPEAT
 
 Series = dict[str, tuple[np.ndarray, np.ndarray]]  # metric name -> (steps, values)
 
@@ -21,7 +24,7 @@ Series = dict[str, tuple[np.ndarray, np.ndarray]]  # metric name -> (steps, valu
 CURVES = (
     ("loss", "loss", "loss", lambda k: k.endswith("loss") and k.startswith(("train/", "val/"))),
     ("zeroshot", "zero-shot accuracy (val)", "accuracy", lambda k: k.startswith("val/zeroshot")),
-    ("retrieval", "retrieval recall@k (val)", "recall", lambda k: k.startswith("val/retrieval_R@")),
+    ("retrieval", "instance recall@k (val)", "recall", lambda k: k.startswith("val/retrieval_R@")),
     ("temperature", "temperature 1/s", "temperature", lambda k: k.startswith("train/temperature")),
     ("learning_rate", "learning rate", "lr", lambda k: k.startswith(("lr-", "train/lr"))),
     ("throughput", "samples/s", "samples/s", lambda k: k == "train/samples_per_s"),
@@ -71,18 +74,35 @@ def with_temperature(series: Series) -> Series:
     return out
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def retrieval_curves(series: Series) -> tuple[str, Callable[[str], bool]]:
+    """The title and metric predicate of ``retrieval.png``: instance recall, or class recall where
+    most val captions repeat (``val/caption_repeat_frac`` above :data:`CAPTIONS_REPEAT`, e.g. class
+    templates), since there every pair tying with an identical caption counts against the model."""
+    repeat = series.get("val/caption_repeat_frac")
+    has_class = any(k.startswith("val/retrieval_class_R@") for k in series)
+    if repeat is None or not has_class or repeat[1][-1] <= CAPTIONS_REPEAT:
+        _, title, _, wanted = next(c for c in CURVES if c[0] == "retrieval")
+        return title, wanted
+    title = f"class recall@k (val): {repeat[1][-1]:.0%} of val captions repeat, so a same-class match counts"
+    return title, lambda k: k.startswith("val/retrieval_class_R@")
+
+
+def _save(fig: Figure, path: Path, title: str = "") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    # The title also goes into the PNG's text chunk, for whoever reads the file rather than the picture.
+    fig.savefig(path, dpi=100, bbox_inches="tight", metadata={"Title": title} if title else None)
     return path
 
 
 def plot_curves(series: Series, out_dir: str | Path) -> list[Path]:
-    """One PNG per family in :data:`CURVES` that has at least one logged value."""
+    """One PNG per family in :data:`CURVES` that has at least one logged value (for ``retrieval``,
+    what :func:`retrieval_curves` picks)."""
     series = with_temperature(series)
     written = []
     for stem, title, ylabel, wanted in CURVES:
+        if stem == "retrieval":
+            title, wanted = retrieval_curves(series)
         keys = sorted(k for k in series if wanted(k))
         if not keys:
             continue
@@ -94,7 +114,7 @@ def plot_curves(series: Series, out_dir: str | Path) -> list[Path]:
         ax.set(title=title, xlabel="step", ylabel=ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
-        written.append(_save(fig, Path(out_dir) / f"{stem}.png"))
+        written.append(_save(fig, Path(out_dir) / f"{stem}.png", title))
     return written
 
 

@@ -44,6 +44,7 @@ def test_eval_of_an_old_export_and_checkpoint_gives_the_old_metrics(digits_root,
     )
     got = json.loads((run / "eval_metrics.json").read_text())
     want = json.loads((FIXTURES / expected).read_text())
+    got.pop("val/caption_repeat_frac")  # measured since c00ec82, of the val data (not of the model)
     assert set(got) == set(want)
     assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
 

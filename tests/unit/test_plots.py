@@ -157,3 +157,30 @@ def test_end_of_run_plots_reuse_the_last_validation_only_when_it_saw_the_final_w
         and labels["image"].tolist() == [0, 1]
     )
     assert module.model.training  # put back in training mode
+
+
+def _recall_series(repeat: float | None):
+    steps = np.array([10.0, 20.0])
+    series = {
+        "val/retrieval_R@1/image_to_text": (steps, np.array([0.0, 0.01])),
+        "val/retrieval_class_R@1/image_to_text": (steps, np.array([0.3, 0.9])),
+    }
+    if repeat is not None:
+        series["val/caption_repeat_frac"] = (steps, np.array([repeat, repeat]))
+    return series
+
+
+@pytest.mark.parametrize(
+    ("repeat", "shown"),
+    [(1.0, "val/retrieval_class_R@1/image_to_text"), (0.02, "val/retrieval_R@1/image_to_text"), (None, None)],
+)
+def test_retrieval_plot_shows_class_recall_only_where_most_captions_repeat(tmp_path, repeat, shown):
+    shown = shown or "val/retrieval_R@1/image_to_text"  # no repeat measurement (older runs): instance recall
+    title, wanted = plots.retrieval_curves(_recall_series(repeat))
+    assert [k for k in _recall_series(repeat) if wanted(k)] == [shown]
+    assert title.startswith("class recall") == (shown.startswith("val/retrieval_class"))
+    (path,) = [p for p in plots.plot_curves(_recall_series(repeat), tmp_path) if p.stem == "retrieval"]
+    with Image.open(path) as im:
+        assert im.text["Title"] == title  # the PNG says what it plots
+    if repeat == 1.0:
+        assert "100% of val captions repeat" in title

@@ -1,0 +1,57 @@
+"""The end-of-run summary's choices, on made-up metrics: instance recall where val captions are
+distinct (the scenes), class recall where they repeat (class templates), commands a shell can run."""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+
+from mmpretrain.runs import summary
+
+METRICS = {
+    "val/zeroshot_top1/image_text": 0.5,
+    "val/zeroshot_top1/color/image_text": 0.25,
+    "val/retrieval_R@1/image_to_text": 0.125,
+    "val/retrieval_R@1/text_to_image": 0.0625,
+    "val/retrieval_class_R@1/image_to_text": 0.75,
+    "val/retrieval_class_R@1/text_to_image": 0.875,
+}
+
+
+@pytest.mark.parametrize(
+    ("repeat", "row"),
+    [
+        (0.008, "retrieval R@1  image→text 0.125  text→image 0.062"),  # the scenes: 0.8% repeat
+        (0.89, "retrieval class R@1 (89% of val captions repeat)  image→text 0.750  text→image 0.875"),
+        (None, "retrieval R@1  image→text 0.125  text→image 0.062"),  # not measured (no text tokens)
+    ],
+)
+def test_retrieval_row_is_class_recall_only_where_most_captions_repeat(tmp_path, repeat, row):
+    metrics = METRICS | ({} if repeat is None else {"val/caption_repeat_frac": repeat})
+    lines = summary(metrics, tmp_path / "run", data_args=[]).splitlines()
+    assert lines[0].split() == ["zero-shot", "top-1", "color/image_text", "0.250", "image_text", "0.500"]
+    assert " ".join(lines[1].split()) == " ".join(row.split())
+
+
+def test_next_commands_carry_the_data_overrides_quoted(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "a" / "export").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "export" / "model.safetensors").write_bytes(b"")
+    data = ["data=scenes", "data.root=/my data/scenes"]
+    text = summary(
+        {},
+        tmp_path / "runs" / "a",
+        data_args=data,
+        model=tmp_path / "runs/a/export",
+        train_args=[*data, "optim.lr=1"],
+    )
+    lines = text.splitlines()
+    assert lines[0] == 'export  runs/a/export/  (mmpretrain.load_pretrained("runs/a/export"))'
+    commands = [shlex.split(line) for line in lines[lines.index("next:") + 1 :]]
+    assert commands == [
+        ["mmpretrain", "eval", "ckpt=runs/a/export", *data],
+        ["mmpretrain", "finetune", "task=linear_probe", "pretrained=runs/a/export", *data],
+        ["mmpretrain", "train", "-m", *data, "optim.lr=1e-3,3e-3", "hydra.sweep.dir=runs/a-lr-sweep"],
+        ["mmpretrain", "sweep-summary", "runs/a-lr-sweep"],
+    ]
