@@ -87,6 +87,7 @@ class ContrastiveDataModule(L.LightningDataModule):
         policy = self.shard_policy()
         check_shard_counts(self.sources, common["world_size"], workers, policy)
         per_worker = self.batches_per_worker()
+        self._check_epoch_limit(per_worker * max(1, workers))
         stream = ShardStream(
             self.sources,
             self.preprocess(True),
@@ -101,6 +102,29 @@ class ContrastiveDataModule(L.LightningDataModule):
         )
         stream.num_workers = max(1, workers)
         return self._loader(stream, workers, persistent=True, pin=self._pin_memory(), cls=TrainLoader)
+
+    def _check_epoch_limit(self, epoch_batches: int) -> None:
+        """``trainer.limit_train_batches`` below an epoch's batches, with another epoch to follow, would
+        start that epoch at a point of the streams no worker stands at (the stream serves whole
+        passes and never skips the rest of one): refused at the start, naming the option that makes
+        epochs shorter. One epoch (or ``max_steps`` within the limit) is fine."""
+        t = self.trainer
+        limit = getattr(t, "limit_train_batches", None)
+        if t is None or limit is None:
+            return
+        kept = int(limit) if isinstance(limit, int) else int(float(limit) * epoch_batches)
+        if kept >= epoch_batches:
+            return
+        one_epoch = t.max_epochs == 1 or (t.max_steps is not None and 0 < t.max_steps <= kept)
+        if one_epoch:
+            return
+        samples = kept * self._common()["batch_size"] * self._common()["world_size"]
+        raise ValueError(
+            f"trainer.limit_train_batches={limit} cuts each epoch at {kept} of its {epoch_batches} batches, "
+            "and the next epoch cannot skip the rest of the pass over the shards. For shorter epochs set "
+            f"data.train_samples={samples} (epochs of {kept} batches) instead, or train one epoch "
+            "(trainer.max_epochs=1)."
+        )
 
     # -- resume: each stream's position lives in the checkpoint (Lightning saves this state) -------
     def _layout(self) -> dict[str, Any]:

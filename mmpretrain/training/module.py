@@ -308,7 +308,11 @@ class ContrastiveModule(L.LightningModule):
                 for k, v in metrics.items()
                 if "top1" in k or "mean_R@1" in k
             )
-            self.print(f"epoch {self.current_epoch} step {self.global_step}: {summary}")
+            # epochs counted from one, as the progress bar shows them; a validation outside fit
+            # (eval, the step-0 baseline) has no epoch
+            fitting = self.trainer.state.fn == "fit"
+            where = f"epoch {self.current_epoch + 1} " if fitting else ""
+            self.print(f"{where}step {self.global_step}: {summary}")
 
     def validation_metrics(self, local: dict[str, torch.Tensor]) -> dict[str, float]:
         """The metrics of a validation whose rows on this rank are ``local`` (a collective)."""
