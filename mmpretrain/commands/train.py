@@ -168,9 +168,13 @@ def _hard_negatives(loss_cfg: DictConfig) -> int:
     """Hard negative captions per training sample: ``loss.max_negatives`` with ``loss.hard_negatives``."""
     if not loss_cfg.get("hard_negatives"):
         return 0
-    if not str(loss_cfg.get("_target_", "")).endswith("InfoNCE"):
+    target = str(loss_cfg.get("_target_", ""))
+    if not (
+        target.endswith("InfoNCE") or (target.endswith("CoCa") and loss_cfg.get("contrastive") == "infonce")
+    ):
         raise ValueError(
-            f"loss.hard_negatives=true needs loss=infonce (NegCLIP); {loss_cfg.get('_target_')} "
+            f"loss.hard_negatives=true needs loss=infonce (NegCLIP) or loss=coca with contrastive=infonce; "
+            f"{target} "
             f"has no softmax over captions to add the negatives to"
         )
     return int(loss_cfg.get("max_negatives") or 1)
