@@ -60,6 +60,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         hparams={"model": model.config(), "model_training": to_plain(cfg.model)},
         zeroshot_tasks=tasks_from_config(cfg.data.get("val")),
     )
+    module.captioning = captioning_evaluation(model, cfg.data, datamodule)
     loggers = instantiate_all(cfg.get("logger"))
     for logger in loggers:
         if isinstance(logger, CSVLogger):
@@ -84,9 +85,56 @@ def train(cfg: DictConfig) -> dict[str, float]:
         write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
         if cfg.export_at_end:
             export(model, run_dir / "export", extra={"metrics": metrics, "train_config": to_plain(cfg)})
+        if module.captioning is not None and module.captioning.last:
+            write_caption_examples(module.captioning, run_dir)
         print(f"skipped samples: {module.skipped_total}")
     end_run(run_dir)
     return metrics
+
+
+def captioning_evaluation(model, data_cfg: DictConfig, datamodule):
+    """The captioning evaluation of a model with a caption decoder, from ``data.val.captioning`` (README,
+    "Captioning"); None for a model that cannot caption, without val shards, or with ``samples: 0``."""
+    if getattr(model, "decoder", None) is None or not datamodule.val_urls:
+        return None
+    from mmpretrain.data import expand_shards
+    from mmpretrain.evaluation.captioning import evaluation_from_config
+
+    missing = data_cfg.get("missing_shards", "error")
+    train_urls = [
+        u
+        for s in (data_cfg.get("sources") or {}).values()
+        if s
+        for u in expand_shards(s["shards"], missing=missing)
+    ]
+    return evaluation_from_config(
+        to_plain((data_cfg.get("val") or {}).get("captioning")),
+        datamodule.val_urls,
+        train_urls,
+        data_cfg.get("caption_field", "caption"),
+        to_plain(data_cfg.get("caption_keys")),
+    )
+
+
+def write_caption_examples(evaluation, run_dir) -> None:
+    """The last captioning validation's captions (``captions_val.jsonl``) and the first ones beside their
+    images (``plots/captions.png``)."""
+    from mmpretrain.evaluation.captioning import plot_captions
+
+    last = evaluation.last
+    rows = {"generated": last["generated"]}
+    if "retrieved" in last:
+        rows["retrieved"] = last["retrieved"]
+    rows["reference"] = [refs[0] for refs in last["references"]]
+    lines = [
+        json.dumps(
+            {"key": k, **{name: caps[i] for name, caps in rows.items()}, "references": last["references"][i]}
+        )
+        for i, k in enumerate(last["keys"])
+    ]
+    write_text_atomic(run_dir / "captions_val.jsonl", "\n".join(lines) + "\n")
+    path = plot_captions(evaluation.samples.images, rows, run_dir / "plots" / "captions.png")
+    print(f"captions: {run_dir / 'captions_val.jsonl'}, {path}")
 
 
 def _whole_model(model, model_cfg: DictConfig):
