@@ -102,7 +102,7 @@ def read_captioned(
     """The first ``limit`` samples of ``urls`` (in shard order) with an image (and, with ``need_captions``,
     captions) that ``keep(meta)`` accepts; damaged or incomplete samples are counted, not raised."""
     out = CaptionedSamples()
-    for sample in _samples(urls, caption_field, caption_keys, out, need_captions):
+    for sample in iter_captioned(urls, caption_field, caption_keys, out, need_captions):
         if keep is not None and not keep(sample["meta"]):
             continue
         out.keys.append(sample["key"])
@@ -114,7 +114,10 @@ def read_captioned(
     return out
 
 
-def _samples(urls, caption_field, caption_keys, out: CaptionedSamples, need_captions) -> Iterator[dict]:
+def iter_captioned(
+    urls, caption_field, caption_keys, out: CaptionedSamples, need_captions: bool = True
+) -> Iterator[dict]:
+    """Each readable sample of ``urls`` as ``{key, image, captions, meta}``; the others counted in ``out``."""
     from mmpretrain.data.stream.decode import decode_sample, read_meta
     from mmpretrain.data.stream.tar_reader import read_samples
 
