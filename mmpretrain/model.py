@@ -92,7 +92,7 @@ class ContrastiveModel(nn.Module):
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
-        if self.decoder is not None and _captions(batch):
+        if self.decoder is not None and _captions(batch, self.decoder.source):
             out |= self._caption_forward(batch)
         for m in self.modalities:
             if m not in batch or f"{m}_features" in out:
@@ -112,8 +112,8 @@ class ContrastiveModel(nn.Module):
 
     def _caption_forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Image and text features and the caption terms, each tower run once (for its tokens too)."""
-        image, text = self.towers["image"], self.towers["text"]
-        pooled, image_tokens = image.forward_with_tokens(batch["image"])
+        source, text = self.decoder.source, self.towers["text"]
+        pooled, image_tokens = self.towers[source].forward_with_tokens(batch[source])
         text_tokens = None
         if self.decoder.reads_text_tower:
             text_pooled, text_tokens = text.forward_with_tokens(batch["text"])
@@ -121,7 +121,7 @@ class ContrastiveModel(nn.Module):
             text_pooled = text(batch["text"])
         nll, count = self.decoder.caption_nll(image_tokens, batch["text"], text_tokens)
         return {
-            "image_features": F.normalize(self.projections["image"](pooled), dim=-1),
+            f"{source}_features": F.normalize(self.projections[source](pooled), dim=-1),
             "text_features": F.normalize(self.projections["text"](text_pooled), dim=-1),
             "caption_nll": nll,
             "caption_tokens": count,
@@ -129,8 +129,8 @@ class ContrastiveModel(nn.Module):
 
     @torch.no_grad()
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """The image tower's tokens ``[B, N, C]``, what the caption decoder reads."""
-        return self.towers["image"].forward_with_tokens(images)[1]
+        """The image (video) tower's tokens ``[B, N, C]``, what the caption decoder reads."""
+        return self.towers[self.decoder.source].forward_with_tokens(images)[1]
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, strategy: str = "greedy", **options: Any) -> list[list[int]]:
@@ -206,9 +206,9 @@ class ContrastiveModel(nn.Module):
         } | ({"decoder": dict(self.decoder.config)} if self.decoder is not None else {})
 
 
-def _captions(batch: Mapping[str, Any]) -> bool:
-    """A batch the decoder trains on: images with their captions, every row complete."""
-    return "image" in batch and "text" in batch and "image_mask" not in batch and "text_mask" not in batch
+def _captions(batch: Mapping[str, Any], source: str) -> bool:
+    """A batch the decoder trains on: images (videos) with their captions, every row complete."""
+    return source in batch and "text" in batch and f"{source}_mask" not in batch and "text_mask" not in batch
 
 
 def _couples_rows(tower: nn.Module) -> bool:

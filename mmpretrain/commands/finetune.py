@@ -22,6 +22,8 @@ def finetune(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(global_seed(cfg.seed), workers=True)
     ensure_data(cfg.data)
     model = model_from_checkpoint(cfg.pretrained, to_plain(cfg.get("model")))
+    if cfg.task.name == "caption":  # a caption decoder, not a classifier (finetune/caption.py)
+        return _caption(cfg, model, run_dir)
     prompts = prompts_from_config(cfg.data.get("val"))
     classnames = prompts["classnames"] if prompts else None
     metrics = tasks.run(
@@ -36,5 +38,26 @@ def finetune(cfg: DictConfig) -> dict[str, float]:
     print(
         f"{cfg.task.name}: val accuracy {metrics['val/accuracy']:.4f}, macro-F1 {metrics['val/f1_macro']:.4f}"
     )
+    end_run(run_dir)
+    return metrics
+
+
+def _caption(cfg: DictConfig, model, run_dir) -> dict[str, float]:
+    from mmpretrain.finetune import caption
+    from mmpretrain.runtime.ddp import resolve_strategy
+
+    metrics = caption.run(
+        to_plain(cfg.task),
+        model,
+        to_plain(cfg.data),
+        resolve_strategy(to_plain(cfg.trainer)),
+        run_dir,
+        cfg.seed,
+    )
+    shown = {
+        k: v for k, v in metrics.items() if k.startswith("val/") and "BLEU-" not in k or k.endswith("BLEU-4")
+    }
+    print("caption: " + ", ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in sorted(shown.items())))
+    print(f"caption with it: mmpretrain caption ckpt={run_dir / 'export'} in=FOLDER_OR_SHARDS")
     end_run(run_dir)
     return metrics

@@ -18,6 +18,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     import lightning as L
 
     from mmpretrain.data.stream.seeds import global_seed
+    from mmpretrain.evaluation.captioning import write_caption_examples
     from mmpretrain.export import check_checkpoint_matches, export
     from mmpretrain.losses import check_modalities
     from mmpretrain.model import apply_training_options, build_model
@@ -114,27 +115,6 @@ def captioning_evaluation(model, data_cfg: DictConfig, datamodule):
         data_cfg.get("caption_field", "caption"),
         to_plain(data_cfg.get("caption_keys")),
     )
-
-
-def write_caption_examples(evaluation, run_dir) -> None:
-    """The last captioning validation's captions (``captions_val.jsonl``) and the first ones beside their
-    images (``plots/captions.png``)."""
-    from mmpretrain.evaluation.captioning import plot_captions
-
-    last = evaluation.last
-    rows = {"generated": last["generated"]}
-    if "retrieved" in last:
-        rows["retrieved"] = last["retrieved"]
-    rows["reference"] = [refs[0] for refs in last["references"]]
-    lines = [
-        json.dumps(
-            {"key": k, **{name: caps[i] for name, caps in rows.items()}, "references": last["references"][i]}
-        )
-        for i, k in enumerate(last["keys"])
-    ]
-    write_text_atomic(run_dir / "captions_val.jsonl", "\n".join(lines) + "\n")
-    path = plot_captions(evaluation.samples.images, rows, run_dir / "plots" / "captions.png")
-    print(f"captions: {run_dir / 'captions_val.jsonl'}, {path}")
 
 
 def _whole_model(model, model_cfg: DictConfig):

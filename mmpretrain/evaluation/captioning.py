@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from mmpretrain.io import atomic_write, write_text_atomic
 
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr-D")
 #: data.val.captioning's defaults (README, "Captioning").
@@ -313,8 +316,6 @@ def plot_captions(
 
     import matplotlib.pyplot as plt
 
-    from mmpretrain.io import atomic_write
-
     n = min(n, len(images))
     fig, axes = plt.subplots(
         n, 2, figsize=(9, 1.9 * n), gridspec_kw={"width_ratios": [1, 3.5]}, squeeze=False
@@ -333,3 +334,22 @@ def plot_captions(
     atomic_write(path, lambda p: fig.savefig(p, dpi=90, format="png"))
     plt.close(fig)
     return path
+
+
+def write_caption_examples(evaluation: CaptionEvaluation, run_dir: Path) -> None:
+    """The last captioning validation's captions (``captions_val.jsonl``) and the first ones beside their
+    images (``plots/captions.png``)."""
+    last = evaluation.last
+    rows = {"generated": last["generated"]}
+    if "retrieved" in last:
+        rows["retrieved"] = last["retrieved"]
+    rows["reference"] = [refs[0] for refs in last["references"]]
+    lines = [
+        json.dumps(
+            {"key": k, **{name: caps[i] for name, caps in rows.items()}, "references": last["references"][i]}
+        )
+        for i, k in enumerate(last["keys"])
+    ]
+    write_text_atomic(run_dir / "captions_val.jsonl", "\n".join(lines) + "\n")
+    path = plot_captions(evaluation.samples.images, rows, run_dir / "plots" / "captions.png")
+    print(f"captions: {run_dir / 'captions_val.jsonl'}, {path}")

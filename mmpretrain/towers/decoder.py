@@ -143,8 +143,10 @@ class CaptionDecoder(nn.Module):
         sot_id: int = 49406,
         eot_id: int = 49407,
         pad_id: int = 0,
+        source: str = "image",
     ):
         super().__init__()
+        self.source = source  # the modality whose tower's tokens it reads (image, or video frames)
         self.config = {
             "_target_": f"{__name__}.CaptionDecoder",
             "vocab_size": int(vocab_size),
@@ -158,6 +160,7 @@ class CaptionDecoder(nn.Module):
             "sot_id": int(sot_id),
             "eot_id": int(eot_id),
             "pad_id": int(pad_id),
+            "source": source,
         }
         self.sot_id, self.eot_id, self.pad_id = int(sot_id), int(eot_id), int(pad_id)
         self.context_length = int(context_length)
@@ -221,6 +224,7 @@ class OpenClipCoCaDecoder(nn.Module):
     """
 
     reads_text_tower = True
+    source = "image"
 
     def __init__(
         self,
@@ -290,7 +294,8 @@ def build_decoder(cfg: dict[str, Any] | None, towers: dict[str, nn.Module]) -> n
     tokens of the text tower's tokenizer and the image tower's token shape (probed once)."""
     if cfg is None:
         return None
-    image, text = towers.get("image"), towers.get("text")
+    source = "image" if "image" in towers else "video"
+    image, text = towers.get(source), towers.get("text")
     model_cfg = getattr(image, "model_cfg", None) or {}
     cfg = dict(cfg)
     target = str(cfg.pop("_target_", ""))
@@ -301,7 +306,7 @@ def build_decoder(cfg: dict[str, Any] | None, towers: dict[str, nn.Module]) -> n
         return globals()[name](**cfg)
     if image is None or text is None:
         raise ValueError(
-            "a caption decoder needs an image and a text tower (its tokenizer); the model has "
+            "a caption decoder needs an image (or video) and a text tower (its tokenizer); the model has "
             f"{sorted(towers)}"
         )
     special = tokenizer_ids(text)
@@ -312,7 +317,7 @@ def build_decoder(cfg: dict[str, Any] | None, towers: dict[str, nn.Module]) -> n
         )
     dim, count = probe_tokens(image)
     sizes = {k: cfg[k] for k in ("width", "heads", "layers", "mlp_ratio") if cfg.get(k) is not None}
-    return CaptionDecoder(vocab, context, dim, count, **sizes, **special)
+    return CaptionDecoder(vocab, context, dim, count, **sizes, **special, source=source)
 
 
 def tokenizer_ids(text_tower: nn.Module) -> dict[str, int]:
@@ -352,8 +357,7 @@ def tower_input_size(tower: nn.Module) -> tuple[int, ...]:
     from PIL import Image
 
     frames = getattr(tower, "num_frames", None)
-    one = tower.preprocess(False)
     if frames:  # a video tower: its frame tower's size, T frames
         frame = tuple(tower.frame.preprocess(False)(Image.new("RGB", (64, 64))).shape)
         return (int(frames), *frame)
-    return tuple(one(Image.new("RGB", (64, 64))).shape)
+    return tuple(tower.preprocess(False)(Image.new("RGB", (64, 64))).shape)
