@@ -49,7 +49,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         zeroshot=prompts,
         zeroshot_tasks=tasks_from_config(cfg.data.get("val")),
     )
-    module.captioning = captioning_evaluation(model, cfg.data, datamodule)  # a model that can caption
+    # A model that can caption: its captions scored; any image-text model: the retrieval-captioning baseline.
+    module.captioning = captioning_evaluation(model, cfg.data, datamodule, retrieval_only=True)
     trainer = L.Trainer(
         **resolve_strategy(to_plain(cfg.trainer)) | {"logger": False, "enable_checkpointing": False}
     )

@@ -93,10 +93,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def captioning_evaluation(model, data_cfg: DictConfig, datamodule):
+def captioning_evaluation(model, data_cfg: DictConfig, datamodule, retrieval_only: bool = False):
     """The captioning evaluation of a model with a caption decoder, from ``data.val.captioning`` (README,
-    "Captioning"); None for a model that cannot caption, without val shards, or with ``samples: 0``."""
-    if getattr(model, "decoder", None) is None or not datamodule.val_urls:
+    "Captioning"); with ``retrieval_only`` also of a model without one (the retrieval baseline alone, when
+    the data config has ``val.captioning``). None without val shards or with ``samples: 0``."""
+    has_decoder = getattr(model, "decoder", None) is not None
+    wanted = has_decoder or (
+        retrieval_only
+        and {"image", "text"} <= set(model.modalities)
+        and (data_cfg.get("val") or {}).get("captioning") is not None
+    )
+    if not wanted or not datamodule.val_urls:
         return None
     from mmpretrain.data import expand_shards
     from mmpretrain.evaluation.captioning import evaluation_from_config

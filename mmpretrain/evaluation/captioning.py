@@ -146,8 +146,9 @@ def iter_captioned(
 
 # -- the captioning evaluation of a model ---------------------------------------------------------------
 class CaptionEvaluation:
-    """Captioning metrics of a model on fixed samples: generated captions (``caption/<metric>``) and the
-    retrieval baseline (``caption_retrieval/<metric>``) against every reference; with compositional
+    """Captioning metrics of a model on fixed samples: generated captions (``caption/<metric>``, a model
+    with a caption decoder) and the retrieval baseline (``caption_retrieval/<metric>``, any model with
+    image and text towers) against every reference; with compositional
     samples (one object each, its ``objects[0]`` colour and shape) the share of captions naming both
     (``caption/heldout_naming_rate``, ``caption_retrieval/heldout_naming_rate``).
 
@@ -190,9 +191,12 @@ class CaptionEvaluation:
 
     def _metrics(self, model) -> dict[str, float]:
         images = self._tensors(model, self.samples.images)
-        generated = self.generate(model, images)
-        out = {f"caption/{k}": v for k, v in caption_scores(generated, self.samples.captions).items()}
-        self.last = {"keys": self.samples.keys, "generated": generated, "references": self.samples.captions}
+        self.last = {"keys": self.samples.keys, "references": self.samples.captions}
+        out: dict[str, float] = {}
+        if model.decoder is not None:  # a model without a decoder gets the retrieval baseline alone
+            generated = self.generate(model, images)
+            out |= {f"caption/{k}": v for k, v in caption_scores(generated, self.samples.captions).items()}
+            self.last["generated"] = generated
         pool = self._pool_embeddings(model) if self.pool else None
         if pool is not None:
             retrieved = retrieval_captions(self._embed_images(model, images), pool, self.pool)
@@ -218,9 +222,12 @@ class CaptionEvaluation:
             ]
             return sum(named) / len(named)
 
-        generated = self.generate(model, images)
-        self.last["compositional"] = {"keys": self.compositional.keys, "generated": generated}
-        out = {"caption/heldout_naming_rate": rate(generated)}
+        self.last["compositional"] = {"keys": self.compositional.keys}
+        out: dict[str, float] = {}
+        if model.decoder is not None:
+            generated = self.generate(model, images)
+            self.last["compositional"]["generated"] = generated
+            out["caption/heldout_naming_rate"] = rate(generated)
         if pool is not None:
             retrieved = retrieval_captions(self._embed_images(model, images), pool, self.pool)
             out["caption_retrieval/heldout_naming_rate"] = rate(retrieved)
@@ -340,9 +347,7 @@ def write_caption_examples(evaluation: CaptionEvaluation, run_dir: Path) -> None
     """The last captioning validation's captions (``captions_val.jsonl``) and the first ones beside their
     images (``plots/captions.png``)."""
     last = evaluation.last
-    rows = {"generated": last["generated"]}
-    if "retrieved" in last:
-        rows["retrieved"] = last["retrieved"]
+    rows = {name: last[name] for name in ("generated", "retrieved") if name in last}
     rows["reference"] = [refs[0] for refs in last["references"]]
     lines = [
         json.dumps(

@@ -258,9 +258,9 @@ class ContrastiveModule(L.LightningModule):
 
     def captioning_metrics(self) -> dict[str, float]:
         """``val/caption/*`` and ``val/caption_retrieval/*`` at every ``data.val.captioning.every``-th
-        validation, when the model can caption (``captioning``, set by the train command); not during
+        validation, when ``captioning`` is set (train: a model that can caption; eval: any); not during
         Lightning's sanity check. Every rank computes the same numbers (no collective)."""
-        if self.captioning is None or self.model.decoder is None:
+        if self.captioning is None:
             return {}
         trainer = self._trainer
         if trainer is not None and trainer.sanity_checking:
