@@ -121,8 +121,12 @@ def _init_decoder(dec: MultimodalTransformer, width: int, layers: int) -> None:
 
 def _nll(logits: torch.Tensor, labels: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sample: the summed token cross-entropy and the number of tokens scored (padding ignored)."""
-    ce = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=pad_id, reduction="none")
-    return ce.sum(1), labels.ne(pad_id).sum(1)
+    b, t, v = logits.shape
+    # [B*T, V] rows: cross_entropy over a transposed [B, V, T] view is ~3x slower on the CPU
+    ce = F.cross_entropy(
+        logits.reshape(b * t, v).float(), labels.reshape(-1), ignore_index=pad_id, reduction="none"
+    )
+    return ce.view(b, t).sum(1), labels.ne(pad_id).sum(1)
 
 
 class CaptionDecoder(nn.Module):
