@@ -119,14 +119,35 @@ def _init_decoder(dec: MultimodalTransformer, width: int, layers: int) -> None:
     nn.init.normal_(dec.text_projection, std=width**-0.5)
 
 
-def _nll(logits: torch.Tensor, labels: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sample: the summed token cross-entropy and the number of tokens scored (padding ignored)."""
-    b, t, v = logits.shape
-    # [B*T, V] rows: cross_entropy over a transposed [B, V, T] view is ~3x slower on the CPU
-    ce = F.cross_entropy(
-        logits.reshape(b * t, v).float(), labels.reshape(-1), ignore_index=pad_id, reduction="none"
-    )
-    return ce.view(b, t).sum(1), labels.ne(pad_id).sum(1)
+def _hidden(dec: MultimodalTransformer, memory: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``dec(memory, x)`` without the vocabulary projection: the blocks (causal self-attention, then
+    cross-attention to ``memory``) and the final LayerNorm, as open_clip's forward runs them."""
+    from torch.utils.checkpoint import checkpoint
+
+    mask = dec.attn_mask[: x.shape[1], : x.shape[1]]
+    for block, cross in zip(dec.resblocks, dec.cross_attn):
+        if dec.grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint(block, x, None, None, mask, use_reentrant=False)
+            x = checkpoint(cross, x, memory, memory, None, use_reentrant=False)
+        else:
+            x = block(x, attn_mask=mask)
+            x = cross(x, k_x=memory, v_x=memory)
+    return dec.ln_final(x)
+
+
+def _nll(
+    dec: MultimodalTransformer, memory: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample: the summed token cross-entropy of ``labels`` (padding ignored) and the number of tokens
+    scored. The vocabulary projection, the bulk of a small decoder's cost, runs only at the scored
+    positions (selecting them is one host sync)."""
+    hidden = _hidden(dec, memory, x)
+    scored = labels.ne(pad_id)
+    rows = scored.nonzero(as_tuple=True)[0]
+    logits = hidden[scored] @ dec.text_projection
+    ce = F.cross_entropy(logits.float(), labels[scored], reduction="none")
+    nll = torch.zeros(labels.shape[0], dtype=ce.dtype, device=ce.device).index_add(0, rows, ce)
+    return nll, scored.sum(1)
 
 
 class CaptionDecoder(nn.Module):
@@ -203,7 +224,9 @@ class CaptionDecoder(nn.Module):
 
     def caption_nll(self, image_tokens, text, text_tokens=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher forcing on captions ``text`` ``[B, L]``: per sample summed NLL and token count."""
-        return _nll(self.logits(image_tokens, text[:, :-1]), text[:, 1:], self.pad_id)
+        return _nll(
+            self.text_decoder, self.memory(image_tokens), self.embed(text[:, :-1]), text[:, 1:], self.pad_id
+        )
 
     def start(self, image_tokens: torch.Tensor, text_tower=None) -> DecodeState:
         memory = self.memory(image_tokens)
@@ -266,8 +289,7 @@ class OpenClipCoCaDecoder(nn.Module):
     def caption_nll(self, image_tokens, text, text_tokens) -> tuple[torch.Tensor, torch.Tensor]:
         """open_clip's CoCa teacher forcing: the text tower's tokens of the whole caption, but the last,
         predict the caption shifted by one."""
-        logits = self.text_decoder(image_tokens, text_tokens[:, :-1])
-        return _nll(logits, text[:, 1:], self.pad_id)
+        return _nll(self.text_decoder, image_tokens, text_tokens[:, :-1], text[:, 1:], self.pad_id)
 
     def start(self, image_tokens: torch.Tensor, text_tower) -> DecodeState:
         n_text = len(text_tower.encoder.transformer.resblocks)
