@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -152,7 +153,11 @@ class ContrastiveModel(nn.Module):
     def caption(self, images: torch.Tensor, strategy: str = "greedy", **options: Any) -> list[str]:
         """:meth:`generate`, decoded to text by the text tower's tokenizer."""
         tokenizer = self.towers["text"].preprocess(False).tokenizer
-        return [tokenizer.decode(ids).strip() for ids in self.generate(images, strategy, **options)]
+        # open_clip's BPE decodes "five-sided" as "five - sided": hyphens rejoined
+        return [
+            re.sub(r"(?<=\w) - (?=\w)", "-", tokenizer.decode(ids).strip())
+            for ids in self.generate(images, strategy, **options)
+        ]
 
     def _encode_present(self, m: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Features of the rows that carry modality ``m``; absent rows get zero features, which

@@ -38,11 +38,12 @@ CAPTIONING_DEFAULTS = {
     "compositional_samples": 256,
 }
 
-_PUNCTUATION = re.compile(r"[^\w\s'-]|(?<!\w)['-]|['-](?!\w)")
+_PUNCTUATION = re.compile(r"[^\w\s']|(?<!\w)'|'(?!\w)")
 
 
 def tokenize_caption(text: str) -> str:
-    """Lower case, punctuation removed, words joined by single spaces (what pycocoevalcap's scorers read)."""
+    """Lower case, punctuation removed (a hyphen too: "five-sided" and a tokenizer's decoded
+    "five - sided" both read "five sided"), words joined by single spaces (what pycocoevalcap reads)."""
     return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
 
 
@@ -78,7 +79,9 @@ def retrieval_captions(
 def names_object(caption: str, color_words: Sequence[str], shape_words: Sequence[str]) -> bool:
     """Whether ``caption`` contains one of the colour's words and one of the shape's (as whole words)."""
     text = f" {tokenize_caption(caption)} "
-    return any(f" {w} " in text for w in color_words) and any(f" {w} " in text for w in shape_words)
+    return any(f" {tokenize_caption(w)} " in text for w in color_words) and any(
+        f" {tokenize_caption(w)} " in text for w in shape_words
+    )
 
 
 # -- reading captioned samples ----------------------------------------------------------------------

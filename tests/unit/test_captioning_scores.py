@@ -58,7 +58,12 @@ def test_bad_input_is_refused():
 
 
 def test_tokenize_and_naming():
-    assert tokenize_caption("A Red, half-circle!  ") == "a red half-circle"
+    assert (
+        tokenize_caption("A Red, half-circle!  ")
+        == "a red half circle"
+        == tokenize_caption("a red half - circle")
+    )
+    assert names_object("one five - sided shape, green", ["green"], ["five-sided shape"])
     assert names_object("A red circle.", ["red"], ["circle", "circles"])
     assert not names_object("a red square", ["red"], ["circle", "circles"])
     assert not names_object("a reddish circle", ["red"], ["circle"])  # whole words only
