@@ -7,7 +7,8 @@ weights unless ``--ckpt`` names a trained one. Every caption is made exactly ``-
 (the end token is banned until the last position), so both arms decode the same number of tokens.
 Timed after one warm-up call, ``--reps`` repetitions per arm interleaved, the median reported.
 
-    python scripts/bench_generate.py --out benchmarks/results/generate   # JSON, CSV and generate.png
+    python scripts/bench_generate.py --out benchmarks/results/generate   # generate.{json,csv,png}
+    (--model open_clip_coca: generate_open_clip_coca.*)
 """
 
 from __future__ import annotations
@@ -122,10 +123,11 @@ def write(rows: list[dict], out: Path, args) -> None:
     from mmpretrain.io import atomic_write, write_text_atomic
 
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "generate.json", json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    stem = "generate" if args.model == "ours" else f"generate_{args.model}"
+    write_text_atomic(out / f"{stem}.json", json.dumps({"args": vars(args), "rows": rows}, indent=2))
     keys = list(rows[0])
     write_text_atomic(
-        out / "generate.csv",
+        out / f"{stem}.csv",
         "\n".join([",".join(keys)] + [",".join(str(r[k]) for k in keys) for r in rows]) + "\n",
     )
     fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -139,8 +141,8 @@ def write(rows: list[dict], out: Path, args) -> None:
     ax.set_title(f"{args.model} decoder, {args.strategy}, {args.max_len} tokens")
     ax.legend()
     fig.tight_layout()
-    atomic_write(out / "generate.png", lambda p: fig.savefig(p, dpi=100, format="png"))
-    print(f"wrote {out}/generate.{{json,csv,png}}")
+    atomic_write(out / f"{stem}.png", lambda p: fig.savefig(p, dpi=100, format="png"))
+    print(f"wrote {out}/{stem}.{{json,csv,png}}")
 
 
 if __name__ == "__main__":
