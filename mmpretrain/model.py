@@ -291,6 +291,7 @@ def build_model(cfg: Mapping[str, Any]) -> ContrastiveModel:
         embed_dim = dims.pop()
     init_logit_scale = float(cfg.get("init_logit_scale", INIT_LOGIT_SCALE))
     init_logit_bias = None if cfg.get("init_logit_bias") is None else float(cfg["init_logit_bias"])
+    path = None
     if cfg.get("config") is not None:  # one open_clip model: its checkpoint's temperature (and bias)
         from mmpretrain.pretrained import checkpoint_scalars, open_clip_weights
 
@@ -301,6 +302,9 @@ def build_model(cfg: Mapping[str, Any]) -> ContrastiveModel:
             init_logit_bias = scalars.get("logit_bias", init_logit_bias)
     from mmpretrain.towers.decoder import build_decoder
 
+    decoder = build_decoder(cfg.get("decoder"), towers)
+    if path and hasattr(decoder, "load_open_clip_checkpoint"):  # a pretrained CoCa: its decoder too
+        decoder.load_open_clip_checkpoint(path)
     return ContrastiveModel(
         towers,
         embed_dim=int(embed_dim),
@@ -310,5 +314,5 @@ def build_model(cfg: Mapping[str, Any]) -> ContrastiveModel:
         init_logit_scale=init_logit_scale,
         max_logit_scale=float(cfg.get("max_logit_scale", MAX_LOGIT_SCALE)),
         init_logit_bias=init_logit_bias,
-        decoder=build_decoder(cfg.get("decoder"), towers),
+        decoder=decoder,
     )

@@ -282,6 +282,18 @@ class OpenClipCoCaDecoder(nn.Module):
         _init_decoder(self.text_decoder, self.text_decoder.width, len(self.text_decoder.resblocks))
         self.context_length = int(self.text_decoder.context_length)
 
+    def load_open_clip_checkpoint(self, path: str) -> None:
+        """The ``text_decoder.*`` tensors of an open_clip CoCa checkpoint (any layout open_clip saves)."""
+        from mmpretrain.interop.open_clip import read_open_clip_state_dict
+
+        prefix = "text_decoder."
+        state = {k: v for k, v in read_open_clip_state_dict(path).items() if k.startswith(prefix)}
+        if not state:
+            raise ValueError(
+                f"{path} holds no CoCa text decoder ('{prefix}*' tensors); is it a CoCa checkpoint?"
+            )
+        self.load_state_dict(state, strict=True)
+
     def logits(self, image_tokens, ids, text_tower) -> torch.Tensor:
         _, tokens = text_tower.forward_with_tokens(ids)
         return self.text_decoder(image_tokens, tokens)

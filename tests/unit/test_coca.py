@@ -248,3 +248,22 @@ def test_hard_negatives_join_the_contrastive_term():
     torch.testing.assert_close(with_negatives["caption_loss"], CoCa()(out)["caption_loss"])
     with pytest.raises(ValueError, match="siglip has no options"):
         CoCa(contrastive="siglip", hard_negatives=True)
+
+
+def test_pretrained_open_clip_coca_weights_load_the_decoder_too(tmp_path):
+    """model=openclip model.config=<CoCa> model.pretrained=FILE: the towers, and the caption decoder, from
+    the checkpoint (open_clip's layout)."""
+    from safetensors.torch import save_file
+
+    source = open_clip_coca()
+    save_file(to_open_clip_state_dict(source), str(tmp_path / "coca.safetensors"))
+    cfg = open_clip_model_config(copy.deepcopy(COCA)) | {
+        "config": copy.deepcopy(COCA),
+        "pretrained": str(tmp_path / "coca.safetensors"),
+    }
+    for tower in cfg["towers"].values():
+        tower["pretrained"] = str(tmp_path / "coca.safetensors")
+    torch.manual_seed(1)  # another random init: only the checkpoint can make them equal
+    loaded = build_model(cfg)
+    for k, v in source.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v, msg=k)
