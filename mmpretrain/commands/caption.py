@@ -33,6 +33,11 @@ def caption(cfg: DictConfig) -> dict[str, Any]:
             f"{cfg.ckpt} has no caption decoder: train with loss=coca, or give a pretrained model one with "
             f"`mmpretrain finetune task=caption pretrained={cfg.ckpt}`"
         )
+    if model.decoder.source != "image":
+        raise ValueError(
+            f"{cfg.ckpt} captions {model.decoder.source} clips; this command reads images. Caption clips "
+            "from Python: model.caption(clips) with clips [B, T, C, H, W] from model.transforms"
+        )
     options = {
         "max_len": cfg.max_len,
         "min_len": int(cfg.min_len),
