@@ -267,3 +267,32 @@ def test_pretrained_open_clip_coca_weights_load_the_decoder_too(tmp_path):
     loaded = build_model(cfg)
     for k, v in source.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[k], v, msg=k)
+
+
+def test_a_video_tower_gives_its_frames_as_tokens_to_our_decoder():
+    """A video-text model gets a decoder reading the per-frame features (T tokens); it trains and captions."""
+    frame = {"_target_": "mmpretrain.towers.timm.TimmTower", "model_name": "resnet10t", "img_size": 32}
+    video = {
+        "_target_": "mmpretrain.towers.video.VideoTower",
+        "frame": frame,
+        "num_frames": 3,
+        "pooling": "mean",
+    }
+    clip = {"embed_dim": 32, "text_cfg": TEXT}
+    text = {"_target_": OC, "modality": "text", "config": clip}
+    torch.manual_seed(0)
+    model = build_model(
+        {
+            "embed_dim": 32,
+            "towers": {"video": video, "text": text},
+            "decoder": {"width": 32, "heads": 2, "layers": 1},
+        }
+    )
+    assert model.decoder.source == "video" and model.decoder.config["image_tokens"] == 3
+    tokenize = model.towers["text"].preprocess(False)
+    clips = torch.randint(0, 256, (2, 3, 3, 32, 32), dtype=torch.uint8)
+    out = model({"video": clips, "text": torch.stack([tokenize(c) for c in CAPTIONS[:2]])})
+    losses = CoCa()(out)
+    assert torch.isfinite(losses["caption_loss"]) and out["video_features"].shape == (2, 32)
+    model.eval()
+    assert model.generate(clips, max_len=6) == model.generate(clips, max_len=6, use_cache=False)
