@@ -206,3 +206,18 @@ def test_open_clip_coca_trains_and_exports_in_open_clip_layout(scenes_root, tmp_
     # Each caption token is open_clip's greedy choice after the tokens before it (the last one forced at
     # max_len, or the end token).
     assert predicted[: len(caption)] == caption
+
+
+@pytest.mark.slow
+def test_scenes_coca_under_fsdp_trains_and_captions(scenes_root, tmp_path):
+    """trainer=fsdp on 2 CPU processes: the towers' forward_with_tokens and generate run with their
+    weights gathered, so the caption loss trains and validation captions."""
+    run = tmp_path / "run"
+    run_cli(
+        ["train", "experiment=scenes_coca", *SMALL, *DECODER, "trainer=fsdp", "trainer.devices=2"]
+        + ["trainer.accelerator=cpu", f"data.root={scenes_root}", f"paths.output_dir={run}"],
+        cwd=tmp_path,
+    )
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert "train/caption_loss" in metrics and "val/caption/CIDEr-D" in metrics
+    assert len((run / "captions_val.jsonl").read_text().splitlines()) == 4
