@@ -37,10 +37,10 @@ def scenes_root(tmp_path_factory) -> Path:
     return build_scenes(
         tmp_path_factory.mktemp("scenes") / "s",
         workers=1,
-        train=32,
+        train=64,
         val=16,
         test=16,
-        shard_size=16,
+        shard_size=8,  # 2 val shards: one per rank under trainer=fsdp with 2 processes
         image_size_min=64,
         image_size_max=80,
     )
