@@ -221,3 +221,35 @@ def test_scenes_coca_under_fsdp_trains_and_captions(scenes_root, tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert "train/caption_loss" in metrics and "val/caption/CIDEr-D" in metrics
     assert len((run / "captions_val.jsonl").read_text().splitlines()) == 4
+
+
+@pytest.mark.slow
+def test_finetune_task_caption_on_a_model_configs_own_weights(scenes_root, tmp_path):
+    """pretrained=model: the towers of the model config with their own starting weights (here a timm
+    resnet10t from a local weights file, as a hub name's weights would come) get a caption decoder."""
+    import timm
+    from safetensors.torch import save_file
+
+    weights = timm.create_model("resnet10t", num_classes=0).state_dict()
+    save_file(weights, str(tmp_path / "resnet10t.safetensors"))
+    run = tmp_path / "ft"
+    run_cli(
+        [
+            "finetune",
+            "task=caption",
+            "pretrained=model",
+            "model=tiny",
+            "data=scenes",
+            f"data.root={scenes_root}",
+        ]
+        + [f"model.towers.image.pretrained_path={tmp_path / 'resnet10t.safetensors'}", "data.num_workers=0"]
+        + ["data.batch_size=8", "task.epochs=1", "task.decoder.width=32", "task.decoder.layers=1"]
+        + ["task.decoder.heads=2", "data.val.captioning.samples=4", "data.val.captioning.max_len=6"]
+        + ["data.val.captioning.compositional_samples=4", "data.val.captioning.retrieval_pool=8"]
+        + ["trainer.enable_progress_bar=false", f"paths.output_dir={run}"],
+        cwd=tmp_path,
+    )
+    model = mmpretrain.load_pretrained(run / "export")
+    assert model.decoder is not None
+    for k, v in weights.items():  # locked: the starting weights, unchanged
+        torch.testing.assert_close(model.towers["image"].model.state_dict()[k], v)
