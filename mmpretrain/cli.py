@@ -65,6 +65,11 @@ COMMANDS: dict[str, tuple[Callable[[DictConfig], Any], str, str]] = {
         "task=linear_probe|full|fusion pretrained=CKPT_OR_DIR: classification",
     ),
     "export": (_export, "export", "ckpt=PATH out=DIR -> model.safetensors + config.json"),
+    "caption": (
+        _command("mmpretrain.commands.caption", "caption"),
+        "caption",
+        "ckpt=PATH in=FOLDER_OR_SHARDS out=captions.jsonl: caption images (a model trained with loss=coca)",
+    ),
     "data": (
         _data,
         "build_data",

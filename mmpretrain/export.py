@@ -263,7 +263,7 @@ x = model.transforms["image"](pil_image)[None]          # or model.tokenizer("a 
 emb = model.encode("image", x)
 ```
 
-Files: `model.safetensors` (weights), `config.json` (model config + provenance),
+{_caption_usage(model)}Files: `model.safetensors` (weights), `config.json` (model config + provenance),
 `preprocess.json` (transforms and tokenizer settings). Loading never unpickles.
 
 ## Training
@@ -278,6 +278,23 @@ Files: `model.safetensors` (weights), `config.json` (model config + provenance),
 | metric | value |
 | --- | --- |
 {metric_lines or "| not recorded | |"}
+"""
+
+
+def _caption_usage(model: ContrastiveModel) -> str:
+    """The model card's captioning lines, for a model with a caption decoder."""
+    decoder = getattr(model, "decoder", None)
+    if decoder is None:
+        return ""
+    kind = type(decoder).__name__
+    return f"""It also captions (`{kind}`, reading the {decoder.source} tower's tokens):
+
+```python
+captions = model.caption(x, strategy="greedy")   # or "beam" (num_beams=), "top_p" (top_p=, temperature=)
+```
+
+or `mmpretrain caption ckpt=THIS_DIR in=FOLDER_OR_SHARDS out=captions.jsonl`.
+
 """
 
 

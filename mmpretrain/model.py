@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +23,11 @@ class ContrastiveModel(nn.Module):
     Returns ``{"<modality>_features": [B, D] L2-normalised, "logit_scale": exp(log s), ...}``;
     with per-pair temperatures it returns ``logit_scale_<a>_<b>`` for each pair instead.
     ``<modality>_mask`` entries of the batch pass through for losses over partial batches.
+
+    With a caption ``decoder`` (:mod:`mmpretrain.towers.decoder`; ``loss=coca``) a batch with images and
+    captions also gives, per sample, ``caption_nll`` (the caption's summed token cross-entropy under
+    teacher forcing) and ``caption_tokens`` (how many tokens it scores): per-sample outputs, so the
+    caption term accumulates exactly under grad caching and never holds a batch of vocabulary logits.
     """
 
     def __init__(
@@ -32,6 +38,7 @@ class ContrastiveModel(nn.Module):
         init_logit_scale: float = INIT_LOGIT_SCALE,
         max_logit_scale: float = MAX_LOGIT_SCALE,
         init_logit_bias: float | None = None,
+        decoder: nn.Module | None = None,
     ):
         super().__init__()
         for name, tower in towers.items():
@@ -59,6 +66,7 @@ class ContrastiveModel(nn.Module):
         self.logit_bias = (
             None if init_logit_bias is None else nn.Parameter(torch.tensor(float(init_logit_bias)))
         )
+        self.decoder = decoder
 
     @property
     def modalities(self) -> list[str]:
@@ -85,8 +93,10 @@ class ContrastiveModel(nn.Module):
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
+        if self.decoder is not None and _captions(batch, self.decoder.source):
+            out |= self._caption_forward(batch)
         for m in self.modalities:
-            if m not in batch:
+            if m not in batch or f"{m}_features" in out:
                 continue
             mask = batch.get(f"{m}_mask")
             if mask is None:
@@ -100,6 +110,54 @@ class ContrastiveModel(nn.Module):
             out["text_negatives_features"] = self.encode("text", negatives.flatten(0, 1)).view(rows, m, -1)
             out["text_negatives_mask"] = batch["text_negatives_mask"].bool()
         return out | self.logit_scale_outputs()
+
+    def _caption_forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Image and text features and the caption terms, each tower run once (for its tokens too)."""
+        source, text = self.decoder.source, self.towers["text"]
+        pooled, image_tokens = self.towers[source].forward_with_tokens(batch[source])
+        text_tokens = None
+        if self.decoder.reads_text_tower:
+            text_pooled, text_tokens = text.forward_with_tokens(batch["text"])
+        else:
+            text_pooled = text(batch["text"])
+        nll, count = self.decoder.caption_nll(image_tokens, batch["text"], text_tokens)
+        return {
+            f"{source}_features": F.normalize(self.projections[source](pooled), dim=-1),
+            "text_features": F.normalize(self.projections["text"](text_pooled), dim=-1),
+            "caption_nll": nll,
+            "caption_tokens": count,
+        }
+
+    @torch.no_grad()
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The image (video) tower's tokens ``[B, N, C]``, what the caption decoder reads."""
+        return self.towers[self.decoder.source].forward_with_tokens(images)[1]
+
+    @torch.no_grad()
+    def generate(self, images: torch.Tensor, strategy: str = "greedy", **options: Any) -> list[list[int]]:
+        """Caption token ids of each image (no start or end token): ``strategy`` greedy | beam | top_p,
+        ``max_len``, ``min_len``, ``num_beams``, ``top_p``, ``temperature``, ``length_penalty``,
+        ``use_cache``, ``generator`` (:func:`mmpretrain.towers.generation.generate`). :meth:`caption`
+        gives the text."""
+        from mmpretrain.towers.generation import generate
+
+        if self.decoder is None:
+            raise ValueError(
+                "this model has no caption decoder: train it with loss=coca, or give its towers one with "
+                "`mmpretrain finetune task=caption pretrained=...`"
+            )
+        device = next(self.decoder.parameters()).device
+        tokens = self.image_tokens(images.to(device))
+        return generate(self.decoder, tokens, self.towers["text"], strategy, **options)
+
+    def caption(self, images: torch.Tensor, strategy: str = "greedy", **options: Any) -> list[str]:
+        """:meth:`generate`, decoded to text by the text tower's tokenizer."""
+        tokenizer = self.towers["text"].preprocess(False).tokenizer
+        # open_clip's BPE decodes "five-sided" as "five - sided": hyphens rejoined
+        return [
+            re.sub(r"(?<=\w) - (?=\w)", "-", tokenizer.decode(ids).strip())
+            for ids in self.generate(images, strategy, **options)
+        ]
 
     def _encode_present(self, m: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Features of the rows that carry modality ``m``; absent rows get zero features, which
@@ -150,7 +208,12 @@ class ContrastiveModel(nn.Module):
             "max_logit_scale": self.max_logit_scale,
             "init_logit_bias": None if self.logit_bias is None else float(self.logit_bias.detach()),
             "towers": {m: t.config for m, t in self.towers.items()},
-        }
+        } | ({"decoder": dict(self.decoder.config)} if self.decoder is not None else {})
+
+
+def _captions(batch: Mapping[str, Any], source: str) -> bool:
+    """A batch the decoder trains on: images (videos) with their captions, every row complete."""
+    return source in batch and "text" in batch and f"{source}_mask" not in batch and "text_mask" not in batch
 
 
 def _couples_rows(tower: nn.Module) -> bool:
@@ -228,6 +291,7 @@ def build_model(cfg: Mapping[str, Any]) -> ContrastiveModel:
         embed_dim = dims.pop()
     init_logit_scale = float(cfg.get("init_logit_scale", INIT_LOGIT_SCALE))
     init_logit_bias = None if cfg.get("init_logit_bias") is None else float(cfg["init_logit_bias"])
+    path = None
     if cfg.get("config") is not None:  # one open_clip model: its checkpoint's temperature (and bias)
         from mmpretrain.pretrained import checkpoint_scalars, open_clip_weights
 
@@ -236,6 +300,11 @@ def build_model(cfg: Mapping[str, Any]) -> ContrastiveModel:
         init_logit_scale = scalars.get("logit_scale", init_logit_scale)
         if init_logit_bias is not None:  # a bias only where the loss uses one (loss=siglip)
             init_logit_bias = scalars.get("logit_bias", init_logit_bias)
+    from mmpretrain.towers.decoder import build_decoder
+
+    decoder = build_decoder(cfg.get("decoder"), towers)
+    if path and hasattr(decoder, "load_open_clip_checkpoint"):  # a pretrained CoCa: its decoder too
+        decoder.load_open_clip_checkpoint(path)
     return ContrastiveModel(
         towers,
         embed_dim=int(embed_dim),
@@ -245,4 +314,5 @@ def build_model(cfg: Mapping[str, Any]) -> ContrastiveModel:
         init_logit_scale=init_logit_scale,
         max_logit_scale=float(cfg.get("max_logit_scale", MAX_LOGIT_SCALE)),
         init_logit_bias=init_logit_bias,
+        decoder=decoder,
     )

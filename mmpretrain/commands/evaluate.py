@@ -1,4 +1,5 @@
-"""``mmpretrain eval ckpt=PATH``: zero-shot, retrieval and the probe of a checkpoint or export on data.val."""
+"""``mmpretrain eval ckpt=PATH``: zero-shot, retrieval and the probe of a checkpoint or export on data.val
+(and, for a model that can caption, the captioning scores of ``data.val.captioning``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from mmpretrain.commands.train import data_overrides, run_overrides
+from mmpretrain.commands.train import captioning_evaluation, data_overrides, run_overrides
 from mmpretrain.config import to_plain
 from mmpretrain.evaluation.zeroshot import prompts_from_config, tasks_from_config
 from mmpretrain.io import write_text_atomic
@@ -22,6 +23,8 @@ PRINTED = (
     "val/retrieval_mean_R@1",
     "val/probe/",
 )
+#: Captioning metrics (a model with a caption decoder; data.val.captioning), printed with their prefix.
+CAPTION_PRINTED = ("val/caption/", "val/caption_retrieval/")
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -47,6 +50,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         zeroshot=prompts,
         zeroshot_tasks=tasks_from_config(cfg.data.get("val")),
     )
+    # A model that can caption: its captions scored; any image-text model: the retrieval-captioning baseline.
+    module.captioning = captioning_evaluation(model, cfg.data, datamodule, retrieval_only=True)
     trainer = L.Trainer(
         **resolve_strategy(to_plain(cfg.trainer)) | {"logger": False, "enable_checkpointing": False}
     )
@@ -57,7 +62,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                 f"{key.split('zeroshot_top1/', 1)[1]} zero-shot top-1: {value:.4f}"
             )  # the pair, or task/pair
     for key, value in sorted(metrics.items()):
-        if key.startswith(PRINTED):
+        if key.startswith(PRINTED) or key.startswith(CAPTION_PRINTED):
             print(f"{key.removeprefix('val/retrieval_')}: {value:.4f}")
     if trainer.is_global_zero:
         write_text_atomic(run_dir / "eval_metrics.json", json.dumps(metrics, indent=2, sort_keys=True))

@@ -18,6 +18,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     import lightning as L
 
     from mmpretrain.data.stream.seeds import global_seed
+    from mmpretrain.evaluation.captioning import write_caption_examples
     from mmpretrain.export import check_checkpoint_matches, export
     from mmpretrain.losses import check_modalities
     from mmpretrain.model import apply_training_options, build_model
@@ -60,6 +61,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         hparams={"model": model.config(), "model_training": to_plain(cfg.model)},
         zeroshot_tasks=tasks_from_config(cfg.data.get("val")),
     )
+    module.captioning = captioning_evaluation(model, cfg.data, datamodule)
     loggers = instantiate_all(cfg.get("logger"))
     for logger in loggers:
         if isinstance(logger, CSVLogger):
@@ -84,6 +86,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
         if cfg.export_at_end:
             export(model, run_dir / "export", extra={"metrics": metrics, "train_config": to_plain(cfg)})
+        if module.captioning is not None and module.captioning.last:
+            write_caption_examples(module.captioning, run_dir)
         print(f"skipped samples: {module.skipped_total}")
         last = run_dir / "checkpoints" / "last.ckpt"
         overrides = run_overrides()
@@ -115,6 +119,37 @@ def data_overrides(overrides: list[str]) -> list[str]:
     choice = HydraConfig.get().runtime.choices.get("data") if HydraConfig.initialized() else None
     picked = [f"data={choice}"] if choice and choice != "digits" else []
     return picked + [o for o in overrides if o.startswith("data.")]
+
+
+def captioning_evaluation(model, data_cfg: DictConfig, datamodule, retrieval_only: bool = False):
+    """The captioning evaluation of a model with a caption decoder, from ``data.val.captioning`` (README,
+    "Captioning"); with ``retrieval_only`` also of a model without one (the retrieval baseline alone, when
+    the data config has ``val.captioning``). None without val shards or with ``samples: 0``."""
+    has_decoder = getattr(model, "decoder", None) is not None
+    wanted = has_decoder or (
+        retrieval_only
+        and {"image", "text"} <= set(model.modalities)
+        and (data_cfg.get("val") or {}).get("captioning") is not None
+    )
+    if not wanted or not datamodule.val_urls:
+        return None
+    from mmpretrain.data import expand_shards
+    from mmpretrain.evaluation.captioning import evaluation_from_config
+
+    missing = data_cfg.get("missing_shards", "error")
+    train_urls = [
+        u
+        for s in (data_cfg.get("sources") or {}).values()
+        if s
+        for u in expand_shards(s["shards"], missing=missing)
+    ]
+    return evaluation_from_config(
+        to_plain((data_cfg.get("val") or {}).get("captioning")),
+        datamodule.val_urls,
+        train_urls,
+        data_cfg.get("caption_field", "caption"),
+        to_plain(data_cfg.get("caption_keys")),
+    )
 
 
 def _whole_model(model, model_cfg: DictConfig):
@@ -196,9 +231,13 @@ def _hard_negatives(loss_cfg: DictConfig) -> int:
     """Hard negative captions per training sample: ``loss.max_negatives`` with ``loss.hard_negatives``."""
     if not loss_cfg.get("hard_negatives"):
         return 0
-    if not str(loss_cfg.get("_target_", "")).endswith("InfoNCE"):
+    target = str(loss_cfg.get("_target_", ""))
+    if not (
+        target.endswith("InfoNCE") or (target.endswith("CoCa") and loss_cfg.get("contrastive") == "infonce")
+    ):
         raise ValueError(
-            f"loss.hard_negatives=true needs loss=infonce (NegCLIP); {loss_cfg.get('_target_')} "
+            f"loss.hard_negatives=true needs loss=infonce (NegCLIP) or loss=coca with contrastive=infonce; "
+            f"{target} "
             f"has no softmax over captions to add the negatives to"
         )
     return int(loss_cfg.get("max_negatives") or 1)

@@ -1,8 +1,10 @@
 """Evaluation on embeddings: retrieval (``retrieval``), zero-shot (``zeroshot``), the compositional
-probe (``probe``) as pure functions, and the validation collector (``validate``) that gathers a val set's
-embeddings across ranks and scores them.
+probe (``probe``) as pure functions, the validation collector (``validate``) that gathers a val set's
+embeddings across ranks and scores them, and captioning (``captioning``: caption scores, the retrieval
+baseline, the captioning evaluation of a model).
 
-May import ``losses``, ``model``, ``data.stream`` (caption conventions) and ``runtime.distributed``;
+May import ``losses``, ``model``, ``data`` (caption conventions, reading captioned shards; the scenes'
+grammar words) and ``runtime.distributed``;
 no Lightning, no Hydra.
 """
 

@@ -30,6 +30,7 @@ TOWER_TARGET = "mmpretrain.towers.open_clip.OpenClipTower"
 _OURS_TO_OPEN_CLIP = {
     "towers.image.": "",
     "towers.text.": "",
+    "decoder.text_decoder.": "text_decoder.",  # CoCa's caption decoder
     "logit_scales.shared": "logit_scale",
     "logit_bias": "logit_bias",
 }
@@ -89,6 +90,8 @@ def from_open_clip_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch
             out[f"towers.image.{k}"] = v
         elif k.startswith("text."):
             out[f"towers.text.{k}"] = v
+        elif k.startswith("text_decoder."):  # CoCa
+            out[f"decoder.{k}"] = v
         elif k == "logit_scale":
             out["logit_scales.shared"] = v
         elif k == "logit_bias":
@@ -103,7 +106,7 @@ def open_clip_model_config(
     (``init_logit_bias`` in ``model_cfg``, or given) get the learnable logit bias."""
     if init_logit_bias is None and hasattr(model_cfg, "get"):
         init_logit_bias = model_cfg.get("init_logit_bias")
-    return {
+    out = {
         "embed_dim": None,
         "temperature_pairs": None,
         "init_logit_bias": init_logit_bias,
@@ -111,6 +114,9 @@ def open_clip_model_config(
             m: {"_target_": TOWER_TARGET, "modality": m, "config": model_cfg} for m in ("image", "text")
         },
     }
+    if hasattr(model_cfg, "get") and model_cfg.get("multimodal_cfg"):  # CoCa: open_clip's caption decoder
+        out["decoder"] = {}
+    return out
 
 
 # -- out -------------------------------------------------------------------------------------------
@@ -145,7 +151,13 @@ def to_open_clip_state_dict(model) -> dict[str, torch.Tensor]:
                 out[theirs + k[len(ours) :]] = v.detach().contiguous().cpu()
                 break
         else:
-            raise ValueError(f"tensor '{k}' has no open_clip counterpart")
+            hint = (
+                " (a caption decoder of ours: open_clip's layout holds only open_clip's CoCa decoder, "
+                "model=openclip with a multimodal_cfg; use format=mmpretrain)"
+                if k.startswith("decoder.")
+                else ""
+            )
+            raise ValueError(f"tensor '{k}' has no open_clip counterpart{hint}")
     return out
 
 

@@ -69,7 +69,7 @@ class FSDP2Strategy(ModelParallelStrategy):
     def shard(self, model: torch.nn.Module) -> torch.nn.Module:
         """Shard a ContrastiveModel in place: each tower block, then each tower (its stem and head),
         each projection, and the root; scalar parameters (temperatures, logit bias) stay whole."""
-        from torch.distributed.fsdp import FSDPModule, fully_shard
+        from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
         if isinstance(model, FSDPModule):  # configure_model runs again for validate after fit
             return model
@@ -80,6 +80,9 @@ class FSDP2Strategy(ModelParallelStrategy):
             for block in tower.blocks():
                 fully_shard(block, **kwargs)
             fully_shard(tower, **kwargs)
+            # The caption path calls the tower's forward_with_tokens (loss=coca), not its forward:
+            # FSDP gathers the tower's own weights around it too.
+            register_fsdp_forward_method(tower, "forward_with_tokens")
         for projection in model.projections.values():
             if any(True for _ in projection.parameters()):
                 fully_shard(projection, **kwargs)
@@ -90,6 +93,10 @@ class FSDP2Strategy(ModelParallelStrategy):
             )
         scalars = {p for p in model.parameters() if p.ndim == 0}
         fully_shard(model, **kwargs, ignored_params=scalars)
+        if (
+            getattr(model, "decoder", None) is not None
+        ):  # caption generation steps the decoder's blocks itself
+            register_fsdp_forward_method(model, "generate")
         for p in scalars:  # replicated: average their gradients as DDP would
             if p.requires_grad:
                 p.register_post_accumulate_grad_hook(_average_grad)

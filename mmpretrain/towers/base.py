@@ -95,6 +95,12 @@ class Tower(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def forward_with_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward(x)`` and the tower's token features ``[B, N, C]`` from the same pass (what a caption
+        decoder cross-attends to). The default, for a tower without tokens: its pooled output as one."""
+        pooled = self(x)
+        return pooled, pooled[:, None]
+
     def normalize_input(self, x: torch.Tensor) -> torch.Tensor:
         """What ``forward`` does to its input before the encoder (for code that calls the encoder
         itself, e.g. for token features): uint8 images normalised, anything else unchanged.

@@ -187,7 +187,8 @@ class OpenClipTower(Tower):
         images: uint8 pixels (normalised here) or already-normalised floats."""
         if self._is_short(x):
             return self._short_text(x)[0]
-        return self.encoder(self.normalize_input(x))
+        out = self.encoder(self.normalize_input(x))
+        return out[0] if isinstance(out, tuple) else out  # CoCa's towers give (pooled, tokens)
 
     def forward_with_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """open_clip's ``output_tokens`` forward: the pooled features and the per-token features

@@ -156,6 +156,13 @@ class TimmTower(Tower):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model.forward_features(x)
 
+    def forward_with_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward(x)`` and the backbone's features before the pool as tokens: a CNN's ``[N, C, h, w]``
+        map as ``h*w`` tokens, a ViT's tokens as they are; one pass through the backbone."""
+        fmap = self.feature_map(x)
+        pooled = self.model.forward_head(fmap)
+        return pooled, (fmap.flatten(2).transpose(1, 2) if fmap.ndim == 4 else fmap)
+
     def preprocess(self, train: bool) -> Callable:
         kwargs = dict(self.transform_kwargs) if train else {}
         # uint8 [C, H, W] (timm's transform without ToTensor + Normalize): forward normalises.

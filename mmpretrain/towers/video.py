@@ -300,6 +300,16 @@ class VideoTower(Tower):
         feats = self.frame_features(x.flatten(0, 1)).view(b, t, -1)
         return feats.mean(1) if self.pooling == "mean" else self.temporal(feats)
 
+    def forward_with_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward(x)`` and the per-frame features ``[B, T, D]`` as tokens (what a caption decoder reads);
+        ``pooling=inflate`` has no per-frame features: its pooled output is the one token."""
+        if self.pooling == "inflate":
+            pooled = self(x)
+            return pooled, pooled[:, None]
+        b, t = x.shape[:2]
+        feats = self.frame_features(x.flatten(0, 1)).view(b, t, -1)
+        return (feats.mean(1) if self.pooling == "mean" else self.temporal(feats)), feats
+
     def frame_features(self, frames: torch.Tensor) -> torch.Tensor:
         """``[N, C, H, W]`` frames -> ``[N, D]``: the frame tower's output, or its map through
         ``frame_pool``."""

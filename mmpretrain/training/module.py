@@ -63,6 +63,8 @@ class ContrastiveModule(L.LightningModule):
                 "(the cached features would not include the negatives)"
             )
         self._partial_stream = False  # set at train start: masks on every rank (see _masks_on_every_rank)
+        # evaluation.captioning.CaptionEvaluation of a model with a caption decoder (set by the train command)
+        self.captioning = None
 
     @property
     def skipped_total(self) -> int:
@@ -306,7 +308,7 @@ class ContrastiveModule(L.LightningModule):
             summary = ", ".join(
                 f"{k.removeprefix('val/')} {v:.4f}"
                 for k, v in metrics.items()
-                if "top1" in k or "mean_R@1" in k
+                if "top1" in k or "mean_R@1" in k or k.endswith(("caption/CIDEr-D", "caption/BLEU-4"))
             )
             # epochs counted from one, as the progress bar shows them; a validation outside fit
             # (eval, the step-0 baseline) has no epoch
@@ -316,7 +318,20 @@ class ContrastiveModule(L.LightningModule):
 
     def validation_metrics(self, local: dict[str, torch.Tensor]) -> dict[str, float]:
         """The metrics of a validation whose rows on this rank are ``local`` (a collective)."""
-        return self.val.metrics(local)
+        return self.val.metrics(local) | self.captioning_metrics()
+
+    def captioning_metrics(self) -> dict[str, float]:
+        """``val/caption/*`` and ``val/caption_retrieval/*`` at every ``data.val.captioning.every``-th
+        validation, when ``captioning`` is set (train: a model that can caption; eval: any); not during
+        Lightning's sanity check. Every rank computes the same numbers (no collective)."""
+        if self.captioning is None:
+            return {}
+        trainer = self._trainer
+        if trainer is not None and trainer.sanity_checking:
+            return {}
+        if not self.captioning.due():
+            return {}
+        return {f"val/{k}": v for k, v in self.captioning.metrics(self.model).items()}
 
 
 def _scale_metrics(names: list[str], values: list[float]) -> dict[str, float]:

@@ -96,6 +96,14 @@ SMALL = "data/digits-small"
 SCENES = "data/scenes-small"
 LINEAR_PROBE = (f"data.root={SMALL}", *FINETUNE)
 
+#: data.val.captioning shrunk: a few captions, short, a small retrieval pool
+CAPTIONING = (
+    "data.val.captioning.samples=4",
+    "data.val.captioning.compositional_samples=4",
+    "data.val.captioning.retrieval_pool=16",
+    "data.val.captioning.max_len=8",
+)
+
 MAKE_DIGITS = "mmpretrain data digits out=DIR"
 MAKE_RUNS_MINE = "mmpretrain train data.root=/data/my_shards hydra.run.dir=runs/mine"
 
@@ -409,6 +417,35 @@ COMMANDS: dict[str, Run | Skip] = {
     ),
     "mmpretrain train experiment=scenes_clip": Run(
         extra=(f"data.root={SCENES}",), needs=("mmpretrain data scenes out=DIR",)
+    ),
+    # -- captioning (README "Captioning"): CoCa on the small scenes, few captions scored
+    "mmpretrain train experiment=scenes_coca hydra.run.dir=runs/scenes_coca": Run(
+        extra=(f"data.root={SCENES}", *CAPTIONING), needs=("mmpretrain data scenes out=DIR",)
+    ),
+    "mmpretrain caption ckpt=runs/scenes_coca/export in=data/scenes/val out=captions.jsonl": Run(
+        subs={"data/scenes": SCENES},
+        extra=("max_len=8",),
+        budget=HYDRA_RUN,
+        needs=("mmpretrain train experiment=scenes_coca hydra.run.dir=runs/scenes_coca",),
+        expect=("captioned 100 inputs", "CIDEr-D"),
+    ),
+    "mmpretrain eval ckpt=runs/scenes_coca/export data=scenes": Run(
+        extra=(f"data.root={SCENES}", *CAPTIONING),
+        budget=EVAL,
+        needs=("mmpretrain train experiment=scenes_coca hydra.run.dir=runs/scenes_coca",),
+        expect=("val/caption/CIDEr-D",),
+    ),
+    "mmpretrain train experiment=scenes_clip hydra.run.dir=runs/scenes_clip": Run(
+        extra=(f"data.root={SCENES}",), needs=("mmpretrain data scenes out=DIR",)
+    ),
+    "mmpretrain finetune task=caption pretrained=runs/scenes_clip/export data=scenes": Run(
+        extra=(f"data.root={SCENES}", *CAPTIONING),
+        budget=FINETUNE,
+        needs=("mmpretrain train experiment=scenes_clip hydra.run.dir=runs/scenes_clip",),
+        expect=("caption/CIDEr-D",),
+    ),
+    "mmpretrain caption ckpt=PATH in=FOLDER_OR_SHARDS out=captions.jsonl": Skip(
+        USAGE + "`mmpretrain caption ckpt=runs/scenes_coca/export in=data/scenes/val ...`"
     ),
     "mmpretrain train experiment=digits_trimodal": Run(
         extra=("hydra.run.dir=runs/trimodal",),

@@ -43,3 +43,25 @@ def test_open_clip_tower_builders_and_the_steps_our_towers_call():
     assert callable(getattr(TextTransformer, "_embeds", None)) and callable(
         getattr(VisionTransformer, "_pool", None)
     )
+
+
+def test_open_clip_coca_decoder_builder_and_the_block_internals_our_cached_step_reads():
+    """towers/decoder.py builds open_clip's CoCa text decoder with its private builder (no public one
+    builds the decoder alone) and steps open_clip's ResidualAttentionBlock itself with a KV cache."""
+    import open_clip.coca_model
+    from open_clip.transformer import MultimodalTransformer, ResidualAttentionBlock
+
+    assert list(inspect.signature(open_clip.coca_model._build_text_decoder_tower).parameters)[:3] == [
+        "embed_dim",
+        "multimodal_cfg",
+        "quick_gelu",
+    ]
+    dec = MultimodalTransformer(width=8, layers=1, heads=2, context_length=4, output_dim=5)
+    assert isinstance(dec.resblocks[0], ResidualAttentionBlock) and isinstance(
+        dec.cross_attn[0], ResidualAttentionBlock
+    )
+    for block in (dec.resblocks[0], dec.cross_attn[0]):
+        for name in ("ln_1", "attn", "ls_1", "ln_2", "mlp", "ls_2"):
+            assert hasattr(block, name), name
+        assert block.attn.batch_first and block.attn._qkv_same_embed_dim
+    assert hasattr(dec.cross_attn[0], "ln_1_kv") and dec.text_projection.shape == (8, 5)
