@@ -250,8 +250,13 @@ RESUME = [
 ]
 
 
-def test_sigkill_then_resume_auto_continues_exactly(digits_root, tmp_path):
-    common = [f"data.root={digits_root}", *RESUME]
+#: loss=coca: the caption decoder's weights, its optimizer state and the caption targets resume too
+COCA = ["loss=coca", "model.decoder.width=32", "model.decoder.heads=2", "model.decoder.layers=1"]
+
+
+@pytest.mark.parametrize("objective", [[], COCA], ids=["infonce", "coca"])
+def test_sigkill_then_resume_auto_continues_exactly(digits_root, tmp_path, objective):
+    common = [f"data.root={digits_root}", *RESUME, *objective]
     full = tmp_path / "full"
     run_cli(full, *common, *record(full))
 
@@ -288,6 +293,8 @@ def test_sigkill_then_resume_auto_continues_exactly(digits_root, tmp_path):
     seen_full = [k for s in range(1, 11) for k in a[(0, s)]["keys"]]
     seen_killed = [k for s in range(1, 11) for k in b[(0, s)]["keys"]]
     assert sorted(seen_full) == sorted(seen_killed)
+    if objective:  # the caption term was trained (and logged) in the resumed run too
+        assert "train/caption_loss" in (killed / "metrics.csv").read_text().splitlines()[0]
 
 
 def test_ddp_resume_continues_every_ranks_stream_exactly(digits_root, tmp_path):
