@@ -1,6 +1,6 @@
 """Evaluation on embeddings: retrieval (``retrieval``), zero-shot (``zeroshot``), the compositional
-probe (``probe``) as pure functions, and the validation collector (``validate``) that gathers a val set's
-embeddings across ranks and scores them.
+probe (``probe``) and VQA accuracy (``vqa``) as pure functions, and the validation collector
+(``validate``) that gathers a val set's embeddings across ranks and scores them.
 
 May import ``losses``, ``model``, ``data.stream`` (caption conventions) and ``runtime.distributed``;
 no Lightning, no Hydra.

@@ -1,4 +1,5 @@
-"""Downstream tasks on pretrained towers: linear probe, full fine-tuning, multimodal fusion.
+"""Downstream tasks on pretrained towers: linear probe, full fine-tuning, multimodal fusion (``tasks``)
+and visual question answering (``vqa``).
 
 ``run(task_cfg, model, data_cfg, trainer_cfg, run_dir)`` is the one entry point (``mmpretrain finetune``).
 May import everything below ``commands`` (``training`` for the datamodule, loggers and schedule).

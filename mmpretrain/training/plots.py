@@ -15,6 +15,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from mmpretrain.io import atomic_write
+
 Series = dict[str, tuple[np.ndarray, np.ndarray]]  # metric name -> (steps, values)
 
 # One figure per family of curves: (file stem, title, y label, metric-name predicate).
@@ -198,5 +200,5 @@ def plot_confusion(confusion, names: list[str], path: Path, title: str = "") -> 
         for j in range(n):
             ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     return path
