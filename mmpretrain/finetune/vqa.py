@@ -281,8 +281,9 @@ class VQAModule(L.LightningModule):
 
     def _questions(self, batch: dict[str, Any]) -> dict[str, Any]:
         flat = flatten(batch["qa"], len(self.vocabulary))
-        if "text" in self.net.modalities:
-            flat["text"] = self.net.model.towers["text"].trim_input(flat["text"])
+        trim = getattr(self.net.model.towers["text"], "trim_input", None)  # padding columns off (exact)
+        if trim is not None and "text" in self.net.modalities:
+            flat["text"] = trim(flat["text"])
         out = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in flat.items()}
         if "image" in batch:
             out["image"] = batch["image"]
@@ -319,7 +320,8 @@ class VQAModule(L.LightningModule):
         self.log(f"{self.split}/loss", self.loss(logits, q["target"]), batch_size=len(q["target"]))
         pred = self.predict_answers(logits).cpu()
         scores = torch.tensor(
-            [question_accuracy(self.vocabulary[i], a) for i, a in zip(pred.tolist(), q["answers"])]
+            [question_accuracy(self.vocabulary[i], a) for i, a in zip(pred.tolist(), q["answers"])],
+            dtype=torch.float32,
         )
         top = q["target"].cpu()
         label = torch.where(top.amax(1) > 0, top.argmax(1), torch.full_like(pred, -1))
@@ -334,12 +336,18 @@ class VQAModule(L.LightningModule):
         )
 
     def on_validation_epoch_end(self) -> None:
-        local = {k: torch.cat([v[k] for v in self._val]) for k in self._val[0]} if self._val else None
+        # every rank gathers, even one that validated no batch (its columns are empty)
+        kinds = {"score": torch.float32, "pred": torch.long, "label": torch.long}
+        kinds |= {"question_type": torch.long, "answer_type": torch.long}
+        local = {
+            k: torch.cat([v[k] for v in self._val]) if self._val else torch.zeros(0, dtype=dtype)
+            for k, dtype in kinds.items()
+        }
         self._val = []
-        if local is None:
-            raise ValueError(f"the {self.split} split has no questions to score")
         if distributed.world_size() > 1:
             local = {k: distributed.all_gather_variable(v.to(self.device)).cpu() for k, v in local.items()}
+        if not len(local["score"]):
+            raise ValueError(f"the {self.split} split has no questions to score")
         self.results[self.split] = local
         for name, value in self.summarise(local).items():
             self.log(f"{self.split}/{name}", value, rank_zero_only=True)

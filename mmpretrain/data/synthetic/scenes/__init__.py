@@ -207,6 +207,12 @@ def build_scenes(
         "shard_size": shard_size,
         "questions": QUESTIONS_VERSION,
     }
+    record = out / "scenes.json"
+    if record.exists() and "questions" not in json.loads(record.read_text()):
+        raise ValueError(
+            f"{out} holds scenes built before the questions (its scenes.json has no 'questions'), which "
+            "task=vqa and this version's shards need: choose another out= (or delete it) to build them anew"
+        )
     claim_build(out, "scenes.json", options, "scenes")
     counts = {"train": train, "val": val, "test_compositional": test}
     pending, sizes = plan_shards(out, counts, shard_size)
