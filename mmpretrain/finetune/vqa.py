@@ -195,20 +195,17 @@ class VQANet(nn.Module):
             )
         self.locked = towers == "locked"
         model.requires_grad_(False)
-        if not self.locked:
+        if not self.locked:  # only what the fusion uses trains (DDP needs every trainable one used)
             for m in self.modalities:
                 model.towers[m].requires_grad_(True)
-                model.projections[m].requires_grad_(True)
+                if len(self.modalities) == 2 and task["fusion"] == "late":  # late reads the embeddings
+                    model.projections[m].requires_grad_(True)
         sizes = {k: int(task[k]) for k in ("width", "layers", "heads")}
         if len(self.modalities) == 2:
             self.fusion = _QuestionImageFusion(
                 model, ["text", "image"], num_answers, task["fusion"], example, query="text",
                 freeze_towers=self.locked, **sizes,
             )  # fmt: skip
-            if not self.locked:  # FusionClassifier leaves requires_grad alone when towers train
-                model.requires_grad_(False)
-                for m in self.modalities:
-                    model.towers[m].requires_grad_(True)
         else:
             self.fusion = _OneInput(
                 model, self.modalities[0], num_answers, example, freeze_towers=self.locked, **sizes
