@@ -9,21 +9,44 @@ from mmpretrain.evaluation.zeroshot import prompts_from_config
 from mmpretrain.runs import end_run, ensure_data, start_run
 
 
+def pretrained_model(pretrained: str, model_cfg: dict | None):
+    """The towers to fine-tune (or to caption with, ``task=caption``): ``model`` builds them from the
+    ``model=`` config with its own starting weights (an open_clip tag, ``hf-hub:`` ids, timm weights);
+    ``hf-hub:ORG/REPO`` is an open_clip model on the hub; anything else a checkpoint or export
+    (:func:`model_from_checkpoint`)."""
+    import mmpretrain
+    from mmpretrain.export import model_from_checkpoint
+    from mmpretrain.interop.open_clip import open_clip_model_config
+    from mmpretrain.pretrained import check_available, is_hub_id
+
+    if pretrained == "model":
+        if not model_cfg:
+            raise ValueError(
+                "pretrained=model builds the towers of the model= config: give one (e.g. model=openclip)"
+            )
+        check_available(model_cfg)
+        return mmpretrain.create_model(model_cfg)
+    if is_hub_id(pretrained) and not model_cfg:
+        cfg = open_clip_model_config(pretrained)
+        check_available(cfg)
+        return mmpretrain.create_model(cfg)
+    return model_from_checkpoint(pretrained, model_cfg)
+
+
 def finetune(cfg: DictConfig) -> dict[str, float]:
     """Train ``cfg.task`` on ``cfg.pretrained``'s towers; the final metrics (also in ``metrics.json``)."""
     import lightning as L
 
     from mmpretrain import finetune as tasks
     from mmpretrain.data.stream.seeds import global_seed
-    from mmpretrain.export import model_from_checkpoint
     from mmpretrain.runtime.ddp import resolve_strategy
 
     run_dir = start_run(cfg)
     L.seed_everything(global_seed(cfg.seed), workers=True)
     ensure_data(cfg.data)
+    model = pretrained_model(str(cfg.pretrained), to_plain(cfg.get("model")))
     if cfg.task.name == "caption":  # a caption decoder, not a classifier (finetune/caption.py)
-        return _caption(cfg, _caption_model(cfg), run_dir)
-    model = model_from_checkpoint(cfg.pretrained, to_plain(cfg.get("model")))
+        return _caption(cfg, model, run_dir)
     prompts = prompts_from_config(cfg.data.get("val"))
     classnames = prompts["classnames"] if prompts else None
     metrics = tasks.run(
@@ -35,29 +58,18 @@ def finetune(cfg: DictConfig) -> dict[str, float]:
         classnames=classnames,
         seed=cfg.seed,
     )
-    print(
-        f"{cfg.task.name}: val accuracy {metrics['val/accuracy']:.4f}, macro-F1 {metrics['val/f1_macro']:.4f}"
-    )
+    if "val/accuracy" in metrics:
+        print(
+            f"{cfg.task.name}: val accuracy {metrics['val/accuracy']:.4f}, "
+            f"macro-F1 {metrics['val/f1_macro']:.4f}"
+        )
+    else:
+        print(
+            f"{cfg.task.name}: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith("/vqa_accuracy"))
+        )
     end_run(run_dir)
     return metrics
-
-
-def _caption_model(cfg: DictConfig):
-    """``pretrained=model``: the model config's own starting weights (an open_clip tag, ``model.pretrained=``;
-    a timm name, ``model.towers.image.pretrained=true``); any other value: a checkpoint or an export."""
-    from mmpretrain.export import model_from_checkpoint
-    from mmpretrain.model import build_model
-    from mmpretrain.pretrained import check_available
-
-    if str(cfg.pretrained) != "model":
-        return model_from_checkpoint(cfg.pretrained, to_plain(cfg.get("model")))
-    if cfg.get("model") is None:
-        raise ValueError(
-            "pretrained=model builds the model config's towers with their own weights: give one, e.g. "
-            "model=openclip model.config=ViT-B-32 model.pretrained=laion2b_s34b_b79k"
-        )
-    check_available(cfg.model)
-    return build_model(to_plain(cfg.model))
 
 
 def _caption(cfg: DictConfig, model, run_dir) -> dict[str, float]:

@@ -35,6 +35,9 @@ OPTIONS: dict[str, tuple[str, ...]] = {
         "separator",
         "labels",
         "classnames",
+        "question_key",
+        "answer_key",
+        "answer_separator",
     ),
 }
 DEFAULT_OPTIONS = ("seed", "image_size")

@@ -1,7 +1,7 @@
 """Evaluation on embeddings: retrieval (``retrieval``), zero-shot (``zeroshot``), the compositional
-probe (``probe``) as pure functions, the validation collector (``validate``) that gathers a val set's
-embeddings across ranks and scores them, and captioning (``captioning``: caption scores, the retrieval
-baseline, the captioning evaluation of a model).
+probe (``probe``) and VQA accuracy (``vqa``) as pure functions, the validation collector (``validate``)
+that gathers a val set's embeddings across ranks and scores them, and captioning (``captioning``:
+caption scores, the retrieval baseline, the captioning evaluation of a model).
 
 May import ``losses``, ``model``, ``data`` (caption conventions, reading captioned shards; the scenes'
 grammar words) and ``runtime.distributed``;

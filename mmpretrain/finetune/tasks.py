@@ -18,8 +18,9 @@ from mmpretrain.io import write_text_atomic
 from mmpretrain.model import ContrastiveModel
 from mmpretrain.training.datamodule import ContrastiveDataModule
 from mmpretrain.training.monitor import CSVLogger
+from mmpretrain.training.plots import plot_confusion
 
-TASKS = ("linear_probe", "full", "fusion")
+TASKS = ("linear_probe", "full", "fusion", "vqa")
 
 
 def run(
@@ -33,6 +34,10 @@ def run(
 ) -> dict[str, float]:
     if task["name"] not in TASKS:
         raise ValueError(f"task={task['name']} is unknown; use one of {', '.join(TASKS)}")
+    if task["name"] == "vqa":  # its own data, net, module and metrics: finetune/vqa.py
+        from mmpretrain.finetune.vqa import run_vqa
+
+        return run_vqa(task, model, data, trainer, run_dir, seed=seed)
     num_classes = int(task.get("num_classes") or (len(classnames) if classnames else 0))
     if num_classes < 2:
         raise ValueError(
@@ -196,27 +201,3 @@ def _write_results(
         run_dir / "plots" / "confusion_matrix.png",
         title=f"val accuracy {metrics.get('val/accuracy', float('nan')):.4f}",
     )
-
-
-def plot_confusion(confusion: torch.Tensor, names: list[str], path: Path, title: str = "") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = len(names)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.5 * n, 1.0 + 0.5 * n))
-    ax.imshow(confusion.numpy(), cmap="Blues")
-    ax.set_xticks(range(n), names, rotation=90)
-    ax.set_yticks(range(n), names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

@@ -17,6 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from mmpretrain.evaluation.retrieval import CAPTIONS_REPEAT
+from mmpretrain.io import atomic_write
 
 Series = dict[str, tuple[np.ndarray, np.ndarray]]  # metric name -> (steps, values)
 
@@ -197,3 +198,26 @@ def plot_projection(
 
 def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def plot_confusion(confusion, names: list[str], path: Path, title: str = "") -> Path:
+    """A confusion matrix (rows: true, columns: predicted; a ``[n, n]`` tensor or array) with its
+    counts written in the cells."""
+    counts = np.asarray(confusion)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = len(names)
+    fig = Figure(figsize=(1.0 + 0.5 * n, 1.0 + 0.5 * n))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.imshow(counts, cmap="Blues")
+    ax.set_xticks(range(n), names, rotation=90)
+    ax.set_yticks(range(n), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    return path

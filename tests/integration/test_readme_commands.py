@@ -198,6 +198,23 @@ def _write_own_data(workdir: Path) -> None:
 
 
 OWN = {"/data/my_shards": "own/shards", "/data/": "own/"}  # in order: the output, then the inputs
+SCENES_CLIP = "mmpretrain train experiment=scenes_clip hydra.run.dir=runs/scenes_clip"
+
+
+def _write_vqa_table(workdir: Path) -> None:
+    """own/vqa.csv: two questions on each of 24 images, the colour one with ten annotators' answers."""
+    from PIL import Image
+
+    (workdir / "own" / "vqa").mkdir(parents=True, exist_ok=True)
+    lines = ["filepath,question,answer"]
+    for i in range(24):
+        colour = ("red", "blue")[i % 2]
+        Image.new("RGB", (32, 32), colour).save(workdir / "own" / "vqa" / f"{i}.jpg")
+        lines.append(f"vqa/{i}.jpg,what colour is it?,{'|'.join([colour] * 9 + ['green'])}")
+        lines.append(f"vqa/{i}.jpg,is it red?,{'yes' if i % 2 == 0 else 'no'}")
+    (workdir / "own" / "vqa.csv").write_text("\n".join(lines) + "\n")
+
+
 USAGE = "usage synopsis (placeholders, [optional] parts, a|b alternatives); its concrete forms are run: "
 SEVERAL_NODES = (
     "several nodes (torchrun rendezvous over 2 machines x 8 GPUs); two torchrun 'nodes' on CPU are "
@@ -435,9 +452,6 @@ COMMANDS: dict[str, Run | Skip] = {
         needs=("mmpretrain train experiment=scenes_coca hydra.run.dir=runs/scenes_coca",),
         expect=("val/caption/CIDEr-D",),
     ),
-    "mmpretrain train experiment=scenes_clip hydra.run.dir=runs/scenes_clip": Run(
-        extra=(f"data.root={SCENES}",), needs=("mmpretrain data scenes out=DIR",)
-    ),
     "mmpretrain finetune task=caption pretrained=runs/scenes_clip/export data=scenes": Run(
         extra=(f"data.root={SCENES}", *CAPTIONING),
         budget=FINETUNE,
@@ -446,6 +460,33 @@ COMMANDS: dict[str, Run | Skip] = {
     ),
     "mmpretrain caption ckpt=PATH in=FOLDER_OR_SHARDS out=captions.jsonl": Skip(
         USAGE + "`mmpretrain caption ckpt=runs/scenes_coca/export in=data/scenes/val ...`"
+    ),
+    # -- visual question answering on the scenes (README "Visual question answering")
+    SCENES_CLIP: Run(extra=(f"data.root={SCENES}",), needs=("mmpretrain data scenes out=DIR",)),
+    "mmpretrain finetune task=vqa pretrained=runs/scenes_clip/export data=scenes": Run(
+        extra=(f"data.root={SCENES}",), budget=FINETUNE, needs=(SCENES_CLIP,), expect=("val/vqa_accuracy",)
+    ),
+    "mmpretrain finetune task=vqa pretrained=runs/scenes_clip/export data=scenes "
+    "task.inputs=question_only": Run(extra=(f"data.root={SCENES}",), budget=FINETUNE, needs=(SCENES_CLIP,)),
+    "mmpretrain finetune task=vqa pretrained=hf-hub:ORG/REPO data=scenes": Skip(
+        HUB + "; offline in tests/integration/test_vqa.py"
+    ),
+    "mmpretrain finetune task=vqa pretrained=model model=tiny model.towers.image.model_name=resnet18 "
+    "model.towers.image.pretrained=true data=scenes": Skip(
+        HUB + "; offline in tests/integration/test_vqa.py"
+    ),
+    "mmpretrain data shards in=/data/vqa.csv out=/data/vqa_shards": Run(
+        subs={"/data/": "own/"},
+        budget=HYDRA_RUN,
+        prepare=(_write_vqa_table,),
+        expect=("converted into own/vqa_shards",),
+    ),
+    "mmpretrain finetune task=vqa pretrained=runs/scenes_clip/export data=shards "
+    "data.root=/data/vqa_shards": Run(
+        subs={"/data/": "own/"},
+        budget=FINETUNE,
+        needs=(SCENES_CLIP, "mmpretrain data shards in=/data/vqa.csv out=/data/vqa_shards"),
+        expect=("val/vqa_accuracy",),
     ),
     "mmpretrain train experiment=digits_trimodal": Run(
         extra=("hydra.run.dir=runs/trimodal",),

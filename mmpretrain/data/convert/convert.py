@@ -7,7 +7,11 @@ with ``labels=folders``) or a folder of webdataset tars (img2dataset's output), 
 ``data=shards`` reads: ``out/{train,val}/<split>-NNNNNN.tar``, ``sizes.json`` per split and, when
 there are labels, ``classnames.txt`` + ``templates.txt`` with ``cls`` = the class's line number.
 A sample holds ``txt`` = its first caption and, when it has several, ``json`` = ``{"caption": [all]}``
-(what :func:`~mmpretrain.data.stream.decode.decode_captions` reads by default).
+(what :func:`~mmpretrain.data.stream.decode.decode_captions` reads by default). A table with
+``question`` and ``answer`` columns (``question_key``/``answer_key``; its caption column then
+optional) gives each file's questions as the json's ``qa`` list, every row one question, its cell's
+answers split at ``answer_separator`` (``|``: ``yes|yes|no|...``, VQA v2's ten annotators) and the
+``question_type``/``answer_type`` columns when the table has them.
 
 Every step is deterministic (the order of the input, the split by a hash of each row's path), so a
 rerun assigns the same rows to the same shards: a shard whose record in ``out/.convert/`` matches
@@ -196,11 +200,21 @@ def build_sample(row: Row, classes: dict[str, int] | None) -> tuple[dict | None,
     if row.problem is not None:
         return None, row.problem
     captions = [c.strip() for c in row.captions if c and c.strip()]
-    if not captions:
+    if not captions and not row.qa:
         return None, ("empty caption", "no caption text")
-    sample: dict[str, Any] = {"__key__": row.key, "txt": captions[0]}
-    if len(captions) > 1:
-        sample["json"] = json.dumps({"caption": captions}, ensure_ascii=False).encode()
+    sample: dict[str, Any] = {"__key__": row.key}
+    if captions:
+        sample["txt"] = captions[0]
+    meta: dict[str, Any] = {"caption": captions} if len(captions) > 1 else {}
+    if row.qa:
+        meta["qa"] = [
+            {"question": q, "answers": list(a)}
+            | ({"question_type": qt} if qt else {})
+            | ({"answer_type": at} if at else {})
+            for q, a, qt, at in row.qa
+        ]
+    if meta:
+        sample["json"] = json.dumps(meta, ensure_ascii=False).encode()
     if classes is not None:
         if row.label not in classes:
             return None, ("unknown label", f"label {row.label!r} is not one of the {len(classes)} classes")
@@ -269,7 +283,7 @@ def report(out: Path, splits: dict[str, list[Row]], results: list[dict]) -> None
         sizes = sorted({r["rows"] for r in split_results})
         table.add_row(
             split,
-            str(sum(max(len(r.captions), 1) for r in rows)),
+            str(sum(max(len(r.captions), len(r.qa), 1) for r in rows)),
             str(len(rows)),
             str(sum(r["samples"] for r in split_results)),
             str(sum(bool(r["samples"]) for r in split_results)),

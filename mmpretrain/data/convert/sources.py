@@ -39,6 +39,9 @@ class Options:
     separator: str = "auto"
     labels: str | None = None  # "folders": a class per sub-folder of a folder input
     classnames: str | None = None  # a file fixing the classes (one a line); else the sorted label values
+    question_key: str = "question"  # VQA: read when the table has it and answer_key
+    answer_key: str = "answer"
+    answer_separator: str = "|"  # several annotators' answers in one cell: "yes|yes|no"
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class Row:
     label: str | None = None
     offset: int | None = None  # tar input: the sample's header offset in ``path``
     problem: tuple[str, str] | None = None  # (reason, detail): found unusable while listing
+    qa: tuple[tuple[str, tuple[str, ...], str | None, str | None], ...] = ()  # (question, answers, types)
 
     def read(self) -> bytes:
         if self.offset is None:
@@ -101,7 +105,10 @@ def read_table(path: Path, opts: Options) -> list[Row]:
     """One row per media file: the table's rows naming it (the same path once normalised) give its
     captions in table order and its label (they must agree: else the row's problem says so)."""
     columns, records = _table_records(path, opts.separator)
-    wanted = {"img_key": opts.img_key, "caption_key": opts.caption_key}
+    questions = opts.question_key in columns and opts.answer_key in columns
+    wanted = {"img_key": opts.img_key}
+    if not questions or opts.caption_key in columns:  # a VQA table needs no caption
+        wanted["caption_key"] = opts.caption_key
     if opts.label_key:
         wanted["label_key"] = opts.label_key
     for option, column in wanted.items():
@@ -124,10 +131,18 @@ def read_table(path: Path, opts: Options) -> list[Row]:
                 "file": file if name else "",
                 "captions": [],
                 "labels": [],
+                "qa": [],
+                "problem": None,
             },
         )
-        caption = rec[opts.caption_key]
-        group["captions"].append(None if caption is None else str(caption))
+        if "caption_key" in wanted:
+            caption = rec[opts.caption_key]
+            group["captions"].append(None if caption is None else str(caption))
+        if questions:
+            entry, problem = _question(rec, opts, i)
+            if entry is not None:
+                group["qa"].append(entry)
+            group["problem"] = group["problem"] or problem
         label = rec[opts.label_key] if opts.label_key else None
         if label is not None and str(label).strip():
             group["labels"].append(str(label).strip())
@@ -139,6 +154,8 @@ def read_table(path: Path, opts: Options) -> list[Row]:
             problem = ("missing file", f"empty {opts.img_key} cell")
         elif len(labels) > 1:
             problem = ("conflicting labels", f"the rows of {g['name']} give the labels {labels}")
+        elif g["problem"]:
+            problem = g["problem"]
         rows.append(
             Row(
                 key=sample_key(g["name"]),
@@ -148,9 +165,27 @@ def read_table(path: Path, opts: Options) -> list[Row]:
                 captions=tuple(g["captions"]),
                 label=labels[0] if len(labels) == 1 else None,
                 problem=problem,
+                qa=tuple(g["qa"]),
             )
         )
     return rows
+
+
+def _question(rec: dict, opts: Options, i: int) -> tuple[tuple | None, tuple[str, str] | None]:
+    """A table row's ``(question, answers, question_type, answer_type)`` (None without a question),
+    or the problem that makes its file's sample unusable (a question without an answer)."""
+    question = str(rec.get(opts.question_key) or "").strip()
+    cell = str(rec.get(opts.answer_key) or "")
+    answers = tuple(a.strip() for a in cell.split(opts.answer_separator) if a.strip())
+    if not question:
+        return None, None if not answers else (
+            "answer without question",
+            f"row {i} has an answer, no question",
+        )
+    if not answers:
+        return None, ("question without answer", f"row {i}: '{question}' has no {opts.answer_key}")
+    types = tuple(str(rec.get(k) or "").strip() or None for k in ("question_type", "answer_type"))
+    return (question, answers, *types), None
 
 
 def _table_records(path: Path, separator: str) -> tuple[list[str], list[dict]]:

@@ -136,7 +136,14 @@ DECODERS: dict[str, tuple[tuple[str, ...], Callable[..., Any]]] = {
     "audio": (("flac", "wav", "mp3"), lambda b, ext, **_: decode_audio(b, ext)),
     "cls": (("cls",), lambda b, ext, **_: decode_cls(b)),
     "video": (("mp4", "webm", "avi"), lambda b, ext, **_: _decode_video(b, ext)),
+    "qa": (("json",), lambda b, ext, **_: _decode_qa(b)),  # the json's questions with answers (VQA)
 }
+
+
+def _decode_qa(data: bytes):
+    from mmpretrain.data.stream.questions import decode_qa
+
+    return decode_qa(data)
 
 
 def _decode_video(data: bytes, ext: str):

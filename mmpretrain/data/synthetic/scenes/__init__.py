@@ -7,6 +7,7 @@ Layout of ``DIR`` (README, "The scenes data")::
     val/val-0000.tar ...
     test_compositional/test_compositional-0000.tar ...   scenes with a colour-shape pair never in train/val
     heldout_pairs.json                       those pairs: [[colour, shape], ...]
+    questions.json                           per split and question family: questions kept per answer
     classnames.txt, templates.txt            the count task (the one task defined for every scene)
     tasks/{color,shape,count}/{classnames,templates}.txt
     scenes.json                              the options the shards were built with
@@ -14,11 +15,17 @@ Layout of ``DIR`` (README, "The scenes data")::
 A sample: ``jpg``; ``txt`` (the first caption); ``cls`` (the count label); ``json`` with
 ``captions`` (5), ``negatives`` and ``negative_kinds`` (one per SugarCrepe kind that applies),
 ``labels`` ({color, shape, count}; -1 where a task does not apply: colour and shape only for
-one-object scenes) and ``objects`` ([{shape, color, size, x, y}], centres as fractions of the side).
+one-object scenes), ``objects`` ([{shape, color, size, x, y}], centres as fractions of the side) and
+``qa``: questions with their answers (:mod:`~mmpretrain.data.synthetic.scenes.questions`), each
+``{question, answers: [one], question_type, answer_type, family}``, answers balanced per family and
+split over the whole split (so the plan of a split is computed before its shards are written).
 
 Scene ``i`` of a split is drawn from its own seed, ``derive(seed, "scene", split, i)``, so the
 shards are byte-identical for a seed whatever the number of workers, and a rerun (after an
-interruption) writes only the shards not there yet.
+interruption) writes only the shards not there yet. The questions come from streams of their own
+(``derive(seed, "scene_questions", ...)``), so a scene's image and captions are those of a build without
+them. A root built before the questions (its ``scenes.json`` has no ``questions``) is refused with a
+message, as the moving digits' older roots are.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ from mmpretrain.data.convert.writing import (
     write_text_atomic,
 )
 from mmpretrain.data.stream.seeds import derive
-from mmpretrain.data.synthetic.scenes import grammar
+from mmpretrain.data.synthetic.scenes import grammar, questions
 from mmpretrain.data.synthetic.scenes.grammar import COLORS, COUNTS, SHAPES, SIZES, Obj
 from mmpretrain.data.synthetic.scenes.render import layout, render
 
@@ -95,10 +102,49 @@ def scene_objects(split: str, rng: random.Random) -> list[Obj]:
             return objects
 
 
-def make_scene(seed: int, split: str, index: int, size_min: int, size_max: int) -> dict[str, Any]:
-    """One sample of ``split``: the image, captions, negatives and labels of scene ``index``."""
+QUESTIONS_VERSION = 1  # recorded in scenes.json; a root without it predates the questions
+
+
+def _scene_rng(seed: int, split: str, index: int) -> tuple[random.Random, np.random.Generator]:
     s = derive(seed, "scene", SPLITS[split], index)
-    rng, nrng = random.Random(s), np.random.default_rng(s)
+    return random.Random(s), np.random.default_rng(s)
+
+
+def _candidates(task: tuple[int, str, int, int]) -> list[list[questions.Candidate]]:
+    """The allowed question candidates of scenes [start, stop) of a split (one list per scene)."""
+    seed, split, start, stop = task
+    out = []
+    for i in range(start, stop):
+        objects = scene_objects(
+            split, _scene_rng(seed, split, i)[0]
+        )  # the scene's first draws, as make_scene
+        qrng = random.Random(derive(seed, "scene_questions", 0, SPLITS[split], i))
+        out.append(questions.scene_candidates(objects, split, HELDOUT_PAIRS, qrng))
+    return out
+
+
+def plan_questions(
+    seed: int, split: str, count: int, chunk: int, workers: int | None
+) -> tuple[list[list[dict]], dict]:
+    """Every scene's ``qa`` list for ``split`` (answers balanced per family over the split) and the
+    balance report ``{family: {per_answer, answers, dropped}}``."""
+    tasks = [(seed, split, a, min(a + chunk, count)) for a in range(0, count, chunk)]
+    found = parallel_map(_candidates, tasks, workers, label=f"questions {split}", progress=False)
+    kept, report = questions.balance(
+        [c for part in found for c in part], random.Random(derive(seed, "scene_questions", 2, SPLITS[split]))
+    )
+    records = []
+    for i, cands in enumerate(kept):
+        wrng = random.Random(derive(seed, "scene_questions", 1, SPLITS[split], i))
+        records.append([questions.qa_record(c, wrng) for c in cands])
+    return records, report
+
+
+def make_scene(
+    seed: int, split: str, index: int, size_min: int, size_max: int, qa: list[dict] | None = None
+) -> dict[str, Any]:
+    """One sample of ``split``: the image, captions, negatives, labels and questions of scene ``index``."""
+    rng, nrng = _scene_rng(seed, split, index)
     objects = scene_objects(split, rng)
     captions = grammar.true_captions(objects, rng)
     forbidden = frozenset() if split == "test_compositional" else HELDOUT_PAIRS
@@ -117,6 +163,7 @@ def make_scene(seed: int, split: str, index: int, size_min: int, size_max: int) 
         "objects": [
             {"shape": o.shape, "color": o.color, "size": o.size, "x": o.x, "y": o.y} for o in objects
         ],
+        "qa": qa or [],
     }
     jpg = render(objects, rng.randint(size_min, size_max), rng, nrng, quality=rng.randint(70, 95))
     return {
@@ -128,10 +175,11 @@ def make_scene(seed: int, split: str, index: int, size_min: int, size_max: int) 
     }
 
 
-def _write(task: tuple[str, str, int, int, int, int, int]) -> int:
-    path, split, start, stop, seed, size_min, size_max = task
+def _write(task: tuple) -> int:
+    path, split, start, stop, seed, size_min, size_max, qa = task
     return write_shard(
-        Path(path), (make_scene(seed, split, i, size_min, size_max) for i in range(start, stop))
+        Path(path),
+        (make_scene(seed, split, i, size_min, size_max, qa[i - start]) for i in range(start, stop)),
     )
 
 
@@ -157,13 +205,24 @@ def build_scenes(
         "image_size_min": image_size_min,
         "image_size_max": image_size_max,
         "shard_size": shard_size,
+        "questions": QUESTIONS_VERSION,
     }
+    record = out / "scenes.json"
+    if record.exists() and "questions" not in json.loads(record.read_text()):
+        raise ValueError(
+            f"{out} holds scenes built before the questions (its scenes.json has no 'questions'), which "
+            "task=vqa and this version's shards need: choose another out= (or delete it) to build them anew"
+        )
     claim_build(out, "scenes.json", options, "scenes")
-    pending, sizes = plan_shards(out, {"train": train, "val": val, "test_compositional": test}, shard_size)
+    counts = {"train": train, "val": val, "test_compositional": test}
+    pending, sizes = plan_shards(out, counts, shard_size)
     started = time.perf_counter()
+    plans, reports = {}, {}
+    for split in counts if pending else ():  # a split's balance is over all of it, so all are planned
+        plans[split], reports[split] = plan_questions(seed, split, counts[split], shard_size, workers)
     parallel_map(
         _write,
-        [(*t, seed, image_size_min, image_size_max) for t in pending],
+        [(*t, seed, image_size_min, image_size_max, plans[t[1]][t[2] : t[3]]) for t in pending],
         workers,
         label="scenes",
         total=sum(t[3] - t[2] for t in pending),
@@ -172,9 +231,37 @@ def build_scenes(
     write_text_atomic(
         out / "heldout_pairs.json", json.dumps(sorted([c, s] for c, s in HELDOUT_PAIRS), indent=1)
     )
+    if reports:
+        write_text_atomic(out / "questions.json", json.dumps(_question_summary(plans, reports), indent=1))
     finish_build(out, sizes, TASKS, TOP_TASK, pending, started, "scenes")
     return out
 
 
+def _question_summary(plans: dict[str, list[list[dict]]], reports: dict[str, dict]) -> dict:
+    """Per split: questions, per type the answer counts and the largest answer's share (a blind
+    model's best accuracy from the answer marginal alone), and the balance per family."""
+    out = {}
+    for split, plan in plans.items():
+        by_type: dict[str, dict[str, int]] = {}
+        for qa in (q for scene in plan for q in scene):
+            counts = by_type.setdefault(qa["question_type"], {})
+            counts[qa["answers"][0]] = counts.get(qa["answers"][0], 0) + 1
+        out[split] = {
+            "questions": sum(len(scene) for scene in plan),
+            "types": {
+                t: {"answers": c, "majority_share": round(max(c.values()) / sum(c.values()), 4)}
+                for t, c in sorted(by_type.items())
+            },
+            "families": reports[split],
+        }
+    return out
+
+
 def is_built(root: str | Path) -> bool:
-    return splits_built(root, SPLITS)
+    """The splits are there, and built with questions (a root from before them has a ``scenes.json``
+    without ``questions``): an older root is rebuilt on first use, which refuses with a message to
+    choose another ``out=`` or delete it."""
+    if not splits_built(root, SPLITS):
+        return False
+    record = Path(root) / "scenes.json"
+    return not record.exists() or json.loads(record.read_text()).get("questions") == QUESTIONS_VERSION
