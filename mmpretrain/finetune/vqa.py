@@ -390,7 +390,7 @@ def run_vqa(
     if task.get("answer_mode", "classify") != "classify":
         raise ValueError(
             f"task.answer_mode={task['answer_mode']}: only 'classify' exists; the generative 'rank' "
-            "mode needs a caption decoder, which this model has not"
+            "mode (answers ranked by a caption decoder's likelihood) is not built yet"
         )
     if task.get("init", "pretrained") == "random":  # the same architecture, fresh weights: the baseline
         model = build_model(weights_free(model.config()))
