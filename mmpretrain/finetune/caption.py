@@ -20,13 +20,12 @@ import torch
 
 from mmpretrain.evaluation.captioning import evaluation_from_config, write_caption_examples
 from mmpretrain.export import export
+from mmpretrain.finetune.module import adamw_warmup_cosine, task_trainer
 from mmpretrain.io import write_text_atomic
 from mmpretrain.losses.coca import caption_loss
 from mmpretrain.model import ContrastiveModel
 from mmpretrain.towers.decoder import build_decoder
 from mmpretrain.training.datamodule import ContrastiveDataModule, sources_from_config
-from mmpretrain.training.monitor import CSVLogger
-from mmpretrain.training.optim import warmup_cosine, warmup_steps
 
 
 class CaptionModule(L.LightningModule):
@@ -88,11 +87,11 @@ class CaptionModule(L.LightningModule):
             groups.append({"params": [p for p in tower.parameters() if p.requires_grad], "lr": lr * scale})
         if self.model.decoder.reads_text_tower:  # open_clip's CoCa decoder reads the text tower's tokens
             groups.append({"params": list(self.model.towers["text"].parameters()), "lr": lr})
-        optimizer = torch.optim.AdamW(groups, weight_decay=float(self.task.get("weight_decay", 0.0)))
-        total = int(self.trainer.estimated_stepping_batches)
-        factor = warmup_cosine(warmup_steps(float(self.task.get("warmup_steps", 0.0)), total), total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        weight_decay, warmup = (
+            float(self.task.get("weight_decay", 0.0)),
+            float(self.task.get("warmup_steps", 0.0)),
+        )
+        return adamw_warmup_cosine(self, groups, weight_decay, warmup)
 
 
 def run(
@@ -135,16 +134,7 @@ def run(
             data.get("caption_keys"),
         )
     module = CaptionModule(model, task, evaluation, hparams={"model": model.config(), "task": task})
-    fit = L.Trainer(
-        **trainer | {"max_epochs": int(task["epochs"]), "max_steps": -1},
-        default_root_dir=str(run_dir),
-        logger=CSVLogger(save_dir=str(run_dir), name="", version=""),
-        callbacks=[
-            L.pytorch.callbacks.ModelCheckpoint(
-                dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0
-            )
-        ],
-    )
+    fit = task_trainer(trainer, task, run_dir)
     fit.fit(module, datamodule=datamodule)
     metrics = {k: float(v) for k, v in fit.callback_metrics.items()}
     if fit.is_global_zero:

@@ -3,6 +3,7 @@ and the confusion matrix from torchmetrics over the whole validation split."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
+from mmpretrain.training.monitor import CSVLogger
 from mmpretrain.training.optim import warmup_cosine, warmup_steps
 
 
@@ -66,14 +68,7 @@ class ClassifierModule(L.LightningModule):
             metric.reset()
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(
-            [{k: v for k, v in g.items() if k != "name"} for g in self.groups], weight_decay=self.weight_decay
-        )
-        total = int(self.trainer.estimated_stepping_batches)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(warmup_steps(self.warmup_steps, total), total)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_warmup_cosine(self, self.groups, self.weight_decay, self.warmup_steps)
 
 
 def _labels(batch: dict[str, Any]) -> torch.Tensor:
@@ -86,3 +81,33 @@ def _labels(batch: dict[str, Any]) -> torch.Tensor:
     if (labels < 0).any():
         raise ValueError("some samples have no 'cls' label; every train/ and val/ sample needs one")
     return labels.long()
+
+
+def adamw_warmup_cosine(
+    module: L.LightningModule, groups: list[dict[str, Any]], weight_decay: float, warmup: float
+) -> dict[str, Any]:
+    """AdamW over ``groups`` (a group's ``name`` dropped) with a per-step warm-up + cosine schedule over the
+    run's optimizer steps: what every fine-tuning task's ``configure_optimizers`` returns."""
+    optimizer = torch.optim.AdamW(
+        [{k: v for k, v in g.items() if k != "name"} for g in groups], weight_decay=weight_decay
+    )
+    total = int(module.trainer.estimated_stepping_batches)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(warmup_steps(warmup, total), total)
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def task_trainer(trainer: dict[str, Any], task: dict[str, Any], run_dir: Path) -> L.Trainer:
+    """The Trainer of a fine-tuning task: ``task.epochs`` epochs, metrics.csv in the run directory, the
+    last checkpoint in ``checkpoints/``."""
+    return L.Trainer(
+        **trainer | {"max_epochs": int(task["epochs"]), "max_steps": -1},
+        default_root_dir=str(run_dir),
+        logger=CSVLogger(save_dir=str(run_dir), name="", version=""),
+        callbacks=[
+            L.pytorch.callbacks.ModelCheckpoint(
+                dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0
+            )
+        ],
+    )

@@ -7,17 +7,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from mmpretrain.data import ShardStream, Source, expand_shards
 from mmpretrain.finetune.heads import FusionClassifier, LinearHead, TowerClassifier, features
-from mmpretrain.finetune.module import ClassifierModule
+from mmpretrain.finetune.module import ClassifierModule, task_trainer
 from mmpretrain.io import write_text_atomic
 from mmpretrain.model import ContrastiveModel
 from mmpretrain.training.datamodule import ContrastiveDataModule
-from mmpretrain.training.monitor import CSVLogger
 from mmpretrain.training.plots import plot_confusion
 
 TASKS = ("linear_probe", "full", "fusion", "vqa")
@@ -94,16 +92,7 @@ def run(
         hparams={"model": model.config(), "task": task, "num_classes": num_classes},
     )
     module.train()  # Lightning keeps the modes it finds; frozen fusion towers switch themselves to eval here
-    fit = L.Trainer(
-        **trainer | {"max_epochs": int(task["epochs"]), "max_steps": -1},
-        default_root_dir=str(run_dir),
-        logger=CSVLogger(save_dir=str(run_dir), name="", version=""),
-        callbacks=[
-            L.pytorch.callbacks.ModelCheckpoint(
-                dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0
-            )
-        ],
-    )
+    fit = task_trainer(trainer, task, run_dir)
     fit.fit(module, **fit_kwargs)
     trained = {k: float(v) for k, v in fit.callback_metrics.items() if k.startswith("train/")}
     val_kwargs = (

@@ -32,12 +32,11 @@ from mmpretrain.data import NoShardsError, ShardStream, Source, expand_shards
 from mmpretrain.data.stream.questions import iter_qa
 from mmpretrain.evaluation.vqa import question_accuracy, soft_scores
 from mmpretrain.finetune.heads import FusionClassifier, tower_tokens
+from mmpretrain.finetune.module import adamw_warmup_cosine, task_trainer
 from mmpretrain.io import write_text_atomic
 from mmpretrain.model import ContrastiveModel, build_model, weights_free
 from mmpretrain.runtime import distributed
 from mmpretrain.training.datamodule import ContrastiveDataModule, sources_from_config
-from mmpretrain.training.monitor import CSVLogger
-from mmpretrain.training.optim import warmup_cosine, warmup_steps
 from mmpretrain.training.plots import plot_confusion
 
 INPUTS = {"both": ("text", "image"), "question_only": ("text",), "image_only": ("image",)}
@@ -361,14 +360,7 @@ class VQAModule(L.LightningModule):
         return out
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(
-            [{k: v for k, v in g.items() if k != "name"} for g in self.groups], weight_decay=self.weight_decay
-        )
-        total = int(self.trainer.estimated_stepping_batches)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(warmup_steps(self.warmup_steps, total), total)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_warmup_cosine(self, self.groups, self.weight_decay, self.warmup_steps)
 
 
 # -- the task -----------------------------------------------------------------------------------------
@@ -445,16 +437,7 @@ def run_vqa(
     )
     module.train()
     splits = {"val": datamodule.val_urls} | test_splits(task.get("test"), data.get("missing_shards", "error"))
-    fit = L.Trainer(
-        **trainer | {"max_epochs": int(task["epochs"]), "max_steps": -1},
-        default_root_dir=str(run_dir),
-        logger=CSVLogger(save_dir=str(run_dir), name="", version=""),
-        callbacks=[
-            L.pytorch.callbacks.ModelCheckpoint(
-                dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0
-            )
-        ],
-    )
+    fit = task_trainer(trainer, task, run_dir)
     fit.fit(module, datamodule=datamodule)
     metrics = {k: float(v) for k, v in fit.callback_metrics.items() if k.startswith("train/")}
     for name, urls in splits.items():
