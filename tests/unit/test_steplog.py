@@ -12,23 +12,7 @@ import torch
 import torch.distributed as dist
 
 from mmpretrain.training.steplog import StepLog
-
-
-class Reads:
-    """Count host reads of tensors and collectives while active."""
-
-    NAMES = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
-
-    def __init__(self, monkeypatch):
-        self.calls: list[str] = []
-        for name in self.NAMES:
-            original = getattr(torch.Tensor, name)
-
-            def counted(t, *args, __name=name, __original=original, **kwargs):
-                self.calls.append(__name)
-                return __original(t, *args, **kwargs)
-
-            monkeypatch.setattr(torch.Tensor, name, counted)
+from tests.unit.test_training_step import CountReads
 
 
 def test_one_host_read_for_every_tensor_and_readers_get_their_values(monkeypatch):
@@ -38,7 +22,7 @@ def test_one_host_read_for_every_tensor_and_readers_get_their_values(monkeypatch
     log.log({"train/lr_like": torch.tensor(0.25), "train/host": 7})
     log.read(torch.tensor([1.0, 2.0, 2.0]), lambda v: seen.setdefault("counts", v) and None)
     log.read([4.0], lambda v: {"train/derived": v[0] * 10})
-    reads = Reads(monkeypatch)
+    reads = CountReads(monkeypatch)
     metrics = log.flush(torch.device("cpu"))
     assert reads.calls == ["tolist"]
     assert metrics == {
@@ -57,7 +41,7 @@ def test_host_numbers_alone_need_no_read(monkeypatch):
     log = StepLog()
     log.log({"train/data_wait_frac": 0.1})
     log.read([3.0], lambda v: {"train/skipped_samples": v[0]}, reduce="sum")
-    reads = Reads(monkeypatch)
+    reads = CountReads(monkeypatch)
     assert log.flush(torch.device("cpu")) == {"train/data_wait_frac": 0.1, "train/skipped_samples": 3.0}
     assert reads.calls == []
 
