@@ -262,7 +262,10 @@ def step_overhead(work: Path, rehearsal: bool, timeout: float) -> dict:
             "20",
         ]
     )
-    args += ["--distinct", "8", "--reps", "2", "--modes", "plain,lightning-default", "--name", "overhead_gpu"]
+    name = (
+        "overhead_cpu_rehearsal" if rehearsal else "overhead_gpu"
+    )  # a rehearsal never fills the GPU section
+    args += ["--distinct", "8", "--reps", "2", "--modes", "plain,lightning-default", "--name", name]
     cmd = [
         sys.executable,
         str(Path(__file__).resolve().parent / "bench_overhead.py"),
@@ -280,7 +283,7 @@ def step_overhead(work: Path, rehearsal: bool, timeout: float) -> dict:
         return {"check": "step_overhead", "ok": False}
     verdict = next((line for line in proc.stdout.splitlines() if "over the plain loop" in line), None)
     ok = proc.returncode == 0 and verdict is not None
-    table = (bc.RESULTS / "overhead_gpu.md").read_text() if ok else proc.stdout[-2500:] + proc.stderr[-2500:]
+    table = (bc.RESULTS / f"{name}.md").read_text() if ok else proc.stdout[-2500:] + proc.stderr[-2500:]
     print(
         f"{'PASS' if ok else 'FAIL'} step overhead ({args[1]}): {time.perf_counter() - start:.0f} s, "
         f"{verdict}\n{table}",
