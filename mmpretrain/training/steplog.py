@@ -90,19 +90,12 @@ class StepLog:
         if on_device:
             parts = [torch.as_tensor(e.values, device=device).to(dtype) for e in on_device]
             if reduced:
-                n = sum(len(p) for p in parts[: len(reduced)])
-                stacked = distributed.all_reduce_sum(torch.cat(parts[: len(reduced)]))
-                scale = torch.cat(
-                    [
-                        torch.full((len(p),), world if e.reduce == "mean" else 1, dtype=dtype)
-                        for e, p in zip(reduced, parts)
-                    ]
-                ).to(device)
-                parts = [stacked[:n] / scale, *parts[len(reduced) :]]
+                parts = [distributed.all_reduce_sum(torch.cat(parts[: len(reduced)])), *parts[len(reduced) :]]
             flat = torch.cat(parts).tolist()  # the step's one host read
             offset = 0
             for e in on_device:
-                host[id(e)] = flat[offset : offset + len(e.values)]
+                values = flat[offset : offset + len(e.values)]
+                host[id(e)] = [v / world for v in values] if e in reduced and e.reduce == "mean" else values
                 offset += len(e.values)
         metrics: dict[str, float] = {}
         for e in entries:
