@@ -11,9 +11,8 @@ type and per answer type on ``data.val`` and each of ``task.test``. ``task.input
 ``image_only`` trains the blind baselines (one tower's tokens, the same head) with the same command.
 
 A batch is ``data.batch_size`` images with all of their questions: each image is encoded once and
-its tokens are repeated for its questions. Answers are predicted by classification; a generative
-"rank" mode (BLIP: the answer list ranked by a caption decoder's likelihood) belongs in
-:meth:`VQAModule.predict_answers` once a caption decoder exists.
+its tokens are repeated for its questions. Answers are predicted by classification, or with
+``task.answer_mode=rank`` ranked by a caption decoder's likelihood (:mod:`mmpretrain.finetune.vqa_rank`).
 """
 
 from __future__ import annotations
@@ -33,6 +32,7 @@ from mmpretrain.data.stream.questions import iter_qa
 from mmpretrain.evaluation.vqa import question_accuracy, soft_scores
 from mmpretrain.finetune.heads import FusionClassifier, tower_tokens
 from mmpretrain.finetune.module import adamw_warmup_cosine, task_trainer
+from mmpretrain.finetune.vqa_rank import AnswerRanker
 from mmpretrain.io import write_text_atomic
 from mmpretrain.model import ContrastiveModel, build_model, weights_free
 from mmpretrain.runtime import distributed
@@ -259,6 +259,7 @@ class VQAModule(L.LightningModule):
         answer_types: list[str],
         param_groups: list[dict[str, Any]],
         loss: str = "bce",
+        rank: bool = False,
         weight_decay: float = 0.0,
         warmup_steps: float = 0.0,
         hparams: dict[str, Any] | None = None,
@@ -268,7 +269,7 @@ class VQAModule(L.LightningModule):
             raise ValueError(f"task.loss={loss} is unknown; use bce (VQA v2 soft scores) or ce")
         self.net, self.vocabulary = net, list(vocabulary)
         self.question_types, self.answer_types = list(question_types), list(answer_types)
-        self.groups, self.loss_name = param_groups, loss
+        self.groups, self.loss_name, self.rank = param_groups, loss, rank
         self.weight_decay, self.warmup_steps = weight_decay, warmup_steps
         self.save_hyperparameters(hparams or {}, logger=False)
         self.split = "val"  # the name the next validation's metrics are logged under
@@ -297,6 +298,10 @@ class VQAModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         q = self._questions(batch)
+        if self.rank:  # the decoder's answer likelihood; ranking every answer is for validation
+            loss = self.net.loss(q)
+            self.log("train/loss", loss, prog_bar=True, batch_size=len(q["target"]))
+            return loss
         logits = self.net(q)
         loss = self.loss(logits, q["target"])
         n = len(q["target"])
@@ -306,14 +311,15 @@ class VQAModule(L.LightningModule):
         return loss
 
     def predict_answers(self, logits: torch.Tensor) -> torch.Tensor:
-        """Vocabulary indices of the answers given (classification: the arg-max). A generative
-        "rank" mode would rescore the top-k answers here with a caption decoder's likelihood."""
+        """Vocabulary indices of the answers given: the arg-max of the classifier's logits, or of the
+        answers' likelihoods (rank mode)."""
         return logits.argmax(1)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         q = self._questions(batch)
         logits = self.net(q)
-        self.log(f"{self.split}/loss", self.loss(logits, q["target"]), batch_size=len(q["target"]))
+        loss = self.net.loss(q) if self.rank else self.loss(logits, q["target"])
+        self.log(f"{self.split}/loss", loss, batch_size=len(q["target"]))
         pred = self.predict_answers(logits).cpu()
         scores = torch.tensor(
             [question_accuracy(self.vocabulary[i], a) for i, a in zip(pred.tolist(), q["answers"])],
@@ -379,10 +385,11 @@ def run_vqa(
 ) -> dict[str, float]:
     """Train and score VQA; writes metrics.json, vqa_results.json, answers.txt and per-type confusion
     plots (``plots/confusion_<split>_<type>.png``) into ``run_dir``."""
-    if task.get("answer_mode", "classify") != "classify":
+    mode = task.get("answer_mode", "classify")
+    if mode not in ("classify", "rank"):
         raise ValueError(
-            f"task.answer_mode={task['answer_mode']}: only 'classify' exists; the generative 'rank' "
-            "mode (answers ranked by a caption decoder's likelihood) is not built yet"
+            f"task.answer_mode={mode}: use classify (a head over the answers) or rank (the answers "
+            "ranked by a caption decoder's likelihood)"
         )
     if task.get("init", "pretrained") == "random":  # the same architecture, fresh weights: the baseline
         model = build_model(weights_free(model.config()))
@@ -421,7 +428,10 @@ def run_vqa(
     example = {"text": flatten(first["qa"], len(vocabulary))["text"]} | (
         {"image": first["image"]} if "image" in first else {}
     )
-    net = VQANet(model, task, len(vocabulary), example)
+    if mode == "rank":
+        net = AnswerRanker(model, task, vocabulary, model.preprocess(False)["text"])
+    else:
+        net = VQANet(model, task, len(vocabulary), example)
     scales = task.get("tower_lr_scale") or {}
     scales = {m: float(scales.get(m, 0.1)) if isinstance(scales, dict) else float(scales) for m in modalities}
     module = VQAModule(
@@ -431,6 +441,7 @@ def run_vqa(
         atypes,
         net.param_groups(float(task["lr"]), scales, task.get("layer_decay")),
         loss=task.get("loss", "bce"),
+        rank=mode == "rank",
         weight_decay=float(task.get("weight_decay", 0.0)),
         warmup_steps=float(task.get("warmup_steps", 0.0)),
         hparams={"model": model.config(), "task": task, "vocabulary": vocabulary},

@@ -222,10 +222,15 @@ class CaptionDecoder(nn.Module):
         """Next-token logits ``[B, T, V]`` at every position of ``ids`` (no cache: the reference)."""
         return self.text_decoder(self.memory(image_tokens), self.embed(ids))
 
-    def caption_nll(self, image_tokens, text, text_tokens=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher forcing on captions ``text`` ``[B, L]``: per sample summed NLL and token count."""
+    def caption_nll(
+        self, image_tokens, text, text_tokens=None, labels=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher forcing on captions ``text`` ``[B, L]``: per sample summed NLL and token count.
+        ``labels`` ``[B, L-1]`` (default ``text[:, 1:]``) scores other targets; padding ids are not
+        scored (a question prefix whose answer alone is scored)."""
+        labels = text[:, 1:] if labels is None else labels
         return _nll(
-            self.text_decoder, self.memory(image_tokens), self.embed(text[:, :-1]), text[:, 1:], self.pad_id
+            self.text_decoder, self.memory(image_tokens), self.embed(text[:, :-1]), labels, self.pad_id
         )
 
     def start(self, image_tokens: torch.Tensor, text_tower=None) -> DecodeState:
@@ -298,10 +303,11 @@ class OpenClipCoCaDecoder(nn.Module):
         _, tokens = text_tower.forward_with_tokens(ids)
         return self.text_decoder(image_tokens, tokens)
 
-    def caption_nll(self, image_tokens, text, text_tokens) -> tuple[torch.Tensor, torch.Tensor]:
+    def caption_nll(self, image_tokens, text, text_tokens, labels=None) -> tuple[torch.Tensor, torch.Tensor]:
         """open_clip's CoCa teacher forcing: the text tower's tokens of the whole caption, but the last,
-        predict the caption shifted by one."""
-        return _nll(self.text_decoder, image_tokens, text_tokens[:, :-1], text[:, 1:], self.pad_id)
+        predict the caption shifted by one (or ``labels``, as :meth:`CaptionDecoder.caption_nll`)."""
+        labels = text[:, 1:] if labels is None else labels
+        return _nll(self.text_decoder, image_tokens, text_tokens[:, :-1], labels, self.pad_id)
 
     def start(self, image_tokens: torch.Tensor, text_tower) -> DecodeState:
         n_text = len(text_tower.encoder.transformer.resblocks)

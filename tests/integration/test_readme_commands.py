@@ -104,6 +104,9 @@ CAPTIONING = (
     "data.val.captioning.max_len=8",
 )
 
+#: VQA's rank mode scores (question, answer) sequences with the 49,408-word decoder: few answers each
+RANK = ("task.rank_k=2", "task.test=null", "task.decoder.width=64", "task.decoder.layers=1")
+
 MAKE_DIGITS = "mmpretrain data digits out=DIR"
 MAKE_RUNS_MINE = "mmpretrain train data.root=/data/my_shards hydra.run.dir=runs/mine"
 
@@ -468,6 +471,18 @@ COMMANDS: dict[str, Run | Skip] = {
     ),
     "mmpretrain finetune task=vqa pretrained=runs/scenes_clip/export data=scenes "
     "task.inputs=question_only": Run(extra=(f"data.root={SCENES}",), budget=FINETUNE, needs=(SCENES_CLIP,)),
+    "mmpretrain finetune task=vqa task.answer_mode=rank pretrained=runs/scenes_coca/export data=scenes": Run(
+        extra=(f"data.root={SCENES}", *RANK),
+        budget=FINETUNE,
+        needs=("mmpretrain train experiment=scenes_coca hydra.run.dir=runs/scenes_coca",),
+        expect=("val/vqa_accuracy",),
+    ),
+    "mmpretrain finetune task=vqa task.answer_mode=rank pretrained=runs/scenes_clip/export data=scenes": Run(
+        extra=(f"data.root={SCENES}", *RANK),
+        budget=FINETUNE,
+        needs=(SCENES_CLIP,),
+        expect=("val/vqa_accuracy",),
+    ),
     "mmpretrain finetune task=vqa pretrained=hf-hub:ORG/REPO data=scenes": Skip(
         HUB + "; offline in tests/integration/test_vqa.py"
     ),
@@ -631,9 +646,11 @@ class Runner:
         try:
             proc = _mmpretrain(self.workdir, args)
         except subprocess.TimeoutExpired as e:
-            proc = subprocess.CompletedProcess(
-                e.cmd, -1, e.stdout or "", f"{e.stderr or ''}\ntimed out after {TIMEOUT_S} s"
+            out, err = (
+                x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
+                for x in (e.stdout, e.stderr)
             )
+            proc = subprocess.CompletedProcess(e.cmd, -1, out, f"{err}\ntimed out after {TIMEOUT_S} s")
         proc.args = ["mmpretrain", *args]
         self.results[command] = proc
         return proc

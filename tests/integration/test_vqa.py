@@ -281,3 +281,50 @@ def test_vqa_from_a_timm_image_tower_in_an_offline_hub_cache(scenes_root, tmp_pa
     assert len(weights) > 20  # every weight but the classifier (the tower has none): loaded, left alone
     for name, value in weights.items():
         assert torch.equal(state[f"net.model.towers.image.model.{name}"], value), name
+
+
+RANK = ["task.answer_mode=rank", "task.decoder.width=32", "task.decoder.layers=1", "task.decoder.heads=2"]
+
+
+def test_rank_mode_on_a_clip_export_trains_a_new_decoder_through_the_console_script(scenes_root, tmp_path):
+    """answer_mode=rank from the console script: a CLIP export has no decoder, so a new one (task.decoder)
+    learns "question answer" sequences; the answers are ranked by it and scored on every split."""
+    model = small_clip_export(tmp_path / "exp")
+    run = tmp_path / "run"
+    proc = run_cli(
+        ["finetune", "task=vqa", f"pretrained={tmp_path}/exp", "data=scenes", f"data.root={scenes_root}"]
+        + [*FAST, *RANK, f"hydra.run.dir={run}"],
+        cwd=tmp_path / "elsewhere",
+    )
+    assert "test_compositional/vqa_accuracy" in proc.stdout
+    check_run(run, scenes_root, ("val", "test_compositional"), QUESTION_TYPES)
+    ckpt = read_checkpoint(run / "checkpoints" / "last.ckpt")
+    state = ckpt["state_dict"]
+    assert ckpt["hyper_parameters"]["model"]["decoder"]["width"] == 32
+    assert any(k.startswith("net.model.decoder.") for k in state)
+    for name, value in model.towers.state_dict().items():  # locked towers: as exported
+        assert torch.equal(state[f"net.model.towers.{name}"], value), name
+
+
+@pytest.mark.slow
+def test_rank_mode_on_a_coca_export_keeps_and_trains_its_decoder(scenes_root, tmp_path):
+    from tests.unit.test_coca import ours
+
+    coca = ours()  # our decoder (width 32, 2 layers) on an open_clip ViT: a loss=coca model
+    export(coca, tmp_path / "exp")
+    run = tmp_path / "run"
+    run_cli(
+        ["finetune", "task=vqa", f"pretrained={tmp_path}/exp", "data=scenes", f"data.root={scenes_root}"]
+        + [*FAST, "task.answer_mode=rank", "task.test=null", f"hydra.run.dir={run}"],
+        cwd=tmp_path / "elsewhere",
+    )
+    check_run(run, scenes_root, ("val",), QUESTION_TYPES)
+    ckpt = read_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert ckpt["hyper_parameters"]["model"]["decoder"]["layers"] == 2  # its own, not task.decoder's
+    trained = ckpt["state_dict"]
+    changed = [
+        k
+        for k, v in coca.decoder.state_dict().items()
+        if not torch.equal(trained[f"net.model.decoder.{k}"], v)
+    ]
+    assert changed  # the decoder was fine-tuned from the CoCa's weights
