@@ -275,6 +275,7 @@ class VQAModule(L.LightningModule):
         self.split = "val"  # the name the next validation's metrics are logged under
         self.results: dict[str, dict[str, Any]] = {}  # split -> scores, predictions, labels, types
         self._val: list[dict[str, torch.Tensor]] = []
+        self.scored_at: dict[str, int] = {}  # split -> the global step its latest results are of
 
     def _questions(self, batch: dict[str, Any]) -> dict[str, Any]:
         flat = flatten(batch["qa"], len(self.vocabulary))
@@ -351,6 +352,8 @@ class VQAModule(L.LightningModule):
         if not len(local["score"]):
             raise ValueError(f"the {self.split} split has no questions to score")
         self.results[self.split] = local
+        if not self.trainer.sanity_checking:
+            self.scored_at[self.split] = self.global_step
         for name, value in self.summarise(local).items():
             self.log(f"{self.split}/{name}", value, rank_zero_only=True)
 
@@ -452,6 +455,9 @@ def run_vqa(
     fit.fit(module, datamodule=datamodule)
     metrics = {k: float(v) for k, v in fit.callback_metrics.items() if k.startswith("train/")}
     for name, urls in splits.items():
+        if module.scored_at.get(name) == fit.global_step:  # fit's last validation scored these weights
+            metrics |= {k: float(v) for k, v in fit.callback_metrics.items() if k.startswith(f"{name}/")}
+            continue
         module.split, datamodule.val_urls = name, urls
         (final,) = fit.validate(module, datamodule=datamodule, verbose=False)
         metrics |= {k: float(v) for k, v in final.items()}
