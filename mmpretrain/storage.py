@@ -248,7 +248,7 @@ def modified(details: dict[str, Any]) -> float:
 
 def download(url: str, dest: str | Path) -> Path:
     """``url`` (an object, or a folder of them) to local ``dest``, a file written atomically (a folder
-    under a temporary name, then renamed)."""
+    under a temporary name, then renamed; one already at ``dest``, as another rank downloads it, is kept)."""
     fs, path = filesystem(url)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -256,8 +256,11 @@ def download(url: str, dest: str | Path) -> Path:
         tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
         try:
             retry(lambda: fs.get(path.rstrip("/") + "/", str(tmp), recursive=True), f"downloading {url}")
-            shutil.rmtree(dest, ignore_errors=True)
-            os.replace(tmp, dest)
+            try:
+                os.replace(tmp, dest)
+            except OSError:  # another process (rank) downloaded it first: keep that one
+                if not dest.is_dir():
+                    raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return dest

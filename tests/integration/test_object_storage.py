@@ -213,3 +213,49 @@ def test_finetune_from_pretrained_in_the_store(s3, digits_root, tmp_path):  # no
     ).stdout  # fmt: skip
     assert f"downloading {remote}/export" in out
     assert (tmp_path / "ft" / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_fsdp_sharded_checkpoints_to_the_store(s3, digits_root, tmp_path):  # noqa: F811
+    """trainer=fsdp on 2 CPU ranks: its checkpoint directories reach the store (their marker last), a node
+    without the run resumes from one, and eval reads one straight from the store. Lightning never sees an
+    s3:// path (it writes locally; the uploader copies), so its FSDP ``s3://`` -> ``s3:/`` bug cannot bite."""
+    pattern = upload_shards(digits_root)
+    remote = f"s3://{BUCKET}/runs/fsdp"
+    run = tmp_path / "fsdp"
+    fsdp = [
+        "trainer=fsdp",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        "data.num_workers=0",
+        "callbacks.plots=null",
+    ]
+    common = [
+        *fsdp,
+        "data.train_samples=64",
+        "trainer.limit_val_batches=1",
+        "callbacks.step_checkpoint.every_n_train_steps=3",
+    ]
+    run_cli(train_args(run, digits_root, pattern, remote, *common, "trainer.max_steps=3"), cwd=tmp_path)
+    names = remote_names(remote)
+    assert {"checkpoints/step0000003.ckpt/.metadata", "checkpoints/step0000003.ckpt/meta.pt"} <= names
+    assert "checkpoints/step0000003.ckpt/.complete" in names
+    shutil.rmtree(run)
+
+    out = run_cli(
+        train_args(run, digits_root, pattern, remote, *common, "trainer.max_steps=5", "resume=auto"),
+        cwd=tmp_path,
+    ).stdout
+    assert f"resume=auto: downloaded {remote}/checkpoints/" in out, out[-3000:]
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert rows and max(int(r.split(",")[rows[0].split(",").index("step")]) for r in rows[1:] if r) >= 4
+    ev = run_cli(
+        [
+            "eval",
+            f"ckpt={remote}/checkpoints/last.ckpt",
+            f"data.root={digits_root}",
+            f"hydra.run.dir={tmp_path}/ev",
+        ],
+        cwd=tmp_path,
+    ).stdout
+    assert f"downloading {remote}/checkpoints/last.ckpt" in ev
