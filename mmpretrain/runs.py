@@ -227,6 +227,8 @@ def ensure_data(data_cfg: Any) -> None:
 
     pairs = wanted.items() if hasattr(wanted, "items") else [(wanted, data_cfg.root)]
     for name, root in pairs:
+        if storage.is_remote(str(root)):
+            continue  # a store holds what was uploaded there (`mmpretrain data NAME out=s3://...`)
         if not is_built(root, name):
             print(f"building bundled '{name}' data in {root}")
             build(name, root)

@@ -23,20 +23,23 @@ SHARDS = f"s3://{BUCKET}/digits/train"
 
 
 def upload_shards(digits_root: Path) -> str:
-    """The digits train shards in the bucket; the brace pattern naming them."""
-    storage.put_tree(digits_root / "train", SHARDS)
+    """The digits (shards, sizes.json, class names) in the bucket; the brace pattern of its train shards."""
+    storage.put_tree(digits_root, SHARDS.rsplit("/", 1)[0])
     names = sorted(p.name for p in (digits_root / "train").glob("*.tar"))
     stem, first, last = names[0].rsplit("-", 1)[0], names[0][-8:-4], names[-1][-8:-4]
     return f"{SHARDS}/{stem}-{{{first}..{last}}}.tar"
 
 
-def train_args(run: Path, digits_root: Path, pattern: str, remote: str, *more: str) -> list[str]:
+def train_args(run: Path, digits_root: Path | str, pattern: str | None, remote: str, *more: str) -> list[str]:
+    """Training on the train shards of ``pattern`` (None: those of ``digits_root``), validating on the
+    val shards of ``digits_root``."""
+    shards = [f"data.sources.digits.shards='{pattern}'"] if pattern else []  # quoted: Hydra reserves braces
     return [
         "train",
         *TINY,
         f"hydra.run.dir={run}",
-        f"data.root={digits_root}",  # the val shards and class names stay local
-        f"data.sources.digits.shards='{pattern}'",  # quoted: Hydra's grammar reserves braces
+        f"data.root={digits_root}",
+        *shards,
         f"paths.remote={remote}",
         *more,
     ]
@@ -48,15 +51,16 @@ def remote_names(url: str) -> set[str]:
 
 
 def test_run_uploaded_to_the_store_and_read_back_from_it(s3, digits_root, tmp_path):  # noqa: F811
-    pattern = upload_shards(digits_root)
+    upload_shards(digits_root)
     remote = f"s3://{BUCKET}/runs/a"
     run = tmp_path / "a"
-    args = train_args(
-        run, digits_root, pattern, remote,
+    args = train_args(  # everything from the bucket: train and val shards, sizes.json, class names
+        run, SHARDS.rsplit("/", 1)[0], None, remote,
         "data.num_workers=0", "trainer.max_steps=4", "trainer.limit_val_batches=1",
         "callbacks.step_checkpoint.every_n_train_steps=2", "export_at_end=true",
     )  # fmt: skip
     out = run_cli(args, cwd=tmp_path).stdout
+    assert "val/zeroshot_top1" in (run / "metrics.csv").read_text().splitlines()[0]  # class names read
     assert f"paths.remote: uploading checkpoints and run files to {remote}" in out
     assert f"uploads to {remote}: " in out and " 0 failed" in out
     names = remote_names(remote)
