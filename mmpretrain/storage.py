@@ -237,7 +237,7 @@ def glob(pattern: str) -> list[str]:
     fs, path = filesystem(pattern)
     protocol = pattern.split("://", 1)[0]
     found = retry(lambda: fs.glob(path), f"listing {pattern}")
-    return sorted(f"{protocol}://{p}" for p in found)
+    return sorted(f"{protocol}://{p.lstrip('/')}" for p in found)  # as the pattern spells the protocol
 
 
 def modified(details: dict[str, Any]) -> float:
@@ -357,6 +357,7 @@ class Uploader:
     def __init__(self, remote: str, staging: str | Path, queue_size: int = 8):
         self.remote = remote.rstrip("/")
         self.staging = Path(staging)
+        shutil.rmtree(self.staging, ignore_errors=True)  # what a killed run left there
         self.staging.mkdir(parents=True, exist_ok=True)
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.latest: dict[str, str] = {}  # remote name -> id of its newest snapshot

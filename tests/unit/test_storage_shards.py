@@ -107,3 +107,18 @@ def test_converter_writes_to_the_store(s3, tmp_path, monkeypatch):  # noqa: F811
     assert sorted(sizes) == [u.rsplit("/", 1)[1] for u in urls]
     assert count_samples(urls) == sum(sizes.values()) > 0
     assert not [k for k in storage.listing(f"{out}/train") if k.startswith(".")]  # no temporary key left
+
+
+def test_any_fsspec_store_reads_like_a_local_shard(digits_root):
+    """Not only S3: fsspec's in-memory store, read and resumed the same way."""
+    name = sorted(p.name for p in (digits_root / "train").glob("*.tar"))[0]
+    local = str(digits_root / "train" / name)
+    url = f"memory://mmpretrain-test/{name}"
+    storage.put_file(local, url)
+    expected = list(read_samples(local))
+    assert expand_shards("memory://mmpretrain-test/*.tar") == [url]
+    middle = expected[len(expected) // 2][0]
+    got = list(read_samples(url, middle))
+    assert [(a, s["__key__"], s["png"]) for a, _, s in got] == [
+        (a, s["__key__"], s["png"]) for a, _, s in expected if a >= middle
+    ]
