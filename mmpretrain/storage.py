@@ -154,7 +154,8 @@ class RangedReader:
     fails is retried (:func:`retry`) on a freshly opened object at the same position."""
 
     def __init__(self, url: str, block_size: int = 8 << 20, size: int | None = None):
-        self.url, self.block_size, self._size = url, block_size, size
+        self.url, self.block_size = url, block_size
+        self._size = size if size is not None else _listed_sizes.get(url)
         self.fs, self.path = filesystem(url)
         self.f: Any = None
         self.pos = 0
@@ -229,7 +230,16 @@ def listing(url: str) -> dict[str, dict[str, Any]]:
         entries = retry(lambda: fs.ls(path, detail=True, refresh=True), f"listing {url}")
     except FileNotFoundError:
         return {}
+    protocol = url.split("://", 1)[0]
+    for e in entries:  # a reader of one of these objects needs no request for its size
+        if e.get("type") == "file" and e.get("size") is not None:
+            _listed_sizes[f"{protocol}://{e['name'].lstrip('/')}"] = int(e["size"])
     return {posixpath.basename(e["name"].rstrip("/")): e for e in entries}
+
+
+#: Sizes of the objects this process (or the one it forked from) listed, by URL: a shard's reader
+#: opens it without a HEAD request.
+_listed_sizes: dict[str, int] = {}
 
 
 def glob(pattern: str) -> list[str]:
@@ -252,7 +262,7 @@ def download(url: str, dest: str | Path) -> Path:
     fs, path = filesystem(url)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if retry(lambda: fs.isdir(path), f"inspecting {url}"):
+    if retry(lambda: fs.info(path), f"inspecting {url}")["type"] == "directory":
         tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
         try:
             retry(lambda: fs.get(path.rstrip("/") + "/", str(tmp), recursive=True), f"downloading {url}")

@@ -137,7 +137,7 @@ def main() -> None:
 
         server.reset_counts()
         stamps = watch_steps(
-            cmd(run, root, pattern, "resume=auto", f"paths.remote={remote}", f"trainer.max_steps={step + 1}"),
+            cmd(run, root, pattern, "resume=auto", f"paths.remote={remote}", "trainer.max_steps=101"),
             env, run / "rec", on_first=snapshot,
         )  # fmt: skip
         ckpt_mb = fs.info(f"{remote.split('://', 1)[1]}/checkpoints/last.ckpt")["size"] / 1e6
@@ -205,7 +205,7 @@ def main() -> None:
         "DataLoader workers, shuffle buffer 1,000 (each re-reads the shards its buffered samples are in: "
         "one ranged GET a shard)",
         f"the step-{args.far:,} checkpoint is the step-100 one with the streams' position walked to "
-        f"step {args.far:,}",
+        f"step {args.far:,} (as scripts/bench_resume.py makes it); each resume trains one step",
         f"step time: {args.steps} steps, checkpoints (every {every} steps, all kept) uploaded by the "
         "background uploader",
     ]

@@ -73,18 +73,7 @@ def test_run_uploaded_to_the_store_and_read_back_from_it(s3, digits_root, tmp_pa
         run / "checkpoints/last.ckpt"
     ).read_bytes()
 
-    # eval and export read the checkpoint straight from the store
-    ev = run_cli(
-        [
-            "eval",
-            f"ckpt={remote}/checkpoints/last.ckpt",
-            f"data.root={digits_root}",
-            f"hydra.run.dir={tmp_path}/ev",
-        ],
-        cwd=tmp_path,
-    ).stdout
-    assert f"downloading {remote}/checkpoints/last.ckpt" in ev
-    assert (tmp_path / "ev" / "eval_metrics.json").exists()
+    # export reads the checkpoint straight from the store (eval: the slow tests below)
     ex = run_cli(
         ["export", f"ckpt={remote}/checkpoints/last.ckpt", f"out={tmp_path}/ex"], cwd=tmp_path
     ).stdout
@@ -204,12 +193,23 @@ def test_training_through_a_server_that_fails_requests(s3, digits_root, tmp_path
 
 
 @pytest.mark.slow
-def test_finetune_from_pretrained_in_the_store(s3, digits_root, tmp_path):  # noqa: F811
+def test_eval_and_finetune_from_the_store(s3, digits_root, tmp_path):  # noqa: F811
     pattern = upload_shards(digits_root)
     remote = f"s3://{BUCKET}/runs/pre"
     short = ["trainer.max_steps=2", "export_at_end=true", "trainer.limit_val_batches=1", "data.num_workers=0"]
     run_cli(train_args(tmp_path / "pre", digits_root, pattern, remote, *short), cwd=tmp_path)
     shutil.rmtree(tmp_path / "pre")
+    ev = run_cli(
+        [
+            "eval",
+            f"ckpt={remote}/checkpoints/last.ckpt",
+            f"data.root={digits_root}",
+            f"hydra.run.dir={tmp_path}/ev",
+        ],
+        cwd=tmp_path,
+    ).stdout
+    assert f"downloading {remote}/checkpoints/last.ckpt" in ev
+    assert (tmp_path / "ev" / "eval_metrics.json").exists()
     out = run_cli(
         ["finetune", "task=linear_probe", f"pretrained={remote}/export", f"data.root={digits_root}",
          f"hydra.run.dir={tmp_path}/ft"],
