@@ -155,7 +155,8 @@ class RangedReader:
 
     def __init__(self, url: str, block_size: int = 8 << 20, size: int | None = None):
         self.url, self.block_size = url, block_size
-        self._size = size if size is not None else _listed_sizes.get(url)
+        self.listed = _listed.get(url)
+        self._size = size if size is not None else (self.listed or {}).get("size")
         self.fs, self.path = filesystem(url)
         self.f: Any = None
         self.pos = 0
@@ -166,6 +167,11 @@ class RangedReader:
             self.f = self.fs.open(
                 self.path, "rb", block_size=self.block_size, cache_type="readahead", **known
             )
+            if self.listed is not None:  # what s3fs would otherwise ask a HEAD for
+                try:
+                    self.f.details = self.listed
+                except AttributeError:  # a file object without listing details
+                    pass
             self._size = self.f.size
         return self.f
 
@@ -233,13 +239,13 @@ def listing(url: str) -> dict[str, dict[str, Any]]:
     protocol = url.split("://", 1)[0]
     for e in entries:  # a reader of one of these objects needs no request for its size
         if e.get("type") == "file" and e.get("size") is not None:
-            _listed_sizes[f"{protocol}://{e['name'].lstrip('/')}"] = int(e["size"])
+            _listed[f"{protocol}://{e['name'].lstrip('/')}"] = e
     return {posixpath.basename(e["name"].rstrip("/")): e for e in entries}
 
 
-#: Sizes of the objects this process (or the one it forked from) listed, by URL: a shard's reader
-#: opens it without a HEAD request.
-_listed_sizes: dict[str, int] = {}
+#: Listing details of the objects this process (or the one it forked from) listed, by URL: a shard's
+#: reader opens it without a HEAD request (a DataLoader worker has a fresh fsspec instance, no cache).
+_listed: dict[str, dict[str, Any]] = {}
 
 
 def glob(pattern: str) -> list[str]:
