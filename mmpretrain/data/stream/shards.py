@@ -146,7 +146,7 @@ def count_samples(urls: list[str]) -> int:
     # so the vector covers every url and max takes any rank's count: one collective, always.
     counts = torch.tensor([-1 if k is None else int(k) for k in known], dtype=torch.long)
     for i in missing[distributed.share(len(missing))]:
-        counts[i] = _count_tar(urls[i])
+        counts[i] = _count_tar(urls[i] if storage.is_remote(urls[i]) else Path(urls[i]))
     counts = distributed.all_reduce_max(counts)
     if missing and distributed.rank() == 0:
         for d in dict.fromkeys(parents[i] for i in missing):
@@ -163,10 +163,11 @@ def _name(url: str) -> str:
     return url.rstrip("/").rsplit("/", 1)[1] if storage.is_remote(url) else Path(url).name
 
 
-def _count_tar(path: str) -> int:
-    """The samples of one shard, with a warning when some cannot be read whole (training skips them)."""
+def _count_tar(path: str | Path) -> int:
+    """The samples of one shard (a local path or a store URL), with a warning when some cannot be read
+    whole (training skips them)."""
     lost: list[Exception] = []
-    n = count_shard(path, on_error=lost.append)
+    n = count_shard(str(path), on_error=lost.append)
     if lost:
         reasons = Counter(getattr(exn, "reason", type(exn).__name__) for exn in lost)
         log.warning(
