@@ -52,6 +52,7 @@ bench: install bench-ref ## benchmarks vs open_clip_train (~55 min on 2 cores) -
 	$(PY) scripts/bench_time_to_accuracy.py $(BENCH_OPTS)
 	$(PY) scripts/bench_scenes_tta.py $(BENCH_OPTS)
 	$(PY) scripts/bench_resume.py
+	$(PY) scripts/bench_store.py --work $(BENCH_WORK)
 	$(PY) scripts/bench_report.py $(if $(BENCH_NOTE),--note "$(BENCH_NOTE)")
 
 bench-gpu: install bench-ref ## GPU throughput vs open_clip_train (ViT-B/32 224 px bf16, MFU) -> benchmarks/RESULTS.md

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from mmpretrain import storage
 from mmpretrain.interop.open_clip import (
     OPEN_CLIP_CONFIG,
     OPEN_CLIP_WEIGHTS,
@@ -42,8 +43,9 @@ def model_from_checkpoint(path: str | Path, model_cfg: dict[str, Any] | None = N
     """Rebuild a ContrastiveModel from an mmpretrain ``.ckpt``, an exported directory (mmpretrain or
     open_clip layout), or an open_clip checkpoint (``.pt``/``.safetensors``; needs ``model_cfg``, a
     ``model=openclip`` config naming the open_clip model-config JSON). The weights come from ``path``
-    alone: no starting-weights source the model was trained from is read (:func:`weights_free`)."""
-    path = Path(path)
+    alone: no starting-weights source the model was trained from is read (:func:`weights_free`). A store
+    URL (``s3://...``) is downloaded first (:func:`mmpretrain.storage.local_copy`)."""
+    path = Path(storage.local_copy(path))
     export_dir = path.is_dir() and not is_sharded_checkpoint(path)  # a trainer=fsdp checkpoint is read below
     if export_dir:
         if not (path / CONFIG_NAME).exists() and (path / OPEN_CLIP_CONFIG).exists():

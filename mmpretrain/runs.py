@@ -6,6 +6,7 @@ No Lightning and no Hydra: configs are read as mappings.
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import zipfile
@@ -14,6 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from mmpretrain import storage
 from mmpretrain.io import is_sharded_checkpoint, write_text_atomic
 
 
@@ -26,8 +28,70 @@ def start_run(cfg: DictConfig) -> Path:
     return run_dir
 
 
-def end_run(run_dir: Path) -> None:
+def end_run(run_dir: Path, mirror: RemoteRun | None = None) -> None:
+    """Print the run directory; with ``paths.remote``, upload what changed and wait for every upload."""
+    if mirror is not None:
+        mirror.close()
     print(f"run directory: {run_dir}", flush=True)
+
+
+# -- paths.remote: the run mirrored to object storage ----------------------------------------------
+class RemoteRun:
+    """The run directory mirrored to ``paths.remote`` (``s3://bucket/runs/NAME``, any fsspec URL) by a
+    background :class:`~mmpretrain.storage.Uploader`: each checkpoint as it is published (and removed
+    when the run removes it), and with it every other file of the run that changed since the last
+    upload (``config.yaml``, ``metrics.csv``, plots, at the end ``metrics.json`` and the export).
+    Hidden files, ``checkpoints/`` (uploaded one by one) and ``wandb/`` are left out."""
+
+    SKIP = ("checkpoints", "wandb")
+
+    def __init__(self, remote: str, run_dir: Path, queue_size: int = 4):
+        self.remote, self.run_dir = remote.rstrip("/"), Path(run_dir)
+        self.uploader = storage.Uploader(self.remote, self.run_dir / ".upload-staging", queue_size)
+        self.sent: dict[str, tuple[int, int]] = {}  # relative path -> (mtime_ns, size) last queued
+        print(f"paths.remote: uploading checkpoints and run files to {self.remote}", flush=True)
+
+    def checkpoint_saved(self, path: str | Path) -> None:
+        path = Path(path)
+        self.uploader.upload(path, f"checkpoints/{path.name}", link=True)
+        self.sync()
+
+    def checkpoint_removed(self, path: str | Path) -> None:
+        self.uploader.delete(f"checkpoints/{Path(path).name}")
+
+    def sync(self) -> None:
+        """Queue every file of the run that changed since it was last queued."""
+        for path in sorted(self.run_dir.rglob("*")):
+            rel = path.relative_to(self.run_dir)
+            if rel.parts[0] in self.SKIP or any(p.startswith(".") for p in rel.parts) or not path.is_file():
+                continue
+            stat = path.stat()
+            key = (stat.st_mtime_ns, stat.st_size)
+            if self.sent.get(rel.as_posix()) != key:
+                self.sent[rel.as_posix()] = key
+                self.uploader.upload(path, rel.as_posix())
+
+    def close(self) -> None:
+        self.sync()
+        self.uploader.close()
+
+
+def remote_run(cfg: Any, run_dir: Path) -> RemoteRun | None:
+    """The run's :class:`RemoteRun` when ``paths.remote`` is set (on rank 0 only: one uploader a run)."""
+    remote = (cfg.get("paths") or {}).get("remote")
+    if not remote:
+        return None
+    if not storage.is_remote(str(remote)):
+        raise ValueError(
+            f"paths.remote must be a store URL (s3://bucket/runs/NAME, gs://..., any fsspec URL), "
+            f"not '{remote}'"
+        )
+    # Before the process group exists (Lightning's DDP launches its ranks with these variables set)
+    env = os.environ
+    global_zero = (
+        int(env.get("RANK", 0)) == 0 and int(env.get("LOCAL_RANK", 0)) == int(env.get("NODE_RANK", 0)) == 0
+    )
+    return RemoteRun(str(remote), run_dir) if global_zero else None
 
 
 # -- resume ----------------------------------------------------------------------------------------
@@ -92,20 +156,59 @@ def checkpoint_step(path: str | Path) -> int:
     return int(torch.load(meta, map_location="cpu", weights_only=True, mmap=not path.is_dir())["global_step"])
 
 
+def newest_remote_checkpoint(remote: str) -> str | None:
+    """The newest complete checkpoint under ``<remote>/checkpoints`` (one listing; a sharded checkpoint's
+    folder counts once its :data:`~mmpretrain.storage.COMPLETE` marker is there): hidden keys (uploads
+    in progress) and :data:`NONFINITE_STOP` are never taken; ``last.ckpt`` wins a tie of times."""
+    folder = storage.join(remote, "checkpoints")
+    found = []
+    for name, details in storage.listing(folder).items():
+        if name.startswith(".") or not name.endswith(".ckpt") or name == NONFINITE_STOP:
+            continue
+        if details.get("type") == "directory":
+            marker = storage.listing(storage.join(folder, name)).get(storage.COMPLETE)
+            if marker is None:
+                continue
+            details = marker
+        found.append((storage.modified(details), name == "last.ckpt", name))
+    return storage.join(folder, max(found)[2]) if found else None
+
+
+def _from_remote(cfg: Any, run_dir: Path) -> str | None:
+    """``resume=auto`` on a node without the run's checkpoints: the newest one of ``paths.remote``,
+    downloaded into the run directory (with ``metrics.csv``, so the run's log continues)."""
+    remote = (cfg.get("paths") or {}).get("remote")
+    if not remote:
+        return None
+    found = newest_remote_checkpoint(str(remote))
+    if found is None:
+        return None
+    local = storage.download(found, run_dir / "checkpoints" / found.rsplit("/", 1)[1])
+    if not (run_dir / "metrics.csv").exists():
+        data = storage.read_bytes(storage.join(str(remote), "metrics.csv"))
+        if data is not None:
+            write_text_atomic(run_dir / "metrics.csv", data.decode())
+    print(f"resume=auto: downloaded {found}")
+    return str(local)
+
+
 def resume_path(cfg: Any, run_dir: Path) -> str | None:
-    """``resume=auto`` (or ``ckpt_path=auto``): the newest complete checkpoint of the run, if any; a path
-    as given (it must exist); None for a fresh start."""
+    """``resume=auto`` (or ``ckpt_path=auto``): the newest complete checkpoint of the run, if any (with
+    ``paths.remote``, the newest in the store when the run directory has none); a path as given (it
+    must exist; a store URL is downloaded); None for a fresh start."""
     choice = cfg.get("resume") or cfg.get("ckpt_path")
     removed = remove_interrupted_writes(run_dir / "checkpoints")
     if removed:
         where = run_dir / "checkpoints"
         print(f"removed {len(removed)} temporary file(s) of interrupted checkpoint writes in {where}")
     if choice == "auto":
-        found = newest_complete_checkpoint(run_dir / "checkpoints")
+        found = newest_complete_checkpoint(run_dir / "checkpoints") or _from_remote(cfg, run_dir)
         print(
             f"resume=auto: {'resuming from ' + str(found) if found else 'no checkpoint yet, starting fresh'}"
         )
         return str(found) if found else None
+    if choice and storage.is_remote(str(choice)):
+        return storage.local_copy(str(choice))
     if choice and not Path(choice).exists():
         raise FileNotFoundError(
             f"resume checkpoint {choice} does not exist (resume=auto picks the newest of the run)"
@@ -124,6 +227,8 @@ def ensure_data(data_cfg: Any) -> None:
 
     pairs = wanted.items() if hasattr(wanted, "items") else [(wanted, data_cfg.root)]
     for name, root in pairs:
+        if storage.is_remote(str(root)):
+            continue  # a store holds what was uploaded there (`mmpretrain data NAME out=s3://...`)
         if not is_built(root, name):
             print(f"building bundled '{name}' data in {root}")
             build(name, root)

@@ -22,6 +22,7 @@ SECTIONS = [
     ("time_to_accuracy", "4. Time to accuracy (val zero-shot top-1 on the digits)"),
     ("throughput_cuda", "5. GPU: throughput at ViT-B/32 224 px bf16, MFU"),
     ("scenes_time_to_target", "6. Time to the same val retrieval R@1 on the scenes (5 captions per image)"),
+    ("store", "7. Object storage (an S3 server on the same cores): resume from the store, uploads"),
 ]
 
 

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from mmpretrain.config import instantiate_all, safe_instantiate, to_plain
 from mmpretrain.evaluation.zeroshot import prompts_from_config, tasks_from_config
 from mmpretrain.io import write_text_atomic
-from mmpretrain.runs import checkpoint_step, end_run, ensure_data, resume_path, start_run, summary
+from mmpretrain.runs import checkpoint_step, end_run, ensure_data, remote_run, resume_path, start_run, summary
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -67,10 +67,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if isinstance(logger, CSVLogger):
             logger.resuming = bool(ckpt_path)
             logger.resume_step = checkpoint_step(ckpt_path) if ckpt_path else None
+    mirror = remote_run(cfg, run_dir)  # paths.remote: uploads in the background
     trainer = L.Trainer(
         **trainer_kwargs,
         default_root_dir=str(run_dir),
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(mirror=mirror)],
         logger=loggers,
         callbacks=instantiate_all(cfg.get("callbacks")),
     )
@@ -100,7 +101,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 train_args=[o for o in overrides if not o.startswith(("resume=", "ckpt_path="))],
             )
         )
-    end_run(run_dir)
+    end_run(run_dir, mirror)
     return metrics
 
 

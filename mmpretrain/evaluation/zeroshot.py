@@ -9,20 +9,30 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mmpretrain import storage
 from mmpretrain.runtime import distributed
 
 
 def read_lines(path: str) -> list[str]:
-    with open(path) as f:
-        return [line.strip() for line in f if line.strip()]
+    """The non-empty lines of a text file, local or in a store (``s3://...``)."""
+    if storage.is_remote(path):
+        text = (storage.read_bytes(path) or b"").decode()
+    else:
+        with open(path) as f:
+            text = f.read()
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _exists(path: str) -> bool:
+    return storage.read_bytes(path) is not None if storage.is_remote(path) else Path(path).exists()
 
 
 def read_tasks(root: str | Path | None, default_templates: list[str]) -> dict[str, dict[str, list[str]]]:
     """Zero-shot tasks of a directory: ``<root>/<task>/classnames.txt`` (one class per line, in label
     order) and optionally ``templates.txt`` (else ``default_templates``), as
     ``{task: {"classnames": [...], "templates": [...]}}``; {} when ``root`` is None or missing."""
-    if root is None or not Path(root).is_dir():
-        return {}
+    if root is None or storage.is_remote(root) or not Path(root).is_dir():
+        return {}  # (tasks of a root in a store: not read)
     tasks = {}
     for d in sorted(p for p in Path(root).iterdir() if (p / "classnames.txt").is_file()):
         templates = (
@@ -34,14 +44,14 @@ def read_tasks(root: str | Path | None, default_templates: list[str]) -> dict[st
 
 def _templates(val: Any) -> list[str]:
     templates = val.get("templates")
-    return read_lines(templates) if templates and Path(templates).exists() else ["{}"]
+    return read_lines(templates) if templates and _exists(templates) else ["{}"]
 
 
 def prompts_from_config(val: Any) -> dict[str, list[str]] | None:
     """``{"classnames", "templates"}`` from a val config's ``classnames``/``templates`` files (templates
     default to ``{}``); None when there is no class-name file."""
     val = val or {}
-    if not (val.get("classnames") and Path(val["classnames"]).exists()):
+    if not (val.get("classnames") and _exists(val["classnames"])):
         return None
     return {"classnames": read_lines(val["classnames"]), "templates": _templates(val)}
 

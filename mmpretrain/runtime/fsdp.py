@@ -140,11 +140,15 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.barrier("sharded_checkpoint_written")
         if self.global_rank == 0:
             _publish(tmp, path)
+            if hasattr(self.checkpoint_io, "published"):  # paths.remote: uploaded from the local copy
+                self.checkpoint_io.published(path)
         self.barrier("sharded_checkpoint_published")
 
     def remove_checkpoint(self, filepath: Any) -> None:
         if self.is_global_zero and Path(filepath).is_dir():
             shutil.rmtree(filepath, ignore_errors=True)
+            if getattr(self.checkpoint_io, "mirror", None) is not None:
+                self.checkpoint_io.mirror.checkpoint_removed(filepath)
         else:
             super().remove_checkpoint(filepath)
 

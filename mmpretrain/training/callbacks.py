@@ -28,12 +28,27 @@ from mmpretrain.runtime import distributed
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints written with :func:`mmpretrain.io.atomic_write` (durable: fsynced, then renamed over
     the target, so a crash mid-write never leaves a corrupt ``last.ckpt``) and read with
-    ``weights_only=True``."""
+    ``weights_only=True``. ``mirror`` (``paths.remote``, a :class:`~mmpretrain.runs.RemoteRun`) is
+    told of each checkpoint published or removed (also the sharded ones: see ``runtime.fsdp``)."""
+
+    def __init__(self, mirror: Any = None):
+        super().__init__()
+        self.mirror = mirror
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: _torch_save(checkpoint, tmp), durable=True)
+        self.published(path)
+
+    def published(self, path: Path) -> None:
+        if self.mirror is not None:
+            self.mirror.checkpoint_saved(path)
+
+    def remove_checkpoint(self, path: Any) -> None:
+        super().remove_checkpoint(path)
+        if self.mirror is not None:
+            self.mirror.checkpoint_removed(path)
 
     def load_checkpoint(
         self, path: Any, map_location: Any = None, weights_only: bool | None = None

@@ -226,6 +226,7 @@ SEVERAL_NODES = (
 SLURM = "needs a SLURM cluster (srun / sbatch through submitit) and CUDA GPUs; neither is here"
 
 # In the order they run: a command comes after the ones whose files it reads.
+STORE = "needs an S3 store: tests/integration/test_object_storage.py runs it against moto's server"
 COMMANDS: dict[str, Run | Skip] = {
     # -- usage lines
     "mmpretrain <command> [hydra overrides]": Skip(USAGE + "every command below"),
@@ -536,6 +537,16 @@ COMMANDS: dict[str, Run | Skip] = {
     (
         "mmpretrain train -m hydra/launcher=slurm hydra.launcher.partition=gpu trainer=gpu optim.lr=1e-4,3e-4"
     ): Skip(SLURM),
+    # -- object storage: each runs against an in-process S3 server in tests/integration/test_object_storage.py
+    # (and the converter's out=s3:// in tests/unit/test_storage_shards.py)
+    "mmpretrain data digits out=s3://my-bucket/digits": Skip(STORE),
+    "mmpretrain data shards in=pairs.csv out=s3://my-bucket/shards/mine": Skip(STORE),
+    (
+        "mmpretrain train data.root=s3://my-bucket/digits paths.remote=s3://my-bucket/runs/clip1 resume=auto"
+    ): Skip(STORE),
+    "mmpretrain eval ckpt=s3://my-bucket/runs/clip1/checkpoints/last.ckpt": Skip(STORE),
+    "mmpretrain export ckpt=s3://my-bucket/runs/clip1/checkpoints/last.ckpt out=clip1-export": Skip(STORE),
+    "mmpretrain finetune task=linear_probe pretrained=s3://my-bucket/runs/clip1/export": Skip(STORE),
 }
 
 

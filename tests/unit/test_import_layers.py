@@ -14,6 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "mmpretrain"
 LAYERS: list[tuple[str, ...]] = [
     (
         "mmpretrain.io",
+        "mmpretrain.storage",
         "mmpretrain.config",
         "mmpretrain.runtime.distributed",
         "mmpretrain.runtime.allocator",

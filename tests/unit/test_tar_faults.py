@@ -175,7 +175,7 @@ def test_gzip_shards_read_count_and_resume_like_their_tar(tmp_path, suffix, monk
     assert tario.read_sample_at(str(gz), want[5][0])["__key__"] == "f"
     opened = []
     source = tario.open_tar
-    monkeypatch.setattr(tario, "open_tar", lambda url: opened.append(url) or source(url))
+    monkeypatch.setattr(tario, "open_tar", lambda url, *rest: opened.append(url) or source(url, *rest))
     picked = [want[i][0] for i in (2, 6, 3)]
     assert [s["__key__"] for s in tario.read_samples_at(str(gz), picked).values()] == list("cdg")
     assert len(opened) == 1  # one pass from the first offset, not a decompression per sample

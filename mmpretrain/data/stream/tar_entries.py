@@ -1,5 +1,6 @@
-"""The entries of a tar, wherever its bytes come from: a local file (read by seeks), a stream
-(``pipe:``, ``http://``), or either gzip-compressed (known by its first bytes; positions then count bytes
+"""The entries of a tar, wherever its bytes come from: a local file (read by seeks), an object in a store
+(``s3://``, ``gs://``, any fsspec URL: read by ranged reads, see :mod:`mmpretrain.storage`), a stream
+(``pipe:``, ``http://``), or any of them gzip-compressed (known by its first bytes; positions then count bytes
 of the uncompressed tar).
 
 :func:`walk` parses each header itself (only what a reader needs: name, size, type, the checksum, GNU long
@@ -19,6 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import IO, NamedTuple
 
+from mmpretrain.storage import RangedReader, is_remote
+
 
 class LocalTar:
     """A local plain tar: reads seek."""
@@ -35,6 +38,20 @@ class LocalTar:
 
     def release(self, pos: int) -> None:
         pass
+
+
+class RemoteTar(LocalTar):
+    """A plain tar in a store: reads are ranged reads (retried on transient errors), so what lies
+    before the first offset read is never fetched."""
+
+    def __init__(self, reader: RangedReader):
+        self.reader = reader
+
+    def read(self, pos: int, n: int) -> bytes:
+        return self.reader.read_at(pos, n)
+
+    def length(self) -> int:
+        return self.reader.size()
 
 
 class StreamedTar:
@@ -95,7 +112,20 @@ _GZIP = b"\x1f\x8b"
 
 
 @contextmanager
-def open_tar(url: str) -> Iterator[LocalTar | StreamedTar]:
+def open_tar(url: str, offset: int = 0) -> Iterator[LocalTar | StreamedTar]:
+    """The tar at ``url`` for reading from ``offset`` on."""
+    if is_remote(url):
+        with RangedReader(url) as reader:
+            # A resumed reader's first request is the ranged read at its offset: a valid header there
+            # says the object is a plain tar, without a read of its first bytes.
+            at_offset = reader.read_at(offset, _BLOCK) if offset else b""
+            plain = len(at_offset) == _BLOCK and not isinstance(_parse_header(at_offset), str)
+            if plain or reader.read_at(0, 2) != _GZIP:
+                yield RemoteTar(reader)
+                return
+            with gzip.GzipFile(fileobj=reader) as gz:
+                yield StreamedTar(gz)
+        return
     if _local(url):
         with open(os.path.expanduser(url), "rb") as f:
             if f.read(2) != _GZIP:

@@ -90,7 +90,7 @@ def _samples(
                 return
         yield sample.start, next_start, out
 
-    with open_tar(url) as src:
+    with open_tar(url, offset) as src:
         src.release(offset)
         cur: _Sample | None = None
         seen: set[str] = set()
