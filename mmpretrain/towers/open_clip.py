@@ -120,6 +120,11 @@ class _Tokenize:
         return None if self.pad_id is None else functools.partial(trim_padding, pad_id=self.pad_id)
 
 
+def _check_prob(prob: float) -> None:
+    if not 0 <= prob < 1:
+        raise ValueError(f"patch_dropout is the fraction of patches dropped, in [0, 1); got {prob}")
+
+
 class OpenClipTower(Tower):
     has_projection = True
 
@@ -248,6 +253,16 @@ class OpenClipTower(Tower):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.set_grad_checkpointing(enable)
+
+    def set_patch_dropout(self, prob: float) -> None:
+        """open_clip's own ``PatchDropout`` (its ``vision_cfg.patch_dropout``) in place of the ViT's;
+        open_clip applies it in training only and keeps the class token."""
+        if not hasattr(self.encoder, "patch_dropout"):
+            super().set_patch_dropout(prob)
+        _check_prob(prob)
+        self.encoder.patch_dropout = (
+            open_clip.transformer.PatchDropout(prob) if prob > 0 else torch.nn.Identity()
+        )
 
     def param_groups(self) -> list[list[torch.nn.Parameter]]:
         """Embeddings, one group per transformer block, then the final norm + projection.

@@ -171,6 +171,21 @@ class TimmTower(Tower):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
 
+    def set_patch_dropout(self, prob: float) -> None:
+        """timm's own ``PatchDropout`` (its ViTs' ``patch_drop_rate``) in place of the model's ``patch_drop``;
+        timm applies it in training only and keeps the prefix (class, register) tokens."""
+        from timm.layers import PatchDropout
+
+        from mmpretrain.towers.open_clip import _check_prob
+
+        if not hasattr(self.model, "patch_drop"):
+            super().set_patch_dropout(prob)
+        _check_prob(prob)
+        prefix = int(getattr(self.model, "num_prefix_tokens", 1))
+        self.model.patch_drop = (
+            PatchDropout(prob, num_prefix_tokens=prefix) if prob > 0 else torch.nn.Identity()
+        )
+
     def set_channels_last(self, enable: bool = True) -> None:
         """NHWC weights and inputs: faster convolutions on GPUs with tensor cores (and oneDNN CPUs)."""
         self.channels_last = enable
