@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities import move_data_to_device
 from lightning.pytorch.utilities.enums import GradClipAlgorithmType
 
 from mmpretrain.evaluation.validate import ValidationCollector
@@ -38,6 +39,9 @@ class ContrastiveModule(L.LightningModule):
         # {task: {"classnames", "templates"}}: zero-shot of each task over the val rows labelled for it
         self.zeroshot_tasks = zeroshot_tasks or {}
         self.val = ValidationCollector(model, loss, zeroshot, self.zeroshot_tasks)
+        # model.ema.eval_both: a collector of the raw weights while the EMA's are validated (set by
+        # training.ema.WeightEMA); its metrics are logged as val_raw/*.
+        self.val_raw: ValidationCollector | None = None
         # Set by monitor.RunPlots: keep up to this many labelled rows of each validation's embeddings
         # (``last_val_embeddings``), so the end-of-run plots need no second pass over the val set.
         self.keep_val_embeddings = 0
@@ -293,6 +297,8 @@ class ContrastiveModule(L.LightningModule):
     # -- validation: the collector embeds every batch; at the end, gathered and scored -------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.val.add(batch)
+        if self.val_raw is not None and self.trainer.state.fn == "fit":
+            self.val_raw.add(move_data_to_device(batch, self.val_raw.device))  # model.ema.on_cpu: the CPU
 
     def on_validation_epoch_end(self) -> None:
         # A rank that saw no batch (fewer val shards than ranks, or only bad samples) passes {}: the
@@ -303,6 +309,9 @@ class ContrastiveModule(L.LightningModule):
                 local, self.keep_val_embeddings, self.global_step
             )
         metrics = self.validation_metrics(local)
+        if self.val_raw is not None and self.trainer.state.fn == "fit":  # the same on every rank (collective)
+            raw = self.val_raw.metrics(self.val_raw.take())
+            metrics |= {f"val_raw/{k.removeprefix('val/')}": v for k, v in raw.items()}
         if metrics:
             self.log_dict(metrics, sync_dist=False)
             summary = ", ".join(
