@@ -26,6 +26,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from mmpretrain.runtime.fsdp import preload_datamodule_state
     from mmpretrain.training.callbacks import AtomicCheckpointIO
     from mmpretrain.training.datamodule import ContrastiveDataModule
+    from mmpretrain.training.distill import build_distillation
     from mmpretrain.training.ema import ema_callback
     from mmpretrain.training.module import ContrastiveModule
     from mmpretrain.training.monitor import CSVLogger, one_wandb_run
@@ -52,6 +53,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             datamodule, ckpt_path
         )  # trainer=fsdp restores only after building the loader
     trainer_kwargs, optim = trainer_and_optim(cfg)
+    distill = build_distillation(cfg.get("distill"), model)
     module = ContrastiveModule(
         model,
         loss,
@@ -61,6 +63,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # (per-tower lr scales, locks, where the starting weights came from) is kept beside it.
         hparams={"model": model.config(), "model_training": to_plain(cfg.model)},
         zeroshot_tasks=tasks_from_config(cfg.data.get("val")),
+        distill=distill,
     )
     module.captioning = captioning_evaluation(model, cfg.data, datamodule)
     ema = ema_callback(cfg.model.get("ema"))
