@@ -40,7 +40,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         for tower in model.towers.values():
             tower.compile()  # in place: parameter names (checkpoints, export) stay as they are
     datamodule = ContrastiveDataModule(
-        cfg.data, model.preprocess, seed=cfg.seed, negatives=_hard_negatives(cfg.loss)
+        cfg.data,
+        model.preprocess,
+        seed=cfg.seed,
+        negatives=_hard_negatives(cfg.loss),
+        teacher_cache=bool((cfg.get("distill") or {}).get("cached")),
     )
     loss = safe_instantiate(cfg.loss)
     check_modalities(loss, model.modalities)

@@ -32,6 +32,12 @@ BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 TRAINING_OPTIONS = ("lock", "lr_scale", "grad_checkpointing", "channels_last", "patch_dropout")
 
 
+def check_patch_dropout(prob: float) -> None:
+    """Refuse a ``patch_dropout`` outside [0, 1)."""
+    if not 0 <= prob < 1:
+        raise ValueError(f"patch_dropout is the fraction of patches dropped, in [0, 1); got {prob}")
+
+
 class ImageNormalize(nn.Module):
     """``uint8 [B, C, H, W]`` pixels -> float ``(x / 255 - mean) / std``; floating input passes through.
 

@@ -26,7 +26,7 @@ from open_clip.transformer import TextTransformer, text_global_pool
 from mmpretrain.config import to_plain
 from mmpretrain.interop.open_clip import preprocess_cfg, read_open_clip_state_dict
 from mmpretrain.pretrained import is_hub_id, open_clip_config, open_clip_weights
-from mmpretrain.towers.base import ImageNormalize, Tower, uint8_transform
+from mmpretrain.towers.base import ImageNormalize, Tower, check_patch_dropout, uint8_transform
 from mmpretrain.towers.timm import unknown_model_error
 
 _PARTS = {"image": "visual", "text": "text"}
@@ -118,11 +118,6 @@ class _Tokenize:
     @property
     def trim(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         return None if self.pad_id is None else functools.partial(trim_padding, pad_id=self.pad_id)
-
-
-def _check_prob(prob: float) -> None:
-    if not 0 <= prob < 1:
-        raise ValueError(f"patch_dropout is the fraction of patches dropped, in [0, 1); got {prob}")
 
 
 class OpenClipTower(Tower):
@@ -259,7 +254,7 @@ class OpenClipTower(Tower):
         open_clip applies it in training only and keeps the class token."""
         if not hasattr(self.encoder, "patch_dropout"):
             super().set_patch_dropout(prob)
-        _check_prob(prob)
+        check_patch_dropout(prob)
         self.encoder.patch_dropout = (
             open_clip.transformer.PatchDropout(prob) if prob > 0 else torch.nn.Identity()
         )

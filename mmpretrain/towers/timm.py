@@ -14,7 +14,7 @@ from timm.data import create_transform, resolve_data_config
 
 from mmpretrain.io import read_state_dict
 from mmpretrain.pretrained import HUB_PREFIX, check_timm_weights, is_hub_id
-from mmpretrain.towers.base import ImageNormalize, Tower, uint8_transform
+from mmpretrain.towers.base import ImageNormalize, Tower, check_patch_dropout, uint8_transform
 
 
 def unknown_model_error(name: str, library: str, known: list[str]) -> ValueError:
@@ -176,11 +176,9 @@ class TimmTower(Tower):
         timm applies it in training only and keeps the prefix (class, register) tokens."""
         from timm.layers import PatchDropout
 
-        from mmpretrain.towers.open_clip import _check_prob
-
         if not hasattr(self.model, "patch_drop"):
             super().set_patch_dropout(prob)
-        _check_prob(prob)
+        check_patch_dropout(prob)
         prefix = int(getattr(self.model, "num_prefix_tokens", 1))
         self.model.patch_drop = (
             PatchDropout(prob, num_prefix_tokens=prefix) if prob > 0 else torch.nn.Identity()

@@ -1,6 +1,7 @@
 """Distillation terms against naive references, and through the Lightning module with grad caching."""
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -116,3 +117,70 @@ def test_the_teacher_stays_out_of_the_module():
     assert "distill.heads.image.weight" in keys and not any("teacher" in k for k in keys)
     out = distill.teacher_outputs(batch(4))
     assert out["teacher_image_features"].shape == (4, 6) and not out["teacher_image_features"].requires_grad
+
+
+def test_cached_teacher_embeddings_give_the_online_loss(digits_root, tmp_path):
+    """`teacher-embeddings` stores what the online teacher computes for the crops a distill.cached stream
+    yields (its pass p uses stored augmentation p mod K): the same terms within 1e-5, in both passes."""
+    from mmpretrain.config import to_plain
+    from mmpretrain.data.stream.pipeline import ShardStream
+    from mmpretrain.data.stream.shards import Source
+    from mmpretrain.export import export
+    from mmpretrain.model import build_model
+    from mmpretrain.training.distill import embedding_dims, load_teacher
+    from mmpretrain.training.teacher_embeddings import build_teacher_embeddings
+    from tests.conftest import compose_config
+
+    vit = ["model.towers.image.model_name=test_vit", "model.towers.image.img_size=16"]
+    vit += ["+model.towers.image.model_kwargs.img_size=16", "model.towers.text.config.text_cfg.layers=1"]
+    cfg = compose_config("train", [f"data.root={digits_root}", *vit])
+    torch.manual_seed(1)
+    teacher_cfg = compose_config(
+        "train", ["model.towers.text.config.text_cfg.layers=1", "model.embed_dim=64"]
+    )
+    export(build_model(teacher_cfg.model), tmp_path / "teacher")  # resnet10t at 32 px: another size
+    shard = sorted((digits_root / "train").glob("*.tar"))[0]
+    out = build_teacher_embeddings(
+        str(tmp_path / "teacher"),
+        [str(shard)],
+        tmp_path / "cached",
+        to_plain(cfg.model),
+        to_plain(cfg.data),
+        2,
+    )
+    from mmpretrain.data.stream import teacher_cache
+    from mmpretrain.data.stream.tar_reader import read_samples
+
+    _, _, first = next(read_samples(str(out / shard.name)))
+    stored = teacher_cache.decode(first[teacher_cache.MEMBER])
+    assert stored["image"].shape == (2, 64) and not np.allclose(stored["image"][0], stored["image"][1])
+    student = build_model(cfg.model).eval()
+    stream = ShardStream(
+        [Source("cached", [str(out / shard.name)])],
+        student.preprocess(True),
+        batch_size=60,
+        train=True,
+        batches_per_worker=4,
+        shuffle_buffer=10,
+        caption_field=cfg.data.caption_field,
+        caption_keys=to_plain(cfg.data.get("caption_keys")),
+        teacher_augmentations=0,
+    )
+    teacher = load_teacher(str(tmp_path / "teacher"))
+    dims, teacher_dims = embedding_dims(student), embedding_dims(teacher)
+    torch.manual_seed(3)
+    online = Distillation(teacher, dims, teacher_dims, 1.0, 1.0)
+    cached = Distillation(None, dims, teacher_dims, 1.0, 1.0)
+    cached.heads.load_state_dict(online.heads.state_dict())
+    batches = iter(stream)
+    for _ in range(4):  # 180 samples a pass: the last batch is the second pass's, augmentation 1
+        batch = next(batches)
+        with torch.no_grad():
+            outputs = online.student(student)(batch)  # the heads of both are the same
+            stored, computed = cached.teacher_outputs(batch), online.teacher_outputs(batch)
+            for key in ("teacher_image_features", "teacher_text_features"):
+                torch.testing.assert_close(stored[key], computed[key], atol=1e-5, rtol=0)
+            a, b = cached(outputs | stored), online(outputs | computed)
+        assert a.keys() == b.keys() == {"distill_logit_loss", "distill_feature_loss"}
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
