@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -61,3 +62,103 @@ def test_ema_and_patch_dropout_from_the_console_script(digits_root, tmp_path):
     run_cli(["export", f"ckpt={run}/checkpoints/last.ckpt", f"out={out}", "export.weights=raw"], cwd=tmp_path)
     exported = load_file(out / "model.safetensors")
     assert all(torch.equal(exported[k], trained[k]) for k in trained)
+
+
+def _records(run):
+    out = {}
+    for path in sorted((run / "rec").glob("rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            out[(rec["rank"], rec["step"])] = rec
+    return out
+
+
+@pytest.mark.slow
+def test_distillation_online_under_ddp_then_cached_with_exact_resume(digits_root, tmp_path):
+    """From the console script: online distillation (logit + feature terms, grad caching, 2 DDP ranks),
+    `mmpretrain data teacher-embeddings`, then distill.cached=true, resumed from a step checkpoint onto
+    the same batches and losses."""
+    from mmpretrain.export import export
+    from mmpretrain.model import build_model
+    from tests.conftest import compose_config
+
+    torch.manual_seed(0)
+    teacher_cfg = compose_config(
+        "train", ["model.towers.text.config.text_cfg.layers=1", "model.embed_dim=64"]
+    )
+    teacher = export(build_model(teacher_cfg.model), tmp_path / "teacher")
+    common = [
+        "debug=fast",
+        *VIT,
+        "callbacks.model_summary=null",
+        "callbacks.plots=null",
+        f"distill.teacher={teacher}",
+        "distill.feature_weight=0.5",
+    ]
+    online = tmp_path / "online"
+    run_cli(
+        [
+            "train",
+            *common,
+            f"data.root={digits_root}",
+            "trainer=ddp",
+            "trainer.devices=2",
+            "trainer.accelerator=cpu",
+            "optim.grad_cache_chunks=2",
+            f"hydra.run.dir={online}",
+        ],
+        cwd=tmp_path,
+    )
+    header = (online / "metrics.csv").read_text().splitlines()[0]
+    assert "train/distill_logit_loss" in header and "train/distill_feature_loss" in header
+
+    shards = sorted(str(p) for p in (digits_root / "train").glob("*.tar"))[:2]
+    cached = tmp_path / "cached"
+    run_cli(
+        [
+            "data",
+            "teacher-embeddings",
+            f"teacher={teacher}",
+            f"in=[{','.join(shards)}]",
+            f"out={cached}",
+            "augmentations=2",
+            "model=tiny",
+            *VIT,
+            "data=digits",
+            f"data.root={digits_root}",
+        ],
+        cwd=tmp_path,
+    )
+    resume = [
+        *common,
+        "distill.cached=true",
+        f"data.root={digits_root}",
+        f"data.sources.digits.shards={cached}/*.tar",
+        "data.train_samples=64",
+        "trainer.max_steps=6",
+        "trainer.max_epochs=2",  # epochs of 4 steps: the second pass trains on stored augmentation 1
+        "trainer.val_check_interval=6",
+        "callbacks.step_checkpoint.every_n_train_steps=3",
+        "callbacks.step_checkpoint.save_top_k=-1",
+        "+callbacks.record._target_=mmpretrain.training.callbacks.RecordBatches",
+    ]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run_cli(
+        ["train", *resume, f"+callbacks.record.dirpath={full}/rec", f"hydra.run.dir={full}"], cwd=tmp_path
+    )
+    run_cli(
+        [
+            "train",
+            *resume,
+            f"+callbacks.record.dirpath={resumed}/rec",
+            f"hydra.run.dir={resumed}",
+            f"resume={full}/checkpoints/step0000003.ckpt",
+        ],
+        cwd=tmp_path,
+    )
+    a, b = _records(full), _records(resumed)
+    assert sorted(b) == [(0, s) for s in range(4, 7)]
+    for key in b:
+        assert a[key]["keys"] == b[key]["keys"], key
+        assert abs(a[key]["loss"] - b[key]["loss"]) <= 1e-6, key
+    assert "train/distill_logit_loss" in (full / "metrics.csv").read_text().splitlines()[0]
