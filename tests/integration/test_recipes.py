@@ -75,9 +75,9 @@ def _records(run):
 
 @pytest.mark.slow
 def test_distillation_online_under_ddp_then_cached_with_exact_resume(digits_root, tmp_path):
-    """From the console script: online distillation (logit + feature terms, grad caching, 2 DDP ranks),
-    `mmpretrain data teacher-embeddings`, then distill.cached=true, resumed from a step checkpoint onto
-    the same batches and losses."""
+    """From the console script: online distillation (logit + feature terms, grad caching, 2 DDP ranks, the
+    weight EMA too), `mmpretrain data teacher-embeddings`, then distill.cached=true, resumed from a step
+    checkpoint onto the same batches and losses."""
     from mmpretrain.export import export
     from mmpretrain.model import build_model
     from tests.conftest import compose_config
@@ -105,12 +105,19 @@ def test_distillation_online_under_ddp_then_cached_with_exact_resume(digits_root
             "trainer.devices=2",
             "trainer.accelerator=cpu",
             "optim.grad_cache_chunks=2",
+            "model.ema.enabled=true",  # and the weight average under DDP, validated beside the raw weights
+            "model.ema.eval_both=true",
             f"hydra.run.dir={online}",
         ],
         cwd=tmp_path,
     )
     header = (online / "metrics.csv").read_text().splitlines()[0]
     assert "train/distill_logit_loss" in header and "train/distill_feature_loss" in header
+    assert "val_raw/zeroshot_top1/image_text" in header
+    ckpt = torch.load(online / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert (
+        ckpt["callbacks"]["WeightEMA"]["updates"] == 4 and "distill.heads.image.weight" in ckpt["state_dict"]
+    )
 
     shards = sorted(str(p) for p in (digits_root / "train").glob("*.tar"))[:2]
     cached = tmp_path / "cached"
