@@ -23,7 +23,7 @@ SECTIONS = [
     ("throughput_cuda", "5. GPU: throughput at ViT-B/32 224 px bf16, MFU"),
     ("scenes_time_to_target", "6. Time to the same val retrieval R@1 on the scenes (5 captions per image)"),
     ("patch_dropout", "7. Patch dropout (FLIP): step time and activation memory at 0.0 / 0.5 / 0.75"),
-    ("distill_scenes", "8. Distillation on the scenes: a 2-layer ViT student alone vs distilled (online, cached)"),
+    ("distill_scenes", "8. Distillation on the scenes: a 2-layer ViT student alone vs distilled"),
 ]
 
 
