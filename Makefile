@@ -67,6 +67,10 @@ bench-scale: install ## tiled vs plain InfoNCE memory (4k..65k batch), the speed
 	OMP_NUM_THREADS=2 $(PY) scripts/bench_speed_options.py
 	OMP_NUM_THREADS=2 $(PY) scripts/bench_val_memory.py
 
+bench-recipes: install ## patch dropout's step time and memory, distillation on the scenes (~40 min on 2 busy cores)
+	$(PY) scripts/bench_patch_dropout.py
+	$(PY) scripts/bench_distill_scenes.py
+
 lint: install ## ruff
 	$(VENV)/bin/ruff check mmpretrain tests scripts
 	$(VENV)/bin/ruff format --check mmpretrain tests scripts
@@ -77,4 +81,4 @@ format: install ## ruff format
 clean: ## remove runs and caches (keeps .venv)
 	rm -rf runs outputs multirun .pytest_cache
 
-.PHONY: help install demo test test-slow bench bench-ref bench-gpu bench-scale gpu-check lint format clean
+.PHONY: help install demo test test-slow bench bench-ref bench-gpu bench-scale bench-recipes gpu-check lint format clean

@@ -88,7 +88,7 @@ PLAIN_COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
 def usage() -> str:
     """``mmpretrain --help``: every command of :data:`COMMANDS` and :data:`PLAIN_COMMANDS`, and the
     names of the data builders (:data:`mmpretrain.data.builders.BUILDERS`)."""
-    from mmpretrain.data.builders import BUILDERS
+    from mmpretrain.data.builders import BUILDERS, TEACHER_EMBEDDINGS
 
     lines = [
         "usage: mmpretrain <command> [hydra overrides]   (mmpretrain <command> --help: what it takes)",
@@ -96,7 +96,8 @@ def usage() -> str:
     ]
     lines += [f"  {name:<14} {help_}" for name, (_, _, help_) in COMMANDS.items()]
     lines += [f"  {name:<14} {help_}" for name, (_, help_) in PLAIN_COMMANDS.items()]
-    lines += ["", f"mmpretrain data NAME: {', '.join(BUILDERS)}   (mmpretrain data --help: their options)"]
+    names = ", ".join([*BUILDERS, TEACHER_EMBEDDINGS[0]])
+    lines += ["", f"mmpretrain data NAME: {names}   (mmpretrain data --help: their options)"]
     return "\n".join(lines)
 
 
@@ -105,7 +106,7 @@ def data_usage() -> str:
     it writes and its options with their defaults (``conf/build_data.yaml``, else the builder's own)."""
     from omegaconf import OmegaConf
 
-    from mmpretrain.data.builders import BUILDERS, describe
+    from mmpretrain.data.builders import BUILDERS, TEACHER_EMBEDDINGS, describe
 
     cfg = OmegaConf.load(Path(CONF_DIR) / "build_data.yaml")
     lines = [
@@ -120,6 +121,9 @@ def data_usage() -> str:
             for k, v in defaults.items()
         )
         lines += [f"  {name:<18} {about}", f"  {'':<18} {options}"]
+    name, about = TEACHER_EMBEDDINGS
+    options = " ".join(f"{k}={cfg.get(k)}" for k in ("teacher", "augmentations", "batch_size"))
+    lines += [f"  {name:<18} {about}", f"  {'':<18} {options} (and data=, in: its train shards)"]
     lines += ["", "Hydra's own flags still apply: mmpretrain data NAME --cfg job shows the composed config."]
     return "\n".join(lines)
 

@@ -39,12 +39,18 @@ PREPROCESS_NAME = "preprocess.json"
 FORMAT_VERSION = 1
 
 
-def model_from_checkpoint(path: str | Path, model_cfg: dict[str, Any] | None = None) -> ContrastiveModel:
+def model_from_checkpoint(
+    path: str | Path, model_cfg: dict[str, Any] | None = None, weights: str = "ema"
+) -> ContrastiveModel:
     """Rebuild a ContrastiveModel from an mmpretrain ``.ckpt``, an exported directory (mmpretrain or
     open_clip layout), or an open_clip checkpoint (``.pt``/``.safetensors``; needs ``model_cfg``, a
     ``model=openclip`` config naming the open_clip model-config JSON). The weights come from ``path``
     alone: no starting-weights source the model was trained from is read (:func:`weights_free`). A store
-    URL (``s3://...``) is downloaded first (:func:`mmpretrain.storage.local_copy`)."""
+    URL (``s3://...``) is downloaded first (:func:`mmpretrain.storage.local_copy`).
+    ``weights``: ``ema`` takes a training checkpoint's weight average (``ema_state_dict``, model.ema)
+    where it holds one, ``raw`` always its trained weights."""
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights must be ema or raw, got '{weights}'")
     path = Path(storage.local_copy(path))
     export_dir = path.is_dir() and not is_sharded_checkpoint(path)  # a trainer=fsdp checkpoint is read below
     if export_dir:
@@ -65,9 +71,16 @@ def model_from_checkpoint(path: str | Path, model_cfg: dict[str, Any] | None = N
             "model.config=PATH.json"
         )
     model = build_model(weights_free(hp["model"]))
-    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    if weights == "ema" and ckpt.get(EMA_KEY) is not None:
+        state = dict(ckpt[EMA_KEY])
+    else:
+        state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     load_into(model, state, str(path), trained_with=hp["model"])
     return model
+
+
+#: Where a training checkpoint holds the weight average of model.ema (the ContrastiveModel's keys).
+EMA_KEY = "ema_state_dict"
 
 
 class CheckpointMismatchError(ValueError):

@@ -222,7 +222,8 @@ def _couples_rows(tower: nn.Module) -> bool:
 
 
 def apply_training_options(model: ContrastiveModel, cfg: Mapping[str, Any]) -> ContrastiveModel:
-    """Apply ``towers.<m>.lock`` / ``grad_checkpointing`` / ``channels_last`` of a model config.
+    """Apply ``towers.<m>.lock`` / ``grad_checkpointing`` / ``channels_last`` / ``patch_dropout`` of a
+    model config (``patch_dropout``: FLIP, a fraction of a ViT's patches dropped in training only).
 
     ``lock: {unlocked_groups: N, freeze_norm_stats: bool}`` freezes all but the tower's last N
     parameter groups (LiT: ``unlocked_groups: 0`` with a pretrained tower). ``lr_scale`` is read
@@ -243,6 +244,8 @@ def apply_training_options(model: ContrastiveModel, cfg: Mapping[str, Any]) -> C
             tower.set_grad_checkpointing(True)
         if tcfg.get("channels_last"):
             tower.set_channels_last(True)
+        if tcfg.get("patch_dropout"):
+            tower.set_patch_dropout(float(tcfg["patch_dropout"]))
     return model
 
 

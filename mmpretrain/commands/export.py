@@ -20,9 +20,11 @@ def export_cmd(cfg: DictConfig) -> Path:
         raise ValueError(
             f"export format '{cfg.format}' is unknown; use format=mmpretrain|open_clip|torchscript"
         )
-    model = model_from_checkpoint(cfg.ckpt, to_plain(cfg.get("model")))
+    weights = str((cfg.get("export") or {}).get("weights") or "ema")
+    model = model_from_checkpoint(cfg.ckpt, to_plain(cfg.get("model")), weights=weights)
     if cfg.format == "mmpretrain":
-        out = export(model, cfg.out, extra={"source_checkpoint": str(cfg.ckpt)} | run_provenance(cfg.ckpt))
+        extra = {"source_checkpoint": str(cfg.ckpt), "weights": weights} | run_provenance(cfg.ckpt)
+        out = export(model, cfg.out, extra=extra)
     else:
         out = writers[cfg.format](model, cfg.out)
     print(f"exported {cfg.ckpt} to {out} (format={cfg.format})")

@@ -26,6 +26,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from mmpretrain.runtime.fsdp import preload_datamodule_state
     from mmpretrain.training.callbacks import AtomicCheckpointIO
     from mmpretrain.training.datamodule import ContrastiveDataModule
+    from mmpretrain.training.distill import build_distillation
+    from mmpretrain.training.ema import ema_callback
     from mmpretrain.training.module import ContrastiveModule
     from mmpretrain.training.monitor import CSVLogger, one_wandb_run
 
@@ -38,7 +40,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         for tower in model.towers.values():
             tower.compile()  # in place: parameter names (checkpoints, export) stay as they are
     datamodule = ContrastiveDataModule(
-        cfg.data, model.preprocess, seed=cfg.seed, negatives=_hard_negatives(cfg.loss)
+        cfg.data,
+        model.preprocess,
+        seed=cfg.seed,
+        negatives=_hard_negatives(cfg.loss),
+        teacher_cache=bool((cfg.get("distill") or {}).get("cached")),
     )
     loss = safe_instantiate(cfg.loss)
     check_modalities(loss, model.modalities)
@@ -51,6 +57,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             datamodule, ckpt_path
         )  # trainer=fsdp restores only after building the loader
     trainer_kwargs, optim = trainer_and_optim(cfg)
+    distill = build_distillation(cfg.get("distill"), model)
     module = ContrastiveModule(
         model,
         loss,
@@ -60,8 +67,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # (per-tower lr scales, locks, where the starting weights came from) is kept beside it.
         hparams={"model": model.config(), "model_training": to_plain(cfg.model)},
         zeroshot_tasks=tasks_from_config(cfg.data.get("val")),
+        distill=distill,
     )
     module.captioning = captioning_evaluation(model, cfg.data, datamodule)
+    ema = ema_callback(cfg.model.get("ema"))
+    weights = export_weights(cfg)
     loggers = instantiate_all(cfg.get("logger"))
     for logger in loggers:
         if isinstance(logger, CSVLogger):
@@ -73,7 +83,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         default_root_dir=str(run_dir),
         plugins=[AtomicCheckpointIO(mirror=mirror)],
         logger=loggers,
-        callbacks=instantiate_all(cfg.get("callbacks")),
+        # the EMA first: its update precedes every callback that saves a checkpoint after a step
+        callbacks=[*([ema] if ema else []), *instantiate_all(cfg.get("callbacks"))],
     )
     if val_at_start(cfg) and not ckpt_path:  # the pretrained starting point, logged at step 0
         with one_wandb_run(loggers):
@@ -83,10 +94,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics["skipped_samples"] = float(module.skipped_total)
     if cfg.export_at_end:
         model = _whole_model(model, cfg.model)  # under trainer=fsdp: gathered from every rank
+        if ema is not None and weights == "ema":
+            model = ema.module
     if trainer.is_global_zero:
         write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
         if cfg.export_at_end:
-            export(model, run_dir / "export", extra={"metrics": metrics, "train_config": to_plain(cfg)})
+            written = "ema" if ema is not None and weights == "ema" else "raw"
+            extra = {"metrics": metrics, "train_config": to_plain(cfg), "weights": written}
+            export(model, run_dir / "export", extra=extra)
         if module.captioning is not None and module.captioning.last:
             write_caption_examples(module.captioning, run_dir)
         print(f"skipped samples: {module.skipped_total}")
@@ -103,6 +118,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         )
     end_run(run_dir, mirror)
     return metrics
+
+
+def export_weights(cfg: DictConfig) -> str:
+    """``export.weights``: ``ema`` (the weight average, where the run keeps one) or ``raw``."""
+    weights = str((cfg.get("export") or {}).get("weights") or "ema")
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"export.weights must be ema or raw, got '{weights}'")
+    return weights
 
 
 def run_overrides() -> list[str]:

@@ -51,6 +51,11 @@ ABOUT: dict[str, str] = {
     "moving-digits": "short mp4 clips of moving digits with captions, the first one spoken",
     "shards": "your own data (a table, a folder of media, img2dataset tars) as our shards",
 }
+# Built by commands/data.py (it needs a teacher model, above this layer): `mmpretrain data --help` lists it.
+TEACHER_EMBEDDINGS = (
+    "teacher-embeddings",
+    "in=SHARDS out=DIR teacher=T model=...: the shards with a teacher's embeddings (distill.cached=true)",
+)
 
 
 def build(name: str, out: str | Path, **kwargs: Any) -> Path:

@@ -29,7 +29,13 @@ from torch import nn
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 #: Per-tower keys of a model config that configure training, not the architecture (not exported).
-TRAINING_OPTIONS = ("lock", "lr_scale", "grad_checkpointing", "channels_last")
+TRAINING_OPTIONS = ("lock", "lr_scale", "grad_checkpointing", "channels_last", "patch_dropout")
+
+
+def check_patch_dropout(prob: float) -> None:
+    """Refuse a ``patch_dropout`` outside [0, 1)."""
+    if not 0 <= prob < 1:
+        raise ValueError(f"patch_dropout is the fraction of patches dropped, in [0, 1); got {prob}")
 
 
 class ImageNormalize(nn.Module):
@@ -126,6 +132,14 @@ class Tower(nn.Module):
     def set_channels_last(self, enable: bool = True) -> None:
         raise NotImplementedError(
             f"{type(self).__name__} has no channels_last option (it is for CNN image towers: timm)"
+        )
+
+    def set_patch_dropout(self, prob: float) -> None:
+        """FLIP's patch dropout: in training a random ``prob`` of the patch tokens is dropped before the
+        blocks (the class token kept); evaluation sees every patch. ViT towers only."""
+        raise ValueError(
+            f"patch_dropout is for ViT image towers (open_clip ViTs, timm VisionTransformer); "
+            f"{type(self).__name__} has no patch tokens to drop"
         )
 
     def param_groups(self) -> list[list[nn.Parameter]]:

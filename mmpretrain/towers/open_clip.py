@@ -26,7 +26,7 @@ from open_clip.transformer import TextTransformer, text_global_pool
 from mmpretrain.config import to_plain
 from mmpretrain.interop.open_clip import preprocess_cfg, read_open_clip_state_dict
 from mmpretrain.pretrained import is_hub_id, open_clip_config, open_clip_weights
-from mmpretrain.towers.base import ImageNormalize, Tower, uint8_transform
+from mmpretrain.towers.base import ImageNormalize, Tower, check_patch_dropout, uint8_transform
 from mmpretrain.towers.timm import unknown_model_error
 
 _PARTS = {"image": "visual", "text": "text"}
@@ -248,6 +248,16 @@ class OpenClipTower(Tower):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.set_grad_checkpointing(enable)
+
+    def set_patch_dropout(self, prob: float) -> None:
+        """open_clip's own ``PatchDropout`` (its ``vision_cfg.patch_dropout``) in place of the ViT's;
+        open_clip applies it in training only and keeps the class token."""
+        if not hasattr(self.encoder, "patch_dropout"):
+            super().set_patch_dropout(prob)
+        check_patch_dropout(prob)
+        self.encoder.patch_dropout = (
+            open_clip.transformer.PatchDropout(prob) if prob > 0 else torch.nn.Identity()
+        )
 
     def param_groups(self) -> list[list[torch.nn.Parameter]]:
         """Embeddings, one group per transformer block, then the final norm + projection.

@@ -14,7 +14,7 @@ from timm.data import create_transform, resolve_data_config
 
 from mmpretrain.io import read_state_dict
 from mmpretrain.pretrained import HUB_PREFIX, check_timm_weights, is_hub_id
-from mmpretrain.towers.base import ImageNormalize, Tower, uint8_transform
+from mmpretrain.towers.base import ImageNormalize, Tower, check_patch_dropout, uint8_transform
 
 
 def unknown_model_error(name: str, library: str, known: list[str]) -> ValueError:
@@ -170,6 +170,19 @@ class TimmTower(Tower):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
+
+    def set_patch_dropout(self, prob: float) -> None:
+        """timm's own ``PatchDropout`` (its ViTs' ``patch_drop_rate``) in place of the model's ``patch_drop``;
+        timm applies it in training only and keeps the prefix (class, register) tokens."""
+        from timm.layers import PatchDropout
+
+        if not hasattr(self.model, "patch_drop"):
+            super().set_patch_dropout(prob)
+        check_patch_dropout(prob)
+        prefix = int(getattr(self.model, "num_prefix_tokens", 1))
+        self.model.patch_drop = (
+            PatchDropout(prob, num_prefix_tokens=prefix) if prob > 0 else torch.nn.Identity()
+        )
 
     def set_channels_last(self, enable: bool = True) -> None:
         """NHWC weights and inputs: faster convolutions on GPUs with tensor cores (and oneDNN CPUs)."""

@@ -37,9 +37,15 @@ def sources_from_config(cfg: Any) -> list[Source]:
 
 class ContrastiveDataModule(L.LightningDataModule):
     def __init__(
-        self, cfg: Any, preprocess: Callable[[bool], dict[str, Callable]], seed: int = 0, negatives: int = 0
+        self,
+        cfg: Any,
+        preprocess: Callable[[bool], dict[str, Callable]],
+        seed: int = 0,
+        negatives: int = 0,
+        teacher_cache: bool = False,
     ):
         super().__init__()
+        self.teacher_cache = teacher_cache  # distill.cached: training samples bring the teacher's embeddings
         self.cfg = cfg
         self.negatives = int(negatives)  # hard negative captions per training sample (loss.hard_negatives)
         self.preprocess = preprocess
@@ -98,6 +104,7 @@ class ContrastiveDataModule(L.LightningDataModule):
             shard_policy=policy,
             positions=self._start_positions,
             negatives=self.negatives,
+            teacher_augmentations=0 if self.teacher_cache else None,
             **common,
         )
         stream.num_workers = max(1, workers)

@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities import move_data_to_device
 from lightning.pytorch.utilities.enums import GradClipAlgorithmType
 
 from mmpretrain.evaluation.validate import ValidationCollector
@@ -29,6 +30,7 @@ class ContrastiveModule(L.LightningModule):
         zeroshot: dict[str, list[str]] | None = None,
         hparams: dict[str, Any] | None = None,
         zeroshot_tasks: dict[str, dict[str, list[str]]] | None = None,
+        distill: torch.nn.Module | None = None,
     ):
         super().__init__()
         self.model = model
@@ -38,6 +40,9 @@ class ContrastiveModule(L.LightningModule):
         # {task: {"classnames", "templates"}}: zero-shot of each task over the val rows labelled for it
         self.zeroshot_tasks = zeroshot_tasks or {}
         self.val = ValidationCollector(model, loss, zeroshot, self.zeroshot_tasks)
+        # model.ema.eval_both: a collector of the raw weights while the EMA's are validated (set by
+        # training.ema.WeightEMA); its metrics are logged as val_raw/*.
+        self.val_raw: ValidationCollector | None = None
         # Set by monitor.RunPlots: keep up to this many labelled rows of each validation's embeddings
         # (``last_val_embeddings``), so the end-of-run plots need no second pass over the val set.
         self.keep_val_embeddings = 0
@@ -65,6 +70,8 @@ class ContrastiveModule(L.LightningModule):
         self._partial_stream = False  # set at train start: masks on every rank (see _masks_on_every_rank)
         # evaluation.captioning.CaptionEvaluation of a model with a caption decoder (set by the train command)
         self.captioning = None
+        # training.distill.Distillation (distill.teacher): its terms join the loss's; its heads train too
+        self.distill = distill
 
     @property
     def skipped_total(self) -> int:
@@ -96,12 +103,23 @@ class ContrastiveModule(L.LightningModule):
             self._log_at = (self.trainer.global_step, self.current_epoch)  # as Lightning numbers its rows
         self._skipped_local += int(batch.pop("__skipped__", 0))  # a host int (the collate's count)
         batch = self._masks_on_every_rank(batch)
-        losses = self._grad_cache_step(batch) if self.grad_cache_chunks > 1 else self.loss(self.model(batch))
+        if self.grad_cache_chunks > 1:
+            losses = self._grad_cache_step(batch)
+        elif self.distill is not None:
+            losses = self._distill_losses(self.distill.student(self.model)(batch), batch)
+        else:
+            losses = self.loss(self.model(batch))
         total = sum(losses.values())
         self._samples_seen += batch_size(batch)
         if newly_due:
             self._log_step(losses, total)
         return total
+
+    def _distill_losses(
+        self, outputs: dict[str, torch.Tensor], batch: dict[str, Any]
+    ) -> dict[str, torch.Tensor]:
+        """The loss's terms and the distillation's (the teacher's embeddings of ``batch``, once a step)."""
+        return self.loss(outputs) | self.distill(outputs | self.distill.teacher_outputs(batch))
 
     def _masks_on_every_rank(self, batch: dict[str, Any]) -> dict[str, Any]:
         """A stream that can yield partial batches gets ``<m>_mask`` for every modality, every step.
@@ -120,6 +138,16 @@ class ContrastiveModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._sharded = None
+        if self.distill is not None:  # a *-true precision casts the module; the teacher follows it
+            from mmpretrain.runtime.fsdp import FSDP2Strategy
+
+            if isinstance(self.trainer.strategy, FSDP2Strategy) and list(self.distill.parameters()):
+                raise ValueError(
+                    "distill.feature_weight>0 with a projection head is not supported under trainer=fsdp "
+                    "(the head is not sharded); use trainer=ddp, or logit distillation alone"
+                )
+            dtype = next(self.model.parameters()).dtype
+            self.distill.setup(self.device, dtype if dtype != torch.float32 else None)
 
     def on_train_start(self) -> None:
         self._rate_clock = (time.perf_counter(), self._samples_seen * distributed.world_size())
@@ -171,8 +199,13 @@ class ContrastiveModule(L.LightningModule):
         optimizer.zero_grad()
         # Under DDP only the last micro-batch's backward all-reduces (the others accumulate locally).
         no_sync = getattr(self.trainer.strategy, "block_backward_sync", None)
+        model, loss = self.model, self.loss
+        if self.distill is not None:  # the teacher runs once on the whole batch, not per chunk
+            teacher = self.distill.teacher_outputs(batch)
+            model = self.distill.student(self.model)
+            loss = lambda out: self.loss(out) | self.distill(out | teacher)  # noqa: E731
         losses = grad_cache_backward(
-            self.model, self.loss, batch, self.grad_cache_chunks, self.manual_backward, no_sync
+            model, loss, batch, self.grad_cache_chunks, self.manual_backward, no_sync
         )
         optimizer.step()  # clipping happens in on_before_optimizer_step, once fp16 gradients are unscaled
         self.model.clamp_logit_scales()
@@ -284,6 +317,10 @@ class ContrastiveModule(L.LightningModule):
             optim_cfg["fused"] = False
         model_cfg = self.hparams.get("model_training") or self.hparams.get("model") or {}
         optimizer = build_optimizer(self.model, optim_cfg, model_cfg.get("towers"))
+        heads = [p for p in self.distill.parameters()] if self.distill is not None else []
+        if heads:  # the feature-distillation heads: the base lr and weight decay
+            lr, wd = float(optim_cfg["lr"]), float(optim_cfg["weight_decay"])
+            optimizer.add_param_group({"params": heads, "lr": lr, "weight_decay": wd, "lr_scale": 1.0})
         total = int(self.trainer.estimated_stepping_batches)
         warmup = warmup_steps(self.optim_cfg.get("warmup_steps", 0), total)
         factor = warmup_cosine(warmup, total, float(self.optim_cfg.get("min_lr_ratio", 0.0)))
@@ -293,6 +330,8 @@ class ContrastiveModule(L.LightningModule):
     # -- validation: the collector embeds every batch; at the end, gathered and scored -------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.val.add(batch)
+        if self.val_raw is not None and self.trainer.state.fn == "fit":
+            self.val_raw.add(move_data_to_device(batch, self.val_raw.device))  # model.ema.on_cpu: the CPU
 
     def on_validation_epoch_end(self) -> None:
         # A rank that saw no batch (fewer val shards than ranks, or only bad samples) passes {}: the
@@ -303,6 +342,9 @@ class ContrastiveModule(L.LightningModule):
                 local, self.keep_val_embeddings, self.global_step
             )
         metrics = self.validation_metrics(local)
+        if self.val_raw is not None and self.trainer.state.fn == "fit":  # the same on every rank (collective)
+            raw = self.val_raw.metrics(self.val_raw.take())
+            metrics |= {f"val_raw/{k.removeprefix('val/')}": v for k, v in raw.items()}
         if metrics:
             self.log_dict(metrics, sync_dist=False)
             summary = ", ".join(

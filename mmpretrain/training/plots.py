@@ -25,6 +25,12 @@ Series = dict[str, tuple[np.ndarray, np.ndarray]]  # metric name -> (steps, valu
 CURVES = (
     ("loss", "loss", "loss", lambda k: k.endswith("loss") and k.startswith(("train/", "val/"))),
     ("zeroshot", "zero-shot accuracy (val)", "accuracy", lambda k: k.startswith("val/zeroshot")),
+    (  # model.ema.eval_both: the average's zero-shot (val/) beside the raw weights' (val_raw/)
+        "ema_vs_raw",
+        "zero-shot accuracy (val): EMA weights (val/) vs raw weights (val_raw/)",
+        "accuracy",
+        lambda k: k.startswith(("val/zeroshot", "val_raw/zeroshot")),
+    ),
     ("retrieval", "instance recall@k (val)", "recall", lambda k: k.startswith("val/retrieval_R@")),
     ("temperature", "temperature 1/s", "temperature", lambda k: k.startswith("train/temperature")),
     ("learning_rate", "learning rate", "lr", lambda k: k.startswith(("lr-", "train/lr"))),
@@ -104,6 +110,8 @@ def plot_curves(series: Series, out_dir: str | Path) -> list[Path]:
     for stem, title, ylabel, wanted in CURVES:
         if stem == "retrieval":
             title, wanted = retrieval_curves(series)
+        if stem == "ema_vs_raw" and not any(k.startswith("val_raw/") for k in series):
+            continue
         keys = sorted(k for k in series if wanted(k))
         if not keys:
             continue

@@ -254,7 +254,11 @@ RESUME = [
 COCA = ["loss=coca", "model.decoder.width=32", "model.decoder.heads=2", "model.decoder.layers=1"]
 
 
-@pytest.mark.parametrize("objective", [[], COCA], ids=["infonce", "coca"])
+#: model.ema: the weight average resumes bit-exact too (compared in the last checkpoints)
+EMA = ["model.ema.enabled=true", "model.ema.decay=0.9", "model.ema.eval_both=true"]
+
+
+@pytest.mark.parametrize("objective", [[], COCA, EMA], ids=["infonce", "coca", "ema"])
 def test_sigkill_then_resume_auto_continues_exactly(digits_root, tmp_path, objective):
     common = [f"data.root={digits_root}", *RESUME, *objective]
     full = tmp_path / "full"
@@ -293,8 +297,20 @@ def test_sigkill_then_resume_auto_continues_exactly(digits_root, tmp_path, objec
     seen_full = [k for s in range(1, 11) for k in a[(0, s)]["keys"]]
     seen_killed = [k for s in range(1, 11) for k in b[(0, s)]["keys"]]
     assert sorted(seen_full) == sorted(seen_killed)
-    if objective:  # the caption term was trained (and logged) in the resumed run too
+    if objective == COCA:  # the caption term was trained (and logged) in the resumed run too
         assert "train/caption_loss" in (killed / "metrics.csv").read_text().splitlines()[0]
+    if objective == EMA:  # the average after the resumed steps is the uninterrupted run's, bit for bit
+        # step 9: the newest step checkpoint of both (last.ckpt is the epoch end's, step 6)
+        ends = [torch.load(r / "checkpoints" / "step0000009.ckpt", weights_only=True) for r in (full, killed)]
+        state = {"updates": 9, "last_step": 9}
+        assert ends[0]["callbacks"]["WeightEMA"] == ends[1]["callbacks"]["WeightEMA"] == state
+        assert torch.equal(
+            ends[0]["state_dict"]["model.logit_scales.shared"],
+            ends[1]["state_dict"]["model.logit_scales.shared"],
+        )
+        for key, value in ends[0]["ema_state_dict"].items():
+            assert torch.equal(value, ends[1]["ema_state_dict"][key]), key
+        assert "val_raw/zeroshot_top1/image_text" in (killed / "metrics.csv").read_text().splitlines()[0]
 
 
 def test_ddp_resume_continues_every_ranks_stream_exactly(digits_root, tmp_path):

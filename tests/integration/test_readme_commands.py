@@ -109,6 +109,12 @@ RANK = ("task.rank_k=2", "task.test=null", "task.decoder.width=64", "task.decode
 
 MAKE_DIGITS = "mmpretrain data digits out=DIR"
 MAKE_RUNS_MINE = "mmpretrain train data.root=/data/my_shards hydra.run.dir=runs/mine"
+TEACHER = "mmpretrain train hydra.run.dir=runs/teacher"
+EMA_RUN = "mmpretrain train model.ema.enabled=true model.ema.eval_both=true hydra.run.dir=runs/ema"
+TEACHER_EMBEDDINGS = (
+    "mmpretrain data teacher-embeddings teacher=runs/teacher/export in='data/digits/train/*.tar' "
+    "out=data/digits-teacher model=tiny data=digits augmentations=2"
+)
 
 
 @dataclass(frozen=True)
@@ -324,6 +330,23 @@ COMMANDS: dict[str, Run | Skip] = {
     "mmpretrain train data=shards data.root=/data/my_shards": Run(
         subs={"/data/my_shards": DIGITS}, needs=(MAKE_DIGITS,)
     ),
+    # -- weight EMA, distillation, patch dropout (README "Weight EMA, distillation, patch dropout")
+    TEACHER: Run(),
+    EMA_RUN: Run(),
+    "mmpretrain export ckpt=runs/ema/checkpoints/last.ckpt out=exported/ema-raw export.weights=raw": Run(
+        budget=HYDRA_RUN, needs=(EMA_RUN,)
+    ),
+    "mmpretrain train experiment=clip_vit-tiny_digits model.towers.image.patch_dropout=0.5": Run(),
+    "mmpretrain train distill.teacher=runs/teacher/export distill.feature_weight=0.5 "
+    "optim.grad_cache_chunks=2": Run(needs=(TEACHER,)),
+    TEACHER_EMBEDDINGS: Run(
+        subs={"data/digits/train": f"{SMALL}/train"},
+        budget=HYDRA_RUN,
+        needs=(MAKE_DIGITS, TEACHER),
+        prepare=(_small_digits,),
+    ),
+    "mmpretrain train distill.teacher=runs/teacher/export distill.cached=true "
+    "'data.sources.digits.shards=data/digits-teacher/*.tar'": Run(needs=(TEACHER_EMBEDDINGS,)),
     # -- open_clip towers (path/to/model_cfg.json and my_cfg.json are copies of MODEL_JSON)
     "mmpretrain train model=openclip model.config=path/to/model_cfg.json": Run(
         extra=("hydra.run.dir=runs/openclip",)

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from mmpretrain.data.stream import teacher_cache
 from mmpretrain.data.stream.captions import kind_index, pick_caption, pick_negatives
 from mmpretrain.data.stream.collate import collate, ragged_rows
 from mmpretrain.data.stream.decode import BLANKS, decode_sample, read_meta
@@ -80,7 +81,11 @@ class ShardStream(IterableDataset):
         caption_keys: list[str] | None = None,
         negatives: int = 0,
         modality_keys: dict[str, list[str]] | None = None,
+        teacher_augmentations: int | None = None,
     ):
+        """``teacher_augmentations`` (distill.cached): training samples take one of their stored
+        augmentations and bring the teacher's embeddings (:mod:`.teacher_cache`); 0: as many as each
+        sample's ``teacher.npz`` holds; N: N stored augmentations (``teacher-embeddings`` writing them)."""
         if shard_policy not in ("error", "resample"):
             raise ValueError(f"data.shard_policy must be 'error' or 'resample', not '{shard_policy}'")
         self.sources = sources
@@ -98,6 +103,7 @@ class ShardStream(IterableDataset):
         # {modality: [key, ...]}: extra keys a modality is read from ({audio: [mp4]}: a video's sound)
         self.modality_keys = {m: tuple(k) for m, k in (modality_keys or {}).items()}
         self.negatives = int(negatives)  # hard negatives per training sample (loss.hard_negatives)
+        self.teacher_augmentations = teacher_augmentations
         self.start_batch = start_batch
         self.shard_policy = shard_policy
         if on_missing not in ("skip", "partial"):
@@ -177,7 +183,11 @@ class ShardStream(IterableDataset):
             caption_keys=self.caption_keys,
             modality_keys=self.modality_keys,
         )
+        captions = list(sample.get("text") or [])
         texts = self._texts(raw, sample, pass_idx) if "text" in sample else {}
+        cached = None
+        if self.train and self.teacher_augmentations is not None:
+            cached, aug_seed = self._teacher_cache(raw, sample, captions, pass_idx)
         with seeded(aug_seed):
             for m, fn in self.preprocess.items():
                 if m in sample:
@@ -193,7 +203,27 @@ class ShardStream(IterableDataset):
                 f"sample '{raw.get('__key__')}' in {raw.get('__url__')} has none of {sorted(self.preprocess)}"
             )
         sample.pop("__url__", None)
-        return sample
+        return sample | (cached or {})
+
+    def _teacher_cache(
+        self, raw: dict, sample: dict, captions: list[str], pass_idx: int
+    ) -> tuple[dict[str, torch.Tensor] | None, int]:
+        """The stored teacher embeddings of this pass's augmentation and caption (None while writing
+        them: ``teacher_augmentations`` N > 0 and no ``teacher.npz`` yet), and the augmentation's seed."""
+        key, data = raw.get("__key__"), raw.get(teacher_cache.MEMBER)
+        if data is None and not self.teacher_augmentations:
+            raise SampleError(
+                f"sample '{key}' in {raw.get('__url__')} has no {teacher_cache.MEMBER} (distill.cached=true "
+                "trains on shards written by `mmpretrain data teacher-embeddings`)"
+            )
+        cache = teacher_cache.decode(data) if data is not None else None
+        count = self.teacher_augmentations or len(cache["image"])
+        augmentation = pass_idx % count
+        seed = teacher_cache.augmentation_seed(key, augmentation)
+        if cache is None:
+            return None, seed
+        caption = captions.index(sample["text"]) if captions else 0
+        return teacher_cache.sample_features(cache, augmentation, caption), seed
 
     def _texts(self, raw: dict, sample: dict, pass_idx: int) -> dict[str, Any]:
         """Training: ``text`` becomes the caption of this pass (and ``text_negatives`` [M] captions with

@@ -37,6 +37,7 @@ PURPOSES = {
     "negative_pick": 8,  # which hard negatives of a sample train in a pass: (key hash, pass)
     "moving_digits": 9,  # one clip of `mmpretrain data moving-digits`: (split, clip index)
     "scene_questions": 10,  # the scenes' questions: (0 pick | 1 words, split, scene) or (2 balance, split)
+    "teacher_augment": 11,  # a stored augmentation of a sample (distill.cached): (key hash, augmentation)
 }
 
 _MAX_32 = 2**32 - 1

@@ -1,0 +1,178 @@
+"""Distillation on the scenes: a small student trained alone vs distilled from a scenes_clip teacher,
+online and from cached teacher embeddings, on the same samples and steps.
+
+Runs, one after the other, through the installed console script (``mmpretrain``):
+
+1. ``mmpretrain data scenes`` (a small split: ``--train`` / ``--val`` scenes),
+2. the teacher: ``experiment=scenes_clip`` (ViT 4x192 p8 64 px, text 4x192, embed 128),
+   ``--teacher-epochs`` epochs,
+3. ``mmpretrain data teacher-embeddings`` of the teacher's export (``--augmentations`` per scene),
+4. the student (ViT 2x128 p8 64 px, text 2x128, embed 64) for ``--student-epochs``: alone, distilled online
+   and distilled from the cache (logit + feature terms; a learned 64 -> 128 head for the feature term).
+
+Writes ``benchmarks/results/distill_scenes.{csv,md}``: val retrieval mean R@1 (image-text), zero-shot
+colour top-1, and the median step time of each run (from ``train/samples_per_s``).
+
+    python scripts/bench_distill_scenes.py --work /tmp/distill-scenes
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import bench_common as bc
+
+TEACHER = ["experiment=scenes_clip"]
+# scenes_clip's recipe (data, loss, lr) with a 2-layer ViT and text transformer (benchmarks/models/)
+STUDENT_MODEL = ["model=openclip", f"model.config={bc.MODEL_DIR / 'distill-student-vit-2x128-p8-64.json'}"]
+STUDENT = ["data=scenes", "loss=infonce", "optim.lr=5e-4", *STUDENT_MODEL]
+QUIET = [
+    "callbacks.plots=null",
+    "callbacks.model_summary=null",
+    "logger=csv",
+    "trainer.enable_progress_bar=false",
+]
+QUIET += ["callbacks.progress_bar=null"]
+
+
+def mmpretrain(args: list[str], log: Path, threads: int) -> float:
+    """Run the console script; its wall time (s). Fails loudly with the log's tail."""
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.run(
+            [str(Path(bc.python()).parent / "mmpretrain"), *args],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=bc.child_env(threads),
+            cwd=log.parent,
+        )
+    if proc.returncode != 0:
+        raise SystemExit(
+            f"failed ({proc.returncode}): mmpretrain {' '.join(args)}\n{log.read_text()[-3000:]}"
+        )
+    return time.perf_counter() - start
+
+
+def run_metrics(run: Path, batch: int) -> dict[str, float]:
+    metrics = json.loads((run / "metrics.json").read_text())
+    with open(run / "metrics.csv", newline="") as f:
+        rates = [float(r["train/samples_per_s"]) for r in csv.DictReader(f) if r.get("train/samples_per_s")]
+    return {
+        "mean_R@1": metrics["val/retrieval_mean_R@1/image_text"],
+        "zeroshot_color": metrics["val/zeroshot_top1/color/image_text"],
+        "step_ms": 1000 * batch / statistics.median(rates[1:] or rates),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", type=Path, default=Path("/tmp/mmpretrain-distill-scenes"))
+    p.add_argument("--train", type=int, default=4000)
+    p.add_argument("--val", type=int, default=500)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--teacher-epochs", type=int, default=1)
+    p.add_argument("--student-epochs", type=int, default=1)
+    p.add_argument("--augmentations", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--fresh", action="store_true", help="delete --work first")
+    a = p.parse_args()
+    if a.fresh and a.work.exists():
+        shutil.rmtree(a.work)
+    a.work.mkdir(parents=True, exist_ok=True)
+    data = a.work / "scenes"
+    walls = {}
+    if not (data / "val" / "sizes.json").exists():
+        mmpretrain(
+            ["data", "scenes", f"out={data}", f"train={a.train}", f"val={a.val}", f"test={a.val}"],
+            a.work / "data.log",
+            a.threads,
+        )
+    common = [f"data.root={data}", f"data.batch_size={a.batch}", "data.num_workers=1", *QUIET]
+    teacher = a.work / "teacher"
+    if not (teacher / "export" / "model.safetensors").exists():
+        walls["teacher"] = mmpretrain(
+            [
+                "train",
+                *TEACHER,
+                *common,
+                f"trainer.max_epochs={a.teacher_epochs}",
+                f"hydra.run.dir={teacher}",
+            ],
+            a.work / "teacher.log",
+            a.threads,
+        )
+    cached = a.work / "cached"
+    walls["teacher-embeddings"] = mmpretrain(
+        [
+            "data",
+            "teacher-embeddings",
+            f"teacher={teacher}/export",
+            f"out={cached}",
+            "data=scenes",
+            f"data.root={data}",
+            f"augmentations={a.augmentations}",
+            *STUDENT_MODEL,
+        ],
+        a.work / "cached.log",
+        a.threads,
+    )
+    distill = [f"distill.teacher={teacher}/export", "distill.logit_weight=1.0", "distill.feature_weight=1.0"]
+    runs = {
+        "alone": [],
+        "distilled, online teacher": distill,
+        "distilled, cached teacher": [
+            *distill,
+            "distill.cached=true",
+            f"data.sources.scenes.shards={cached}/*.tar",
+        ],
+    }
+    rows = [
+        {
+            "run": "teacher (scenes_clip, ViT 4x192)",
+            **run_metrics(teacher, a.batch),
+            "wall_s": walls.get("teacher"),
+        }
+    ]
+    for name, extra in runs.items():
+        run = a.work / name.split(",")[-1].strip().replace(" ", "_")
+        wall = mmpretrain(
+            [
+                "train",
+                *STUDENT,
+                *common,
+                f"trainer.max_epochs={a.student_epochs}",
+                *extra,
+                f"hydra.run.dir={run}",
+            ],
+            a.work / f"{run.name}.log",
+            a.threads,
+        )
+        rows.append({"run": f"student (ViT 2x128), {name}", **run_metrics(run, a.batch), "wall_s": wall})
+        print(rows[-1], flush=True)
+    header = ["run", "val retrieval mean R@1", "zero-shot colour top-1", "step ms (median)", "wall s"]
+    keys = ("run", "mean_R@1", "zeroshot_color", "step_ms", "wall_s")
+    table = [[r[k] for k in keys] for r in rows]
+    notes = [
+        f"scenes: {a.train} train / {a.val} val (`mmpretrain data scenes train={a.train} val={a.val}`), "
+        f"5 captions each; batch {a.batch}; teacher {a.teacher_epochs} epochs, each student "
+        f"{a.student_epochs} epochs ({a.student_epochs * a.train // a.batch} steps, the same samples in the "
+        "same order)",
+        "distillation: logit term (weight 1) + cosine feature term (weight 1, learned 64 -> 128 heads); "
+        f"cached: {a.augmentations} stored augmentations per scene (`mmpretrain data "
+        "teacher-embeddings`), "
+        f"{walls['teacher-embeddings']:.0f} s to write",
+        f"fp32 CPU, {a.threads} threads, 1 data worker, one run after the other on a shared machine: step "
+        "times compare runs made under similar load only roughly",
+    ]
+    bc.write_results("distill_scenes", rows, bc.md_table(header, table), notes)
+
+
+if __name__ == "__main__":
+    main()
