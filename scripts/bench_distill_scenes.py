@@ -82,11 +82,25 @@ def main() -> None:
     p.add_argument("--augmentations", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--fresh", action="store_true", help="delete --work first")
+    p.add_argument("--data", type=Path, default=None, help="an existing `mmpretrain data scenes` root")
+    p.add_argument(
+        "--teacher-run", type=Path, default=None, help="an existing scenes run directory (export/) as teacher"
+    )
+    p.add_argument("--teacher-name", default="teacher (scenes_clip, ViT 4x192)")
+    p.add_argument(
+        "--student-json",
+        type=Path,
+        default=bc.MODEL_DIR / "distill-student-vit-2x128-p8-64.json",
+        help="the student's open_clip model JSON",
+    )
+    p.add_argument("--student-name", default="student (ViT 2x128)")
     a = p.parse_args()
     if a.fresh and a.work.exists():
         shutil.rmtree(a.work)
     a.work.mkdir(parents=True, exist_ok=True)
-    data = a.work / "scenes"
+    data = a.data or a.work / "scenes"
+    student_model = ["model=openclip", f"model.config={a.student_json}"]
+    student = [*STUDENT[: -len(STUDENT_MODEL)], *student_model]
     walls = {}
     if not (data / "val" / "sizes.json").exists():
         mmpretrain(
@@ -95,7 +109,7 @@ def main() -> None:
             a.threads,
         )
     common = [f"data.root={data}", f"data.batch_size={a.batch}", "data.num_workers=1", *QUIET]
-    teacher = a.work / "teacher"
+    teacher = a.teacher_run or a.work / "teacher"
     if not (teacher / "export" / "model.safetensors").exists():
         walls["teacher"] = mmpretrain(
             [
@@ -118,7 +132,7 @@ def main() -> None:
             "data=scenes",
             f"data.root={data}",
             f"augmentations={a.augmentations}",
-            *STUDENT_MODEL,
+            *student_model,
         ],
         a.work / "cached.log",
         a.threads,
@@ -135,7 +149,7 @@ def main() -> None:
     }
     rows = [
         {
-            "run": "teacher (scenes_clip, ViT 4x192)",
+            "run": a.teacher_name,
             **run_metrics(teacher, a.batch),
             "wall_s": walls.get("teacher"),
         }
@@ -145,7 +159,7 @@ def main() -> None:
         wall = mmpretrain(
             [
                 "train",
-                *STUDENT,
+                *student,
                 *common,
                 f"trainer.max_epochs={a.student_epochs}",
                 *extra,
@@ -154,7 +168,7 @@ def main() -> None:
             a.work / f"{run.name}.log",
             a.threads,
         )
-        rows.append({"run": f"student (ViT 2x128), {name}", **run_metrics(run, a.batch), "wall_s": wall})
+        rows.append({"run": f"{a.student_name}, {name}", **run_metrics(run, a.batch), "wall_s": wall})
         print(rows[-1], flush=True)
     header = ["run", "val retrieval mean R@1", "zero-shot colour top-1", "step ms (median)", "wall s"]
     keys = ("run", "mean_R@1", "zeroshot_color", "step_ms", "wall_s")
@@ -164,7 +178,11 @@ def main() -> None:
         f"5 captions each; batch {a.batch}; teacher {a.teacher_epochs} epochs, each student "
         f"{a.student_epochs} epochs ({a.student_epochs * a.train // a.batch} steps, the same samples in the "
         "same order)",
-        "distillation: logit term (weight 1) + cosine feature term (weight 1, learned 64 -> 128 heads); "
+        f"teacher: {a.teacher_name}"
+        + (f", the run `{a.teacher_run}`" if a.teacher_run else "")
+        + f"; student: `{a.student_json.name}`",
+        "distillation: logit term (weight 1) + cosine feature term (weight 1, learned heads from the "
+        "student's embedding width to the teacher's); "
         f"cached: {a.augmentations} stored augmentations per scene (`mmpretrain data "
         "teacher-embeddings`), "
         f"{walls['teacher-embeddings']:.0f} s to write",
