@@ -52,6 +52,7 @@ class ContrastiveDataModule(L.LightningDataModule):
         ] = {}  # stream -> last (batch index, position) consumed
         # Resolve shard patterns now: a pattern that matches nothing fails before anything heavy.
         self.sources = sources_from_config(cfg)
+        resolve_mode(cfg.get("image_decode"), cuda=True)  # a wrong data.image_decode fails here, by name
         missing = cfg.get("missing_shards", "error")
         self.val_urls = expand_shards(cfg["val"]["shards"], missing=missing) if cfg.get("val") else []
 
