@@ -14,6 +14,7 @@ ToTensor + Normalize in the worker), and what that means for the shared memory a
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import subprocess
 import time
@@ -146,7 +147,7 @@ def _openclip_loader(pipe: str, root: Path, batch: int, batches: int, workers: i
     import open_clip
     from open_clip_train.data import get_wds_dataset
 
-    _, preprocess, _ = open_clip.create_model_and_transforms("ViT-B-32")
+    preprocess = _openclip_transform()
     files, _ = bc.train_shards(root)
     args = argparse.Namespace(
         train_data=bc.brace_pattern(files),
@@ -161,11 +162,17 @@ def _openclip_loader(pipe: str, root: Path, batch: int, batches: int, workers: i
     return get_wds_dataset(args, preprocess, True, tokenizer=open_clip.get_tokenizer("ViT-B-32")).dataloader
 
 
-def _our_loader(pipe: str, root: Path, batch: int, batches: int, workers: int):
-    """Our training stream as `mmpretrain train data=scenes model=openclip model.config=ViT-B-32` has it."""
-    from torch.utils.data import DataLoader
+@functools.cache
+def _openclip_transform():
+    import open_clip
 
-    from mmpretrain.data import ShardStream
+    return open_clip.create_model_and_transforms("ViT-B-32")[1]
+
+
+@functools.cache
+def _our_parts(pipe: str, root: Path, batch: int):
+    """(config, datamodule, training preprocess) of `mmpretrain train data=scenes model=openclip
+    model.config=ViT-B-32 data.image_decode=<pipe>`, built once per child."""
     from mmpretrain.model import build_model
     from mmpretrain.training.datamodule import ContrastiveDataModule
 
@@ -192,6 +199,16 @@ def _our_loader(pipe: str, root: Path, batch: int, batches: int, workers: int):
 
         preprocess = model.preprocess(True)
         preprocess["image"] = training_image_transform(preprocess["image"], "gpu")
+    return cfg, dm, preprocess
+
+
+def _our_loader(pipe: str, root: Path, batch: int, batches: int, workers: int):
+    """Our training stream as `mmpretrain train data=scenes model=openclip model.config=ViT-B-32` has it."""
+    from torch.utils.data import DataLoader
+
+    from mmpretrain.data import ShardStream
+
+    cfg, dm, preprocess = _our_parts(pipe, root, batch)
     stream = ShardStream(
         dm.sources,
         preprocess,
