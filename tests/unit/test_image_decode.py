@@ -268,3 +268,60 @@ def test_fast_mode_streams_bytes_to_the_transform(tmp_path):
     assert batch["image"].shape == (4, 3, 64, 64)
     assert bytes in seen  # the stream left the JPEG encoded: the transform decodes it reduced
     assert image_mod.FastResizedCrop.takes_bytes
+
+
+def test_gpu_mode_trains_through_lightning_with_the_device_decode_on_the_cpu(tmp_path, monkeypatch):
+    """The byte path end to end in a real `train` (CUDA's resolution patched so the mode stays gpu on
+    this CPU): workers send EncodedImage rows, the datamodule's on_after_batch_transfer decodes them."""
+    import math
+
+    from mmpretrain.commands.train import train
+    from mmpretrain.data.synthetic.scenes import build_scenes
+    from mmpretrain.training import datamodule as dm_mod
+    from tests.conftest import compose_config
+
+    root = build_scenes(
+        tmp_path / "scenes",
+        workers=1,
+        train=16,
+        val=8,
+        test=8,
+        shard_size=8,
+        image_size_min=80,
+        image_size_max=112,
+    )
+    decoded = []
+
+    def spy(batch, device):
+        had = any(isinstance(v, list) and any(isinstance(r, EncodedImage) for r in v) for v in batch.values())
+        out = decode_on_device(batch, device)
+        decoded.append((had, tuple(out["image"].shape) if had else None))
+        return out
+
+    monkeypatch.setattr(dm_mod, "resolve_mode", lambda mode, cuda=None: resolve_mode(mode, cuda=True))
+    monkeypatch.setattr(dm_mod, "decode_on_device", spy)
+    cfg = compose_config(
+        "train",
+        [
+            "experiment=scenes_clip",
+            f"data.root={root}",
+            "data.build=null",
+            "data.image_decode=gpu",
+            "data.batch_size=4",
+            "data.num_workers=1",
+            "model.config.vision_cfg.layers=1",
+            "model.config.text_cfg.layers=1",
+            "trainer.max_steps=2",
+            "trainer.max_epochs=1",
+            "trainer.limit_val_batches=0",
+            "trainer.enable_progress_bar=false",
+            "callbacks.progress_bar=null",
+            "callbacks.plots=null",
+            "logger=csv",
+            "export_at_end=false",
+        ],
+        run_dir=tmp_path / "run",
+    )
+    metrics = train(cfg)
+    assert [d for d in decoded if d[0]] == [(True, (4, 3, 64, 64))] * 2
+    assert math.isfinite(metrics["train/loss"])
