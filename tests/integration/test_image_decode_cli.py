@@ -34,7 +34,7 @@ def scenes_root(tmp_path_factory) -> Path:
     )
 
 
-@pytest.mark.slow  # ~20 s of CPU; the byte path itself is in the default suite (tests/unit/test_image_decode.py)
+@pytest.mark.slow  # ~20 s of CPU; the byte path itself runs in tests/unit/test_image_decode.py
 def test_gpu_decode_without_cuda_falls_back_with_a_message(scenes_root, tmp_path):
     run = tmp_path / "run"
     proc = run_cli(
