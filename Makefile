@@ -59,7 +59,7 @@ bench-gpu: install bench-ref ## GPU throughput vs open_clip_train (ViT-B/32 224 
 	$(PY) scripts/bench_throughput.py --device cuda $(BENCH_OPTS)
 	$(PY) scripts/bench_report.py $(if $(BENCH_NOTE),--note "$(BENCH_NOTE)")
 
-gpu-check: ## on a CUDA machine: every GPU path for 50 steps (bf16+clip, DDP, compile, siglip, tiled, grad cache) + ViT-B-32 samples/s, memory, MFU
+gpu-check: ## on a CUDA machine: every GPU path for 50 steps (bf16+clip, DDP, compile, siglip, tiled, grad cache, image_decode=gpu) + ViT-B-32 samples/s, memory, MFU
 	$(if $(wildcard $(PY)),$(PY),python3) scripts/gpu_check.py
 
 bench-scale: install ## tiled vs plain InfoNCE memory (4k..65k batch), the speed options' throughput, validation memory at N=50k (~40 min)

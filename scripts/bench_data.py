@@ -14,6 +14,9 @@ ToTensor + Normalize in the worker), and what that means for the shared memory a
 from __future__ import annotations
 
 import argparse
+import functools
+import math
+import subprocess
 import time
 from pathlib import Path
 
@@ -77,6 +80,308 @@ def shared_memory_gb(image_bytes_per_pixel: int, prefetch: int, batch=512, size=
     return batch * 3 * size * size * image_bytes_per_pixel * workers * prefetch / 1e9
 
 
+# -- section 3b: 224 px from img2dataset-like shards, ours vs open_clip_train's get_wds_dataset -----------
+PIPES = ("openclip", "exact", "fast", "gpu")
+PIPE_NAMES = {
+    "openclip": "open_clip_train `get_wds_dataset` (PIL decode, its transform, float32)",
+    "exact": "ours, data.image_decode=exact (the library transform, uint8)",
+    "fast": "ours, data.image_decode=fast (default: reduced JPEG decode, one resample)",
+    "gpu": "ours, data.image_decode=gpu (workers send JPEG bytes + box; device decode not included)",
+}
+
+
+def scenes224(work: Path) -> Path:
+    """img2dataset-like shards: scenes whose JPEGs are 256..512 px a side, 8 train shards of 250."""
+    root = work / "scenes224"
+    if not (root / "train" / "sizes.json").exists():
+        bc.run_checked(
+            [
+                bc.python(),
+                "-m",
+                "mmpretrain.cli",
+                "data",
+                "scenes",
+                f"out={root}",
+                "train=2000",
+                "val=100",
+                "test=50",
+                "image_size_min=256",
+                "image_size_max=512",
+                "shard_size=250",
+            ],
+            env=bc.child_env(),
+        )
+    return root
+
+
+def _rate(loader, batch: int, skip: int) -> tuple[float, int]:
+    """Samples/s after the first ``skip`` batches (worker start-up, shuffle-buffer fill), and the bytes
+    of one batch as it arrives (tensors, plus the JPEG bytes of data.image_decode=gpu)."""
+    times, nbytes = [], 0
+    for b in loader:
+        times.append(time.perf_counter())
+        if len(times) == 1:
+            nbytes = batch_bytes(b) if isinstance(b, dict) else sum(t.nbytes for t in b)
+            rows = b.get("image") if isinstance(b, dict) else None
+            if isinstance(rows, list):
+                nbytes += sum(len(r.data) if r.data is not None else r.pixels.nbytes for r in rows if r)
+    return batch * (len(times) - skip) / (times[-1] - times[skip - 1]), nbytes
+
+
+def child(pipe: str, root: Path, batch: int, batches: int, workers_list: list[int]) -> None:
+    """One pipeline, measured at each worker count; one JSON line per measurement on stdout."""
+    import json
+
+    torch.set_num_threads(1)
+    for workers in workers_list:
+        loader = (_openclip_loader if pipe == "openclip" else _our_loader)(
+            pipe, root, batch, batches, workers
+        )
+        rate, nbytes = _rate(loader, batch, max(workers, 1))
+        print(json.dumps({"pipe": pipe, "workers": workers, "samples_per_s": rate, "batch_bytes": nbytes}))
+        del loader
+
+
+def _openclip_loader(pipe: str, root: Path, batch: int, batches: int, workers: int):
+    """open_clip_train's own training loader: its transforms and tokenizer for ViT-B-32, resampled shards."""
+    import open_clip
+    from open_clip_train.data import get_wds_dataset
+
+    preprocess = _openclip_transform()
+    files, _ = bc.train_shards(root)
+    args = argparse.Namespace(
+        train_data=bc.brace_pattern(files),
+        train_num_samples=batch * batches,
+        dataset_resampled=True,
+        train_data_upsampling_factors=None,
+        batch_size=batch,
+        workers=workers,
+        world_size=1,
+        seed=0,
+    )
+    return get_wds_dataset(args, preprocess, True, tokenizer=open_clip.get_tokenizer("ViT-B-32")).dataloader
+
+
+@functools.cache
+def _openclip_transform():
+    import open_clip
+
+    return open_clip.create_model_and_transforms("ViT-B-32")[1]
+
+
+@functools.cache
+def _our_parts(pipe: str, root: Path, batch: int):
+    """(config, datamodule, training preprocess) of `mmpretrain train data=scenes model=openclip
+    model.config=ViT-B-32 data.image_decode=<pipe>`, built once per child."""
+    from mmpretrain.model import build_model
+    from mmpretrain.training.datamodule import ContrastiveDataModule
+
+    cfg = compose(
+        [
+            "data=scenes",
+            f"data.root={root}",
+            "model=openclip",
+            "model.config=ViT-B-32",
+            f"data.batch_size={batch}",
+            f"data.image_decode={pipe}",
+            "data.build=null",
+        ]
+    )
+    model = build_model(cfg.model)
+    dm = ContrastiveDataModule(cfg.data, model.preprocess, seed=0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # gpu without CUDA: measured as the workers run it, below
+        preprocess = dm._train_preprocess()
+    if pipe == "gpu":
+        from mmpretrain.data.stream.image import training_image_transform
+
+        preprocess = model.preprocess(True)
+        preprocess["image"] = training_image_transform(preprocess["image"], "gpu")
+    return cfg, dm, preprocess
+
+
+def _our_loader(pipe: str, root: Path, batch: int, batches: int, workers: int):
+    """Our training stream as `mmpretrain train data=scenes model=openclip model.config=ViT-B-32` has it."""
+    from torch.utils.data import DataLoader
+
+    from mmpretrain.data import ShardStream
+
+    cfg, dm, preprocess = _our_parts(pipe, root, batch)
+    stream = ShardStream(
+        dm.sources,
+        preprocess,
+        train=True,
+        batches_per_worker=-(-batches // max(workers, 1)),
+        shuffle_buffer=int(cfg.data.shuffle_buffer),
+        **dm._common(),
+    )
+    return DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None)
+
+
+def split224(root: Path, n: int = 200) -> dict[str, dict[str, float]]:
+    """Per-sample ms of each stage on the first ``n`` images of a shard (one thread, in process): decode
+    and resize/crop for open_clip's transforms, ours exact and ours fast (the same seeded boxes)."""
+    import tarfile
+
+    import open_clip
+    import simplejpeg
+
+    from mmpretrain.data.stream.decode import decode_image
+    from mmpretrain.data.stream.image import _crop_box, training_image_transform
+    from mmpretrain.data.stream.seeds import seeded
+    from mmpretrain.towers.base import uint8_transform
+
+    torch.set_num_threads(1)
+    files, _ = bc.train_shards(root)
+    with tarfile.open(files[0]) as t:
+        jpgs = [t.extractfile(m).read() for m in t if m.name.endswith(".jpg")][:n]
+    _, ref, _ = open_clip.create_model_and_transforms("ViT-B-32")
+    exact = uint8_transform(ref)
+    fast = training_image_transform(exact, "fast")
+    crop = fast.crop
+
+    def per_sample(fn) -> float:
+        best = math.inf
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for k, j in enumerate(jpgs):
+                with seeded(k):
+                    fn(j)
+            best = min(best, time.perf_counter() - t0)
+        return best / len(jpgs) * 1e3
+
+    def fast_decode(j: bytes):
+        h, w = simplejpeg.decode_jpeg_header(j)[:2]
+        top, left, ch, cw = _crop_box(crop, h, w)
+        f = max(crop.size[0] / ch, crop.size[1] / cw)
+        m = (math.ceil(h * f), math.ceil(w * f)) if f < 1 else (0, 0)
+        return simplejpeg.decode_jpeg(j, colorspace="RGB", min_height=m[0], min_width=m[1])
+
+    decoded = [decode_image(j) for j in jpgs]
+    pil_decode = per_sample(decode_image)
+    out = {
+        "openclip": {"decode": pil_decode},
+        "exact": {"decode": pil_decode},
+        "fast": {"decode": per_sample(fast_decode)},
+    }
+    it = iter(decoded * 3)
+    out["openclip"]["resize/crop"] = per_sample(lambda j: ref(next(it)))
+    it = iter(decoded * 3)
+    out["exact"]["resize/crop"] = per_sample(lambda j: exact(next(it)))
+    out["fast"]["resize/crop"] = per_sample(fast) - out["fast"]["decode"]
+    return out
+
+
+def section224(a, work: Path) -> None:
+    import json
+
+    root = scenes224(work)
+    rows: list[dict] = []
+    for rep in range(a.reps224):
+        for pipe in PIPES:
+            env = bc.child_env(reference=pipe == "openclip")
+            cmd = [
+                bc.python(),
+                str(Path(__file__).resolve()),
+                "--child",
+                pipe,
+                "--scenes",
+                str(root),
+                "--batch224",
+                str(a.batch224),
+                "--batches224",
+                str(a.batches224),
+                "--workers224",
+                str(a.workers224),
+            ]
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+            if proc.returncode != 0:
+                raise SystemExit(f"{pipe} failed:\n{proc.stderr[-3000:]}")
+            for line in proc.stdout.splitlines():
+                if line.startswith("{"):
+                    r = json.loads(line) | {"what": "224px pipeline", "rep": rep}
+                    rows.append(r)
+                    print(
+                        f"rep {rep} {pipe:8s} {r['workers']} workers: {r['samples_per_s']:.1f} samples/s, "
+                        f"{r['batch_bytes']:,} bytes/batch",
+                        flush=True,
+                    )
+    split = split224(root)
+    for pipe, stages in split.items():
+        rows.append(
+            {"what": "224px split (ms/sample)", "pipe": pipe, **{k: round(v, 3) for k, v in stages.items()}}
+        )
+
+    def med(pipe, workers):
+        return bc.median(
+            [r["samples_per_s"] for r in rows if r.get("pipe") == pipe and r.get("workers") == workers]
+        )
+
+    def nbytes(pipe):
+        return next(r["batch_bytes"] for r in rows if r.get("pipe") == pipe and r.get("workers") == 1)
+
+    w = a.workers224
+    table_rows = []
+    for pipe in PIPES:
+        one = med(pipe, 1)
+        table_rows.append(
+            [
+                PIPE_NAMES[pipe],
+                f"{med(pipe, 0):.0f}",
+                f"{one:.0f}",
+                f"{med(pipe, w):.0f}",
+                f"{one / med('openclip', 1):.2f}",
+                f"{nbytes(pipe):,}",
+                f"{math.ceil(1500 / one)}–{math.ceil(3000 / one)}",
+            ]
+        )
+    table = bc.md_table(
+        [
+            "pipeline",
+            "samples/s, in process",
+            "samples/s, 1 worker",
+            f"samples/s, {w} workers",
+            "per worker vs open_clip",
+            f"bytes per batch of {a.batch224}",
+            "workers for 1,500–3,000 samples/s",
+        ],
+        table_rows,
+    )
+    split_rows = []
+    for pipe in ("openclip", "exact", "fast"):
+        total = 1e3 / med(pipe, 0)
+        s = split[pipe]
+        rest = total - s["decode"] - s["resize/crop"]
+        split_rows.append(
+            [PIPE_NAMES[pipe], f"{total:.2f}", f"{s['decode']:.2f}", f"{s['resize/crop']:.2f}", f"{rest:.2f}"]
+        )
+    table += "\n\n" + bc.md_table(
+        [
+            "pipeline (one process)",
+            "ms/sample, total",
+            "decode",
+            "resize/crop (+ to tensor)",
+            "read + rest (tar, shuffle, tokenize, collate)",
+        ],
+        split_rows,
+    )
+    notes = [
+        f"the same 8 shards ({root.name}: 2,000 scenes, JPEG quality 70–95, 256–512 px a side), ViT-B-32's "
+        f"transforms and tokenizer (224 px, bicubic, RandomResizedCrop scale 0.9–1), batch {a.batch224}, "
+        f"{a.batches224} batches per measurement (the first `workers` excluded), {a.reps224} reps with the "
+        "pipelines interleaved in each; medians. One torch thread per process",
+        "samples/s per worker is the 1-worker figure; the in-process figure (0 workers) gives the total of "
+        "the time split. Workers for 1,500–3,000 samples/s = ceil(rate / 1-worker rate), assuming the per-"
+        "worker rate holds on cores of this speed",
+        "data.image_decode=gpu: what the workers do (draw the box, send the bytes); the decode then runs on "
+        "the GPU (`make gpu-check`), not measured here",
+        "decode, resize/crop: one thread, best of 3 over 200 images; read + rest = total - the two",
+    ]
+    bc.write_results("data_224", rows, table, notes)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=bc.CPU_MODEL)
@@ -86,9 +391,24 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--work", default="/tmp/mmpretrain-bench")
+    p.add_argument(
+        "--section", choices=("all", "64", "224"), default="all", help="64 px digits, 224 px scenes"
+    )
+    p.add_argument("--batch224", type=int, default=64)
+    p.add_argument("--batches224", type=int, default=24, help="batches per measurement at 224 px")
+    p.add_argument("--workers224", type=int, default=2, help="the N of the N-worker figure at 224 px")
+    p.add_argument("--reps224", type=int, default=3)
+    p.add_argument("--child", choices=PIPES, help=argparse.SUPPRESS)
+    p.add_argument("--scenes", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.child:
+        return child(a.child, Path(a.scenes), a.batch224, a.batches224, [0, 1, a.workers224])
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.section in ("all", "224"):
+        section224(a, Path(a.work))
+    if a.section == "224":
+        return
     digits = bc.digits_root(Path(a.work))
     cfg = compose(
         [

@@ -19,6 +19,10 @@ SECTIONS = [
         "2c. The Trainer's fixed cost per step on a GPU (ViT-B-32 224 px bf16, `make gpu-check`)",
     ),
     ("data", "3. Data pipeline vs model consumption"),
+    (
+        "data_224",
+        "3b. The data path at 224 px: samples/s per worker, ours vs open_clip_train's get_wds_dataset",
+    ),
     ("time_to_accuracy", "4. Time to accuracy (val zero-shot top-1 on the digits)"),
     ("throughput_cuda", "5. GPU: throughput at ViT-B/32 224 px bf16, MFU"),
     ("scenes_time_to_target", "6. Time to the same val retrieval R@1 on the scenes (5 captions per image)"),

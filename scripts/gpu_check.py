@@ -14,6 +14,8 @@ mmpretrain.cli` where none is installed), as a user launches it, validating once
 5. `loss.tiled=true`
 6. `optim.grad_cache_chunks=4`
 7. `trainer=fsdp` (Lightning's FSDP2 strategy) over every visible GPU
+8. `data.image_decode=gpu`: one batch of 224-px scenes JPEGs decoded by nvJPEG against the workers'
+   path, and a short `experiment=scenes_clip` run at 224 px with it (--skip-gpu-decode)
 
 then samples/s, peak memory and MFU of open_clip ViT-B-32 at 224 px, bf16, batch 256 (FLOPs from
 torch's FlopCounter, peak bf16 TFLOP/s by GPU name or --peak-tflops), the Trainer's fixed cost per
@@ -333,6 +335,116 @@ def fsdp_memory(rehearsal: bool, timeout: float) -> dict:
     return {"check": "fsdp_memory", "ok": ok, "ratio": ratio}
 
 
+FALLBACK = "data.image_decode=gpu: CUDA is not available"
+
+
+def gpu_decode(work: Path, steps: int, rehearsal: bool, timeout: float) -> list[dict]:
+    """``data.image_decode=gpu`` (workers send JPEG bytes + crop box, nvJPEG decodes the batch): (a) one
+    batch of 256 of the 224-px scenes (256-512 px JPEGs) decoded on the device against the workers'
+    fast path (mean |difference| in grey levels, decode + crop samples/s on the device), and (b) a
+    `mmpretrain train experiment=scenes_clip` run at 224 px with the option, whose log must not say it
+    fell back. Without CUDA (the rehearsal) both run on the CPU: (a) the same code with device="cpu",
+    (b) a CPU trainer, whose log must say it fell back to the fast path."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_data
+
+    scenes = bench_data.scenes224(work)
+    results = []
+    device = "cpu" if rehearsal else "cuda"
+    if rehearsal:
+        print(f"gpu decode: no CUDA, so the byte path runs on the CPU and training falls back ({FALLBACK})")
+    try:
+        results.append(_decode_batch(scenes, device))
+    except Exception as exn:  # noqa: BLE001 - one failed check is reported, the others still run
+        print(f"FAIL gpu decode, one batch on {device}: {type(exn).__name__}: {exn}", flush=True)
+        results.append({"check": "gpu_decode_batch", "ok": False})
+    run_dir = work / "image_decode_gpu"
+    cmd = [
+        *mmpretrain_cmd(),
+        "train",
+        "experiment=scenes_clip",
+        "trainer=gpu",
+        f"data.root={scenes}",
+        "data.build=null",
+        "data.image_decode=gpu",
+        "data.batch_size=64",
+        "data.num_workers=4",
+        "model.config.vision_cfg.image_size=224",
+        "model.config.vision_cfg.patch_size=32",
+        f"trainer.max_steps={steps}",
+        "trainer.max_epochs=-1",
+        f"trainer.val_check_interval={steps}",
+        "trainer.check_val_every_n_epoch=null",
+        "trainer.limit_val_batches=2",
+        "export_at_end=false",
+        "callbacks.progress_bar=null",
+        f"hydra.run.dir={run_dir}",
+    ]
+    res = run(
+        "data.image_decode=gpu, scenes at 224 px", [on_cpu(cmd) if rehearsal else cmd], run_dir, timeout
+    )
+    log = (run_dir.parent / f"{run_dir.name}.rank0.log").read_text()
+    said = FALLBACK in log
+    if said != rehearsal:
+        print(
+            f"FAIL data.image_decode=gpu: the log {'says' if said else 'does not say'} it fell back to the "
+            f"workers ({'with' if torch.cuda.is_available() else 'without'} CUDA)",
+            flush=True,
+        )
+        res["ok"] = False
+    return [*results, res]
+
+
+def _decode_batch(scenes: Path, device: str, batch: int = 256) -> dict:
+    import tarfile
+
+    import open_clip
+    import torch
+
+    from mmpretrain.data.stream.image import decode_images, training_image_transform
+    from mmpretrain.data.stream.seeds import seeded
+    from mmpretrain.towers.base import uint8_transform
+
+    files = sorted((scenes / "train").glob("*.tar"))
+    jpgs: list[bytes] = []
+    for f in files:
+        with tarfile.open(f) as t:
+            jpgs += [t.extractfile(m).read() for m in t if m.name.endswith(".jpg")]
+        if len(jpgs) >= batch:
+            break
+    jpgs = jpgs[:batch]
+    exact = uint8_transform(open_clip.image_transform(224, is_train=True))
+    dev, fast = training_image_transform(exact, "gpu"), training_image_transform(exact, "fast")
+    rows, ref = [], []
+    for k, data in enumerate(jpgs):
+        with seeded(k):
+            rows.append(dev(data))
+        with seeded(k):
+            ref.append(fast(data))
+    decode_images(rows[:8], device)  # warm-up (nvJPEG handles, kernels)
+    times = []
+    for _ in range(3):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = decode_images(rows, device)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    diff = (out.cpu().float() - torch.stack(ref).float()).abs().mean().item()
+    rate = batch / min(times)
+    ok = out.shape == (batch, 3, 224, 224) and out.dtype == torch.uint8 and diff < 3.0
+    print(
+        f"{'PASS' if ok else 'FAIL'} gpu decode, one batch of {batch} on {device}: {rate:.0f} samples/s "
+        f"(decode + crop + resize, best of 3), mean |difference| to the workers' fast path {diff:.2f} grey "
+        f"levels of 255",
+        flush=True,
+    )
+    return {"check": "gpu_decode_batch", "ok": ok, "device": device, "samples_per_s": rate, "diff": diff}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="/tmp/mmpretrain-gpu-check", help="scratch directory (shards, runs)")
@@ -342,6 +454,7 @@ def main() -> int:
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--skip-fsdp-memory", action="store_true")
     p.add_argument("--skip-overhead", action="store_true", help="leave out the per-step overhead (~1.5 min)")
+    p.add_argument("--skip-gpu-decode", action="store_true", help="leave out data.image_decode=gpu (~1 min)")
     p.add_argument(
         "--cpu-rehearsal",
         action="store_true",
@@ -353,7 +466,8 @@ def main() -> int:
     if not torch.cuda.is_available() and not a.cpu_rehearsal:
         print(
             "gpu-check needs a CUDA device (torch.cuda.is_available() is False); the CPU paths are in make "
-            "test",
+            "test, and --cpu-rehearsal runs these checks on the CPU (data.image_decode=gpu then falls back "
+            "to decoding in the workers, with a message)",
             file=sys.stderr,
         )
         return 2
@@ -366,6 +480,8 @@ def main() -> int:
     results = [run(name, cmds, run_dir, a.timeout) for name, run_dir, cmds in planned]
     if not a.skip_throughput and not a.cpu_rehearsal:
         results.append(throughput(digits, work, a.peak_tflops))
+    if not a.skip_gpu_decode:
+        results += gpu_decode(work, a.steps, a.cpu_rehearsal, a.timeout)
     if not a.skip_overhead:
         results.append(step_overhead(work, a.cpu_rehearsal, timeout=300))
     if not a.skip_fsdp_memory:

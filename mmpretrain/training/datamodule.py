@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmpretrain.data import ShardStream, Source, count_samples, expand_shards
+from mmpretrain.data.stream.image import decode_on_device, resolve_mode, training_image_transform
 from mmpretrain.data.stream.position import StreamPosition, continue_pass, shard_plan
 from mmpretrain.data.stream.shards import check_shard_counts, shards_fingerprint
 from mmpretrain.runtime import distributed
@@ -57,6 +58,7 @@ class ContrastiveDataModule(L.LightningDataModule):
         ] = {}  # stream -> last (batch index, position) consumed
         # Resolve shard patterns now: a pattern that matches nothing fails before anything heavy.
         self.sources = sources_from_config(cfg)
+        resolve_mode(cfg.get("image_decode"), cuda=True)  # a wrong data.image_decode fails here, by name
         missing = cfg.get("missing_shards", "error")
         self.val_urls = expand_shards(cfg["val"]["shards"], missing=missing) if cfg.get("val") else []
 
@@ -96,7 +98,7 @@ class ContrastiveDataModule(L.LightningDataModule):
         self._check_epoch_limit(per_worker * max(1, workers))
         stream = ShardStream(
             self.sources,
-            self.preprocess(True),
+            self._train_preprocess(),
             train=True,
             batches_per_worker=per_worker,
             shuffle_buffer=int(self.cfg.get("shuffle_buffer", 1000)),
@@ -109,6 +111,22 @@ class ContrastiveDataModule(L.LightningDataModule):
         )
         stream.num_workers = max(1, workers)
         return self._loader(stream, workers, persistent=True, pin=self._pin_memory(), cls=TrainLoader)
+
+    def _train_preprocess(self) -> dict[str, Callable]:
+        """The model's training preprocess, its image crop as ``data.image_decode`` says (exact | fast |
+        gpu, :mod:`mmpretrain.data.stream.image`); gpu on a trainer without CUDA falls back to fast."""
+        preprocess = self.preprocess(True)
+        cuda = self.trainer.strategy.root_device.type == "cuda" if self.trainer else None
+        mode = resolve_mode(self.cfg.get("image_decode"), cuda)
+        if "image" in preprocess:
+            preprocess["image"] = training_image_transform(preprocess["image"], mode)
+        return preprocess
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """data.image_decode=gpu: the batch's JPEG bytes are decoded, cropped and resized on its device."""
+        if isinstance(batch, dict) and self.trainer is not None:
+            return decode_on_device(batch, self.trainer.strategy.root_device)
+        return batch
 
     def _check_epoch_limit(self, epoch_batches: int) -> None:
         """``trainer.limit_train_batches`` below an epoch's batches, with another epoch to follow, would

@@ -259,6 +259,9 @@ COMMANDS: dict[str, Run | Skip] = {
     "mmpretrain data scenes out=DIR": Run(
         subs={"out=DIR": f"out={SCENES} train=300 val=100 test=100"}, budget=HYDRA_RUN
     ),
+    "mmpretrain data scenes out=DIR image_size_min=256 image_size_max=512 shard_size=250": Run(
+        subs={"out=DIR": "out=scenes224 train=16 val=8 test=8"}, budget=HYDRA_RUN
+    ),
     "mmpretrain data spoken-digits out=DIR": Run(
         subs={"out=DIR": f"out={SPOKEN}"}, budget=HYDRA_RUN, requires=("espeak-ng",)
     ),

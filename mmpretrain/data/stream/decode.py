@@ -186,8 +186,10 @@ def decode_sample(
 
     ``modality_keys`` (``{modality: [key, ...]}``, ``data.modality_keys``) adds keys a modality is also
     read from, after its own: ``{audio: [mp4]}`` takes the audio track of the video when the sample
-    has no audio file."""
+    has no audio file. Modalities in ``raw`` keep their encoded bytes (their preprocess decodes them,
+    e.g. :class:`~mmpretrain.data.stream.image.FastResizedCrop`)."""
     extra_keys = options.pop("modality_keys", None) or {}
+    raw = options.pop("raw", None) or ()
     out = {"__key__": sample.get("__key__"), "__url__": sample.get("__url__")}
     for modality in modalities:
         exts, fn = DECODERS[modality]
@@ -214,5 +216,5 @@ def decode_sample(
                     f"{sorted(k for k in sample if not k.startswith('__'))})"
                 )
             continue
-        out[modality] = fn(sample[ext], ext, **options)
+        out[modality] = sample[ext] if modality in raw else fn(sample[ext], ext, **options)
     return out

@@ -182,6 +182,7 @@ class ShardStream(IterableDataset):
             caption_field=self.caption_field,
             caption_keys=self.caption_keys,
             modality_keys=self.modality_keys,
+            raw=[m for m, fn in self.preprocess.items() if getattr(fn, "takes_bytes", False)],
         )
         captions = list(sample.get("text") or [])
         texts = self._texts(raw, sample, pass_idx) if "text" in sample else {}
@@ -264,9 +265,9 @@ class ShardStream(IterableDataset):
                 m for s in self.sources for m in self._modalities(s) if m in self.preprocess
             )
             with seeded(0):  # a random augmentation of the blank must not move the caller's RNG
-                self._fill = {
-                    m: torch.zeros_like(self.preprocess[m](BLANKS[m]())) for m in wanted if m in BLANKS
-                }
+                blanks = {m: self.preprocess[m](BLANKS[m]()) for m in wanted if m in BLANKS}
+                # a non-tensor (data.image_decode=gpu's EncodedImage) only says what the rows are
+                self._fill = {m: torch.zeros_like(v) if torch.is_tensor(v) else v for m, v in blanks.items()}
         return self._fill
 
     def _batch_stream(
