@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from mmpretrain.cli import COMMANDS, PLAIN_COMMANDS
-from mmpretrain.data.builders import BUILDERS, DEFAULT_OPTIONS, OPTIONS
+from mmpretrain.data.builders import BUILDERS, DEFAULT_OPTIONS, OPTIONS, TEACHER_EMBEDDINGS
 from mmpretrain.evaluation.retrieval import CAPTIONS_REPEAT
 from tests.integration.test_launch import run_cli
 
@@ -130,7 +130,8 @@ def test_mmpretrain_help_lists_every_command_and_data_builder(tmp_path):
     for name in [*COMMANDS, *PLAIN_COMMANDS]:
         assert any(line.startswith(f"  {name} ") for line in lines), name
     (builders,) = [line for line in lines if line.startswith("mmpretrain data NAME: ")]
-    assert builders.split(": ", 1)[1].split("   ")[0].split(", ") == list(BUILDERS)
+    # the bundled builders, then the command that writes a teacher's embeddings beside the shards
+    assert builders.split(": ", 1)[1].split("   ")[0].split(", ") == [*BUILDERS, TEACHER_EMBEDDINGS[0]]
 
 
 def test_data_help_lists_the_builders_with_their_options_not_training_groups(tmp_path):
