@@ -28,7 +28,7 @@ SECTIONS = [
     ("scenes_time_to_target", "6. Time to the same val retrieval R@1 on the scenes (5 captions per image)"),
     ("store", "7. Object storage (an S3 server on the same cores): resume from the store, uploads"),
     ("patch_dropout", "8. Patch dropout (FLIP): step time and activation memory at 0.0 / 0.5 / 0.75"),
-    ("distill_scenes", "9. Distillation on the scenes: a 2-layer ViT student alone vs distilled"),
+    ("distill_scenes", "9. Distillation on the scenes: a small ViT student alone vs distilled"),
 ]
 
 
