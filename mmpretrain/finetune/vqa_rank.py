@@ -76,6 +76,11 @@ class AnswerRanker(nn.Module):
             ids[i, : len(a)] = torch.tensor(a)
         self.register_buffer("answer_ids", ids, persistent=False)
         self.register_buffer("answer_len", torch.tensor([len(a) for a in answers]), persistent=False)
+        if width + 2 > self.context_length:
+            raise ValueError(
+                f"the answer {vocabulary[int(self.answer_len.argmax())]!r} is {width} tokens; with the start "
+                f"and end tokens it does not fit the decoder's context of {self.context_length}"
+            )
         model.requires_grad_(False)
         decoder.requires_grad_(True)
         if decoder.reads_text_tower:  # open_clip's CoCa: the text tower is the decoder's first half
@@ -117,30 +122,34 @@ class AnswerRanker(nn.Module):
         return groups
 
     # -- sequences -------------------------------------------------------------------------------------
-    def sequences(self, questions: torch.Tensor, answers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def prefix_lengths(self, questions: torch.Tensor) -> torch.Tensor:
+        """Per question the tokens before its answer: ``<start>`` and the question, cut at its end where
+        the longest answer would not fit the decoder's context (as the tokenizer cuts a long question),
+        so every answer follows the same prefix."""
+        qlen = questions.ne(self.eot).long().cumprod(1).sum(1)
+        return qlen.clamp(max=self.context_length - 1 - int(self.answer_len.max()))
+
+    def sequences(
+        self, questions: torch.Tensor, answers: torch.Tensor, skip_first: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``<start> question answer <end>`` per row of ``questions`` ``[P, L]`` (tokenized with start and
         end) and answer index ``answers`` ``[P]``, right-padded; the labels ``[P, T-1]`` score the answer
-        and the end token only. A question is cut at its end where it and the answer would not fit the
-        decoder's context."""
+        and the end token only (``skip_first``: not the answer's first token either, which every answer
+        of a question predicts from the same prefix: :meth:`first_token_logp`)."""
         device = questions.device
         ans, alen = self.answer_ids[answers], self.answer_len[answers]
-        limit = self.context_length
-        if int(alen.max()) + 2 > limit:
-            raise ValueError(f"an answer of {int(alen.max())} tokens does not fit the decoder's {limit}")
-        # start + question tokens (before <end>), cut where the answer would not fit, as the tokenizer
-        # cuts a question longer than its context
-        qlen = questions.ne(self.eot).long().cumprod(1).sum(1).minimum(limit - alen - 1)
+        qlen = self.prefix_lengths(questions)
         total = qlen + alen + 1
         width = int(total.max())
         j = torch.arange(width, device=device)[None]
         q_part = questions.gather(1, j.clamp(max=questions.shape[1] - 1).expand(len(qlen), -1))
-        a_pos = (j - qlen[:, None]).clamp(0, ans.shape[1] - 1)
-        a_part = ans.gather(1, a_pos)
+        a_part = ans.gather(1, (j - qlen[:, None]).clamp(0, ans.shape[1] - 1))
         ids = torch.where(j < qlen[:, None], q_part, a_part)
         ids = torch.where(j == total[:, None] - 1, torch.full_like(ids, self.eot), ids)
         ids = torch.where(j >= total[:, None], torch.full_like(ids, self.pad), ids)
         labels = ids[:, 1:].clone()
-        labels[j[:, 1:] < qlen[:, None]] = self.pad  # the question is context, not a target
+        context = j[:, 1:] <= qlen[:, None] if skip_first else j[:, 1:] < qlen[:, None]
+        labels[context] = self.pad  # the question is context, not a target
         return ids, labels
 
     def _image_tokens(self, image: torch.Tensor) -> torch.Tensor:
@@ -166,30 +175,34 @@ class AnswerRanker(nn.Module):
         return (target[rows, answers] * nll).sum() / len(target)
 
     @torch.no_grad()
-    def candidates(self, tokens: torch.Tensor, questions: torch.Tensor) -> torch.Tensor:
-        """``[Q, k]`` answer indices per question: every answer, or the ``rank_k`` whose first token is
-        likeliest after the question."""
-        n_answers = len(self.answer_ids)
-        if n_answers <= self.rank_k:
-            return torch.arange(n_answers, device=questions.device).expand(len(questions), -1)
-        qlen = questions.ne(self.eot).long().cumprod(1).sum(1)
-        qlen = qlen.minimum(torch.tensor(self.context_length - 1))
-        first = self.answer_ids[:, 0]
-        out = []
-        step = max(1, self.rank_batch // 32)  # full-vocabulary logits per position: small chunks
+    def first_token_logp(self, tokens: torch.Tensor, questions: torch.Tensor) -> torch.Tensor:
+        """``[Q, A]``: the log-probability of each answer's first token after each question (one
+        projection onto the vocabulary per question, shared by all of its answers)."""
+        qlen = self.prefix_lengths(questions)
+        first, out = self.answer_ids[:, 0], []
+        step = max(1, self.rank_batch // 4)  # [step, vocabulary] logits at a time
         for s in range(0, len(questions), step):
             q, n = questions[s : s + step], qlen[s : s + step]
-            q = q[:, : int(n.max())]
-            logits = self.model.decoder.logits(tokens[s : s + step], q, self.model.towers["text"])
-            last = logits[torch.arange(len(q), device=q.device), n - 1].float().log_softmax(-1)
-            out.append(last[:, first].topk(self.rank_k, dim=1).indices)
+            logits = self.model.decoder.next_token_logits(
+                tokens[s : s + step], q[:, : int(n.max())], n, self.model.towers["text"]
+            )
+            out.append(logits.float().log_softmax(-1)[:, first])
         return torch.cat(out)
+
+    def candidates(self, first_logp: torch.Tensor) -> torch.Tensor:
+        """``[Q, k]`` answer indices per question: every answer, or the ``rank_k`` whose first token is
+        likeliest after the question."""
+        n_answers = first_logp.shape[1]
+        if n_answers <= self.rank_k:
+            return torch.arange(n_answers, device=first_logp.device).expand(len(first_logp), -1)
+        return first_logp.topk(self.rank_k, dim=1).indices
 
     @torch.no_grad()
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         questions = batch["text"]
         tokens = self._image_tokens(batch["image"])[batch["owner"]]
-        cand = self.candidates(tokens, questions)
+        first = self.first_token_logp(tokens, questions)
+        cand = self.candidates(first)
         k = cand.shape[1]
         scores = torch.full((len(questions), len(self.answer_ids)), float("-inf"), device=questions.device)
         per = max(1, self.rank_batch // k)  # questions per chunk: rank_batch sequences at most
@@ -197,6 +210,8 @@ class AnswerRanker(nn.Module):
             c = cand[s : s + per]
             n = len(c)
             rows = torch.arange(s, s + n, device=questions.device).repeat_interleave(k)
-            nll = self._nll(tokens[rows], *self.sequences(questions[rows], c.reshape(-1)))
-            scores[s : s + n].scatter_(1, c, -nll.view(n, k).float())
+            rest = self._nll(tokens[rows], *self.sequences(questions[rows], c.reshape(-1), skip_first=True))
+            scores[s : s + n] = scores[s : s + n].scatter(
+                1, c, first[s : s + n].gather(1, c) - rest.view(n, k).float()
+            )
         return scores

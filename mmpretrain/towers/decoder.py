@@ -233,6 +233,14 @@ class CaptionDecoder(nn.Module):
             self.text_decoder, self.memory(image_tokens), self.embed(text[:, :-1]), labels, self.pad_id
         )
 
+    def next_token_logits(self, image_tokens, ids, lengths, text_tower=None) -> torch.Tensor:
+        """Logits ``[B, V]`` of the token after the first ``lengths[b]`` tokens of each row of ``ids``
+        (teacher forcing; the vocabulary projection at that position only)."""
+        hidden = _hidden(self.text_decoder, self.memory(image_tokens), self.embed(ids))
+        return (
+            hidden[torch.arange(len(ids), device=ids.device), lengths - 1] @ self.text_decoder.text_projection
+        )
+
     def start(self, image_tokens: torch.Tensor, text_tower=None) -> DecodeState:
         memory = self.memory(image_tokens)
         dec = self.text_decoder
@@ -308,6 +316,14 @@ class OpenClipCoCaDecoder(nn.Module):
         predict the caption shifted by one (or ``labels``, as :meth:`CaptionDecoder.caption_nll`)."""
         labels = text[:, 1:] if labels is None else labels
         return _nll(self.text_decoder, image_tokens, text_tokens[:, :-1], labels, self.pad_id)
+
+    def next_token_logits(self, image_tokens, ids, lengths, text_tower) -> torch.Tensor:
+        """As :meth:`CaptionDecoder.next_token_logits`, through the text tower's tokens."""
+        _, tokens = text_tower.forward_with_tokens(ids)
+        hidden = _hidden(self.text_decoder, image_tokens, tokens)
+        return (
+            hidden[torch.arange(len(ids), device=ids.device), lengths - 1] @ self.text_decoder.text_projection
+        )
 
     def start(self, image_tokens: torch.Tensor, text_tower) -> DecodeState:
         n_text = len(text_tower.encoder.transformer.resblocks)

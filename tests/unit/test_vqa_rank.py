@@ -68,7 +68,7 @@ def test_more_answers_than_rank_k_scores_the_likeliest_first_tokens_only():
     kept = torch.isfinite(some)
     assert torch.allclose(some[kept], all_scores[kept], atol=1e-5)  # same likelihoods where scored
     tokens = model.towers["image"].forward_with_tokens(batch["image"])[1][batch["owner"]]
-    cand = top.candidates(tokens, batch["text"])
+    cand = top.candidates(top.first_token_logp(tokens, batch["text"]))
     assert torch.equal(kept, torch.zeros_like(kept).scatter(1, cand, True))
 
 
