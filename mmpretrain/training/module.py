@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from typing import Any
 
 import lightning as L
@@ -19,6 +20,11 @@ from mmpretrain.runtime import distributed
 from mmpretrain.training.gradcache import batch_size, grad_cache_backward
 from mmpretrain.training.optim import build_optimizer, warmup_cosine, warmup_steps
 from mmpretrain.training.steplog import StepLog
+
+# Validation metrics are computed from every rank's gathered outputs, the same values on each rank, and
+# logged without sync_dist (it would only average equal numbers); Lightning's advice to sync them,
+# printed once per metric name under DDP, is noise here.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('val(_raw)?/")
 
 
 class ContrastiveModule(L.LightningModule):
