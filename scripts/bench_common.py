@@ -52,6 +52,17 @@ def digits_root(base: Path) -> Path:
     return root
 
 
+def scenes(root: Path, **options: int) -> Path:
+    """``mmpretrain data scenes out=root`` with ``options`` (``train=2000``, ...), built once: a root
+    whose val split has its ``sizes.json`` is reused."""
+    if not (root / "val" / "sizes.json").exists():
+        opts = [f"{k}={v}" for k, v in options.items()]
+        run_checked(
+            [python(), "-m", "mmpretrain.cli", "data", "scenes", f"out={root}", *opts], env=child_env()
+        )
+    return root
+
+
 def train_shards(root: Path) -> tuple[list[Path], int]:
     sizes = json.loads((root / "train" / "sizes.json").read_text())
     return [root / "train" / n for n in sorted(sizes)], sum(sizes.values())

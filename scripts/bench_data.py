@@ -92,26 +92,15 @@ PIPE_NAMES = {
 
 def scenes224(work: Path) -> Path:
     """img2dataset-like shards: scenes whose JPEGs are 256..512 px a side, 8 train shards of 250."""
-    root = work / "scenes224"
-    if not (root / "train" / "sizes.json").exists():
-        bc.run_checked(
-            [
-                bc.python(),
-                "-m",
-                "mmpretrain.cli",
-                "data",
-                "scenes",
-                f"out={root}",
-                "train=2000",
-                "val=100",
-                "test=50",
-                "image_size_min=256",
-                "image_size_max=512",
-                "shard_size=250",
-            ],
-            env=bc.child_env(),
-        )
-    return root
+    return bc.scenes(
+        work / "scenes224",
+        train=2000,
+        val=100,
+        test=50,
+        image_size_min=256,
+        image_size_max=512,
+        shard_size=250,
+    )
 
 
 def _rate(loader, batch: int, skip: int) -> tuple[float, int]:

@@ -32,23 +32,7 @@ REF = re.compile(r"BENCH retrieval epoch=(\d+) mean_R@1=([0-9.]+)")
 
 
 def scenes_root(work: Path, train: int, val: int) -> Path:
-    root = work / f"scenes-{train}-{val}"
-    if not (root / "val" / "sizes.json").exists():
-        bc.run_checked(
-            [
-                bc.python(),
-                "-m",
-                "mmpretrain.cli",
-                "data",
-                "scenes",
-                f"out={root}",
-                f"train={train}",
-                f"val={val}",
-                "test=100",
-            ],
-            env=bc.child_env(),
-        )
-    return root
+    return bc.scenes(work / f"scenes-{train}-{val}", train=train, val=val, test=100)
 
 
 def run(
