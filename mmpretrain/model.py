@@ -104,11 +104,14 @@ class ContrastiveModel(nn.Module):
                 continue
             out[f"{m}_mask"] = mask
             out[f"{m}_features"] = self._encode_present(m, batch[m], mask.to(batch[m].device).bool())
-        negatives = batch.get("text_negatives")  # [B, M, ...] hard negative captions (loss.hard_negatives)
-        if negatives is not None and "text" in self.towers:
-            rows, m = negatives.shape[:2]
-            out["text_negatives_features"] = self.encode("text", negatives.flatten(0, 1)).view(rows, m, -1)
-            out["text_negatives_mask"] = batch["text_negatives_mask"].bool()
+        # [B, M, ...] more captions per row: hard negatives (loss.hard_negatives) and the sample's other
+        # captions of this pass (data.captions_per_sample > 1), each with its [B, M] mask
+        for key in ("text_negatives", "text_positives"):
+            captions = batch.get(key)
+            if captions is not None and "text" in self.towers:
+                rows, m = captions.shape[:2]
+                out[f"{key}_features"] = self.encode("text", captions.flatten(0, 1)).view(rows, m, -1)
+                out[f"{key}_mask"] = batch[f"{key}_mask"].bool()
         return out | self.logit_scale_outputs()
 
     def _caption_forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:

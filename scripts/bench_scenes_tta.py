@@ -1,20 +1,28 @@
-"""Benchmark 6: wall time to the same val retrieval R@1 on the scenes, ours vs open_clip_train.
+"""Benchmark 6: time to fixed val retrieval targets on the scenes, ours vs open_clip_train, over seeds.
 
 Both trainers train the same open_clip ViT JSON (``vit-4x192-p8-64``, the tower pair of
 experiment=scenes_clip) on the same scenes shards (`mmpretrain data scenes`), batch, lr, warmup,
-epochs and data workers, fp32 on the CPU, and evaluate after every epoch:
+weight decay, clipping, epochs and data workers, fp32 on the CPU, and evaluate after every epoch:
 
-- ours: ``experiment=scenes_clip``, which trains on one of the five json captions per sample per
-  pass and reports ``val/retrieval_mean_R@1/image_text`` over every val caption (the papers' protocol);
+- ours: ``experiment=scenes_clip`` as it is (its captions per step included), and
+  ``val/retrieval_mean_R@1/image_text`` over every val caption (the papers' protocol);
 - open_clip_train reads the ``txt`` caption (the first of the five), as it does for webdataset
   shards; scripts/bench_entry.py adds the same five-caption retrieval, computed with mmpretrain's
-  evaluation functions, to its per-epoch evaluation (the evaluation time counts, as it does for ours).
+  evaluation functions, to its per-epoch evaluation.
 
-The target is the best mean R@1 that both runs reach (the lower of the two bests) and half of it;
-the ratio is open_clip's time to a target over ours. Wall time counts from process start to the
-line that reports the metric. An "epoch" is ``--epoch-samples`` samples, so that evaluation comes
-often enough to time the crossing; both trainers draw shards with replacement
-(open_clip's ``--dataset-resampled``, our endless stream).
+Each side runs once per ``--seeds`` seed (ours ``seed=``, open_clip ``--seed``, which also seeds its
+shard shuffle), the sides interleaved. Reported per side, as the median over seeds and its range:
+the val curve, and for each fixed ``--targets`` mean R@1 the time to reach it three ways:
+
+- **training time**: the sum of the optimizer steps' durations up to the evaluation that crossed
+  it, from the same step hook in both trainers (scripts/bench_entry.py); the interval that holds an
+  evaluation (and the loader's restart) counts as one median step, the first step as one median step;
+- **wall time**: process start to the line that reports the metric (evaluation and start-up included);
+- **samples seen**: (evaluations up to the crossing) x ``--epoch-samples``: what a recipe changes.
+
+An "epoch" is ``--epoch-samples`` samples, so that evaluation comes often enough to time the
+crossing; both trainers draw shards with replacement (open_clip's ``--dataset-resampled``, our
+endless stream).
 """
 
 from __future__ import annotations
@@ -29,51 +37,158 @@ import bench_common as bc
 
 OURS = re.compile(r"epoch (\d+) step \d+: .*retrieval_mean_R@1/image_text ([0-9.]+)")
 REF = re.compile(r"BENCH retrieval epoch=(\d+) mean_R@1=([0-9.]+)")
+SIDES = {"ours": "ours (experiment=scenes_clip)", "open_clip": "open_clip_train (txt caption)"}
 
 
 def scenes_root(work: Path, train: int, val: int) -> Path:
     return bc.scenes(work / f"scenes-{train}-{val}", train=train, val=val, test=100)
 
 
-def run(
-    name: str, cmd: list[str], env: dict, pattern: re.Pattern, cap: float, work: Path, offset: int
-) -> dict:
+def training_seconds(step_times: list[float], steps_per_epoch: int) -> list[float]:
+    """Cumulative training time after each step: the steps' durations, where the first step and each
+    epoch's first (whose interval holds the previous evaluation and the loader's restart) count as
+    one median step."""
+    gaps = [b - a for a, b in zip(step_times, step_times[1:])]
+    inner = [g for i, g in enumerate(gaps, start=1) if i % steps_per_epoch]
+    typical = bc.median(inner) if inner else 0.0
+    total, out = typical, [typical] if step_times else []
+    for i, g in enumerate(gaps, start=1):
+        total += g if i % steps_per_epoch else typical
+        out.append(total)
+    return out
+
+
+def run(name: str, cmd: list[str], env: dict, pattern: re.Pattern, a, work: Path, offset: int) -> dict:
     out = work / "scenes_tta" / re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     cmd = [c.replace("{out}", str(out)) for c in cmd]
-    history: list[tuple[float, int, float]] = []
+    evaluations: list[tuple[float, int, float]] = []
 
     def watch(t: float, line: str) -> bool:
         m = pattern.search(line)
         if m:
-            history.append((t, int(m.group(1)) + offset, float(m.group(2))))
+            evaluations.append((t, int(m.group(1)) + offset, float(m.group(2))))
         return False
 
-    res = bc.run_timed(cmd, env, out / "log.txt", timeout=cap, watch=watch)
+    res = bc.run_timed(cmd, env, out / "log.txt", timeout=a.cap, watch=watch)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     shutil.rmtree(out / "run" / "checkpoints", ignore_errors=True)
+    steps_per_epoch = a.epoch_samples // a.batch
+    record = out / "steps.json"
+    steps = json.loads(record.read_text())["steps"] if record.exists() else []
+    trained = training_seconds(steps, steps_per_epoch)
+    history = []  # (wall s, epoch, value, training s, samples seen)
+    for t, epoch, value in evaluations:
+        n = (epoch + 1) * steps_per_epoch
+        history.append((t, epoch, value, trained[n - 1] if len(trained) >= n else float("nan"), n * a.batch))
     row = dict(
         run=name,
         wall_s=round(res["wall_s"], 1),
         capped=res["timed_out"],
-        epochs_seen=len(history),
+        evaluations=len(history),
         best_mean_R1=max((h[2] for h in history), default=float("nan")),
+        median_step_s=round(bc.median([b - x for x, b in zip(steps, steps[1:])]), 4)
+        if len(steps) > 1
+        else None,
         history=history,
     )
-    print(
-        f"{name}: best mean R@1 {row['best_mean_R1']:.4f} over {len(history)} evaluations, wall "
-        f"{row['wall_s']} s",
-        flush=True,
-    )
+    print(f"{name}: curve {[h[2] for h in history]}, wall {row['wall_s']} s", flush=True)
     return row
 
 
-def time_to(history: list[tuple[float, int, float]], target: float) -> tuple[float, int | str]:
-    for t, epoch, value in history:
-        if value >= target:
-            return t, epoch
-    return float("nan"), ""
+def crossing(history: list[tuple], target: float) -> tuple | None:
+    """The first evaluation at or above ``target``."""
+    return next((h for h in history if h[2] >= target), None)
+
+
+def spread(values: list[float], fmt: str = "{:.0f}") -> str:
+    """``median [min–max]`` over seeds; a seed that never reached the target makes the median '>'."""
+    done = sorted(v for v in values if v == v)
+    if not done:
+        return "not reached"
+    med = bc.median(values) if len(done) == len(values) else float("nan")
+    lead = fmt.format(med) if med == med else f"> {fmt.format(bc.median(done))}"
+    missing = f", {len(values) - len(done)} of {len(values)} not reached" if len(done) < len(values) else ""
+    return f"{lead} [{fmt.format(done[0])}–{fmt.format(done[-1])}{missing}]"
+
+
+def commands(a, root: Path, seed: int) -> dict[str, tuple[list[str], bool, re.Pattern, int]]:
+    shards, _ = bc.train_shards(root)
+    val_shards = sorted((root / "val").glob("*.tar"))
+    n_val = sum(json.loads((root / "val" / "sizes.json").read_text()).values())
+    warmup = a.epochs * (a.epoch_samples // a.batch) // 20
+    entry = [bc.python(), "scripts/bench_entry.py"]
+    ours = [
+        *entry,
+        "ours",
+        "--record",
+        "{out}/steps.json",
+        "--",
+        "experiment=scenes_clip",
+        f"seed={seed}",
+        f"data.root={root}",
+        f"model.config={bc.model_json(a.model)}",
+        f"data.batch_size={a.batch}",
+        f"data.num_workers={a.workers}",
+        f"data.train_samples={a.epoch_samples}",
+        f"trainer.max_epochs={a.epochs}",
+        f"optim.lr={a.lr}",
+        f"optim.warmup_steps={warmup}",
+        "export_at_end=false",
+        "hydra.run.dir={out}",
+        *a.ours_extra,
+    ]
+    ref = [
+        *entry,
+        "open_clip",
+        "--record",
+        "{out}/steps.json",
+        "--scenes",
+        str(root),
+        "--",
+        "--model",
+        a.model,
+        "--dataset-type",
+        "webdataset",
+        "--dataset-resampled",
+        "--train-data",
+        bc.brace_pattern(shards),
+        "--train-num-samples",
+        str(a.epoch_samples),
+        "--val-data",
+        bc.brace_pattern(val_shards),
+        "--val-num-samples",
+        str(n_val),
+        "--batch-size",
+        str(a.batch),
+        "--lr",
+        str(a.lr),
+        "--wd",
+        "0.1",
+        "--grad-clip-norm",
+        "1.0",
+        "--epochs",
+        str(a.epochs),
+        "--workers",
+        str(a.workers),
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+        "--warmup",
+        str(warmup),
+        "--seed",
+        str(seed),
+        "--logs",
+        "{out}",
+        "--name",
+        "run",
+        "--report-to",
+        "",
+    ]
+    # open_clip numbers completed epochs from 1
+    return {"ours": (ours, False, OURS, 0), "open_clip": (ref, True, REF, -1)}
 
 
 def main() -> None:
@@ -84,145 +199,76 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--epoch-samples", type=int, default=2560, help="samples between evaluations")
     p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=5e-4, help="both trainers (experiment=scenes_clip's)")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--targets", type=float, nargs="+", default=[0.01, 0.02], help="fixed mean R@1 targets")
+    p.add_argument("--sides", nargs="+", choices=sorted(SIDES), default=["ours", "open_clip"])
+    p.add_argument("--ours-extra", nargs="*", default=[], help="more overrides for ours (exploring a recipe)")
     p.add_argument("--cap", type=float, default=900, help="seconds per run")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--work", default="/tmp/mmpretrain-bench")
     a = p.parse_args()
     work = Path(a.work)
     root = scenes_root(work, a.train, a.val)
-    shards, _ = bc.train_shards(root)
-    val_shards = sorted((root / "val").glob("*.tar"))
     n_val = sum(json.loads((root / "val" / "sizes.json").read_text()).values())
+    rows = []
+    for i, seed in enumerate(a.seeds):
+        order = a.sides if i % 2 == 0 else a.sides[::-1]  # alternate who goes first: drift hits both
+        for side in order:
+            cmd, ref, pattern, offset = commands(a, root, seed)[side]
+            env = bc.child_env(a.threads, reference=ref)
+            row = run(f"{SIDES[side]} seed {seed}", cmd, env, pattern, a, work, offset)
+            rows.append(row | {"side": side, "seed": seed})
+    summary, per_target = [], {}
+    for side in a.sides:
+        mine = [r for r in rows if r["side"] == side]
+        curves = [[h[2] for h in r["history"]] for r in mine]
+        length = min((len(c) for c in curves), default=0)
+        curve = ", ".join(f"{bc.median([c[e] for c in curves]):.4f}" for e in range(length))
+        cells = [SIDES[side], curve]
+        for target in a.targets:
+            hits = [crossing(r["history"], target) for r in mine]
+            train = [h[3] if h else float("nan") for h in hits]
+            wall = [h[0] if h else float("nan") for h in hits]
+            samples = [h[4] if h else float("nan") for h in hits]
+            per_target[(side, target)] = (train, wall, samples)
+            cells.append(f"{spread(train)} s train; {spread(wall)} s wall; {spread(samples)} samples")
+        cells += [
+            spread([r["best_mean_R1"] for r in mine], "{:.4f}"),
+            spread([r["median_step_s"] or float("nan") for r in mine], "{:.3f}"),
+        ]
+        summary.append(cells)
+    header = ["run", "median val mean R@1 per evaluation"]
+    header += [f"to mean R@1 {t:g}: median [range]" for t in a.targets]
+    header += ["best mean R@1", "median step s"]
+    table = bc.md_table(header, summary)
+    if set(a.sides) == set(SIDES):
+        lines = []
+        for target in a.targets:
+            parts = []
+            for label, k in (("training time", 0), ("wall time", 1), ("samples seen", 2)):
+                ours, ref = per_target[("ours", target)][k], per_target[("open_clip", target)][k]
+                mo, mr = bc.median(ours), bc.median(ref)
+                ratio = f"{mr / mo:.2f}x" if mo == mo and mr == mr and mo > 0 else "–"
+                parts.append(f"{label} {ratio}")
+            lines.append(f"- to mean R@1 {target:g}: " + ", ".join(parts))
+        table += "\n\nratio open_clip_train / ours of the medians over seeds:\n" + "\n".join(lines)
+    for r in rows:
+        r["history"] = json.dumps([[round(h[0], 1), h[1], h[2], round(h[3], 1), h[4]] for h in r["history"]])
     steps = a.epochs * (a.epoch_samples // a.batch)
-    warmup = steps // 20
-    runs = [
-        (
-            "ours (experiment=scenes_clip)",
-            [
-                bc.python(),
-                "scripts/bench_entry.py",
-                "ours",
-                "--record",
-                "{out}/steps.json",
-                "--",
-                "experiment=scenes_clip",
-                f"data.root={root}",
-                f"model.config={bc.model_json(a.model)}",
-                f"data.batch_size={a.batch}",
-                f"data.num_workers={a.workers}",
-                f"data.train_samples={a.epoch_samples}",
-                f"trainer.max_epochs={a.epochs}",
-                f"optim.lr={a.lr}",
-                f"optim.warmup_steps={warmup}",
-                "export_at_end=false",
-                "hydra.run.dir={out}",
-            ],
-            False,
-            OURS,
-            0,
-        ),
-        (
-            "open_clip_train (txt caption)",
-            [
-                bc.python(),
-                "scripts/bench_entry.py",
-                "open_clip",
-                "--record",
-                "{out}/steps.json",
-                "--scenes",
-                str(root),
-                "--",
-                "--model",
-                a.model,
-                "--dataset-type",
-                "webdataset",
-                "--dataset-resampled",
-                "--train-data",
-                bc.brace_pattern(shards),
-                "--train-num-samples",
-                str(a.epoch_samples),
-                "--val-data",
-                bc.brace_pattern(val_shards),
-                "--val-num-samples",
-                str(n_val),
-                "--batch-size",
-                str(a.batch),
-                "--lr",
-                str(a.lr),
-                "--wd",
-                "0.1",
-                "--grad-clip-norm",
-                "1.0",
-                "--epochs",
-                str(a.epochs),
-                "--workers",
-                str(a.workers),
-                "--precision",
-                "fp32",
-                "--device",
-                "cpu",
-                "--warmup",
-                str(warmup),
-                "--seed",
-                "0",
-                "--logs",
-                "{out}",
-                "--name",
-                "run",
-                "--report-to",
-                "",
-            ],
-            True,
-            REF,
-            -1,
-        ),  # open_clip numbers completed epochs from 1
-    ]
-    rows = [
-        run(name, cmd, bc.child_env(a.threads, reference=ref), pattern, a.cap, work, offset)
-        for name, cmd, ref, pattern, offset in runs
-    ]
-    ours, ref = rows
-    best = min(ours["best_mean_R1"], ref["best_mean_R1"])
-    targets = [round(best / 2, 4), round(best, 4)]
-    table_rows, ratios = [], []
-    for r in rows:
-        cells = [r["run"]]
-        for target in targets:
-            t, e = time_to(r["history"], target)
-            cells.append(f"{t:.0f} s (epoch {e})" if t == t else f"> {r['wall_s']:.0f} s (not reached)")
-        cells += [r["best_mean_R1"], r["epochs_seen"], r["wall_s"]]
-        table_rows.append(cells)
-    for target in targets:
-        t_ours, t_ref = time_to(ours["history"], target)[0], time_to(ref["history"], target)[0]
-        ratios.append(t_ref / t_ours if t_ours == t_ours and t_ref == t_ref else float("nan"))
-    table = bc.md_table(
-        [
-            "run",
-            f"time to mean R@1 {targets[0]:.3f}",
-            f"time to mean R@1 {targets[1]:.3f}",
-            "best mean R@1",
-            "evaluations",
-            "wall s",
-        ],
-        table_rows,
-    )
-    table += (
-        f"\n\nratio open_clip / ours, time to the same val retrieval mean R@1: **{ratios[1]:.2f}x** "
-        f"at {targets[1]:.3f} (the lower best), {ratios[0]:.2f}x at {targets[0]:.3f}"
-    )
-    print(table, flush=True)
-    for r in rows:
-        r["history"] = json.dumps([[round(t, 1), e, v] for t, e, v in r["history"]])
     notes = [
         f"model `{a.model}`, {a.train} train / {n_val} val scenes (5 captions each; chance R@1 = "
-        f"1/{n_val}), batch {a.batch}, lr {a.lr}, wd 0.1, clip 1.0, warmup {warmup} of {steps} steps, "
-        f"{a.epochs} epochs of {a.epoch_samples} samples, {a.workers} data workers, fp32 CPU, cap "
-        f"{a.cap:.0f} s per run",
+        f"1/{n_val}), batch {a.batch}, lr {a.lr}, wd 0.1, clip 1.0, warmup {steps // 20} of {steps} steps, "
+        f"{a.epochs} epochs of {a.epoch_samples} samples, {a.workers} data workers, fp32 CPU, seeds "
+        f"{' '.join(map(str, a.seeds))}, cap {a.cap:.0f} s per run"
+        + (f", ours with {' '.join(a.ours_extra)}" if a.ours_extra else ""),
         "mean R@1 = the mean of image->text (any of the 5 captions in the top 1) and text->image (each "
-        "caption against every image) R@1, the same function for both trainers; ours trains on a random "
-        "one of the five captions per pass, open_clip_train on the txt (first) caption",
+        "caption against every image) R@1, the same function for both trainers; open_clip_train trains "
+        "on the txt (first) caption, ours as experiment=scenes_clip says (data.captions_per_sample)",
+        "training time: the optimizer steps' durations up to the crossing (evaluations and loader "
+        "restarts excluded, the same step hook in both); wall: from process start; samples: evaluations "
+        "to the crossing x samples per epoch",
     ]
     bc.write_results("scenes_time_to_target", rows, table, notes)
 

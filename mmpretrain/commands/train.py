@@ -44,6 +44,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         model.preprocess,
         seed=cfg.seed,
         negatives=_hard_negatives(cfg.loss),
+        captions_per_sample=_captions_per_sample(cfg),
         teacher_cache=bool((cfg.get("distill") or {}).get("cached")),
     )
     loss = safe_instantiate(cfg.loss)
@@ -249,6 +250,24 @@ def _resolve_monitor(cfg: DictConfig, has_classnames: bool) -> None:
             f"no class names for zero-shot (data.val.classnames): monitoring {fallback} instead of {metric}"
         )
         cfg.optimized_metric = fallback
+
+
+def _captions_per_sample(cfg: DictConfig) -> int:
+    """``data.captions_per_sample``: several captions of a sample in one step need InfoNCE's
+    multi-positive form, and the whole batch's features at once (no grad cache)."""
+    k = int(cfg.data.get("captions_per_sample") or 1)
+    if k > 1:
+        if not str(cfg.loss.get("_target_", "")).endswith("InfoNCE"):
+            raise ValueError(
+                f"data.captions_per_sample={k} trains with loss=infonce (its multi-positive form); "
+                f"{cfg.loss.get('_target_')} takes one caption per sample: set data.captions_per_sample=1"
+            )
+        if int(cfg.optim.get("grad_cache_chunks") or 1) > 1:
+            raise ValueError(
+                f"data.captions_per_sample={k} cannot be combined with optim.grad_cache_chunks>1 "
+                "(the cached features would hold one caption per sample)"
+            )
+    return k
 
 
 def _hard_negatives(loss_cfg: DictConfig) -> int:

@@ -9,7 +9,7 @@ May import ``runtime.distributed`` only: no Lightning, no Hydra.
 """
 
 from mmpretrain.losses.coca import CoCa, caption_loss
-from mmpretrain.losses.infonce import InfoNCE, clip_loss, negclip_loss, split_clip_loss
+from mmpretrain.losses.infonce import InfoNCE, clip_loss, multi_positive_loss, negclip_loss, split_clip_loss
 from mmpretrain.losses.pairs import check_modalities, logit_scale_for, pair_name, rows_with_both
 from mmpretrain.losses.siglip import SigLIP, siglip_loss, split_siglip_loss
 from mmpretrain.losses.tiled import DEFAULT_TILE, tiled_clip_loss, tiled_cross_entropy
@@ -23,6 +23,7 @@ __all__ = [
     "check_modalities",
     "clip_loss",
     "logit_scale_for",
+    "multi_positive_loss",
     "negclip_loss",
     "pair_name",
     "rows_with_both",

@@ -112,12 +112,69 @@ def negclip_loss(
     return (F.cross_entropy(logits_ab, labels) + F.cross_entropy(logits_ba, labels)) / 2
 
 
+def multi_positive_loss(
+    a: torch.Tensor,
+    captions: torch.Tensor,
+    captions_valid: torch.Tensor,
+    logit_scale: torch.Tensor,
+    gather: bool = True,
+    negatives: torch.Tensor | None = None,
+    negatives_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """CLIP's InfoNCE with several captions of each image in the same step (multi-positive).
+
+    ``a`` ``[B, D]`` (images), ``captions`` ``[B, K, D]`` (row i's K captions; column 0 always valid),
+    ``captions_valid`` ``[B, K]``. Every valid (image, caption) pair is a positive pair of its own:
+    ``a -> b``, the image scores against that caption and every caption of the OTHER images of the
+    global batch (its own other captions are neither positives nor negatives of this pair), plus the
+    image's hard negatives when ``negatives`` ``[B, M, D]`` are given (NegCLIP); ``b -> a``, each
+    caption scores against every image (CLIP's). The loss is the mean over the global batch's valid
+    pairs of both directions, so K=1 is :func:`clip_loss` (and with negatives :func:`negclip_loss`)
+    exactly. Under DDP everything is gathered with gradient, so the summed gradient over ranks is the
+    single-process gradient of the global batch.
+    """
+    rows, k = captions.shape[:2]
+    flat, valid = captions.flatten(0, 1), captions_valid.flatten().bool()
+    world = distributed.world_size() if gather else 1
+    if world > 1:
+        all_a, all_c = distributed.gather_with_grad(a), distributed.gather_with_grad(flat)
+        all_valid = distributed.all_gather(valid.to(torch.uint8)).bool()
+        first = distributed.rank() * rows
+    else:
+        all_a, all_c, all_valid, first = a, flat, valid, 0
+    owner = torch.arange(all_c.shape[0], device=a.device) // k  # the global image of each caption
+    mine = torch.arange(rows, device=a.device) + first
+    logits = logit_scale * a @ all_c.T  # [B, N*K]
+    fill = torch.finfo(logits.dtype).min  # finite: no NaN in the backward of a fully masked row
+    negative = all_valid[None, :] & (owner[None, :] != mine[:, None])
+    others = logits.masked_fill(~negative, fill)
+    if negatives is not None:
+        neg = negatives.flatten(0, 1)
+        neg_valid = negatives_valid.flatten().bool()
+        if world > 1:
+            neg, neg_valid = (
+                distributed.gather_with_grad(neg),
+                distributed.all_gather(neg_valid.to(torch.uint8)).bool(),
+            )
+        hard = (logit_scale * a @ neg.T).masked_fill(~neg_valid[None, :], fill)
+        others = torch.cat([others, hard], dim=1)
+    positives = logits.gather(1, (mine[:, None] * k + torch.arange(k, device=a.device)[None, :]))  # [B, K]
+    image_to_text = torch.logaddexp(torch.logsumexp(others, dim=1, keepdim=True), positives) - positives
+    text_to_image = F.cross_entropy(
+        logit_scale * flat @ all_a.T, mine.repeat_interleave(k), reduction="none"
+    )  # [B*K]
+    total = (image_to_text.flatten() * valid).sum() + (text_to_image * valid).sum()
+    return total * world / (2 * all_valid.sum().clamp(min=1))
+
+
 class InfoNCE(PairLoss):
     """Weighted sum of CLIP InfoNCE over configured modality pairs (:class:`PairLoss`); when a batch
     carries ``<modality>_mask`` only rows holding both modalities enter that pair's loss.
 
     ``tiled``: the same value and gradients from :func:`tiled_clip_loss`, memory linear in the global
-    batch. ``hard_negatives``: a pair with text whose batch carries ``text_negatives_features`` uses
+    batch. A batch carrying ``text_positives_features`` (``data.captions_per_sample`` > 1) trains a
+    pair with text on :func:`multi_positive_loss` (with the hard negatives when they train).
+    ``hard_negatives``: a pair with text whose batch carries ``text_negatives_features`` uses
     :func:`negclip_loss`; ``max_negatives`` is read by the data stream (negatives drawn per sample per
     pass), not here.
     """
@@ -153,7 +210,28 @@ class InfoNCE(PairLoss):
             negatives = (
                 outputs.get("text_negatives_features") if self.hard_negatives and "text" in (a, b) else None
             )
-            if negatives is not None:
+            positives = outputs.get("text_positives_features") if "text" in (a, b) else None
+            if positives is not None:
+                if valid is not None or self.tiled:
+                    raise ValueError(
+                        "data.captions_per_sample>1 supports neither partial-pair batches "
+                        "(data.on_missing=partial) nor loss.tiled=true"
+                    )
+                query, first = (fb, fa) if a == "text" else (fa, fb)
+                captions = torch.cat([first[:, None], positives], dim=1)
+                captions_valid = torch.cat(
+                    [torch.ones_like(first[:, :1], dtype=torch.bool), outputs["text_positives_mask"]], dim=1
+                )
+                value = multi_positive_loss(
+                    query,
+                    captions,
+                    captions_valid,
+                    scale,
+                    gather,
+                    negatives,
+                    outputs.get("text_negatives_mask") if negatives is not None else None,
+                )
+            elif negatives is not None:
                 if valid is not None or self.tiled:
                     raise ValueError(
                         "loss.hard_negatives=true supports neither partial-pair batches "

@@ -44,11 +44,13 @@ class ContrastiveDataModule(L.LightningDataModule):
         seed: int = 0,
         negatives: int = 0,
         teacher_cache: bool = False,
+        captions_per_sample: int = 1,
     ):
         super().__init__()
         self.teacher_cache = teacher_cache  # distill.cached: training samples bring the teacher's embeddings
         self.cfg = cfg
         self.negatives = int(negatives)  # hard negative captions per training sample (loss.hard_negatives)
+        self.captions_per_sample = int(captions_per_sample)  # data.captions_per_sample (checked by train)
         self.preprocess = preprocess
         self.seed = seed
         self.resume_state: dict[str, Any] | None = None  # from the checkpoint (load_state_dict)
@@ -106,6 +108,7 @@ class ContrastiveDataModule(L.LightningDataModule):
             shard_policy=policy,
             positions=self._start_positions,
             negatives=self.negatives,
+            captions_per_sample=self.captions_per_sample,
             teacher_augmentations=0 if self.teacher_cache else None,
             **common,
         )

@@ -76,10 +76,12 @@ def negclip_problem():
         "neg": torch.randn(8, 2, 5, generator=g),
     }
     valid = torch.rand(8, 2, generator=g) > 0.4
+    xs["pos"] = torch.randn(8, 3, 5, generator=g)  # more captions per row (data.captions_per_sample)
+    xs["pos_valid"] = torch.rand(8, 3, generator=g) > 0.4
     return encs, xs, valid
 
 
-def negclip_loss_and_grads(rows):
+def negclip_loss_and_grads(rows, positives: bool = False):
     from mmpretrain.losses import InfoNCE
 
     encs, xs, valid = negclip_problem()
@@ -92,16 +94,19 @@ def negclip_loss_and_grads(rows):
         "text_negatives_mask": valid[rows],
         "logit_scale": scale,
     }
+    if positives:
+        out["text_positives_features"] = unit(encs["text"](xs["pos"][rows]), dim=-1)
+        out["text_positives_mask"] = xs["pos_valid"][rows]
     loss = InfoNCE(hard_negatives=True)(out)["image_text_loss"]
     loss.backward()
     grads = [p.grad for enc in encs.values() for p in enc.parameters()] + [scale.grad]
     return loss.detach(), grads
 
 
-def negclip_worker(rank, world, port, queue):
+def negclip_worker(rank, world, port, queue, positives=False):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    loss, grads = negclip_loss_and_grads(slice(rank * 4, rank * 4 + 4))
+    loss, grads = negclip_loss_and_grads(slice(rank * 4, rank * 4 + 4), positives)
     for gr in grads:  # what DDP does: average the gradients over ranks
         dist.all_reduce(gr)
         gr /= world
@@ -110,9 +115,15 @@ def negclip_worker(rank, world, port, queue):
     dist.destroy_process_group()
 
 
-def test_two_process_negclip_equals_one_process():
-    loss, grads = negclip_loss_and_grads(slice(0, 8))
-    for rank, got_loss, got_grads in (json.loads(item) for item in run_workers(negclip_worker, results=2)):
+def multi_positive_worker(rank, world, port, queue):
+    negclip_worker(rank, world, port, queue, positives=True)
+
+
+@pytest.mark.parametrize("positives", [False, True], ids=["negclip", "negclip+multi-positive"])
+def test_two_process_negclip_equals_one_process(positives):
+    loss, grads = negclip_loss_and_grads(slice(0, 8), positives)
+    worker = multi_positive_worker if positives else negclip_worker
+    for rank, got_loss, got_grads in (json.loads(item) for item in run_workers(worker, results=2)):
         assert got_loss == pytest.approx(loss.item(), abs=1e-5), rank
         for g, want in zip(got_grads, grads):
             torch.testing.assert_close(torch.tensor(g), want.flatten(), atol=1e-5, rtol=1e-4)

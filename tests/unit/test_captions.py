@@ -3,6 +3,7 @@ validation carries every caption, the negatives with their kinds and the task la
 
 import json
 
+import pytest
 import torch
 
 from mmpretrain.data import ShardStream, Source
@@ -107,3 +108,28 @@ def test_validation_carries_every_caption_negative_and_label(tmp_path):
     ]
     assert torch.cat([b["label/color"] for b in batches]).tolist() == [i % 3 for i in range(6)]
     assert torch.cat([b["label/count"] for b in batches]).tolist() == [2, -1, 2, -1, 2, -1]
+
+
+def test_several_captions_per_sample_are_distinct_padded_and_resume_exactly(tmp_path):
+    """data.captions_per_sample=3: ``text`` and ``text_positives`` [B, 2] are distinct captions of
+    the sample (a one-caption sample's extra columns masked), the same after an exact resume."""
+    samples = [scene(i, n_caps=1 if i % 4 == 0 else 5) for i in range(8)]
+    urls = [write_shard(tmp_path / "a.tar", samples)]
+    full = list(iter(_stream(urls, True, captions_per_sample=3)))
+    for b in full:
+        assert b["text_positives"].shape == (4, 2, 2) and b["text_positives_mask"].shape == (4, 2)
+        for row in range(4):
+            mask = b["text_positives_mask"][row]
+            assert mask.all() or not mask.any()
+            rows = [b["text"][row], *b["text_positives"][row][mask]]
+            assert len({tuple(t.tolist()) for t in rows}) == len(rows)  # distinct captions
+    assert any(not b["text_positives_mask"].all() for b in full)  # the one-caption samples
+    resumed = _stream(
+        urls, True, captions_per_sample=3, start_batch=4, positions={0: full[3]["__position__"]}
+    )
+    for got, want in zip(resumed, full[4:]):
+        assert torch.equal(got["text"], want["text"]) and torch.equal(
+            got["text_positives"], want["text_positives"]
+        )
+    with pytest.raises(ValueError, match="captions_per_sample"):
+        _stream(urls, True, captions_per_sample=0)

@@ -46,3 +46,18 @@ def test_zero_shot_tasks_are_read_from_data_val_tasks(tmp_path):
         "train", ["data=shards", f"data.root={tmp_path}", "data.val.tasks=null"], run_dir=tmp_path
     )
     assert tasks_from_config(cfg.data.val) == {}
+
+
+def test_several_captions_per_sample_are_infonce_only_and_not_grad_cached(tmp_path):
+    from mmpretrain.commands.train import _captions_per_sample
+
+    assert _captions_per_sample(compose_config("train", [], run_dir=tmp_path)) == 1
+    assert _captions_per_sample(compose_config("train", ["data.captions_per_sample=5"], run_dir=tmp_path)) == 5
+    for overrides, message in (
+        (["loss=siglip"], "trains with loss=infonce"),
+        (["loss=coca"], "trains with loss=infonce"),
+        (["optim.grad_cache_chunks=2"], "grad_cache_chunks"),
+    ):
+        cfg = compose_config("train", ["data.captions_per_sample=3", *overrides], run_dir=tmp_path)
+        with pytest.raises(ValueError, match=message):
+            _captions_per_sample(cfg)

@@ -1,6 +1,7 @@
 """Which caption (and which hard negatives) of a multi-caption sample trains in a pass.
 
-A sample with several captions trains on ONE per pass, chosen by a seed of ``(data seed, sample
+A sample with several captions trains on ONE per pass (``data.captions_per_sample``: on up to that
+many distinct ones, :func:`pick_captions`), chosen by a seed of ``(data seed, sample
 key, pass)`` (:func:`mmpretrain.data.stream.seeds.derive`), never a global RNG: the choice is a pure
 function of those three, so an exact resume (``data.resume=exact``) picks what the uninterrupted run
 picked, and two passes over a sample usually train on different captions. The pass is the one its
@@ -36,6 +37,15 @@ def pick_caption(captions: list[str], seed: int, key: str | None, pass_idx: int)
         return captions[0]
     rng = random.Random(derive(seed, "caption_pick", key_hash(key), pass_idx))
     return captions[rng.randrange(len(captions))]
+
+
+def pick_captions(captions: list[str], k: int, seed: int, key: str | None, pass_idx: int) -> list[str]:
+    """Up to ``k`` distinct captions of the sample for this pass (``data.captions_per_sample``), in a
+    seeded random order: the first trains as ``text``."""
+    if len(captions) == 1:
+        return list(captions)
+    rng = random.Random(derive(seed, "caption_pick", key_hash(key), pass_idx))
+    return [captions[i] for i in rng.sample(range(len(captions)), min(k, len(captions)))]
 
 
 def pick_negatives(negatives: list[str], k: int, seed: int, key: str | None, pass_idx: int) -> list[str]:

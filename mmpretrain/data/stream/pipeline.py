@@ -38,7 +38,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mmpretrain.data.stream import teacher_cache
-from mmpretrain.data.stream.captions import kind_index, pick_caption, pick_negatives
+from mmpretrain.data.stream.captions import kind_index, pick_caption, pick_captions, pick_negatives
 from mmpretrain.data.stream.collate import collate, ragged_rows
 from mmpretrain.data.stream.decode import BLANKS, decode_sample, read_meta
 from mmpretrain.data.stream.position import PositionFiles, StreamPosition, restore_rng, rng_state, shard_plan
@@ -81,6 +81,7 @@ class ShardStream(IterableDataset):
         caption_keys: list[str] | None = None,
         negatives: int = 0,
         modality_keys: dict[str, list[str]] | None = None,
+        captions_per_sample: int = 1,
         teacher_augmentations: int | None = None,
     ):
         """``teacher_augmentations`` (distill.cached): training samples take one of their stored
@@ -103,6 +104,11 @@ class ShardStream(IterableDataset):
         # {modality: [key, ...]}: extra keys a modality is read from ({audio: [mp4]}: a video's sound)
         self.modality_keys = {m: tuple(k) for m, k in (modality_keys or {}).items()}
         self.negatives = int(negatives)  # hard negatives per training sample (loss.hard_negatives)
+        if int(captions_per_sample) < 1:
+            raise ValueError(f"data.captions_per_sample must be at least 1, not {captions_per_sample}")
+        # captions of a multi-caption sample per training pass (data.captions_per_sample): the first is
+        # ``text``, the others ``text_positives`` with ``text_positives_mask``
+        self.captions_per_sample = int(captions_per_sample)
         self.teacher_augmentations = teacher_augmentations
         self.start_batch = start_batch
         self.shard_policy = shard_policy
@@ -196,9 +202,10 @@ class ShardStream(IterableDataset):
         if texts:
             tokenize = self.preprocess["text"]
             for k, v in texts.items():
-                sample[k] = [tokenize(t) for t in v] if k in (*_TEXT_LISTS, "text_negatives") else v
-            if self.train and self.negatives:
-                sample["text_negatives"] = torch.stack(sample["text_negatives"])
+                sample[k] = [tokenize(t) for t in v] if k in (*_TEXT_LISTS, *_TRAIN_LISTS) else v
+            for k in _TRAIN_LISTS:
+                if self.train and k in sample:
+                    sample[k] = torch.stack(sample[k])
         if not any(m in sample for m in self.preprocess):
             raise SampleError(
                 f"sample '{raw.get('__key__')}' in {raw.get('__url__')} has none of {sorted(self.preprocess)}"
@@ -233,15 +240,19 @@ class ShardStream(IterableDataset):
         captions, key = sample["text"], raw.get("__key__")
         meta = read_meta(raw) if (not self.train or self.negatives) and "text" in self.preprocess else {}
         if self.train:
-            sample["text"] = pick_caption(captions, self.seed, key, pass_idx)
-            if not self.negatives:
-                return {}
-            negs = pick_negatives(list(meta.get("negatives") or []), self.negatives, self.seed, key, pass_idx)
-            mask = [True] * len(negs) + [False] * (self.negatives - len(negs))
-            return {
-                "text_negatives": negs + [""] * (self.negatives - len(negs)),
-                "text_negatives_mask": torch.tensor(mask),
-            }
+            out = {}
+            if self.captions_per_sample > 1:
+                picked = pick_captions(captions, self.captions_per_sample, self.seed, key, pass_idx)
+                sample["text"] = picked[0]
+                out |= _padded("text_positives", picked[1:], self.captions_per_sample - 1)
+            else:
+                sample["text"] = pick_caption(captions, self.seed, key, pass_idx)
+            if self.negatives:
+                negs = pick_negatives(
+                    list(meta.get("negatives") or []), self.negatives, self.seed, key, pass_idx
+                )
+                out |= _padded("text_negatives", negs, self.negatives)
+            return out
         sample["text"] = captions[0]
         if "text" not in self.preprocess:
             return {}
@@ -327,7 +338,7 @@ class ShardStream(IterableDataset):
                 out[f"{k}_owner"] = owner
         trim = getattr(self.preprocess.get("text"), "trim", None)  # the text tower's: padding columns off
         if trim is not None:
-            for k in ("text", "text_negatives", *_TEXT_LISTS):
+            for k in ("text", *_TRAIN_LISTS, *_TEXT_LISTS):
                 if isinstance(out.get(k), torch.Tensor):
                     out[k] = trim(out[k])
         out["__skipped__"] = counter.take()  # a host int: no device copy, no read
@@ -382,4 +393,16 @@ class ShardStream(IterableDataset):
 
 #: per-sample lists of tokenized captions (validation), flattened by the collate with their owner row
 _TEXT_LISTS = ("text_more", "probe_negatives")
+#: training's [M] more captions per sample (padded, with a ``<key>_mask``), stacked by the collate
+_TRAIN_LISTS = ("text_negatives", "text_positives")
+
+
+def _padded(key: str, captions: list[str], m: int) -> dict[str, Any]:
+    """``captions`` padded with empty captions to ``m``, and the mask of the real ones."""
+    return {
+        key: captions + [""] * (m - len(captions)),
+        f"{key}_mask": torch.tensor([True] * len(captions) + [False] * (m - len(captions))),
+    }
+
+
 _RAGGED = (*_TEXT_LISTS, "probe_negatives_kind")
