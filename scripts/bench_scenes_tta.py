@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -92,6 +93,7 @@ def run(name: str, cmd: list[str], env: dict, pattern: re.Pattern, a, work: Path
         if len(steps) > 1
         else None,
         history=history,
+        load_avg_1m=round(os.getloadavg()[0], 1),  # timings are only comparable on a quiet machine
     )
     print(f"{name}: curve {[h[2] for h in history]}, wall {row['wall_s']} s", flush=True)
     return row
@@ -102,7 +104,7 @@ def crossing(history: list[tuple], target: float) -> tuple | None:
     return next((h for h in history if h[2] >= target), None)
 
 
-def spread(values: list[float], fmt: str = "{:.0f}") -> str:
+def spread(values: list[float], fmt: str = "{:.0f}", unit: str = "") -> str:
     """``median [min–max]`` over seeds; a seed that never reached the target makes the median '>'."""
     done = sorted(v for v in values if v == v)
     if not done:
@@ -110,7 +112,7 @@ def spread(values: list[float], fmt: str = "{:.0f}") -> str:
     med = bc.median(values) if len(done) == len(values) else float("nan")
     lead = fmt.format(med) if med == med else f"> {fmt.format(bc.median(done))}"
     missing = f", {len(values) - len(done)} of {len(values)} not reached" if len(done) < len(values) else ""
-    return f"{lead} [{fmt.format(done[0])}–{fmt.format(done[-1])}{missing}]"
+    return f"{lead}{unit} [{fmt.format(done[0])}–{fmt.format(done[-1])}{missing}]"
 
 
 def commands(a, root: Path, seed: int) -> dict[str, tuple[list[str], bool, re.Pattern, int]]:
@@ -187,8 +189,8 @@ def commands(a, root: Path, seed: int) -> dict[str, tuple[list[str], bool, re.Pa
         "--report-to",
         "",
     ]
-    # open_clip numbers completed epochs from 1
-    return {"ours": (ours, False, OURS, 0), "open_clip": (ref, True, REF, -1)}
+    # both number completed epochs from 1
+    return {"ours": (ours, False, OURS, -1), "open_clip": (ref, True, REF, -1)}
 
 
 def main() -> None:
@@ -233,15 +235,19 @@ def main() -> None:
             wall = [h[0] if h else float("nan") for h in hits]
             samples = [h[4] if h else float("nan") for h in hits]
             per_target[(side, target)] = (train, wall, samples)
-            cells.append(f"{spread(train)} s train; {spread(wall)} s wall; {spread(samples)} samples")
+            cells.append(
+                f"{spread(train, unit=' s train')}; {spread(wall, unit=' s wall')}; "
+                f"{spread(samples, unit=' samples')}"
+            )
         cells += [
             spread([r["best_mean_R1"] for r in mine], "{:.4f}"),
             spread([r["median_step_s"] or float("nan") for r in mine], "{:.3f}"),
+            ", ".join(str(r["load_avg_1m"]) for r in mine),
         ]
         summary.append(cells)
     header = ["run", "median val mean R@1 per evaluation"]
     header += [f"to mean R@1 {t:g}: median [range]" for t in a.targets]
-    header += ["best mean R@1", "median step s"]
+    header += ["best mean R@1", "median step s", "load average after each run"]
     table = bc.md_table(header, summary)
     if set(a.sides) == set(SIDES):
         lines = []
