@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -105,14 +106,22 @@ def crossing(history: list[tuple], target: float) -> tuple | None:
 
 
 def spread(values: list[float], fmt: str = "{:.0f}", unit: str = "") -> str:
-    """``median [min–max]`` over seeds; a seed that never reached the target makes the median '>'."""
+    """``median [min–max]`` over seeds; a seed that never reached the target counts as infinitely
+    late, so the median is a lower bound ('> ...') when such seeds hold it."""
     done = sorted(v for v in values if v == v)
     if not done:
         return "not reached"
-    med = bc.median(values) if len(done) == len(values) else float("nan")
-    lead = fmt.format(med) if med == med else f"> {fmt.format(bc.median(done))}"
+    med = median_or_inf(values)
+    lead = fmt.format(med) if med != math.inf else f"> {fmt.format(done[-1])}"
     missing = f", {len(values) - len(done)} of {len(values)} not reached" if len(done) < len(values) else ""
     return f"{lead}{unit} [{fmt.format(done[0])}–{fmt.format(done[-1])}{missing}]"
+
+
+def median_or_inf(values: list[float]) -> float:
+    """The median with seeds that never reached the target as infinitely late."""
+    ranked = sorted(v if v == v else math.inf for v in values)
+    n = len(ranked)
+    return ranked[n // 2] if n % 2 else (ranked[n // 2 - 1] + ranked[n // 2]) / 2
 
 
 def commands(a, root: Path, seed: int) -> dict[str, tuple[list[str], bool, re.Pattern, int]]:
@@ -193,48 +202,23 @@ def commands(a, root: Path, seed: int) -> dict[str, tuple[list[str], bool, re.Pa
     return {"ours": (ours, False, OURS, -1), "open_clip": (ref, True, REF, -1)}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=bc.CPU_MODEL)
-    p.add_argument("--train", type=int, default=10_000, help="train scenes")
-    p.add_argument("--val", type=int, default=500, help="val scenes (retrieval gallery)")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--epoch-samples", type=int, default=2560, help="samples between evaluations")
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--lr", type=float, default=5e-4, help="both trainers (experiment=scenes_clip's)")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--targets", type=float, nargs="+", default=[0.01, 0.02], help="fixed mean R@1 targets")
-    p.add_argument("--sides", nargs="+", choices=sorted(SIDES), default=["ours", "open_clip"])
-    p.add_argument("--ours-extra", nargs="*", default=[], help="more overrides for ours (exploring a recipe)")
-    p.add_argument("--cap", type=float, default=900, help="seconds per run")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--work", default="/tmp/mmpretrain-bench")
-    a = p.parse_args()
-    work = Path(a.work)
-    root = scenes_root(work, a.train, a.val)
-    n_val = sum(json.loads((root / "val" / "sizes.json").read_text()).values())
-    rows = []
-    for i, seed in enumerate(a.seeds):
-        order = a.sides if i % 2 == 0 else a.sides[::-1]  # alternate who goes first: drift hits both
-        for side in order:
-            cmd, ref, pattern, offset = commands(a, root, seed)[side]
-            env = bc.child_env(a.threads, reference=ref)
-            row = run(f"{SIDES[side]} seed {seed}", cmd, env, pattern, a, work, offset)
-            rows.append(row | {"side": side, "seed": seed})
+def summarize(rows: list[dict], targets: list[float]) -> str:
+    """One line per run label (a side, with its extra overrides): the median curve and each target's
+    times as ``median [range]`` over seeds; then each of our labels against open_clip_train's."""
+    labels = list(dict.fromkeys(r["label"] for r in rows))
     summary, per_target = [], {}
-    for side in a.sides:
-        mine = [r for r in rows if r["side"] == side]
+    for label in labels:
+        mine = [r for r in rows if r["label"] == label]
         curves = [[h[2] for h in r["history"]] for r in mine]
         length = min((len(c) for c in curves), default=0)
         curve = ", ".join(f"{bc.median([c[e] for c in curves]):.4f}" for e in range(length))
-        cells = [SIDES[side], curve]
-        for target in a.targets:
+        cells = [f"{label} ({len(mine)} seeds)", curve]
+        for target in targets:
             hits = [crossing(r["history"], target) for r in mine]
             train = [h[3] if h else float("nan") for h in hits]
             wall = [h[0] if h else float("nan") for h in hits]
             samples = [h[4] if h else float("nan") for h in hits]
-            per_target[(side, target)] = (train, wall, samples)
+            per_target[(label, target)] = (train, wall, samples)
             cells.append(
                 f"{spread(train, unit=' s train')}; {spread(wall, unit=' s wall')}; "
                 f"{spread(samples, unit=' samples')}"
@@ -246,29 +230,88 @@ def main() -> None:
         ]
         summary.append(cells)
     header = ["run", "median val mean R@1 per evaluation"]
-    header += [f"to mean R@1 {t:g}: median [range]" for t in a.targets]
+    header += [f"to mean R@1 {t:g}: median [range]" for t in targets]
     header += ["best mean R@1", "median step s", "load average after each run"]
     table = bc.md_table(header, summary)
-    if set(a.sides) == set(SIDES):
-        lines = []
-        for target in a.targets:
+    ref = SIDES["open_clip"]
+    lines = []
+    for label in labels:
+        if label == ref or ref not in labels:
+            continue
+        for target in targets:
             parts = []
-            for label, k in (("training time", 0), ("wall time", 1), ("samples seen", 2)):
-                ours, ref = per_target[("ours", target)][k], per_target[("open_clip", target)][k]
-                mo, mr = bc.median(ours), bc.median(ref)
-                ratio = f"{mr / mo:.2f}x" if mo == mo and mr == mr and mo > 0 else "–"
-                parts.append(f"{label} {ratio}")
-            lines.append(f"- to mean R@1 {target:g}: " + ", ".join(parts))
+            for what, k in (("training time", 0), ("wall time", 1), ("samples seen", 2)):
+                mo, mr = (
+                    median_or_inf(per_target[(label, target)][k]),
+                    median_or_inf(per_target[(ref, target)][k]),
+                )
+                ratio = f"{mr / mo:.2f}x" if math.isfinite(mo) and math.isfinite(mr) and mo > 0 else "–"
+                parts.append(f"{what} {ratio}")
+            lines.append(f"- {label}, to mean R@1 {target:g}: " + ", ".join(parts))
+    if lines:
         table += "\n\nratio open_clip_train / ours of the medians over seeds:\n" + "\n".join(lines)
+    return table
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of an earlier run's CSV (``--merge``), as :func:`summarize` takes them."""
+    import csv
+
+    rows = []
+    for r in csv.DictReader(path.open()):
+        step = r.get("median_step_s")
+        rows.append(
+            r
+            | {
+                "history": [(h[0], h[1], h[2], h[3], h[4]) for h in json.loads(r["history"])],
+                "best_mean_R1": float(r["best_mean_R1"]),
+                "median_step_s": float(step) if step else None,
+                "label": r.get("label") or SIDES[r["side"]],
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=bc.CPU_MODEL)
+    p.add_argument("--train", type=int, default=10_000, help="train scenes")
+    p.add_argument("--val", type=int, default=500, help="val scenes (retrieval gallery)")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--epoch-samples", type=int, default=2560, help="samples between evaluations")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--lr", type=float, default=5e-4, help="both trainers (experiment=scenes_clip's)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="none: only --merge")
+    p.add_argument("--targets", type=float, nargs="+", default=[0.01, 0.02], help="fixed mean R@1 targets")
+    p.add_argument("--sides", nargs="+", choices=sorted(SIDES), default=["ours", "open_clip"])
+    p.add_argument("--ours-extra", nargs="*", default=[], help="more overrides for ours (exploring a recipe)")
+    p.add_argument("--merge", nargs="*", type=Path, default=[], help="earlier runs' CSVs to summarize with")
+    p.add_argument("--cap", type=float, default=900, help="seconds per run")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--work", default="/tmp/mmpretrain-bench")
+    a = p.parse_args()
+    work = Path(a.work)
+    root = scenes_root(work, a.train, a.val)
+    n_val = sum(json.loads((root / "val" / "sizes.json").read_text()).values())
+    rows = [r for path in a.merge for r in read_rows(path)]
+    for i, seed in enumerate(a.seeds):
+        order = a.sides if i % 2 == 0 else a.sides[::-1]  # alternate who goes first: drift hits both
+        for side in order:
+            cmd, ref, pattern, offset = commands(a, root, seed)[side]
+            env = bc.child_env(a.threads, reference=ref)
+            label = SIDES[side] + (f" + {' '.join(a.ours_extra)}" if side == "ours" and a.ours_extra else "")
+            row = run(f"{label} seed {seed}", cmd, env, pattern, a, work, offset)
+            rows.append(row | {"side": side, "seed": seed, "label": label})
+    table = summarize(rows, a.targets)
     for r in rows:
         r["history"] = json.dumps([[round(h[0], 1), h[1], h[2], round(h[3], 1), h[4]] for h in r["history"]])
     steps = a.epochs * (a.epoch_samples // a.batch)
     notes = [
         f"model `{a.model}`, {a.train} train / {n_val} val scenes (5 captions each; chance R@1 = "
         f"1/{n_val}), batch {a.batch}, lr {a.lr}, wd 0.1, clip 1.0, warmup {steps // 20} of {steps} steps, "
-        f"{a.epochs} epochs of {a.epoch_samples} samples, {a.workers} data workers, fp32 CPU, seeds "
-        f"{' '.join(map(str, a.seeds))}, cap {a.cap:.0f} s per run"
-        + (f", ours with {' '.join(a.ours_extra)}" if a.ours_extra else ""),
+        f"{a.epochs} epochs of {a.epoch_samples} samples, {a.workers} data workers, fp32 CPU, "
+        f"cap {a.cap:.0f} s per run; the sides interleaved seed by seed",
         "mean R@1 = the mean of image->text (any of the 5 captions in the top 1) and text->image (each "
         "caption against every image) R@1, the same function for both trainers; open_clip_train trains "
         "on the txt (first) caption, ours as experiment=scenes_clip says (data.captions_per_sample)",

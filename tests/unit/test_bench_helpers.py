@@ -53,3 +53,20 @@ def test_report_quotes_the_latest_tables_between_the_readme_markers(tmp_path, mo
     assert bench_report.quote_in_readme(info) and readme.read_text() == text  # idempotent
     readme.write_text("no markers\n")
     assert not bench_report.quote_in_readme(info)
+
+
+def test_time_to_target_counts_training_steps_not_evaluations():
+    """Benchmark 6: an epoch's first step (its interval holds the evaluation) and the very first step
+    count as one median step; the crossing is the first evaluation at or above the target; a seed that
+    never reaches it makes the median a lower bound."""
+    import bench_scenes_tta as tta
+
+    # 2 epochs of 3 steps of 1 s; a 50 s evaluation before step 3 (the second epoch's first)
+    steps = [5.0, 6.0, 7.0, 58.0, 59.0, 60.0]
+    assert tta.training_seconds(steps, steps_per_epoch=3) == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    history = [(10.0, 0, 0.004, 3.0, 384), (70.0, 1, 0.012, 6.0, 768)]
+    assert tta.crossing(history, 0.01) == history[1] and tta.crossing(history, 0.02) is None
+    assert tta.spread([3.0, 1.0, 2.0]) == "2 [1–3]"
+    assert tta.spread([3.0, float("nan"), 2.0], unit=" s") == "3 s [2–3, 1 of 3 not reached]"
+    assert tta.spread([float("nan"), float("nan"), 2.0]).startswith("> 2")  # the median never got there
+    assert tta.spread([float("nan")]) == "not reached"

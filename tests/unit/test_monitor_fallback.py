@@ -52,7 +52,9 @@ def test_several_captions_per_sample_are_infonce_only_and_not_grad_cached(tmp_pa
     from mmpretrain.commands.train import _captions_per_sample
 
     assert _captions_per_sample(compose_config("train", [], run_dir=tmp_path)) == 1
-    assert _captions_per_sample(compose_config("train", ["data.captions_per_sample=5"], run_dir=tmp_path)) == 5
+    assert (
+        _captions_per_sample(compose_config("train", ["data.captions_per_sample=5"], run_dir=tmp_path)) == 5
+    )
     for overrides, message in (
         (["loss=siglip"], "trains with loss=infonce"),
         (["loss=coca"], "trains with loss=infonce"),
