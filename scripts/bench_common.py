@@ -76,6 +76,30 @@ def brace_pattern(files: list[Path]) -> str:
     return str(files[0].parent / f"{prefix}{{{nums[0]}..{nums[-1]}}}.tar")
 
 
+def open_clip_cpu_args(
+    model: str,
+    shards: list[Path],
+    n_train: int,
+    val_shards: list[Path],
+    n_val: int,
+    epochs: int,
+    workers: int,
+    warmup: int,
+    seed: int,
+    options: tuple[str, ...] = (),
+) -> list[str]:
+    """open_clip_train's arguments for a CPU fp32 run on our webdataset shards, logging to ``{out}``
+    and nowhere else; ``options`` (e.g. ``--batch-size``, ``--lr``) go before the shared tail."""
+    return [
+        *("--model", model, "--dataset-type", "webdataset", *options),
+        *("--train-data", brace_pattern(shards), "--train-num-samples", str(n_train)),
+        *("--val-data", brace_pattern(val_shards), "--val-num-samples", str(n_val)),
+        *("--epochs", str(epochs), "--workers", str(workers), "--precision", "fp32", "--device", "cpu"),
+        *("--warmup", str(warmup), "--seed", str(seed)),
+        *("--logs", "{out}", "--name", "run", "--report-to", ""),
+    ]
+
+
 def child_env(threads: int | None = None, reference: bool = False) -> dict[str, str]:
     """Environment of a benchmarked child: our tree first; the reference also sees .bench/ref."""
     env = dict(os.environ)

@@ -211,36 +211,30 @@ class InfoNCE(PairLoss):
                 outputs.get("text_negatives_features") if self.hard_negatives and "text" in (a, b) else None
             )
             positives = outputs.get("text_positives_features") if "text" in (a, b) else None
+            option = (
+                "data.captions_per_sample>1"
+                if positives is not None
+                else "loss.hard_negatives=true"
+                if negatives is not None
+                else None
+            )
+            if option and (valid is not None or self.tiled):
+                raise ValueError(
+                    f"{option} supports neither partial-pair batches (data.on_missing=partial) "
+                    "nor loss.tiled=true"
+                )
+            query, first = (fb, fa) if a == "text" else (fa, fb)
             if positives is not None:
-                if valid is not None or self.tiled:
-                    raise ValueError(
-                        "data.captions_per_sample>1 supports neither partial-pair batches "
-                        "(data.on_missing=partial) nor loss.tiled=true"
-                    )
-                query, first = (fb, fa) if a == "text" else (fa, fb)
                 captions = torch.cat([first[:, None], positives], dim=1)
                 captions_valid = torch.cat(
                     [torch.ones_like(first[:, :1], dtype=torch.bool), outputs["text_positives_mask"]], dim=1
                 )
+                negatives_valid = outputs.get("text_negatives_mask") if negatives is not None else None
                 value = multi_positive_loss(
-                    query,
-                    captions,
-                    captions_valid,
-                    scale,
-                    gather,
-                    negatives,
-                    outputs.get("text_negatives_mask") if negatives is not None else None,
+                    query, captions, captions_valid, scale, gather, negatives, negatives_valid
                 )
             elif negatives is not None:
-                if valid is not None or self.tiled:
-                    raise ValueError(
-                        "loss.hard_negatives=true supports neither partial-pair batches "
-                        "(data.on_missing=partial) nor loss.tiled=true"
-                    )
-                query, captions = (fb, fa) if a == "text" else (fa, fb)
-                value = negclip_loss(
-                    query, captions, negatives, outputs["text_negatives_mask"], scale, gather
-                )
+                value = negclip_loss(query, first, negatives, outputs["text_negatives_mask"], scale, gather)
             else:
                 value = self.pair_loss(fa, fb, scale, gather, valid)
             losses[f"{pair_name(a, b)}_loss"] = w * value
