@@ -111,3 +111,22 @@ def test_unlabelled_shards_train_validate_and_keep_a_best_checkpoint(unlabelled_
 def test_without_validation_no_monitor_warning(unlabelled_root, tmp_path):
     train(unlabelled_root, tmp_path / "run", "trainer.limit_val_batches=0")
     assert list((tmp_path / "run" / "checkpoints").glob("*.ckpt"))
+
+
+def first_train_loss(run: Path) -> float:
+    import csv
+
+    rows = [r for r in csv.DictReader((run / "metrics.csv").open()) if r.get("train/loss")]
+    return float(rows[0]["train/loss"])
+
+
+def test_several_captions_per_sample_train_from_the_console_script(unlabelled_root, tmp_path):
+    """data.captions_per_sample=2 with the hard negatives: the same first batch scores more caption
+    columns, so its loss differs from one caption's; the run trains, validates and checkpoints."""
+    losses = {}
+    for k in (1, 2):
+        run = tmp_path / f"k{k}"
+        train(unlabelled_root, run, f"data.captions_per_sample={k}", "trainer.log_every_n_steps=1")
+        losses[k] = first_train_loss(run)
+        assert list((run / "checkpoints").glob("*.ckpt"))
+    assert losses[1] != pytest.approx(losses[2], abs=1e-4), losses
