@@ -122,6 +122,11 @@ class FSDP2Strategy(ModelParallelStrategy):
             )
         return kwargs
 
+    @property
+    def saves_sharded(self) -> bool:
+        """Whether checkpoints are sharded directories (else one whole file written by rank 0)."""
+        return bool(self._save_distributed_checkpoint)
+
     def compute_dtype(self) -> torch.dtype | None:
         """The dtype the sharded towers compute in (``mixed_precision.param_dtype``), or None."""
         name = (self.mixed_precision or {}).get("param_dtype")

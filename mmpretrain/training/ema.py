@@ -156,8 +156,12 @@ class WeightEMA(L.Callback):
             if self._swapped:  # a checkpoint written during validation: store the average, not the raw
                 raise RuntimeError("a checkpoint was saved while the EMA weights were swapped in")
             state = self.ema.module.state_dict()
-            if isinstance(self.ema, ShardedModelEma):  # DTensors: each rank writes its shards (fsdp.py)
-                checkpoint[EMA_KEY] = state
+            if isinstance(self.ema, ShardedModelEma):
+                from mmpretrain.runtime.fsdp import full_state_dict
+
+                # DTensors: each rank writes its shards (fsdp.py); a whole-file checkpoint gathers them
+                sharded = trainer.strategy.saves_sharded
+                checkpoint[EMA_KEY] = state if sharded else full_state_dict(self.ema.module)
             else:
                 checkpoint[EMA_KEY] = {k: v.detach().clone() for k, v in state.items()}
 

@@ -154,3 +154,26 @@ def test_fsdp_sigkill_then_resume_restores_the_sharded_ema_exactly(digits_root, 
     assert mb["val/image_text_loss"] == ma["val/image_text_loss"]  # the step-4 validation, on the average
     resumed, uninterrupted = _weights(killed), _weights(full)  # the average after step 6
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_fsdp_whole_file_checkpoint_gathers_the_ema_and_resume_shards_it_again(digits_root, tmp_path):
+    """``trainer.strategy.save_distributed_checkpoint=false``: rank 0 writes one whole file, the average
+    gathered into it; a run resumed from it (and stopped at once) exports exactly that average."""
+    common = [f"data.root={digits_root}", "trainer=fsdp", "trainer.devices=2", "trainer.accelerator=cpu"]
+    common += ["data.train_samples=64", "trainer.limit_val_batches=1", "callbacks.plots=null"]
+    common += ["model.ema.enabled=true", "model.ema.decay=0.5", "model.ema.warmup=false"]
+    common += ["trainer.strategy.save_distributed_checkpoint=false", "export_at_end=true"]
+    first = tmp_path / "first"
+    ft.run_cli(first, *common, "trainer.max_steps=3", timeout=420)
+    ckpt = first / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    average = saved["ema_state_dict"]
+    assert saved["callbacks"]["WeightEMA"] == {"updates": 3, "last_step": 3}
+    assert all(average[k].shape == _weights(first)[k].shape for k in average)  # whole, not one rank's shard
+    again = tmp_path / "again"
+    ft.run_cli(again, *common, "trainer.max_steps=3", f"resume={ckpt}", timeout=420)
+    exported = _weights(again)
+    assert exported.keys() == average.keys() and all(torch.equal(exported[k], average[k]) for k in average)
+    trained = saved["state_dict"]["model.towers.image.model.patch_embed.proj.weight"]
+    assert not torch.equal(exported["towers.image.model.patch_embed.proj.weight"], trained)
