@@ -7,8 +7,10 @@ saves and loads distributed checkpoints (one file of shards per rank, ``.metadat
 loops/callbacks/datamodule state in ``meta.pt``). What is ours: which modules are sharded (one
 FSDP unit per tower block, per tower, per projection), the scalar temperatures that torch's
 ``fully_shard`` cannot shard (kept whole on every rank, their gradients averaged like DDP's),
-BatchNorm statistics taken from rank 0 before each training forward (DDP's ``broadcast_buffers``), and
-a checkpoint that appears at its final path only once every rank has written its part.
+BatchNorm statistics taken from rank 0 before each training forward (DDP's ``broadcast_buffers``),
+a checkpoint that appears at its final path only once every rank has written its part, and other
+sharded entries written beside the model's (the weight EMA's ``ema_state_dict``, Lightning's layout
+otherwise), handed back on resume as :class:`ShardedEntry`.
 """
 
 from __future__ import annotations
@@ -152,9 +154,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         tmp = path.with_name(f".{path.name}.tmp")
         if self.global_rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        self.barrier("sharded_checkpoint_start")
         if storage_options is not None:
             raise TypeError("trainer=fsdp writes its checkpoints itself: storage_options is not supported")
+        self.barrier("sharded_checkpoint_start")
         self._save_sharded(checkpoint, tmp)
         self.barrier("sharded_checkpoint_written")
         if self.global_rank == 0:
