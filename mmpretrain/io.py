@@ -45,25 +45,23 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
 def read_sharded_checkpoint(path: str | Path) -> dict[str, Any]:
     """A distributed checkpoint directory as one checkpoint dict, in this process alone (any number
     of processes may have written it): Lightning's ``meta.pt`` (loops, callbacks, hyper-parameters)
-    plus ``state_dict``, every weight whole, assembled from the shards by torch.distributed.checkpoint.
-    The optimizer state is left on disk."""
+    plus ``state_dict`` and the other sharded entries (``ema_state_dict``), every tensor whole, assembled
+    from the shards by torch.distributed.checkpoint. The optimizer state is left on disk."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     path = Path(path)
     reader = dcp.FileSystemReader(str(path))
-    prefix = "state_dict."
-    template = {
-        k.removeprefix(prefix): torch.empty(m.size, dtype=m.properties.dtype)
-        for k, m in reader.read_metadata().state_dict_metadata.items()
-        if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)
-    }
-    loaded = {"state_dict": template}
+    loaded: dict[str, dict[str, torch.Tensor]] = {}
+    for k, m in reader.read_metadata().state_dict_metadata.items():
+        entry, _, name = k.partition(".")  # "state_dict.model.towers...": the entry, then the tensor's key
+        if not entry.startswith("optimizer_") and isinstance(m, TensorStorageMetadata):
+            loaded.setdefault(entry, {})[name] = torch.empty(m.size, dtype=m.properties.dtype)
     with warnings.catch_warnings():  # "torch.distributed is disabled ...": one process is what we want
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(loaded, storage_reader=reader, no_dist=True)
     meta = torch_load_safe(path / "meta.pt")
-    return {**meta, "state_dict": loaded["state_dict"]}
+    return {**meta, **loaded}
 
 
 def sharded_checkpoint_shapes(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -14,6 +14,11 @@ Writes ``benchmarks/results/distill_scenes.{csv,md}``: val retrieval mean R@1 (i
 colour top-1, and the median step time of each run (from ``train/samples_per_s``).
 
     python scripts/bench_distill_scenes.py --work /tmp/distill-scenes
+
+``--step-time N`` measures only the student's step time with the teacher online vs cached: N runs a
+side, interleaved (online, cached, online, ...), each ``--steps`` steps without validation, the median
+of the per-step ``train/samples_per_s`` the run logs (its first 5 steps left out). It writes
+``benchmarks/results/distill_step_time.{csv,md}``; take the quiet lock around it (README, Benchmarks).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -71,6 +77,70 @@ def run_metrics(run: Path, batch: int) -> dict[str, float]:
     }
 
 
+def step_rates(run: Path) -> list[float]:
+    """The run's ``train/samples_per_s`` of every logged step, in order."""
+    with open(run / "metrics.csv", newline="") as f:
+        return [float(r["train/samples_per_s"]) for r in csv.DictReader(f) if r.get("train/samples_per_s")]
+
+
+def step_time(
+    a: argparse.Namespace, student: list[str], common: list[str], teacher: Path, cached: Path
+) -> None:
+    """``--step-time``: online vs cached teacher, interleaved runs of the same student, data and steps."""
+    distill = [f"distill.teacher={teacher}/export", "distill.logit_weight=1.0", "distill.feature_weight=1.0"]
+    sides = {
+        "online teacher": distill,
+        "cached teacher": [*distill, "distill.cached=true", f"data.sources.scenes.shards={cached}/*.tar"],
+    }
+    load = [os.getloadavg()[0]]
+    rows = []
+    for repeat in range(a.step_time):
+        for side, extra in sides.items():
+            run = a.work / f"time-{side.split()[0]}{repeat}"
+            shutil.rmtree(run, ignore_errors=True)
+            args = ["train", *student, *common, f"trainer.max_steps={a.steps}", "trainer.limit_val_batches=0"]
+            args += ["trainer.log_every_n_steps=1", "export_at_end=false", *extra, f"hydra.run.dir={run}"]
+            mmpretrain(args, a.work / f"{run.name}.log", a.threads)
+            rates = step_rates(run)[5:]  # the first steps warm up the allocator and the loader
+            ms = [1000 * a.batch / r for r in rates]
+            rows.append(
+                {
+                    "teacher": side,
+                    "repeat": repeat,
+                    "steps": len(ms),
+                    "step_ms_median": statistics.median(ms),
+                    "step_ms_q1": statistics.quantiles(ms, n=4)[0],
+                    "step_ms_q3": statistics.quantiles(ms, n=4)[2],
+                }
+            )
+            print(rows[-1], flush=True)
+    load.append(os.getloadavg()[0])
+    table = [
+        [
+            r["teacher"],
+            r["repeat"],
+            r["steps"],
+            f"{r['step_ms_median']:.1f}",
+            f"{r['step_ms_q1']:.1f}-{r['step_ms_q3']:.1f}",
+        ]
+        for r in rows
+    ]
+    for side in sides:
+        medians = [r["step_ms_median"] for r in rows if r["teacher"] == side]
+        table.append([f"**{side}**", "all", "", f"**{statistics.median(medians):.1f}**", ""])
+    notes = [
+        f"the student `{a.student_json.name}`, batch {a.batch}, the same scenes in the same order; "
+        f"{a.steps} steps a run, no validation, the step time of each from its own per-step "
+        "`train/samples_per_s` (the first 5 steps left out); runs interleaved online, cached, online, ...",
+        f"online: the teacher `{teacher}/export` runs forward on every batch; cached: its embeddings read "
+        f"from `{cached}` (`mmpretrain data teacher-embeddings`), no teacher loaded",
+        f"fp32 CPU, {a.threads} threads, 1 data worker; load average (1 min) {load[0]:.2f} before, "
+        f"{load[1]:.2f} after, under the quiet lock",
+    ]
+    header = ["teacher", "run", "steps", "step ms (median)", "interquartile"]
+    bc.write_results("distill_step_time", rows, bc.md_table(header, table), notes)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=Path("/tmp/mmpretrain-distill-scenes"))
@@ -94,12 +164,15 @@ def main() -> None:
         help="the student's open_clip model JSON",
     )
     p.add_argument("--student-name", default="student (ViT 2x128)")
+    p.add_argument("--step-time", type=int, default=0, help="only time online vs cached: N runs a side")
+    p.add_argument("--steps", type=int, default=40, help="--step-time: steps a run")
+    p.add_argument("--cached", type=Path, default=None, help="existing teacher-embeddings shards to read")
     a = p.parse_args()
     if a.fresh and a.work.exists():
         shutil.rmtree(a.work)
     a.work.mkdir(parents=True, exist_ok=True)
     data = a.data or a.work / "scenes"
-    student_model = ["model=openclip", f"model.config={a.student_json}"]
+    student_model = ["model=openclip", f"model.config={a.student_json.resolve()}"]  # the runs cd elsewhere
     student = [*STUDENT[: -len(STUDENT_MODEL)], *student_model]
     walls = {}
     if not (data / "val" / "sizes.json").exists():
@@ -122,7 +195,9 @@ def main() -> None:
             a.work / "teacher.log",
             a.threads,
         )
-    cached = a.work / "cached"
+    cached = a.cached or a.work / "cached"
+    if a.step_time and (cached / "sizes.json").exists():
+        return step_time(a, student, common, teacher, cached)
     walls["teacher-embeddings"] = mmpretrain(
         [
             "data",
@@ -137,6 +212,8 @@ def main() -> None:
         a.work / "cached.log",
         a.threads,
     )
+    if a.step_time:
+        return step_time(a, student, common, teacher, cached)
     distill = [f"distill.teacher={teacher}/export", "distill.logit_weight=1.0", "distill.feature_weight=1.0"]
     runs = {
         "alone": [],

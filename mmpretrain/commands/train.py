@@ -93,10 +93,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["skipped_samples"] = float(module.skipped_total)
-    if cfg.export_at_end:
-        model = _whole_model(model, cfg.model)  # under trainer=fsdp: gathered from every rank
-        if ema is not None and weights == "ema":
-            model = ema.module
+    if cfg.export_at_end:  # under trainer=fsdp gathered from every rank (the EMA's shards too)
+        model = _whole_model(ema.module if ema is not None and weights == "ema" else model, cfg.model)
     if trainer.is_global_zero:
         write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
         if cfg.export_at_end:

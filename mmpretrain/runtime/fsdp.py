@@ -7,8 +7,10 @@ saves and loads distributed checkpoints (one file of shards per rank, ``.metadat
 loops/callbacks/datamodule state in ``meta.pt``). What is ours: which modules are sharded (one
 FSDP unit per tower block, per tower, per projection), the scalar temperatures that torch's
 ``fully_shard`` cannot shard (kept whole on every rank, their gradients averaged like DDP's),
-BatchNorm statistics taken from rank 0 before each training forward (DDP's ``broadcast_buffers``), and
-a checkpoint that appears at its final path only once every rank has written its part.
+BatchNorm statistics taken from rank 0 before each training forward (DDP's ``broadcast_buffers``),
+a checkpoint that appears at its final path only once every rank has written its part, and other
+sharded entries written beside the model's (the weight EMA's ``ema_state_dict``, Lightning's layout
+otherwise), handed back on resume as :class:`ShardedEntry`.
 """
 
 from __future__ import annotations
@@ -97,9 +99,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             getattr(model, "decoder", None) is not None
         ):  # caption generation steps the decoder's blocks itself
             register_fsdp_forward_method(model, "generate")
-        for p in scalars:  # replicated: average their gradients as DDP would
-            if p.requires_grad:
-                p.register_post_accumulate_grad_hook(_average_grad)
+        replicate(scalars)
         return model
 
     def _fully_shard_kwargs(self) -> dict[str, Any]:
@@ -124,6 +124,25 @@ class FSDP2Strategy(ModelParallelStrategy):
             )
         return kwargs
 
+    @property
+    def saves_sharded(self) -> bool:
+        """Whether checkpoints are sharded directories (else one whole file written by rank 0)."""
+        return bool(self._save_distributed_checkpoint)
+
+    def compute_dtype(self) -> torch.dtype | None:
+        """The dtype the sharded towers compute in (``mixed_precision.param_dtype``), or None."""
+        name = (self.mixed_precision or {}).get("param_dtype")
+        return _dtype(name) if name else None
+
+    def place(self, model: torch.nn.Module) -> None:
+        """Move what :meth:`shard` left whole (the scalars, which ``fully_shard`` does not move) to this
+        rank's device, for a sharded module the strategy does not set up itself (the weight EMA)."""
+        device = self.root_device
+        with torch.no_grad():
+            for t in (*model.parameters(), *model.buffers()):
+                if not hasattr(t, "to_local") and t.device != device:
+                    t.data = t.data.to(device)
+
     # -- checkpoints: the directory appears complete or not at all -----------------------------
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         """Every rank writes its shards into ``.<name>.tmp``; after a barrier rank 0 renames the
@@ -135,14 +154,39 @@ class FSDP2Strategy(ModelParallelStrategy):
         tmp = path.with_name(f".{path.name}.tmp")
         if self.global_rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
+        if storage_options is not None:
+            raise TypeError("trainer=fsdp writes its checkpoints itself: storage_options is not supported")
         self.barrier("sharded_checkpoint_start")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
+        self._save_sharded(checkpoint, tmp)
         self.barrier("sharded_checkpoint_written")
         if self.global_rank == 0:
             _publish(tmp, path)
             if hasattr(self.checkpoint_io, "published"):  # paths.remote: uploaded from the local copy
                 self.checkpoint_io.published(path)
         self.barrier("sharded_checkpoint_published")
+
+    def _save_sharded(self, checkpoint: dict[str, Any], path: Path) -> None:
+        """Lightning's layout (``state_dict`` and ``optimizer_<i>`` through torch.distributed.checkpoint,
+        the rest in ``meta.pt`` by rank 0), and every other entry holding sharded tensors (the weight
+        EMA's ``ema_state_dict``) in the same distributed checkpoint, each rank writing its shards."""
+        import torch.distributed.checkpoint as dcp
+
+        path.mkdir(parents=True, exist_ok=True)
+        state = {"state_dict": checkpoint.pop("state_dict")}
+        state |= {f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))}
+        state |= {k: checkpoint.pop(k) for k in [k for k, v in checkpoint.items() if _holds_dtensors(v)]}
+        dcp.save(state, checkpoint_id=path)
+        if self.global_rank == 0:
+            torch.save(checkpoint, path / SHARDED_MARKERS[1])
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's restore of the model and optimizers; the checkpoint's other sharded entries are
+        handed on as :class:`ShardedEntry` (their owner loads them into tensors sharded like its own)."""
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only)
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if is_sharded_checkpoint(path):
+            checkpoint |= {key: ShardedEntry(path, key) for key in sharded_entries(path)}
+        return checkpoint
 
     def remove_checkpoint(self, filepath: Any) -> None:
         if self.is_global_zero and Path(filepath).is_dir():
@@ -179,6 +223,43 @@ def _publish(tmp: Path, path: Path) -> None:
     fsync_dir(path.parent)
 
 
+class ShardedEntry:
+    """An entry of a sharded checkpoint other than the model and optimizer (``ema_state_dict``), not yet
+    read: :meth:`load_into` reads it into a module sharded like the one that saved it."""
+
+    def __init__(self, path: Path, key: str):
+        self.path, self.key = Path(path), key
+
+    def load_into(self, module: torch.nn.Module) -> None:
+        """Each rank reads its shards of the entry into ``module``'s state (a collective)."""
+        import torch.distributed.checkpoint as dcp
+
+        state = {self.key: module.state_dict()}
+        dcp.load(state, checkpoint_id=self.path)
+        module.load_state_dict(state[self.key], strict=True)
+
+
+def sharded_entries(path: str | Path) -> list[str]:
+    """The entries of a sharded checkpoint's tensors besides ``state_dict`` and ``optimizer_<i>``."""
+    import torch.distributed.checkpoint as dcp
+
+    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    tops = {k.partition(".")[0] for k in keys}
+    return sorted(k for k in tops if k != "state_dict" and not k.startswith("optimizer_"))
+
+
+def replicate(params: Any) -> None:
+    """Parameters kept whole on every rank beside the sharded ones (the temperatures, distillation's
+    projection heads): their gradients averaged over ranks after each backward, as DDP would."""
+    for p in params:
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(_average_grad)
+
+
+def _holds_dtensors(value: Any) -> bool:
+    return isinstance(value, dict) and any(hasattr(v, "to_local") for v in value.values())
+
+
 def _average_grad(p: torch.Tensor) -> None:
     distributed.all_reduce_mean_(p.grad)
 
@@ -201,3 +282,10 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a whole state dict (the same on every rank) into a sharded model: each rank keeps its shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))

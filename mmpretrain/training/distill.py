@@ -204,7 +204,9 @@ class _Student(nn.Module):
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         out = self.model(batch)
         for m, head in self.heads.items():
-            out[f"distill_{m}_features"] = head(out[f"{m}_features"])
+            x = out[f"{m}_features"]
+            weight = next(head.parameters(), None)  # FSDP's mixed precision: bf16 features, fp32 head
+            out[f"distill_{m}_features"] = head(x if weight is None else x.to(weight.dtype))
         return out
 
 

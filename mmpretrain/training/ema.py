@@ -7,7 +7,9 @@
   the weights are swapped into the module for the validation and back after it.
 - Checkpoints hold the average as ``ema_state_dict`` beside the raw ``state_dict`` (which stays what
   every other reader of a checkpoint expects), restored on resume; ``export`` writes it by default.
-- Every rank keeps the same average (its updates read the same weights); ``trainer=fsdp`` is refused.
+- Every rank keeps the same average (its updates read the same weights). Under ``trainer=fsdp`` the
+  average is sharded like the model (:class:`ShardedModelEma`: each rank averages its own shards, memory
+  parameters/world), saved into and restored from the sharded checkpoint, gathered for the export.
 """
 
 from __future__ import annotations
@@ -60,25 +62,47 @@ class WeightEMA(L.Callback):
             raise RuntimeError("the EMA exists once fit has started")
         return self.ema.module
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from mmpretrain.runtime.fsdp import FSDP2Strategy
-
-        if isinstance(trainer.strategy, FSDP2Strategy):
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Under ``trainer=fsdp``: the copy of the model the average starts as, taken before the strategy
+        shards the model (a sharded module cannot be copied); :meth:`on_fit_start` shards it alike."""
+        if self.ema is not None or not _fsdp(trainer):
+            return
+        if self.on_cpu:
             raise ValueError(
-                "model.ema.enabled=true is not supported under trainer=fsdp (the average would need to be "
-                "sharded like the model); use trainer=ddp, or train without model.ema"
+                "model.ema.on_cpu=true is not supported under trainer=fsdp: the average is sharded like the "
+                "model (parameters/world per rank); trainer.strategy.cpu_offload=true keeps both in host "
+                "memory"
             )
-        model = pl_module.model
-        self.ema = ModelEmaV3(
-            model,
-            decay=self.decay,
-            use_warmup=self.warmup,
-            device=torch.device("cpu") if self.on_cpu else None,
-        )
+        from mmpretrain.runtime.fsdp import is_sharded
+
+        if is_sharded(pl_module.model):
+            raise RuntimeError("model.ema under trainer=fsdp: the model was sharded before the EMA copied it")
+        self.ema = ShardedModelEma(pl_module.model, decay=self.decay, use_warmup=self.warmup)
         self.ema.requires_grad_(False)
-        if self._restored is not None:
-            self.ema.module.load_state_dict(self._restored, strict=True)
-            self._restored = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        model = pl_module.model
+        if _fsdp(trainer):
+            from mmpretrain.runtime.fsdp import is_sharded
+
+            if not is_sharded(self.ema.module):
+                self.ema.module.to(dtype=_local(next(model.parameters())).dtype)  # a *-true precision's
+                trainer.strategy.shard(self.ema.module)
+                trainer.strategy.place(self.ema.module)
+                self.ema.on_device()
+            # the weights fit starts from; a resume restores after this hook (on_load_checkpoint)
+            self.ema.set(model)
+        else:
+            self.ema = ModelEmaV3(
+                model,
+                decay=self.decay,
+                use_warmup=self.warmup,
+                device=torch.device("cpu") if self.on_cpu else None,
+            )
+            self.ema.requires_grad_(False)
+            if self._restored is not None:
+                self.ema.module.load_state_dict(self._restored, strict=True)
+        self._restored = None
         if self.eval_both:
             # After the swap in on_validation_epoch_start the averaged module holds the raw weights.
             pl_module.val_raw = ValidationCollector(
@@ -103,9 +127,16 @@ class WeightEMA(L.Callback):
 
     @torch.no_grad()
     def _swap(self, model: torch.nn.Module) -> None:
+        # FSDP2: no gathered copy may outlive the swap (reshard_after_forward=false keeps them)
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in itertools.chain(self.ema.module.modules(), model.modules()):
+            if isinstance(m, FSDPModule):
+                m.reshard()
         mine = itertools.chain(self.ema.module.parameters(), self.ema.module.buffers())
         theirs = itertools.chain(model.parameters(), model.buffers())
         for a, b in zip(mine, theirs, strict=True):
+            a, b = _local(a), _local(b)  # under FSDP each rank swaps its own shards
             held = a.detach().clone()
             a.copy_(b.detach())
             b.copy_(held)
@@ -124,21 +155,84 @@ class WeightEMA(L.Callback):
         if self.ema is not None:
             if self._swapped:  # a checkpoint written during validation: store the average, not the raw
                 raise RuntimeError("a checkpoint was saved while the EMA weights were swapped in")
-            checkpoint[EMA_KEY] = {k: v.detach().clone() for k, v in self.ema.module.state_dict().items()}
+            state = self.ema.module.state_dict()
+            if isinstance(self.ema, ShardedModelEma):
+                from mmpretrain.runtime.fsdp import full_state_dict
+
+                # DTensors: each rank writes its shards (fsdp.py); a whole-file checkpoint gathers them
+                sharded = trainer.strategy.saves_sharded
+                checkpoint[EMA_KEY] = state if sharded else full_state_dict(self.ema.module)
+            else:
+                checkpoint[EMA_KEY] = {k: v.detach().clone() for k, v in state.items()}
 
     def on_load_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
+        from mmpretrain.runtime.fsdp import ShardedEntry
+
         state = checkpoint.get(EMA_KEY)
+        if isinstance(state, ShardedEntry):  # trainer=fsdp restores after on_fit_start sharded the average
+            state.load_into(self.ema.module)
+            return
         if state is None:  # resuming a run that had no EMA: the average starts from the loaded weights
             pl_module.print("model.ema: the checkpoint holds no EMA; it starts from the checkpoint's weights")
+            self.updates = 0
+            if isinstance(self.ema, ShardedModelEma):  # trainer=fsdp: the model was restored just now
+                self.ema.set(pl_module.model)
+                return
             state = {
                 k.removeprefix("model."): v
                 for k, v in checkpoint["state_dict"].items()
                 if k.startswith("model.")
             }
-            self.updates = 0
+        if isinstance(self.ema, ShardedModelEma):  # trainer=fsdp resuming a whole checkpoint (a DDP run's)
+            from mmpretrain.runtime.fsdp import load_full_state_dict
+
+            load_full_state_dict(self.ema.module, state)
+            return
         self._restored = state
+
+
+class ShardedModelEma(ModelEmaV3):
+    """timm's EMA of a model sharded by FSDP2, its module sharded alike: timm's decay schedule and its
+    lerp (stochastic rounding for bf16) applied to each rank's local shards. torch's foreach lerp refuses
+    DTensors mixed with plain tensors (buffers, the whole temperatures), so the update hands timm the
+    local tensors of both state dicts."""
+
+    def on_device(self) -> None:
+        """After sharding moved the module: timm's rounding generator on the module's device (it was
+        made on the host, where the copy was taken)."""
+        device = _local(next(self.module.parameters())).device
+        self._sr_generator = torch.Generator(device=device)
+        self._sr_generator.manual_seed(self.stochastic_rounding_seed)
+
+    @torch.no_grad()
+    def apply_update_(self, model: torch.nn.Module, decay: float) -> None:
+        ema_values, model_values = [], []
+        for e, m in zip(self.module.state_dict().values(), model.state_dict().values(), strict=True):
+            e, m = _local(e), _local(m).to(_local(e).device)
+            if e.is_floating_point():
+                ema_values.append(e)
+                model_values.append(m)
+            else:
+                e.copy_(m)
+        self._foreach_lerp_(ema_values, model_values, weight=1.0 - decay)
+
+    @torch.no_grad()
+    def set(self, model: torch.nn.Module) -> None:
+        for e, m in zip(self.module.state_dict().values(), model.state_dict().values(), strict=True):
+            _local(e).copy_(_local(m))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view: writing it writes the parameter), else ``t``."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _fsdp(trainer: L.Trainer) -> bool:
+    from mmpretrain.runtime.fsdp import FSDP2Strategy
+
+    return isinstance(trainer.strategy, FSDP2Strategy)
 
 
 def ema_callback(cfg: Any) -> WeightEMA | None:

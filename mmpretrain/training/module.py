@@ -145,14 +145,9 @@ class ContrastiveModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self._sharded = None
         if self.distill is not None:  # a *-true precision casts the module; the teacher follows it
-            from mmpretrain.runtime.fsdp import FSDP2Strategy
-
-            if isinstance(self.trainer.strategy, FSDP2Strategy) and list(self.distill.parameters()):
-                raise ValueError(
-                    "distill.feature_weight>0 with a projection head is not supported under trainer=fsdp "
-                    "(the head is not sharded); use trainer=ddp, or logit distillation alone"
-                )
             dtype = next(self.model.parameters()).dtype
+            # trainer=fsdp with mixed_precision: the towers compute in param_dtype; so does the teacher
+            dtype = getattr(self.trainer.strategy, "compute_dtype", lambda: None)() or dtype
             self.distill.setup(self.device, dtype if dtype != torch.float32 else None)
 
     def on_train_start(self) -> None:
@@ -263,15 +258,19 @@ class ContrastiveModule(L.LightningModule):
 
     def configure_model(self) -> None:
         """Under ``trainer=fsdp`` (Lightning calls this inside its strategy): shard the model as the
-        strategy's config says. Nothing to do under every other strategy."""
-        from mmpretrain.runtime.fsdp import FSDP2Strategy
+        strategy's config says. Nothing to do under every other strategy. Distillation's projection heads
+        stay whole on every rank (student x teacher width: small), their gradients averaged over ranks."""
+        from mmpretrain.runtime.fsdp import FSDP2Strategy, is_sharded, replicate
 
         try:
             strategy = self.trainer.strategy
         except RuntimeError:  # not attached to a Trainer
             return
         if isinstance(strategy, FSDP2Strategy):
+            first = not is_sharded(self.model)  # configure_model runs again for a validate after fit
             strategy.shard(self.model)
+            if first and self.distill is not None:
+                replicate(self.distill.parameters())
 
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None

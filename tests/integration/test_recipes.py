@@ -169,3 +169,54 @@ def test_distillation_online_under_ddp_then_cached_with_exact_resume(digits_root
         assert a[key]["keys"] == b[key]["keys"], key
         assert abs(a[key]["loss"] - b[key]["loss"]) <= 1e-6, key
     assert "train/distill_logit_loss" in (full / "metrics.csv").read_text().splitlines()[0]
+
+
+def test_distillation_from_a_hub_teacher_with_the_mse_term_and_a_sparse_host_ema(digits_root, tmp_path):
+    """From the console script: `distill.teacher=hf-hub:ORG/REPO` (an open_clip model in an offline hub
+    cache, 32 px images: the student's 16 px crops are resized to it), `distill.feature_loss=mse` and
+    `distill.logit_weight`, with the weight average updated every 2nd step (``on_cpu``: accepted; on this
+    CPU-only machine the host is where the model is)."""
+    import csv
+    import os
+    import subprocess
+
+    from tests.hub_cache import add_open_clip
+    from tests.integration.test_launch import console_script
+
+    cache = tmp_path / "hub"
+    add_open_clip(cache, "org/tiny-clip")
+    run = tmp_path / "run"
+    cmd = [
+        str(console_script()),
+        "train",
+        "debug=fast",
+        f"data.root={digits_root}",
+        *VIT,
+        "distill.teacher=hf-hub:org/tiny-clip",
+        "distill.logit_weight=0.5",
+        "distill.feature_weight=2.0",
+        "distill.feature_loss=mse",
+        "model.ema.enabled=true",
+        "model.ema.every_n_steps=2",
+        "model.ema.on_cpu=true",
+        "callbacks.model_summary=null",
+        "callbacks.plots=null",
+        "export_at_end=false",
+        f"hydra.run.dir={run}",
+    ]
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    env |= {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    with open(run / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    last = rows[-1]
+    terms = ("train/image_text_loss", "train/distill_logit_loss", "train/distill_feature_loss")
+    assert all(float(last[t]) > 0 for t in terms)
+    # the terms are what train/loss sums (each already weighted)
+    assert float(last["train/loss"]) == pytest.approx(sum(float(last[t]) for t in terms), rel=1e-5)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["callbacks"]["WeightEMA"] == {"updates": 2, "last_step": 4}  # steps 2 and 4 of 4
+    assert not any(k.startswith("distill.heads") for k in ckpt["state_dict"])  # 32 = 32: no head to learn

@@ -65,3 +65,30 @@ def test_open_clip_coca_decoder_builder_and_the_block_internals_our_cached_step_
             assert hasattr(block, name), name
         assert block.attn.batch_first and block.attn._qkv_same_embed_dim
     assert hasattr(dec.cross_attn[0], "ln_1_kv") and dec.text_projection.shape == (8, 5)
+
+
+def test_timm_model_ema_v3_internals_the_sharded_ema_calls():
+    """training/ema.py's ShardedModelEma (trainer=fsdp) hands timm's lerp (``_foreach_lerp_``, with its
+    bf16 stochastic rounding) the local shards, since torch's foreach lerp refuses DTensors mixed with
+    plain tensors, and remakes its rounding generator (``_sr_generator``) on the device sharding moved the
+    module to: on plain tensors it must give timm's own update."""
+    import torch
+    from timm.utils import ModelEmaV3
+
+    from mmpretrain.training.ema import ShardedModelEma
+
+    assert "self.apply_update_(model, decay)" in inspect.getsource(ModelEmaV3.update)
+    assert "self._sr_generator" in inspect.getsource(ModelEmaV3.__init__)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    ours, timms = ShardedModelEma(model, decay=0.9), ModelEmaV3(model, decay=0.9)
+    ours.on_device()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    model.train()(torch.randn(5, 4))  # the BatchNorm's running statistics and its integer counter move
+    for step in (1, 2, 3):
+        ours.update(model, step=step)
+        timms.update(model, step=step)
+    for (k, a), b in zip(ours.module.state_dict().items(), timms.module.state_dict().values()):
+        assert torch.equal(a, b), k
