@@ -215,10 +215,9 @@ def split224(root: Path, n: int = 200) -> dict[str, dict[str, float]]:
     import tarfile
 
     import open_clip
-    import simplejpeg
 
     from mmpretrain.data.stream.decode import decode_image
-    from mmpretrain.data.stream.image import _crop_box, training_image_transform
+    from mmpretrain.data.stream.image import decoded_box, training_image_transform
     from mmpretrain.data.stream.seeds import seeded
     from mmpretrain.towers.base import uint8_transform
 
@@ -242,11 +241,7 @@ def split224(root: Path, n: int = 200) -> dict[str, dict[str, float]]:
         return best / len(jpgs) * 1e3
 
     def fast_decode(j: bytes):
-        h, w = simplejpeg.decode_jpeg_header(j)[:2]
-        top, left, ch, cw = _crop_box(crop, h, w)
-        f = max(crop.size[0] / ch, crop.size[1] / cw)
-        m = (math.ceil(h * f), math.ceil(w * f)) if f < 1 else (0, 0)
-        return simplejpeg.decode_jpeg(j, colorspace="RGB", min_height=m[0], min_width=m[1])
+        return decoded_box(j, crop)  # the box's draw and the reduced decode, as the fast path runs them
 
     decoded = [decode_image(j) for j in jpgs]
     pil_decode = per_sample(decode_image)

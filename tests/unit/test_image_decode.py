@@ -134,6 +134,72 @@ def test_the_reduced_decode_keeps_the_box_at_least_the_output_size(monkeypatch):
     assert any(d[0] < 480 for d in decoded)
 
 
+def test_the_decode_uses_the_simd_scales_and_rounds_the_box_onto_their_grid(monkeypatch):
+    """Decodes at 1, 1/2, 1/4 or 1/8 only (libjpeg-turbo's other n/8 scales are slower than a full
+    decode); the box's edges land on the nearest pixel of that grid and still cover the output."""
+    import simplejpeg
+
+    crop = library_transform().transforms[0]
+    seen = set()
+    for side, seed in [(230, 0), (300, 1), (448, 2), (512, 3), (700, 4), (900, 5), (1800, 6), (3600, 7)]:
+        data = photo(side, side - 17, seed=seed)
+        height, width = side - 17, side
+        with seeded(seed):
+            box = image_mod._crop_box(crop, height, width)
+        pixels, (top, left, h, w) = image_mod.decoded_box(data, crop, box)
+        d = round(height / pixels.shape[0])
+        assert d in (1, 2, 4, 8) and pixels.shape[:2] == (-(-height // d), -(-width // d)), side
+        seen.add(d)
+        assert min(h, w) >= 224 or d == 1  # the reduced box still covers the output
+        assert abs(top * d - box[0]) <= d / 2 and abs((top + h) * d - (box[0] + box[2])) <= d / 2
+        assert abs(left * d - box[1]) <= d / 2 and abs((left + w) * d - (box[1] + box[3])) <= d / 2
+        assert top + h <= pixels.shape[0] and left + w <= pixels.shape[1]
+        if d == 1:
+            assert (top, left, h, w) == box and pixels.shape[:2] == simplejpeg.decode_jpeg_header(data)[:2]
+    assert seen == {1, 2, 4, 8}
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear", "nearest"])
+def test_the_tensor_resample_matches_pils_on_the_same_box(interpolation):
+    """fast's tensor path (torch's uint8 kernels) against one PIL resample of the same decoded box."""
+    from timm.data.transforms import MaybePILToTensor
+    from torchvision import transforms as T
+
+    mode = T.InterpolationMode(interpolation)
+    lib = T.Compose([T.RandomResizedCrop(160, scale=(0.3, 1.0), interpolation=mode), MaybePILToTensor()])
+    fast = training_image_transform(lib, "fast")
+    assert fast.to_tensor
+    for k, (w, h) in enumerate([(512, 384), (333, 250), (200, 260)]):
+        data = photo(w, h, seed=k)
+        with seeded(k):
+            a = fast(data)
+        with seeded(k):
+            b = T.functional.pil_to_tensor(image_mod.fast_crop(data, fast.crop))
+        with seeded(k):
+            c = lib(decode_image(data)).float()
+        with seeded(k):
+            other = lib(decode_image(photo(w, h, seed=k + 10))).float()  # gives the bounds a meaning
+        assert a.dtype == torch.uint8 and a.shape == (3, 160, 160)
+        diff = (a.float() - b.float()).abs()
+        assert diff.max() <= 3 and diff.mean() < 0.5, (interpolation, w, h, diff.max(), diff.mean())
+        # against the exact crop: the reduced decode of this noisy photo (1/2 for the 512 px one) costs most
+        assert (a.float() - c).abs().mean() < min(5.0, (other - c).abs().mean() / 10), (interpolation, w, h)
+
+
+def test_later_steps_that_need_pil_run_on_the_pil_crop():
+    from timm.data.transforms import MaybePILToTensor
+    from torchvision import transforms as T
+
+    jitter = T.Compose([T.RandomResizedCrop(64), T.ColorJitter(0.4), MaybePILToTensor()])
+    fast = training_image_transform(jitter, "fast")
+    assert not fast.to_tensor
+    with seeded(0):
+        out = fast(photo(120, 100))
+    assert out.shape == (3, 64, 64) and out.dtype == torch.uint8
+    crop_only = training_image_transform(T.Compose([T.RandomResizedCrop(64)]), "fast")
+    assert not crop_only.to_tensor and isinstance(crop_only(photo(120, 100)), Image.Image)
+
+
 @pytest.mark.parametrize("fmt,mode", [("PNG", "RGB"), ("JPEG", "L"), ("JPEG", "CMYK"), ("WEBP", "RGB")])
 def test_other_files_take_the_same_single_resample(fmt, mode):
     exact = library_transform(64)
@@ -325,3 +391,26 @@ def test_gpu_mode_trains_through_lightning_with_the_device_decode_on_the_cpu(tmp
     metrics = train(cfg)
     assert [d for d in decoded if d[0]] == [(True, (4, 3, 64, 64))] * 2
     assert math.isfinite(metrics["train/loss"])
+
+
+def test_fast_crops_resume_exactly(tmp_path):
+    """A stream of fast crops (reduced decodes included) resumed after k batches gives the very same
+    crops as the run that never stopped: the box is drawn from the sample's seed, the decode is pure."""
+    from tests.unit.test_fault_tolerance import epochs, loader, positions_after
+
+    urls = []
+    for s in range(4):
+        with wds.TarWriter(str(tmp_path / f"j-{s}.tar")) as sink:
+            for i in range(7 + s):
+                data = photo(130 + 60 * ((s + i) % 3), 150, seed=10 * s + i)  # 1/2 decodes for the bigger
+                sink.write({"__key__": f"j{s}{i:02d}", "jpg": data, "txt": f"caption {s} {i}"})
+        urls.append(str(tmp_path / f"j-{s}.tar"))
+    fast = training_image_transform(library_transform(64), "fast")
+    full = epochs(loader(urls, 1, transform=fast), 2)
+    k = 3
+    dl = loader(urls, 1, start_batch=k, transform=fast, positions=positions_after(full, k))
+    resumed = ([b for b in dl] + epochs(dl, 1))[: len(full) - k]
+    assert len(resumed) == len(full) - k > 0
+    assert [b["__key__"] for b in resumed] == [b["__key__"] for b in full[k:]]
+    for a, b in zip(resumed, full[k:]):
+        assert a["image"].dtype == torch.uint8 and torch.equal(a["image"], b["image"])

@@ -44,13 +44,17 @@ class SourceReader:
         self.buffer = [((k, off), reread[k][off]) for k, off in pos.buffer]
         self._shard = None  # the current shard's samples from pos.offset on
         self._read_this_pass = pos.item > 0 or pos.offset != 0 or bool(pos.buffer) or pos.plan is not None
+        self._plan: tuple[int, list[list[int]]] | None = None  # (pass, its computed split)
 
     def _items(self) -> list[list[int]]:
-        """This pass's ``[shard, start offset]`` items: the computed split, or under
-        ``data.resume=approx`` this stream's share of what the checkpointed pass had left."""
+        """This pass's ``[shard, start offset]`` items: the computed split (computed once a pass, not
+        per sample read), or under ``data.resume=approx`` this stream's share of what the checkpointed
+        pass had left."""
         if self.pos.plan is not None:
             return self.pos.plan
-        return [[k, 0] for k in self.shards_of_pass(self.pos.pass_idx)]
+        if self._plan is None or self._plan[0] != self.pos.pass_idx:
+            self._plan = (self.pos.pass_idx, [[k, 0] for k in self.shards_of_pass(self.pos.pass_idx)])
+        return self._plan[1]
 
     def _read(self) -> tuple[tuple[int, int], dict] | None:
         """The next sample of the shards with its reference ``(shard, offset)``; None at the end of
