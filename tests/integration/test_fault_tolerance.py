@@ -66,6 +66,27 @@ def train_cmd(run: Path, *overrides: str) -> list[str]:
     return [sys.executable, "-m", "mmpretrain.cli", "train", *TINY, f"hydra.run.dir={run}", *overrides]
 
 
+def kill_at_checkpoint(run: Path, *overrides: str, step: int = 3, timeout: float = 180) -> Path:
+    """Start ``mmpretrain train`` into ``run``, SIGKILL its whole process group (every rank and data
+    worker) as soon as the checkpoint of ``step`` appears, and return that checkpoint's path."""
+    proc = subprocess.Popen(
+        train_cmd(run, *overrides),
+        env=env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    marker = run / "checkpoints" / f"step{step:07d}.ckpt"
+    deadline = time.time() + timeout
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and marker.exists()
+    return marker
+
+
 def run_cli(
     run: Path, *overrides: str, check: bool = True, timeout: int = 240
 ) -> subprocess.CompletedProcess:
@@ -265,21 +286,7 @@ def test_sigkill_then_resume_auto_continues_exactly(digits_root, tmp_path, objec
     run_cli(full, *common, *record(full))
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        train_cmd(killed, *common, *record(killed), "resume=auto"),
-        env=env(),
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    marker = killed / "checkpoints" / "step0000003.ckpt"
-    deadline = time.time() + 180
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its DataLoader workers, mid-run
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL and marker.exists()
+    kill_at_checkpoint(killed, *common, *record(killed), "resume=auto")
     out = run_cli(killed, *common, *record(killed), "resume=auto").stdout
     assert "resume=auto: resuming from" in out
 

@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.integration.test_fault_tolerance import ROOT, env, record, records, run_cli, train_cmd
+from tests.integration.test_fault_tolerance import (
+    ROOT,
+    env,
+    kill_at_checkpoint,
+    record,
+    records,
+    run_cli,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -143,21 +148,8 @@ def test_fsdp_sigkill_then_resume_auto_continues_exactly(digits_root, tmp_path):
     run_cli(full, *common, *record(full), timeout=420)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        train_cmd(killed, *common, *record(killed), "resume=auto"),
-        env=env(),
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    marker = killed / "checkpoints" / "step0000003.ckpt"
-    deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # both ranks (Lightning's launcher runs rank 1 in this session)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL and marker.is_dir()
+    marker = kill_at_checkpoint(killed, *common, *record(killed), "resume=auto", timeout=300)
+    assert marker.is_dir()  # a sharded checkpoint
     out = run_cli(killed, *common, *record(killed), "resume=auto", timeout=420).stdout
     resumed_from = next(line for line in out.splitlines() if "resume=auto" in line)
     assert "resuming from" in resumed_from and ".ckpt" in resumed_from, resumed_from

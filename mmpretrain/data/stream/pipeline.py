@@ -393,7 +393,7 @@ class ShardStream(IterableDataset):
 
 #: per-sample lists of tokenized captions (validation), flattened by the collate with their owner row
 _TEXT_LISTS = ("text_more", "probe_negatives")
-#: training's [M] more captions per sample (padded, with a ``<key>_mask``), stacked by the collate
+#: training's [M] more captions per sample (padded, with a ``<key>_mask``), stacked per sample
 _TRAIN_LISTS = ("text_negatives", "text_positives")
 
 
