@@ -2,13 +2,12 @@
 also when the ranks hold different numbers of caption tokens (a per-rank mean would not)."""
 
 import io
-import os
 
 import torch
 import torch.distributed as dist
 
 from mmpretrain.losses import caption_loss
-from tests.integration.gloo import run_workers
+from tests.integration.gloo import gloo_group, run_workers
 
 #: tokens per caption: rank 0's half of the batch holds 10, rank 1's 26
 TOKENS = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8])
@@ -29,20 +28,18 @@ def loss_and_grad(x, tokens):
 
 
 def worker(rank, world, port, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    _, x = make_problem()
-    n = x.shape[0] // world
-    rows = slice(rank * n, (rank + 1) * n)
-    loss, grad = loss_and_grad(x[rows], TOKENS[rows])
-    dist.all_reduce(grad)  # what DDP does: average over ranks
-    grad /= world
-    dist.all_reduce(loss)
-    if rank == 0:
-        buf = io.BytesIO()
-        torch.save((loss / world, grad.clone()), buf)
-        queue.put(buf.getvalue())
-    dist.destroy_process_group()
+    with gloo_group(rank, world, port):
+        _, x = make_problem()
+        n = x.shape[0] // world
+        rows = slice(rank * n, (rank + 1) * n)
+        loss, grad = loss_and_grad(x[rows], TOKENS[rows])
+        dist.all_reduce(grad)  # what DDP does: average over ranks
+        grad /= world
+        dist.all_reduce(loss)
+        if rank == 0:
+            buf = io.BytesIO()
+            torch.save((loss / world, grad.clone()), buf)
+            queue.put(buf.getvalue())
 
 
 def test_two_process_caption_loss_and_gradient_equal_the_global_token_mean():

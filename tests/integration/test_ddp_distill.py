@@ -2,14 +2,13 @@
 over ranks, as DDP does) equals the 1-process gradient of the whole batch."""
 
 import io
-import os
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from mmpretrain.losses.distill import logit_distill_loss
-from tests.integration.gloo import run_workers
+from tests.integration.gloo import gloo_group, run_workers
 
 
 def make_problem():
@@ -34,19 +33,17 @@ def loss_and_grads(rows: slice):
 
 
 def worker(rank, world, port, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    n = 8 // world
-    loss, grads = loss_and_grads(slice(rank * n, (rank + 1) * n))
-    for g in grads:
-        dist.all_reduce(g)
-        g /= world
-    dist.all_reduce(loss)
-    if rank == 0:
-        buf = io.BytesIO()
-        torch.save((loss / world, [g.clone() for g in grads]), buf)
-        queue.put(buf.getvalue())
-    dist.destroy_process_group()
+    with gloo_group(rank, world, port):
+        n = 8 // world
+        loss, grads = loss_and_grads(slice(rank * n, (rank + 1) * n))
+        for g in grads:
+            dist.all_reduce(g)
+            g /= world
+        dist.all_reduce(loss)
+        if rank == 0:
+            buf = io.BytesIO()
+            torch.save((loss / world, [g.clone() for g in grads]), buf)
+            queue.put(buf.getvalue())
 
 
 def test_two_process_logit_distillation_equals_the_global_batch():

@@ -1,14 +1,13 @@
 """The 2-process gloo InfoNCE gradient equals the 1-process gradient of the same global batch."""
 
 import io
-import os
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from mmpretrain.losses import InfoNCE
-from tests.integration.gloo import run_workers
+from tests.integration.gloo import gloo_group, run_workers
 
 
 def make_problem():
@@ -36,20 +35,18 @@ def loss_and_grads(x_img, x_txt):
 
 
 def worker(rank, world, port, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    _, _, x_img, x_txt = make_problem()
-    n = x_img.shape[0] // world
-    loss, grads = loss_and_grads(x_img[rank * n : (rank + 1) * n], x_txt[rank * n : (rank + 1) * n])
-    for g in grads:  # what DDP does to parameter gradients: average over ranks
-        dist.all_reduce(g)
-        g /= world
-    dist.all_reduce(loss)
-    if rank == 0:  # as bytes: shared-memory tensors die with this process (flaky under load)
-        buf = io.BytesIO()
-        torch.save((loss / world, [g.clone() for g in grads]), buf)
-        queue.put(buf.getvalue())
-    dist.destroy_process_group()
+    with gloo_group(rank, world, port):
+        _, _, x_img, x_txt = make_problem()
+        n = x_img.shape[0] // world
+        loss, grads = loss_and_grads(x_img[rank * n : (rank + 1) * n], x_txt[rank * n : (rank + 1) * n])
+        for g in grads:  # what DDP does to parameter gradients: average over ranks
+            dist.all_reduce(g)
+            g /= world
+        dist.all_reduce(loss)
+        if rank == 0:  # as bytes: shared-memory tensors die with this process (flaky under load)
+            buf = io.BytesIO()
+            torch.save((loss / world, [g.clone() for g in grads]), buf)
+            queue.put(buf.getvalue())
 
 
 def test_two_process_gradient_equals_single_process():

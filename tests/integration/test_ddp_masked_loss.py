@@ -6,14 +6,12 @@ single-process loss of the valid samples of the global batch (the old row filter
 gather mismatched sizes here).
 """
 
-import os
-
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from mmpretrain.losses import InfoNCE
-from tests.integration.gloo import run_workers
+from tests.integration.gloo import gloo_group, run_workers
 
 # 8 rows, 4 per rank. audio is present on rank 0 only; image misses rows 1 and 6.
 IMAGE_MASK = torch.tensor([1, 0, 1, 1, 1, 1, 0, 1], dtype=torch.bool)
@@ -67,17 +65,15 @@ def reference_on_valid_rows():
 
 
 def worker(rank, world, port, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    n = 8 // world
-    losses, grads = masked_loss_and_grads(slice(rank * n, (rank + 1) * n))
-    for g in grads:  # DDP averages parameter gradients over ranks
-        dist.all_reduce(g)
-        g /= world
-    dist.all_reduce(losses)
-    if rank == 0:  # numpy pickles by value: no shared-memory handle that dies with this process
-        queue.put(((losses / world).numpy(), [g.numpy() for g in grads]))
-    dist.destroy_process_group()
+    with gloo_group(rank, world, port):
+        n = 8 // world
+        losses, grads = masked_loss_and_grads(slice(rank * n, (rank + 1) * n))
+        for g in grads:  # DDP averages parameter gradients over ranks
+            dist.all_reduce(g)
+            g /= world
+        dist.all_reduce(losses)
+        if rank == 0:  # numpy pickles by value: no shared-memory handle that dies with this process
+            queue.put(((losses / world).numpy(), [g.numpy() for g in grads]))
 
 
 def test_masked_loss_single_process_equals_filtered_reference():

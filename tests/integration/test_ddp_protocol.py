@@ -2,14 +2,13 @@
 ranks (unevenly, and with one rank holding no batch) equals one process."""
 
 import json
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from tests.conftest import validate_batches
-from tests.integration.gloo import run_workers
+from tests.integration.gloo import gloo_group, run_workers
 from tests.unit.test_protocol import val_batches
 
 SPLITS = {"uneven": ([5, 3], [6]), "empty_rank": ([5, 3, 6], [])}
@@ -39,16 +38,14 @@ run = validate_batches
 
 
 def worker(rank, world, port, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    module = make_module()
-    out = {}
-    for name, split in SPLITS.items():
-        batches, _ = val_batches(split[0] + split[1])
-        mine = batches[: len(split[0])] if rank == 0 else batches[len(split[0]) :]
-        out[name] = run(module, mine)
-    queue.put(json.dumps([rank, out]))
-    dist.destroy_process_group()
+    with gloo_group(rank, world, port):
+        module = make_module()
+        out = {}
+        for name, split in SPLITS.items():
+            batches, _ = val_batches(split[0] + split[1])
+            mine = batches[: len(split[0])] if rank == 0 else batches[len(split[0]) :]
+            out[name] = run(module, mine)
+        queue.put(json.dumps([rank, out]))
 
 
 def test_split_validation_equals_single_process():
@@ -104,15 +101,13 @@ def negclip_loss_and_grads(rows, positives: bool = False):
 
 
 def negclip_worker(rank, world, port, queue, positives=False):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    loss, grads = negclip_loss_and_grads(slice(rank * 4, rank * 4 + 4), positives)
-    for gr in grads:  # what DDP does: average the gradients over ranks
-        dist.all_reduce(gr)
-        gr /= world
-    dist.all_reduce(loss)
-    queue.put(json.dumps([rank, (loss / world).item(), [gr.flatten().tolist() for gr in grads]]))
-    dist.destroy_process_group()
+    with gloo_group(rank, world, port):
+        loss, grads = negclip_loss_and_grads(slice(rank * 4, rank * 4 + 4), positives)
+        for gr in grads:  # what DDP does: average the gradients over ranks
+            dist.all_reduce(gr)
+            gr /= world
+        dist.all_reduce(loss)
+        queue.put(json.dumps([rank, (loss / world).item(), [gr.flatten().tolist() for gr in grads]]))
 
 
 def multi_positive_worker(rank, world, port, queue):

@@ -2,7 +2,6 @@
 locked tower under DDP all reproduce the single-process numbers of the same global batch."""
 
 import io
-import os
 
 import torch
 import torch.distributed as dist
@@ -12,7 +11,7 @@ from mmpretrain.losses import InfoNCE, SigLIP
 from mmpretrain.model import ContrastiveModel
 from mmpretrain.towers.base import Tower
 from mmpretrain.training.gradcache import grad_cache_backward
-from tests.integration.gloo import run_workers
+from tests.integration.gloo import gloo_group, run_workers
 
 WORLD, GLOBAL_BATCH = 2, 8
 
@@ -84,36 +83,34 @@ def reference_locked():
 
 
 def worker(rank, world, port, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    results = {}
-    # losses: each rank's loss on its slice; DDP's averaging done by hand
-    for case, spec in CASES.items():
-        model = make_model(spec["bias"])
-        loss = sum(spec["loss"]()(model(local_batch(rank))).values())
-        loss.backward()
-        g = grads(model)
-        for t in [loss.detach(), *g.values()]:
-            dist.all_reduce(t)
-            t /= WORLD
-        results[case] = (loss.detach(), g)
-    # grad cache through a real DDP wrapper: 2 micro-batches per rank
-    ddp = nn.parallel.DistributedDataParallel(make_model())
-    grad_cache_backward(ddp, InfoNCE(), local_batch(rank), chunks=2)
-    results["grad_cache"] = {n.removeprefix("module."): p.grad.clone() for n, p in ddp.named_parameters()}
-    # a locked tower under DDP (no find_unused_parameters): trains the rest, leaves it untouched
-    ddp = nn.parallel.DistributedDataParallel(make_model(lock_image=True))
-    opt = torch.optim.SGD([p for p in ddp.parameters() if p.requires_grad], lr=0.5)
-    for _ in range(2):
-        opt.zero_grad()
-        sum(InfoNCE()(ddp(local_batch(rank))).values()).backward()
-        opt.step()
-    results["locked"] = {n.removeprefix("module."): p.detach().clone() for n, p in ddp.named_parameters()}
-    if rank == 0:  # as bytes: shared-memory tensors would die with this process
-        buf = io.BytesIO()
-        torch.save(results, buf)
-        queue.put(buf.getvalue())
-    dist.destroy_process_group()
+    with gloo_group(rank, WORLD, port):
+        results = {}
+        # losses: each rank's loss on its slice; DDP's averaging done by hand
+        for case, spec in CASES.items():
+            model = make_model(spec["bias"])
+            loss = sum(spec["loss"]()(model(local_batch(rank))).values())
+            loss.backward()
+            g = grads(model)
+            for t in [loss.detach(), *g.values()]:
+                dist.all_reduce(t)
+                t /= WORLD
+            results[case] = (loss.detach(), g)
+        # grad cache through a real DDP wrapper: 2 micro-batches per rank
+        ddp = nn.parallel.DistributedDataParallel(make_model())
+        grad_cache_backward(ddp, InfoNCE(), local_batch(rank), chunks=2)
+        results["grad_cache"] = {n.removeprefix("module."): p.grad.clone() for n, p in ddp.named_parameters()}
+        # a locked tower under DDP (no find_unused_parameters): trains the rest, leaves it untouched
+        ddp = nn.parallel.DistributedDataParallel(make_model(lock_image=True))
+        opt = torch.optim.SGD([p for p in ddp.parameters() if p.requires_grad], lr=0.5)
+        for _ in range(2):
+            opt.zero_grad()
+            sum(InfoNCE()(ddp(local_batch(rank))).values()).backward()
+            opt.step()
+        results["locked"] = {n.removeprefix("module."): p.detach().clone() for n, p in ddp.named_parameters()}
+        if rank == 0:  # as bytes: shared-memory tensors would die with this process
+            buf = io.BytesIO()
+            torch.save(results, buf)
+            queue.put(buf.getvalue())
 
 
 def test_two_process_losses_grad_cache_and_locking_match_single_process():

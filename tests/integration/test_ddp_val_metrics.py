@@ -8,10 +8,8 @@ out the same as in one process, on every rank, with exact ties, NaN rows and une
 
 import json
 import math
-import os
 
 import torch
-import torch.distributed as dist
 
 from mmpretrain.evaluation import (
     class_retrieval_metrics,
@@ -19,7 +17,7 @@ from mmpretrain.evaluation import (
     retrieval_metrics,
     zero_shot_accuracy,
 )
-from tests.integration.gloo import run_workers
+from tests.integration.gloo import gloo_group, run_workers
 
 SIZES = (37, 1, 200)
 
@@ -78,10 +76,8 @@ def loss_features(n: int):
 
 
 def worker(rank, world, port, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    queue.put(json.dumps([rank, {n: metrics(n, across_ranks=True) for n in SIZES}]))
-    dist.destroy_process_group()
+    with gloo_group(rank, world, port):
+        queue.put(json.dumps([rank, {n: metrics(n, across_ranks=True) for n in SIZES}]))
 
 
 def test_split_query_metrics_equal_single_process():

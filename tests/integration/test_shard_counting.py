@@ -8,7 +8,6 @@ epoch length (the right one), the first batch comes within seconds, and rank 0 l
 """
 
 import json
-import os
 import tarfile
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.integration.gloo import free_port
+from tests.integration.gloo import free_port, gloo_group
 
 SHARDS, WORLD, WORKERS, BATCH = 1000, 2, 2, 4
 
@@ -52,44 +51,42 @@ def worker(rank, port, root, queue):
     from mmpretrain.data.stream import shards
     from mmpretrain.training.datamodule import ContrastiveDataModule
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    opened = []
-    count_tar = shards._count_tar
-    shards._count_tar = lambda path: opened.append(path.name) or count_tar(path)
-    cfg = {
-        "sources": {"s": {"shards": f"{root}/train-{{0000..{SHARDS - 1:04d}}}.tar"}},
-        "batch_size": BATCH,
-        "num_workers": WORKERS,
-        "shuffle_buffer": 8,
-    }
-    runs = []
-    for _ in range(2):  # the second run finds sizes.json
-        dm = ContrastiveDataModule(cfg, preprocess, seed=0)
-        dm.trainer = SimpleNamespace(
-            global_rank=rank,
-            world_size=WORLD,
-            strategy=SimpleNamespace(root_device=SimpleNamespace(type="cpu")),
-        )
-        opened.clear()
-        t0 = time.perf_counter()
-        loader = dm.train_dataloader()
-        batches = iter(loader)
-        next(batches)
-        first_batch_s = time.perf_counter() - t0
-        n_batches = 1 + sum(1 for _ in batches) if not runs else None  # the whole epoch once
-        runs.append(
-            {
-                "per_worker": dm.batches_per_worker(),
-                "opened": sorted(opened),
-                "first_batch_s": first_batch_s,
-                "batches": n_batches,
-            }
-        )
-        dist.barrier()  # rank 0 has written sizes.json before anyone starts the second run
-        del batches, loader
-    queue.put((rank, runs))
-    dist.destroy_process_group()
+    with gloo_group(rank, WORLD, port):
+        opened = []
+        count_tar = shards._count_tar
+        shards._count_tar = lambda path: opened.append(path.name) or count_tar(path)
+        cfg = {
+            "sources": {"s": {"shards": f"{root}/train-{{0000..{SHARDS - 1:04d}}}.tar"}},
+            "batch_size": BATCH,
+            "num_workers": WORKERS,
+            "shuffle_buffer": 8,
+        }
+        runs = []
+        for _ in range(2):  # the second run finds sizes.json
+            dm = ContrastiveDataModule(cfg, preprocess, seed=0)
+            dm.trainer = SimpleNamespace(
+                global_rank=rank,
+                world_size=WORLD,
+                strategy=SimpleNamespace(root_device=SimpleNamespace(type="cpu")),
+            )
+            opened.clear()
+            t0 = time.perf_counter()
+            loader = dm.train_dataloader()
+            batches = iter(loader)
+            next(batches)
+            first_batch_s = time.perf_counter() - t0
+            n_batches = 1 + sum(1 for _ in batches) if not runs else None  # the whole epoch once
+            runs.append(
+                {
+                    "per_worker": dm.batches_per_worker(),
+                    "opened": sorted(opened),
+                    "first_batch_s": first_batch_s,
+                    "batches": n_batches,
+                }
+            )
+            dist.barrier()  # rank 0 has written sizes.json before anyone starts the second run
+            del batches, loader
+        queue.put((rank, runs))
 
 
 def test_a_thousand_shards_are_counted_once_across_ranks_and_remembered(tmp_path):

@@ -3,6 +3,7 @@ shuffle buffer by reference, RNG states), never by replaying what the run alread
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from types import SimpleNamespace
@@ -15,6 +16,7 @@ from mmpretrain.data import ShardStream, Source
 from mmpretrain.data.stream import pipeline as pipeline_module
 from mmpretrain.data.stream import reader as reader_module
 from mmpretrain.data.stream.position import SourcePosition, StreamPosition
+from tests.integration.gloo import gloo_group, run_workers
 from tests.unit.test_data import PREPROCESS, good, write_shard
 
 
@@ -204,38 +206,26 @@ def test_approx_after_two_workers_to_one_reads_the_rest_of_the_pass_once(tmp_pat
     assert buffered <= set(delivered[: 4 * 12])
 
 
-def _gather_on_rank(rank: int, port: int, digits_root: str, out: str) -> None:
-    import torch.distributed as dist
-
+def _gather_on_rank(digits_root: str, rank: int, world: int, port: int, queue) -> None:
     from mmpretrain.training.datamodule import ContrastiveDataModule
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    cfg = OmegaConf.create(
-        {
-            "sources": {"d": {"shards": f"{digits_root}/train/*.tar"}},
-            "batch_size": 8,
-            "num_workers": 2,
-            "train_samples": 64,
-        }
-    )
-    dm = ContrastiveDataModule(cfg, preprocess=lambda train: {}, seed=0)
-    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))
-    mine = [f"rank {rank} stream 0 " + "x" * (100 * rank), None]  # ranks' positions differ in length
-    gathered = dm._gather(mine)
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump(gathered, f)
-    dist.destroy_process_group()
+    with gloo_group(rank, world, port):
+        cfg = OmegaConf.create(
+            {
+                "sources": {"d": {"shards": f"{digits_root}/train/*.tar"}},
+                "batch_size": 8,
+                "num_workers": 2,
+                "train_samples": 64,
+            }
+        )
+        dm = ContrastiveDataModule(cfg, preprocess=lambda train: {}, seed=0)
+        dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))
+        mine = [f"rank {rank} stream 0 " + "x" * (100 * rank), None]  # ranks' positions differ in length
+        gathered = dm._gather(mine)
+        if rank == 0:
+            queue.put(json.dumps(gathered))
 
 
-def test_every_ranks_positions_reach_the_checkpoint(digits_root, tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = tmp_path / "gathered.json"
-    mp.spawn(_gather_on_rank, args=(port, str(digits_root), str(out)), nprocs=2)
-    assert json.loads(out.read_text()) == [["rank 0 stream 0 ", None], ["rank 1 stream 0 " + "x" * 100, None]]
+def test_every_ranks_positions_reach_the_checkpoint(digits_root):
+    got = json.loads(run_workers(functools.partial(_gather_on_rank, str(digits_root)))[0])
+    assert got == [["rank 0 stream 0 ", None], ["rank 1 stream 0 " + "x" * 100, None]]

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from mmpretrain.training.steplog import StepLog
+from tests.integration.gloo import gloo_group, run_workers
 from tests.unit.test_training_step import CountReads
 
 
@@ -51,37 +51,28 @@ def test_unknown_reduction_is_refused():
         StepLog().log({"x": 1.0}, reduce="max")
 
 
-def _flush_on_rank(rank: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    calls = []
-    original = dist.all_reduce
+def _flush_on_rank(rank: int, world: int, port: int, queue) -> None:
+    with gloo_group(rank, world, port):
+        calls = []
+        original = dist.all_reduce
 
-    def counted(*args, **kwargs):
-        calls.append("all_reduce")
-        return original(*args, **kwargs)
+        def counted(*args, **kwargs):
+            calls.append("all_reduce")
+            return original(*args, **kwargs)
 
-    dist.all_reduce = counted
-    log = StepLog()
-    log.log_vector(["loss", "term"], torch.tensor([1.0 + rank, 10.0 * (rank + 1)]), reduce="mean")
-    log.read([float(rank + 1)], lambda v: {"skipped": v[0]}, reduce="sum")  # a host number
-    log.log({"wait": 0.5 * (rank + 1)})  # rank-local
-    log.read(torch.tensor([5.0 + rank]), lambda v: {"local": v[0]})  # rank-local on the device
-    metrics = log.flush(torch.device("cpu"))
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump({"metrics": metrics, "collectives": calls}, f)
-    dist.destroy_process_group()
+        dist.all_reduce = counted
+        log = StepLog()
+        log.log_vector(["loss", "term"], torch.tensor([1.0 + rank, 10.0 * (rank + 1)]), reduce="mean")
+        log.read([float(rank + 1)], lambda v: {"skipped": v[0]}, reduce="sum")  # a host number
+        log.log({"wait": 0.5 * (rank + 1)})  # rank-local
+        log.read(torch.tensor([5.0 + rank]), lambda v: {"local": v[0]})  # rank-local on the device
+        metrics = log.flush(torch.device("cpu"))
+        if rank == 0:
+            queue.put(json.dumps({"metrics": metrics, "collectives": calls}))
 
 
-def test_two_ranks_reduce_in_one_collective(tmp_path):
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = tmp_path / "rank0.json"
-    mp.spawn(_flush_on_rank, args=(port, str(out)), nprocs=2)
-    got = json.loads(out.read_text())
+def test_two_ranks_reduce_in_one_collective():
+    got = json.loads(run_workers(_flush_on_rank)[0])
     assert got["collectives"] == ["all_reduce"]
     m = got["metrics"]
     assert math.isclose(m["loss"], 1.5) and math.isclose(m["term"], 15.0)  # means over ranks
