@@ -224,18 +224,25 @@ def _cpu_name() -> str:
 
 
 def write_results(name: str, rows: list[dict], table: str, notes: list[str]) -> None:
-    """``benchmarks/results/<name>.csv`` (all rows) and ``<name>.md`` (table + notes); print the table."""
+    """``benchmarks/results/<name>.csv`` (all rows) and ``<name>.md`` (table + notes), each written
+    atomically (a benchmark killed while writing leaves the previous results whole); print the table."""
+    from mmpretrain.io import atomic_write, write_text_atomic
+
     RESULTS.mkdir(parents=True, exist_ok=True)
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(RESULTS / f"{name}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
+
+    def write_csv(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_write(RESULTS / f"{name}.csv", write_csv)
     info = machine()
     md = f"{table}\n\n" + "".join(f"- {n}\n" for n in notes)
     md += f"- measured {info['date_utc']}, load average at the end {info['load_avg_1m']} "
     md += f"on {info['cores']} cores\n"
-    (RESULTS / f"{name}.md").write_text(md)
+    write_text_atomic(RESULTS / f"{name}.md", md)
     print(md, flush=True)
 
 
