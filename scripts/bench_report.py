@@ -6,6 +6,8 @@ import argparse
 
 import bench_common as bc
 
+from mmpretrain.io import write_text_atomic
+
 SECTIONS = [
     ("throughput_cpu", "1. A whole training run vs open_clip_train (CPU): launch to exit"),
     ("overhead", "2. Framework overhead: Lightning step vs plain PyTorch loop"),
@@ -71,7 +73,7 @@ def main() -> None:
         else:
             lines.append(f"Not run (no `{md.relative_to(bc.ROOT)}`).")
     out = bc.ROOT / "benchmarks" / "RESULTS.md"
-    out.write_text("\n".join(lines) + "\n")
+    write_text_atomic(out, "\n".join(lines) + "\n")
     print(f"wrote {out}")
     if quote_in_readme(info):
         print(f"updated the quoted tables in {README}")
@@ -101,7 +103,7 @@ def quote_in_readme(info: dict[str, str]) -> bool:
             block += [f"#### {title}", "", md.read_text().rstrip(), ""]
     block.append(QUOTE_END)
     head, rest = text.split(QUOTE_START, 1)
-    README.write_text(head + "\n".join(block) + rest.split(QUOTE_END, 1)[1])
+    write_text_atomic(README, head + "\n".join(block) + rest.split(QUOTE_END, 1)[1])
     return True
 
 
