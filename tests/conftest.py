@@ -49,6 +49,25 @@ def compose_config(
     return cfg
 
 
+def digits_datamodule(digits_root, **extra):
+    """The datamodule over the ``digits_root`` fixture's train shards (batches of 8 from 2 workers, 64
+    samples an epoch, seed 0, no transforms); ``extra``: more data options."""
+    from omegaconf import OmegaConf
+
+    from mmpretrain.training.datamodule import ContrastiveDataModule
+
+    cfg = OmegaConf.create(
+        {
+            "sources": {"d": {"shards": f"{digits_root}/train/*.tar"}},
+            "batch_size": 8,
+            "num_workers": 2,
+            "train_samples": 64,
+            **extra,
+        }
+    )
+    return ContrastiveDataModule(cfg, preprocess=lambda train: {}, seed=0)
+
+
 def validate_batches(module, batches):
     """``module``'s validation metrics over ``batches``, as one rank's validation epoch computes them."""
     import torch

@@ -7,6 +7,7 @@ from PIL import Image
 
 from mmpretrain.data import NoShardsError, ShardStream, Source, expand_shards
 from mmpretrain.data.stream.skips import SampleError
+from tests.conftest import digits_datamodule
 
 
 def png_bytes(value=128):
@@ -318,20 +319,7 @@ def test_train_batches_carry_uint8_images_a_quarter_of_the_float_bytes(digits_ro
 def test_loaders_prefetch_two_batches_and_pin_memory_only_on_cuda(digits_root, device, pinned):
     from types import SimpleNamespace
 
-    from omegaconf import OmegaConf
-
-    from mmpretrain.training.datamodule import ContrastiveDataModule
-
-    cfg = OmegaConf.create(
-        {
-            "sources": {"d": {"shards": f"{digits_root}/train/*.tar"}},
-            "batch_size": 8,
-            "num_workers": 2,
-            "train_samples": 64,
-            "val": {"shards": f"{digits_root}/val/*.tar"},
-        }
-    )
-    dm = ContrastiveDataModule(cfg, preprocess=lambda train: {}, seed=0)
+    dm = digits_datamodule(digits_root, val={"shards": f"{digits_root}/val/*.tar"})
     fit_loop = SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=None))
     dm.trainer = SimpleNamespace(
         global_rank=0,

@@ -17,6 +17,7 @@ from mmpretrain.data.stream.shards import check_shard_counts
 from mmpretrain.io import UnsafeCheckpointError, torch_load_safe
 from mmpretrain.runs import is_complete_checkpoint, newest_complete_checkpoint
 from mmpretrain.training.callbacks import AtomicCheckpointIO
+from tests.conftest import digits_datamodule
 from tests.unit.test_data import PREPROCESS, good, png_bytes, write_shard
 
 
@@ -137,17 +138,7 @@ def test_too_few_shards_fail_fast_naming_the_fix_or_resample(tmp_path):
 
 
 def test_datamodule_refuses_to_resume_with_a_different_layout(digits_root):
-    from mmpretrain.training.datamodule import ContrastiveDataModule
-
-    cfg = OmegaConf.create(
-        {
-            "sources": {"d": {"shards": f"{digits_root}/train/*.tar"}},
-            "batch_size": 8,
-            "num_workers": 2,
-            "train_samples": 64,
-        }
-    )
-    dm = ContrastiveDataModule(cfg, preprocess=lambda train: {}, seed=0)
+    dm = digits_datamodule(digits_root)
     state = dm._layout() | {"batches_consumed": 5, "positions": [[None, None]]}
     dm.load_state_dict(state)
     assert dm._resume_batch(dm._layout()) == 5

@@ -16,6 +16,7 @@ from mmpretrain.data import ShardStream, Source
 from mmpretrain.data.stream import pipeline as pipeline_module
 from mmpretrain.data.stream import reader as reader_module
 from mmpretrain.data.stream.position import SourcePosition, StreamPosition
+from tests.conftest import digits_datamodule
 from tests.integration.gloo import gloo_group, run_workers
 from tests.unit.test_data import PREPROCESS, good, write_shard
 
@@ -102,17 +103,7 @@ def test_resuming_at_step_10_or_2000_decodes_the_same_few_samples(tmp_path, monk
 
 
 def test_a_checkpoint_position_is_that_of_the_last_consumed_batch_not_the_workers(digits_root):
-    from mmpretrain.training.datamodule import ContrastiveDataModule
-
-    cfg = OmegaConf.create(
-        {
-            "sources": {"d": {"shards": f"{digits_root}/train/*.tar"}},
-            "batch_size": 8,
-            "num_workers": 2,
-            "train_samples": 64,
-        }
-    )
-    dm = ContrastiveDataModule(cfg, preprocess=lambda train: {}, seed=0)
+    dm = digits_datamodule(digits_root)
     processed = SimpleNamespace(processed=0)
     dm.trainer = SimpleNamespace(
         global_rank=0,
@@ -207,18 +198,8 @@ def test_approx_after_two_workers_to_one_reads_the_rest_of_the_pass_once(tmp_pat
 
 
 def _gather_on_rank(digits_root: str, rank: int, world: int, port: int, queue) -> None:
-    from mmpretrain.training.datamodule import ContrastiveDataModule
-
     with gloo_group(rank, world, port):
-        cfg = OmegaConf.create(
-            {
-                "sources": {"d": {"shards": f"{digits_root}/train/*.tar"}},
-                "batch_size": 8,
-                "num_workers": 2,
-                "train_samples": 64,
-            }
-        )
-        dm = ContrastiveDataModule(cfg, preprocess=lambda train: {}, seed=0)
+        dm = digits_datamodule(digits_root)
         dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))
         mine = [f"rank {rank} stream 0 " + "x" * (100 * rank), None]  # ranks' positions differ in length
         gathered = dm._gather(mine)
