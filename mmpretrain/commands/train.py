@@ -50,7 +50,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loss = safe_instantiate(cfg.loss)
     check_modalities(loss, model.modalities)
     prompts = prompts_from_config(cfg.data.get("val"))
-    _resolve_monitor(cfg, has_classnames=prompts is not None)
+    labelled = prompts is None or _val_labelled(cfg.data)  # one read of a val shard's first headers
+    _resolve_monitor(cfg, has_classnames=prompts is not None, has_labels=labelled)
     ckpt_path = resume_path(cfg, run_dir)
     if ckpt_path:  # a checkpoint of another model config fails here, with what differs
         check_checkpoint_matches(model, ckpt_path)
@@ -227,13 +228,15 @@ def val_at_start(cfg: DictConfig) -> bool:
     )
 
 
-def _resolve_monitor(cfg: DictConfig, has_classnames: bool) -> None:
+def _resolve_monitor(cfg: DictConfig, has_classnames: bool, has_labels: bool = True) -> None:
     """Make ``optimized_metric`` (what the best checkpoint and a sweeper watch) one the run logs.
 
     Without validation (no val shards, or ``trainer.limit_val_batches=0``) no checkpoint callback
     monitors anything (each keeps the newest). A zero-shot metric without class names (unlabelled
-    shards: no ``classnames.txt``) becomes the pair's mean instance R@1 over both directions,
-    ``val/retrieval_mean_R@1/<pair>``, which every val set with the pair supports."""
+    shards: no ``classnames.txt``) or without class labels in the val shards (``has_labels``: a
+    ``classnames.txt`` beside captioned shards with no ``cls``) becomes the pair's mean instance R@1
+    over both directions, ``val/retrieval_mean_R@1/<pair>``, which every val set with the pair
+    supports."""
     val = cfg.data.get("val") or {}
     limit = cfg.trainer.get("limit_val_batches")
     if not val.get("shards") or (limit is not None and float(limit) == 0):
@@ -242,12 +245,31 @@ def _resolve_monitor(cfg: DictConfig, has_classnames: bool) -> None:
                 callback.monitor = None
         return
     metric = str(cfg.get("optimized_metric") or "")
-    if metric.startswith("val/zeroshot_") and metric.count("/") == 2 and not has_classnames:
+    if metric.startswith("val/zeroshot_") and metric.count("/") == 2 and not (has_classnames and has_labels):
         fallback = f"val/retrieval_mean_R@1/{metric.rsplit('/', 1)[1]}"
-        print(
-            f"no class names for zero-shot (data.val.classnames): monitoring {fallback} instead of {metric}"
+        why = (
+            "the val shards carry no class labels (cls) for zero-shot"
+            if has_classnames
+            else "no class names for zero-shot (data.val.classnames)"
         )
+        print(f"{why}: monitoring {fallback} instead of {metric}")
         cfg.optimized_metric = fallback
+
+
+def _val_labelled(data: DictConfig) -> bool:
+    """Whether the val rows carry the class labels zero-shot scores (``cls``, or a key
+    ``data.modality_keys.cls`` names), judged by the first sample of the first val shard: one read of
+    tar headers. A missing or unreadable val set counts as labelled, so the loader reports it."""
+    from mmpretrain.data.stream.shards import NoShardsError, expand_shards
+    from mmpretrain.data.stream.tar_reader import first_sample_fields
+
+    val = data.get("val") or {}
+    keys = {"cls", *((data.get("modality_keys") or {}).get("cls") or ())}
+    try:
+        urls = expand_shards(val.shards) if val.get("shards") else []
+        return not urls or bool(first_sample_fields(urls[0]) & keys)
+    except (NoShardsError, OSError, ValueError):  # ValueError: a damaged first sample (ShardFault)
+        return True
 
 
 def _captions_per_sample(cfg: DictConfig) -> int:

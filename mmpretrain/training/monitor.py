@@ -434,6 +434,10 @@ class RunPlots(L.Callback):
                 if found is None:
                     return None
                 feats, labels = found
+            feats = {m: x for m, x in feats.items() if len(x)}
+            if not feats:  # class names, but no val row carries a class label (cls) to plot them with
+                pl_module.print("plots: no val row has a class label (cls): similarity/projection skipped")
+                return None
             tokenize = model.towers["text"].preprocess(False)
             classes = class_embeddings(
                 prompts["classnames"],

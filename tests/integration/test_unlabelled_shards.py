@@ -6,6 +6,7 @@ zero-shot task and NegCLIP hard negatives all come out; without validation there
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -73,11 +74,11 @@ def unlabelled_root(tmp_path_factory):
     return root
 
 
-def train(root, run, *overrides):
+def train(root, run, *overrides, tiny=TINY):
     cmd = [
         str(Path(sys.executable).parent / "mmpretrain"),
         "train",
-        *TINY,
+        *tiny,
         f"data.root={root}",
         f"hydra.run.dir={run}",
         *overrides,
@@ -106,6 +107,22 @@ def test_unlabelled_shards_train_validate_and_keep_a_best_checkpoint(unlabelled_
         assert key in metrics, sorted(metrics)
     assert "val/zeroshot_top1/image_text" not in metrics
     assert list((tmp_path / "run" / "checkpoints").glob("best-*.ckpt"))
+
+
+def test_class_names_beside_shards_without_labels_keep_a_best_checkpoint(unlabelled_root, tmp_path):
+    """classnames.txt and templates.txt at the root, as the README's layout asks, over shards whose rows
+    carry no cls: the run used to stop at its first validation (the monitored zero-shot metric was
+    never logged), and then at its end (the embedding plots had no labelled row); now the best
+    checkpoint follows retrieval, the plots without labels are skipped, and the run says why."""
+    root = tmp_path / "named"
+    shutil.copytree(unlabelled_root, root)
+    (root / "classnames.txt").write_text("\n".join(COLORS) + "\n")
+    (root / "templates.txt").write_text("a {} square\n")
+    out = train(root, tmp_path / "run", tiny=[o for o in TINY if o != "callbacks.plots=null"])
+    assert "the val shards carry no class labels (cls) for zero-shot: monitoring" in out
+    assert "plots: no val row has a class label (cls)" in out
+    assert list((tmp_path / "run" / "checkpoints").glob("best-*.ckpt"))
+    assert (tmp_path / "run" / "plots" / "loss.png").exists()
 
 
 def test_without_validation_no_monitor_warning(unlabelled_root, tmp_path):

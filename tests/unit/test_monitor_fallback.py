@@ -63,3 +63,24 @@ def test_several_captions_per_sample_are_infonce_only_and_not_grad_cached(tmp_pa
         cfg = compose_config("train", ["data.captions_per_sample=3", *overrides], run_dir=tmp_path)
         with pytest.raises(ValueError, match=message):
             _captions_per_sample(cfg)
+
+
+def test_class_names_over_val_shards_without_labels_monitor_retrieval(tmp_path, capsys):
+    """A classnames.txt beside captioned shards with no ``cls`` (how users often hold theirs): there is
+    nothing for zero-shot to score, so the best checkpoint follows retrieval, said as such."""
+    from mmpretrain.commands.train import _val_labelled
+    from tests.unit.test_data import good, write_shard
+
+    labelled, unlabelled = tmp_path / "labelled.tar", tmp_path / "unlabelled.tar"
+    write_shard(labelled, [good(i) for i in range(3)])
+    write_shard(unlabelled, [{k: v for k, v in good(i).items() if k != "cls"} for i in range(3)])
+    cfg = compose_config("train", [f"data.val.shards={unlabelled}"], run_dir=tmp_path)
+    assert not _val_labelled(cfg.data)
+    _resolve_monitor(cfg, has_classnames=True, has_labels=False)
+    assert cfg.optimized_metric == "val/retrieval_mean_R@1/image_text"
+    assert "the val shards carry no class labels (cls)" in capsys.readouterr().out
+    assert _val_labelled(compose_config("train", [f"data.val.shards={labelled}"], run_dir=tmp_path).data)
+    keyed = [f"data.val.shards={unlabelled}", "data.modality_keys={cls:[txt]}"]  # labels under another key
+    assert _val_labelled(compose_config("train", keyed, run_dir=tmp_path).data)
+    missing = compose_config("train", [f"data.val.shards='{tmp_path}/none-{{0..3}}.tar'"], run_dir=tmp_path)
+    assert _val_labelled(missing.data)  # left for the loader to report

@@ -164,6 +164,14 @@ def count_shard(url: str, on_error: Callable[[Exception], Any] = lambda exn: Non
     return sum(1 for _ in _samples(url, 0, on_error, with_data=False))
 
 
+def first_sample_fields(url: str) -> set[str]:
+    """The fields (member extensions) of ``url``'s first whole sample, from the tar headers alone (no
+    member's bytes are read); empty for a shard without one."""
+    for _, _, sample in _samples(url, 0, lambda exn: None, with_data=False):
+        return {k for k in sample if not k.startswith("__")}
+    return set()
+
+
 def read_sample_at(url: str, offset: int) -> dict:
     """The one sample that starts at ``offset``."""
     for start, _, sample in read_samples(url, offset, on_error=lambda exn: None):
