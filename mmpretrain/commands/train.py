@@ -50,7 +50,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loss = safe_instantiate(cfg.loss)
     check_modalities(loss, model.modalities)
     prompts = prompts_from_config(cfg.data.get("val"))
-    labelled = prompts is None or _val_labelled(cfg.data)  # one read of a val shard's first headers
+    labelled = prompts is None or _val_labelled(datamodule.val_urls, cfg.data)
     _resolve_monitor(cfg, has_classnames=prompts is not None, has_labels=labelled)
     ckpt_path = resume_path(cfg, run_dir)
     if ckpt_path:  # a checkpoint of another model config fails here, with what differs
@@ -256,19 +256,17 @@ def _resolve_monitor(cfg: DictConfig, has_classnames: bool, has_labels: bool = T
         cfg.optimized_metric = fallback
 
 
-def _val_labelled(data: DictConfig) -> bool:
+def _val_labelled(urls: list[str], data: DictConfig) -> bool:
     """Whether the val rows carry the class labels zero-shot scores (``cls``, or a key
-    ``data.modality_keys.cls`` names), judged by the first sample of the first val shard: one read of
-    tar headers. A missing or unreadable val set counts as labelled, so the loader reports it."""
-    from mmpretrain.data.stream.shards import NoShardsError, expand_shards
+    ``data.modality_keys.cls`` names), judged by the first sample of ``urls`` (the datamodule's val
+    shards): one read of tar headers. No val shards, or an unreadable first one, counts as labelled:
+    the loader reports it."""
     from mmpretrain.data.stream.tar_reader import first_sample_fields
 
-    val = data.get("val") or {}
     keys = {"cls", *((data.get("modality_keys") or {}).get("cls") or ())}
     try:
-        urls = expand_shards(val.shards) if val.get("shards") else []
         return not urls or bool(first_sample_fields(urls[0]) & keys)
-    except (NoShardsError, OSError, ValueError):  # ValueError: a damaged first sample (ShardFault)
+    except (OSError, ValueError):  # ValueError: a damaged first sample (ShardFault)
         return True
 
 
