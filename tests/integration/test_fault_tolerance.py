@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.integration import stacks
 from tests.integration.gloo import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,15 +91,7 @@ def kill_at_checkpoint(run: Path, *overrides: str, step: int = 3, timeout: float
 def run_cli(
     run: Path, *overrides: str, check: bool = True, timeout: int = 240
 ) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        train_cmd(run, *overrides),
-        env=env(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=timeout,
-    )
+    proc = stacks.run(train_cmd(run, *overrides), env=env(), cwd=ROOT, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration import stacks
+
 ROOT = Path(__file__).resolve().parents[2]
 SMALL_TEXT = [
     "model.towers.text.config.text_cfg.width=32",
@@ -40,15 +42,7 @@ def run_cli(
 ) -> subprocess.CompletedProcess:
     env = os.environ | {"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     cwd.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(
-        [str(script or console_script()), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    proc = stacks.run([str(script or console_script()), *args], cwd=cwd, env=env, timeout=timeout)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
 
