@@ -24,15 +24,26 @@ def start_run(cfg: DictConfig) -> Path:
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    print(f"run directory: {run_dir}", flush=True)
+    if launched_as_global_zero():  # under DDP every rank starts here: the path is printed once
+        print(f"run directory: {run_dir}", flush=True)
     return run_dir
+
+
+def launched_as_global_zero(env: Any = None) -> bool:
+    """Whether this process is the run's global rank 0, judged before the process group exists from
+    what the launchers set: Lightning's DDP launcher (``LOCAL_RANK``/``NODE_RANK`` for the ranks it
+    starts), torchrun (``RANK``) and SLURM (``SLURM_PROCID``)."""
+    env = os.environ if env is None else env
+    ranks = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+    return all(str(env.get(k) or "0").strip() == "0" for k in ranks)
 
 
 def end_run(run_dir: Path, mirror: RemoteRun | None = None) -> None:
     """Print the run directory; with ``paths.remote``, upload what changed and wait for every upload."""
     if mirror is not None:
         mirror.close()
-    print(f"run directory: {run_dir}", flush=True)
+    if launched_as_global_zero():
+        print(f"run directory: {run_dir}", flush=True)
 
 
 # -- paths.remote: the run mirrored to object storage ----------------------------------------------
@@ -86,12 +97,7 @@ def remote_run(cfg: Any, run_dir: Path) -> RemoteRun | None:
             f"paths.remote must be a store URL (s3://bucket/runs/NAME, gs://..., any fsspec URL), "
             f"not '{remote}'"
         )
-    # Before the process group exists (Lightning's DDP launches its ranks with these variables set)
-    env = os.environ
-    global_zero = (
-        int(env.get("RANK", 0)) == 0 and int(env.get("LOCAL_RANK", 0)) == int(env.get("NODE_RANK", 0)) == 0
-    )
-    return RemoteRun(str(remote), run_dir) if global_zero else None
+    return RemoteRun(str(remote), run_dir) if launched_as_global_zero() else None
 
 
 # -- resume ----------------------------------------------------------------------------------------

@@ -80,6 +80,8 @@ def test_ddp_from_the_console_script_runs_both_ranks(digits_root, tmp_path):
     assert "val/zeroshot_top1/image_text" in metrics  # debug=fast validates once, across both ranks
     output = proc.stdout + proc.stderr
     assert not [n for n in NOISE if n in output], output[-4000:]
+    # the run directory is printed at start and at end by rank 0 only (each rank used to print it)
+    assert proc.stdout.count(f"run directory: {run}") == 2, proc.stdout[-3000:]
 
 
 def test_bf16_mixed_with_clipping_from_the_console_script(digits_root, tmp_path):

@@ -7,7 +7,7 @@ import shlex
 
 import pytest
 
-from mmpretrain.runs import summary
+from mmpretrain.runs import launched_as_global_zero, summary
 
 METRICS = {
     "val/zeroshot_top1/image_text": 0.5,
@@ -55,3 +55,21 @@ def test_next_commands_carry_the_data_overrides_quoted(tmp_path, monkeypatch):
         ["mmpretrain", "train", "-m", *data, "optim.lr=1e-3,3e-3", "hydra.sweep.dir=runs/a-lr-sweep"],
         ["mmpretrain", "sweep-summary", "runs/a-lr-sweep"],
     ]
+
+
+@pytest.mark.parametrize(
+    "env, zero",
+    [
+        ({}, True),  # a plain run
+        ({"LOCAL_RANK": "0", "NODE_RANK": "0"}, True),  # Lightning's DDP launcher, rank 0
+        ({"LOCAL_RANK": "1", "NODE_RANK": "0"}, False),  # ... the rank it starts
+        ({"LOCAL_RANK": "0", "NODE_RANK": "1"}, False),  # a second node
+        ({"RANK": "3", "LOCAL_RANK": "1"}, False),  # torchrun
+        ({"RANK": "0", "LOCAL_RANK": "0"}, True),
+        ({"SLURM_PROCID": "2"}, False),  # srun
+        ({"SLURM_PROCID": "0", "RANK": ""}, True),
+    ],
+)
+def test_global_zero_before_the_process_group_exists(env, zero):
+    """Who prints the run directory and mirrors it to a store: rank 0 alone, under every launcher."""
+    assert launched_as_global_zero(env) is zero
