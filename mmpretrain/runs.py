@@ -295,6 +295,7 @@ def summary(
         if (run_dir / name).is_file():
             rows.append(("metrics", _shown(run_dir / name)))
     next_commands = []
+    data_args, train_args = _last_of_each(data_args), _last_of_each(train_args)
     if model is not None:  # the commands as a shell takes them: an override with a space is quoted
         shown, data = shlex.quote(_shown(model)), " ".join(map(shlex.quote, data_args))
         if suggest_eval:
@@ -311,6 +312,17 @@ def summary(
     lines = [f"{label:<{width}}  {value}" for label, value in rows]
     lines += ["next:"] + [f"  {c}" for c in next_commands]
     return "\n".join(lines)
+
+
+def _last_of_each(overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """The overrides with each key once, where it was given last (Hydra takes the last of repeats)."""
+    seen, kept = set(), []
+    for o in reversed(overrides):
+        key = o.split("=", 1)[0].lstrip("+~")
+        if key not in seen:
+            seen.add(key)
+            kept.append(o)
+    return kept[::-1]
 
 
 def _shown(path: Path) -> str:

@@ -57,6 +57,15 @@ def test_next_commands_carry_the_data_overrides_quoted(tmp_path, monkeypatch):
     ]
 
 
+def test_next_commands_give_a_repeated_override_once_with_the_value_that_won(tmp_path):
+    """``data.shuffle_buffer=50 ... data.shuffle_buffer=0``: Hydra trains with 0; the commands said both."""
+    data = ["data.shuffle_buffer=50", "data.root=/d", "data.shuffle_buffer=0"]
+    text = summary({}, tmp_path, data_args=data, model=tmp_path, train_args=[*data, "+x=1", "++x=2"])
+    commands = [shlex.split(line) for line in text.splitlines()[text.splitlines().index("next:") + 1 :]]
+    assert commands[0][3:] == ["data.root=/d", "data.shuffle_buffer=0"]
+    assert commands[2][3:-2] == ["data.root=/d", "data.shuffle_buffer=0", "++x=2"]
+
+
 @pytest.mark.parametrize(
     "env, zero",
     [
