@@ -267,7 +267,12 @@ def summary(
     if zeroshot:
         rows.append(("zero-shot top-1", "  ".join(f"{k} {v:.3f}" for k, v in sorted(zeroshot.items()))))
     repeat = metrics.get("val/caption_repeat_frac")
-    by_class = repeat is not None and repeat > CAPTIONS_REPEAT
+    # class recall needs class labels: repeated captions without them (no cls) show instance recall
+    by_class = (
+        repeat is not None
+        and repeat > CAPTIONS_REPEAT
+        and any(k.startswith("val/retrieval_class_R@1/") for k in metrics)
+    )
     prefix = "val/retrieval_class_R@1/" if by_class else "val/retrieval_R@1/"
     recall = {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix)}
     if recall:

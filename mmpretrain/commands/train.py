@@ -10,7 +10,16 @@ from omegaconf import DictConfig
 from mmpretrain.config import instantiate_all, safe_instantiate, to_plain
 from mmpretrain.evaluation.zeroshot import prompts_from_config, tasks_from_config
 from mmpretrain.io import write_text_atomic
-from mmpretrain.runs import checkpoint_step, end_run, ensure_data, remote_run, resume_path, start_run, summary
+from mmpretrain.runs import (
+    checkpoint_step,
+    end_run,
+    ensure_data,
+    launched_as_global_zero,
+    remote_run,
+    resume_path,
+    start_run,
+    summary,
+)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -252,7 +261,8 @@ def _resolve_monitor(cfg: DictConfig, has_classnames: bool, has_labels: bool = T
             if has_classnames
             else "no class names for zero-shot (data.val.classnames)"
         )
-        print(f"{why}: monitoring {fallback} instead of {metric}")
+        if launched_as_global_zero():  # every rank resolves it; one says so
+            print(f"{why}: monitoring {fallback} instead of {metric}")
         cfg.optimized_metric = fallback
 
 

@@ -65,7 +65,7 @@ def test_several_captions_per_sample_are_infonce_only_and_not_grad_cached(tmp_pa
             _captions_per_sample(cfg)
 
 
-def test_class_names_over_val_shards_without_labels_monitor_retrieval(tmp_path, capsys):
+def test_class_names_over_val_shards_without_labels_monitor_retrieval(tmp_path, capsys, monkeypatch):
     """A classnames.txt beside captioned shards with no ``cls`` (how users often hold theirs): there is
     nothing for zero-shot to score, so the best checkpoint follows retrieval, said as such."""
     from mmpretrain.commands.train import _val_labelled
@@ -79,6 +79,10 @@ def test_class_names_over_val_shards_without_labels_monitor_retrieval(tmp_path, 
     _resolve_monitor(cfg, has_classnames=True, has_labels=False)
     assert cfg.optimized_metric == "val/retrieval_mean_R@1/image_text"
     assert "the val shards carry no class labels (cls)" in capsys.readouterr().out
+    monkeypatch.setenv("LOCAL_RANK", "1")  # the rank Lightning's DDP launcher starts: resolves, quietly
+    again = compose_config("train", [f"data.val.shards={unlabelled}"], run_dir=tmp_path)
+    _resolve_monitor(again, has_classnames=True, has_labels=False)
+    assert again.optimized_metric == cfg.optimized_metric and not capsys.readouterr().out
     assert _val_labelled([str(labelled)], cfg.data)
     keyed = compose_config("train", ["data.modality_keys={cls:[txt]}"], run_dir=tmp_path)  # another key
     assert _val_labelled([str(unlabelled)], keyed.data)

@@ -34,6 +34,14 @@ def test_retrieval_row_is_class_recall_only_where_most_captions_repeat(tmp_path,
     assert " ".join(lines[1].split()) == " ".join(row.split())
 
 
+def test_repeated_captions_without_class_labels_show_instance_recall(tmp_path):
+    """Captioned shards whose val captions all repeat but carry no cls: no class recall is measured,
+    and the summary showed no retrieval row at all."""
+    metrics = {k: v for k, v in METRICS.items() if "zeroshot" not in k and "class" not in k}
+    lines = summary(metrics | {"val/caption_repeat_frac": 1.0}, tmp_path / "run", data_args=[]).splitlines()
+    assert " ".join(lines[0].split()) == "retrieval R@1 image→text 0.125 text→image 0.062"
+
+
 def test_next_commands_carry_the_data_overrides_quoted(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "a" / "export").mkdir(parents=True)
