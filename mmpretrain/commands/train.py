@@ -81,6 +81,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         distill=distill,
     )
     module.captioning = captioning_evaluation(model, cfg.data, datamodule)
+    module.attention_backends = _attention(cfg, trainer_kwargs, model)
     ema = ema_callback(cfg.model.get("ema"))
     weights = export_weights(cfg)
     loggers = instantiate_all(cfg.get("logger"))
@@ -218,6 +219,24 @@ def trainer_and_optim(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         # manual optimisation: the module clips itself (Lightning refuses gradient_clip_val then)
         optim["gradient_clip_val"] = trainer.pop("gradient_clip_val", None)
     return trainer, optim
+
+
+def _attention(cfg: DictConfig, trainer: dict[str, Any], model: Any) -> list[Any] | None:
+    """The SDPA backends of the training steps (``attention_kernel``), said at start with the precision
+    ``trainer.precision=auto`` became."""
+    from mmpretrain.runtime.kernels import attention_backends, on_gpu
+
+    precision = str(trainer.get("precision"))
+    backends = attention_backends(
+        str(cfg.get("attention_kernel") or "auto"), precision, on_gpu(trainer), model.towers.values()
+    )
+    if launched_as_global_zero():
+        said = [f"trainer.precision=auto: {precision}"] if cfg.trainer.get("precision") == "auto" else []
+        if backends is not None:
+            said.append("attention in training: " + ", ".join(b.name.lower() for b in backends))
+        if said:
+            print("; ".join(said), flush=True)
+    return backends
 
 
 def val_at_start(cfg: DictConfig) -> bool:

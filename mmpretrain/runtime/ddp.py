@@ -57,12 +57,14 @@ class DDPStrategy(LightningDDPStrategy):
 
 def resolve_strategy(trainer: dict[str, Any]) -> dict[str, Any]:
     """Trainer kwargs with ``strategy`` built: a config (``{_target_: ...}``) is instantiated, and
-    Lightning's ``ddp`` becomes :class:`DDPStrategy` (evaluation never waits on a rank with no batch left)."""
+    Lightning's ``ddp`` becomes :class:`DDPStrategy` (evaluation never waits on a rank with no batch left);
+    ``precision=auto`` becomes what the device computes fastest (:func:`kernels.resolve_precision`)."""
     from mmpretrain.config import safe_instantiate
+    from mmpretrain.runtime.kernels import resolve_precision
 
     trainer = dict(trainer)
     if isinstance(trainer.get("strategy"), dict):  # e.g. {_target_: mmpretrain.runtime.ddp.DDPStrategy, ...}
         trainer["strategy"] = safe_instantiate(trainer["strategy"])
     elif trainer.get("strategy") == "ddp":
         trainer["strategy"] = DDPStrategy()
-    return trainer
+    return resolve_precision(trainer)

@@ -17,6 +17,7 @@ from lightning.pytorch.utilities.enums import GradClipAlgorithmType
 from mmpretrain.evaluation.validate import ValidationCollector
 from mmpretrain.model import ContrastiveModel
 from mmpretrain.runtime import distributed
+from mmpretrain.runtime.kernels import attention_context
 from mmpretrain.training.gradcache import batch_size, grad_cache_backward
 from mmpretrain.training.optim import build_optimizer, warmup_cosine, warmup_steps
 from mmpretrain.training.steplog import StepLog
@@ -58,6 +59,9 @@ class ContrastiveModule(L.LightningModule):
         # The metrics of the steps that write logs: one reduction and one host read per such step.
         self.steplog = StepLog()
         self._rate_clock: tuple[float, int] | None = None  # (time, samples seen) at the last flush
+        # The SDPA backends the training forward (hence its backward) uses; None: torch's choice. Set from
+        # attention_kernel (runtime.kernels): the math kernel for short attention under CPU bf16.
+        self.attention_backends: list[Any] | None = None
         self._samples_seen = 0  # this rank's training samples (host count)
         self._log_at = (0, 0)  # (step, epoch) of the rows the next flush writes
         self._skipped_total = 0  # summed over ranks, as of the last flush or checkpoint
@@ -109,12 +113,13 @@ class ContrastiveModule(L.LightningModule):
             self._log_at = (self.trainer.global_step, self.current_epoch)  # as Lightning numbers its rows
         self._skipped_local += int(batch.pop("__skipped__", 0))  # a host int (the collate's count)
         batch = self._masks_on_every_rank(batch)
-        if self.grad_cache_chunks > 1:
-            losses = self._grad_cache_step(batch)
-        elif self.distill is not None:
-            losses = self._distill_losses(self.distill.student(self.model)(batch), batch)
-        else:
-            losses = self.loss(self.model(batch))
+        with attention_context(self.attention_backends):
+            if self.grad_cache_chunks > 1:
+                losses = self._grad_cache_step(batch)
+            elif self.distill is not None:
+                losses = self._distill_losses(self.distill.student(self.model)(batch), batch)
+            else:
+                losses = self.loss(self.model(batch))
         total = sum(losses.values())
         self._samples_seen += batch_size(batch)
         if newly_due:
