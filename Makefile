@@ -44,12 +44,13 @@ $(BENCH_REF)/.installed: | $(STAMP)
 
 bench-ref: install $(BENCH_REF)/.installed ## reference deps of open_clip_train (webdataset 0.2.86) in .bench/ref, not in .venv
 
-bench: install bench-ref ## benchmarks vs open_clip_train (~55 min on 2 cores) -> benchmarks/RESULTS.md
+bench: install bench-ref ## benchmarks vs open_clip_train (~65 min on 2 cores) -> benchmarks/RESULTS.md
 	$(PY) scripts/bench_throughput.py $(BENCH_OPTS)
 	$(PY) scripts/bench_overhead.py $(BENCH_OPTS)
 	$(PY) scripts/bench_overhead.py --micro $(BENCH_OPTS)
 	$(PY) scripts/bench_data.py $(BENCH_OPTS)
 	$(PY) scripts/bench_time_to_accuracy.py $(BENCH_OPTS)
+	$(PY) scripts/bench_attention_cpu.py
 	$(PY) scripts/bench_scenes_tta.py $(BENCH_OPTS)
 	$(PY) scripts/bench_resume.py
 	$(PY) scripts/bench_store.py --work $(BENCH_WORK)

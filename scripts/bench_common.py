@@ -87,14 +87,16 @@ def open_clip_cpu_args(
     warmup: int,
     seed: int,
     options: tuple[str, ...] = (),
+    precision: str = "fp32",
 ) -> list[str]:
-    """open_clip_train's arguments for a CPU fp32 run on our webdataset shards, logging to ``{out}``
-    and nowhere else; ``options`` (e.g. ``--batch-size``, ``--lr``) go before the shared tail."""
+    """open_clip_train's arguments for a CPU run (``--precision``, fp32 by default) on our webdataset
+    shards, logging to ``{out}`` and nowhere else; ``options`` (e.g. ``--batch-size``, ``--lr``) go before
+    the shared tail."""
     return [
         *("--model", model, "--dataset-type", "webdataset", *options),
         *("--train-data", brace_pattern(shards), "--train-num-samples", str(n_train)),
         *("--val-data", brace_pattern(val_shards), "--val-num-samples", str(n_val)),
-        *("--epochs", str(epochs), "--workers", str(workers), "--precision", "fp32", "--device", "cpu"),
+        *("--epochs", str(epochs), "--workers", str(workers), "--precision", precision, "--device", "cpu"),
         *("--warmup", str(warmup), "--seed", str(seed)),
         *("--logs", "{out}", "--name", "run", "--report-to", ""),
     ]

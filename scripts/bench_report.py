@@ -29,7 +29,12 @@ SECTIONS = [
     ("throughput_cuda", "5. GPU: throughput at ViT-B/32 224 px bf16, MFU"),
     (
         "scenes_time_to_target",
-        "6. Time to fixed val retrieval targets on the scenes, 3 seeds a side (5 captions per image)",
+        "6. Time to fixed val retrieval targets on the scenes, 5 seeds a side (5 captions per image)",
+    ),
+    (
+        "attention_cpu",
+        "6b. CPU attention kernels under bf16: what `trainer.precision=auto` and `attention_kernel=auto` "
+        "pick",
     ),
     ("store", "7. Object storage (an S3 server on the same cores): resume from the store, uploads"),
     ("patch_dropout", "8. Patch dropout (FLIP): step time and activation memory at 0.0 / 0.5 / 0.75"),

@@ -70,3 +70,31 @@ def test_time_to_target_counts_training_steps_not_evaluations():
     assert tta.spread([3.0, float("nan"), 2.0], unit=" s") == "3 s [2–3, 1 of 3 not reached]"
     assert tta.spread([float("nan"), float("nan"), 2.0]).startswith("> 2")  # the median never got there
     assert tta.spread([float("nan")]) == "not reached"
+
+
+def test_time_to_target_compares_ours_with_every_open_clip_precision():
+    """Benchmark 6 with open_clip_train at fp32 (merged from an earlier CSV) and at amp_bf16: a ratio
+    line for ours against each of them, from the medians over seeds."""
+    import bench_scenes_tta as tta
+
+    def row(label, side, seconds_per_epoch):
+        history = [(0.0, e, 0.005 * (e + 1), seconds_per_epoch * (e + 1), 100 * (e + 1)) for e in range(4)]
+        return {
+            "label": label,
+            "side": side,
+            "history": history,
+            "best_mean_R1": 0.02,
+            "median_step_s": 1.0,
+            "load_avg_1m": 2.0,
+        }
+
+    ours, ref = tta.SIDES["ours"], tta.SIDES["open_clip"]
+    rows = [
+        row(ours, "ours", 10.0),
+        row(ref, "open_clip", 20.0),
+        row(f"{ref} --precision amp_bf16", "open_clip", 15.0),
+    ]
+    table = tta.summarize(rows, [0.02])
+    assert f"- {ours} vs {ref}, to mean R@1 0.02: training time 2.00x" in table
+    assert f"- {ours} vs {ref} --precision amp_bf16, to mean R@1 0.02: training time 1.50x" in table
+    assert "amp_bf16 vs" not in table  # no open_clip label is compared with another
