@@ -5,8 +5,8 @@ On a CPU with bf16 matrix units (Intel AMX, AVX512-BF16) a bf16 matmul runs seve
 fp32 one, so ``auto`` picks ``bf16-mixed`` there, as on a GPU that has bf16; elsewhere ``32-true`` on a
 CPU and ``16-mixed`` on an older GPU. But torch's own choice of attention kernel under CPU bf16 autocast,
 its flash kernel, has a slow backward for short sequences: in the scenes recipe (65 image tokens, 32 text
-tokens) it made the bf16 step barely faster than fp32. Its plain (math) kernel, softmax(q k^T) v on those
-same matrix units, is about 2x faster there, even with flash at ~160 tokens, and slower beyond.
+tokens) it made the bf16 step barely faster than fp32. Its plain (math) kernel, softmax(q k^T) v (torch
+computes it in float32 inside), is about 2x faster there, even with flash at ~160 tokens, slower beyond.
 ``attention_kernel=auto`` therefore picks the math kernel under CPU bf16 when every tower's longest
 attention (its positional table) is at most :data:`SHORT_ATTENTION` (150) tokens, and torch's choice
 otherwise. Measured figures: ``scripts/bench_attention_cpu.py`` and README "Precision and kernels".
