@@ -1,15 +1,11 @@
-"""What the hardware computes fastest: the precision ``trainer.precision=auto`` becomes, and the kernel
-of the towers' attention in training (``attention_kernel``).
+"""What the hardware computes fastest: the precision ``trainer.precision=auto`` becomes, and the SDPA
+kernel of the towers' attention in training (``attention_kernel``).
 
-On a CPU with bf16 matrix units (Intel AMX, AVX512-BF16) a bf16 matmul runs several times faster than an
-fp32 one, so ``auto`` picks ``bf16-mixed`` there, as on a GPU that has bf16; elsewhere ``32-true`` on a
-CPU and ``16-mixed`` on an older GPU. But torch's own choice of attention kernel under CPU bf16 autocast,
-its flash kernel, has a slow backward for short sequences: in the scenes recipe (65 image tokens, 32 text
-tokens) it made the bf16 step barely faster than fp32. Its plain (math) kernel, softmax(q k^T) v (torch
-computes it in float32 inside), is about 2x faster there, even with flash at ~160 tokens, slower beyond.
-``attention_kernel=auto`` therefore picks the math kernel under CPU bf16 when every tower's longest
-attention (its positional table) is at most :data:`SHORT_ATTENTION` (150) tokens, and torch's choice
-otherwise. Measured figures: ``scripts/bench_attention_cpu.py`` and README "Precision and kernels".
+``auto`` precision: ``bf16-mixed`` where the device multiplies bf16 natively (a GPU with bf16; a CPU with
+AMX or AVX512-BF16), else ``32-true`` on a CPU and ``16-mixed`` on a GPU. ``auto`` attention: torch's
+choice, except under CPU bf16 where every tower attends over at most :data:`SHORT_ATTENTION` tokens:
+there torch's math kernel (float32 inside), whose backward is ~2x faster than its flash kernel's at such
+lengths (``scripts/bench_attention_cpu.py``; flash is ahead from ~160 tokens).
 """
 
 from __future__ import annotations
@@ -23,8 +19,14 @@ from torch import nn
 
 #: The longest attention (tokens) for which the math kernel is picked under CPU bf16 autocast.
 SHORT_ATTENTION = 150
-#: ``attention_kernel`` values besides ``auto``: torch's choice, or one SDPA backend.
-KERNELS = ("auto", "torch", "math", "flash", "efficient", "cudnn")
+#: ``attention_kernel`` values besides ``auto`` and ``torch`` (torch's choice): the SDPA backend each names.
+BACKENDS = {
+    "math": "MATH",
+    "flash": "FLASH_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+}
+KERNELS = ("auto", "torch", *BACKENDS)
 
 
 def cpu_has_bf16() -> bool:
@@ -35,6 +37,7 @@ def cpu_has_bf16() -> bool:
 
 
 def on_gpu(trainer: dict[str, Any]) -> bool:
+    """The trainer kwargs put the run on a CUDA device."""
     accelerator = str(trainer.get("accelerator") or "auto")
     if accelerator in ("gpu", "cuda"):
         return True
@@ -71,7 +74,7 @@ def longest_attention(modules: Iterable[nn.Module]) -> int | None:
 
 
 def attention_backends(
-    choice: str, precision: str, on_gpu: bool, towers: Iterable[nn.Module]
+    choice: str, precision: str, gpu: bool, towers: Iterable[nn.Module]
 ) -> list[Any] | None:
     """The SDPA backends training runs under (None: torch's choice) for ``attention_kernel=choice``."""
     from torch.nn.attention import SDPBackend
@@ -81,9 +84,8 @@ def attention_backends(
     if choice == "torch":
         return None
     if choice != "auto":
-        name = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION"}
-        return [getattr(SDPBackend, name.get(choice, "MATH"))]
-    if on_gpu or not str(precision).startswith("bf16"):
+        return [getattr(SDPBackend, BACKENDS[choice])]
+    if gpu or not str(precision).startswith("bf16"):
         return None
     longest = longest_attention(towers)
     if longest is None or longest > SHORT_ATTENTION:
