@@ -242,8 +242,9 @@ def write_results(name: str, rows: list[dict], table: str, notes: list[str]) -> 
     atomic_write(RESULTS / f"{name}.csv", write_csv)
     info = machine()
     md = f"{table}\n\n" + "".join(f"- {n}\n" for n in notes)
-    md += f"- measured {info['date_utc']}, load average at the end {info['load_avg_1m']} "
-    md += f"on {info['cores']} cores\n"
+    # The machine on the section's own line: RESULTS.md's sections may come from different runs of make bench.
+    md += f"- measured {info['date_utc']} on {info['host_cpu']}, "
+    md += f"load average at the end {info['load_avg_1m']} on {info['cores']} cores\n"
     write_text_atomic(RESULTS / f"{name}.md", md)
     print(md, flush=True)
 

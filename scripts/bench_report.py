@@ -80,7 +80,7 @@ def main() -> None:
     out = bc.ROOT / "benchmarks" / "RESULTS.md"
     write_text_atomic(out, "\n".join(lines) + "\n")
     print(f"wrote {out}")
-    if quote_in_readme(info):
+    if quote_in_readme(info, a.note):
         print(f"updated the quoted tables in {README}")
 
 
@@ -101,8 +101,9 @@ README_SECTIONS = {
 QUOTE_START, QUOTE_END = "<!-- bench:start (written by scripts/bench_report.py) -->", "<!-- bench:end -->"
 
 
-def quote_in_readme(info: dict[str, str]) -> bool:
-    """Replace the README's block between the bench markers with the latest tables (sections run)."""
+def quote_in_readme(info: dict[str, str], notes: list[str] | tuple[str, ...] = ()) -> bool:
+    """Replace the README's block between the bench markers with the latest tables (sections run),
+    under the same header notes as RESULTS.md (which machine measured what, when runs were mixed)."""
     text = README.read_text() if README.exists() else ""
     if QUOTE_START not in text or QUOTE_END not in text:
         return False
@@ -114,6 +115,8 @@ def quote_in_readme(info: dict[str, str]) -> bool:
         + (f", {info['gpu']}" if "gpu" in info else "")
         + ").",
         "",
+        *[f"- {n}" for n in notes],
+        *([""] if notes else []),
     ]
     for name, title in SECTIONS:
         md = bc.RESULTS / f"{name}.md"

@@ -33,6 +33,17 @@ def test_md_table_formats_numbers():
     assert table.splitlines() == ["| a | b |", "|---|---|", "| x | 1234 |", "| y | 0.123 |"]
 
 
+def test_each_section_names_the_machine_it_was_measured_on(tmp_path, monkeypatch):
+    """RESULTS.md's sections can come from different runs of make bench, on different CPUs: each
+    section's own last line says which (its header names only the machine of the latest run)."""
+    monkeypatch.setattr(bc, "RESULTS", tmp_path)
+    monkeypatch.setattr(bc, "_cpu_name", lambda: "Some CPU 9000")
+    bc.write_results("x", [{"a": 1}], "| a |\n|---|\n| 1 |", ["a note"])
+    last = (tmp_path / "x.md").read_text().splitlines()[-1]
+    assert last.startswith("- measured ") and " on Some CPU 9000, load average at the end " in last
+    assert (tmp_path / "x.csv").read_text().splitlines() == ["a", "1"]
+
+
 def test_report_quotes_the_latest_tables_between_the_readme_markers(tmp_path, monkeypatch):
     import bench_report
 
@@ -51,6 +62,8 @@ def test_report_quotes_the_latest_tables_between_the_readme_markers(tmp_path, mo
     assert "| ours | 2 |" in text and "A whole training run vs open_clip_train" in text
     assert "old table" not in text and "not quoted" not in text
     assert bench_report.quote_in_readme(info) and readme.read_text() == text  # idempotent
+    assert bench_report.quote_in_readme(info, ["section 1 ran elsewhere"])
+    assert "\n- section 1 ran elsewhere\n" in readme.read_text()  # the header's notes come along
     readme.write_text("no markers\n")
     assert not bench_report.quote_in_readme(info)
 
